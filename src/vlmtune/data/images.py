@@ -1,0 +1,107 @@
+"""Header-only image sizes and the pixel-budget arithmetic of the Qwen-VL image processor.
+
+Nothing here decodes pixels: `PIL.Image.open` reads the header lazily, which is what makes
+accounting for a whole dataset cheap. The arithmetic mirrors transformers' `smart_resize`
+(property-tested against the real processor in tests/data/test_images.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from PIL import Image
+
+MAX_ASPECT_RATIO = 200
+# EXIF orientations that rotate by 90/270 degrees: the processor sees the image transposed.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageSizeError(ValueError):
+    """The processor would reject this image size (aspect ratio or degenerate size)."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    width: int
+    height: int
+    format: str | None
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The resized size and the vision grid the processor will produce for one image."""
+
+    height: int
+    width: int
+    t: int
+    h: int
+    w: int
+    tokens: int
+
+    @property
+    def thw(self) -> list[int]:
+        return [self.t, self.h, self.w]
+
+
+def read_header(path: str) -> ImageHeader:
+    """Width and height as the processor will see them (EXIF rotation applied), without decoding.
+
+    Raises OSError / PIL.UnidentifiedImageError for files Pillow cannot identify.
+    """
+    with Image.open(path) as im:
+        width, height = im.size
+        fmt = im.format
+        orientation = _exif_orientation(im)
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    return ImageHeader(width=width, height=height, format=fmt)
+
+
+def _exif_orientation(im: Image.Image) -> int | None:
+    try:
+        return im.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # a broken EXIF block must not hide an otherwise readable image
+        return None
+
+
+def check_aspect(height: int, width: int) -> None:
+    if height <= 0 or width <= 0:
+        raise ImageSizeError(f"image has a zero size ({width}x{height})")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageSizeError(
+            f"aspect ratio {ratio:.1f} ({width}x{height}) is above the processor's limit of {MAX_ASPECT_RATIO}"
+        )
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The (height, width) the Qwen-VL image processor resizes an image to.
+
+    Both sides become multiples of `factor` (patch_size * merge_size), the area lands within
+    [min_pixels, max_pixels] and the aspect ratio is kept as closely as the grid allows.
+    """
+    check_aspect(height, width)
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def grid_for(height: int, width: int, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int) -> Grid:
+    """The grid (t, h, w) in patches and the number of `<|image_pad|>` tokens for one image."""
+    rh, rw = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
+    gh, gw = rh // patch_size, rw // patch_size
+    return Grid(height=rh, width=rw, t=1, h=gh, w=gw, tokens=gh * gw // (merge_size * merge_size))
+
+
+def image_tokens(height: int, width: int, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int) -> int:
+    return grid_for(height, width, patch_size, merge_size, min_pixels, max_pixels).tokens

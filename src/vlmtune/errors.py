@@ -1,0 +1,59 @@
+"""Error types that carry what a user needs to fix a problem: the sample, its source and a fix."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one sample (or one line of a data file).
+
+    `sample_id` is None when the line could not even be parsed into a sample.
+    """
+
+    source: str
+    what: str
+    fix: str
+    sample_id: str | None = None
+    kind: str = "invalid"
+
+    def __str__(self) -> str:
+        who = f"sample {self.sample_id} ({self.source})" if self.sample_id is not None else self.source
+        return f"{who}: {self.what}; {self.fix}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class VlmtuneError(Exception):
+    """Base class: a user-facing error whose message already says what to do."""
+
+
+class ConfigError(VlmtuneError):
+    """One or more configuration problems, all reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}")
+
+
+class DataError(VlmtuneError):
+    """One or more data problems, all reported together."""
+
+    def __init__(self, problems: list[Problem], header: str | None = None):
+        self.problems = list(problems)
+        shown = self.problems[:50]
+        lines = "\n".join(f"  - {p}" for p in shown)
+        more = f"\n  ... and {len(self.problems) - len(shown)} more" if len(self.problems) > len(shown) else ""
+        head = header or f"{len(self.problems)} problem(s) in the data"
+        super().__init__(f"{head}:\n{lines}{more}")
+
+
+class SampleError(VlmtuneError):
+    """A problem with one specific sample, found at a stage boundary (fit, collate)."""
+
+    def __init__(self, sample_id: str, source: str, what: str, fix: str):
+        self.sample_id, self.source, self.what, self.fix = sample_id, source, what, fix
+        super().__init__(f"sample {sample_id} ({source}): {what}; {fix}")
