@@ -16,6 +16,41 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .inspect import account, format_summary, plot_lengths, summarize, write_per_sample
+    from .models.load import load_spec
+
+    loaded = load_spec(
+        args.model,
+        image_min_pixels=args.image_min_pixels,
+        image_max_pixels=args.image_max_pixels,
+        trust_remote_code=args.trust_remote_code,
+    )
+    acc = account(
+        args.data,
+        loaded,
+        dataset_dir=args.dataset_dir,
+        media_dir=args.media_dir,
+        progress=not args.json,
+        allow_paths_outside_media_dir=args.allow_paths_outside_media_dir,
+    )
+    summary = summarize(acc, args.cutoff_len)
+    if args.per_sample:
+        write_per_sample(acc, args.per_sample)
+    if args.plot:
+        plot_lengths(acc, args.plot, args.cutoff_len)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_summary(summary))
+        for what, path in (("per-sample counts", args.per_sample), ("length histogram", args.plot)):
+            if path:
+                print(f"{what}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmtune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -25,6 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], default="qwen2_vl")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_cmd_tiny_model)
+
+    i = sub.add_parser("inspect", help="exact token counts of a dataset and the cutoff_len it needs")
+    i.add_argument("--model", required=True, help="hub id or local path of the Qwen-VL checkpoint")
+    i.add_argument("--data", required=True, help="a data file, a folder, or dataset names from dataset_info.json")
+    i.add_argument("--dataset-dir", default=None, help="folder holding dataset_info.json (LLaMA-Factory layout)")
+    i.add_argument("--media-dir", default=None, help="folder image paths are relative to")
+    i.add_argument("--cutoff-len", type=int, default=None, help="report how many samples exceed this length")
+    i.add_argument("--image-max-pixels", type=int, default=None)
+    i.add_argument("--image-min-pixels", type=int, default=None)
+    i.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    i.add_argument("--plot", default=None, metavar="FILE", help="write a histogram of sample lengths (PNG)")
+    i.add_argument("--per-sample", default=None, metavar="FILE", help="write one JSON line per sample")
+    i.add_argument("--allow-paths-outside-media-dir", action="store_true")
+    i.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
+    i.set_defaults(func=_cmd_inspect)
     return p
 
 

@@ -1,0 +1,192 @@
+"""`vlmtune inspect`: exact token accounting of a dataset, before any pixel is decoded.
+
+Turns the rule of thumb "cutoff_len ≥ 1024 for one image, ≥ 2048 for two" into numbers computed
+from the user's own data: length percentiles overall and per image count, and the smallest
+cutoff_len that keeps 95% / 99% / 100% of the samples whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from tqdm.auto import tqdm
+
+from .data.encode import Encoded, Encoder
+from .data.sources import read_samples
+from .data.validate import validate
+from .errors import Problem
+from .models.load import Loaded
+
+CHUNK = 256
+
+
+@dataclass(frozen=True)
+class SampleStats:
+    id: str
+    source: str
+    tokens: int
+    image_tokens: int
+    text_tokens: int
+    images: int
+
+    @classmethod
+    def of(cls, enc: Encoded) -> "SampleStats":
+        return cls(enc.id, enc.source, enc.length, enc.image_tokens, enc.text_tokens, len(enc.images))
+
+
+@dataclass
+class Accounting:
+    """Everything `inspect` knows about a dataset: the encoded samples and every problem."""
+
+    records: int
+    encoded: list[Encoded]
+    problems: list[Problem]
+    invalid_ids: list[str] = field(default_factory=list)
+
+    @property
+    def stats(self) -> list[SampleStats]:
+        return [SampleStats.of(e) for e in self.encoded]
+
+
+def account(
+    data: str,
+    loaded: Loaded,
+    *,
+    dataset_dir: str | None = None,
+    media_dir: str | None = None,
+    train_on_prompt: bool = False,
+    progress: bool = True,
+    **read_kwargs,
+) -> Accounting:
+    """Read, validate and encode a dataset with header-only image sizes."""
+    spec = loaded.spec
+    read = read_samples(data, dataset_dir=dataset_dir, media_dir=media_dir, **read_kwargs)
+    checked = validate(
+        read.conversations,
+        min_pixels=spec.min_pixels,
+        max_pixels=spec.max_pixels,
+        patch_size=spec.patch_size,
+        merge_size=spec.merge_size,
+    )
+    encoder = Encoder(loaded.processor, spec, train_on_prompt=train_on_prompt)
+    encoded: list[Encoded] = []
+    valid = checked.valid
+    with tqdm(total=len(valid), desc="accounting", unit="sample", disable=not progress or None) as bar:
+        for i in range(0, len(valid), CHUNK):
+            chunk = valid[i : i + CHUNK]
+            encoded.extend(encoder.encode_many(chunk, checked.headers))
+            bar.update(len(chunk))
+    valid_ids = {c.id for c in valid}
+    invalid = [c.id for c in read.conversations if c.id not in valid_ids]
+    return Accounting(read.records, encoded, list(read.problems) + list(checked.problems), invalid)
+
+
+def nearest_rank(sorted_values: list[int], q: float) -> int:
+    """The smallest value v such that at least a fraction q of the values are ≤ v."""
+    if not sorted_values:
+        return 0
+    k = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[k - 1]
+
+
+def _dist(values: list[int]) -> dict:
+    v = sorted(values)
+    return {
+        "samples": len(v),
+        "p50": nearest_rank(v, 0.50),
+        "p95": nearest_rank(v, 0.95),
+        "p99": nearest_rank(v, 0.99),
+        "max": v[-1] if v else 0,
+    }
+
+
+def summarize(acc: Accounting, cutoff_len: int | None = None) -> dict:
+    """The JSON summary printed by `inspect --json`."""
+    stats = acc.stats
+    lengths = [s.tokens for s in stats]
+    by_count: dict[int, list[int]] = defaultdict(list)
+    for s in stats:
+        by_count[s.images].append(s.tokens)
+    overall = _dist(lengths)
+    return {
+        "records": acc.records,
+        "samples": len(stats),
+        "invalid_samples": len(acc.invalid_ids),
+        "images": sum(s.images for s in stats),
+        "tokens": sum(lengths),
+        "image_tokens": sum(s.image_tokens for s in stats),
+        "text_tokens": sum(s.text_tokens for s in stats),
+        "lengths": overall,
+        "by_image_count": {str(k): _dist(by_count[k]) for k in sorted(by_count)},
+        "recommended_cutoff_len": {"p95": overall["p95"], "p99": overall["p99"], "max": overall["max"]},
+        "cutoff_len": cutoff_len,
+        "over_cutoff": None if cutoff_len is None else sum(1 for n in lengths if n > cutoff_len),
+        "problems": [p.to_dict() for p in acc.problems],
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """A human-readable report of a summary."""
+    s = summary
+    lines = [
+        f"samples: {s['samples']} valid of {s['records']} records ({s['invalid_samples']} invalid, "
+        f"{len(s['problems'])} problem(s))",
+        f"images: {s['images']}",
+        f"tokens: {s['tokens']} = {s['text_tokens']} text + {s['image_tokens']} image",
+        "",
+        f"{'images/sample':>13} {'samples':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}",
+    ]
+    rows = list(s["by_image_count"].items()) + [("all", s["lengths"])]
+    for k, d in rows:
+        lines.append(f"{k:>13} {d['samples']:>8} {d['p50']:>7} {d['p95']:>7} {d['p99']:>7} {d['max']:>7}")
+    r = s["recommended_cutoff_len"]
+    lines += ["", f"recommended cutoff_len: {r['p95']} keeps 95% whole, {r['p99']} keeps 99%, {r['max']} keeps all"]
+    if s["cutoff_len"] is not None:
+        lines.append(
+            f"cutoff_len={s['cutoff_len']}: {s['over_cutoff']} sample(s) exceed it and will be fitted by the overflow policies"
+        )
+    if s["problems"]:
+        lines += ["", "problems:"]
+        for p in s["problems"][:20]:
+            lines.append(f"  - {Problem(**p)}")
+        if len(s["problems"]) > 20:
+            lines.append(f"  ... and {len(s['problems']) - 20} more (see --json)")
+    return "\n".join(lines)
+
+
+def write_per_sample(acc: Accounting, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for s in acc.stats:
+            row = asdict(s)
+            f.write(json.dumps({k: row[k] for k in ("id", "tokens", "image_tokens", "text_tokens", "images")}) + "\n")
+
+
+def plot_lengths(acc: Accounting, path: str, cutoff_len: int | None = None) -> None:
+    """Histogram of sample lengths, one series per image count, with the cutoff drawn in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_count: dict[int, list[int]] = defaultdict(list)
+    for s in acc.stats:
+        by_count[s.images].append(s.tokens)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if by_count:
+        hi = max(max(v) for v in by_count.values())
+        bins = max(10, min(60, int(math.sqrt(sum(len(v) for v in by_count.values())) * 2)))
+        edges = [hi * i / bins for i in range(bins + 1)] if hi > 0 else [0, 1]
+        ax.hist([by_count[k] for k in sorted(by_count)], bins=edges, stacked=True,
+                label=[f"{k} image(s)" for k in sorted(by_count)])
+    if cutoff_len is not None:
+        ax.axvline(cutoff_len, color="red", linestyle="--", label=f"cutoff_len={cutoff_len}")
+    ax.set_xlabel("tokens per sample (text + image runs)")
+    ax.set_ylabel("samples")
+    ax.set_title("Sample lengths by number of images")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
