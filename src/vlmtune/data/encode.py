@@ -41,43 +41,54 @@ class ImageRef:
 
 @dataclass
 class Block:
-    """One rendered message in compact form.
+    """One rendered message in compact form, with its own images in order.
 
-    `ids[label_start:label_end]` are the trained tokens (empty span for untrained blocks).
-    `role` is "system" for the template's default system prompt too (`default_system=True`).
+    `ids[:header_len]` is the ChatML header (`<|im_start|>role\n`); the last two ids close the turn
+    (`<|im_end|>`, `\n`). `ids[label_start:label_end]` are the trained tokens (an empty span for
+    untrained blocks). The template's default system prompt is a "system" block with
+    `message_index=None`.
     """
 
     role: str
     ids: list[int]
-    n_images: int
-    label_start: int
-    label_end: int
+    images: list[ImageRef]
+    header_len: int
+    label_start: int = 0
+    label_end: int = 0
     message_index: int | None = None
 
     @property
     def trained(self) -> bool:
         return self.label_end > self.label_start
 
+    @property
+    def length(self) -> int:
+        return len(self.ids) - len(self.images) + sum(i.tokens for i in self.images)
+
+    def replace(self, **changes) -> "Block":
+        return replace(self, **changes)
+
 
 @dataclass
 class Encoded:
-    """A sample between encoding and emission: blocks in compact form plus its images in order."""
+    """A sample between encoding and emission: its blocks in compact form."""
 
     id: str
     source: str
     blocks: list[Block]
-    images: list[ImageRef]
-    pad_id: int = field(repr=False, default=-1)
+
+    @property
+    def images(self) -> list[ImageRef]:
+        return [img for b in self.blocks for img in b.images]
 
     @property
     def image_tokens(self) -> int:
-        return sum(img.tokens for img in self.images)
+        return sum(img.tokens for b in self.blocks for img in b.images)
 
     @property
     def length(self) -> int:
         """Tokens after every image run is expanded: exactly len(input_ids) of the emitted row."""
-        compact = sum(len(b.ids) for b in self.blocks)
-        return compact - len(self.images) + self.image_tokens
+        return sum(b.length for b in self.blocks)
 
     @property
     def text_tokens(self) -> int:
@@ -87,16 +98,8 @@ class Encoded:
     def has_target(self) -> bool:
         return any(b.trained for b in self.blocks)
 
-    def block_images(self) -> list[list[ImageRef]]:
-        """The images of each block, in order."""
-        out, i = [], 0
-        for b in self.blocks:
-            out.append(self.images[i : i + b.n_images])
-            i += b.n_images
-        return out
-
-    def with_blocks(self, blocks: list[Block], images: list[ImageRef]) -> "Encoded":
-        return replace(self, blocks=list(blocks), images=list(images))
+    def with_blocks(self, blocks: list[Block], id: str | None = None) -> "Encoded":
+        return Encoded(self.id if id is None else id, self.source, list(blocks))
 
 
 @dataclass
@@ -192,29 +195,27 @@ class Encoder:
         blocks = []
         for i, (role, ids) in enumerate(zip(roles, block_ids)):
             mi = i - offset if i >= offset else None
-            blocks.append(self._block(conv, role, list(ids), mi))
-        images = [self.image_ref(conv, img, headers, min_pixels, max_pixels) for img in conv.images]
-        expected = [len(m.images) for m in conv.messages]
-        got = [b.n_images for b in blocks[offset:]]
-        if got != expected:
-            raise SampleError(
-                conv.id, conv.source, f"image pads per turn {got} differ from images per turn {expected}",
-                "the chat template must render each image part as one image pad",
-            )
-        return Encoded(conv.id, conv.source, blocks, images, pad_id=self.spec.pad_token_id)
+            msg_images = conv.messages[mi].images if mi is not None else []
+            ids = list(ids)
+            if ids.count(self.spec.image_token_id) != len(msg_images):
+                raise SampleError(
+                    conv.id, conv.source,
+                    f"turn {i} renders {ids.count(self.spec.image_token_id)} image pads for {len(msg_images)} images",
+                    "the chat template must render each image part as one image pad",
+                )
+            images = [self.image_ref(conv, img, headers, min_pixels, max_pixels) for img in msg_images]
+            blocks.append(self._block(conv, role, ids, images, mi))
+        return Encoded(conv.id, conv.source, blocks)
 
-    def _block(self, conv, role: str, ids: list[int], message_index: int | None) -> Block:
-        n_images = ids.count(self.spec.image_token_id)
-        trained = role == "assistant" or (self.train_on_prompt and role != "system")
-        if not trained:
-            return Block(role, ids, n_images, 0, 0, message_index)
+    def _block(self, conv, role: str, ids: list[int], images, message_index: int | None) -> Block:
         header = self._headers.get(role) or self._ids(f"{self.spec.im_start_token}{role}\n")
-        if ids[: len(header)] != header:
-            raise SampleError(conv.id, conv.source, f"the {role} turn does not start with its ChatML header",
+        if ids[: len(header)] != header or ids[-2:-1] != [self.spec.im_end_token_id]:
+            raise SampleError(conv.id, conv.source, f"the {role} turn is not a ChatML turn (<|im_start|>{role}\\n…<|im_end|>\\n)",
                               "use a Qwen-VL checkpoint with a ChatML chat template")
+        block = Block(role, ids, images, header_len=len(header), message_index=message_index)
+        trained = role == "assistant" or (self.train_on_prompt and role != "system")
         # Train through <|im_end|> (so the model learns to stop) but not the newline after it.
-        end = len(ids) - ids[::-1].index(self.spec.im_end_token_id) if self.spec.im_end_token_id in ids else len(ids)
-        return Block(role, ids, n_images, len(header), end, message_index)
+        return block.replace(label_start=len(header), label_end=len(ids) - 1) if trained else block
 
     def image_ref(self, conv, img: ImagePart, headers, min_pixels=None, max_pixels=None) -> ImageRef:
         lo = self.spec.min_pixels if min_pixels is None else min_pixels
@@ -231,15 +232,24 @@ def regrid(img: ImageRef, spec: ModelSpec, max_pixels: int) -> ImageRef:
     return replace(img, max_pixels=max_pixels, grid=spec.grid(img.height, img.width, img.min_pixels, max_pixels))
 
 
+def with_budget(enc: Encoded, spec: ModelSpec, budget: int) -> Encoded:
+    """The sample with every image capped at `budget` pixels (images already below it are unchanged)."""
+    blocks = [
+        b.replace(images=[regrid(i, spec, min(budget, i.max_pixels)) for i in b.images]) if b.images else b
+        for b in enc.blocks
+    ]
+    return enc.with_blocks(blocks)
+
+
 def emit(enc: Encoded, spec: ModelSpec) -> Row:
     """Expand every image run to its grid's token count and build labels."""
     input_ids: list[int] = []
     labels: list[int] = []
-    images = iter(enc.images)
     pad = spec.image_token_id
     # Vision markers are inputs, never targets, even inside a trained turn.
     untrainable = {spec.vision_start_token_id, spec.vision_end_token_id}
     for b in enc.blocks:
+        images = iter(b.images)
         for j, tok in enumerate(b.ids):
             trained = b.label_start <= j < b.label_end and tok not in untrainable
             if tok == pad:
