@@ -235,8 +235,9 @@ def _corpus() -> list[str]:
         lines.append(f"{word} {word.capitalize()} {word}s, {word}.")
     for _ in range(3000):
         w1, w2, w3, w4 = (rng.choice(_WORDS) for _ in range(4))
-        t = rng.choice(_TEMPLATES)
-        lines.append(t.format(A=rng.choice(("A", "The", "This", "One")), n=rng.randrange(100), w1=w1, w2=w2, w3=w3, w4=w4))
+        template = rng.choice(_TEMPLATES)
+        article = rng.choice(("A", "The", "This", "One"))
+        lines.append(template.format(A=article, n=rng.randrange(100), w1=w1, w2=w2, w3=w3, w4=w4))
     return lines
 
 
@@ -260,9 +261,8 @@ VISION_HEADS = 2
 
 def _family(arch: str) -> dict:
     if arch in ("qwen2_vl", "qwen2_5_vl"):
-        patch = 14
         return dict(
-            patch_size=patch,
+            patch_size=14,
             merge_size=2,
             temporal_patch_size=2,
             min_pixels=56 * 56,

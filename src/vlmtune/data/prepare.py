@@ -1,0 +1,272 @@
+"""`vlmtune prepare`: read → validate → account → encode → fit → a cached `datasets` folder.
+
+Writes `<prepared_dir>/` (datasets `save_to_disk`, one row per emitted sample) and
+`<output_dir>/fit_report.jsonl` (one line per input record, whatever happened to it). The result is
+cached by a fingerprint of the data files, the data-related config and the model's processor, so a
+second run with nothing changed loads it instantly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..errors import DataError, Problem
+from ..models.load import Loaded, load_spec
+from .encode import Encoder, emit
+from .fit import FitOptions, FitOutcome, Fitter
+from .sources import read_samples
+from .validate import validate
+
+CHUNK = 256
+FINGERPRINT_FILE = "vlmtune_fingerprint.json"
+# Config keys that change what `prepare` emits; anything else (learning rate, ...) does not.
+DATA_KEYS = (
+    "model_name_or_path", "dataset", "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels",
+    "image_min_pixels", "max_samples", "allow_paths_outside_media_dir", "allow_remote_images",
+    "on_bad_sample", "train_on_prompt", "overflow", "min_image_tokens", "max_image_token_share",
+    "split_keep_context",
+)
+
+
+@dataclass
+class Prepared:
+    """What `prepare` produced: the dataset folder, the report and its counts."""
+
+    path: str
+    report_path: str
+    rows: int
+    fates: dict[str, int]
+    records: int
+    cached: bool
+    report: list[dict] = field(default_factory=list, repr=False)
+
+    def dataset(self):
+        from datasets import load_from_disk
+
+        return load_from_disk(self.path)
+
+
+def fit_options(cfg) -> FitOptions:
+    return FitOptions(
+        cutoff_len=cfg.cutoff_len,
+        overflow=tuple(cfg.overflow),
+        min_image_tokens=cfg.min_image_tokens,
+        max_image_token_share=cfg.max_image_token_share,
+        split_keep_context=cfg.split_keep_context,
+    )
+
+
+def prepared_dir(cfg) -> str:
+    return cfg.prepared_dir or os.path.join(cfg.output_dir, "prepared")
+
+
+def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prepared:
+    loaded = loaded or load_spec(
+        cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    out_dir = prepared_dir(cfg)
+    report_path = os.path.join(cfg.output_dir, "fit_report.jsonl")
+    fp = fingerprint(cfg, loaded, _data_files(cfg))
+    cached = _load_cached(out_dir, report_path, fp) if not cfg.overwrite_cache else None
+    if cached is not None:
+        return cached
+    read = read_samples(
+        cfg.dataset, dataset_dir=cfg.dataset_dir, media_dir=cfg.media_dir,
+        allow_paths_outside_media_dir=cfg.allow_paths_outside_media_dir,
+        allow_remote_images=cfg.allow_remote_images,
+    )
+
+    convs = read.conversations[: cfg.max_samples] if cfg.max_samples else read.conversations
+    spec = loaded.spec
+    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
+                       patch_size=spec.patch_size, merge_size=spec.merge_size)
+    report: list[dict] = [_unread_line(p) for p in read.problems]
+    report += _invalid_lines(convs, checked)
+    bad = [p for p in list(read.problems) + list(checked.problems)]
+    outcomes = _fit_all(cfg, loaded, checked.valid, checked.headers, progress)
+    report += [o.report() for o in outcomes]
+    rows = [emit(p, spec).to_dict() for o in outcomes for p in o.pieces]
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    _write_report(report_path, report)
+    if bad and cfg.on_bad_sample == "error":
+        raise DataError(bad, header=f"{len(bad)} problem(s) in the data (the fit report is in {report_path}); "
+                                    "fix them, or set on_bad_sample: skip to leave those samples out")
+    _save_rows(rows, out_dir, fp)
+    fates = Counter(r["fate"] for r in report)
+    return Prepared(out_dir, report_path, len(rows), dict(fates), len(report), False, report)
+
+
+# -- fitting, in worker processes when asked ---------------------------------------------------
+_WORKER: dict = {}
+
+
+def _fit_chunk(args) -> list[FitOutcome]:
+    convs, headers = args
+    w = _WORKER
+    encoded = w["encoder"].encode_many(convs, headers)
+    return [w["fitter"].fit(e) for e in encoded]
+
+
+def _init_worker(model, min_px, max_px, trust, train_on_prompt, options) -> None:
+    loaded = load_spec(model, image_min_pixels=min_px, image_max_pixels=max_px, trust_remote_code=trust)
+    _set_worker(loaded, train_on_prompt, options)
+
+
+def _set_worker(loaded: Loaded, train_on_prompt: bool, options: FitOptions) -> None:
+    _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=train_on_prompt)
+    _WORKER["fitter"] = Fitter(loaded.spec, options)
+
+
+def _fit_all(cfg, loaded: Loaded, convs, headers, progress: bool) -> list[FitOutcome]:
+    options = fit_options(cfg)
+    chunks = [convs[i : i + CHUNK] for i in range(0, len(convs), CHUNK)]
+    jobs = [(c, {img.path: headers[img.path] for conv in c for img in conv.images}) for c in chunks]
+    workers = max(1, int(cfg.preprocessing_num_workers or 1))
+    out: list[FitOutcome] = []
+    bar = tqdm(total=len(convs), desc="fitting", unit="sample", disable=not progress or None)
+    if workers == 1 or len(chunks) < 2:
+        _set_worker(loaded, cfg.train_on_prompt, options)
+        results = map(_fit_chunk, jobs)
+        for res in results:
+            out.extend(res)
+            bar.update(len(res))
+    else:
+        init = (cfg.model_name_or_path, cfg.image_min_pixels, cfg.image_max_pixels, cfg.trust_remote_code,
+                cfg.train_on_prompt, options)
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init) as pool:
+            for res in pool.map(_fit_chunk, jobs):
+                out.extend(res)
+                bar.update(len(res))
+    bar.close()
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------
+def _unread_line(p: Problem) -> dict:
+    return {"id": p.sample_id or p.source, "source": p.source, "fate": "invalid", "reason": f"{p.what}; {p.fix}",
+            "tokens_before": None, "tokens_after": None}
+
+
+def _invalid_lines(convs, checked) -> list[dict]:
+    valid = {c.id for c in checked.valid}
+    by_id: dict[str, list[Problem]] = {}
+    for p in checked.problems:
+        by_id.setdefault(p.sample_id, []).append(p)
+    lines = []
+    for c in convs:
+        if c.id in valid:
+            continue
+        reason = " | ".join(f"{p.what}; {p.fix}" for p in by_id.get(c.id, [])) or "invalid"
+        lines.append({"id": c.id, "source": c.source, "fate": "invalid", "reason": reason,
+                      "tokens_before": None, "tokens_after": None})
+    return lines
+
+
+def _write_report(path: str, report: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in report:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def format_report_summary(prep: Prepared) -> str:
+    order = ["kept", "shrunk", "truncated", "split", "dropped", "invalid"]
+    width = max(len(k) for k in order)
+    lines = [f"{'fate':<{width}}  samples", f"{'-' * width}  -------"]
+    lines += [f"{k:<{width}}  {prep.fates.get(k, 0):>7}" for k in order]
+    lines.append(f"{'total':<{width}}  {prep.records:>7}")
+    lines.append(f"rows emitted: {prep.rows} -> {prep.path}" + (" (cached)" if prep.cached else ""))
+    lines.append(f"fit report: {prep.report_path}")
+    return "\n".join(lines)
+
+
+# -- cache -----------------------------------------------------------------------------------
+def _data_files(cfg) -> list[str]:
+    """The files that `dataset` names, for the fingerprint."""
+    files: list[str] = []
+    for name in str(cfg.dataset).split(","):
+        name = name.strip()
+        candidates = [name, os.path.join(cfg.dataset_dir or ".", name)]
+        info = os.path.join(cfg.dataset_dir or ".", "dataset_info.json")
+        if os.path.exists(info):
+            files.append(info)
+            try:
+                entry = json.load(open(info, encoding="utf-8")).get(name) or {}
+                if entry.get("file_name"):
+                    candidates.append(os.path.join(cfg.dataset_dir, entry["file_name"]))
+            except (OSError, ValueError, AttributeError):
+                pass
+        for c in candidates:
+            if os.path.isfile(c):
+                files.append(c)
+            elif os.path.isdir(c):
+                files += sorted(os.path.join(r, f) for r, _, fs in os.walk(c) for f in fs)
+    return sorted(set(files))
+
+
+def fingerprint(cfg, loaded: Loaded, files: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(__version__.encode())
+    h.update(json.dumps({k: getattr(cfg, k, None) for k in DATA_KEYS}, sort_keys=True, default=str).encode())
+    h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
+    h.update(str(getattr(loaded.processor, "chat_template", "")).encode())
+    for path in files:
+        h.update(path.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _load_cached(out_dir: str, report_path: str, fp: str) -> Prepared | None:
+    try:
+        with open(os.path.join(out_dir, FINGERPRINT_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("fingerprint") != fp or not os.path.exists(report_path):
+            return None
+        with open(report_path, encoding="utf-8") as f:
+            report = [json.loads(line) for line in f]
+    except (OSError, ValueError):
+        return None
+    fates = Counter(r["fate"] for r in report)
+    return Prepared(out_dir, report_path, meta["rows"], dict(fates), len(report), True, report)
+
+
+def _save_rows(rows: list[dict], out_dir: str, fp: str) -> None:
+    from datasets import Dataset, Features, Sequence, Value
+
+    features = Features({
+        "id": Value("string"),
+        "source": Value("string"),
+        "input_ids": Sequence(Value("int32")),
+        "labels": Sequence(Value("int32")),
+        "images": Sequence(Value("string")),
+        "image_grid_thw": Sequence(Sequence(Value("int32"))),
+        "image_min_pixels": Sequence(Value("int64")),
+        "image_max_pixels": Sequence(Value("int64")),
+        "length": Value("int32"),
+    })
+    for r in rows:
+        r["length"] = len(r["input_ids"])
+    ds = Dataset.from_list(rows, features=features) if rows else Dataset.from_dict(
+        {k: [] for k in features}, features=features)
+    # Write next to the target and swap, so an interrupted prepare never leaves a half cache.
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(tmp)
+    with open(os.path.join(tmp, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
+        json.dump({"fingerprint": fp, "rows": len(rows)}, f)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
