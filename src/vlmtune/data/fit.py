@@ -218,8 +218,8 @@ class Fitter:
                 end += 1
             piece = _join(enc, system, exchanges[k:end])
             if piece.length > cut:
-                piece = inner.fit(piece).pieces[0] if inner.opt.overflow else None
-                piece = piece if piece is not None and piece.length <= cut else None
+                fitted = inner.fit(piece).pieces if inner.opt.overflow else []
+                piece = fitted[0] if fitted else None
             if piece is None or not piece.has_target:
                 lost.append(k + 1)
             else:

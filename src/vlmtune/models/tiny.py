@@ -50,7 +50,7 @@ SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 
-BPE_VOCAB_SIZE = 1200  # trained tokens (256 byte symbols included); the specials come on top
+BPE_VOCAB_SIZE = 1500  # trained tokens (256 byte symbols included); the specials come on top
 
 # transformers' Qwen2Tokenizer rebuilds its backend from vocab/merges with this exact pipeline,
 # so the tokenizer is trained with the same one.
@@ -231,8 +231,12 @@ def _corpus() -> list[str]:
         lines.append(f"The box is at ({a}, {b}), ({a + 10}, {b + 20}); width={a + b}px, height: {abs(a - b)}.")
     for n in range(0, 1000, 37):
         lines.append(f"Picture {n % 9 + 1}: image {n}, step {n // 10}, score {n / 100:.2f}!")
-    for word in _WORDS:  # every word at least a few times, also capitalised
+    for word in _WORDS:  # every word a few times, also capitalised and at the start of a line
         lines.append(f"{word} {word.capitalize()} {word}s, {word}.")
+        lines.append(f"{word.capitalize()} {word}: {word}!")
+    for word in ("Describe", "Explain", "Answer", "Count", "What", "Where", "How", "Is", "Are", "Please", "Look", "Write"):
+        for _ in range(20):
+            lines.append(f"{word} {rng.choice(_WORDS)} {rng.choice(_WORDS)}.")
     for _ in range(3000):
         w1, w2, w3, w4 = (rng.choice(_WORDS) for _ in range(4))
         template = rng.choice(_TEMPLATES)

@@ -1,0 +1,311 @@
+"""Check conversations before training and report every problem of every sample at once.
+
+`validate` returns the valid conversations, every problem of every invalid one (a sample can have
+several; each names the sample, its source, what is wrong and the fix) and the image headers it
+read, keyed by resolved path, so that later accounting does not read them again.
+
+Image checks read only the header of each distinct path, once (`read_header`: no pixel decoding).
+A header read cannot see a truncated file: `verify_images=True` also decodes every image fully
+(slow: use it once on a new dataset). Small images are fine: transformers 5.24's Qwen2-VL image
+processor upsamples any PIL image of at least 1x1 with an aspect ratio up to 200 to `min_pixels`
+(checked for every size up to 11x11, 1x200, 3x600...), so only a zero-sized header is "too small".
+
+Problem kinds (`Problem.kind`), read-time ones included (see `sources`):
+    placeholder_mismatch, path_outside_media_dir, remote_image  (from `Conversation.read_problems`)
+    missing_file, not_an_image, unreadable_file, corrupt_image, too_many_pixels, too_small,
+    aspect_ratio, empty_conversation, unknown_role, turn_order, no_assistant, empty_turn
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+from PIL import Image, UnidentifiedImageError
+
+from vlmtune.data.images import MAX_ASPECT_RATIO, ImageHeader, ImageSizeError, grid_for, read_header
+from vlmtune.data.types import ROLES, Conversation, ImagePart
+from vlmtune.errors import Problem
+
+# Pillow refuses to open images above 2 * Image.MAX_IMAGE_PIXELS (89,478,485 by default) with
+# DecompressionBombError; we use the same number so that whatever passes here also opens later.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+
+_BOMB_RE = re.compile(r"\((\d+) pixels\)")
+
+
+@dataclass
+class ValidationResult:
+    valid: list[Conversation]
+    problems: list[Problem]
+    headers: dict[str, ImageHeader]
+
+
+def _q(value: str, limit: int = 80) -> str:
+    return repr(value if len(value) <= limit else value[: limit - 3] + "...")
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: one check per distinct path, the outcome cached as a header or (kind, detail, fix)
+
+
+@dataclass(frozen=True)
+class _Bad:
+    kind: str
+    detail: str  # follows "image 'ref' " in the message
+    fix: str
+
+
+_FIX_REPLACE = "replace it with a valid image file (JPEG, PNG, WebP, ...) or remove the sample"
+_FIX_REEXPORT = "re-export or re-download the image, or remove the sample"
+
+
+def _header_ignoring_bomb_limit(path: str) -> tuple[int, int] | None:
+    """The size in an image header, without Pillow's decompression-bomb check (no decoding)."""
+    try:
+        Image.init()
+        with open(path, "rb") as fp:
+            prefix = fp.read(16)
+            for fmt in Image.ID:
+                factory, accept = Image.OPEN[fmt]
+                accepted = True if accept is None else accept(prefix)
+                if not accepted or isinstance(accepted, str):  # a str is Pillow's "cannot open" note
+                    continue
+                fp.seek(0)
+                try:
+                    im = factory(fp, path)
+                except (SyntaxError, IndexError, TypeError, struct.error, OSError, ValueError):
+                    continue
+                try:
+                    return im.size
+                finally:
+                    im.close()
+    except Exception:
+        return None
+    return None
+
+
+def _too_many(claimed: str, limit: int) -> _Bad:
+    return _Bad(
+        "too_many_pixels",
+        f"{claimed}, above the limit of {limit:,} (a possible decompression bomb); it was not decoded",
+        "downscale the image, or raise max_image_pixels if you trust the file",
+    )
+
+
+def _check_image(
+    path: str, *, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int, max_image_pixels: int, verify: bool
+) -> ImageHeader | _Bad | tuple[ImageHeader, _Bad]:
+    try:
+        header = read_header(path)
+    except FileNotFoundError:
+        return _Bad("missing_file", f"not found at {path}", "check the path, or set media_dir to the folder the image paths are relative to")
+    except IsADirectoryError:
+        return _Bad("not_an_image", f"is a folder ({path}), not an image file", "point the path at an image file")
+    except PermissionError:
+        return _Bad("unreadable_file", f"cannot be read: permission denied ({path})", "make the file readable")
+    except Image.DecompressionBombError as e:
+        size = _header_ignoring_bomb_limit(path)
+        pixels = size[0] * size[1] if size is not None else None
+        if pixels is not None and pixels > max_image_pixels:
+            return _too_many(f"is {size[0]}x{size[1]} = {pixels:,} pixels", max_image_pixels)
+        # Within max_image_pixels but above Pillow's own limit: it would not open later either.
+        if size is not None:
+            claimed = f"is {size[0]}x{size[1]} = {pixels:,} pixels"
+        else:
+            m = _BOMB_RE.search(str(e))
+            claimed = f"claims {int(m.group(1)):,} pixels" if m else "claims too many pixels"
+        pil_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        return _Bad(
+            "too_many_pixels",
+            f"{claimed}, above Pillow's limit of {pil_limit:,} (a possible decompression bomb); it was not decoded",
+            "downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file",
+        )
+    except UnidentifiedImageError:
+        try:
+            empty = os.path.getsize(path) == 0
+        except OSError:
+            empty = False
+        if empty:
+            return _Bad("not_an_image", f"is an empty file (0 bytes): {path}", _FIX_REPLACE)
+        return _Bad("not_an_image", f"is not an image file Pillow can identify: {path}", _FIX_REPLACE)
+    except Exception as e:  # broken headers raise all sorts (SyntaxError, struct.error, OSError...)
+        return _Bad("corrupt_image", f"cannot be read ({type(e).__name__}: {str(e)[:200]}): {path}", _FIX_REEXPORT)
+
+    w, h = header.width, header.height
+    if w * h > max_image_pixels:
+        return header, _too_many(f"is {w}x{h} = {w * h:,} pixels", max_image_pixels)
+    if w <= 0 or h <= 0:
+        return header, _Bad("too_small", f"has a zero size ({w}x{h})", "replace the image: the processor cannot resize an image with no pixels")
+    try:
+        grid_for(h, w, patch_size, merge_size, min_pixels, max_pixels)
+    except ImageSizeError:
+        ratio = max(w, h) / min(w, h)
+        return header, _Bad(
+            "aspect_ratio",
+            f"is {w}x{h}: its aspect ratio {ratio:.1f} is above the processor's limit of {MAX_ASPECT_RATIO}",
+            f"crop or pad the image so that its longer side is at most {MAX_ASPECT_RATIO} times its shorter side",
+        )
+    if verify:
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Exception as e:
+            return header, _Bad("corrupt_image", f"is truncated or corrupt ({str(e)[:200]}): {path}", _FIX_REEXPORT)
+    return header
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversations
+
+
+def _conversation_problems(conv: Conversation) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    messages = conv.messages
+    if not messages:
+        return [("empty_conversation", "conversation has no messages", "add a user turn and an assistant turn, or remove the sample")]
+    known: list[tuple[int, str]] = []
+    for i, m in enumerate(messages, 1):
+        if m.role not in ROLES:
+            out.append(
+                (
+                    "unknown_role",
+                    f"message {i} has role {_q(m.role)}, which is not supported",
+                    "use one of the roles system, user, assistant (sharegpt: system, human, gpt); "
+                    "tool turns (observation, function_call) are not supported yet",
+                )
+            )
+        else:
+            known.append((i, m.role))
+        if not m.images and not m.text.strip():
+            out.append(("empty_turn", f"message {i} ({_q(m.role)}) is empty", "write the turn's text, or remove the turn"))
+    order = _order_problem(known)
+    if order is not None:
+        out.append(order)
+    if not any(role == "assistant" for _, role in known):
+        out.append(("no_assistant", "conversation has no assistant turn, so there is nothing to learn", "add the assistant's answer, or remove the sample"))
+    return out
+
+
+def _order_problem(known: list[tuple[int, str]]) -> tuple[str, str, str] | None:
+    """The first turn-order problem: system only first, then user/assistant alternating from user."""
+    prev: str | None = None
+    for pos, (i, role) in enumerate(known):
+        if role == "system":
+            if pos != 0:
+                return (
+                    "turn_order",
+                    f"message {i} is a system turn; a system turn may only come first",
+                    "move the system prompt to the first message (or the top-level `system` field)",
+                )
+        elif prev in (None, "system"):
+            if role == "assistant":
+                return (
+                    "turn_order",
+                    f"message {i} (assistant) comes before any user turn",
+                    "start the conversation with a user turn (after an optional system turn)",
+                )
+        elif role == prev:
+            return (
+                "turn_order",
+                f"messages {known[pos - 1][0]} and {i} are both {role} turns",
+                "alternate user and assistant turns: merge the two turns into one",
+            )
+        prev = role
+    if prev == "user" and any(role == "assistant" for _, role in known):
+        return (
+            "turn_order",
+            f"the conversation ends with a user turn (message {known[-1][0]}) that has no answer",
+            "add the assistant's answer, or remove the last user turn",
+        )
+    return None
+
+
+def validate(
+    conversations: Iterable[Conversation],
+    *,
+    min_pixels: int,
+    max_pixels: int,
+    patch_size: int,
+    merge_size: int,
+    check_images: bool = True,
+    verify_images: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> ValidationResult:
+    """Every problem of every conversation, the valid ones, and the image headers read.
+
+    A conversation is valid when it has no `read_problems` and no problem here. Problems come per
+    sample in this order: its read problems, conversation structure, then its images in order.
+    Only the first turn-order problem of a sample is reported (later ones are usually its echo).
+    `check_images=False` skips the files (structure only); `verify_images=True` decodes each image
+    fully to catch truncated files. Images whose header claims more than `max_image_pixels`
+    (default: Pillow's own hard limit, 178,956,970) are rejected without being decoded.
+    """
+    valid: list[Conversation] = []
+    problems: list[Problem] = []
+    headers: dict[str, ImageHeader] = {}
+    checked: dict[str, ImageHeader | _Bad | tuple[ImageHeader, _Bad]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for conv in conversations:
+            found: list[Problem] = list(conv.read_problems)
+            for kind, what, fix in _conversation_problems(conv):
+                found.append(Problem(source=conv.source, what=what, fix=fix, sample_id=conv.id, kind=kind))
+            if check_images:
+                for img in conv.images:
+                    bad = _image_problem(img, conv, checked, headers, patch_size, merge_size, min_pixels, max_pixels, max_image_pixels, verify_images)
+                    if bad is not None:
+                        found.append(bad)
+            if found:
+                problems.extend(found)
+            else:
+                valid.append(conv)
+    return ValidationResult(valid=valid, problems=problems, headers=headers)
+
+
+def _image_problem(
+    img: ImagePart,
+    conv: Conversation,
+    checked: dict,
+    headers: dict[str, ImageHeader],
+    patch_size: int,
+    merge_size: int,
+    min_pixels: int,
+    max_pixels: int,
+    max_image_pixels: int,
+    verify: bool,
+) -> Problem | None:
+    if img.path is None:
+        if conv.read_problems:  # refused or unresolvable at read time: already reported
+            return None
+        return Problem(
+            source=conv.source,
+            what=f"image {_q(img.ref)} could not be resolved to a file",
+            fix="check the path, or set media_dir to the folder the image paths are relative to",
+            sample_id=conv.id,
+            kind="missing_file",
+        )
+    outcome = checked.get(img.path)
+    if outcome is None:
+        outcome = _check_image(
+            img.path,
+            patch_size=patch_size,
+            merge_size=merge_size,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            max_image_pixels=max_image_pixels,
+            verify=verify,
+        )
+        checked[img.path] = outcome
+        if isinstance(outcome, ImageHeader):
+            headers[img.path] = outcome
+        elif isinstance(outcome, tuple):
+            headers[img.path] = outcome[0]
+    if isinstance(outcome, ImageHeader):
+        return None
+    bad = outcome[1] if isinstance(outcome, tuple) else outcome
+    return Problem(source=conv.source, what=f"image {_q(img.ref)} {bad.detail}", fix=bad.fix, sample_id=conv.id, kind=bad.kind)

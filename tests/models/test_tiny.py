@@ -1,0 +1,314 @@
+"""The tiny checkpoints load and behave like hub Qwen-VL checkpoints (real transformers classes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmtune.data.images import grid_for
+from vlmtune.models.spec import ModelSpec
+from vlmtune.models.tiny import ARCHS, SPECIAL_TOKENS, build_tiny_checkpoint
+
+FAMILY_CLASS = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+}
+
+# The special tokens come right after the 1200 trained BPE tokens, in the real checkpoints' order.
+EXPECTED_IDS = {
+    "<|endoftext|>": 1200,
+    "<|im_start|>": 1201,
+    "<|im_end|>": 1202,
+    "<|vision_start|>": 1209,
+    "<|vision_end|>": 1210,
+    "<|image_pad|>": 1212,
+    "<|video_pad|>": 1213,
+}
+
+TWO_TURNS = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is this?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+    {"role": "user", "content": "And its colour?"},
+    {"role": "assistant", "content": "Red."},
+]
+
+QWEN2_RENDERED = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What shape is this?<|im_end|>\n"
+    "<|im_start|>assistant\nA red circle.<|im_end|>\n"
+    "<|im_start|>user\nAnd its colour?<|im_end|>\n"
+    "<|im_start|>assistant\nRed.<|im_end|>\n"
+)
+
+QWEN3_RENDERED = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What shape is this?<|im_end|>\n"
+    "<|im_start|>assistant\nA red circle.<|im_end|>\n"
+    "<|im_start|>user\nAnd its colour?<|im_end|>\n"
+    "<|im_start|>assistant\nRed.<|im_end|>\n"
+)
+
+
+def _load_model(path, arch, auto=True):
+    import transformers
+
+    cls = transformers.AutoModelForImageTextToText if auto else getattr(transformers, FAMILY_CLASS[arch][0])
+    return cls.from_pretrained(path)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loads_like_a_hub_checkpoint(arch, tiny_ckpt):
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    path = tiny_ckpt(arch)
+    processor = AutoProcessor.from_pretrained(path)
+    assert type(processor).__name__ == FAMILY_CLASS[arch][1]
+    assert type(processor.tokenizer).__name__ == "Qwen2Tokenizer"
+    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessor"
+    assert type(AutoTokenizer.from_pretrained(path)).__name__ == "Qwen2Tokenizer"
+    assert AutoConfig.from_pretrained(path).model_type == arch
+
+    auto = _load_model(path, arch, auto=True)
+    family = _load_model(path, arch, auto=False)
+    assert type(auto).__name__ == type(family).__name__ == FAMILY_CLASS[arch][0]
+    for (name, a), (_, b) in zip(auto.state_dict().items(), family.state_dict().items()):
+        assert torch.equal(a, b), name
+    # The real small checkpoints tie the LM head to the embeddings.
+    assert auto.lm_head.weight.data_ptr() == auto.model.language_model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checkpoint_files_are_small_safetensors(arch, tiny_ckpt):
+    path = tiny_ckpt(arch)
+    names = {p.name for p in path.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= names
+    assert not any(n.endswith(".bin") for n in names)
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    assert total < 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_special_tokens_are_single_ids(arch, tiny_processor, tiny_ckpt):
+    tok = tiny_processor(arch).tokenizer
+    config = json.loads((tiny_ckpt(arch) / "config.json").read_text())
+    vocab_size = config["text_config"]["vocab_size"]
+    assert len(tok) == 1214 and vocab_size == 1216
+    ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+    assert ids == list(range(1200, 1214))
+    for token, i in zip(SPECIAL_TOKENS, ids):
+        assert tok(token, add_special_tokens=False)["input_ids"] == [i]
+        assert tok.decode([i]) == token
+    for token, i in EXPECTED_IDS.items():
+        assert tok.convert_tokens_to_ids(token) == i
+    assert (tok.pad_token, tok.pad_token_id) == ("<|endoftext|>", 1200)
+    assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 1202)
+    assert tok.bos_token is None
+
+    enc = tok("look: <|image_pad|><|image_pad|> here", add_special_tokens=False)["input_ids"]
+    assert enc.count(1212) == 2
+    assert tok.convert_ids_to_tokens(enc)[:3] == ["look", ":", "Ġ"]
+
+    assert config["image_token_id"] == 1212
+    assert config["video_token_id"] == 1213
+    assert config["vision_start_token_id"] == 1209
+    assert config["vision_end_token_id"] == 1210
+
+
+def test_tokenizer_is_byte_level_bpe(tiny_processor):
+    tok = tiny_processor("qwen2_vl").tokenizer
+    assert tok.tokenize("the red circle") == ["the", "Ġred", "Ġcircle"]
+    assert tok.tokenize("12 squares!") == ["1", "2", "Ġsquares", "!"]  # Qwen2 splits digits one by one
+    text = "Café: 3 ✓ shapes — naïve 😀!\n\tdone"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("arch, expected", [("qwen2_vl", QWEN2_RENDERED), ("qwen2_5_vl", QWEN2_RENDERED), ("qwen3_vl", QWEN3_RENDERED)])
+def test_chat_template_renders_the_family_format(arch, expected, tiny_processor):
+    processor = tiny_processor(arch)
+    assert processor.apply_chat_template(TWO_TURNS, tokenize=False) == expected
+    assert processor.tokenizer.apply_chat_template(TWO_TURNS, tokenize=False) == expected
+    prompt = processor.apply_chat_template(TWO_TURNS[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("What shape is this?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_template_details(tiny_processor):
+    processor = tiny_processor("qwen2_vl")
+    with_system = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "vs"},
+                {"type": "image", "image": "b.png"},
+                {"type": "video"},
+            ],
+        },
+    ]
+    assert processor.apply_chat_template(with_system, tokenize=False, add_vision_id=True) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nPicture 1: <|vision_start|><|image_pad|><|vision_end|>vs"
+        "Picture 2: <|vision_start|><|image_pad|><|vision_end|>"
+        "Video 1: <|vision_start|><|video_pad|><|vision_end|><|im_end|>\n"
+    )
+    q3 = tiny_processor("qwen3_vl")
+    assert q3.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+EXPECTED_GRIDS = {
+    # images of (width, height) = (100, 80) and (60, 130)
+    "qwen2_vl": [[1, 6, 8], [1, 10, 4]],
+    "qwen2_5_vl": [[1, 6, 8], [1, 10, 4]],
+    "qwen3_vl": [[1, 4, 6], [1, 8, 4]],
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_processor_and_model_forward_backward(arch, tiny_ckpt, tiny_processor, make_image, tmp_path):
+    processor = tiny_processor(arch)
+    model = _load_model(tiny_ckpt(arch), arch)
+    model.train()
+    files = [
+        make_image(tmp_path / "a.png", 100, 80, (255, 0, 0)),
+        make_image(tmp_path / "b.jpg", 60, 130, (0, 0, 255)),
+    ]
+    images = [Image.open(f) for f in files]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "Compare the two pictures."},
+                {"type": "image"},
+            ],
+        },
+        {"role": "assistant", "content": "The first one is red and the second one is blue."},
+    ]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    inputs = processor(text=[text], images=images, return_tensors="pt")
+    assert {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"} <= set(inputs)
+
+    grid = inputs["image_grid_thw"]
+    assert grid.tolist() == EXPECTED_GRIDS[arch]
+    spec = ModelSpec.from_processor(processor, model.config)
+    assert [spec.grid(im.height, im.width).thw for im in images] == EXPECTED_GRIDS[arch]
+    merge = processor.image_processor.merge_size
+    n_pad = int((inputs["input_ids"] == spec.image_token_id).sum())
+    assert n_pad == int(grid.prod(-1).sum()) // merge**2 == sum(spec.grid(im.height, im.width).tokens for im in images)
+    assert int((inputs["mm_token_type_ids"] != 0).sum()) == n_pad
+    patch_dim = 3 * spec.temporal_patch_size * spec.patch_size**2
+    assert tuple(inputs["pixel_values"].shape) == (int(grid.prod(-1).sum()), patch_dim)
+
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert tuple(out.logits.shape) == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    # The gradient reaches the patch embedding: the image features really flow into the LLM.
+    patch_grad = model.model.visual.patch_embed.proj.weight.grad
+    q_grad = model.model.language_model.layers[0].self_attn.q_proj.weight.grad
+    assert patch_grad is not None and patch_grad.abs().sum() > 0
+    assert q_grad is not None and q_grad.abs().sum() > 0
+
+
+EXPECTED_SPEC = {
+    "qwen2_vl": dict(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 256),
+    "qwen2_5_vl": dict(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 256),
+    "qwen3_vl": dict(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=64 * 64, max_pixels=32 * 32 * 256),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_spec_from_tiny_checkpoint(arch, tiny_ckpt, tiny_processor):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_ckpt(arch))
+    spec = ModelSpec.from_processor(tiny_processor(arch), config)
+    assert spec.to_dict() == dict(
+        model_type=arch,
+        image_token="<|image_pad|>",
+        image_token_id=1212,
+        video_token="<|video_pad|>",
+        video_token_id=1213,
+        vision_start_token="<|vision_start|>",
+        vision_start_token_id=1209,
+        vision_end_token="<|vision_end|>",
+        vision_end_token_id=1210,
+        im_start_token="<|im_start|>",
+        im_start_token_id=1201,
+        im_end_token="<|im_end|>",
+        im_end_token_id=1202,
+        pad_token_id=1200,
+        eos_token_id=1202,
+        vocab_size=1216,
+        vision_tower_prefix="model.visual",
+        projector_names=("merger",),
+        language_model_prefix="model.language_model",
+        **EXPECTED_SPEC[arch],
+    )
+    assert spec.factor == (32 if arch == "qwen3_vl" else 28)
+    assert spec.max_pixels // spec.factor**2 == 256
+    assert grid_for(10_000, 10_000, spec.patch_size, spec.merge_size, spec.min_pixels, spec.max_pixels).tokens == 256
+
+
+def test_module_names_match_the_spec_prefixes(tiny_ckpt):
+    """vlmtune's LoRA targeting relies on these names; pin them for every family."""
+    expected_vision_linears = {
+        "qwen2_vl": {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"},
+        "qwen2_5_vl": {"attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+        "qwen3_vl": {"attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"},
+    }
+    llm_linears = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    llm_linears |= {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    for arch in ARCHS:
+        model = _load_model(tiny_ckpt(arch), arch)
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        block0 = {n.removeprefix("model.visual.blocks.0.") for n in linears if n.startswith("model.visual.blocks.0.")}
+        assert block0 == expected_vision_linears[arch], arch
+        layer0 = "model.language_model.layers.0."
+        assert {n.removeprefix(layer0) for n in linears if n.startswith(layer0)} == llm_linears, arch
+        assert any(n.startswith("model.visual.merger.") for n in linears), arch
+        assert "lm_head" in linears
+        assert all(n.startswith(("model.visual.", "model.language_model.", "lm_head")) for n in linears), arch
+
+
+def test_same_seed_same_bytes_other_seed_differs(tiny_ckpt, tmp_path):
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    again = build_tiny_checkpoint(tmp_path / "again", arch="qwen2_vl", seed=0)
+    assert torch.equal(torch.rand(3), expected_next)  # the global RNG is left as it was
+
+    reference = tiny_ckpt("qwen2_vl")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (again / name).read_bytes() == (reference / name).read_bytes(), name
+
+    other = tiny_ckpt("qwen2_vl", seed=1)
+    assert (other / "model.safetensors").read_bytes() != (reference / "model.safetensors").read_bytes()
+    assert (other / "tokenizer.json").read_bytes() == (reference / "tokenizer.json").read_bytes()
+
+
+def test_unknown_arch_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="qwen2_vl"):
+        build_tiny_checkpoint(tmp_path / "x", arch="llava")
+
+
+def test_cli_tiny_model(tmp_path, capsys):
+    from transformers import AutoConfig, AutoProcessor
+
+    from vlmtune.cli import main
+
+    out = tmp_path / "cli-ckpt"
+    assert main(["tiny-model", str(out), "--arch", "qwen3_vl", "--seed", "3"]) == 0
+    assert f"wrote a tiny random qwen3_vl checkpoint to {out}" in capsys.readouterr().out
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "qwen3_vl"
+    assert config.vision_config.patch_size == 16
+    assert config.vision_config.out_hidden_size == config.text_config.hidden_size
+    assert type(AutoProcessor.from_pretrained(out)).__name__ == "Qwen3VLProcessor"
+    assert (out / "model.safetensors").is_file()
