@@ -485,8 +485,13 @@ def _converter(f: Any, hint: Any) -> Callable[[Any], Any]:
     return f.metadata["convert"] or _CONVERTERS[_without_none(hint)[0]]
 
 
-for _key, (_, _f, _hint) in _KEYS.items():  # every declared type needs a converter; fail at import, not at load
-    _converter(_f, _hint)
+def _check_declarations() -> None:
+    """Every declared type needs a converter: fail at import, not when some user's config sets the key."""
+    for _, f, hint in _KEYS.values():
+        _converter(f, hint)
+
+
+_check_declarations()
 
 
 def default_of(key: str) -> Any:
@@ -496,11 +501,8 @@ def default_of(key: str) -> Any:
 
 
 def field_help(key: str) -> str:
+    """The documented meaning of a key (the Meaning column of docs/config.md)."""
     return _KEYS[key][1].metadata["help"]
-
-
-def is_required(key: str) -> bool:
-    return _KEYS[key][1].metadata["required"]
 
 
 # --- the Config object --------------------------------------------------------------------------------------
@@ -510,7 +512,7 @@ def is_required(key: str) -> bool:
 class Config:
     """A validated configuration. Every key reads flat (`cfg.cutoff_len`); sections read as `cfg.data` etc.
 
-    Frozen: change keys with `cfg.replace(cutoff_len=1024)`, which validates the result again.
+    Equal when every key is equal (notes aside). Frozen: change keys with `cfg.replace(cutoff_len=1024)`, which validates the result again.
     `notes` lists what was accepted but ignored (LLaMA-Factory keys) and other advice that is not an error.
     Keys whose null default depends on another key (lora_alpha, media_dir, preprocessing_num_workers,
     prepared_dir) hold the effective value; `derived` names those that were filled in that way.
@@ -520,7 +522,7 @@ class Config:
     data: DataArgs
     finetuning: FinetuningArgs
     training: TrainArgs
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=(), compare=False)
     derived: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def __getattr__(self, name: str) -> Any:
@@ -538,6 +540,7 @@ class Config:
 
     def fingerprint_dict(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values of the given keys, e.g. those that decide a prepared dataset's content."""
+        keys = list(keys)
         unknown = [k for k in keys if k not in _KEYS]
         if unknown:
             raise KeyError(f"not config keys: {unknown}")
@@ -601,6 +604,8 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         line = key_node.start_mark.line + 1
+        if not isinstance(key, typing.Hashable):
+            continue  # construct_mapping below reports it
         if key in seen:
             loader.repeated.append(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one")
         seen.setdefault(key, line)
@@ -694,7 +699,7 @@ def _foreign_key(key: Any, value: Any, where: str, problems: list[str], notes: l
 def _did_you_mean(word: str, options: Iterable[str], otherwise: str) -> str:
     options = list(options)
     # A prefix is usually a shortened name ("adamw" for adamw_torch); difflib alone would pick grokadamw.
-    close = [o for o in options if o.startswith(word)][:1] or difflib.get_close_matches(word, options, n=1)
+    close = [o for o in options if word and o.startswith(word)][:1] or difflib.get_close_matches(word, options, n=1)
     return f"did you mean {close[0]!r}?" if close else otherwise
 
 
@@ -713,25 +718,26 @@ def _field_value(key: str, value: Any, problems: list[str]) -> Any:
             return _INVALID
         return None
     try:
-        value = _converter(f, hint)(value)
+        converted = _converter(f, hint)(value)
     except _Bad as e:
         fix = _choices_fix(key, meta) if meta["choices"] else f"set {key} to {expect}"
         problems.append(f"{key}={value!r} {e}; {fix}")
         return _INVALID
-    problem = _check_value(key, value, meta)
+    problem = _check_value(key, converted, value, meta)
     if problem:
         problems.append(problem)
         return _INVALID
-    return value
+    return converted
 
 
-def _check_value(key: str, value: Any, meta: dict) -> str | None:
+def _check_value(key: str, value: Any, given: Any, meta: dict) -> str | None:
+    """What is wrong with a well-typed value, if anything; messages show the value as `given`."""
     if meta["choices"] and value not in meta["choices"]:
         what = meta["choices_what"] or "one of " + ", ".join(map(repr, meta["choices"]))
         return f"{key}={value!r} is not {what}; {_did_you_mean(value, meta['choices'], _choices_fix(key, meta))}"
     wrong = meta["check"](value) if meta["check"] else None
     if wrong:
-        return f"{key}={value!r} {wrong}; set {key} to {meta['expect']}"
+        return f"{key}={given!r} {wrong}; set {key} to {meta['expect']}"
     return _check_names(key, value)
 
 

@@ -18,15 +18,15 @@ FAMILY_CLASS = {
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
 }
 
-# The special tokens come right after the 1200 trained BPE tokens, in the real checkpoints' order.
+# The special tokens come right after the 1500 trained BPE tokens, in the real checkpoints' order.
 EXPECTED_IDS = {
-    "<|endoftext|>": 1200,
-    "<|im_start|>": 1201,
-    "<|im_end|>": 1202,
-    "<|vision_start|>": 1209,
-    "<|vision_end|>": 1210,
-    "<|image_pad|>": 1212,
-    "<|video_pad|>": 1213,
+    "<|endoftext|>": 1500,
+    "<|im_start|>": 1501,
+    "<|im_end|>": 1502,
+    "<|vision_start|>": 1509,
+    "<|vision_end|>": 1510,
+    "<|image_pad|>": 1512,
+    "<|video_pad|>": 1513,
 }
 
 TWO_TURNS = [
@@ -95,31 +95,33 @@ def test_special_tokens_are_single_ids(arch, tiny_processor, tiny_ckpt):
     tok = tiny_processor(arch).tokenizer
     config = json.loads((tiny_ckpt(arch) / "config.json").read_text())
     vocab_size = config["text_config"]["vocab_size"]
-    assert len(tok) == 1214 and vocab_size == 1216
+    assert len(tok) == 1514 and vocab_size == 1536
     ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
-    assert ids == list(range(1200, 1214))
+    assert ids == list(range(1500, 1514))
     for token, i in zip(SPECIAL_TOKENS, ids):
         assert tok(token, add_special_tokens=False)["input_ids"] == [i]
         assert tok.decode([i]) == token
     for token, i in EXPECTED_IDS.items():
         assert tok.convert_tokens_to_ids(token) == i
-    assert (tok.pad_token, tok.pad_token_id) == ("<|endoftext|>", 1200)
-    assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 1202)
+    assert (tok.pad_token, tok.pad_token_id) == ("<|endoftext|>", 1500)
+    assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 1502)
     assert tok.bos_token is None
 
     enc = tok("look: <|image_pad|><|image_pad|> here", add_special_tokens=False)["input_ids"]
-    assert enc.count(1212) == 2
-    assert tok.convert_ids_to_tokens(enc)[:3] == ["look", ":", "Ġ"]
+    assert enc.count(1512) == 2
+    assert tok.convert_ids_to_tokens(enc) == ["l", "ook", ":", "Ġ", "<|image_pad|>", "<|image_pad|>", "Ġhere"]
 
-    assert config["image_token_id"] == 1212
-    assert config["video_token_id"] == 1213
-    assert config["vision_start_token_id"] == 1209
-    assert config["vision_end_token_id"] == 1210
+    assert config["image_token_id"] == 1512
+    assert config["video_token_id"] == 1513
+    assert config["vision_start_token_id"] == 1509
+    assert config["vision_end_token_id"] == 1510
 
 
 def test_tokenizer_is_byte_level_bpe(tiny_processor):
     tok = tiny_processor("qwen2_vl").tokenizer
-    assert tok.tokenize("the red circle") == ["the", "Ġred", "Ġcircle"]
+    assert tok.tokenize("Describe the red circle in the picture.") == [
+        "Describe", "Ġthe", "Ġred", "Ġcircle", "Ġin", "Ġthe", "Ġpicture", "."
+    ]
     assert tok.tokenize("12 squares!") == ["1", "2", "Ġsquares", "!"]  # Qwen2 splits digits one by one
     text = "Café: 3 ✓ shapes — naïve 😀!\n\tdone"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
@@ -232,20 +234,20 @@ def test_model_spec_from_tiny_checkpoint(arch, tiny_ckpt, tiny_processor):
     assert spec.to_dict() == dict(
         model_type=arch,
         image_token="<|image_pad|>",
-        image_token_id=1212,
+        image_token_id=1512,
         video_token="<|video_pad|>",
-        video_token_id=1213,
+        video_token_id=1513,
         vision_start_token="<|vision_start|>",
-        vision_start_token_id=1209,
+        vision_start_token_id=1509,
         vision_end_token="<|vision_end|>",
-        vision_end_token_id=1210,
+        vision_end_token_id=1510,
         im_start_token="<|im_start|>",
-        im_start_token_id=1201,
+        im_start_token_id=1501,
         im_end_token="<|im_end|>",
-        im_end_token_id=1202,
-        pad_token_id=1200,
-        eos_token_id=1202,
-        vocab_size=1216,
+        im_end_token_id=1502,
+        pad_token_id=1500,
+        eos_token_id=1502,
+        vocab_size=1536,
         vision_tower_prefix="model.visual",
         projector_names=("merger",),
         language_model_prefix="model.language_model",
@@ -253,7 +255,9 @@ def test_model_spec_from_tiny_checkpoint(arch, tiny_ckpt, tiny_processor):
     )
     assert spec.factor == (32 if arch == "qwen3_vl" else 28)
     assert spec.max_pixels // spec.factor**2 == 256
-    assert grid_for(10_000, 10_000, spec.patch_size, spec.merge_size, spec.min_pixels, spec.max_pixels).tokens == 256
+    side = 16 * spec.factor
+    assert grid_for(side, side, spec.patch_size, spec.merge_size, spec.min_pixels, spec.max_pixels).tokens == 256
+    assert grid_for(4 * side, 4 * side, spec.patch_size, spec.merge_size, spec.min_pixels, spec.max_pixels).tokens == 256
 
 
 def test_module_names_match_the_spec_prefixes(tiny_ckpt):

@@ -579,7 +579,7 @@ def _read_json(inp: _Input, out: _Loaded) -> None:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         if stripped.startswith(b"{"):  # JSON Lines in a .json file: report the bad lines only
-            _read_jsonl(inp, out, iter(data.splitlines(keepends=True)))
+            _read_jsonl(inp, out, iter(data.split(b"\n")))
             return
         out.items.append(
             _file_problem(
@@ -594,7 +594,7 @@ def _read_json(inp: _Input, out: _Loaded) -> None:
         value = _parse_json(text)
     except ValueError as e:
         if stripped.startswith(b"{"):
-            _read_jsonl(inp, out, iter(data.splitlines(keepends=True)))
+            _read_jsonl(inp, out, iter(data.split(b"\n")))
             return
         out.items.append(
             _file_problem(

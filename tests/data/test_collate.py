@@ -1,0 +1,165 @@
+"""The collator and its guard, against the real models of the three families."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from vlmtune.data.collate import Collator, check_row
+from vlmtune.data.encode import Encoder, emit
+from vlmtune.data.fit import FitOptions, Fitter
+from vlmtune.data.images import read_header
+from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
+from vlmtune.errors import SampleError
+from vlmtune.models.load import load_spec
+
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+def _dataset(tmp_path, make_image):
+    """Multi-image samples with images at the start, the middle and the end of the sequence."""
+    paths = [
+        make_image(tmp_path / f"im{k}.png", w, h, color=(40 * k, 255 - 30 * k, 90))
+        for k, (w, h) in enumerate([(300, 200), (120, 480), (640, 360), (64, 64), (250, 250)])
+    ]
+    img = [ImagePart(str(p), str(p)) for p in paths]
+    T = lambda s: TextPart(s)  # noqa: E731
+    convs = [
+        Conversation("start", "d.jsonl:1", [Message("user", [img[0], img[1], T("Which one is larger?")]),
+                                            Message("assistant", [T("The first one is larger.")])]),
+        Conversation("middle", "d.jsonl:2", [Message("user", [T("Look at this: "), img[2], T(" and this "), img[3],
+                                                              T(" then tell me the colours.")]),
+                                             Message("assistant", [T("Red and blue.")])]),
+        Conversation("end", "d.jsonl:3", [Message("user", [T("What is in the picture?"), img[4], img[2]]),
+                                          Message("assistant", [T("A circle and a square.")])]),
+        Conversation("turns", "d.jsonl:4", [Message("user", [img[2], T("first?")]), Message("assistant", [T("one")]),
+                                            Message("user", [img[0], T("second?")]), Message("assistant", [T("two")]),
+                                            Message("user", [T("third?"), img[1]]), Message("assistant", [T("three")])]),
+        Conversation("text", "d.jsonl:5", [Message("user", [T("No picture here.")]),
+                                           Message("assistant", [T("Fine.")])]),
+    ]
+    headers = {str(p): read_header(str(p)) for p in paths}
+    return convs, headers
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def family(request, tiny_ckpt):
+    path = str(tiny_ckpt(request.param))
+    loaded = load_spec(path)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    return loaded, model
+
+
+def _rows(loaded, convs, headers, cutoff, overflow=("shrink_images", "truncate_text", "split", "drop")):
+    enc = Encoder(loaded.processor, loaded.spec)
+    encoded = enc.encode_many(convs, headers)
+    fitter = Fitter(loaded.spec, FitOptions(cutoff_len=cutoff, overflow=overflow))
+    outcomes = [fitter.fit(e) for e in encoded]
+    return encoded, outcomes, [emit(p, loaded.spec).to_dict() for o in outcomes for p in o.pieces]
+
+
+def test_every_prepared_row_runs_forward_and_backward(family, tmp_path, make_image):
+    loaded, model = family
+    convs, headers = _dataset(tmp_path, make_image)
+    encoded, outcomes, rows = _rows(loaded, convs, headers, cutoff=160)
+    _, outcomes2, rows2 = _rows(loaded, convs, headers, cutoff=160, overflow=("split", "truncate_text", "shrink_images"))
+    assert max(e.length for e in encoded) > 160  # plain truncation would cut runs here
+    assert "shrunk" in [o.fate for o in outcomes]
+    assert [o.fate for o in outcomes2][3:] == ["split", "kept"]
+    rows += rows2
+    collate = Collator(loaded.processor, loaded.spec, cutoff_len=160)
+    for row in rows:
+        batch = collate([row])
+        out = model(**batch)
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+    # and in batches of mixed image counts
+    batch = collate(rows[:4])
+    model(**batch).loss.backward()
+
+
+def truncate_plainly(row: dict, cutoff: int) -> dict:
+    """What every popular trainer does: expand, then cut at cutoff_len (test helper only)."""
+    return {**row, "input_ids": row["input_ids"][:cutoff], "labels": row["labels"][:cutoff]}
+
+
+def test_plain_truncation_crashes_the_model(family, tmp_path, make_image):
+    loaded, model = family
+    convs, headers = _dataset(tmp_path, make_image)
+    _, _, rows = _rows(loaded, convs[:1], headers, cutoff=100_000)
+    row = rows[0]
+    cut = truncate_plainly(row, len(row["input_ids"]) - 40)  # lands inside the second run
+    collate = Collator(loaded.processor, loaded.spec, cutoff_len=None)
+    batch = collate._pad([cut])
+    pixels = collate([row])
+    batch["pixel_values"], batch["image_grid_thw"] = pixels["pixel_values"], pixels["image_grid_thw"]
+    with pytest.raises((ValueError, RuntimeError), match="(?i)image features and image tokens do not match|shape mismatch"):
+        model(**batch)
+    # the guard catches the same row before the model, naming it
+    with pytest.raises(SampleError, match=re.escape("sample start (d.jsonl:1)")):
+        collate([cut])
+
+
+def test_guard_names_corrupted_sample(tiny_ckpt, tmp_path, make_image):
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
+    convs, headers = _dataset(tmp_path, make_image)
+    _, _, rows = _rows(loaded, convs[:1], headers, cutoff=100_000)
+    row = dict(rows[0])
+    pad = loaded.spec.image_token_id
+    k = row["input_ids"].index(pad)
+    row["input_ids"] = row["input_ids"][:k] + row["input_ids"][k + 1 :]
+    row["labels"] = row["labels"][:k] + row["labels"][k + 1 :]
+    g = row["image_grid_thw"][0]
+    want = g[0] * g[1] * g[2] // 4
+    assert check_row(row, loaded.spec, None) == [f"image 0 has a run of {want - 1} pad tokens but its grid {g} needs {want}"]
+    with pytest.raises(SampleError) as err:
+        Collator(loaded.processor, loaded.spec)([row])
+    assert str(err.value).startswith(
+        f"sample start (d.jsonl:1): image 0 has a run of {want - 1} pad tokens but its grid {g} needs {want}; "
+    )
+
+
+def test_guard_checks_length_and_counts(tiny_ckpt, tmp_path, make_image):
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
+    convs, headers = _dataset(tmp_path, make_image)
+    _, _, rows = _rows(loaded, convs[:1], headers, cutoff=100_000)
+    row = rows[0]
+    n = len(row["input_ids"])
+    assert check_row(row, loaded.spec, n - 1) == [f"{n} tokens exceed cutoff_len={n - 1}"]
+    fewer = {**row, "images": row["images"][:1]}
+    assert check_row(fewer, loaded.spec, None) == ["2 image runs, 1 images and 2 grids (must be equal)"]
+
+
+def test_missing_image_at_training_time_names_sample(tiny_ckpt, tmp_path, make_image):
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
+    convs, headers = _dataset(tmp_path, make_image)
+    _, _, rows = _rows(loaded, convs[:1], headers, cutoff=100_000)
+    (tmp_path / "im1.png").unlink()
+    with pytest.raises(SampleError, match=r"^sample start \(d.jsonl:1\): image 1 \(.*im1.png\) could not be read"):
+        Collator(loaded.processor, loaded.spec)(rows)
+
+
+def test_changed_image_is_detected(tiny_ckpt, tmp_path, make_image):
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
+    convs, headers = _dataset(tmp_path, make_image)
+    _, _, rows = _rows(loaded, convs[:1], headers, cutoff=100_000)
+    make_image(tmp_path / "im0.png", 600, 600)
+    with pytest.raises(SampleError, match=r"now gives grid \[1, 22, 22\] but was prepared as \[1, 14, 22\]"):
+        Collator(loaded.processor, loaded.spec)(rows)
+
+
+def test_batch_fields(tiny_ckpt, tmp_path, make_image):
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
+    convs, headers = _dataset(tmp_path, make_image)
+    _, _, rows = _rows(loaded, [convs[0], convs[4]], headers, cutoff=100_000)
+    batch = Collator(loaded.processor, loaded.spec, pad_to_multiple_of=8)(rows)
+    longest = max(len(r["input_ids"]) for r in rows)
+    width = -(-longest // 8) * 8
+    assert batch["input_ids"].shape == (2, width)
+    assert batch["image_grid_thw"].tolist() == rows[0]["image_grid_thw"]
+    assert int(batch["mm_token_type_ids"].sum()) == sum(g[0] * g[1] * g[2] // 4 for g in rows[0]["image_grid_thw"])
+    assert batch["attention_mask"].sum(1).tolist() == [len(r["input_ids"]) for r in rows]
+    assert batch["pixel_values"].shape[0] == sum(g[0] * g[1] * g[2] for g in rows[0]["image_grid_thw"])
