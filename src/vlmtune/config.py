@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import operator
 import os
 import types
@@ -148,19 +149,19 @@ def _as_int(v: Any) -> int:
 
 
 def _as_float(v: Any) -> float:
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
     # PyYAML reads `1e-4` (no dot) as a string; accept what float() reads so such configs still load.
     if isinstance(v, str):
         try:
-            return float(v)
+            v = float(v)
         except ValueError:
             pass
-    raise _Bad("is not a number")
+    return float(_as_number(v))
 
 
 def _as_number(v: Any) -> int | float:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if not math.isfinite(v):  # YAML's .inf and .nan pass every range check
+            raise _Bad("is not a finite number")
         return v
     raise _Bad("is not a number")
 

@@ -147,7 +147,8 @@ def test_changed_image_is_detected(tiny_ckpt, tmp_path, make_image):
     convs, headers = _dataset(tmp_path, make_image)
     _, _, rows = _rows(loaded, convs[:1], headers, cutoff=100_000)
     make_image(tmp_path / "im0.png", 600, 600)
-    with pytest.raises(SampleError, match=r"now gives grid \[1, 22, 22\] but was prepared as \[1, 14, 22\]"):
+    assert loaded.spec.grid(600, 600).thw == [1, 30, 30]
+    with pytest.raises(SampleError, match=r"now gives grid \[1, 30, 30\] but was prepared as \[1, 14, 22\]"):
         Collator(loaded.processor, loaded.spec)(rows)
 
 

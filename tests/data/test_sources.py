@@ -338,7 +338,7 @@ def test_datasets_folder_and_dataset_dict(tmp_path):
     assert res.conversations == expected(dd_folder, "dd")
 
 
-def test_datasets_folder_with_image_feature_uses_paths(tmp_path, write_image):
+def test_datasets_folder_with_embedded_image_bytes_is_refused(tmp_path, write_image):
     from datasets import Dataset, Image, List
 
     write_image(tmp_path / "p.png", 8, 8)
@@ -346,10 +346,21 @@ def test_datasets_folder_with_image_feature_uses_paths(tmp_path, write_image):
         {"messages": [[{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}]], "images": [[str(tmp_path / "p.png")]]}
     ).cast_column("images", List(Image()))
     folder = str(tmp_path / "ds")
-    ds.save_to_disk(folder)
+    ds.save_to_disk(folder)  # embeds the bytes and keeps only the file name
     res = read_samples(folder)
-    assert res.problems == []
-    assert res.conversations[0].images == [ImagePart(str(tmp_path / "p.png"), R(tmp_path / "p.png"))]
+    assert res.conversations == []
+    assert res.problems == [
+        Problem(
+            source=f"{folder}#0",
+            what="`images`[0] holds embedded image bytes (a `datasets` Image column); only image paths are supported",
+            fix="keep the images as files and store their paths as strings in the column",
+            sample_id="ds:0",
+            kind="bad_record",
+        )
+    ]
+    # path-only Image values (no bytes) are used as paths
+    rec = {"messages": [{"role": "user", "content": "<image>"}], "images": [{"bytes": None, "path": "p.png"}]}
+    assert conv(rec, tmp_path).images == [ImagePart("p.png", R(tmp_path / "p.png"))]
 
 
 def test_directory_of_files(tmp_path, write_json, write_jsonl):
@@ -624,7 +635,6 @@ def _bad(what, fix, source="f.jsonl:1"):
         ({"messages": [], "images": [""]}, "`images`[0] is an empty path", "write the image path, or remove the image"),
         ({"messages": [], "images": ["a\x00b"]}, "`images`[0] contains a NUL character", "fix the image path"),
         ({"messages": [], "images": ["a" * 5000]}, "`images`[0] is 5,000 characters long, above the path limit of 4,096", "fix the image path"),
-        ({"messages": [], "images": [{"bytes": b"x", "path": None}]}, "`images`[0] holds embedded image bytes without a path", "save the images as files and store their paths in the dataset"),
         ({"messages": [], "system": ["x"]}, "`system` is a list, expected a string", "write `system` as a string"),
         ({"messages": [], "videos": ["v.mp4"]}, "record has `videos`; videos are not supported", "remove the videos or the sample"),
         (

@@ -186,13 +186,13 @@ def _check_text(text: str, where: str) -> None:
 
 
 def _check_ref(ref: Any, where: str) -> str:
-    if isinstance(ref, dict) and isinstance(ref.get("path"), str):  # a `datasets` Image value
-        ref = ref["path"]
-    elif isinstance(ref, dict) and ref.get("bytes") is not None:
+    if isinstance(ref, dict) and ref.get("bytes") is not None:  # a `datasets` Image value
         raise _BadRecord(
-            f"{where} holds embedded image bytes without a path",
-            "save the images as files and store their paths in the dataset",
+            f"{where} holds embedded image bytes (a `datasets` Image column); only image paths are supported",
+            "keep the images as files and store their paths as strings in the column",
         )
+    if isinstance(ref, dict) and isinstance(ref.get("path"), str):
+        ref = ref["path"]
     if not isinstance(ref, str):
         raise _BadRecord(f"{where} is {_type_name(ref)}, expected a path string", "write the image path as a string")
     if not ref.strip():
@@ -547,7 +547,7 @@ def _read_lines(inp: _Input, out: _Loaded, lines: Iterable[bytes]) -> None:
             )
             continue
         try:
-            value = _parse_json(text)
+            value = _parse_json(text.rstrip("\r\n"))
         except ValueError as e:
             out.items.append(
                 _file_problem(
