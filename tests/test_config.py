@@ -233,9 +233,8 @@ def test_yaml_then_overrides(tmp_path):
             "  seed = 7",
         ],
     )
-    got = {k: getattr(cfg, k) for k in ("cutoff_len", "overflow", "bf16", "lora_target", "learning_rate")}
-    assert got == {"cutoff_len": 1024, "overflow": ["drop"], "bf16": True, "lora_target": ["q_proj", "v_proj"],
-                   "learning_rate": 1e-4}
+    assert (cfg.cutoff_len, cfg.overflow, cfg.bf16) == (1024, ["drop"], True)
+    assert (cfg.lora_target, cfg.learning_rate) == (["q_proj", "v_proj"], 1e-4)
     assert (cfg.dataset, cfg.val_size, cfg.resume_from_checkpoint, cfg.seed) == ("a,b", 100, True, 7)
     assert cfg.model_name_or_path == "m"
 
@@ -385,8 +384,8 @@ MESSAGES = [
      "image_max_pixels to image_resolution**2 instead (262144 for 512)"),
     ("vision_tower=x", "vision_tower (in override 'vision_tower=x') is not supported; the vision tower comes with "
      "model_name_or_path; use freeze_vision_tower to train or freeze it"),
-    ("quantization_bit=4", "quantization_bit (in override 'quantization_bit=4') is not supported; quantized (QLoRA) "
-     "training is not supported; remove quantization_bit"),
+    ("quantization_bit=4", "quantization_bit (in override 'quantization_bit=4') is not supported; vlmtune does not "
+     "train quantized (QLoRA) models; remove quantization_bit"),
 ]
 
 
@@ -593,7 +592,9 @@ def test_scheduler_and_optimizer_names_match_transformers():
 _SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(), st.text(max_size=12)
 )
-_VALUES = st.one_of(_SCALARS, st.lists(_SCALARS, max_size=4), st.dictionaries(st.text(max_size=5), _SCALARS, max_size=2))
+_VALUES = st.one_of(
+    _SCALARS, st.lists(_SCALARS, max_size=4), st.dictionaries(st.text(max_size=5), _SCALARS, max_size=2)
+)
 
 
 @settings(max_examples=300, deadline=None)

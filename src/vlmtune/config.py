@@ -1,8 +1,11 @@
 """The run configuration: one flat YAML, LLaMA-Factory key names, every problem reported at once.
 
-Each key is declared once, below, with its type, default and meaning; docs/config.md is generated from these
-declarations (scripts/gen_config_docs.py), and the same help text feeds the "did you mean" hints.
-The YAML is flat like LLaMA-Factory's, while the dataclasses group the keys into sections for readability.
+Each key is declared once, below, with its type, default, meaning and the fix to suggest for a bad value; the
+loader validates from these declarations, and scripts/gen_config_docs.py writes docs/config.md from them.
+The YAML is flat like LLaMA-Factory's (keys are unique across sections); the dataclasses only group keys for reading.
+
+    cfg = load_config("train.yaml", ["cutoff_len=1024", "overflow=[split,drop]"])
+    cfg.cutoff_len, cfg.data.overflow, cfg.notes
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ LLAMA_FACTORY_REPLACED: dict[str, str] = {
     "image_resolution": "set image_max_pixels to image_resolution**2 instead (262144 for 512)",
     "video_resolution": "vlmtune trains on images only; remove video_resolution",
     "vision_tower": "the vision tower comes with model_name_or_path; use freeze_vision_tower to train or freeze it",
-    "quantization_bit": "quantized (QLoRA) training is not supported; remove quantization_bit",
+    "quantization_bit": "vlmtune does not train quantized (QLoRA) models; remove quantization_bit",
 }
 
 # A ddp_timeout above this (LLaMA-Factory's examples use 180000000) lets a stuck rank hang the job for days.
@@ -513,7 +516,8 @@ def field_help(key: str) -> str:
 class Config:
     """A validated configuration. Every key reads flat (`cfg.cutoff_len`); sections read as `cfg.data` etc.
 
-    Equal when every key is equal (notes aside). Frozen: change keys with `cfg.replace(cutoff_len=1024)`, which validates the result again.
+    Equal when every key is equal (notes aside). Frozen: change keys with `cfg.replace(cutoff_len=1024)`,
+    which validates the result again.
     `notes` lists what was accepted but ignored (LLaMA-Factory keys) and other advice that is not an error.
     Keys whose null default depends on another key (lora_alpha, media_dir, preprocessing_num_workers,
     prepared_dir) hold the effective value; `derived` names those that were filled in that way.

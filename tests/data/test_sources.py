@@ -716,22 +716,49 @@ _json = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8) | st.sampled_from(["role", "content", "from", "value", "type", "text", "image", "images", "messages", "conversations", "system", "id", "path", "image_url", "url"]), children, max_size=5),
     max_leaves=25,
 )
-_turn = st.fixed_dictionaries({}, optional={"role": _json | st.sampled_from(["user", "assistant", "system", "observation"]), "content": _json | st.text(alphabet="ab<image>", max_size=30)})
-_record = _json | st.fixed_dictionaries(
-    {},
+_refs = st.sampled_from(["a.png", "b.png", "../x.png", "/etc/passwd", "", "data:x", "http://h/i.png", "a\x00b"]) | _json
+_text = st.lists(st.sampled_from(["a", " ", "\n", "<image>", "é", "<image", "image>"]), max_size=8).map("".join)
+_part = (
+    st.fixed_dictionaries({"type": st.just("text"), "text": _text | _json})
+    | st.fixed_dictionaries({"type": st.sampled_from(["image", "image_url", "video", None]), "image": _refs})
+    | st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": _refs}) | _json})
+    | _json
+)
+_good_part = st.fixed_dictionaries({"type": st.just("text"), "text": _text}) | st.fixed_dictionaries(
+    {"type": st.just("image"), "image": st.sampled_from(["a.png", "b.png", "c.png"])}
+)
+# mostly plausible, sometimes junk: enough records get through to exercise validation too
+_content = st.one_of(_text, _text, _text, st.lists(_good_part, max_size=3), st.lists(_good_part, max_size=3), st.lists(_part, max_size=3), _json)
+_roles = st.sampled_from(["user", "assistant", "system", "human", "gpt", "observation", "function_call"])
+_turn = st.one_of(
+    st.fixed_dictionaries({"role": _roles, "content": _content}),
+    st.fixed_dictionaries({"role": _roles, "content": _content}),
+    st.fixed_dictionaries({"role": _roles, "content": _content}),
+    st.fixed_dictionaries({"role": _roles | _json, "content": _content})
+    | st.fixed_dictionaries({"from": _roles | _json, "value": _content})
+    | st.fixed_dictionaries({}, optional={"role": _json, "content": _json, "from": _json, "value": _json})
+    | _json,
+)
+_plausible = st.fixed_dictionaries(
+    {"messages": st.lists(_turn, max_size=5)},
     optional={
-        "messages": _json | st.lists(_turn, max_size=4),
-        "conversations": _json,
-        "images": _json | st.lists(st.sampled_from(["a.png", "../x.png", "/etc/passwd", "", "data:x", 3]), max_size=3),
-        "system": _json,
+        "images": st.lists(st.sampled_from(["a.png", "b.png", "c.png"]), max_size=3) | st.lists(_refs, max_size=3) | _json,
+        "system": _text | _json,
         "id": _json,
+        "videos": _json,
     },
+)
+_record = _plausible | _plausible | _json | st.fixed_dictionaries(
+    {}, optional={"messages": _json, "conversations": st.lists(_turn, max_size=4) | _json, "images": _json, "system": _json}
 )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(records=st.lists(_record, max_size=5))
-def test_fuzz_records_never_raise_and_are_accounted(tmp_path, records):
+def test_fuzz_records_never_raise_and_are_accounted(tmp_path, write_image, records):
+    if not (tmp_path / "a.png").exists():
+        write_image(tmp_path / "a.png", 3, 700)  # an aspect-ratio problem
+        write_image(tmp_path / "b.png", 1, 1)
     convs = []
     for i, rec in enumerate(records):
         out = record_to_conversation(rec, sample_id=f"s{i}", source=f"f:{i + 1}", base_dir=str(tmp_path), fmt=AUTO_FORMAT)
