@@ -48,6 +48,7 @@ DEFAULTS = {
     "lora_alpha": 16,
     "lora_dropout": 0.0,
     "lora_target": ["all"],
+    "freeze_trainable_layers": 2,
     "freeze_vision_tower": True,
     "freeze_multi_modal_projector": True,
     "freeze_language_model": False,
@@ -354,8 +355,8 @@ MESSAGES = [
      "or to module names"),
     ("additional_target=[]", "additional_target=[] is empty; set additional_target to module names or null"),
     # across keys
-    ("finetuning_type=freeze", "finetuning_type='freeze' trains only additional_target, which is not set; set "
-     "additional_target to module names such as embed_tokens,lm_head, or set finetuning_type to lora or full"),
+    ("freeze_trainable_layers=0", "freeze_trainable_layers=0 is zero; set freeze_trainable_layers to a non-zero "
+     "integer such as 2"),
     ("freeze_language_model=true", "freeze_vision_tower, freeze_multi_modal_projector and freeze_language_model are "
      "all true, so finetuning_type='lora' has nothing to train; set one of them to false"),
     # required
@@ -392,6 +393,13 @@ MESSAGES = [
 @pytest.mark.parametrize("override,message", MESSAGES, ids=[o for o, _ in MESSAGES])
 def test_problem_message(override, message):
     assert problems_of([override]) == [message]
+
+
+def test_freeze_needs_the_language_model():
+    assert problems_of(["finetuning_type=freeze", "freeze_language_model=true"]) == [
+        "finetuning_type='freeze' trains decoder layers of the language model, but freeze_language_model is true; "
+        "set freeze_language_model to false or set finetuning_type to lora or full"
+    ]
 
 
 def test_pairs_that_conflict():

@@ -343,7 +343,7 @@ class FinetuningArgs:
     finetuning_type: str = _arg(
         "lora",
         "lora: train LoRA adapters on lora_target; full: train every weight not frozen by the freeze_* keys; "
-        "freeze: train only the modules in additional_target.",
+        "freeze: train only freeze_trainable_layers decoder layers of the language model (and additional_target).",
         choices=("lora", "full", "freeze"),
     )
     lora_rank: int = _arg(8, "Rank of the LoRA matrices.", expect="a positive integer such as 8", check=_positive)
@@ -361,6 +361,13 @@ class FinetuningArgs:
         "Modules that get LoRA adapters: all (every linear layer of the parts not frozen) or module names, "
         "comma-separated or as a list, such as q_proj,v_proj.",
         expect="all or module names such as q_proj,v_proj",
+    )
+    freeze_trainable_layers: int = _arg(
+        2,
+        "With finetuning_type freeze: how many decoder layers of the language model train; positive: the last "
+        "ones, negative: the first ones (as in LLaMA-Factory).",
+        expect="a non-zero integer such as 2",
+        check=lambda v: None if v != 0 else "is zero",
     )
     freeze_vision_tower: bool = _arg(True, "Keep the vision encoder's weights fixed.")
     freeze_multi_modal_projector: bool = _arg(
@@ -810,10 +817,10 @@ def _check_trainable(v: dict[str, Any]) -> list[str]:
     frozen = ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")
     if not _valid(kind, v["additional_target"], *(v[k] for k in frozen)):
         return []
-    if kind == "freeze" and not v["additional_target"]:
+    if kind == "freeze" and v["freeze_language_model"] and not v["additional_target"]:
         return [
-            "finetuning_type='freeze' trains only additional_target, which is not set; set additional_target to "
-            "module names such as embed_tokens,lm_head, or set finetuning_type to lora or full"
+            "finetuning_type='freeze' trains decoder layers of the language model, but freeze_language_model is "
+            "true; set freeze_language_model to false or set finetuning_type to lora or full"
         ]
     if kind != "freeze" and all(v[k] for k in frozen) and not v["additional_target"]:
         return [
