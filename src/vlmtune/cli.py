@@ -51,6 +51,39 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_cfg(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import format_report_summary, prepare
+
+    cfg = _load_cfg(args)
+    print(format_report_summary(prepare(cfg)))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.recipe import run
+
+    cfg = _load_cfg(args)
+    for note in cfg.notes:
+        print(f"note: {note}")
+    result = run(cfg)
+    print(f"trained {result.global_step} step(s); model saved to {result.output_dir}")
+    return 0
+
+
+def _config_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    c = sub.add_parser(name, help=help)
+    c.add_argument("config", help="YAML config (LLaMA-Factory key names)")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    c.set_defaults(func=func)
+    return c
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmtune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -75,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--allow-paths-outside-media-dir", action="store_true")
     i.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
     i.set_defaults(func=_cmd_inspect)
+
+    _config_command(sub, "prepare", "validate and fit the data to cutoff_len; write the prepared dataset", _cmd_prepare)
+    _config_command(sub, "train", "fine-tune (LoRA, full or freeze) on the prepared data", _cmd_train)
     return p
 
 

@@ -8,6 +8,7 @@ accounting for a whole dataset cheap. The arithmetic mirrors transformers' `smar
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 from PIL import Image
@@ -61,9 +62,51 @@ def read_header(path: str) -> ImageHeader:
 
 def _exif_orientation(im: Image.Image) -> int | None:
     try:
+        if im.format == "PNG" and "exif" not in im.info and not _png_exif_after_idat(im):
+            # PngImageFile.getexif() decodes the whole image (load()) whenever the header had no
+            # eXIf chunk, only to look for metadata after the pixel data. With none there (checked
+            # above by walking the chunk headers), the base method reads the same metadata the
+            # header already gave (EXIF text chunks, XMP) and returns exactly what it would.
+            return Image.Image.getexif(im).get(_EXIF_ORIENTATION)
         return im.getexif().get(_EXIF_ORIENTATION)
     except Exception:  # a broken EXIF block must not hide an otherwise readable image
         return None
+
+
+# Text-chunk keywords that Pillow turns into EXIF or XMP (which can hold tiff:Orientation).
+_PNG_EXIF_KEYWORDS = (b"exif", b"Raw profile type exif", b"XML:com.adobe.xmp")
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _png_exif_after_idat(im: Image.Image) -> bool:
+    """Whether a PNG has EXIF/XMP metadata after its first IDAT chunk (Pillow sees it only on load).
+
+    Walks the chunk headers (8 bytes each, seeking over the data) without decompressing anything.
+    Answers True when unsure (an unreadable file), so that the caller takes Pillow's own path.
+    """
+    fp = im.fp
+    if fp is None:
+        return True
+    try:
+        pos, seen_idat = 8, False
+        while True:
+            fp.seek(pos)
+            head = fp.read(8)
+            if len(head) < 8:
+                return False  # truncated: what load() would find is not there either
+            length, ctype = struct.unpack(">I4s", head)
+            if ctype == b"IEND":
+                return False
+            if ctype == b"IDAT":
+                seen_idat = True
+            elif seen_idat:
+                if ctype == b"eXIf":
+                    return True
+                if ctype in _PNG_TEXT_CHUNKS and fp.read(min(length, 80)).split(b"\0", 1)[0] in _PNG_EXIF_KEYWORDS:
+                    return True
+            pos += 12 + length
+    except Exception:
+        return True
 
 
 def check_aspect(height: int, width: int) -> None:

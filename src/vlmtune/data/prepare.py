@@ -65,6 +65,12 @@ def fit_options(cfg) -> FitOptions:
     )
 
 
+def media_dir_of(cfg) -> str | None:
+    """media_dir as set by the user; when it was only derived from dataset_dir, let the reader
+    resolve images against each data file's folder (a dataset given as a path) or dataset_dir."""
+    return None if "media_dir" in getattr(cfg, "derived", ()) else cfg.media_dir
+
+
 def prepared_dir(cfg) -> str:
     return cfg.prepared_dir or os.path.join(cfg.output_dir, "prepared")
 
@@ -81,7 +87,7 @@ def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prep
     if cached is not None:
         return cached
     read = read_samples(
-        cfg.dataset, dataset_dir=cfg.dataset_dir, media_dir=cfg.media_dir,
+        cfg.dataset, dataset_dir=cfg.dataset_dir, media_dir=media_dir_of(cfg),
         allow_paths_outside_media_dir=cfg.allow_paths_outside_media_dir,
         allow_remote_images=cfg.allow_remote_images,
     )

@@ -39,3 +39,146 @@ def load_spec(
     processor, config = load_processor(model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
     spec = ModelSpec.from_processor(processor, config).with_pixels(image_min_pixels, image_max_pixels)
     return Loaded(processor=processor, config=config, spec=spec)
+
+
+# -- models ------------------------------------------------------------------------------------
+COMPONENTS = ("language_model", "vision_tower", "projector")
+# Parts of the vision module that map vision features into the language model's space.
+PROJECTOR_PARTS = ("merger", "deepstack_merger_list")
+
+
+def component_of(name: str) -> str:
+    """Which part of a Qwen-VL model a parameter or module name belongs to."""
+    parts = name.split(".")
+    if "visual" in parts:
+        return "projector" if any(p in PROJECTOR_PARTS for p in parts) else "vision_tower"
+    return "language_model"
+
+
+def load_model(cfg, dtype=None):
+    """The *ForConditionalGeneration model from a hub id or local path (safetensors only)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(
+        cfg.model_name_or_path,
+        dtype=dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        cache_dir=cfg.cache_dir,
+        use_safetensors=True,
+    )
+
+
+def frozen_components(cfg) -> set[str]:
+    flags = {
+        "language_model": cfg.freeze_language_model,
+        "vision_tower": cfg.freeze_vision_tower,
+        "projector": cfg.freeze_multi_modal_projector,
+    }
+    return {c for c, frozen in flags.items() if frozen}
+
+
+def linear_modules(model) -> dict[str, str]:
+    """Every nn.Linear by full name → its component (lm_head excluded: it is not a LoRA target)."""
+    import torch.nn as nn
+
+    return {
+        name: component_of(name)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not name.endswith("lm_head")
+    }
+
+
+def lora_targets(model, cfg) -> list[str]:
+    """Full names of the linear layers that get adapters.
+
+    `all` covers the linear layers of every component that is not frozen, so unfreezing the
+    vision tower puts adapters on it too. Named targets match a module name's last parts.
+    """
+    frozen = frozen_components(cfg)
+    linears = linear_modules(model)
+    if cfg.lora_target == ["all"]:
+        # A trainable projector is trained in full (modules_to_save), as users of LLaMA-Factory expect.
+        return [n for n, c in linears.items() if c not in frozen and c != "projector"]
+    wanted = list(cfg.lora_target)
+    return [n for n in linears if any(n == w or n.endswith("." + w) for w in wanted)]
+
+
+def apply_finetuning(model, cfg):
+    """Freeze, add LoRA adapters or unfreeze layers as the config says; returns the model to train."""
+    frozen = frozen_components(cfg)
+    if cfg.finetuning_type == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora_targets(model, cfg)
+        if not targets:
+            from ..errors import ConfigError
+
+            raise ConfigError([f"lora_target={cfg.lora_target} matches no linear layer of the model; names found: "
+                               f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in linear_modules(model)}))}"])
+        to_save = list(cfg.additional_target or [])
+        if "projector" not in frozen:
+            to_save += _projector_roots(model)
+        peft_cfg = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            modules_to_save=to_save or None,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, peft_cfg)
+        return model
+    for name, p in model.named_parameters():
+        p.requires_grad = component_of(name) not in frozen
+    if cfg.finetuning_type == "freeze":
+        _train_only_layers(model, cfg.freeze_trainable_layers, frozen)
+    for name, p in model.named_parameters():
+        if cfg.additional_target and any(f".{t}." in f".{name}" for t in cfg.additional_target):
+            p.requires_grad = True
+    return model
+
+
+def _projector_roots(model) -> list[str]:
+    import torch.nn as nn
+
+    names = []
+    for n, m in model.named_modules():
+        if n.split(".")[-1] in PROJECTOR_PARTS:
+            # modules_to_save wraps single modules, so a list of mergers contributes each of its items
+            names += [f"{n}.{k}" for k, _ in m.named_children()] if isinstance(m, nn.ModuleList) else [n]
+    return sorted(set(names))
+
+
+def _train_only_layers(model, n_layers: int, frozen: set[str]) -> None:
+    """finetuning_type=freeze: only the last (n>0) or first (n<0) decoder layers of the LLM train."""
+    import re
+
+    pattern = re.compile(r"language_model\.layers\.(\d+)\.")
+    indices = sorted({int(m.group(1)) for n, _ in model.named_parameters() if (m := pattern.search(n))})
+    chosen = set(indices[-n_layers:] if n_layers > 0 else indices[:-n_layers])
+    for name, p in model.named_parameters():
+        comp = component_of(name)
+        if comp == "language_model":
+            m = pattern.search(name)
+            p.requires_grad = bool(m and int(m.group(1)) in chosen)
+        else:
+            p.requires_grad = comp not in frozen
+
+
+def trainable_summary(model) -> dict[str, dict[str, int]]:
+    """Trainable and total parameters per component (LoRA weights count for the part they adapt)."""
+    out = {c: {"trainable": 0, "total": 0} for c in COMPONENTS}
+    for name, p in model.named_parameters():
+        c = component_of(name)
+        out[c]["total"] += p.numel()
+        if p.requires_grad:
+            out[c]["trainable"] += p.numel()
+    return out
+
+
+def format_trainable(summary: dict[str, dict[str, int]]) -> str:
+    lines = []
+    for c, d in summary.items():
+        share = 100.0 * d["trainable"] / d["total"] if d["total"] else 0.0
+        lines.append(f"  {c:<15} {d['trainable']:>14,} / {d['total']:>14,} trainable ({share:.2f}%)")
+    return "\n".join(lines)

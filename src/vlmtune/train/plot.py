@@ -1,0 +1,44 @@
+"""Loss curves from the Trainer's log history."""
+
+from __future__ import annotations
+
+import os
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average, debiased so the first points are not pulled towards zero."""
+    out, avg = [], 0.0
+    for k, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** k))
+    return out
+
+
+def plot_loss(log_history: list[dict], output_dir: str, name: str = "training_loss.png") -> str | None:
+    """Write the training loss (raw and smoothed) and the eval loss, when logged; None if nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, alpha=0.35, color="tab:blue", label="train loss")
+        ax.plot(steps, smooth(list(losses)), color="tab:blue", label="train loss (smoothed)")
+    if evals:
+        steps, losses = zip(*evals)
+        ax.plot(steps, losses, "o-", color="tab:orange", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"Training loss — {os.path.basename(os.path.abspath(output_dir))}")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(output_dir, name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,202 @@
+"""`vlmtune train`: setup → train → cleanup, on the transformers Trainer.
+
+Reads top to bottom: load the processor and its ModelSpec, prepare (validate + fit) the data,
+load the model and choose what trains, build the guarded collator, run one step on the
+worst-case batch, train, save, plot. Distribution (torchrun, accelerate launch, DeepSpeed) is
+the Trainer's: this file only keeps every rank's work identical where DDP needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+
+from ..data.collate import Collator
+from ..data.prepare import Prepared, format_report_summary, prepare
+from ..errors import ConfigError
+from ..models.load import Loaded, apply_finetuning, format_trainable, load_model, load_spec, trainable_summary
+from .checkpoints import CompleteCheckpointCallback, resolve_resume
+from .plot import plot_loss
+from .trainer import VlmTrainer
+
+
+@dataclass
+class Run:
+    cfg: object
+    loaded: Loaded
+    prepared: Prepared
+    trainer: VlmTrainer
+    trainable: dict
+    resume: str | None
+    log: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    prepared: Prepared
+    trainable: dict
+    log_history: list[dict]
+    loss_plot: str | None
+    global_step: int
+    worst_case: dict | None = None
+
+
+def say(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, flush=True)
+
+
+# -- setup -----------------------------------------------------------------------------------
+def setup(cfg, *, progress: bool = True) -> Run:
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    args = training_arguments(cfg, progress)
+    loaded = load_spec(cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels,
+                       image_max_pixels=cfg.image_max_pixels, trust_remote_code=cfg.trust_remote_code,
+                       cache_dir=cfg.cache_dir)
+    # Rank 0 prepares (and caches); the other ranks then load the same cache, so every rank sees
+    # exactly the same rows in the same order.
+    with args.main_process_first(desc="prepare"):
+        prepared = prepare(cfg, loaded, progress=progress)
+    say(format_report_summary(prepared))
+    train_ds, eval_ds = split_validation(prepared.dataset(), cfg.val_size, cfg.seed)
+    if len(train_ds) == 0:
+        raise ConfigError([f"no training rows were emitted from dataset={cfg.dataset!r}; "
+                           f"see {prepared.report_path} for what happened to each sample"])
+
+    model = load_model(cfg, dtype=model_dtype(cfg))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = apply_finetuning(model, cfg)
+    trainable = trainable_summary(model)
+    say("trainable parameters:\n" + format_trainable(trainable))
+
+    collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len)
+    trainer = VlmTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        callbacks=[CompleteCheckpointCallback()],
+        spec=loaded.spec,
+        deepspeed=bool(cfg.deepspeed),
+    )
+    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    return Run(cfg, loaded, prepared, trainer, trainable, resume)
+
+
+def training_arguments(cfg, progress: bool = True):
+    from transformers import TrainingArguments
+
+    has_eval = bool(cfg.val_size)
+    eval_strategy = "no" if not has_eval else ("steps" if cfg.eval_steps else "epoch")
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps else cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_strategy="steps",
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy=eval_strategy,
+        eval_steps=cfg.eval_steps,
+        report_to=cfg.report_to,
+        deepspeed=cfg.deepspeed,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        ddp_timeout=cfg.ddp_timeout,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,
+        optim=cfg.optim,
+        disable_tqdm=not progress,
+        # Frozen parts are never in the graph's trainable set, and text-only batches get a
+        # zero-weight vision pass (VlmTrainer), so DDP needs no unused-parameter search.
+        ddp_find_unused_parameters=False,
+        save_only_model=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def model_dtype(cfg):
+    # bf16 weights on a GPU halve memory (LLaMA-Factory does the same); fp16 and the CPU keep
+    # fp32 master weights with autocast, since fp16 weights cannot be trained with a grad scaler.
+    if cfg.bf16 and torch.cuda.is_available():
+        return torch.bfloat16
+    return torch.float32
+
+
+def split_validation(ds, val_size, seed: int):
+    """Hold out val_size of the *samples* (split pieces stay on one side), or None when 0."""
+    if not val_size:
+        return ds, None
+    base = [i.split("#", 1)[0] for i in ds["id"]]
+    ids = sorted(set(base))
+    n_val = int(val_size) if val_size >= 1 else max(1, round(len(ids) * float(val_size)))
+    rng = random.Random(seed)
+    rng.shuffle(ids)
+    held = set(ids[:n_val])
+    train_idx = [k for k, b in enumerate(base) if b not in held]
+    val_idx = [k for k, b in enumerate(base) if b in held]
+    return ds.select(train_idx), ds.select(val_idx)
+
+
+# -- train -----------------------------------------------------------------------------------
+def train(run: Run) -> TrainResult:
+    cfg, trainer = run.cfg, run.trainer
+    worst = None
+    if cfg.worst_case_first and run.resume is None:
+        worst = trainer.worst_case_step()
+        say(f"worst-case batch ok: {worst['tokens']} tokens, {worst['images']} images, "
+            f"{worst['seconds']:.2f}s for one forward/backward")
+    if run.resume:
+        say(f"resuming from {run.resume}")
+    trainer.train(resume_from_checkpoint=run.resume)
+    trainer.save_model(cfg.output_dir)
+    trainer.save_state()
+    loss_plot = None
+    if trainer.is_world_process_zero():
+        run.loaded.processor.save_pretrained(cfg.output_dir)
+        with open(os.path.join(cfg.output_dir, "vlmtune_config.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        with open(os.path.join(cfg.output_dir, "trainable_parameters.json"), "w", encoding="utf-8") as f:
+            json.dump(run.trainable, f, indent=2)
+        if cfg.plot_loss:
+            loss_plot = plot_loss(trainer.state.log_history, cfg.output_dir)
+            if loss_plot:
+                say(f"loss plot: {loss_plot}")
+    return TrainResult(cfg.output_dir, run.prepared, run.trainable, list(trainer.state.log_history), loss_plot,
+                       trainer.state.global_step, worst)
+
+
+def cleanup(run: Run) -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def run(cfg, *, progress: bool = True) -> TrainResult:
+    r = setup(cfg, progress=progress)
+    try:
+        return train(r)
+    finally:
+        cleanup(r)

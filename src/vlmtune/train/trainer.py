@@ -1,0 +1,95 @@
+"""The transformers Trainer with the two things Qwen-VL training needs on top.
+
+1. Text-only batches under DDP / DeepSpeed: a rank whose batch has no image would skip the vision
+   tower while other ranks run it, so DDP waits forever for the tower's gradients ("Expected to
+   have finished reduction in the prior iteration") and ZeRO-3 waits for its parameter gathers. Such
+   a batch runs the tower on one minimal dummy image and adds it to the loss with weight zero:
+   identical graphs on every rank, zero gradient, unchanged loss.
+2. Worst-case first: one forward/backward on the longest batch before the first step, so an
+   out-of-memory or a data problem shows up in seconds, not hours.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import Trainer
+
+from ..models.load import component_of
+from ..models.spec import ModelSpec
+
+
+class VlmTrainer(Trainer):
+    def __init__(self, *args, spec: ModelSpec, deepspeed: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spec = spec
+        self._dummy_vision = deepspeed or any(
+            p.requires_grad and component_of(n) != "language_model" for n, p in self.model.named_parameters()
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if self._needs_dummy(inputs):
+            zero = self._dummy_vision_pass(model)
+            if return_outputs:
+                result = (result[0] + zero, result[1])
+            else:
+                result = result + zero
+        return result
+
+    def _needs_dummy(self, inputs) -> bool:
+        return (
+            self._dummy_vision
+            and "pixel_values" not in inputs
+            and self.args.world_size > 1
+            and torch.is_grad_enabled()
+        )
+
+    def _dummy_vision_pass(self, model) -> torch.Tensor:
+        visual = _find_visual(model)
+        m, p, t = self.spec.merge_size, self.spec.patch_size, self.spec.temporal_patch_size
+        grid = torch.tensor([[1, m, m]], device=self.args.device)
+        dtype = next(visual.parameters()).dtype
+        pixels = torch.zeros(m * m, 3 * t * p * p, device=self.args.device, dtype=dtype)
+        out = visual(pixels, grid_thw=grid)
+        tensors = _tensors(out)
+        return sum(x.float().sum() for x in tensors) * 0.0
+
+    def worst_case_step(self) -> dict:
+        """One forward/backward on the longest batch; gradients and RNG state are left untouched."""
+        ds = self.train_dataset
+        order = sorted(range(len(ds)), key=lambda i: (ds[i]["length"], len(ds[i]["images"])), reverse=True)
+        rows = [ds[i] for i in order[: self.args.per_device_train_batch_size]]
+        batch = self._prepare_inputs(self.data_collator(rows))
+        model = self.model
+        model.train()
+        start = time.perf_counter()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            with self.autocast_smart_context_manager():
+                loss = model(**batch).loss
+            loss.backward()
+        seconds = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        return {"tokens": int(batch["attention_mask"].sum()), "images": sum(len(r["images"]) for r in rows),
+                "seconds": seconds, "peak_gpu_bytes": peak, "ids": [r["id"] for r in rows]}
+
+
+def _find_visual(model):
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "visual":
+            return module
+    raise AttributeError("the model has no `visual` module; is this a Qwen-VL model?")
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    if hasattr(out, "to_tuple"):
+        return [t for o in out.to_tuple() for t in _tensors(o)]
+    return []
