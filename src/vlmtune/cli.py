@@ -36,6 +36,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         progress=not args.json,
         allow_paths_outside_media_dir=args.allow_paths_outside_media_dir,
     )
+    if args.show:
+        from .inspect import show_sample
+
+        print(show_sample(acc, loaded, args.show, args.cutoff_len, color=sys.stdout.isatty()))
+        return 0
     summary = summarize(acc, args.cutoff_len)
     if args.per_sample:
         write_per_sample(acc, args.per_sample)
@@ -84,6 +89,62 @@ def _config_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
     return c
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import ChatModel, check_images, interactive
+
+    question = args.question
+    if question is None and not sys.stdin.isatty():
+        question = sys.stdin.read().strip()  # piped: the whole input is one question
+        if not question:
+            raise VlmtuneError("no question: pass it as an argument, pipe it on stdin, or run in a terminal to chat")
+    check_images(args.image)  # before the (slow) model load
+    cm = ChatModel(
+        args.model,
+        args.adapter,
+        image_max_pixels=args.image_max_pixels,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if question is None:
+        interactive(cm, sys.stdin, sys.stdout, images=args.image)
+    else:
+        print(cm.ask(question, args.image))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import describe_export, export
+
+    out = export(
+        args.model, args.adapter, args.out, dtype=args.dtype, force=args.force, trust_remote_code=args.trust_remote_code
+    )
+    print(describe_export(out))
+    return 0
+
+
+def _add_chat_export_parsers(sub) -> None:
+    c = sub.add_parser("chat", help="ask a model (optionally with a LoRA adapter) about images")
+    c.add_argument("question", nargs="?", default=None, help="omit it in a terminal to chat interactively")
+    c.add_argument("--model", required=True, help="hub id or local path of the Qwen-VL checkpoint")
+    c.add_argument("--adapter", default=None, help="a LoRA adapter directory to apply")
+    c.add_argument("--image", action="append", default=[], metavar="IMG", help="an image file (repeatable)")
+    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
+    c.add_argument("--image-max-pixels", type=int, default=None)
+    c.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
+    c.set_defaults(func=_cmd_chat)
+
+    e = sub.add_parser("export", help="merge a LoRA adapter into its base model and save a standalone checkpoint")
+    e.add_argument("--model", required=True, help="hub id or local path of the base checkpoint")
+    e.add_argument("--adapter", required=True, help="the LoRA adapter directory")
+    e.add_argument("--out", required=True, help="output directory (must be new or empty, unless --force)")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    e.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+    e.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
+    e.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmtune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -105,12 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     i.add_argument("--plot", default=None, metavar="FILE", help="write a histogram of sample lengths (PNG)")
     i.add_argument("--per-sample", default=None, metavar="FILE", help="write one JSON line per sample")
+    i.add_argument("--show", default=None, metavar="ID",
+                   help="print one sample as the model sees it: trained spans, masked spans, image runs")
     i.add_argument("--allow-paths-outside-media-dir", action="store_true")
     i.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
     i.set_defaults(func=_cmd_inspect)
 
     _config_command(sub, "prepare", "validate and fit the data to cutoff_len; write the prepared dataset", _cmd_prepare)
     _config_command(sub, "train", "fine-tune (LoRA, full or freeze) on the prepared data", _cmd_train)
+    _add_chat_export_parsers(sub)
     return p
 
 

@@ -190,3 +190,68 @@ def plot_lengths(acc: Accounting, path: str, cutoff_len: int | None = None) -> N
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# -- one sample, readable ----------------------------------------------------------------------
+TRAIN_OPEN, TRAIN_CLOSE = "\u27e6", "\u27e7"  # ⟦ trained text ⟧
+
+
+def render_row(row, spec, tokenizer, color: bool = False) -> str:
+    """A row as text: trained spans in ⟦…⟧ (green on a terminal), each image run as one marker."""
+    from .data.encode import IGNORE_INDEX
+
+    out: list[str] = []
+    ids, labels = row.input_ids, row.labels
+    image = 0
+    i = 0
+    while i < len(ids):
+        if ids[i] == spec.image_token_id:
+            j = i
+            while j < len(ids) and ids[j] == spec.image_token_id:
+                j += 1
+            g = row.image_grid_thw[image]
+            out.append(f"[image {image + 1}: {row.images[image]} grid {g[0]}x{g[1]}x{g[2]} = {j - i} tokens]")
+            image += 1
+            i = j
+            continue
+        trained = labels[i] != IGNORE_INDEX
+        j = i
+        while j < len(ids) and ids[j] != spec.image_token_id and (labels[j] != IGNORE_INDEX) == trained:
+            j += 1
+        text = tokenizer.decode(ids[i:j], skip_special_tokens=False)
+        if trained:
+            text = f"\033[32m{text}\033[0m" if color else f"{TRAIN_OPEN}{text}{TRAIN_CLOSE}"
+        out.append(text)
+        i = j
+    return "".join(out)
+
+
+def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int | None = None,
+                color: bool = False) -> str:
+    """The sample as the model will see it, after fitting to cutoff_len when one is given."""
+    from .data.encode import emit
+    from .data.fit import FitOptions, Fitter
+
+    matches = [e for e in acc.encoded if e.id == sample_id]
+    if not matches:
+        known = ", ".join(e.id for e in acc.encoded[:5])
+        bad = [p for p in acc.problems if p.sample_id == sample_id]
+        if bad:
+            return f"sample {sample_id} is invalid:\n" + "\n".join(f"  - {p}" for p in bad)
+        raise KeyError(f"no sample with id {sample_id!r}; ids look like: {known}")
+    enc = matches[0]
+    head = [f"sample {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + "
+            f"{enc.image_tokens} image, {len(enc.images)} image(s)"]
+    pieces = [enc]
+    if cutoff_len is not None:
+        out = Fitter(loaded.spec, FitOptions(cutoff_len=cutoff_len)).fit(enc)
+        head.append(f"fit to cutoff_len={cutoff_len}: {out.fate} ({out.reason}); tokens after: {out.tokens_after}")
+        pieces = out.pieces
+    head.append(f"legend: {TRAIN_OPEN}trained{TRAIN_CLOSE} text is in the loss; the rest is masked"
+                if not color else "legend: green text is in the loss; the rest is masked")
+    body = []
+    for p in pieces:
+        row = emit(p, loaded.spec)
+        body.append(f"--- {row.id}: {len(row.input_ids)} tokens ---\n" + render_row(row, loaded.spec,
+                                                                                    loaded.processor.tokenizer, color))
+    return "\n".join(head + body)

@@ -275,6 +275,19 @@ def test_hf_parts_format(tmp_path, write_json):
     ]
 
 
+def test_trl_style_image_parts_take_the_images_column(tmp_path):
+    rec = {
+        "messages": [
+            {"role": "user", "content": [{"index": 0, "text": None, "type": "image"}, {"index": None, "text": "Q", "type": "text"}]},
+            {"role": "assistant", "content": [{"index": None, "text": "A", "type": "text"}]},
+        ],
+        "images": ["p.png"],
+    }
+    c = conv(rec, tmp_path)
+    assert c.messages == [U(ImagePart("p.png", R(tmp_path / "p.png")), T("Q")), A(T("A"))]
+    assert c.read_problems == []
+
+
 def test_ids_own_unique_else_fallback(tmp_path, write_jsonl):
     m = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     data = write_jsonl(
@@ -380,9 +393,12 @@ def test_directory_of_files(tmp_path, write_json, write_jsonl):
 
 
 def test_unknown_roles_are_kept_for_validate(tmp_path):
-    rec = {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "f()"}, {"from": "observation", "value": "1"}]}
+    rec = {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "f()"}, {"from": "observation", "value": "1"}, {"from": "tool", "value": "2"}]}
     c = conv(rec, tmp_path)
-    assert [m.role for m in c.messages] == ["user", "function_call", "observation"]
+    assert [m.role for m in c.messages] == ["user", "function_call", "observation", "tool"]
+    fmt = RecordFormat(role_tag="r", content_tag="c", user_tag="u", assistant_tag="a", observation_tag="obs", function_tag="fn")
+    rec = {"messages": [{"r": "u", "c": "q"}, {"r": "fn", "c": "f()"}, {"r": "obs", "c": "1"}, {"r": "a", "c": "x"}]}
+    assert [m.role for m in conv(rec, tmp_path, fmt=fmt).messages] == ["user", "function_call", "observation", "assistant"]
 
 
 # ---------------------------------------------------------------------------------------------

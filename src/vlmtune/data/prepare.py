@@ -188,12 +188,23 @@ def _write_report(path: str, report: list[dict]) -> None:
 
 
 def format_report_summary(prep: Prepared) -> str:
+    """The fit report as a table: samples, emitted rows and tokens per fate."""
     order = ["kept", "shrunk", "truncated", "split", "dropped", "invalid"]
-    width = max(len(k) for k in order)
-    lines = [f"{'fate':<{width}}  samples", f"{'-' * width}  -------"]
-    lines += [f"{k:<{width}}  {prep.fates.get(k, 0):>7}" for k in order]
-    lines.append(f"{'total':<{width}}  {prep.records:>7}")
-    lines.append(f"rows emitted: {prep.rows} -> {prep.path}" + (" (cached)" if prep.cached else ""))
+    agg = {f: [0, 0, 0, 0] for f in order}  # samples, rows, tokens before, tokens after
+    for r in prep.report:
+        a = agg.setdefault(r["fate"], [0, 0, 0, 0])
+        after = r["tokens_after"]
+        pieces = after if isinstance(after, list) else ([after] if after is not None else [])
+        a[0] += 1
+        a[1] += len(pieces)
+        a[2] += r["tokens_before"] or 0
+        a[3] += sum(pieces)
+    rows = [(f, *agg[f]) for f in agg]
+    rows.append(("total", *(sum(a[k] for a in agg.values()) for k in range(4))))
+    head = ("fate", "samples", "rows", "tokens before", "tokens after")
+    lines = [f"{head[0]:<9}  {head[1]:>7}  {head[2]:>6}  {head[3]:>13}  {head[4]:>12}"]
+    lines += [f"{f:<9}  {n:>7}  {k:>6}  {b:>13}  {a:>12}" for f, n, k, b, a in rows]
+    lines.append(f"prepared: {prep.path}" + (" (cached)" if prep.cached else ""))
     lines.append(f"fit report: {prep.report_path}")
     return "\n".join(lines)
 

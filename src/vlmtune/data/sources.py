@@ -2,8 +2,9 @@
 
 Supported inputs (`read_samples(data, ...)`):
 
-* a `.jsonl` file (one record per line), a `.json` file (one JSON array of records; a `.json` file
-  that starts with `{` and is not a single JSON value is read as JSON Lines, as `datasets` does),
+* a `.jsonl` file (one record per line), a `.json` file (one JSON array of records; a single JSON
+  object is one record; a `.json` file that starts with `{` and is not one JSON value is read as
+  JSON Lines, as `datasets` does),
 * a folder of `.json` / `.jsonl` files (not recursive; `dataset_info.json` is skipped),
 * a `datasets` folder written by `save_to_disk` (a DatasetDict: the "train" split, or its only split),
 * comma-separated dataset names looked up in `dataset_dir/dataset_info.json` (LLaMA-Factory), or
@@ -15,7 +16,13 @@ Record formats (detected per record unless a `dataset_info.json` entry fixes the
   an optional top-level `system` string, `<image>` placeholders in the text and an `images` list
   of paths: each placeholder, in order, takes the next path.
 * HF chat: `messages` whose `content` is a list of parts `{"type": "text", "text"}`,
-  `{"type": "image", "image" | "path" | "url"}` or `{"type": "image_url", "image_url": {"url"}}`.
+  `{"type": "image", "image" | "path" | "url"}` or `{"type": "image_url", "image_url": {"url"}}`;
+  an image part without a path (TRL style) takes the next path of `images`, like `<image>`.
+  Image columns of `datasets` folders must hold paths: embedded image bytes are refused.
+
+Roles: user/human, assistant/gpt and system (or the dataset_info tags) become user, assistant and
+system; any other role (observation, function_call, tool...) is kept as written and `validate`
+reports it.
 
 Ids and sources: a sample's `id` is the record's own `id` (a string or an integer) when it is unique
 across everything read, else `<file stem>:<line>` (JSONL, 1-based), `<file stem>:<index>` (JSON,
@@ -68,6 +75,16 @@ _ROLE_ALIASES = {
     "system": "system",
 }
 _DATA_EXTS = (".json", ".jsonl")
+_TYPE_NAMES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+_PARTS_HINT = '{"type": "text", "text": ...} or {"type": "image", "image": PATH}'
+_FIX_FILE = "check the path and its permissions"
 
 
 @dataclass(frozen=True)
@@ -134,9 +151,7 @@ def _q(value: str) -> str:
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
-        type(value), type(value).__name__
-    )
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 class PathCache:
@@ -261,18 +276,21 @@ class _Builder:
             self.read_problems.append(problem)
         return ImagePart(ref=ref, path=path)
 
+    def placeholder(self, parts: list[Part]) -> None:
+        """An `<image>` (or an image part without a path): the next top-level image goes here."""
+        self.placeholders += 1
+        if self.next_image < len(self.images):
+            parts.append(self.image(self.images[self.next_image]))
+            self.next_image += 1
+
     def text(self, text: str, parts: list[Part]) -> None:
         if IMAGE_PLACEHOLDER not in text:
             if text:
                 parts.append(TextPart(text))
             return
-        pieces = text.split(IMAGE_PLACEHOLDER)
-        for i, piece in enumerate(pieces):
+        for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if i:
-                self.placeholders += 1
-                if self.next_image < len(self.images):
-                    parts.append(self.image(self.images[self.next_image]))
-                    self.next_image += 1
+                self.placeholder(parts)
             if piece:
                 parts.append(TextPart(piece))
 
@@ -297,7 +315,7 @@ def _content_parts(content: Any, where: str, builder: _Builder) -> list[Part]:
         if not isinstance(part, dict):
             raise _BadRecord(
                 f"{pwhere} is {_type_name(part)}, expected an object",
-                "write each part as {\"type\": \"text\", \"text\": ...} or {\"type\": \"image\", \"image\": PATH}",
+                f"write each part as {_PARTS_HINT}",
             )
         ptype = part.get("type")
         if ptype is None:
@@ -311,8 +329,11 @@ def _content_parts(content: Any, where: str, builder: _Builder) -> list[Part]:
             _check_text(text, f"the text of {pwhere}")
             builder.text(text, parts)
         elif ptype == "image":
-            ref = part.get("image", part.get("path", part.get("url")))
-            parts.append(builder.image(_check_ref(ref, f"the image of {pwhere}")))
+            ref = next((part[k] for k in ("image", "path", "url") if part.get(k) is not None), None)
+            if ref is None:  # TRL/llava style: {"type": "image"} stands for the next of `images`
+                builder.placeholder(parts)
+            else:
+                parts.append(builder.image(_check_ref(ref, f"the image of {pwhere}")))
         elif ptype == "image_url":
             url = part.get("image_url")
             if isinstance(url, dict):
@@ -321,7 +342,7 @@ def _content_parts(content: Any, where: str, builder: _Builder) -> list[Part]:
         elif ptype is None:
             raise _BadRecord(
                 f"{pwhere} has no `type`",
-                "give each part a type: {\"type\": \"text\", \"text\": ...} or {\"type\": \"image\", \"image\": PATH}",
+                f"give each part a type: {_PARTS_HINT}",
             )
         else:
             shown = _q(ptype) if isinstance(ptype, str) else _type_name(ptype)
@@ -339,6 +360,10 @@ def _role_of(raw: str, fmt: RecordFormat) -> str:
         return "assistant"
     if raw == fmt.system_tag:
         return "system"
+    if raw == fmt.observation_tag:
+        return "observation"
+    if raw == fmt.function_tag:
+        return "function_call"
     # Unknown roles (observation, function_call, tool, ...) are kept as written; validate reports them.
     return _ROLE_ALIASES.get(raw, raw)
 
@@ -493,7 +518,9 @@ def _record_to_conversation(
             fix = "add the missing image path or remove the extra placeholder"
         else:
             fix = f"add an {IMAGE_PLACEHOLDER} placeholder where each image goes, or remove the extra image path"
-        read_problems.append(Problem(source=source, what=what, fix=fix, sample_id=sample_id, kind="placeholder_mismatch"))
+        read_problems.append(
+            Problem(source=source, what=what, fix=fix, sample_id=sample_id, kind="placeholder_mismatch")
+        )
     for kind, what, fix in builder.read_problems:
         read_problems.append(Problem(source=source, what=what, fix=fix, sample_id=sample_id, kind=kind))
     return Conversation(id=sample_id, source=source, messages=messages, read_problems=read_problems)
@@ -541,7 +568,8 @@ def _parse_json(text: str) -> Any:
     except RecursionError:
         raise ValueError("the JSON is nested too deeply") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{e.msg} at column {e.colno}" if e.lineno == 1 else f"{e.msg} at line {e.lineno}, column {e.colno}") from None
+        where = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno}, column {e.colno}"
+        raise ValueError(f"{e.msg} at {where}") from None
     except ValueError as e:  # e.g. integers with too many digits
         raise ValueError(str(e)) from None
 
@@ -554,11 +582,8 @@ def _read_jsonl(inp: _Input, out: _Loaded, lines: Iterable[bytes] | None = None)
         with open(inp.path, "rb") as f:
             _read_lines(inp, out, f)
     except OSError as e:
-        out.items.append(
-            _file_problem(
-                inp.path, "data_not_found", f"cannot read the file: {e.strerror or e}", "check the path and its permissions"
-            )
-        )
+        what = f"cannot read the file: {e.strerror or e}"
+        out.items.append(_file_problem(inp.path, "data_not_found", what, _FIX_FILE))
 
 
 def _read_lines(inp: _Input, out: _Loaded, lines: Iterable[bytes]) -> None:
@@ -601,9 +626,8 @@ def _read_json(inp: _Input, out: _Loaded) -> None:
         with open(inp.path, "rb") as f:
             data = f.read()
     except OSError as e:
-        out.items.append(
-            _file_problem(inp.path, "data_not_found", f"cannot read the file: {e.strerror or e}", "check the path and its permissions")
-        )
+        what = f"cannot read the file: {e.strerror or e}"
+        out.items.append(_file_problem(inp.path, "data_not_found", what, _FIX_FILE))
         return
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -636,7 +660,8 @@ def _read_json(inp: _Input, out: _Loaded) -> None:
                 inp.path,
                 "invalid_json",
                 f"file is not valid JSON: {e}",
-                "fix the JSON syntax (a .json file holds one JSON array of records; use .jsonl for one record per line)",
+                "fix the JSON syntax (a .json file holds one JSON array of records; "
+                "use .jsonl for one record per line)",
             )
         )
         return
@@ -706,9 +731,8 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, out: _Loaded)
         try:
             names = sorted(n for n in os.listdir(path) if n.endswith(_DATA_EXTS) and n != "dataset_info.json")
         except OSError as e:
-            out.items.append(
-                _file_problem(path, "data_not_found", f"cannot list the folder: {e.strerror or e}", "check the path and its permissions")
-            )
+            what = f"cannot list the folder: {e.strerror or e}"
+            out.items.append(_file_problem(path, "data_not_found", what, _FIX_FILE))
             return
         names = [n for n in names if os.path.isfile(os.path.join(path, n))]
         if not names:
@@ -758,7 +782,8 @@ def _format_from_entry(entry: dict, name: str, info_path: str) -> RecordFormat |
         return bad(f"`columns` and `tags` of dataset {name!r} must be objects", "fix dataset_info.json")
     for key, value in [*columns.items(), *tags.items()]:
         if not isinstance(value, str):
-            return bad(f"`{key}` of dataset {name!r} is {_type_name(value)}, expected a string", "fix dataset_info.json")
+            what = f"`{key}` of dataset {name!r} is {_type_name(value)}, expected a string"
+            return bad(what, "fix dataset_info.json")
     base = SHAREGPT_DEFAULTS if formatting == "sharegpt" else AUTO_FORMAT
     return RecordFormat(
         messages=columns.get("messages", base.messages),
@@ -790,14 +815,12 @@ def _read_names(names: list[str], dataset_dir: str, media_dir: str | None, out: 
         )
         return
     except (ValueError, RecursionError) as e:
-        out.items.append(
-            _file_problem(info_path, "bad_dataset_info", f"dataset_info.json is not valid JSON: {_short(str(e), 200)}", "fix dataset_info.json")
-        )
+        what = f"dataset_info.json is not valid JSON: {_short(str(e), 200)}"
+        out.items.append(_file_problem(info_path, "bad_dataset_info", what, "fix dataset_info.json"))
         return
     if not isinstance(info, dict):
-        out.items.append(
-            _file_problem(info_path, "bad_dataset_info", "dataset_info.json does not hold an object", "fix dataset_info.json")
-        )
+        what = "dataset_info.json does not hold an object"
+        out.items.append(_file_problem(info_path, "bad_dataset_info", what, "fix dataset_info.json"))
         return
     root = media_dir or dataset_dir
     for name in names:
@@ -819,7 +842,8 @@ def _read_names(names: list[str], dataset_dir: str, media_dir: str | None, out: 
                 _file_problem(
                     f"{info_path}#{name}",
                     "bad_dataset_info",
-                    f"dataset {name!r} has no `file_name`; only local files are supported (not hub or script datasets)",
+                    f"dataset {name!r} has no `file_name`; "
+                    "only local files are supported (not hub or script datasets)",
                     "download the dataset and point `file_name` at the local file",
                 )
             )
@@ -920,7 +944,8 @@ def _read_samples(
                 _file_problem(
                     data,
                     "data_not_found",
-                    f"{data!r} is not a file or folder" + ("" if dataset_dir else " (and no dataset_dir was given to look up dataset names)"),
+                    f"{data!r} is not a file or folder"
+                    + ("" if dataset_dir else " (and no dataset_dir was given to look up dataset names)"),
                     "point `data` at a .json/.jsonl file, a folder of them or a `save_to_disk` folder, "
                     "or give dataset names with dataset_dir",
                 )

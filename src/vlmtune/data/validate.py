@@ -62,6 +62,8 @@ class _Bad:
 
 _FIX_REPLACE = "replace it with a valid image file (JPEG, PNG, WebP, ...) or remove the sample"
 _FIX_REEXPORT = "re-export or re-download the image, or remove the sample"
+_FIX_PATH = "check the path, or set media_dir to the folder the image paths are relative to"
+_FIX_BOMB = "downscale the image, or raise max_image_pixels if you trust the file"
 
 
 def _header_ignoring_bomb_limit(path: str) -> tuple[int, int] | None:
@@ -90,104 +92,123 @@ def _header_ignoring_bomb_limit(path: str) -> tuple[int, int] | None:
 
 
 def _too_many(claimed: str, limit: int) -> _Bad:
-    return _Bad(
-        "too_many_pixels",
-        f"{claimed}, above the limit of {limit:,} (a possible decompression bomb); it was not decoded",
-        "downscale the image, or raise max_image_pixels if you trust the file",
-    )
+    what = f"{claimed}, above the limit of {limit:,} (a possible decompression bomb); it was not decoded"
+    return _Bad("too_many_pixels", what, _FIX_BOMB)
 
 
-def _check_image(
-    path: str, *, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int, max_image_pixels: int, verify: bool
-) -> ImageHeader | _Bad | tuple[ImageHeader, _Bad]:
-    try:
-        header = read_header(path)
-    except FileNotFoundError:
-        return _Bad("missing_file", f"not found at {path}", "check the path, or set media_dir to the folder the image paths are relative to")
-    except IsADirectoryError:
-        return _Bad("not_an_image", f"is a folder ({path}), not an image file", "point the path at an image file")
-    except PermissionError:
-        return _Bad("unreadable_file", f"cannot be read: permission denied ({path})", "make the file readable")
-    except Image.DecompressionBombError as e:
+@dataclass
+class _ImageRules:
+    patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+    max_image_pixels: int
+    verify: bool
+
+    def check(self, path: str) -> ImageHeader | _Bad | tuple[ImageHeader, _Bad]:
+        """The header, or why the image is refused (with its header when that could be read)."""
+        try:
+            header = read_header(path)
+        except FileNotFoundError:
+            return _Bad("missing_file", f"not found at {path}", _FIX_PATH)
+        except IsADirectoryError:
+            return _Bad("not_an_image", f"is a folder ({path}), not an image file", "point the path at an image file")
+        except PermissionError:
+            return _Bad("unreadable_file", f"cannot be read: permission denied ({path})", "make the file readable")
+        except Image.DecompressionBombError as e:
+            return self._bomb(path, e)
+        except UnidentifiedImageError:
+            try:
+                empty = os.path.getsize(path) == 0
+            except OSError:
+                empty = False
+            if empty:
+                return _Bad("not_an_image", f"is an empty file (0 bytes): {path}", _FIX_REPLACE)
+            return _Bad("not_an_image", f"is not an image file Pillow can identify: {path}", _FIX_REPLACE)
+        except Exception as e:  # broken headers raise all sorts (SyntaxError, struct.error, OSError...)
+            return _Bad("corrupt_image", f"cannot be read ({type(e).__name__}: {str(e)[:200]}): {path}", _FIX_REEXPORT)
+
+        w, h = header.width, header.height
+        if w * h > self.max_image_pixels:
+            return header, _too_many(f"is {w}x{h} = {w * h:,} pixels", self.max_image_pixels)
+        if w <= 0 or h <= 0:
+            fix = "replace the image: the processor cannot resize an image with no pixels"
+            return header, _Bad("too_small", f"has a zero size ({w}x{h})", fix)
+        try:
+            grid_for(h, w, self.patch_size, self.merge_size, self.min_pixels, self.max_pixels)
+        except ImageSizeError:
+            ratio = max(w, h) / min(w, h)
+            return header, _Bad(
+                "aspect_ratio",
+                f"is {w}x{h}: its aspect ratio {ratio:.1f} is above the processor's limit of {MAX_ASPECT_RATIO}",
+                f"crop or pad the image so that its longer side is at most {MAX_ASPECT_RATIO} times its shorter side",
+            )
+        if self.verify:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except Exception as e:
+                return header, _Bad("corrupt_image", f"is truncated or corrupt ({str(e)[:200]}): {path}", _FIX_REEXPORT)
+        return header
+
+    def _bomb(self, path: str, error: Exception) -> _Bad:
         size = _header_ignoring_bomb_limit(path)
-        pixels = size[0] * size[1] if size is not None else None
-        if pixels is not None and pixels > max_image_pixels:
-            return _too_many(f"is {size[0]}x{size[1]} = {pixels:,} pixels", max_image_pixels)
-        # Within max_image_pixels but above Pillow's own limit: it would not open later either.
         if size is not None:
-            claimed = f"is {size[0]}x{size[1]} = {pixels:,} pixels"
+            claimed = f"is {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels"
+            if size[0] * size[1] > self.max_image_pixels:
+                return _too_many(claimed, self.max_image_pixels)
         else:
-            m = _BOMB_RE.search(str(e))
+            m = _BOMB_RE.search(str(error))
             claimed = f"claims {int(m.group(1)):,} pixels" if m else "claims too many pixels"
+        # Within max_image_pixels but above Pillow's own limit: it would not open later either.
         pil_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
         return _Bad(
             "too_many_pixels",
             f"{claimed}, above Pillow's limit of {pil_limit:,} (a possible decompression bomb); it was not decoded",
             "downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file",
         )
-    except UnidentifiedImageError:
-        try:
-            empty = os.path.getsize(path) == 0
-        except OSError:
-            empty = False
-        if empty:
-            return _Bad("not_an_image", f"is an empty file (0 bytes): {path}", _FIX_REPLACE)
-        return _Bad("not_an_image", f"is not an image file Pillow can identify: {path}", _FIX_REPLACE)
-    except Exception as e:  # broken headers raise all sorts (SyntaxError, struct.error, OSError...)
-        return _Bad("corrupt_image", f"cannot be read ({type(e).__name__}: {str(e)[:200]}): {path}", _FIX_REEXPORT)
-
-    w, h = header.width, header.height
-    if w * h > max_image_pixels:
-        return header, _too_many(f"is {w}x{h} = {w * h:,} pixels", max_image_pixels)
-    if w <= 0 or h <= 0:
-        return header, _Bad("too_small", f"has a zero size ({w}x{h})", "replace the image: the processor cannot resize an image with no pixels")
-    try:
-        grid_for(h, w, patch_size, merge_size, min_pixels, max_pixels)
-    except ImageSizeError:
-        ratio = max(w, h) / min(w, h)
-        return header, _Bad(
-            "aspect_ratio",
-            f"is {w}x{h}: its aspect ratio {ratio:.1f} is above the processor's limit of {MAX_ASPECT_RATIO}",
-            f"crop or pad the image so that its longer side is at most {MAX_ASPECT_RATIO} times its shorter side",
-        )
-    if verify:
-        try:
-            with Image.open(path) as im:
-                im.load()
-        except Exception as e:
-            return header, _Bad("corrupt_image", f"is truncated or corrupt ({str(e)[:200]}): {path}", _FIX_REEXPORT)
-    return header
 
 
 # ----------------------------------------------------------------------------------------------
 # Conversations
 
+_FIX_ROLE = (
+    "use one of the roles system, user, assistant (sharegpt: system, human, gpt); "
+    "tool turns (observation, function_call) are not supported yet"
+)
+
 
 def _conversation_problems(conv: Conversation) -> list[tuple[str, str, str]]:
-    out: list[tuple[str, str, str]] = []
     messages = conv.messages
     if not messages:
-        return [("empty_conversation", "conversation has no messages", "add a user turn and an assistant turn, or remove the sample")]
+        return [
+            (
+                "empty_conversation",
+                "conversation has no messages",
+                "add a user turn and an assistant turn, or remove the sample",
+            )
+        ]
+    out: list[tuple[str, str, str]] = []
     known: list[tuple[int, str]] = []
     for i, m in enumerate(messages, 1):
         if m.role not in ROLES:
-            out.append(
-                (
-                    "unknown_role",
-                    f"message {i} has role {_q(m.role)}, which is not supported",
-                    "use one of the roles system, user, assistant (sharegpt: system, human, gpt); "
-                    "tool turns (observation, function_call) are not supported yet",
-                )
-            )
+            out.append(("unknown_role", f"message {i} has role {_q(m.role)}, which is not supported", _FIX_ROLE))
         else:
             known.append((i, m.role))
         if not m.images and not m.text.strip():
-            out.append(("empty_turn", f"message {i} ({_q(m.role)}) is empty", "write the turn's text, or remove the turn"))
+            what = f"message {i} ({_q(m.role)}) is empty"
+            out.append(("empty_turn", what, "write the turn's text, or remove the turn"))
     order = _order_problem(known)
     if order is not None:
         out.append(order)
     if not any(role == "assistant" for _, role in known):
-        out.append(("no_assistant", "conversation has no assistant turn, so there is nothing to learn", "add the assistant's answer, or remove the sample"))
+        out.append(
+            (
+                "no_assistant",
+                "conversation has no assistant turn, so there is nothing to learn",
+                "add the assistant's answer, or remove the sample",
+            )
+        )
     return out
 
 
@@ -240,11 +261,14 @@ def validate(
 
     A conversation is valid when it has no `read_problems` and no problem here. Problems come per
     sample in this order: its read problems, conversation structure, then its images in order.
-    Only the first turn-order problem of a sample is reported (later ones are usually its echo).
-    `check_images=False` skips the files (structure only); `verify_images=True` decodes each image
-    fully to catch truncated files. Images whose header claims more than `max_image_pixels`
-    (default: Pillow's own hard limit, 178,956,970) are rejected without being decoded.
+    Only the first turn-order problem of a sample is reported (later ones are usually its echo);
+    turns with unknown roles are left out of the order check. An image in an assistant turn is
+    allowed (the Qwen chat template renders it). `check_images=False` skips the files (structure
+    only); `verify_images=True` decodes each image fully to catch truncated files. Images whose
+    header claims more than `max_image_pixels` (default: Pillow's own hard limit, 178,956,970)
+    are rejected without being decoded. Each distinct path is checked once.
     """
+    rules = _ImageRules(patch_size, merge_size, min_pixels, max_pixels, max_image_pixels, verify_images)
     valid: list[Conversation] = []
     problems: list[Problem] = []
     headers: dict[str, ImageHeader] = {}
@@ -257,7 +281,7 @@ def validate(
                 found.append(Problem(source=conv.source, what=what, fix=fix, sample_id=conv.id, kind=kind))
             if check_images:
                 for img in conv.images:
-                    bad = _image_problem(img, conv, checked, headers, patch_size, merge_size, min_pixels, max_pixels, max_image_pixels, verify_images)
+                    bad = _image_problem(img, conv, rules, checked, headers)
                     if bad is not None:
                         found.append(bad)
             if found:
@@ -268,39 +292,16 @@ def validate(
 
 
 def _image_problem(
-    img: ImagePart,
-    conv: Conversation,
-    checked: dict,
-    headers: dict[str, ImageHeader],
-    patch_size: int,
-    merge_size: int,
-    min_pixels: int,
-    max_pixels: int,
-    max_image_pixels: int,
-    verify: bool,
+    img: ImagePart, conv: Conversation, rules: _ImageRules, checked: dict, headers: dict[str, ImageHeader]
 ) -> Problem | None:
     if img.path is None:
         if conv.read_problems:  # refused or unresolvable at read time: already reported
             return None
-        return Problem(
-            source=conv.source,
-            what=f"image {_q(img.ref)} could not be resolved to a file",
-            fix="check the path, or set media_dir to the folder the image paths are relative to",
-            sample_id=conv.id,
-            kind="missing_file",
-        )
+        what = f"image {_q(img.ref)} could not be resolved to a file"
+        return Problem(source=conv.source, what=what, fix=_FIX_PATH, sample_id=conv.id, kind="missing_file")
     outcome = checked.get(img.path)
     if outcome is None:
-        outcome = _check_image(
-            img.path,
-            patch_size=patch_size,
-            merge_size=merge_size,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            max_image_pixels=max_image_pixels,
-            verify=verify,
-        )
-        checked[img.path] = outcome
+        outcome = checked[img.path] = rules.check(img.path)
         if isinstance(outcome, ImageHeader):
             headers[img.path] = outcome
         elif isinstance(outcome, tuple):
@@ -308,4 +309,5 @@ def _image_problem(
     if isinstance(outcome, ImageHeader):
         return None
     bad = outcome[1] if isinstance(outcome, tuple) else outcome
-    return Problem(source=conv.source, what=f"image {_q(img.ref)} {bad.detail}", fix=bad.fix, sample_id=conv.id, kind=bad.kind)
+    what = f"image {_q(img.ref)} {bad.detail}"
+    return Problem(source=conv.source, what=what, fix=bad.fix, sample_id=conv.id, kind=bad.kind)

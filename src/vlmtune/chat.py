@@ -1,0 +1,437 @@
+"""Ask a Qwen-VL checkpoint (optionally with a LoRA adapter) questions about images.
+
+`ChatModel` loads the processor and the model once and answers many questions; `chat` is the
+one-shot form; `ChatSession` keeps a multi-turn conversation; `interactive` is the read-eval
+loop of ``vlmtune chat`` without a question (it reads from any file object, so it is testable).
+
+The prompt is built the way transformers does it for these models: an HF chat-format
+conversation (user content = the image parts, then the text), rendered with the processor's chat
+template and ``add_generation_prompt=True``, then the processor on text + images, then
+``model.generate``. Only the newly generated tokens are decoded (``skip_special_tokens=True``).
+
+trust_remote_code is never turned on here: it is passed through only when the caller sets it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO
+
+from .errors import VlmtuneError
+
+DEFAULT_MAX_NEW_TOKENS = 64
+
+# "owner/name" or "name": what a hub id looks like (a local path that does not exist and does
+# not look like one is reported as missing instead of being sent to the hub).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+INTERACTIVE_HELP = (
+    "Type a question and press Enter. Commands: /image PATH attaches an image to the next question, "
+    "/reset starts a new conversation, /exit quits."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that run before anything heavy is loaded.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_images(paths: Iterable) -> list[Path]:
+    """Fail with one VlmtuneError naming every image path that is missing or not readable.
+
+    Only the file header is read (cheap), so this runs before the model is loaded.
+    PIL images in `paths` are accepted as they are.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    missing: list[str] = []
+    unreadable: list[str] = []
+    out: list[Path] = []
+    for p in paths:
+        if isinstance(p, Image.Image):
+            continue
+        path = Path(p).expanduser()
+        if not path.is_file():
+            missing.append(str(p))
+            continue
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError) as e:
+            unreadable.append(f"{p} ({e})")
+            continue
+        out.append(path)
+    if missing:
+        if len(missing) == 1:
+            raise VlmtuneError(
+                f"image file not found: {missing[0]}; check the path "
+                "(a relative path is resolved from the current directory)"
+            )
+        raise VlmtuneError(
+            f"{len(missing)} image files not found: {', '.join(missing)}; check the paths "
+            "(a relative path is resolved from the current directory)"
+        )
+    if unreadable:
+        raise VlmtuneError(
+            f"cannot read as an image: {', '.join(unreadable)}; pass image files Pillow can open "
+            "(PNG, JPEG, WebP, GIF, BMP, TIFF)"
+        )
+    return out
+
+
+def check_source(name: str, what: str, marker: str, fix: str) -> None:
+    """A local `name` must be a directory holding `marker`; a missing path that is not hub-id
+    shaped is reported here instead of as a hub error."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise VlmtuneError(f"{what} {name} is a file, not a directory; {fix}")
+        if not (path / marker).is_file():
+            raise VlmtuneError(f"{what} {name} has no {marker}; {fix}")
+        return
+    if not _HUB_ID.match(str(name)):
+        raise VlmtuneError(f"{what} not found: {name}; {fix}")
+
+
+def check_adapter(adapter: str) -> None:
+    check_source(
+        adapter,
+        "adapter",
+        "adapter_config.json",
+        "pass the directory a LoRA training run saved its adapter to "
+        "(it holds adapter_config.json and adapter_model.safetensors)",
+    )
+
+
+def check_model(model: str) -> None:
+    check_source(
+        model,
+        "model",
+        "config.json",
+        "pass a hub id or a local checkpoint directory (it holds config.json and the weights)",
+    )
+
+
+def pick_device_dtype(device=None, dtype=None):
+    """(device, dtype): CUDA with bf16 where supported, else fp32; cpu and fp32 without CUDA."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            dtype = torch.bfloat16
+        else:
+            dtype = torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return device, dtype
+
+
+def load_image(image):
+    """A PIL RGB image from a path (EXIF orientation applied) or a PIL image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    path = Path(image).expanduser()
+    if not path.is_file():
+        check_images([image])  # raises the standard message
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise VlmtuneError(
+            f"cannot read as an image: {image} ({e}); pass image files Pillow can open "
+            "(PNG, JPEG, WebP, GIF, BMP, TIFF)"
+        ) from None
+
+
+def _check_generation(max_new_tokens: int, temperature: float) -> None:
+    if int(max_new_tokens) < 1:
+        raise VlmtuneError(f"max_new_tokens={max_new_tokens}; it must be at least 1")
+    if float(temperature) < 0:
+        raise VlmtuneError(f"temperature={temperature}; use 0 for greedy decoding or a positive value to sample")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model.
+# ---------------------------------------------------------------------------------------------
+
+
+class ChatModel:
+    """A processor and a model (optionally with a LoRA adapter), loaded once, asked many times.
+
+    ``ChatModel(model, adapter)`` loads from a hub id / local directory; ``ChatModel.from_objects``
+    wraps a model and processor already in memory (e.g. right after training).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        adapter: str | None = None,
+        *,
+        image_max_pixels: int | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        device=None,
+        dtype=None,
+        trust_remote_code: bool = False,
+    ):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        _check_generation(max_new_tokens, temperature)
+        model = str(model)
+        check_model(model)
+        if adapter is not None:
+            adapter = str(adapter)
+            check_adapter(adapter)
+        device, dtype = pick_device_dtype(device, dtype)
+        # The processor comes from the base model, even when the adapter directory holds one
+        # too (training saves it there): the base checkpoint is the reference.
+        processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+        net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        if adapter is not None:
+            from peft import PeftModel
+
+            net = PeftModel.from_pretrained(net, adapter)
+        net = net.to(device).eval()
+        self._init(net, processor, image_max_pixels, max_new_tokens, temperature)
+        self.model_name, self.adapter = model, adapter
+
+    @classmethod
+    def from_objects(
+        cls,
+        model,
+        processor,
+        *,
+        image_max_pixels: int | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+    ) -> "ChatModel":
+        """Wrap an in-memory model (plain or PeftModel) and processor; nothing is copied."""
+        _check_generation(max_new_tokens, temperature)
+        self = cls.__new__(cls)
+        self._init(model, processor, image_max_pixels, max_new_tokens, temperature)
+        self.model_name = getattr(getattr(model, "config", None), "name_or_path", None)
+        self.adapter = None
+        return self
+
+    def _init(self, model, processor, image_max_pixels, max_new_tokens, temperature) -> None:
+        if image_max_pixels is not None and int(image_max_pixels) < 1:
+            raise VlmtuneError(f"image_max_pixels={image_max_pixels}; it must be a positive number of pixels")
+        self.model = model
+        self.processor = processor
+        self.image_max_pixels = None if image_max_pixels is None else int(image_max_pixels)
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    # -- building inputs ----------------------------------------------------------------------
+
+    @staticmethod
+    def user_message(question: str, images: Sequence = ()) -> dict:
+        """An HF chat-format user turn: the images (loaded now, as PIL RGB), then the text."""
+        check_images(images)
+        content = [{"type": "image", "image": load_image(im)} for im in images]
+        content.append({"type": "text", "text": str(question)})
+        return {"role": "user", "content": content}
+
+    def _image_size(self) -> dict | None:
+        if self.image_max_pixels is None:
+            return None
+        size = getattr(self.processor.image_processor, "size", None) or {}
+        if not isinstance(size, dict):
+            size = {k: getattr(size, k, None) for k in ("shortest_edge", "longest_edge")}
+        lo = size.get("shortest_edge") or getattr(self.processor.image_processor, "min_pixels", None) or 1
+        return {"shortest_edge": min(int(lo), self.image_max_pixels), "longest_edge": self.image_max_pixels}
+
+    def inputs(self, messages: list[dict]):
+        """The processor batch (on the model's device) for a conversation ending in a user turn."""
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        images = [
+            load_image(part["image"])
+            for msg in messages
+            if not isinstance(msg["content"], str)
+            for part in msg["content"]
+            if part.get("type") == "image"
+        ]
+        kwargs = {}
+        size = self._image_size()
+        if size is not None and images:
+            kwargs["size"] = size
+        batch = self.processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
+        batch = batch.to(self.device)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        return batch
+
+    # -- generating ---------------------------------------------------------------------------
+
+    def generation_kwargs(self, max_new_tokens: int | None = None, temperature: float | None = None) -> dict:
+        n = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        t = self.temperature if temperature is None else float(temperature)
+        _check_generation(n, t)
+        kwargs: dict = {"max_new_tokens": n}
+        if t > 0:
+            kwargs.update(do_sample=True, temperature=t)
+        else:
+            # Greedy, whatever the checkpoint's generation_config says about sampling.
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        gc = getattr(self.model, "generation_config", None)
+        if gc is not None and gc.pad_token_id is None:
+            kwargs["pad_token_id"] = self.processor.tokenizer.pad_token_id
+        return kwargs
+
+    def generate(self, messages: list[dict], *, max_new_tokens: int | None = None, temperature: float | None = None) -> str:
+        """The answer to a conversation (HF chat format, ending in a user turn)."""
+        import torch
+
+        kwargs = self.generation_kwargs(max_new_tokens, temperature)
+        batch = self.inputs(messages)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, **kwargs)
+        new = out[:, batch["input_ids"].shape[1] :]
+        return self.processor.batch_decode(new, skip_special_tokens=True)[0]
+
+    def ask(
+        self, question: str, images: Sequence = (), *, max_new_tokens: int | None = None, temperature: float | None = None
+    ) -> str:
+        """The answer to one question about `images` (paths or PIL images), in a fresh conversation."""
+        return self.generate(
+            [self.user_message(question, images)], max_new_tokens=max_new_tokens, temperature=temperature
+        )
+
+
+class ChatSession:
+    """A multi-turn conversation with a ChatModel: each answer is kept for the next question."""
+
+    def __init__(self, chat_model: ChatModel):
+        self.chat_model = chat_model
+        self.messages: list[dict] = []
+
+    def ask(self, question: str, images: Sequence = ()) -> str:
+        user = self.chat_model.user_message(question, images)
+        answer = self.chat_model.generate(self.messages + [user])
+        self.messages += [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        return answer
+
+    def reset(self) -> None:
+        self.messages = []
+
+
+def chat(
+    model: str,
+    question: str,
+    images: Sequence = (),
+    adapter: str | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = 0.0,
+    image_max_pixels: int | None = None,
+    *,
+    trust_remote_code: bool = False,
+) -> str:
+    """Load `model` (+ `adapter`), answer `question` about `images`, return only the new text."""
+    _check_generation(max_new_tokens, temperature)
+    check_images(images)  # before the (slow) model load
+    cm = ChatModel(
+        model,
+        adapter,
+        image_max_pixels=image_max_pixels,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        trust_remote_code=trust_remote_code,
+    )
+    return cm.ask(question, images)
+
+
+def interactive(
+    chat_model: ChatModel,
+    infile: IO[str],
+    outfile: IO[str],
+    *,
+    images: Sequence = (),
+    prompt: str = "> ",
+) -> int:
+    """Read questions and commands from `infile` line by line, write answers to `outfile`.
+
+    ``/image PATH`` attaches an image to the next question (repeatable), ``/reset`` starts a new
+    conversation, ``/exit`` (or end of input) quits. `images` are attached to the first
+    question. Returns the number of questions answered.
+    """
+    session = ChatSession(chat_model)
+    pending: list = list(images)
+    answered = 0
+
+    def say(text: str) -> None:
+        outfile.write(text + "\n")
+        outfile.flush()
+
+    say(INTERACTIVE_HELP)
+    while True:
+        outfile.write(prompt)
+        outfile.flush()
+        line = infile.readline()
+        if not line:  # end of input
+            outfile.write("\n")
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            arg = arg.strip()
+            if cmd in ("/exit", "/quit"):
+                break
+            if cmd == "/reset":
+                session.reset()
+                pending = []
+                say("(new conversation)")
+            elif cmd == "/image":
+                if not arg:
+                    say("usage: /image PATH")
+                    continue
+                try:
+                    check_images([arg])
+                except VlmtuneError as e:
+                    say(f"error: {e}")
+                    continue
+                pending.append(arg)
+                say(f"(attached {arg}; {len(pending)} image(s) for the next question)")
+            else:
+                say(f"unknown command {cmd}. {INTERACTIVE_HELP}")
+            continue
+        try:
+            answer = session.ask(line, pending)
+        except VlmtuneError as e:
+            say(f"error: {e}")
+            pending = []
+            continue
+        pending = []
+        answered += 1
+        say(answer)
+    return answered
+
+
+__all__ = [
+    "ChatModel",
+    "ChatSession",
+    "chat",
+    "check_images",
+    "check_adapter",
+    "check_model",
+    "interactive",
+    "load_image",
+    "pick_device_dtype",
+]

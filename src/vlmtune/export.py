@@ -1,0 +1,191 @@
+"""Merge a LoRA adapter into its base model and save a standalone checkpoint.
+
+The result loads with ``AutoProcessor.from_pretrained(out)`` and
+``AutoModelForImageTextToText.from_pretrained(out)``, with no peft and no adapter: the weights
+(safetensors only), config.json, generation_config.json and the base model's processor.
+
+The merge runs in float32 on the CPU (exact, and no GPU needed); the merged model is cast to
+`dtype` only for saving. It is written into a temporary directory next to `out` and moved into
+place only once it is complete and checked, so a failed export never leaves half a checkpoint.
+
+Tied embeddings (the Qwen-VL 2B/4B checkpoints tie lm_head to embed_tokens): merging a LoRA on
+lm_head (or embed_tokens) into a tied weight would change both layers, so the embeddings are
+untied before the merge and tied again afterwards only if they are still equal. An adapter that
+changed one of them yields a checkpoint with ``tie_word_embeddings=False`` and both matrices.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .chat import check_adapter, check_model
+from .errors import VlmtuneError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Files processor.save_pretrained writes; at least one must be present in an export.
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _check_out(out: Path, force: bool, sources: list[str]) -> None:
+    if out.exists() and not out.is_dir():
+        raise VlmtuneError(f"--out {out} is a file; pass a directory to write the checkpoint to")
+    resolved = out.resolve()
+    protected = [Path.cwd().resolve()]
+    protected += [Path(s).expanduser().resolve() for s in sources if Path(s).expanduser().exists()]
+    for p in protected:
+        if resolved == p or resolved in p.parents:
+            raise VlmtuneError(
+                f"--out {out} is or contains {p}, which would be deleted on overwrite; "
+                "pass a new directory for the merged checkpoint"
+            )
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise VlmtuneError(
+            f"--out {out} is not empty; pass a new directory, or --force to replace its contents"
+        )
+
+
+def _set_tied(config, tied: bool) -> None:
+    """Set tie_word_embeddings on the config and its text sub-config (both are read on load)."""
+    config.tie_word_embeddings = tied
+    text = getattr(config, "text_config", None)
+    if text is not None and hasattr(text, "tie_word_embeddings"):
+        text.tie_word_embeddings = tied
+
+
+def _embeddings(model):
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb_in = get_in() if get_in else None
+    emb_out = get_out() if get_out else None
+    if emb_in is None or emb_out is None:
+        return None, None
+    return emb_in, emb_out
+
+
+def untie_embeddings(model) -> bool:
+    """Give lm_head its own copy of a tied embedding matrix; True if they were tied."""
+    import torch
+
+    emb_in, emb_out = _embeddings(model)
+    if emb_in is None or emb_out.weight.data_ptr() != emb_in.weight.data_ptr():
+        return False
+    emb_out.weight = torch.nn.Parameter(emb_in.weight.detach().clone(), requires_grad=emb_in.weight.requires_grad)
+    _set_tied(model.config, False)
+    return True
+
+
+def retie_if_equal(model) -> bool:
+    """Tie lm_head to the input embeddings again if their values are still identical."""
+    import torch
+
+    emb_in, emb_out = _embeddings(model)
+    if emb_in is None:
+        return False
+    if emb_out.weight.shape == emb_in.weight.shape and torch.equal(emb_out.weight, emb_in.weight):
+        emb_out.weight = emb_in.weight
+        _set_tied(model.config, True)
+        return True
+    _set_tied(model.config, False)
+    return False
+
+
+def check_export(out) -> list[Path]:
+    """The files of an exported checkpoint; VlmtuneError if it is not a clean safetensors export."""
+    from safetensors import safe_open
+
+    out = Path(out)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    names = [p.name for p in files]
+    tensors = [p for p in files if p.suffix == ".safetensors"]
+    bins = [p.name for p in files if p.suffix == ".bin"]
+    problems = []
+    if not tensors:
+        problems.append("no *.safetensors weights")
+    if bins:
+        problems.append(f"pickle weights ({', '.join(bins)})")
+    if "config.json" not in names:
+        problems.append("no config.json")
+    if not any(n in names for n in _PROCESSOR_FILES):
+        problems.append("no processor config")
+    for p in tensors:
+        with safe_open(str(p), "pt") as f:
+            leftovers = [k for k in f.keys() if "lora_" in k or ".base_layer." in k or "modules_to_save" in k]
+        if leftovers:
+            problems.append(f"adapter tensors left in {p.name} (e.g. {leftovers[0]})")
+    if problems:
+        raise VlmtuneError(f"the export in {out} is incomplete: {'; '.join(problems)}; this is a bug, please report it")
+    return files
+
+
+def export(
+    model: str,
+    adapter: str,
+    out,
+    dtype: str = "float32",
+    force: bool = False,
+    *,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Merge `adapter` into `model` and save a standalone `dtype` checkpoint in `out`."""
+    if dtype not in DTYPES:
+        raise VlmtuneError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    model, adapter, out = str(model), str(adapter), Path(out).expanduser()
+    check_model(model)
+    check_adapter(adapter)
+    _check_out(out, force, [model, adapter])
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    # The base model's processor (the adapter directory may hold a copy saved by training).
+    processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+    base = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    was_tied = untie_embeddings(base)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    if was_tied:
+        retie_if_equal(merged)
+    merged = merged.to(getattr(torch, dtype)).eval()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        check_export(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def describe_export(out) -> str:
+    """What an export wrote: one line per file with its size, then the dtype and tying."""
+    import json
+
+    out = Path(out)
+    lines = [f"wrote a merged checkpoint to {out}:"]
+    for p in check_export(out):
+        lines.append(f"  {p.relative_to(out)}  ({_size(p.stat().st_size)})")
+    cfg = json.loads((out / "config.json").read_text())
+    tied = cfg.get("tie_word_embeddings")
+    lines.append(
+        f"dtype {cfg.get('dtype')}, tie_word_embeddings={tied}; load it with "
+        "AutoModelForImageTextToText.from_pretrained and AutoProcessor.from_pretrained"
+    )
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

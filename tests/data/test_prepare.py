@@ -1,0 +1,125 @@
+"""`prepare`: every input record is accounted for, rows are safe, the cache works."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmtune.cli import main
+from vlmtune.config import load_config
+from vlmtune.data.collate import check_row
+from vlmtune.data.prepare import prepare
+from vlmtune.errors import DataError
+from vlmtune.models.load import load_spec
+
+
+@pytest.fixture
+def dataset(tmp_path, make_image):
+    for k, (w, h) in enumerate([(300, 200), (448, 448), (64, 64), (500, 120)]):
+        make_image(tmp_path / f"im{k}.png", w, h, color=(60 * k, 100, 200))
+    long = "please describe everything you see in great detail " * 6
+    records = [
+        {"messages": [{"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "red"}],
+         "images": ["im0.png"]},
+        {"messages": [{"role": "user", "content": "<image><image>" + long},
+                      {"role": "assistant", "content": "two pictures"}], "images": ["im1.png", "im1.png"]},
+        {"messages": [{"role": "user", "content": "<image>first?"}, {"role": "assistant", "content": "one"},
+                      {"role": "user", "content": "<image>second?"}, {"role": "assistant", "content": "two"},
+                      {"role": "user", "content": "<image>third?"}, {"role": "assistant", "content": "three"}],
+         "images": ["im1.png", "im3.png", "im1.png"]},
+        {"messages": [{"role": "user", "content": "<image>missing?"}, {"role": "assistant", "content": "yes"}],
+         "images": ["nope.png"]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    ]
+    lines = [json.dumps(r) for r in records]
+    lines.insert(3, "{not json")
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return tmp_path, path
+
+
+def config(tmp_path, data, ckpt, *more):
+    return load_config(None, [f"model_name_or_path={ckpt}", f"dataset={data}", f"output_dir={tmp_path / 'out'}",
+                              "cutoff_len=180", "on_bad_sample=skip", *more])
+
+
+def test_every_record_has_one_report_line(tiny_ckpt, dataset):
+    tmp_path, data = dataset
+    ckpt = tiny_ckpt("qwen2_vl")
+    cfg = config(tmp_path, data, ckpt)
+    prep = prepare(cfg, progress=False)
+    report = [json.loads(line) for line in open(prep.report_path)]
+    assert len(report) == 6 == prep.records
+    by_line = {r["source"].rsplit(":", 1)[1]: r for r in report}
+    assert sorted(by_line) == ["1", "2", "3", "4", "5", "6"]
+    assert [by_line[k]["fate"] for k in "1456"] == ["kept", "invalid", "invalid", "kept"]
+    assert by_line["2"]["fate"] in ("shrunk", "truncated")
+    assert by_line["3"]["fate"] in ("shrunk", "split")
+    assert by_line["4"]["tokens_before"] is None and by_line["4"]["tokens_after"] is None
+    assert prep.fates == {f: sum(r["fate"] == f for r in report) for f in prep.fates}
+    loaded = load_spec(str(ckpt))
+    ds = prep.dataset()
+    assert len(ds) == prep.rows
+    for row in ds:
+        assert check_row(row, loaded.spec, 180) == []
+        assert row["length"] == len(row["input_ids"])
+        assert len(row["images"]) == len(row["image_grid_thw"]) == len(row["image_max_pixels"])
+
+
+def test_default_on_bad_sample_stops_with_all_problems(tiny_ckpt, dataset):
+    tmp_path, data = dataset
+    cfg = config(tmp_path, data, tiny_ckpt("qwen2_vl"), "on_bad_sample=error")
+    with pytest.raises(DataError) as err:
+        prepare(cfg, progress=False)
+    assert len(err.value.problems) == 2
+    assert "fit report is in" in str(err.value)
+    assert (tmp_path / "out" / "fit_report.jsonl").exists()
+    assert not (tmp_path / "out" / "prepared").exists()
+
+
+def test_second_run_is_cached_and_config_changes_invalidate(tiny_ckpt, dataset):
+    tmp_path, data = dataset
+    ckpt = tiny_ckpt("qwen2_vl")
+    first = prepare(config(tmp_path, data, ckpt), progress=False)
+    again = prepare(config(tmp_path, data, ckpt), progress=False)
+    assert (first.cached, again.cached) == (False, True)
+    assert (again.rows, again.fates) == (first.rows, first.fates)
+    changed = prepare(config(tmp_path, data, ckpt, "cutoff_len=4096"), progress=False)
+    assert changed.cached is False and changed.fates.get("kept") == 4
+    data.write_text(data.read_text() + json.dumps({"messages": [{"role": "user", "content": "x"},
+                                                                {"role": "assistant", "content": "y"}]}) + "\n")
+    assert prepare(config(tmp_path, data, ckpt, "cutoff_len=4096"), progress=False).records == 7
+
+
+def test_two_workers_give_the_same_rows(tiny_ckpt, dataset, monkeypatch):
+    import vlmtune.data.prepare as P
+
+    monkeypatch.setattr(P, "CHUNK", 2)  # several chunks so that both workers get some
+    tmp_path, data = dataset
+    ckpt = tiny_ckpt("qwen2_vl")
+    one = prepare(config(tmp_path, data, ckpt), progress=False).dataset()
+    two = prepare(config(tmp_path, data, ckpt, "preprocessing_num_workers=2", "overwrite_cache=true"),
+                  progress=False).dataset()
+    assert one.to_list() == two.to_list()
+
+
+def test_prepare_cli_prints_summary(tiny_ckpt, dataset, capsys):
+    tmp_path, data = dataset
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_ckpt('qwen2_vl')}\ndataset: {data}\noutput_dir: {tmp_path / 'out'}\n"
+                   "cutoff_len: 180\non_bad_sample: skip\n")
+    assert main(["prepare", str(cfg), "cutoff_len=4096"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    report = [json.loads(line) for line in open(tmp_path / "out" / "fit_report.jsonl")]
+    before = sum(r["tokens_before"] or 0 for r in report)
+    assert out[:8] == [
+        "fate       samples    rows  tokens before  tokens after",
+        f"kept             4       4  {before:>13}  {before:>12}",
+        "shrunk           0       0              0             0",
+        "truncated        0       0              0             0",
+        "split            0       0              0             0",
+        "dropped          0       0              0             0",
+        "invalid          2       0              0             0",
+        f"total            6       4  {before:>13}  {before:>12}",
+    ]
