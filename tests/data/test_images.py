@@ -516,10 +516,10 @@ def _processor_lengths(proc, root: Path, records, image_token_id) -> dict[str, t
             msgs.append({"role": "system", "content": [{"type": "text", "text": rec["system"]}]})
         msgs += [{"role": m["role"], "content": _hf_content(m["content"])} for m in rec["messages"]]
         text = proc.apply_chat_template(msgs, tokenize=False)
-        images = [load_image(str(root / p)) for p in rec["images"]] or None
+        images = [load_image(str(root / p)) for p in rec.get("images", [])] or None
         enc = proc(text=[text], images=images, return_tensors="pt")
         ids = enc["input_ids"][0]
-        out[rec["id"]] = (len(ids), int((ids == image_token_id).sum()), len(rec["images"]))
+        out[rec["id"]] = (len(ids), int((ids == image_token_id).sum()), len(rec.get("images", [])))
     return out
 
 

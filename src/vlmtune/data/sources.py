@@ -22,10 +22,11 @@ Record formats (detected per record unless a `dataset_info.json` entry fixes the
 
 Roles: user/human, assistant/gpt and system (or the dataset_info tags) become user, assistant and
 system; any other role (observation, function_call, tool...) is kept as written and `validate`
-reports it.
+reports it. A top-level `system` string becomes the first message unless the turns already start
+with a system turn (as in LLaMA-Factory); message numbers in problems count it.
 
-Ids and sources: a sample's `id` is the record's own `id` (a string or an integer) when it is unique
-across everything read, else `<file stem>:<line>` (JSONL, 1-based), `<file stem>:<index>` (JSON,
+Ids and sources: a sample's `id` is the record's own `id` (a string or an integer, at most 200
+characters) when it is unique across everything read, else `<file stem>:<line>` (JSONL, 1-based), `<file stem>:<index>` (JSON,
 0-based) or `<folder name>:<row>` (datasets folder, 0-based); an id that would still clash gets a
 `~2`, `~3`... suffix. `source` is `path:LINE` for JSONL, `path#INDEX` for JSON arrays and
 `path#ROW` for datasets folders.

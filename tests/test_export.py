@@ -1,0 +1,160 @@
+"""export: merged checkpoints load without peft and compute exactly what base + adapter computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmtune.cli import main
+from vlmtune.errors import VlmtuneError
+from vlmtune.export import export
+
+QV = dict(target_modules=["q_proj", "v_proj"])
+
+
+def make_adapter(ckpt, out, seed=0, **lora):
+    """A non-trivial LoRA adapter (init_lora_weights=False: A and B random) saved to `out`."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_pretrained(ckpt)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **(lora or QV)))
+    peft_model.save_pretrained(out)
+    return out
+
+
+def image_batch(processor, image_path):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown in the image?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    image = Image.open(image_path).convert("RGB")
+    return processor(text=[text], images=[image], return_tensors="pt")
+
+
+@torch.inference_mode()
+def logits(model, batch):
+    return model.eval()(**batch).logits
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
+def test_export_matches_base_plus_adapter(arch, tiny_ckpt, tmp_path, make_image):
+    ckpt = tiny_ckpt(arch)
+    adapter = make_adapter(ckpt, tmp_path / "adapter")
+    img = make_image(tmp_path / "red.png", 100, 80, (255, 0, 0))
+    processor = AutoProcessor.from_pretrained(ckpt)
+    batch = image_batch(processor, img)
+
+    base = AutoModelForImageTextToText.from_pretrained(ckpt)
+    base_logits = logits(base, batch)
+    expected = logits(PeftModel.from_pretrained(base, adapter), batch)
+    assert (expected - base_logits).abs().max() > 1e-2  # the adapter really changes the model
+
+    out = export(ckpt, adapter, tmp_path / "merged")
+    assert out == tmp_path / "merged"
+
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in names
+    assert {"config.json", "generation_config.json", "processor_config.json", "tokenizer.json"} <= set(names)
+    assert {"tokenizer_config.json", "chat_template.jinja"} <= set(names)
+    assert not [n for n in names if n.endswith(".bin")]
+    assert not [n for n in names if n.startswith(".")]  # no temporary directory left behind
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if "lora" in k or "base_layer" in k]
+
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(merged) is type(base)
+    assert merged.config.tie_word_embeddings is True  # q/v adapters leave the tied embeddings tied
+    merged_processor = AutoProcessor.from_pretrained(out)
+    merged_batch = image_batch(merged_processor, img)
+    assert merged_batch.keys() == batch.keys()
+    for k in batch:
+        assert torch.equal(merged_batch[k], batch[k]), k
+    got = logits(merged, merged_batch)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+def test_export_lm_head_lora_on_tied_embeddings(tiny_ckpt, tmp_path):
+    # peft's merge_and_unload would add the lm_head delta into the weight lm_head shares with
+    # embed_tokens (changing the input embeddings too); export unties them first.
+    ckpt = tiny_ckpt("qwen2_vl")
+    adapter = make_adapter(ckpt, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    base = AutoModelForImageTextToText.from_pretrained(ckpt)
+    expected = logits(PeftModel.from_pretrained(base, adapter), {"input_ids": ids})
+
+    out = export(ckpt, adapter, tmp_path / "merged")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["text_config"]["tie_word_embeddings"] is False
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    assert merged.lm_head.weight.data_ptr() != merged.get_input_embeddings().weight.data_ptr()
+    got = logits(merged, {"input_ids": ids})
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+def test_export_refuses_to_overwrite(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("qwen2_vl")
+    adapter = make_adapter(ckpt, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(VlmtuneError) as e:
+        export(ckpt, adapter, out)
+    assert str(e.value) == f"--out {out} is not empty; pass a new directory, or --force to replace its contents"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+    # An empty directory is fine; --force replaces a non-empty one.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (export(ckpt, adapter, empty) / "model.safetensors").is_file()
+    export(ckpt, adapter, out, force=True)
+    assert not (out / "notes.txt").exists()
+    assert (out / "model.safetensors").is_file()
+
+    # Never over the model or adapter directories, even with force.
+    with pytest.raises(VlmtuneError) as e:
+        export(ckpt, adapter, adapter, force=True)
+    assert str(e.value).startswith(f"--out {adapter} is or contains {adapter.resolve()}, which would be deleted")
+    assert (adapter / "adapter_config.json").is_file()
+
+
+def test_export_bad_inputs(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("qwen2_vl")
+    with pytest.raises(VlmtuneError, match=r"^dtype='float64' is not supported; use one of float32, bfloat16, float16$"):
+        export(ckpt, tmp_path, tmp_path / "out", dtype="float64")
+    with pytest.raises(VlmtuneError) as e:
+        export(ckpt, tmp_path, tmp_path / "out")
+    assert str(e.value) == (
+        f"adapter {tmp_path} has no adapter_config.json; pass the directory a LoRA training run saved its "
+        "adapter to (it holds adapter_config.json and adapter_model.safetensors)"
+    )
+    missing = tmp_path / "no" / "such" / "adapter"
+    with pytest.raises(VlmtuneError, match="^adapter not found: "):
+        export(ckpt, missing, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_cli_bfloat16(tiny_ckpt, tmp_path, capsys):
+    ckpt = tiny_ckpt("qwen2_vl")
+    adapter = make_adapter(ckpt, tmp_path / "adapter")
+    out = tmp_path / "merged-bf16"
+    argv = ["export", "--model", str(ckpt), "--adapter", str(adapter), "--out", str(out), "--dtype", "bfloat16"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote a merged checkpoint to {out}:\n")
+    assert "  model.safetensors  (" in printed and "  processor_config.json  (" in printed
+    assert "dtype bfloat16, tie_word_embeddings=True" in printed
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert AutoModelForImageTextToText.from_pretrained(out).dtype == torch.bfloat16
+
+    # A second run refuses; the CLI reports it as an error (exit 2), not a traceback.
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {out} is not empty; pass a new directory, or --force to replace its contents\n"
+    )
