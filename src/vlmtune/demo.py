@@ -344,3 +344,77 @@ def demo_config(model_dir: str, data_dir: str, output_dir: str, *, factor: int, 
     }
     base.update(overrides or {})
     return load_config(None, base=base)
+
+
+def load_trained(model_dir: str, output_dir: str, finetuning_type: str):
+    """The fine-tuned model as a user gets it from output_dir: the base plus the adapter, or the full model."""
+    from transformers import AutoModelForImageTextToText
+
+    if finetuning_type == "lora":
+        from peft import PeftModel
+
+        base = AutoModelForImageTextToText.from_pretrained(model_dir)
+        return PeftModel.from_pretrained(base, output_dir)
+    return AutoModelForImageTextToText.from_pretrained(output_dir)
+
+
+def run_demo(out: str | os.PathLike = "vlmtune-demo", *, steps: int | None = None, quick: bool = False,
+             arch: str = "qwen2_vl", seed: int = 0, progress: bool = True, overrides: dict | None = None) -> dict:
+    """Build, evaluate, fine-tune, evaluate again; returns (and writes) the summary."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .models.tiny import build_tiny_checkpoint
+    from .train.recipe import run
+
+    start = time.perf_counter()
+    size = QUICK if quick else FULL
+    steps = size.steps if steps is None else int(steps)
+    out = Path(out)
+    model_dir, data_dir, train_dir = out / "model", out / "data", out / "train"
+    build_tiny_checkpoint(model_dir, arch=arch, seed=seed)
+    data = write_dataset(data_dir, size, seed)
+    questions = data["eval_questions"]
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    factor = processor.image_processor.patch_size * processor.image_processor.merge_size
+    cfg = demo_config(model_dir, data_dir, train_dir, factor=factor, size=size, steps=steps, seed=seed,
+                      overrides=overrides)
+    budget = {"min_pixels": processor.image_processor.size["shortest_edge"], "max_pixels": cfg.image_max_pixels}
+    torch.manual_seed(seed)
+    before = evaluate(AutoModelForImageTextToText.from_pretrained(model_dir), processor, questions, str(data_dir),
+                      **budget)
+    t_train = time.perf_counter()
+    result = run(cfg, progress=progress)
+    train_seconds = time.perf_counter() - t_train
+    after = evaluate(load_trained(str(model_dir), cfg.output_dir, cfg.finetuning_type), processor, questions,
+                     str(data_dir), **budget)
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    summary = {
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "chance": chance(questions),
+        "accuracy_by_kind_before": before["by_kind"],
+        "accuracy_by_kind_after": after["by_kind"],
+        "eval_questions": before["questions"],
+        "fit_report": dict(sorted(result.prepared.fates.items())),
+        "fit_report_path": str(result.prepared.report_path),
+        "records": result.prepared.records,
+        "rows": result.prepared.rows,
+        "loss_plot": str(result.loss_plot) if result.loss_plot else "",
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "steps": int(result.global_step),
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "arch": arch,
+        "quick": bool(quick),
+        "seed": seed,
+        "model_dir": str(model_dir),
+        "data": str(data_dir / f"{DATASET_NAME}.json"),
+        "output_dir": str(cfg.output_dir),
+        "config": {k: cfg.to_dict()[k] for k in ("finetuning_type", "lora_rank", "learning_rate", "max_steps",
+                                                   "per_device_train_batch_size", "cutoff_len", "image_max_pixels")},
+    }
+    _write_json(out / "demo_summary.json", summary)
+    return summary

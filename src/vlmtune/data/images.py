@@ -52,12 +52,26 @@ def read_header(path: str) -> ImageHeader:
     Raises OSError / PIL.UnidentifiedImageError for files Pillow cannot identify.
     """
     with Image.open(path) as im:
-        width, height = im.size
+        width, height = _stored_size(im)
         fmt = im.format
         orientation = _exif_orientation(im)
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return ImageHeader(width=width, height=height, format=fmt)
+
+
+def _stored_size(im: Image.Image) -> tuple[int, int]:
+    """The size as stored in the file, before any EXIF rotation.
+
+    Recent Pillow (13.0 here) reports a TIFF's size already rotated by its Orientation tag (and
+    rotates the pixels on load), so for TIFF the stored size comes from the IFD, not `im.size`.
+    """
+    if im.format == "TIFF":
+        tags = getattr(im, "tag_v2", None)
+        width, height = (tags.get(256), tags.get(257)) if tags is not None else (None, None)
+        if isinstance(width, int) and isinstance(height, int):
+            return width, height
+    return im.size
 
 
 def _exif_orientation(im: Image.Image) -> int | None:
