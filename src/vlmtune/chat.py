@@ -114,6 +114,20 @@ def check_model(model: str) -> None:
     )
 
 
+def load_processor(model: str, *, trust_remote_code: bool = False):
+    """AutoProcessor.from_pretrained(model); a hub/cache failure becomes a VlmtuneError that says what to do."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        raise VlmtuneError(
+            f"cannot load the processor of {model}: {first}; pass a local checkpoint directory, or a hub id "
+            "that is cached or reachable (check HF_HUB_OFFLINE and the network)"
+        ) from e
+
+
 def pick_device_dtype(device=None, dtype=None):
     """(device, dtype): CUDA with bf16 where supported, else fp32; cpu and fp32 without CUDA."""
     import torch
@@ -182,7 +196,7 @@ class ChatModel:
         dtype=None,
         trust_remote_code: bool = False,
     ):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         _check_generation(max_new_tokens, temperature)
         model = str(model)
@@ -193,7 +207,7 @@ class ChatModel:
         device, dtype = pick_device_dtype(device, dtype)
         # The processor comes from the base model, even when the adapter directory holds one
         # too (training saves it there): the base checkpoint is the reference.
-        processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+        processor = load_processor(model, trust_remote_code=trust_remote_code)
         net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
         if adapter is not None:
             from peft import PeftModel
@@ -433,5 +447,6 @@ __all__ = [
     "check_model",
     "interactive",
     "load_image",
+    "load_processor",
     "pick_device_dtype",
 ]

@@ -174,11 +174,11 @@ def long_records(rng: random.Random, pics: list[Picture], big: list[Picture]) ->
     out = []
     n = max(2, len(pics) // 40)
     for _ in range(n):
-        # Six large pictures in one turn: too many image tokens -> shrink_images lowers the budget.
-        six = rng.sample(big, min(6, len(big)))
-        k = rng.randrange(len(six))
-        q = "<image>" * len(six) + f"What colour is the {ORDINALS[k]} shape?"
-        out.append({"messages": [_user(q), _assistant(six[k].colour)], "images": [p.path for p in six]})
+        # Eight large pictures in one turn: too many image tokens -> shrink_images lowers the budget.
+        eight = rng.sample(big, 8)
+        k = rng.randrange(len(eight))
+        q = "<image>" * len(eight) + f"What colour is the {ORDINALS[k]} shape?"
+        out.append({"messages": [_user(q), _assistant(eight[k].colour)], "images": [p.path for p in eight]})
     for _ in range(n):
         # A long text-only exchange before the question -> truncate_text drops it.
         p = rng.choice(pics)
@@ -208,7 +208,7 @@ def write_dataset(data_dir: str | os.PathLike, size: DemoSize, seed: int) -> dic
     images.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     train = _pictures(rng, images, "train", size.train_images)
-    big = _pictures(rng, images, "big", 8, big=True)
+    big = _pictures(rng, images, "big", 12, big=True)
     held_out = _pictures(rng, images, "eval", size.eval_images)
     records = training_records(rng, train, big)
     _write_json(data / f"{DATASET_NAME}.json", records)

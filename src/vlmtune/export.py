@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .chat import check_adapter, check_model
+from .chat import check_adapter, check_model, load_processor
 from .errors import VlmtuneError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -140,10 +140,10 @@ def export(
 
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     # The base model's processor (the adapter directory may hold a copy saved by training).
-    processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+    processor = load_processor(model, trust_remote_code=trust_remote_code)
     base = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
     was_tied = untie_embeddings(base)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()

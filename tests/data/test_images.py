@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, features
 
 from vlmtune import cli
 from vlmtune.data.images import MAX_ASPECT_RATIO, ImageSizeError, grid_for, read_header
@@ -77,7 +77,7 @@ def aspect_edge(max_short: int):
 
 
 def sizes(max_side: int, huge: bool = False):
-    side = st.integers(1, max_side)
+    side = st.one_of(st.integers(1, max_side), st.integers(max_side // 4, max_side))
     tiny = st.integers(1, 5)
     options = [
         st.tuples(side, side),
@@ -168,7 +168,7 @@ def _solid(h, w, i):
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     sizes_=st.lists(sizes(2000), min_size=1, max_size=3),
     bnd=bounds(1 << 20, 1 << 21),
@@ -202,7 +202,7 @@ def test_grid_matches_real_processor(arch, family, sizes_, bnd):
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sizes_=st.lists(sizes(2000), min_size=1, max_size=3), bnd=bounds(1 << 20, 1 << 21))
 def test_grid_matches_pil_backend_processor(arch, family, sizes_, bnd):
     """The PIL-backend image processor, built with the family's patch/merge sizes, agrees too."""
@@ -242,6 +242,8 @@ def test_refused_sizes_raise_a_value_error():
 
 
 FORMATS = [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"), ("GIF", "gif"), ("BMP", "bmp"), ("TIFF", "tiff")]
+if features.check("avif"):
+    FORMATS.append(("AVIF", "avif"))
 
 
 def _noise(w, h, seed=0):
@@ -284,13 +286,16 @@ def test_read_header_applies_jpeg_exif_orientation(tmp_path, orientation, family
     assert out["image_grid_thw"].tolist() == [loaded.spec.grid(hdr.height, hdr.width).thw]
 
 
-@pytest.mark.parametrize("fmt,ext", [("PNG", "png"), ("WEBP", "webp"), ("TIFF", "tiff")])
-def test_read_header_applies_exif_orientation_in_other_formats(tmp_path, fmt, ext):
+@pytest.mark.parametrize("fmt,ext", [f for f in FORMATS if f[0] in ("PNG", "WEBP", "TIFF", "AVIF")])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_read_header_applies_exif_orientation_in_other_formats(tmp_path, fmt, ext, orientation):
+    """TIFF matters: Pillow 13 reports its size already rotated (and rotates it on load)."""
     from transformers.image_utils import load_image
 
-    path = _with_exif_orientation(tmp_path / f"o6.{ext}", fmt, 90, 30, 6)
+    path = _with_exif_orientation(tmp_path / f"o.{ext}", fmt, 90, 30, orientation)
     hdr = read_header(path)
-    assert (hdr.width, hdr.height) == (30, 90) == load_image(path).size
+    expected = (90, 30) if orientation == 3 else (30, 90)
+    assert (hdr.width, hdr.height) == expected == load_image(path).size
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
@@ -393,15 +398,15 @@ def no_decoding(monkeypatch):
 @pytest.mark.parametrize("fmt,ext", FORMATS)
 def test_read_header_decodes_nothing(tmp_path, fmt, ext, no_decoding):
     path = tmp_path / f"big.{ext}"
-    _noise(1200, 900).save(path, format=fmt)
+    _noise(640, 480).save(path, format=fmt)
     if fmt == "JPEG":
-        _with_exif_orientation(tmp_path / "rot.jpg", "JPEG", 1200, 900, 6)
+        _with_exif_orientation(tmp_path / "rot.jpg", "JPEG", 640, 480, 6)
     no_decoding.clear()
     hdr = read_header(str(path))
-    assert (hdr.width, hdr.height) == (1200, 900)
+    assert (hdr.width, hdr.height) == (640, 480)
     if fmt == "JPEG":
         rot = read_header(str(tmp_path / "rot.jpg"))
-        assert (rot.width, rot.height) == (900, 1200)
+        assert (rot.width, rot.height) == (480, 640)
     assert no_decoding == []
     # The spy does see decoding when it happens.
     with Image.open(path) as im:
@@ -463,9 +468,9 @@ def _random_dataset(root: Path, seed: int, n: int):
         k = len(pool)
         if rnd.random() < 0.15:
             side = rnd.randint(1, 6)
-            w, h = (side, rnd.randint(1, min(1500, side * 200)))
+            w, h = (side, rnd.randint(1, min(1000, side * 200)))
         else:
-            w, h = rnd.randint(1, 1500), rnd.randint(1, 1500)
+            w, h = rnd.randint(1, 1000), rnd.randint(1, 1000)
             if max(w, h) / min(w, h) > 200:
                 w = h = 64
         if rnd.random() < 0.5:

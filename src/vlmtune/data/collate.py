@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import SampleError
@@ -55,6 +56,9 @@ def check_row(row: dict, spec: ModelSpec, cutoff_len: int | None) -> list[str]:
     """Every integrity problem of one row (empty list when it is safe to feed to the model)."""
     problems = []
     ids, labels = row["input_ids"], row["labels"]
+    segments = row.get("segments")
+    if segments and sum(segments) != len(ids):
+        problems.append(f"packed segments {segments} add up to {sum(segments)}, not {len(ids)} tokens")
     grids = row.get("image_grid_thw") or []
     images = row.get("images") or []
     if cutoff_len is not None and len(ids) > cutoff_len:
@@ -86,6 +90,8 @@ class Collator:
         for row in rows:
             self.guard(row)
         batch = self._pad(rows)
+        if any(r.get("segments") for r in rows):
+            batch = self._packed(rows, batch)
         pixels, grids = [], []
         for row in rows:
             for k, path in enumerate(row.get("images") or []):
@@ -122,6 +128,20 @@ class Collator:
                               f"image {k} ({path}) now gives grid {grid} but was prepared as {want}; the file changed",
                               "run `vlmtune prepare` again with overwrite_cache=true")
         return out["pixel_values"], grid
+
+    def _packed(self, rows: list[dict], batch: dict) -> dict:
+        """Packed rows: per-segment positions and no attention mask (transformers then builds the
+        block-diagonal mask from where the text positions restart)."""
+        from .pack import packed_position_ids
+
+        length = batch["input_ids"].shape[1]
+        pos = [packed_position_ids(r if r.get("segments") else {**r, "segments": [len(r["input_ids"])]},
+                                   self.spec.image_token_id, self.spec.merge_size, length) for r in rows]
+        batch["position_ids"] = torch.from_numpy(np.stack(pos, axis=1))
+        del batch["attention_mask"]
+        # transformers only derives the packed mask without a KV cache; training never needs one.
+        batch["use_cache"] = False
+        return batch
 
     def _pad(self, rows: list[dict]) -> dict:
         longest = max(len(r["input_ids"]) for r in rows)

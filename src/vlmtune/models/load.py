@@ -166,9 +166,16 @@ def _train_only_layers(model, n_layers: int, frozen: set[str]) -> None:
 
 
 def trainable_summary(model) -> dict[str, dict[str, int]]:
-    """Trainable and total parameters per component (LoRA weights count for the part they adapt)."""
+    """Trainable and total parameters per component (LoRA weights count for the part they adapt).
+
+    A module trained in full next to LoRA (modules_to_save: a trainable projector, additional_target)
+    is counted once: PEFT keeps a frozen `original_module` copy beside the trained one, which is
+    not part of what trains or is saved, and would make a fully trained projector read as 50%.
+    """
     out = {c: {"trainable": 0, "total": 0} for c in COMPONENTS}
     for name, p in model.named_parameters():
+        if ".original_module." in f".{name}.":
+            continue
         c = component_of(name)
         out[c]["total"] += p.numel()
         if p.requires_grad:

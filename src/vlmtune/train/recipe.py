@@ -8,6 +8,7 @@ the Trainer's: this file only keeps every rank's work identical where DDP needs 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -17,6 +18,7 @@ import torch
 import yaml
 
 from ..data.collate import Collator
+from ..data.pack import pack_dataset
 from ..data.prepare import Prepared, format_report_summary, prepare
 from ..errors import ConfigError
 from ..models.load import Loaded, apply_finetuning, format_trainable, load_model, load_spec, trainable_summary
@@ -47,6 +49,11 @@ class TrainResult:
     worst_case: dict | None = None
 
 
+# Set to 1 to have every rank write rank_{r}_weights.sha256 (one line per parameter) into output_dir
+# after training, so that a test (or a user chasing a DDP problem) can check that the ranks agree.
+DEBUG_RANK_HASH_ENV = "VLMTUNE_DEBUG_RANK_HASH"
+
+
 def say(msg: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(msg, flush=True)
@@ -67,11 +74,16 @@ def setup(cfg, *, progress: bool = True) -> Run:
         prepared = prepare(cfg, loaded, progress=progress)
     say(format_report_summary(prepared))
     train_ds, eval_ds = split_validation(prepared.dataset(), cfg.val_size, cfg.seed)
+    if cfg.packing:
+        before = len(train_ds)
+        train_ds = pack_dataset(train_ds, cfg.cutoff_len)
+        say(f"packing: {before} rows into {len(train_ds)} sequences of at most {cfg.cutoff_len} tokens")
     if len(train_ds) == 0:
         raise ConfigError([f"no training rows were emitted from dataset={cfg.dataset!r}; "
                            f"see {prepared.report_path} for what happened to each sample"])
 
     model = load_model(cfg, dtype=model_dtype(cfg))
+    model.config.use_cache = False  # no KV cache in training (and packing needs none)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -174,6 +186,8 @@ def train(run: Run) -> TrainResult:
     trainer.train(resume_from_checkpoint=run.resume)
     trainer.save_model(cfg.output_dir)
     trainer.save_state()
+    if os.environ.get(DEBUG_RANK_HASH_ENV) == "1":
+        write_weight_hashes(trainer.model, cfg.output_dir, trainer.args.process_index)
     loss_plot = None
     if trainer.is_world_process_zero():
         run.loaded.processor.save_pretrained(cfg.output_dir)
@@ -187,6 +201,20 @@ def train(run: Run) -> TrainResult:
                 say(f"loss plot: {loss_plot}")
     return TrainResult(cfg.output_dir, run.prepared, run.trainable, list(trainer.state.log_history), loss_plot,
                        trainer.state.global_step, worst)
+
+
+def write_weight_hashes(model, output_dir: str, rank: int) -> str:
+    """`<sha256>  <parameter name>` for every parameter of this rank's model, like sha256sum writes."""
+    lines = []
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        data = p.detach().to("cpu").contiguous()
+        digest = hashlib.sha256(f"{data.dtype} {tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        lines.append(f"{digest.hexdigest()}  {name}\n")
+    path = os.path.join(output_dir, f"rank_{rank}_weights.sha256")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    return path
 
 
 def cleanup(run: Run) -> None:

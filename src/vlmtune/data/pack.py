@@ -1,0 +1,118 @@
+"""Packing fitted samples into cutoff_len sequences, each sample positioned as if it stood alone.
+
+A packed row concatenates whole samples (so whole image runs); `segments` records each sample's
+length. The collator gives every segment its own M-RoPE positions (text positions restart at 0)
+and passes `position_ids` of shape (4, batch, length) with no attention mask: transformers then
+derives a block-diagonal causal mask from the restarts in the text positions (and flash-attention
+uses them as varlen boundaries), so no token attends across samples.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+PACKED_COLUMNS = ("input_ids", "labels", "images", "image_grid_thw", "image_min_pixels", "image_max_pixels")
+
+
+def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each item (longest first) goes into the fullest bin it still fits."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    # (remaining capacity, bin index), kept sorted so the tightest fitting bin is found by bisection
+    free: list[tuple[int, int]] = []
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"item {i} has length {n} > capacity {capacity}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, b = free.pop(k)
+            bins[b].append(i)
+            room -= n
+        else:
+            bins.append([i])
+            b, room = len(bins) - 1, capacity - n
+        bisect.insort(free, (room, b))
+    return [sorted(b) for b in bins]
+
+
+def pack_rows(rows: list[dict], cutoff_len: int) -> list[dict]:
+    """Combine rows into packed rows of at most cutoff_len tokens (order inside a pack: input order)."""
+    bins = best_fit([len(r["input_ids"]) for r in rows], cutoff_len)
+    packed = []
+    for members in sorted(bins, key=lambda b: b[0]):
+        group = [rows[i] for i in members]
+        out = {c: [x for r in group for x in r[c]] for c in PACKED_COLUMNS}
+        out["id"] = "+".join(r["id"] for r in group)
+        out["source"] = "; ".join(r["source"] for r in group)
+        out["segments"] = [len(r["input_ids"]) for r in group]
+        out["length"] = sum(out["segments"])
+        packed.append(out)
+    return packed
+
+
+def pack_dataset(ds, cutoff_len: int):
+    """A `datasets.Dataset` of packed rows from a prepared one."""
+    from datasets import Dataset
+
+    return Dataset.from_list(pack_rows(ds.to_list(), cutoff_len))
+
+
+def mrope_positions(input_ids: list[int], grids: list[list[int]], image_token_id: int, merge_size: int) -> np.ndarray:
+    """(3, L) M-RoPE positions of one sample alone, as Qwen-VL's `get_rope_index` computes them:
+    text advances all three axes together; an image run spans its (t, h/merge, w/merge) grid from the
+    current position, and the text after it continues at the run's largest position + 1."""
+    ids = np.asarray(input_ids)
+    pos = np.zeros((3, len(ids)), dtype=np.int64)
+    is_image = ids == image_token_id
+    cur, i, k = 0, 0, 0
+    n = len(ids)
+    while i < n:
+        if not is_image[i]:
+            j = i
+            while j < n and not is_image[j]:
+                j += 1
+            pos[:, i:j] = np.arange(cur, cur + j - i)
+            cur += j - i
+        else:
+            t, h, w = grids[k]
+            gh, gw = h // merge_size, w // merge_size
+            j = i + t * gh * gw
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            pos[0, i:j] = tt.reshape(-1) + cur
+            pos[1, i:j] = hh.reshape(-1) + cur
+            pos[2, i:j] = ww.reshape(-1) + cur
+            cur += max(gh, gw)
+            k += 1
+        i = j
+    return pos
+
+
+def packed_position_ids(row: dict, image_token_id: int, merge_size: int, length: int) -> np.ndarray:
+    """(4, length): text positions restarting per segment, then the three M-RoPE axes; padding
+    after the last segment forms a segment of its own."""
+    out = np.zeros((4, length), dtype=np.int64)
+    start, g = 0, 0
+    grids = row["image_grid_thw"]
+    ids = row["input_ids"]
+    for seg in row["segments"]:
+        seg_ids = ids[start : start + seg]
+        n_img = _count_runs(seg_ids, image_token_id)
+        out[0, start : start + seg] = np.arange(seg)
+        out[1:, start : start + seg] = mrope_positions(seg_ids, grids[g : g + n_img], image_token_id, merge_size)
+        g += n_img
+        start += seg
+    if start < length:
+        out[:, start:] = np.arange(length - start)
+    return out
+
+
+def _count_runs(ids: list[int], pad: int) -> int:
+    runs, prev = 0, False
+    for t in ids:
+        cur = t == pad
+        runs += cur and not prev
+        prev = cur
+    return runs

@@ -1,0 +1,221 @@
+"""chat: the answer is exactly the model's greedy decode of the rendered conversation."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmtune import chat as chat_mod
+from vlmtune.chat import ChatModel, ChatSession, chat, interactive, load_image
+from vlmtune.cli import main
+from vlmtune.errors import VlmtuneError
+
+N = 8  # new tokens: enough to see a difference, fast on the tiny model
+QUESTION = "What is shown in the image?"
+
+
+@pytest.fixture(autouse=True)
+def _cpu(monkeypatch):
+    # The expected decodes are computed in fp32 on the CPU; keep chat there too on a GPU machine.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_ckpt, tmp_path_factory):
+    ckpt = tiny_ckpt("qwen2_vl")
+    tmp = tmp_path_factory.mktemp("chat")
+    img = tmp / "red.png"
+    Image.new("RGB", (100, 80), (255, 0, 0)).save(img)
+    adapter = tmp / "adapter"
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        model = AutoModelForImageTextToText.from_pretrained(ckpt)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(model, lora).save_pretrained(adapter)
+    return ckpt, adapter, img
+
+
+def greedy(ckpt, question, image_paths, adapter=None, max_new_tokens=N):
+    """The expected answer, by hand: template, processor, generate, decode the new tokens."""
+    processor = AutoProcessor.from_pretrained(ckpt)
+    model = AutoModelForImageTextToText.from_pretrained(ckpt)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    content = [{"type": "image"} for _ in image_paths] + [{"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    images = [Image.open(p).convert("RGB") for p in image_paths] or None
+    batch = processor(text=[text], images=images, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def expected(setup):
+    ckpt, adapter, img = setup
+    base = greedy(ckpt, QUESTION, [img])
+    tuned = greedy(ckpt, QUESTION, [img], adapter=adapter)
+    assert base != tuned  # the adapter changes the decode, so the tests below can tell them apart
+    return base, tuned
+
+
+def test_chat_is_the_greedy_decode(setup, expected):
+    ckpt, adapter, img = setup
+    base, tuned = expected
+    assert chat(str(ckpt), QUESTION, [img], max_new_tokens=N) == base
+    assert chat(ckpt, QUESTION, [str(img)], adapter=adapter, max_new_tokens=N) == tuned
+
+
+def test_chat_model_reuse_and_text_only(setup, expected):
+    ckpt, adapter, img = setup
+    cm = ChatModel(ckpt, adapter, max_new_tokens=N)
+    assert isinstance(cm.model, PeftModel)
+    assert cm.device.type == "cpu" and cm.dtype == torch.float32
+    assert cm.ask(QUESTION, [img]) == expected[1]
+    assert cm.ask(QUESTION, [Image.open(img)]) == expected[1]  # PIL images work too
+    assert cm.ask("Describe this image.") == greedy(ckpt, "Describe this image.", [], adapter=adapter)
+    assert cm.ask(QUESTION, [img]) == expected[1]  # no state carried between asks
+
+
+def test_image_max_pixels_reaches_the_processor(setup):
+    ckpt, _, img = setup
+    cm = ChatModel(ckpt, image_max_pixels=28 * 28 * 4)
+    # 100x80 -> 112x84 (12 merged tokens) unbounded; 56x28 (2 tokens) within 3136 pixels.
+    unbounded = cm.processor.image_processor(images=[load_image(img)], return_tensors="pt")
+    assert unbounded["image_grid_thw"].tolist() == [[1, 6, 8]]  # the processor itself is left as it was
+    batch = cm.inputs([cm.user_message(QUESTION, [img])])
+    assert batch["image_grid_thw"].tolist() == [[1, 2, 4]]
+    assert (batch["input_ids"] == cm.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 2
+    assert "mm_token_type_ids" in batch
+    cm.ask(QUESTION, [img], max_new_tokens=2)  # generates with it
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.new("RGB", (120, 40), (0, 0, 255)).save(path, exif=exif)
+    im = load_image(path)
+    assert im.size == (40, 120) and im.mode == "RGB"
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (10, 10), (1, 2, 3, 4)).save(rgba)
+    assert load_image(rgba).mode == "RGB"
+
+
+def test_missing_image_fails_before_loading(setup, tmp_path, monkeypatch, capsys):
+    ckpt, _, img = setup
+
+    def boom(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", boom)
+    missing = tmp_path / "nope.png"
+    msg = f"image file not found: {missing}; check the path (a relative path is resolved from the current directory)"
+    with pytest.raises(VlmtuneError) as e:
+        chat(ckpt, QUESTION, [img, missing])
+    assert str(e.value) == msg
+
+    assert main(["chat", "--model", str(ckpt), "--image", str(missing), QUESTION]) == 2
+    assert capsys.readouterr().err == f"error: {msg}\n"
+
+    other = tmp_path / "also-missing.jpg"
+    with pytest.raises(VlmtuneError) as e:
+        chat(ckpt, QUESTION, [missing, other])
+    assert str(e.value) == (
+        f"2 image files not found: {missing}, {other}; check the paths "
+        "(a relative path is resolved from the current directory)"
+    )
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("hello")
+    with pytest.raises(VlmtuneError, match=r"^cannot read as an image: .*notes\.txt"):
+        chat(ckpt, QUESTION, [not_image])
+
+
+def test_cli_prints_the_answer(setup, expected, capsys):
+    ckpt, adapter, img = setup
+    argv = ["chat", "--model", str(ckpt), "--adapter", str(adapter), "--image", str(img), "--max-new-tokens", str(N)]
+    capsys.readouterr()
+    assert main(argv + [QUESTION]) == 0
+    assert capsys.readouterr().out == expected[1] + "\n"
+
+
+def test_trust_remote_code_only_when_asked(setup, monkeypatch, capsys):
+    ckpt, _, img = setup
+    seen = []
+    real_proc = AutoProcessor.from_pretrained.__func__
+    real_model = AutoModelForImageTextToText.from_pretrained.__func__
+
+    def spy(real):
+        def f(cls, *a, **k):
+            seen.append(k.get("trust_remote_code"))
+            return real(cls, *a, **k)
+
+        return classmethod(f)
+
+    monkeypatch.setattr(AutoProcessor, "from_pretrained", spy(real_proc))
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", spy(real_model))
+    base = ["chat", "--model", str(ckpt), "--max-new-tokens", "1", "Hi"]
+    assert main(base) == 0
+    assert seen == [False, False]
+    seen.clear()
+    assert main(base[:1] + ["--trust-remote-code"] + base[1:]) == 0
+    assert seen == [True, True]
+
+
+def test_interactive_loop(setup, expected):
+    ckpt, adapter, img = setup
+    cm = ChatModel(ckpt, adapter, max_new_tokens=N)
+    script = "\n".join(
+        [
+            f"/image {img}",
+            QUESTION,
+            "And now?",  # second turn: sees the first question and answer
+            "/image /no/such/file.png",
+            "/reset",
+            f"/image {img}",
+            QUESTION,
+            "/exit",
+            "never read",
+        ]
+    )
+    out = io.StringIO()
+    assert interactive(cm, io.StringIO(script + "\n"), out) == 3
+    text = out.getvalue()
+    assert text.startswith(chat_mod.INTERACTIVE_HELP + "\n")
+    assert f"> (attached {img}; 1 image(s) for the next question)\n" in text
+    assert "> error: image file not found: /no/such/file.png;" in text
+    assert "> (new conversation)\n" in text
+    # Both fresh conversations give the one-shot answer; the second turn is the session's answer.
+    assert text.count(f"> {expected[1]}\n") == 2
+    session = ChatSession(cm)
+    session.ask(QUESTION, [img])
+    second = session.ask("And now?")
+    assert f"> {second}\n" in text
+    assert len(session.messages) == 4 and session.messages[1] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": expected[1]}],
+    }
+    assert "never read" not in text
+
+
+def test_interactive_ends_at_eof_and_attaches_cli_images(setup, expected):
+    ckpt, adapter, img = setup
+    cm = ChatModel(ckpt, adapter, max_new_tokens=N)
+    out = io.StringIO()
+    assert interactive(cm, io.StringIO(f"\n/bogus\n{QUESTION}\n"), out, images=[img]) == 1
+    assert f"> {expected[1]}\n" in out.getvalue()
+    assert "unknown command /bogus." in out.getvalue()
+
+
+def test_bad_generation_settings(setup):
+    ckpt, _, _ = setup
+    with pytest.raises(VlmtuneError, match=r"^max_new_tokens=0; it must be at least 1$"):
+        chat(ckpt, QUESTION, max_new_tokens=0)
+    with pytest.raises(VlmtuneError, match=r"^temperature=-1.0; use 0 for greedy decoding"):
+        chat(ckpt, QUESTION, temperature=-1.0)
