@@ -74,7 +74,7 @@ class VlmTrainer(Trainer):
         seconds = time.perf_counter() - start
         model.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        return {"tokens": int(batch["attention_mask"].sum()), "images": sum(len(r["images"]) for r in rows),
+        return {"tokens": sum(len(r["input_ids"]) for r in rows), "images": sum(len(r["images"]) for r in rows),
                 "seconds": seconds, "peak_gpu_bytes": peak, "ids": [r["id"] for r in rows]}
 
 
