@@ -138,17 +138,20 @@ class Encoder:
     # -- rendering ---------------------------------------------------------------------------
     def render(self, conv: Conversation) -> str:
         """The conversation as the chat template renders it, one image pad per image."""
-        messages = [
-            {
-                "role": m.role,
-                "content": [
-                    {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
-                    for p in m.parts
-                ],
-            }
-            for m in conv.messages
-        ]
-        return self.processor.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False)
+        return self.render_many([conv])[0]
+
+    def render_many(self, convs: list[Conversation]) -> list[str]:
+        """Render many conversations in one call of transformers' template renderer (the same code
+        `apply_chat_template` runs, without its per-call overhead)."""
+        chats = [_template_messages(c) for c in convs]
+        try:
+            from transformers.utils.chat_template_utils import render_jinja_template
+        except ImportError:  # an older or newer transformers without it: the public path
+            return [self.processor.apply_chat_template(m, chat_template=self.chat_template, tokenize=False)
+                    for m in chats]
+        rendered, _ = render_jinja_template(conversations=chats, chat_template=self.chat_template,
+                                            **self.tokenizer.special_tokens_map)
+        return rendered
 
     def split_blocks(self, text: str) -> list[str]:
         start = self.spec.im_start_token
@@ -169,7 +172,7 @@ class Encoder:
         max_pixels: int | None = None,
     ) -> list[Encoded]:
         """Encode many conversations with one batched tokenizer call (the tokenizer is the hot path)."""
-        texts = [self.split_blocks(self.render(c)) for c in convs]
+        texts = [self.split_blocks(t) for t in self.render_many(convs)] if convs else []
         flat = [t for blocks in texts for t in blocks]
         flat_ids = self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
         out, k = [], 0
@@ -227,6 +230,18 @@ class Encoder:
         return ImageRef(img.path, h.width, h.height, lo, hi, self.spec.grid(h.height, h.width, lo, hi))
 
 
+def _template_messages(conv: Conversation) -> list[dict]:
+    return [
+        {
+            "role": m.role,
+            "content": [
+                {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for p in m.parts
+            ],
+        }
+        for m in conv.messages
+    ]
+
+
 def regrid(img: ImageRef, spec: ModelSpec, max_pixels: int) -> ImageRef:
     """The same image under a different pixel budget."""
     return replace(img, max_pixels=max_pixels, grid=spec.grid(img.height, img.width, img.min_pixels, max_pixels))
@@ -247,25 +262,51 @@ def emit(enc: Encoded, spec: ModelSpec) -> Row:
     labels: list[int] = []
     pad = spec.image_token_id
     # Vision markers are inputs, never targets, even inside a trained turn.
-    untrainable = {spec.vision_start_token_id, spec.vision_end_token_id}
+    untrainable = {spec.vision_start_token_id, spec.vision_end_token_id, pad}
     for b in enc.blocks:
         images = iter(b.images)
-        for j, tok in enumerate(b.ids):
-            trained = b.label_start <= j < b.label_end and tok not in untrainable
-            if tok == pad:
-                n = next(images).tokens
-                input_ids.extend([pad] * n)
-                labels.extend([IGNORE_INDEX] * n)
-            else:
-                input_ids.append(tok)
-                labels.append(tok if trained else IGNORE_INDEX)
+        ids = b.ids
+        if b.images:
+            expanded = []
+            for tok in ids:
+                expanded.extend([pad] * next(images).tokens if tok == pad else (tok,))
+            offset_ids = expanded
+        else:
+            offset_ids = ids
+        input_ids.extend(offset_ids)
+        if not b.trained:
+            labels.extend([IGNORE_INDEX] * len(offset_ids))
+            continue
+        # positions before label_start/after label_end are masked; the run expansion shifts them
+        shift = len(offset_ids) - len(ids)
+        lo, hi = _expanded_span(ids, b, pad, shift)
+        labels.extend([IGNORE_INDEX] * lo)
+        labels.extend(t if t not in untrainable else IGNORE_INDEX for t in offset_ids[lo:hi])
+        labels.extend([IGNORE_INDEX] * (len(offset_ids) - hi))
+    images = enc.images
     return Row(
         id=enc.id,
         source=enc.source,
         input_ids=input_ids,
         labels=labels,
-        images=[i.path for i in enc.images],
-        image_grid_thw=[i.grid.thw for i in enc.images],
-        image_min_pixels=[i.min_pixels for i in enc.images],
-        image_max_pixels=[i.max_pixels for i in enc.images],
+        images=[i.path for i in images],
+        image_grid_thw=[i.grid.thw for i in images],
+        image_min_pixels=[i.min_pixels for i in images],
+        image_max_pixels=[i.max_pixels for i in images],
     )
+
+
+def _expanded_span(ids: list[int], b: Block, pad: int, shift: int) -> tuple[int, int]:
+    """The trained span [label_start, label_end) of a block in expanded positions."""
+    if not shift:
+        return b.label_start, b.label_end
+    extra_before_start = extra_before_end = 0
+    images = iter(b.images)
+    for j, tok in enumerate(ids):
+        if tok == pad:
+            n = next(images).tokens - 1
+            if j < b.label_start:
+                extra_before_start += n
+            if j < b.label_end:
+                extra_before_end += n
+    return b.label_start + extra_before_start, b.label_end + extra_before_end

@@ -1,13 +1,20 @@
 """Header-only image sizes and the pixel-budget arithmetic of the Qwen-VL image processor.
 
 Nothing here decodes pixels: `PIL.Image.open` reads the header lazily, which is what makes
-accounting for a whole dataset cheap. The arithmetic mirrors transformers' `smart_resize`
-(property-tested against the real processor in tests/data/test_images.py).
+accounting for a whole dataset cheap. Two rare exceptions, both so as to give exactly the size
+`transformers.image_utils.load_image` produces: a PNG with EXIF/XMP after its pixel data, and a
+truncated PNG (Pillow finds out about either only by decoding). Most JPEGs take a faster path
+still: a port of the part of Pillow's JPEG header parser that finds the size and the EXIF/XMP
+orientation, which leaves the file to Pillow at anything it does not reproduce exactly. The
+arithmetic mirrors transformers' `smart_resize` (property-tested against the real processor in
+tests/data/test_images.py).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -51,6 +58,14 @@ def read_header(path: str) -> ImageHeader:
 
     Raises OSError / PIL.UnidentifiedImageError for files Pillow cannot identify.
     """
+    header = _jpeg_header(path)
+    if header is not None:
+        return header
+    return _pillow_header(path)
+
+
+def _pillow_header(path: str) -> ImageHeader:
+    """read_header through Pillow: any format, every corner case (the reference for the fast path)."""
     with Image.open(path) as im:
         width, height = _stored_size(im)
         fmt = im.format
@@ -95,19 +110,19 @@ _PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 def _png_exif_after_idat(im: Image.Image) -> bool:
     """Whether a PNG has EXIF/XMP metadata after its first IDAT chunk (Pillow sees it only on load).
 
-    Walks the chunk headers (8 bytes each, seeking over the data) without decompressing anything.
+    Walks the chunk headers (8 bytes each, skipping over the data) without decompressing anything.
     Answers True when unsure (an unreadable file), so that the caller takes Pillow's own path.
     """
     fp = im.fp
     if fp is None:
         return True
     try:
+        read_at = _reader_at(fp)
         pos, seen_idat = 8, False
         while True:
-            fp.seek(pos)
-            head = fp.read(8)
+            head = read_at(pos, 8)
             if len(head) < 8:
-                return False  # truncated: what load() would find is not there either
+                return True  # truncated: load() fails, and Pillow's path says what that means
             length, ctype = struct.unpack(">I4s", head)
             if ctype == b"IEND":
                 return False
@@ -116,11 +131,212 @@ def _png_exif_after_idat(im: Image.Image) -> bool:
             elif seen_idat:
                 if ctype == b"eXIf":
                     return True
-                if ctype in _PNG_TEXT_CHUNKS and fp.read(min(length, 80)).split(b"\0", 1)[0] in _PNG_EXIF_KEYWORDS:
+                if ctype in _PNG_TEXT_CHUNKS and read_at(pos + 8, min(length, 80)).split(b"\0", 1)[0] in _PNG_EXIF_KEYWORDS:
                     return True
             pos += 12 + length
     except Exception:
         return True
+
+
+def _reader_at(fp):
+    """`read_at(offset, n)`: n bytes at offset, one pread(2) where there is one (no buffer refills)."""
+    if hasattr(os, "pread"):
+        try:
+            fd = fp.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = None
+        if fd is not None:
+            return lambda offset, n: os.pread(fd, n, offset)
+
+    def read_at(offset, n):
+        fp.seek(offset)
+        return fp.read(n)
+
+    return read_at
+
+
+# ---------------------------------------------------------------------------------------------
+# The JPEG fast path: Pillow's `JpegImageFile._open` marker loop and `Image.getexif`, ported for the
+# size and the orientation only. `_NotMirrored` means "not exactly as Pillow would": the caller
+# then asks Pillow itself, so every file gives the same header (or error) as `_pillow_header`.
+
+
+class _NotMirrored(Exception):
+    pass
+
+
+_JPEG_FIRST_READ = 16 * 1024
+_JPEG_MAX_READ = 512 * 1024  # headers longer than this (huge EXIF/ICC blocks) are left to Pillow
+# Markers Pillow handles with its SOF handler (SOF0-15 but DHT, JPG and DAC; and DHP).
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xDE))
+# Markers whose segment Pillow reads and drops: DHT, DAC, SOS, DNL, DRI, EXP and COM.
+_JPEG_SKIP = frozenset((0xC4, 0xCC, 0xDA, 0xDC, 0xDD, 0xDF, 0xFE))
+_JPEG_SOS = 0xDA
+_JPEG_DQT = 0xDB
+_XMP_PREFIX = b"http://ns.adobe.com/xap/1.0/\x00"
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # Image.getexif's own pattern
+
+
+def _jpeg_header(path: str) -> ImageHeader | None:
+    """The header of a plain JPEG without Pillow, or None to leave the file to Pillow."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            data = f.read(_JPEG_FIRST_READ)
+            if data[:3] != b"\xff\xd8\xff":
+                return None
+            try:
+                width, height, orientation = _parse_jpeg(data)
+            except _NeedMore:
+                data += f.read(_JPEG_MAX_READ - len(data))
+                width, height, orientation = _parse_jpeg(data)
+    except (_NotMirrored, OSError, IndexError, ValueError, struct.error):
+        return None
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    return ImageHeader(width=width, height=height, format="JPEG")
+
+
+class _NeedMore(_NotMirrored):
+    """The header goes on past the bytes read."""
+
+
+def _parse_jpeg(data: bytes) -> tuple[int, int, int | None]:
+    """(width, height, EXIF orientation) as Pillow finds them, or _NotMirrored."""
+    n = len(data)
+    pos = 3  # after FF D8 FF: data[2] is the first marker's 0xFF
+    lead = True  # the previous byte was a marker's 0xFF
+    size = None
+    exif = xmp = None
+    icc: list[bytes] = []
+    while True:
+        if pos >= n:
+            raise _NeedMore  # (also a file that ends before its scan: Pillow decides)
+        b = data[pos]
+        pos += 1
+        if not lead:  # Pillow skips non-0xFF bytes one at a time
+            lead = b == 0xFF
+            continue
+        if b == 0xFF:  # padding: this 0xFF leads the marker
+            continue
+        if b == 0x00:  # an escaped 0xFF: skip on
+            lead = False
+            continue
+        if b < 0xC0:
+            raise _NotMirrored  # Pillow: "no marker found"
+        lead = False
+        if b == 0xC8 or 0xD0 <= b <= 0xD9 or 0xF0 <= b <= 0xFD:
+            continue  # markers without a handler (JPG, RSTn, SOI, EOI, JPGn): nothing read
+        if pos + 2 > n:
+            raise _NeedMore
+        length = ((data[pos] << 8) | data[pos + 1]) - 2
+        pos += 2
+        if length < 0:
+            raise _NotMirrored
+        if pos + length > n:
+            raise _NeedMore
+        seg = data[pos : pos + length]
+        pos += length
+        if b in _JPEG_SKIP:
+            if b == _JPEG_SOS:
+                break
+        elif b in _JPEG_SOF:
+            # SOF(): size, 8-bit samples, 1/3/4 layers, whole 3-byte component entries, and the
+            # ICC fragments gathered so far (it indexes byte 13 of the first one).
+            if len(seg) < 6 or seg[0] != 8 or seg[5] not in (1, 3, 4) or (len(seg) - 6) % 3:
+                raise _NotMirrored
+            if icc:
+                if len(min(icc)) < 14:
+                    raise _NotMirrored
+                icc = []
+            size = ((seg[3] << 8) | seg[4], (seg[1] << 8) | seg[2])
+        elif b == _JPEG_DQT:
+            while seg:
+                qt_length = 1 + (1 if seg[0] // 16 == 0 else 2) * 64
+                if len(seg) < qt_length:
+                    raise _NotMirrored  # Pillow: "bad quantization table marker"
+                seg = seg[qt_length:]
+        else:  # APP0-APP15
+            if b == 0xE0 and seg.startswith(b"JFIF"):
+                if len(seg) < 7:
+                    raise _NotMirrored
+            elif b == 0xE1 and seg.startswith(b"Exif\0\0"):
+                if exif is not None:
+                    raise _NotMirrored  # Pillow concatenates them
+                exif = seg
+            elif b == 0xE1 and seg.startswith(_XMP_PREFIX):
+                xmp = seg.split(b"\x00", 1)[1]
+            elif b == 0xE2 and seg.startswith(b"FPXR\0"):
+                pass
+            elif b == 0xE2 and seg.startswith(b"ICC_PROFILE\0"):
+                icc.append(seg)
+            elif b == 0xE2 and seg.startswith(b"MPF\0"):
+                raise _NotMirrored  # maybe an MPO
+            elif b == 0xED and seg.startswith(b"Photoshop 3.0\x00"):
+                raise _NotMirrored
+            elif b == 0xEE and seg.startswith(b"Adobe"):
+                if len(seg) < 7:
+                    raise _NotMirrored
+    if size is None or size[0] <= 0 or size[1] <= 0:
+        raise _NotMirrored  # Pillow: "not identified by this driver"
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise _NotMirrored  # Pillow warns or raises DecompressionBombError
+    orientation = _exif_ifd0_orientation(exif) if exif is not None else None
+    if orientation is None and xmp:
+        m = _XMP_ORIENTATION.search(xmp)
+        if m:
+            orientation = int(m[2])
+    return size[0], size[1], orientation
+
+
+def _tiff_unit_sizes() -> dict[int, int]:
+    from PIL import TiffImagePlugin
+
+    return {typ: unit for typ, (unit, _) in TiffImagePlugin.ImageFileDirectory_v2._load_dispatch.items()}
+
+
+_TIFF_UNIT_SIZES: dict[int, int] | None = None
+
+
+def _exif_ifd0_orientation(segment: bytes) -> int | None:
+    """The Orientation tag of IFD0 as `Image.Exif` reads it (a SHORT), or None when it has none."""
+    global _TIFF_UNIT_SIZES
+    if _TIFF_UNIT_SIZES is None:
+        _TIFF_UNIT_SIZES = _tiff_unit_sizes()
+    tiff = segment[6:]
+    if tiff.startswith(b"Exif\0\0"):  # Exif.load strips the prefix up to twice
+        tiff = tiff[6:]
+    if not tiff:
+        return None
+    if tiff[:4] == b"II*\x00":
+        e = "<"
+    elif tiff[:4] == b"MM\x00*":
+        e = ">"
+    else:
+        raise _NotMirrored
+    n = len(tiff)
+    (offset,) = struct.unpack_from(e + "L", tiff, 4)
+    if offset + 2 > n:
+        raise _NotMirrored
+    (count,) = struct.unpack_from(e + "H", tiff, offset)
+    if offset + 2 + 12 * count > n:
+        raise _NotMirrored
+    orientation = None
+    total = 0
+    for k in range(count):
+        p = offset + 2 + 12 * k
+        tag, typ, cnt, value_offset = struct.unpack_from(e + "HHLL", tiff, p)
+        unit = _TIFF_UNIT_SIZES.get(typ)
+        if tag == _EXIF_ORIENTATION:
+            if orientation is not None or typ != 3 or cnt != 1:
+                raise _NotMirrored
+            (orientation,) = struct.unpack_from(e + "H", tiff, p + 8)
+        elif unit is not None and cnt * unit > 4:
+            # Out-of-range tag data makes Pillow stop reading the IFD (or skip the tag).
+            total += cnt * unit
+            if value_offset + cnt * unit > n or total > n:
+                raise _NotMirrored
+    return orientation
 
 
 def check_aspect(height: int, width: int) -> None:
