@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -149,10 +150,9 @@ def test_exactly_the_chosen_parameters_change(case, make_config, write_dataset, 
         saved = load_file(str(out_dir / "adapter_model.safetensors"))
         assert {part(k) for k in saved if ".lora_" in k} == lora_parts
         assert any(part(k) == "projector" for k in saved) == ("projector.trained_copy" in expected)
-        trained = {n for n in changed}
-        assert len(saved) == len(trained)
+        assert len(saved) == len(changed)
         for k, v in saved.items():
-            match = [n for n in trained if _peft_key(n) == k]
+            match = [n for n in changed if _peft_key(n) == k]
             assert len(match) == 1, k
             assert torch.equal(v, after[match[0]])
 
@@ -170,7 +170,7 @@ def test_resume_inside_a_later_epoch_matches_an_uninterrupted_run(make_config, w
     keys = dict(max_steps=8, save_steps=2, gradient_accumulation_steps=2, lora_dropout=0.1,
                 freeze_vision_tower=False, learning_rate=1e-3)
     cfg = make_config("qwen2_vl", data, out_dir, **keys)
-    run, full, _, full_after = train_tracked(cfg)
+    _, full, _, full_after = train_tracked(cfg)
     reference = losses(full.log_history)
     assert sorted(reference) == list(range(1, 9))
     epoch_at = {h["step"]: h["epoch"] for h in full.log_history if "loss" in h}
@@ -228,6 +228,9 @@ def test_resume_refuses_incomplete_or_missing_checkpoints(tmp_path):
 
 
 # -- 3. DDP ------------------------------------------------------------------------------------
+DDP_TIMEOUT_S = 240
+
+
 def test_ddp_two_ranks_with_text_only_batches_and_a_trainable_vision_tower(base_cfg, write_dataset, tmp_path):
     # One text-only sample among six: in every epoch it is one rank's batch while the other rank
     # has an image batch in the same step, whatever the shuffle. Three steps per epoch, two epochs.
@@ -239,34 +242,71 @@ def test_ddp_two_ranks_with_text_only_batches_and_a_trainable_vision_tower(base_
     env = {**os.environ, "OMP_NUM_THREADS": "1", recipe.DEBUG_RANK_HASH_ENV: "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "vlmtune", "train", str(cfg_path)]
-    try:
-        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"2-rank DDP run hung (> 240 s); last output:\n{_tail(e.stdout)}\n{_tail(e.stderr)}")
-    assert proc.returncode == 0, f"{_tail(proc.stdout)}\n{_tail(proc.stderr)}"
-    assert "trained 6 step(s)" in proc.stdout
+    log = tmp_path / "ddp.log"
+    with open(log, "w", encoding="utf-8") as f:  # a file, not a pipe: a stray worker cannot block the wait
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=DDP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _stop_torchrun(proc)
+            pytest.fail(f"the 2-rank DDP run hung (> {DDP_TIMEOUT_S} s); its output:\n{_tail(log.read_text())}")
+    output = log.read_text()
+    assert proc.returncode == 0, _tail(output)
+    assert "trained 6 step(s)" in output
 
     with open(out / "trainer_state.json", encoding="utf-8") as f:
         state = json.load(f)
     assert sorted(losses(state["log_history"])) == list(range(1, 7))
     assert state["log_history"][-1]["epoch"] == 2.0
-    ranks = [(out / f"rank_{r}_weights.sha256").read_text().splitlines() for r in (0, 1)]
-    assert len(ranks[0]) == len(ranks[1]) > 0
-    differ = [a.split()[1] for a, b in zip(*ranks) if a != b]
+    # Every parameter, trained or frozen, is bit-identical on both ranks ...
+    ranks = [dict(reversed(line.split("  ", 1)) for line in (out / f"rank_{r}_weights.sha256").read_text().splitlines())
+             for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    differ = sorted(n for n in ranks[0] if ranks[0][n] != ranks[1][n])
     assert differ == [], f"parameters that differ between the ranks: {differ}"
-    # the hashes cover the trained vision adapters, and what rank 0 saved is what both ranks hold
-    names = [line.split()[1] for line in ranks[0]]
-    assert any("visual" in n and ".lora_A." in n for n in names)
+    # ... and the adapter rank 0 saved, vision adapters included, is what both ranks hold.
     from safetensors.torch import load_file
 
     saved = load_file(str(out / "adapter_model.safetensors"))
-    assert any("visual" in k for k in saved)
+    assert any(part(k) == "vision" for k in saved)
+    by_saved_key = {_peft_key(n): h for n, h in ranks[0].items() if ".lora_" in n}
+    assert by_saved_key.keys() == saved.keys()
+    assert all(recipe.weight_hash(v) == by_saved_key[k] for k, v in saved.items())
 
 
-def _tail(text, n: int = 4000) -> str:
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    return (text or "")[-n:]
+def _tail(text: str, n: int = 6000) -> str:
+    return text[-n:]
+
+
+def _stop_torchrun(proc: subprocess.Popen) -> None:
+    """End a hung torchrun and its workers. torchrun starts each worker in a session of its own, so
+    killing torchrun's process group would orphan them: SIGTERM lets torchrun stop them, and any
+    still alive after that are killed by pid."""
+    workers = _children(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found.append(int(entry))
+    return found
 
 
 # -- 4. worst case first -----------------------------------------------------------------------

@@ -203,14 +203,18 @@ def train(run: Run) -> TrainResult:
                        trainer.state.global_step, worst)
 
 
+def weight_hash(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    data = t.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{data.dtype} {tuple(data.shape)}".encode())
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def write_weight_hashes(model, output_dir: str, rank: int) -> str:
-    """`<sha256>  <parameter name>` for every parameter of this rank's model, like sha256sum writes."""
-    lines = []
-    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
-        data = p.detach().to("cpu").contiguous()
-        digest = hashlib.sha256(f"{data.dtype} {tuple(data.shape)}".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-        lines.append(f"{digest.hexdigest()}  {name}\n")
+    """`<sha256>  <parameter name>` for every parameter of this rank's model, as sha256sum writes."""
+    lines = [f"{weight_hash(p)}  {name}\n"
+             for name, p in sorted(model.named_parameters(), key=lambda item: item[0])]
     path = os.path.join(output_dir, f"rank_{rank}_weights.sha256")
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(lines)
