@@ -67,7 +67,7 @@ DEFAULTS = {
     "max_grad_norm": 1.0,
     "bf16": False,
     "fp16": False,
-    "gradient_checkpointing": False,
+    "gradient_checkpointing": True,
     "logging_steps": 10,
     "save_steps": 500,
     "save_total_limit": None,
@@ -376,7 +376,7 @@ MESSAGES = [
     ("do_train=false", "do_train=False is not supported; `vlmtune train` always trains; remove do_train or set it "
      "to true"),
     ("template=llava", "template='llava' is not supported; the chat template comes from the model's processor; "
-     "remove template or set it to qwen2_vl or qwen3_vl"),
+     "remove template or set it to qwen2_vl or qwen3_vl or qwen3_vl_nothink"),
     ("save_only_model=true", "save_only_model=True is not supported; vlmtune saves full checkpoints so that a run "
      "can resume; remove save_only_model or set it to false"),
     ("image_resolution=512", "image_resolution=512 (in override 'image_resolution=512') is replaced by "
@@ -539,6 +539,8 @@ def test_llama_factory_example_loads(tmp_path):
         "val_size > 0",
         "ddp_timeout=180000000 s lets a stuck rank hang the job for over a day instead of failing it; the default "
         "is 1800",
+        "trust_remote_code=true runs Python code shipped with the checkpoint; Qwen-VL models need none with "
+        "transformers >= 4.45, so remove it unless your checkpoint really ships custom code",
     )
 
 

@@ -39,7 +39,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.show:
         from .inspect import show_sample
 
-        print(show_sample(acc, loaded, args.show, args.cutoff_len, color=sys.stdout.isatty()))
+        overflow = tuple(p.strip() for p in args.overflow.split(",")) if args.overflow else None
+        print(show_sample(acc, loaded, args.show, args.cutoff_len, color=sys.stdout.isatty(), overflow=overflow))
         return 0
     summary = summarize(acc, args.cutoff_len)
     if args.per_sample:
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--per-sample", default=None, metavar="FILE", help="write one JSON line per sample")
     i.add_argument("--show", default=None, metavar="ID",
                    help="print one sample as the model sees it: trained spans, masked spans, image runs")
+    i.add_argument("--overflow", default=None, metavar="P1,P2",
+                   help="policies for --show with --cutoff-len (default: shrink_images,truncate_text,split,drop)")
     i.add_argument("--allow-paths-outside-media-dir", action="store_true")
     i.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
     i.set_defaults(func=_cmd_inspect)

@@ -51,7 +51,7 @@ OPTIMIZERS = (
 LLAMA_FACTORY_IGNORED: dict[str, tuple[tuple | None, str]] = {
     "stage": (("sft",), "vlmtune only does supervised fine-tuning"),
     "do_train": ((True,), "`vlmtune train` always trains"),
-    "template": (("qwen2_vl", "qwen3_vl"), "the chat template comes from the model's processor"),
+    "template": (("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink"), "the chat template comes from the model's processor"),
     "overwrite_output_dir": (None, "checkpoints in output_dir are resumed only when resume_from_checkpoint is set"),
     "save_only_model": ((False,), "vlmtune saves full checkpoints so that a run can resume"),
     "do_eval": (None, "vlmtune evaluates whenever val_size > 0"),
@@ -69,6 +69,10 @@ LLAMA_FACTORY_REPLACED: dict[str, str] = {
     "video_resolution": "vlmtune trains on images only; remove video_resolution",
     "vision_tower": "the vision tower comes with model_name_or_path; use freeze_vision_tower to train or freeze it",
     "quantization_bit": "vlmtune does not train quantized (QLoRA) models; remove quantization_bit",
+    "train_mm_proj_only": "set finetuning_type: full with freeze_language_model: true, freeze_vision_tower: true "
+    "and freeze_multi_modal_projector: false to train only the projector",
+    "disable_gradient_checkpointing": "use gradient_checkpointing: false (vlmtune's key has the opposite sense; "
+    "it is on by default, as in LLaMA-Factory)",
 }
 
 # A ddp_timeout above this (LLaMA-Factory's examples use 180000000) lets a stuck rank hang the job for days.
@@ -420,7 +424,9 @@ class TrainArgs:
                                 expect="a non-negative number such as 1.0", check=_non_negative)
     bf16: bool = _arg(False, "Train in bfloat16 mixed precision (Ampere or newer GPUs).")
     fp16: bool = _arg(False, "Train in float16 mixed precision (older GPUs); at most one of bf16 and fp16.")
-    gradient_checkpointing: bool = _arg(False, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool = _arg(
+        True, "Recompute activations in the backward pass to save memory (on by default, as in LLaMA-Factory)."
+    )
     logging_steps: int = _arg(10, "Log the loss every this many updates.", expect="a positive integer such as 10",
                               check=_positive)
     save_steps: int = _arg(500, "Save a checkpoint every this many updates.",
@@ -853,5 +859,10 @@ def _advice(v: dict[str, Any]) -> list[str]:
         notes.append(
             f"ddp_timeout={v['ddp_timeout']} s lets a stuck rank hang the job for over a day instead of failing "
             f"it; the default is {default_of('ddp_timeout')}"
+        )
+    if v["trust_remote_code"] is True:
+        notes.append(
+            "trust_remote_code=true runs Python code shipped with the checkpoint; Qwen-VL models need none "
+            "with transformers >= 4.45, so remove it unless your checkpoint really ships custom code"
         )
     return notes

@@ -227,7 +227,7 @@ def render_row(row, spec, tokenizer, color: bool = False) -> str:
 
 
 def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int | None = None,
-                color: bool = False) -> str:
+                color: bool = False, overflow: tuple[str, ...] | None = None) -> str:
     """The sample as the model will see it, after fitting to cutoff_len when one is given."""
     from .data.encode import emit
     from .data.fit import FitOptions, Fitter
@@ -244,7 +244,8 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int
             f"{enc.image_tokens} image, {len(enc.images)} image(s)"]
     pieces = [enc]
     if cutoff_len is not None:
-        out = Fitter(loaded.spec, FitOptions(cutoff_len=cutoff_len)).fit(enc)
+        opts = FitOptions(cutoff_len=cutoff_len) if overflow is None else FitOptions(cutoff_len, tuple(overflow))
+        out = Fitter(loaded.spec, opts).fit(enc)
         head.append(f"fit to cutoff_len={cutoff_len}: {out.fate} ({out.reason}); tokens after: {out.tokens_after}")
         pieces = out.pieces
     head.append(f"legend: {TRAIN_OPEN}trained{TRAIN_CLOSE} text is in the loss; the rest is masked"

@@ -141,7 +141,7 @@ def test_split_gives_each_piece_its_own_images(env):
     cut = 300
     out = Fitter(loaded.spec, FitOptions(cutoff_len=cut, overflow=("split",))).fit(e)
     assert out.fate == "split"
-    assert [p.id for p in out.pieces] == ["s#1", "s#2", "s#3"]
+    assert [p.id for p in out.pieces] == ["s#1", "s#2", "s#3"]  # named by the exchanges they hold
     assert out.reason == "split 3 exchanges into 3 samples at exchange boundaries"
     assert all(n <= cut for n in out.tokens_after)
     for p in out.pieces:
@@ -149,6 +149,29 @@ def test_split_gives_each_piece_its_own_images(env):
         assert check_row(row, loaded.spec, cut) == []
         # exactly one trained answer per piece: context turns are masked
         assert sum(b.trained for b in p.blocks) == 1
+
+
+def test_split_reports_what_was_done_to_each_piece(env):
+    loaded, enc = env
+    long = " ".join(WORDS * 12)
+    conv, headers = conv_of([
+        ("user", ["a?"]), ("assistant", ["b"]), ("user", ["c?"]), ("assistant", ["d"]),
+        ("user", [(448, 448), "what?"]), ("assistant", ["circle"]),
+        ("user", [long]), ("assistant", ["ok"]),
+    ])
+    e = enc.encode(conv, headers)
+    _, ex = exchanges_of(e)
+    cut = e.blocks[0].length + sum(b.length for b in ex[2]) - 50
+    assert e.text_tokens > cut and e.blocks[0].length + sum(b.length for b in ex[3]) <= cut
+    out = Fitter(loaded.spec, FitOptions(cutoff_len=cut, overflow=("shrink_images", "split"),
+                                         split_keep_context=False)).fit(e)
+    assert out.fate == "split"
+    assert [p.id for p in out.pieces] == ["s#1-2", "s#3", "s#4"]
+    shrunk = out.pieces[1]
+    assert out.reason == (
+        "split 4 exchanges into 3 samples at exchange boundaries; piece 3: shrank 1 image(s) from 256 to "
+        f"{shrunk.image_tokens} image tokens (pixel budget {shrunk.images[0].max_pixels})"
+    )
 
 
 def test_split_keeps_preceding_context_when_it_fits(env):

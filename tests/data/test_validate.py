@@ -198,7 +198,7 @@ def test_decompression_bomb_above_pillow_limit_is_not_decoded(tmp_path, write_pn
             "too_many_pixels",
             "image 'bomb.png' is 20000x10000 = 200,000,000 pixels, above the limit of 178,956,970 "
             "(a possible decompression bomb); it was not decoded",
-            "downscale the image, or raise max_image_pixels if you trust the file",
+            "downscale the image file (the model sees at most image_max_pixels anyway), or remove the sample",
         )
     ]
     assert loads == [] and DEFAULT_MAX_IMAGE_PIXELS == 178_956_970
@@ -211,7 +211,7 @@ def test_too_many_pixels_with_own_limit(tmp_path, write_png_header):
         P(
             "too_many_pixels",
             "image 'big.png' is 100x50 = 5,000 pixels, above the limit of 4,999 (a possible decompression bomb); it was not decoded",
-            "downscale the image, or raise max_image_pixels if you trust the file",
+            "downscale the image file (the model sees at most image_max_pixels anyway), or remove the sample",
         )
     ]
     assert res.headers == {path: ImageHeader(100, 50, "PNG")}

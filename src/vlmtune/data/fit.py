@@ -210,16 +210,22 @@ class Fitter:
         lengths = [sum(b.length for b in ex) for ex in exchanges]
         pieces: list[Encoded] = []
         lost: list[int] = []
+        notes: list[str] = []
         k = 0
         while k < len(exchanges):
             end, total = k + 1, sys_len + lengths[k]
             while end < len(exchanges) and total + lengths[end] <= cut:
                 total += lengths[end]
                 end += 1
-            piece = _join(enc, system, exchanges[k:end])
+            # ids name the exchanges a piece holds, so a report line can be traced to the input
+            label = f"{k + 1}" if end == k + 1 else f"{k + 1}-{end}"
+            group = _join(enc, system, exchanges[k:end])
+            piece = group.with_blocks(group.blocks, id=f"{enc.id}#{label}")
             if piece.length > cut:
-                fitted = inner.fit(piece).pieces if inner.opt.overflow else []
-                piece = fitted[0] if fitted else None
+                inner_out = inner.fit(piece) if inner.opt.overflow else None
+                piece = inner_out.pieces[0] if inner_out and inner_out.pieces else None
+                if piece is not None:
+                    notes.append(f"piece {label}: {inner_out.reason}")
             if piece is None or not piece.has_target:
                 lost.append(k + 1)
             else:
@@ -229,11 +235,10 @@ class Fitter:
             k = end
         if not pieces:
             return None
-        pieces = [p.with_blocks(p.blocks, id=f"{enc.id}#{n}") for n, p in enumerate(pieces, 1)]
         note = f"split {len(exchanges)} exchanges into {len(pieces)} samples at exchange boundaries"
         if lost:
             note += f"; exchange(s) {lost} could not fit even alone and were left out"
-        return pieces, note
+        return pieces, "; ".join([note] + notes)
 
 
 # -- helpers over blocks ---------------------------------------------------------------------

@@ -12,6 +12,7 @@ tests/data/test_images.py).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -175,6 +176,8 @@ _JPEG_SOS = 0xDA
 _JPEG_DQT = 0xDB
 _XMP_PREFIX = b"http://ns.adobe.com/xap/1.0/\x00"
 _XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # Image.getexif's own pattern
+_EXIF_RESOLUTION_UNIT = 0x0128
+_EXIF_X_RESOLUTION = 0x011A
 
 
 def _jpeg_header(path: str) -> ImageHeader | None:
@@ -323,6 +326,7 @@ def _exif_ifd0_orientation(segment: bytes) -> int | None:
         raise _NotMirrored
     orientation = None
     total = 0
+    dpi_tags: dict[int, tuple[int, int]] = {}
     for k in range(count):
         p = offset + 2 + 12 * k
         tag, typ, cnt, value_offset = struct.unpack_from(e + "HHLL", tiff, p)
@@ -331,11 +335,21 @@ def _exif_ifd0_orientation(segment: bytes) -> int | None:
             if orientation is not None or typ != 3 or cnt != 1:
                 raise _NotMirrored
             (orientation,) = struct.unpack_from(e + "H", tiff, p + 8)
-        elif unit is not None and cnt * unit > 4:
+            continue
+        if unit is not None and cnt * unit > 4:
             # Out-of-range tag data makes Pillow stop reading the IFD (or skip the tag).
             total += cnt * unit
             if value_offset + cnt * unit > n or total > n:
                 raise _NotMirrored
+        if tag in (_EXIF_RESOLUTION_UNIT, _EXIF_X_RESOLUTION):
+            if tag in dpi_tags:
+                raise _NotMirrored
+            dpi_tags[tag] = (typ, cnt)
+    # JpegImageFile._read_dpi_from_exif reads ResolutionUnit and XResolution when the JFIF header
+    # has no dpi, and some odd XResolution types (a BYTE, an empty string...) make it raise, so
+    # that Pillow cannot open the file at all. Anything but one RATIONAL is left to Pillow.
+    if _EXIF_RESOLUTION_UNIT in dpi_tags and dpi_tags.get(_EXIF_X_RESOLUTION, (5, 1)) != (5, 1):
+        raise _NotMirrored
     return orientation
 
 
@@ -369,6 +383,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+@functools.lru_cache(maxsize=1 << 16, typed=True)  # sizes repeat, and validate + encode both ask
 def grid_for(height: int, width: int, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int) -> Grid:
     """The grid (t, h, w) in patches and the number of `<|image_pad|>` tokens for one image."""
     rh, rw = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)

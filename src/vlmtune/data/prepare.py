@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -92,7 +93,7 @@ def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prep
         allow_remote_images=cfg.allow_remote_images,
     )
 
-    convs = read.conversations[: cfg.max_samples] if cfg.max_samples else read.conversations
+    convs = first_of_each_file(read.conversations, cfg.max_samples) if cfg.max_samples else read.conversations
     spec = loaded.spec
     checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
                        patch_size=spec.patch_size, merge_size=spec.merge_size)
@@ -159,6 +160,18 @@ def _fit_all(cfg, loaded: Loaded, convs, headers, progress: bool) -> list[FitOut
 
 
 # -- report ----------------------------------------------------------------------------------
+def first_of_each_file(convs, n: int):
+    """max_samples: the first n samples of each data file (LLaMA-Factory applies it per dataset)."""
+    seen: Counter = Counter()
+    out = []
+    for c in convs:
+        key = re.sub(r"[:#]\d+$", "", c.source)
+        seen[key] += 1
+        if seen[key] <= n:
+            out.append(c)
+    return out
+
+
 def _unread_line(p: Problem) -> dict:
     return {"id": p.sample_id or p.source, "source": p.source, "fate": "invalid", "reason": f"{p.what}; {p.fix}",
             "tokens_before": None, "tokens_after": None}

@@ -63,7 +63,7 @@ class _Bad:
 _FIX_REPLACE = "replace it with a valid image file (JPEG, PNG, WebP, ...) or remove the sample"
 _FIX_REEXPORT = "re-export or re-download the image, or remove the sample"
 _FIX_PATH = "check the path, or set media_dir to the folder the image paths are relative to"
-_FIX_BOMB = "downscale the image, or raise max_image_pixels if you trust the file"
+_FIX_BOMB = "downscale the image file (the model sees at most image_max_pixels anyway), or remove the sample"
 
 
 def _header_ignoring_bomb_limit(path: str) -> tuple[int, int] | None:

@@ -13,6 +13,7 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import yaml
@@ -64,6 +65,7 @@ def setup(cfg, *, progress: bool = True) -> Run:
     from transformers import set_seed
 
     set_seed(cfg.seed)
+    init_cpu_distributed(cfg.ddp_timeout)
     args = training_arguments(cfg, progress)
     loaded = load_spec(cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels,
                        image_max_pixels=cfg.image_max_pixels, trust_remote_code=cfg.trust_remote_code,
@@ -83,7 +85,9 @@ def setup(cfg, *, progress: bool = True) -> Run:
                            f"see {prepared.report_path} for what happened to each sample"])
 
     model = load_model(cfg, dtype=model_dtype(cfg))
-    model.config.use_cache = False  # no KV cache in training (and packing needs none)
+    for c in (model.config, getattr(model.config, "text_config", None)):
+        if c is not None:
+            c.use_cache = False  # no KV cache in training (and packing needs none)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -104,6 +108,16 @@ def setup(cfg, *, progress: bool = True) -> Run:
     )
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     return Run(cfg, loaded, prepared, trainer, trainable, resume)
+
+
+def init_cpu_distributed(timeout_s: int) -> None:
+    """Under torchrun on CPUs, start the gloo process group here so that ddp_timeout bounds every
+    collective: transformers passes the timeout on for GPU backends only, leaving a stuck CPU rank
+    to hang for torch's default 30 minutes."""
+    dist = torch.distributed
+    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+            and dist.is_available() and not dist.is_initialized()):
+        dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def training_arguments(cfg, progress: bool = True):

@@ -60,7 +60,10 @@ class VlmTrainer(Trainer):
     def worst_case_step(self) -> dict:
         """One forward/backward on the longest batch; gradients and RNG state are left untouched."""
         ds = self.train_dataset
-        order = sorted(range(len(ds)), key=lambda i: (ds[i]["length"], len(ds[i]["images"])), reverse=True)
+        # Longest first; among equals the most vision patches (the cost of a trainable tower).
+        patches = [sum(g[0] * g[1] * g[2] for g in grids) for grids in ds["image_grid_thw"]]
+        lengths = ds["length"]
+        order = sorted(range(len(ds)), key=lambda i: (lengths[i], patches[i]), reverse=True)
         rows = [ds[i] for i in order[: self.args.per_device_train_batch_size]]
         batch = self._prepare_inputs(self.data_collator(rows))
         model = self.model
