@@ -7,8 +7,11 @@ returns (`on_save`) tells complete checkpoints apart, and resume picks the newes
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
+import threading
 
 from transformers import TrainerCallback
 
@@ -16,18 +19,70 @@ from ..errors import ConfigError
 
 MARKER = "vlmtune_complete"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# What the data order and the step count depend on: resuming with other values silently changes both.
+LAYOUT_KEYS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def run_layout(args) -> dict:
+    return {"world_size": args.world_size, "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps}
 
 
 class CompleteCheckpointCallback(TrainerCallback):
+    """Marks a checkpoint complete (with the run's layout) once the Trainer has written all of it."""
+
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(path):
                 with open(os.path.join(path, MARKER), "w", encoding="utf-8") as f:
-                    f.write(f"{state.global_step}\n")
+                    json.dump({"global_step": state.global_step, **run_layout(args)}, f)
                     f.flush()
                     os.fsync(f.fileno())
         return control
+
+
+class GracefulStopCallback(TrainerCallback):
+    """SIGTERM (a preemption, `kill`, a scheduler's time limit): finish the current step, save a
+    checkpoint and stop cleanly. Under DDP the ranks agree on stopping with one all-reduce per step,
+    so a signal that reaches one rank only cannot leave the others waiting."""
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return control
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._agreed():
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+        return control
+
+    def _agreed(self) -> bool:
+        import torch
+
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -66,3 +121,18 @@ def resolve_resume(value, output_dir: str) -> str | None:
         raise ConfigError([f"resume_from_checkpoint={value!r} is an incomplete checkpoint (interrupted while "
                            "saving); set resume_from_checkpoint to true to take the last complete one"])
     return value
+
+
+def layout_change(checkpoint: str, args) -> str | None:
+    """A sentence naming what differs between the checkpoint's run and this one, or None."""
+    try:
+        with open(os.path.join(checkpoint, MARKER), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None  # checkpoints marked by an earlier version record no layout
+    now = run_layout(args)
+    diffs = [f"{k} {saved[k]} -> {now[k]}" for k in LAYOUT_KEYS if k in saved and saved[k] != now[k]]
+    if not diffs:
+        return None
+    return (f"resuming {checkpoint} with a different layout ({', '.join(diffs)}): the global batch, the data "
+            "order and the meaning of global_step change, so the run will not continue as it would have")

@@ -23,7 +23,7 @@ from ..data.pack import pack_dataset
 from ..data.prepare import Prepared, format_report_summary, prepare
 from ..errors import ConfigError
 from ..models.load import Loaded, apply_finetuning, format_trainable, load_model, load_spec, trainable_summary
-from .checkpoints import CompleteCheckpointCallback, resolve_resume
+from .checkpoints import CompleteCheckpointCallback, GracefulStopCallback, layout_change, resolve_resume
 from .plot import plot_loss
 from .trainer import VlmTrainer
 
@@ -48,6 +48,7 @@ class TrainResult:
     loss_plot: str | None
     global_step: int
     worst_case: dict | None = None
+    stopped_by_signal: bool = False
 
 
 # Set to 1 to have every rank write rank_{r}_weights.sha256 (one line per parameter) into output_dir
@@ -102,11 +103,14 @@ def setup(cfg, *, progress: bool = True) -> Run:
         data_collator=collator,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        callbacks=[CompleteCheckpointCallback()],
+        callbacks=[CompleteCheckpointCallback(), GracefulStopCallback()],
         spec=loaded.spec,
         deepspeed=bool(cfg.deepspeed),
     )
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    change = layout_change(resume, args) if resume else None
+    if change:
+        say(f"WARNING: {change}")
     return Run(cfg, loaded, prepared, trainer, trainable, resume)
 
 
@@ -198,6 +202,11 @@ def train(run: Run) -> TrainResult:
     if run.resume:
         say(f"resuming from {run.resume}")
     trainer.train(resume_from_checkpoint=run.resume)
+    stop = next((c for c in trainer.callback_handler.callbacks if isinstance(c, GracefulStopCallback)), None)
+    stopped = bool(stop and stop.stopped_at is not None)
+    if stopped:
+        say(f"stopped by SIGTERM after step {stop.stopped_at}; checkpoint-{stop.stopped_at} is saved: "
+            "resume with resume_from_checkpoint=true")
     trainer.save_model(cfg.output_dir)
     trainer.save_state()
     if os.environ.get(DEBUG_RANK_HASH_ENV) == "1":
@@ -214,7 +223,7 @@ def train(run: Run) -> TrainResult:
             if loss_plot:
                 say(f"loss plot: {loss_plot}")
     return TrainResult(cfg.output_dir, run.prepared, run.trainable, list(trainer.state.log_history), loss_plot,
-                       trainer.state.global_step, worst)
+                       trainer.state.global_step, worst, stopped)
 
 
 def weight_hash(t: torch.Tensor) -> str:
