@@ -138,14 +138,27 @@ def test_folder_instead_of_image(tmp_path):
 
 
 @pytest.mark.parametrize("ext", ["png", "jpg"])
-def test_truncated_image_needs_verify(tmp_path, ext):
+def test_truncated_image_is_caught_by_its_missing_end_marker(tmp_path, ext):
     full = tmp_path / f"full.{ext}"
     Image.effect_noise((128, 128), 64).convert("RGB").save(full)
     data = full.read_bytes()
     path = tmp_path / f"trunc.{ext}"
     path.write_bytes(data[: len(data) // 2])
-    # the header alone cannot see the truncation
-    assert run(with_image(str(path))).problems == []
+    fmt = "PNG" if ext == "png" else "JPEG"
+    # no decode: the last bytes of the file lack the format's end marker
+    assert run(with_image(str(path))).problems == [
+        P("corrupt_image", f"image 'trunc.{ext}' is truncated: its {fmt} end marker is missing ({path})",
+          FIX_REEXPORT)]
+    assert run(with_image(str(full))).problems == []
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_truncated_image_with_verify(tmp_path, ext):
+    full = tmp_path / f"full.{ext}"
+    Image.effect_noise((128, 128), 64).convert("RGB").save(full)
+    data = full.read_bytes()
+    path = tmp_path / f"trunc.{ext}"
+    path.write_bytes(data[: len(data) // 2])
     res = run(with_image(str(path)), verify_images=True)
     detail = {"png": "image file is truncated", "jpg": "image file is truncated (62 bytes not processed)"}[ext]
     assert len(res.problems) == 1

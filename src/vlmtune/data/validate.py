@@ -96,6 +96,26 @@ def _too_many(claimed: str, limit: int) -> _Bad:
     return _Bad("too_many_pixels", what, _FIX_BOMB)
 
 
+# The last bytes of a complete file: a truncated download or copy loses them. Reading 16 bytes from
+# the end catches most truncated JPEG/PNG files without decoding anything.
+_END_MARKERS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",)}
+
+
+def _tail_ok(path: str, fmt: str | None) -> bool:
+    markers = _END_MARKERS.get(fmt or "")
+    if not markers:
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16))
+            tail = f.read()
+    except OSError:
+        return True  # reported by the header read or at training time
+    # JPEG writers may pad after EOI; any marker in the last bytes counts.
+    return any(m in tail for m in markers)
+
+
 @dataclass
 class _ImageRules:
     patch_size: int
@@ -143,6 +163,9 @@ class _ImageRules:
                 f"is {w}x{h}: its aspect ratio {ratio:.1f} is above the processor's limit of {MAX_ASPECT_RATIO}",
                 f"crop or pad the image so that its longer side is at most {MAX_ASPECT_RATIO} times its shorter side",
             )
+        if not self.verify and not _tail_ok(path, header.format):
+            return header, _Bad("corrupt_image", f"is truncated: its {header.format} end marker is missing ({path})",
+                                _FIX_REEXPORT)
         if self.verify:
             try:
                 with Image.open(path) as im:
