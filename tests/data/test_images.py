@@ -14,6 +14,7 @@ Three layers, each checked against transformers itself, for the three families:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -28,6 +29,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile, features
 
 from vlmtune import cli
+from vlmtune.data import images as images_mod
 from vlmtune.data.images import MAX_ASPECT_RATIO, ImageSizeError, grid_for, read_header
 from vlmtune.models.load import load_spec
 
@@ -278,6 +280,7 @@ def test_read_header_applies_jpeg_exif_orientation(tmp_path, orientation, family
     hdr = read_header(path)
     expected = (40, 120) if orientation in (5, 6, 7, 8) else (120, 40)
     assert (hdr.width, hdr.height) == expected
+    assert images_mod._pillow_header(path) == hdr  # the fast JPEG path and Pillow agree
     im = load_image(path)
     assert im.size == expected
     # And the processor, fed the image as load_image opens it, gives the grid of the header's size.
@@ -433,6 +436,299 @@ def test_read_header_of_truncated_files(tmp_path, write_png_header):
     # A header claiming 8000x6000 with 16 bytes of pixel data.
     hdr = read_header(write_png_header(tmp_path / "claims.png", 8000, 6000))
     assert (hdr.width, hdr.height) == (8000, 6000)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2b. read_header's fast paths give exactly what plain Pillow gives (size, orientation, errors)
+
+
+def _reference_outcome(path):
+    """What plain Pillow says: the stored size turned by `getexif()`'s orientation (which decodes
+    a PNG to look for metadata after its pixels), or the exception it raises."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(path) as im:
+                w, h = images_mod._stored_size(im)
+                fmt = im.format
+                try:
+                    orientation = im.getexif().get(0x0112)
+                except Exception:
+                    orientation = None
+        except Exception as e:
+            return type(e).__name__
+    return (h, w, fmt) if orientation in (5, 6, 7, 8) else (w, h, fmt)
+
+
+def _outcome(fn, path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            hdr = fn(path)
+        except Exception as e:
+            return type(e).__name__
+    return (hdr.width, hdr.height, hdr.format)
+
+
+def _jpeg_segments(data: bytes):
+    """A plain JPEG as (header segments [(marker, payload)], the rest from SOS on)."""
+    assert data[:2] == b"\xff\xd8"
+    pos, segs = 2, []
+    while data[pos + 1] != 0xDA:
+        marker = data[pos + 1]
+        n = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        segs.append((marker, data[pos + 4 : pos + 2 + n]))
+        pos += 2 + n
+    return segs, data[pos:]
+
+
+def _seg(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def often(usual, unusual):
+    """Mostly `usual` (about 3 draws in 4), sometimes `unusual`."""
+    return st.sampled_from([True, True, True, False]).flatmap(lambda u: usual if u else unusual)
+
+
+@st.composite
+def exif_entries(draw, e: str):
+    """IFD0 entries: mostly a well-formed Orientation (a SHORT, 1-8) among other tags."""
+    entries = []
+    for tag in draw(st.lists(st.sampled_from([0x010F, 0x011A, 0x0128, 0x8769, 0x0100, 0x9999, 0x0112]), max_size=3)):
+        typ = draw(st.sampled_from([1, 2, 3, 4, 5, 5, 7, 10, 0, 99]))
+        count = draw(st.one_of(st.integers(0, 3), st.integers(0, 40)))
+        value = draw(st.one_of(st.integers(0, 120), st.sampled_from([200, 1000, 2**32 - 1])))  # data offset
+        entries.append((tag, typ, count, value))
+    if draw(st.booleans()):  # the pair JpegImageFile._read_dpi_from_exif reads (data at offset 0)
+        x_type = draw(st.sampled_from([5, 1, 2, 7, 3]))
+        entries[:0] = [(0x0128, 3, 1, 2), (0x011A, x_type, draw(often(st.just(1), st.integers(0, 2))), 0)]
+    if draw(often(st.just(True), st.just(False))):
+        typ = draw(often(st.just(3), st.sampled_from([4, 1, 9])))
+        count = draw(often(st.just(1), st.integers(0, 3)))
+        value = draw(often(st.integers(1, 8), st.integers(0, 2**16 - 1)))
+        entries.insert(draw(st.integers(0, len(entries))), (0x0112, typ, count, value))
+    out = b""
+    for tag, typ, count, value in entries:
+        field = struct.pack(e + "HH", value % 65536, 0) if typ == 3 and count == 1 else struct.pack(e + "L", value)
+        out += struct.pack(e + "HHL", tag, typ, count) + field
+    return len(entries), out
+
+
+@st.composite
+def exif_payloads(draw):
+    prefix = draw(often(st.sampled_from([b"II*\x00", b"MM\x00*"]), st.sampled_from([b"II\x00*", b"MM*\x00", b"II+\x00", b"JUNK"])))
+    e = ">" if prefix.startswith(b"MM") else "<"
+    count, entries = draw(exif_entries(e))
+    ifd_offset = draw(often(st.just(8), st.integers(0, 200)))
+    extra = draw(st.binary(max_size=48))
+    tiff = prefix + struct.pack(e + "L", ifd_offset) + struct.pack(e + "H", count) + entries + b"\0\0\0\0" + extra
+    tiff = tiff[: draw(often(st.just(len(tiff)), st.integers(0, len(tiff))))]
+    twice = draw(often(st.just(False), st.just(True)))
+    return b"Exif\0\0" + (b"Exif\0\0" if twice else b"") + tiff
+
+
+def _xmp_payload(text: bytes) -> bytes:
+    return b"http://ns.adobe.com/xap/1.0/\x00" + text
+
+
+XMP_TEXTS = [b'<r tiff:Orientation="6"/>', b"<tiff:Orientation>8</tiff:Orientation>", b'tiff:Orientation="3"', b"none", b""]
+
+
+def _sof(marker, bits, height, width, layers, cut):
+    """A (second) start-of-frame segment; `cut` drops the last byte of its component table."""
+    body = bytes([bits]) + struct.pack(">HH", height, width) + bytes([layers]) + bytes(3 * layers)
+    return _seg(marker, body[: len(body) - cut])
+
+
+# Segments and stray bytes to put in a JPEG header: each either mirrored by the fast path or
+# handed to Pillow.
+JPEG_EXTRAS = st.one_of(
+    exif_payloads().map(lambda p: _seg(0xE1, p)),
+    st.sampled_from(XMP_TEXTS).map(lambda t: _seg(0xE1, _xmp_payload(t))),
+    st.binary(max_size=20).map(lambda b: _seg(0xE2, b"ICC_PROFILE\0" + b)),
+    st.tuples(st.sampled_from([b"JFIF", b"JFIF\0"]), st.binary(max_size=10)).map(lambda t: _seg(0xE0, t[0] + t[1])),
+    st.binary(max_size=10).map(lambda b: _seg(0xEE, b"Adobe" + b)),
+    st.binary(max_size=10).map(lambda b: _seg(0xE2, b"MPF\0" + b)),
+    st.binary(max_size=10).map(lambda b: _seg(0xED, b"Photoshop 3.0\x00" + b)),
+    st.binary(max_size=10).map(lambda b: _seg(0xE2, b"FPXR\0" + b)),
+    st.tuples(st.integers(0xE0, 0xEF), st.binary(max_size=12)).map(lambda t: _seg(*t)),
+    st.binary(max_size=12).map(lambda b: _seg(0xFE, b)),
+    st.binary(max_size=140).map(lambda b: _seg(0xDB, b)),
+    st.builds(
+        _sof,
+        marker=st.sampled_from([0xC0, 0xC2, 0xC3, 0xDE]),
+        bits=st.sampled_from([8, 8, 12, 0]),
+        height=st.integers(0, 65535),
+        width=st.integers(0, 2000),
+        layers=st.sampled_from([1, 3, 4, 2]),
+        cut=st.sampled_from([0, 0, 1]),
+    ),
+    st.sampled_from([b"\xff", b"\xff\xff", b"\x00", b"\x12\x34", b"\xff\x00", b"\xff\xd0", b"\xff\xc8", b"\xff\x10", b"\xff\xf3"]),
+    st.just(b"\xff\xe1\x00"),  # a length cut short
+)
+
+
+@st.composite
+def jpeg_files(draw):
+    mode = draw(st.sampled_from(["RGB", "L", "CMYK"]))
+    w, h = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    buf = io.BytesIO()
+    Image.new(mode, (w, h), 90 if mode == "L" else (10, 200, 30, 0)[: len(mode)]).save(
+        buf, format="JPEG", progressive=draw(st.booleans()), quality=draw(st.sampled_from([50, 95]))
+    )
+    segs, rest = _jpeg_segments(buf.getvalue())
+    items = [_seg(m, p) for m, p in segs]
+    inserts = draw(st.lists(JPEG_EXTRAS, max_size=4)) if draw(st.booleans()) else []
+    # An EXIF and an XMP segment half of the time each, besides whatever else was drawn.
+    inserts += draw(st.lists(exif_payloads().map(lambda p: _seg(0xE1, p)), max_size=1))
+    inserts += draw(st.lists(st.sampled_from(XMP_TEXTS).map(lambda t: _seg(0xE1, _xmp_payload(t))), max_size=1))
+    for item in inserts:
+        items.insert(draw(st.integers(0, len(items))), item)
+    data = b"\xff\xd8" + b"".join(items) + rest
+    if draw(st.integers(0, 19)) == 0:
+        data = data[: draw(st.integers(2, len(data)))]
+    return data
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return tmp_path_factory.mktemp("fast-path")
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=jpeg_files())
+def test_jpeg_fast_path_equals_pillow(scratch, data):
+    from hypothesis import event
+
+    path = scratch / "x.jpg"
+    path.write_bytes(data)
+    reference = _reference_outcome(str(path))
+    fast = images_mod._jpeg_header(str(path))
+    event("fast path" if fast is not None else "left to Pillow")
+    if fast is not None:
+        assert (fast.width, fast.height, fast.format) == reference
+    assert _outcome(read_header, str(path)) == reference
+
+
+@pytest.mark.parametrize(
+    "first_tag,orientation_survives",
+    [
+        ((0x011A, 5, 1, 1000), False),  # a RATIONAL whose data lies past the block: Pillow stops there
+        ((0x011A, 5, 1, 8), True),
+        ((0x010F, 2, 30, 500), False),
+        ((0x010F, 2, 3, 0), True),  # 3 ASCII bytes fit in the entry itself
+    ],
+)
+def test_exif_tags_before_the_orientation_matter(tmp_path, first_tag, orientation_survives):
+    entries = [first_tag, (0x0112, 3, 1, 6)]
+    tiff = b"II*\x00" + struct.pack("<LH", 8, len(entries))
+    tiff += b"".join(struct.pack("<HHLL", *entry) for entry in entries) + b"\0\0\0\0"
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 24)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    path = tmp_path / "e.jpg"
+    path.write_bytes(data[:2] + _seg(0xE1, b"Exif\0\0" + tiff) + data[2:])
+    expected = (24, 64, "JPEG") if orientation_survives else (64, 24, "JPEG")
+    assert _reference_outcome(str(path)) == expected
+    assert _outcome(read_header, str(path)) == expected
+    assert (images_mod._jpeg_header(str(path)) is not None) == orientation_survives
+
+
+@pytest.mark.parametrize(
+    "x_resolution,opens",
+    [
+        ((0x011A, 5, 1, 200), True),  # one RATIONAL (its 8 bytes at offset 200): the normal case
+        ((0x011A, 1, 1, 5), False),  # a BYTE: Pillow's _read_dpi_from_exif raises, open() fails
+        ((0x011A, 2, 1, 0), False),  # an empty string: the same
+        ((0x011A, 7, 1, 5), False),  # UNDEFINED: the same
+    ],
+)
+def test_exif_resolution_tags_that_pillow_cannot_open(tmp_path, x_resolution, opens):
+    """A JPEG Pillow refuses must stay refused: the fast path must not accept it."""
+    entries = [(0x0128, 3, 1, 2), x_resolution, (0x0112, 3, 1, 6)]
+    tiff = b"II*\x00" + struct.pack("<LH", 8, len(entries))
+    tiff += b"".join(struct.pack("<HHLL", *entry) for entry in entries) + b"\0\0\0\0"
+    tiff = tiff.ljust(200, b"\0") + struct.pack("<LL", 72, 1)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 24)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    path = tmp_path / "dpi.jpg"
+    path.write_bytes(data[:2] + _seg(0xE1, b"Exif\0\0" + tiff) + data[2:])
+    reference = _reference_outcome(str(path))
+    assert reference == ((24, 64, "JPEG") if opens else "UnidentifiedImageError")
+    assert _outcome(read_header, str(path)) == reference
+    assert (images_mod._jpeg_header(str(path)) is not None) == opens
+
+
+def _jpeg_with(tmp_path, name, **save):
+    path = tmp_path / name
+    Image.new(save.pop("mode", "RGB"), (64, 24)).save(path, format="JPEG", **save)
+    return str(path)
+
+
+def test_common_jpegs_take_the_fast_path(tmp_path):
+    from PIL import ImageCms
+    from transformers.image_utils import load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Camera maker"
+    exif[0x011A] = 72.0
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    files = [
+        _jpeg_with(tmp_path, "plain.jpg"),
+        _jpeg_with(tmp_path, "exif6.jpg", exif=exif),
+        _jpeg_with(tmp_path, "icc.jpg", icc_profile=srgb, exif=exif, progressive=True),
+        _jpeg_with(tmp_path, "xmp.jpg", xmp=b'<x:xmpmeta><r tiff:Orientation="8"/></x:xmpmeta>'),
+        _jpeg_with(tmp_path, "gray.jpg", mode="L", dpi=(300, 300)),
+        _jpeg_with(tmp_path, "cmyk.jpg", mode="CMYK", comment=b"hello"),
+    ]
+    for path in files:
+        fast = images_mod._jpeg_header(path)
+        assert fast is not None, path
+        assert (fast.width, fast.height, fast.format) == _reference_outcome(path)
+        assert (fast.width, fast.height) == load_image(path).size
+    assert _reference_outcome(files[1])[:2] == (24, 64)
+    assert _reference_outcome(files[3])[:2] == (24, 64)
+
+
+@st.composite
+def png_files(draw):
+    w, h = draw(st.integers(1, 30)), draw(st.integers(1, 30))
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (1, 2, 3)).save(buf, format="PNG")
+    chunks = _png_chunks(buf.getvalue())
+    raw_profile = "\nexif\n{:8}\n{}\n".format(len(_exif_block(6)) + 6, (b"Exif\0\0" + _exif_block(6)).hex())
+    extra = st.one_of(
+        st.integers(1, 8).map(lambda o: (b"eXIf", _exif_block(o))),
+        st.sampled_from([b"exif", b"Raw profile type exif", b"XML:com.adobe.xmp", b"Comment"]).map(
+            lambda k: (b"tEXt", k + b"\0" + (raw_profile.encode() if k.startswith(b"Raw") else _xmp(6) if k.startswith(b"XML") else b"Exif\0\0" + _exif_block(8) if k == b"exif" else b"hi"))
+        ),
+        st.integers(1, 8).map(lambda o: (b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + _xmp(o))),
+        st.just((b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(raw_profile.encode()))),
+        st.binary(max_size=8).map(lambda b: (b"prVt", b)),
+    )
+    before = draw(st.lists(extra, max_size=2))
+    after = draw(st.lists(extra, max_size=2))
+    # chunks: IHDR, [...], IDAT..., IEND
+    body = chunks[:1] + before + chunks[1:-1] + after + chunks[-1:]
+    data = b"\x89PNG\r\n\x1a\n" + b"".join(_png_chunk(t, d) for t, d in body)
+    if draw(st.integers(0, 7)) == 0:
+        data = data[: draw(st.integers(8, len(data)))]
+    return data
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=png_files())
+def test_png_header_equals_pillow(scratch, data):
+    path = scratch / "x.png"
+    path.write_bytes(data)
+    assert _outcome(read_header, str(path)) == _reference_outcome(str(path))
 
 
 # ---------------------------------------------------------------------------------------------
