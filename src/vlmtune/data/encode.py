@@ -160,6 +160,22 @@ class Encoder:
             raise ValueError(f"the chat template put text before the first {start}: {pieces[0][:40]!r}")
         return [start + p for p in pieces[1:]]
 
+    def _tokenize_blocks(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many blocks; repeated blocks (system prompts, stock questions) are tokenized once.
+
+        The Rust tokenizer's fast batch path is used when available: it skips the character offsets
+        that transformers' wrapper computes and we never read."""
+        if not texts:
+            return []
+        unique = list(dict.fromkeys(texts))
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast"):
+            ids = [e.ids for e in backend.encode_batch_fast(unique, add_special_tokens=False)]
+        else:
+            ids = self.tokenizer(unique, add_special_tokens=False)["input_ids"]
+        by_text = dict(zip(unique, ids))
+        return [by_text[t] for t in texts]
+
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -174,7 +190,7 @@ class Encoder:
         """Encode many conversations with one batched tokenizer call (the tokenizer is the hot path)."""
         texts = [self.split_blocks(t) for t in self.render_many(convs)] if convs else []
         flat = [t for blocks in texts for t in blocks]
-        flat_ids = self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        flat_ids = self._tokenize_blocks(flat)
         out, k = [], 0
         for conv, blocks in zip(convs, texts):
             ids = flat_ids[k : k + len(blocks)]
