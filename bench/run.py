@@ -29,6 +29,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("inspect", "bench_inspect"),
     ("prepare", "bench_prepare"),
     ("pack", "bench_pack"),
+    ("doctor_memory", "bench_doctor_memory"),
 ]
 
 

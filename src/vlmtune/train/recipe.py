@@ -65,6 +65,10 @@ def say(msg: str) -> None:
 def setup(cfg, *, progress: bool = True) -> Run:
     from transformers import set_seed
 
+    if cfg.run_doctor:  # raises DoctorError listing every failed check; run_doctor: false trains anyway
+        from ..doctor import check_or_raise
+
+        check_or_raise(cfg, log=say, progress=progress)
     set_seed(cfg.seed)
     init_cpu_distributed(cfg.ddp_timeout)
     args = training_arguments(cfg, progress)

@@ -1,0 +1,446 @@
+"""`vlmtune doctor`: each check, on a config made to trip it, says exactly what is wrong and the fix.
+
+The hardware is made up (`DeviceInfo`), so every check runs on this CPU machine; the model is the tiny
+qwen2_vl checkpoint (and, for memory at a real scale, a Qwen2-VL-2B-sized model built on the meta device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from vlmtune import doctor
+from vlmtune.config import load_config
+from vlmtune.doctor import GiB, Check, DeviceInfo, DoctorError, run_checks, suggest_batch
+
+A100 = DeviceInfo("cuda", "NVIDIA A100 80GB", 80 * GiB, True, (8, 0), 16, 200 * GiB)
+A100_40 = DeviceInfo("cuda", "NVIDIA A100-SXM4-40GB", 40 * GiB, True, (8, 0), 16, 200 * GiB)
+T4 = DeviceInfo("cuda", "Tesla T4", 15 * GiB, False, (7, 5), 8, 50 * GiB)
+CPU = DeviceInfo("cpu", "Test CPU", 64 * GiB, False, None, 4, 32 * GiB)
+TESTED = {"torch": "2.14.1", "transformers": "5.24.0", "peft": "0.21.2", "accelerate": "1.15.0"}
+VERSIONS_OK = (
+    "torch 2.14.1; transformers 5.24.0; peft 0.21.2; accelerate 1.15.0; Qwen2-VL needs transformers >= 4.45; "
+    "transformers 5 needs mm_token_type_ids with every image batch and vlmtune's collator provides it "
+    "(tested with torch 2.14, transformers 5.24, peft 0.21, accelerate 1.15)"
+)
+DATA_TAIL = ("recommended cutoff_len: 546 keeps 95% whole, 546 99%, 546 all (0 image(s): p99 29, max 29; "
+             "1 image(s): p99 108, max 108; 2 image(s): p99 546, max 546)")
+
+
+@pytest.fixture(autouse=True)
+def tested_versions(monkeypatch):
+    """The versions this release was tested with, whatever is installed, so the tests are hermetic."""
+    monkeypatch.setattr(doctor, "_version", lambda lib: TESTED.get(lib))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Three samples: one image (108 tokens), two 448x448 images (546 tokens), text only (29 tokens)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("doctor-data")
+    for k, (w, h) in enumerate([(300, 200), (448, 448)]):
+        Image.new("RGB", (w, h), (60 * k, 100, 200)).save(root / f"im{k}.png")
+    records = [
+        {"id": "one", "messages": [{"role": "user", "content": "<image>What colour?"},
+                                   {"role": "assistant", "content": "red"}], "images": ["im0.png"]},
+        {"id": "two", "messages": [{"role": "user", "content": "<image><image>describe"},
+                                   {"role": "assistant", "content": "two"}], "images": ["im1.png", "im1.png"]},
+        {"id": "text", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    ]
+    path = root / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_ckpt):
+    return str(tiny_ckpt("qwen2_vl"))
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    from vlmtune.models.load import load_spec
+
+    return load_spec(ckpt)
+
+
+@pytest.fixture
+def config(ckpt, data, tmp_path):
+    def make(*overrides: str):
+        return load_config(None, [f"model_name_or_path={ckpt}", f"dataset={data}", f"output_dir={tmp_path / 'out'}",
+                                  "cutoff_len=600", *overrides])
+
+    return make
+
+
+@pytest.fixture
+def check(config, loaded):
+    """`check(name, device, *overrides, env={}, **kwargs) -> Check`: one check of run_checks."""
+
+    def run(name: str, device: DeviceInfo, *overrides: str, env: dict | None = None, **kwargs) -> Check:
+        checks = run_checks(config(*overrides), device_info=device, loaded=loaded, env=env or {}, **kwargs)
+        assert [c.name for c in checks] == ["versions", "precision", "workers", "model", "vision", "data", "memory",
+                                            "distributed"]
+        return {c.name: c for c in checks}[name]
+
+    return run
+
+
+# -- a good config -----------------------------------------------------------------------------
+def test_a_good_config_is_all_ok(config, loaded):
+    cfg = config("bf16=true", "preprocessing_num_workers=4", "dataloader_num_workers=4")
+    checks = run_checks(cfg, device_info=A100, loaded=loaded, env={})
+    assert [(c.name, c.status, c.fix) for c in checks if c.status != "ok"] == []
+    by = {c.name: c for c in checks}
+    assert by["versions"].message == VERSIONS_OK
+    assert by["vision"].message == ("LoRA adapters on the language_model (14 linear layers); frozen: vision_tower, "
+                                    "projector; 16,384 of 276,864 parameters train")
+    assert by["data"].message == ("cutoff_len=600: 0 of 3 valid samples are longer; overflow=[shrink_images, "
+                                  "truncate_text, split, drop] would keep 3; " + DATA_TAIL)
+    assert by["distributed"].message == ("one process (no WORLD_SIZE > 1, LOCAL_RANK or deepspeed): nothing to "
+                                         "synchronise")
+    text = doctor.format_checks(checks)
+    assert text.splitlines()[0] == "status  check        message"
+    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 8 ok"
+
+
+# -- precision ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("device, keys, status, message, fix", [
+    (T4, ["bf16=true"], "fail",
+     "bf16=true but Tesla T4 (compute capability 7.5) has no bfloat16 support (it needs 8.0 or newer: Ampere, Ada, "
+     "Hopper)", "set bf16: false and fp16: true"),
+    (CPU, ["fp16=true"], "fail", "fp16=true but there is no GPU (Test CPU): float16 mixed precision needs CUDA",
+     "set fp16: false (float32), or bf16: true on a CPU with bfloat16"),
+    (CPU, ["bf16=true"], "warn",
+     "bf16=true on a CPU without native bfloat16 (Test CPU: no AVX512-BF16 or AMX): autocast to bfloat16 is often "
+     "slower than float32 there", "set bf16: false unless it measures faster"),
+    (A100, [], "warn",
+     "neither bf16 nor fp16 is set: float32 on NVIDIA A100 80GB (compute capability 8.0), which supports bfloat16: "
+     "twice the weight and activation memory, and slower", "set bf16: true"),
+    (T4, [], "warn",
+     "neither bf16 nor fp16 is set: float32 on Tesla T4 (compute capability 7.5): twice the weight and activation "
+     "memory of fp16, and slower", "set fp16: true"),
+    (T4, ["fp16=true"], "ok", "fp16 mixed precision on Tesla T4 (compute capability 7.5)", ""),
+    (CPU, [], "ok", "float32 on the CPU (Test CPU); no GPU found", ""),
+])
+def test_precision(check, device, keys, status, message, fix):
+    assert check("precision", device, *keys) == Check("precision", status, message, fix)
+
+
+def test_precision_both_set_fails_even_past_the_config(config, loaded):
+    cfg = config()
+    both = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, bf16=True, fp16=True))
+    c = {c.name: c for c in run_checks(both, device_info=A100, loaded=loaded, env={})}["precision"]
+    assert c == Check("precision", "fail", "bf16 and fp16 are both true",
+                      "set at most one of them (bf16 where the device supports it)")
+
+
+# -- workers -----------------------------------------------------------------------------------
+WORKER_COSTS = ("(about 400 MiB per preprocessing worker, 300 MiB + 2 prefetched batches of 9 MiB pixels per "
+                "dataloader worker)")
+
+
+def test_workers_more_than_cpus(check):
+    c = check("workers", CPU, "preprocessing_num_workers=8", "dataloader_num_workers=6")
+    assert c == Check(
+        "workers", "warn",
+        "preprocessing_num_workers=8 is more than the 4 CPUs; 6 dataloader workers in all is more than the 4 CPUs "
+        "(preprocessing_num_workers=8, dataloader_num_workers=6, 4 CPUs, 32.0 GiB RAM free; estimated worker "
+        f"memory 3.12 GiB {WORKER_COSTS})",
+        "set preprocessing_num_workers to at most 4; set dataloader_num_workers to at most 4")
+
+
+def test_dataloader_workers_count_for_every_local_process(check):
+    c = check("workers", A100, "bf16=true", "dataloader_num_workers=4", env={"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"})
+    assert c == Check(
+        "workers", "warn",
+        "32 dataloader workers in all is more than the 16 CPUs (preprocessing_num_workers=1, 8 training processes × "
+        f"dataloader_num_workers=4, 16 CPUs, 200.0 GiB RAM free; estimated worker memory 9.95 GiB {WORKER_COSTS})",
+        "set dataloader_num_workers to at most 2")
+
+
+@pytest.mark.parametrize("free_gib, status, share", [(2, "warn", "over 50% of"), (1, "fail", "all")])
+def test_workers_against_free_memory(check, free_gib, status, share):
+    device = dataclasses.replace(CPU, free_ram=free_gib * GiB)
+    c = check("workers", device, "preprocessing_num_workers=4")
+    assert c == Check(
+        "workers", status,
+        f"the workers would take {share} the free RAM (preprocessing_num_workers=4, dataloader_num_workers=0, "
+        f"4 CPUs, {free_gib}.00 GiB RAM free; estimated worker memory 1.56 GiB {WORKER_COSTS})", "use fewer workers")
+
+
+# -- vision training ---------------------------------------------------------------------------
+def test_unfrozen_vision_tower_without_vision_targets_fails(check):
+    c = check("vision", A100, "bf16=true", "freeze_vision_tower=false", "lora_target=q_proj,v_proj")
+    assert c == Check(
+        "vision", "fail",
+        "freeze_vision_tower=false but lora_target=[q_proj, v_proj] matches no linear layer of the vision tower, so "
+        "the vision tower would stay frozen; its linear layers are named [fc1, fc2, proj, qkv]",
+        "set lora_target: all (adapters on every linear layer of the parts not frozen), or add the vision tower's "
+        "layers: lora_target: q_proj,v_proj,fc1,fc2,proj,qkv")
+
+
+def test_named_vision_targets_on_a_frozen_tower_warn(check):
+    c = check("vision", A100, "bf16=true", "lora_target=q_proj,qkv")
+    assert c == Check(
+        "vision", "warn",
+        "lora_target=[q_proj, qkv] puts adapters on 2 layers of the vision_tower (qkv) although freeze_vision_tower "
+        "is true: named targets apply wherever the name matches, whatever the freeze_* keys say (LoRA adapters on "
+        "the language_model (2 linear layers) and the vision_tower (2 linear layers); frozen: projector; 4,096 of "
+        "264,576 parameters train)",
+        "to keep those parts frozen set lora_target: all (it follows the freeze_* keys) or name only layers of the "
+        "parts that train; to train them on purpose set freeze_vision_tower: false")
+
+
+def test_qwen2_5_vl_shares_mlp_names_with_its_vision_tower(tiny_ckpt, data, tmp_path):
+    from vlmtune.models.load import load_spec
+
+    path = str(tiny_ckpt("qwen2_5_vl"))
+    cfg = load_config(None, [f"model_name_or_path={path}", f"dataset={data}", f"output_dir={tmp_path}",
+                             "lora_target=q_proj,v_proj,gate_proj,up_proj,down_proj", "bf16=true", "cutoff_len=600"])
+    c = {c.name: c for c in run_checks(cfg, device_info=A100, loaded=load_spec(path), env={})}["vision"]
+    assert c.status == "warn"
+    assert c.message.startswith("lora_target=[q_proj, v_proj, gate_proj, up_proj, down_proj] puts adapters on 6 "
+                                "layers of the vision_tower (down_proj, gate_proj, up_proj) although "
+                                "freeze_vision_tower is true")
+
+
+def test_trainable_vision_tower_with_all_is_ok(check):
+    c = check("vision", A100, "bf16=true", "freeze_vision_tower=false", "freeze_multi_modal_projector=false")
+    assert c == Check("vision", "ok", "LoRA adapters on the language_model (14 linear layers) and the vision_tower "
+                      "(8 linear layers); the projector trains in full; 49,408 of 285,056 parameters train")
+
+
+def test_lora_target_matching_nothing_fails_with_the_names(check):
+    c = check("vision", A100, "bf16=true", "lora_target=foo")
+    assert c == Check("vision", "fail", "lora_target=[foo] matches no linear layer of the model; its linear layers "
+                      "are named [0, 2, down_proj, fc1, fc2, gate_proj, k_proj, o_proj, proj, q_proj, qkv, up_proj, "
+                      "v_proj]", "set lora_target: all, or to names from that list")
+
+
+def test_full_finetuning_lists_what_trains(check):
+    c = check("vision", A100, "bf16=true", "finetuning_type=full", "freeze_vision_tower=false")
+    assert c == Check("vision", "ok", "finetuning_type=full trains the language_model and the vision_tower in full; "
+                      "frozen: projector; 235,648 of 260,480 parameters train")
+
+
+# -- data --------------------------------------------------------------------------------------
+def test_samples_reaching_error_fail(check):
+    c = check("data", A100, "bf16=true", "cutoff_len=300", "overflow=[error]")
+    assert c == Check(
+        "data", "fail",
+        "1 sample(s) would reach the 'error' policy (two); cutoff_len=300: 1 of 3 valid samples are longer; "
+        "overflow=[error] would keep 2, stop prepare on 1; " + DATA_TAIL,
+        "raise cutoff_len to 546 (keeps every sample whole), or end overflow with drop")
+
+
+@pytest.mark.parametrize("overflow, fates", [("[shrink_images, truncate_text, split, drop]", "keep 2, shrink 1"),
+                                             ("[drop]", "keep 2, drop 1")])
+def test_samples_not_kept_whole_warn(check, overflow, fates):
+    c = check("data", A100, "bf16=true", "cutoff_len=300", f"overflow={overflow}")
+    assert c == Check(
+        "data", "warn",
+        f"1 of 3 samples (33.3%) would not be kept whole (more than 5% warns); cutoff_len=300: 1 of 3 valid samples "
+        f"are longer; overflow={overflow} would {fates}; " + DATA_TAIL,
+        "raise cutoff_len to 546 (keeps every sample whole), or lower image_max_pixels")
+
+
+def test_unreadable_dataset_fails(check, tmp_path):
+    c = check("data", A100, "bf16=true", f"dataset={tmp_path / 'nope.jsonl'}")
+    assert c.status == "fail"
+    assert c.message.startswith(f"dataset={str(tmp_path / 'nope.jsonl')!r} gave no valid sample (1 problem(s); first: ")
+    assert c.fix == "fix dataset / dataset_dir / media_dir (`vlmtune inspect` lists every problem)"
+
+
+# -- memory ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen2_vl_2b():
+    """A Qwen2-VL-2B-sized model (1.5B language model, 0.6B vision tower) on the meta device: no memory."""
+    import transformers
+
+    text = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4)
+    config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=151655,
+                                        video_token_id=151656, vision_start_token_id=151652,
+                                        vision_end_token_id=151653)
+    return doctor.meta_model(config)
+
+
+def test_memory_fail_suggests_a_batch_that_fits_and_keeps_the_global_batch(check, qwen2_vl_2b):
+    c = check("memory", A100_40, "bf16=true", "per_device_train_batch_size=32", "gradient_accumulation_steps=3",
+              model=qwen2_vl_2b)
+    assert c == Check(
+        "memory", "fail",
+        "estimated peak 41.5 GiB of NVIDIA A100-SXM4-40GB's 40.0 GiB (104%) for per_device_train_batch_size=32 × "
+        "546 tokens with 589 image tokens (the longest fitted rows of the data): weights 4.15 GiB, gradients 35 MiB, "
+        "optimizer 70 MiB, activations 36.2 GiB, step 35 MiB, batch 11 MiB, runtime 1.00 GiB; estimates are good to "
+        "about ±25%, so above 80% warns",
+        "set per_device_train_batch_size: 16 and gradient_accumulation_steps: 6 (16 × 6 = 96 keeps the global batch "
+        "of 32 × 3; 23 is the largest per-device batch that fits)")
+
+
+def test_memory_suggestion_is_below_the_threshold_and_the_next_batch_is_not(config, loaded, qwen2_vl_2b):
+    cfg = config("bf16=true")
+    facts = doctor.model_facts(qwen2_vl_2b.config, cfg)
+
+    def total(batch):
+        return doctor.estimate_memory(cfg, facts, "cuda", batch=batch, seq_len=546, image_tokens=589).total
+
+    assert total(23) <= 0.8 * A100_40.total_memory < total(24)
+    assert total(1) < total(2) < total(8)
+
+
+def test_memory_when_nothing_smaller_helps(check, qwen2_vl_2b):
+    c = check("memory", T4, "fp16=true", "finetuning_type=full", "gradient_checkpointing=false", model=qwen2_vl_2b)
+    assert (c.status, c.fix) == ("fail", "per_device_train_batch_size is already 1: try gradient_checkpointing: "
+                                 "true, finetuning_type: lora, a lower cutoff_len or image_max_pixels, DeepSpeed "
+                                 "ZeRO-3 across several GPUs (deepspeed)")
+    assert c.message.startswith("estimated peak 35.2 GiB of Tesla T4's 15.0 GiB (235%) for "
+                                "per_device_train_batch_size=1 × 546 tokens with 512 image tokens")
+
+
+def test_memory_on_the_cpu_is_against_free_ram(check):
+    c = check("memory", CPU)
+    assert c == Check(
+        "memory", "ok",
+        "estimated peak 1.02 GiB of 32.0 GiB of free RAM (no GPU: training runs on the CPU) (3%) for "
+        "per_device_train_batch_size=1 × 546 tokens with 512 image tokens (the longest fitted rows of the data): "
+        "weights 1 MiB, gradients 0 MiB, optimizer 0 MiB, activations 10 MiB, batch 9 MiB, runtime 1.00 GiB; "
+        "estimates are good to about ±25%, so "
+        "above 80% warns")
+
+
+@pytest.mark.parametrize("batch, steps, largest", [(8, 1, 7), (8, 3, 5), (7, 2, 3), (32, 3, 23), (5, 5, 1),
+                                                   (12, 1, 11), (6, 4, 4)])
+def test_suggested_batches_keep_the_global_batch_exactly(batch, steps, largest):
+    per_device, accumulation = suggest_batch(batch, steps, largest)
+    assert per_device * accumulation == batch * steps
+    assert 1 <= per_device <= largest
+    # the largest such per-device batch
+    assert not any(batch * steps % d == 0 for d in range(per_device + 1, largest + 1))
+
+
+# -- versions ----------------------------------------------------------------------------------
+def test_versions_below_the_requirements_fail(check, monkeypatch):
+    monkeypatch.setattr(doctor, "_version", lambda lib: {**TESTED, "transformers": "4.44.2"}.get(lib))
+    c = check("versions", A100, "bf16=true")
+    assert c == Check(
+        "versions", "fail",
+        "vlmtune requires transformers<6,>=5.0, found 4.44.2; Qwen2-VL needs transformers >= 4.45, found 4.44.2; "
+        "torch 2.14.1; transformers 4.44.2; peft 0.21.2; accelerate 1.15.0 (tested with torch 2.14, transformers "
+        "5.24, peft 0.21, accelerate 1.15)",
+        "pip install the versions tested with: torch 2.14, transformers 5.24, peft 0.21, accelerate 1.15")
+
+
+def test_untested_versions_warn(check, monkeypatch):
+    monkeypatch.setattr(doctor, "_version", lambda lib: {**TESTED, "peft": "0.18.0", "torch": "2.15.0"}.get(lib))
+    c = check("versions", A100, "bf16=true")
+    assert c.status == "warn"
+    assert c.message.startswith("torch 2.15.0 is newer than the tested 2.14; peft 0.18.0 is older than the tested "
+                                "0.21; torch 2.15.0; ")
+    assert c.fix == ("if something breaks, install the versions tested with: torch 2.14, transformers 5.24, "
+                     "peft 0.21, accelerate 1.15")
+
+
+# -- distributed -------------------------------------------------------------------------------
+TWO_RANKS = {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+
+
+@pytest.mark.parametrize("timeout, status, what", [
+    (180000000, "fail", "ddp_timeout=180000000 s lets a stuck rank hang the job for over a day (86400 s fails)"),
+    (10800, "warn", "ddp_timeout=10800 s lets a stuck rank hang the job for over 2 h"),
+])
+def test_long_ddp_timeouts(check, timeout, status, what):
+    c = check("distributed", A100, "bf16=true", f"ddp_timeout={timeout}", env=TWO_RANKS)
+    assert c == Check("distributed", status, f"2 process(es): {what}; the vision tower and projector are frozen, so "
+                      "text-only batches need no dummy vision pass", "set ddp_timeout: 1800 (the default) or at most "
+                      "7200")
+
+
+DUMMY = ("a text-only batch runs the vision tower on one dummy image with weight 0 (VlmTrainer), so every rank runs "
+         "the same modules and no rank waits for gradients that never come")
+
+
+def test_trainable_vision_tower_under_ddp_gets_the_dummy_pass(check):
+    c = check("distributed", A100, "bf16=true", "freeze_vision_tower=false", env=TWO_RANKS)
+    assert c == Check("distributed", "ok", f"2 process(es): ddp_timeout=1800 s; {DUMMY}")
+
+
+def test_deepspeed_zero3_is_read_from_its_json(check, tmp_path, monkeypatch):
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    monkeypatch.setattr(doctor, "_installed", lambda module: True)
+    c = check("distributed", A100, "bf16=true", f"deepspeed={ds}", env=TWO_RANKS)
+    assert c == Check("distributed", "ok", f"2 process(es): ddp_timeout=1800 s; DeepSpeed ZeRO stage 3 (from {ds}); "
+                      "ZeRO-3 gathers each module's parameters on every rank, so text-only batches get the dummy "
+                      f"vision pass too; {DUMMY}")
+    monkeypatch.setattr(doctor, "_installed", lambda module: False)
+    c = check("distributed", A100, "bf16=true", f"deepspeed={ds}", env=TWO_RANKS)
+    assert (c.status, c.fix) == ("fail", "pip install deepspeed, or set deepspeed: null")
+    assert c.message.startswith(f"2 process(es): deepspeed={str(ds)!r} is set but DeepSpeed is not installed; ")
+
+
+# -- the model cannot be loaded ----------------------------------------------------------------
+def test_a_missing_model_fails_and_the_other_checks_still_run(config, tmp_path):
+    cfg = config(f"model_name_or_path={tmp_path / 'nothing'}", "bf16=true")
+    checks = {c.name: c for c in run_checks(cfg, device_info=A100, env={})}
+    assert checks["model"].status == "fail"
+    assert checks["model"].message.startswith(f"cannot load model_name_or_path={str(tmp_path / 'nothing')!r}: ")
+    assert [(n, c.status) for n, c in checks.items() if n != "model"] == [
+        ("versions", "ok"), ("precision", "ok"), ("workers", "ok"), ("vision", "warn"), ("data", "warn"),
+        ("memory", "warn"), ("distributed", "ok")]
+
+
+# -- CLI and train -----------------------------------------------------------------------------
+def _yaml(tmp_path, ckpt, data, **keys) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": ckpt, "dataset": str(data),
+                                    "output_dir": str(tmp_path / "out"), "cutoff_len": 600, **keys}))
+    return str(path)
+
+
+def test_cli_exit_status_and_json(ckpt, data, tmp_path, monkeypatch, capsys):
+    from vlmtune.cli import main
+
+    monkeypatch.setattr(doctor, "probe_device", lambda: CPU)
+    path = _yaml(tmp_path, ckpt, data, fp16=True)
+    assert main(["doctor", path, "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in out] == ["versions", "precision", "workers", "model", "vision", "data", "memory",
+                                        "distributed"]
+    assert all(set(c) == {"name", "status", "message", "fix"} for c in out)
+    assert out[1]["status"] == "fail"
+    assert main(["doctor", path, "fp16=false"]) == 0
+    text = capsys.readouterr().out
+    assert "ok      precision    float32 on the CPU (Test CPU); no GPU found" in text
+    assert text.rstrip().endswith("0 failed, 0 warning(s), 8 ok")
+
+
+def test_train_stops_on_failed_checks_unless_run_doctor_is_false(config, monkeypatch):
+    from vlmtune.train import recipe
+
+    monkeypatch.setattr(doctor, "probe_device", lambda: CPU)
+    with pytest.raises(DoctorError) as err:
+        recipe.setup(config("fp16=true"), progress=False)
+    assert str(err.value) == (
+        "1 doctor check(s) failed before training:\n"
+        "  - precision: fp16=true but there is no GPU (Test CPU): float16 mixed precision needs CUDA\n"
+        "    fix: set fp16: false (float32), or bf16: true on a CPU with bfloat16\n"
+        "fix them, or set run_doctor: false to train anyway")
+
+    class Reached(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(doctor, "run_checks", lambda *a, **k: pytest.fail("the doctor ran with run_doctor: false"))
+    monkeypatch.setattr("transformers.set_seed", stop)
+    with pytest.raises(Reached):
+        recipe.setup(config("fp16=true", "run_doctor=false"), progress=False)
