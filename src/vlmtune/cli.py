@@ -16,6 +16,14 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_summary, run_demo
+
+    summary = run_demo(args.out, steps=args.steps, quick=args.quick, arch=args.arch, seed=args.seed)
+    print(format_summary(summary))
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -80,6 +88,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = run(cfg)
     print(f"trained {result.global_step} step(s); model saved to {result.output_dir}")
     return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import failures, format_checks, run_checks, to_json
+
+    checks = run_checks(_load_cfg(args), progress=False)
+    print(to_json(checks) if args.json else format_checks(checks))
+    return 1 if failures(checks) else 0
 
 
 def _config_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
@@ -156,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_cmd_tiny_model)
 
+    m = sub.add_parser("demo", help="fine-tune a tiny Qwen2-VL on rendered shapes on the CPU; accuracy before/after")
+    m.add_argument("--out", default="vlmtune-demo", help="output folder (default: ./vlmtune-demo)")
+    m.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 2400; 40 with --quick)")
+    m.add_argument("--quick", action="store_true", help="a small smoke run (under a minute): too short to learn")
+    m.add_argument("--arch", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], default="qwen2_vl",
+                   help="the tiny model's family; the demo's settings are tuned for qwen2_vl")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_cmd_demo)
+
     i = sub.add_parser("inspect", help="exact token counts of a dataset and the cutoff_len it needs")
     i.add_argument("--model", required=True, help="hub id or local path of the Qwen-VL checkpoint")
     i.add_argument("--data", required=True, help="a data file, a folder, or dataset names from dataset_info.json")
@@ -177,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _config_command(sub, "prepare", "validate and fit the data to cutoff_len; write the prepared dataset", _cmd_prepare)
     _config_command(sub, "train", "fine-tune (LoRA, full or freeze) on the prepared data", _cmd_train)
+    d = _config_command(sub, "doctor", "check the config against this machine, the model and the data", _cmd_doctor)
+    d.add_argument("--json", action="store_true", help="print the checks as a JSON list")
     _add_chat_export_parsers(sub)
     return p
 
