@@ -275,7 +275,7 @@ def _load_cached(out_dir: str, report_path: str, fp: str) -> Prepared | None:
 
 
 def _save_rows(rows: list[dict], out_dir: str, fp: str) -> None:
-    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Dataset, DatasetInfo, Features, Sequence, Value
 
     features = Features({
         "id": Value("string"),
@@ -294,7 +294,7 @@ def _save_rows(rows: list[dict], out_dir: str, fp: str) -> None:
         r["length"] = len(r["input_ids"])
     # Columns straight to Arrow: datasets' per-example feature encoding is the slow part of from_list.
     table = pa.table({k: pa.array([r[k] for r in rows], type=features[k].pa_type) for k in features})
-    ds = Dataset(table).cast(features)
+    ds = Dataset(table.cast(features.arrow_schema), info=DatasetInfo(features=features))
     # Write next to the target and swap, so an interrupted prepare never leaves a half cache.
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
