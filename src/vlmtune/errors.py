@@ -38,6 +38,9 @@ class ConfigError(VlmtuneError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}")
 
+    def __reduce__(self):  # survive pickling across worker processes
+        return (type(self), (self.problems,))
+
 
 class DataError(VlmtuneError):
     """One or more data problems, all reported together."""
@@ -48,7 +51,11 @@ class DataError(VlmtuneError):
         lines = "\n".join(f"  - {p}" for p in shown)
         more = f"\n  ... and {len(self.problems) - len(shown)} more" if len(self.problems) > len(shown) else ""
         head = header or f"{len(self.problems)} problem(s) in the data"
+        self.header = header
         super().__init__(f"{head}:\n{lines}{more}")
+
+    def __reduce__(self):
+        return (type(self), (self.problems, self.header))
 
 
 class SampleError(VlmtuneError):
@@ -57,3 +64,6 @@ class SampleError(VlmtuneError):
     def __init__(self, sample_id: str, source: str, what: str, fix: str):
         self.sample_id, self.source, self.what, self.fix = sample_id, source, what, fix
         super().__init__(f"sample {sample_id} ({source}): {what}; {fix}")
+
+    def __reduce__(self):
+        return (type(self), (self.sample_id, self.source, self.what, self.fix))

@@ -123,3 +123,16 @@ def test_prepare_cli_prints_summary(tiny_ckpt, dataset, capsys):
         "invalid          2       0              0             0",
         f"total            6       4  {before:>13}  {before:>12}",
     ]
+
+
+def test_error_policy_in_a_worker_names_the_sample(tiny_ckpt, dataset, monkeypatch):
+    import vlmtune.data.prepare as P
+    from vlmtune.errors import SampleError
+
+    monkeypatch.setattr(P, "CHUNK", 2)
+    tmp_path, data = dataset
+    cfg = config(tmp_path, data, tiny_ckpt("qwen2_vl"), "overflow=[error]", "preprocessing_num_workers=2")
+    with pytest.raises(SampleError) as err:
+        prepare(cfg, progress=False)
+    assert err.value.source == f"{data}:2"
+    assert err.value.fix.startswith("raise cutoff_len to at least ")

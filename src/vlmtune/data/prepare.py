@@ -23,7 +23,7 @@ from .. import __version__
 from ..errors import DataError, Problem
 from ..models.load import Loaded, load_spec
 from .encode import Encoder, emit
-from .fit import FitOptions, FitOutcome, Fitter
+from .fit import FitOptions, Fitter
 from .sources import read_samples
 from .validate import validate
 
@@ -94,15 +94,9 @@ def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prep
     )
 
     convs = first_of_each_file(read.conversations, cfg.max_samples) if cfg.max_samples else read.conversations
-    spec = loaded.spec
-    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
-                       patch_size=spec.patch_size, merge_size=spec.merge_size)
-    report: list[dict] = [_unread_line(p) for p in read.problems]
-    report += _invalid_lines(convs, checked)
-    bad = [p for p in list(read.problems) + list(checked.problems)]
-    outcomes = _fit_all(cfg, loaded, checked.valid, checked.headers, progress)
-    report += [o.report() for o in outcomes]
-    rows = [emit(p, spec).to_dict() for o in outcomes for p in o.pieces]
+    problems, fitted, rows = _process_all(cfg, loaded, convs, progress)
+    report: list[dict] = [_unread_line(p) for p in read.problems] + fitted
+    bad = list(read.problems) + problems
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     _write_report(report_path, report)
@@ -114,15 +108,23 @@ def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prep
     return Prepared(out_dir, report_path, len(rows), dict(fates), len(report), False, report)
 
 
-# -- fitting, in worker processes when asked ---------------------------------------------------
+# -- validate, encode, fit and emit: in worker processes when asked ------------------------------
 _WORKER: dict = {}
 
 
-def _fit_chunk(args) -> list[FitOutcome]:
-    convs, headers = args
+def _process_chunk(convs) -> tuple[list[Problem], list[dict], list[dict]]:
+    """One chunk of samples from validation to emitted rows; report lines in input order."""
     w = _WORKER
-    encoded = w["encoder"].encode_many(convs, headers)
-    return [w["fitter"].fit(e) for e in encoded]
+    spec = w["spec"]
+    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
+                       patch_size=spec.patch_size, merge_size=spec.merge_size)
+    lines = {line["id"]: line for line in _invalid_lines(convs, checked)}
+    rows = []
+    for enc in w["encoder"].encode_many(checked.valid, checked.headers):
+        out = w["fitter"].fit(enc)
+        lines[enc.id] = out.report()
+        rows += [emit(p, spec).to_dict() for p in out.pieces]
+    return list(checked.problems), [lines[c.id] for c in convs], rows
 
 
 def _init_worker(model, min_px, max_px, trust, train_on_prompt, options) -> None:
@@ -131,32 +133,37 @@ def _init_worker(model, min_px, max_px, trust, train_on_prompt, options) -> None
 
 
 def _set_worker(loaded: Loaded, train_on_prompt: bool, options: FitOptions) -> None:
+    _WORKER["spec"] = loaded.spec
     _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=train_on_prompt)
     _WORKER["fitter"] = Fitter(loaded.spec, options)
 
 
-def _fit_all(cfg, loaded: Loaded, convs, headers, progress: bool) -> list[FitOutcome]:
+def _process_all(cfg, loaded: Loaded, convs, progress: bool) -> tuple[list[Problem], list[dict], list[dict]]:
     options = fit_options(cfg)
     chunks = [convs[i : i + CHUNK] for i in range(0, len(convs), CHUNK)]
-    jobs = [(c, {img.path: headers[img.path] for conv in c for img in conv.images}) for c in chunks]
     workers = max(1, int(cfg.preprocessing_num_workers or 1))
-    out: list[FitOutcome] = []
-    bar = tqdm(total=len(convs), desc="fitting", unit="sample", disable=not progress or None)
+    problems: list[Problem] = []
+    report: list[dict] = []
+    rows: list[dict] = []
+    bar = tqdm(total=len(convs), desc="preparing", unit="sample", disable=not progress or None)
+
+    def gather(results) -> None:
+        for chunk_problems, chunk_report, chunk_rows in results:
+            problems.extend(chunk_problems)
+            report.extend(chunk_report)
+            rows.extend(chunk_rows)
+            bar.update(len(chunk_report))
+
     if workers == 1 or len(chunks) < 2:
         _set_worker(loaded, cfg.train_on_prompt, options)
-        results = map(_fit_chunk, jobs)
-        for res in results:
-            out.extend(res)
-            bar.update(len(res))
+        gather(map(_process_chunk, chunks))
     else:
         init = (cfg.model_name_or_path, cfg.image_min_pixels, cfg.image_max_pixels, cfg.trust_remote_code,
                 cfg.train_on_prompt, options)
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init) as pool:
-            for res in pool.map(_fit_chunk, jobs):
-                out.extend(res)
-                bar.update(len(res))
+            gather(pool.map(_process_chunk, chunks))
     bar.close()
-    return out
+    return problems, report, rows
 
 
 # -- report ----------------------------------------------------------------------------------
