@@ -62,64 +62,47 @@ QWEN2_PRETOKENIZE_REGEX = (
 # Chat templates (written from the documented behaviour of the Qwen-VL templates).
 # ---------------------------------------------------------------------------------------------
 
-# Qwen2-VL / Qwen2.5-VL: a default system prompt when the conversation does not open with one;
-# every message is ChatML; list content renders images / videos as vision placeholders
-# (optionally numbered with add_vision_id) and text parts verbatim.
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set ns = namespace(images=0, videos=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}"
-    "{% else %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
-    "{% set ns.images = ns.images + 1 %}"
-    "{% if add_vision_id %}Picture {{ ns.images }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' or 'video' in part %}"
-    "{% set ns.videos = ns.videos + 1 %}"
-    "{% if add_vision_id %}Video {{ ns.videos }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in part %}"
-    "{{ part['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+def _chatml_template(default_system: str | None) -> str:
+    """Qwen-VL's ChatML template: each image part renders as <|vision_start|><|image_pad|><|vision_end|>
+    (video: <|video_pad|>), "Picture N: " with add_vision_id; `default_system` is inserted when the
+    first message is not a system message (Qwen2/2.5-VL do, Qwen3-VL does not)."""
+    system = (
+        "{% if loop.first and message['role'] != 'system' %}"
+        f"<|im_start|>system\n{default_system}<|im_end|>\n"
+        "{% endif %}"
+    ) if default_system else ""
+    return (
+        "{% set ns = namespace(images=0, videos=0) %}"
+        "{% for message in messages %}"
+        + system
+        + (
+            "<|im_start|>{{ message['role'] }}\n"
+            "{% if message['content'] is string %}"
+            "{{ message['content'] }}"
+            "{% else %}"
+            "{% for part in message['content'] %}"
+            "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+            "{% set ns.images = ns.images + 1 %}"
+            "{% if add_vision_id %}Picture {{ ns.images }}: {% endif %}"
+            "<|vision_start|><|image_pad|><|vision_end|>"
+            "{% elif part['type'] == 'video' or 'video' in part %}"
+            "{% set ns.videos = ns.videos + 1 %}"
+            "{% if add_vision_id %}Video {{ ns.videos }}: {% endif %}"
+            "<|vision_start|><|video_pad|><|vision_end|>"
+            "{% elif 'text' in part %}"
+            "{{ part['text'] }}"
+            "{% endif %}"
+            "{% endfor %}"
+            "{% endif %}"
+            "<|im_end|>\n"
+            "{% endfor %}"
+        )
+        + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
 
-# Qwen3-VL: the same ChatML and vision rendering, but no default system prompt.
-QWEN3_VL_CHAT_TEMPLATE = (
-    "{% set ns = namespace(images=0, videos=0) %}"
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}"
-    "{% else %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
-    "{% set ns.images = ns.images + 1 %}"
-    "{% if add_vision_id %}Picture {{ ns.images }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' or 'video' in part %}"
-    "{% set ns.videos = ns.videos + 1 %}"
-    "{% if add_vision_id %}Video {{ ns.videos }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in part %}"
-    "{{ part['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+
+QWEN2_VL_CHAT_TEMPLATE = _chatml_template("You are a helpful assistant.")
+QWEN3_VL_CHAT_TEMPLATE = _chatml_template(None)
 
 # ---------------------------------------------------------------------------------------------
 # The built-in corpus the BPE is trained on.
