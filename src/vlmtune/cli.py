@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="fine-tune a tiny Qwen2-VL on rendered shapes on the CPU; accuracy before/after")
     m.add_argument("--out", default="vlmtune-demo", help="output folder (default: ./vlmtune-demo)")
-    m.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 2400; 40 with --quick)")
-    m.add_argument("--quick", action="store_true", help="a small smoke run (under a minute): too short to learn")
+    m.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 2400; 300 with --quick)")
+    m.add_argument("--quick", action="store_true",
+                   help="a short run (well under a minute) on less data: learns colour, not yet shape")
     m.add_argument("--arch", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], default="qwen2_vl",
                    help="the tiny model's family; the demo's settings are tuned for qwen2_vl")
     m.add_argument("--seed", type=int, default=0)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from vlmtune.data.collate import check_row, find_runs
 from vlmtune.data.encode import IGNORE_INDEX, Encoder, emit, with_budget
-from vlmtune.data.fit import POLICIES, FitOptions, Fitter, exchanges_of
+from vlmtune.data.fit import FitOptions, Fitter, exchanges_of
 from vlmtune.data.images import ImageHeader
 from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
 from vlmtune.errors import SampleError

@@ -6,8 +6,6 @@ error) deep inside the model into an error that names the sample and its source 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import numpy as np
 from PIL import Image, ImageOps
@@ -15,13 +13,6 @@ from PIL import Image, ImageOps
 from ..errors import SampleError
 from ..models.spec import ModelSpec
 from .encode import IGNORE_INDEX
-
-
-@dataclass
-class RunCheck:
-    """The image runs found in one row: (start index, number of pad tokens) per run."""
-
-    runs: list[tuple[int, int]]
 
 
 def find_runs(input_ids: list[int], spec: ModelSpec) -> tuple[list[tuple[int, int]], list[str]]:

@@ -13,7 +13,7 @@ the grid's token count only when a row is emitted, so changing an image's pixel 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from ..errors import SampleError
 from ..models.spec import ModelSpec
