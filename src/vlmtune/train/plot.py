@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 
 
-def smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average, debiased so the first points are not pulled towards zero."""
-    out, avg = [], 0.0
-    for k, v in enumerate(values, 1):
-        avg = weight * avg + (1 - weight) * v
-        out.append(avg / (1 - weight ** k))
+def smooth(values: list[float]) -> list[float]:
+    """A centred moving average over about 5% of the points: it follows the curve without the lag
+    of an exponential average (windows shrink at the ends)."""
+    n = len(values)
+    half = max(1, n // 40)
+    out = []
+    for i in range(n):
+        window = values[max(0, i - half) : i + half + 1]
+        out.append(sum(window) / len(window))
     return out
 
 
