@@ -22,12 +22,12 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from .data.fit import DEFAULT_OVERFLOW
+from .data.fit import POLICIES as OVERFLOW_POLICIES
 from .errors import ConfigError
 
-OVERFLOW_POLICIES = ("shrink_images", "truncate_text", "split", "drop", "error")
 # A sample handed to one of these never reaches a later policy, so only the last policy may be one of them.
 TERMINAL_POLICIES = ("drop", "error")
-DEFAULT_OVERFLOW = ["shrink_images", "truncate_text", "split", "drop"]
 
 # transformers' SchedulerType and OptimizerNames (5.x), copied so that loading a config does not import
 # transformers (seconds); tests/test_config.py checks that they still match the installed version.

@@ -278,27 +278,18 @@ def emit(enc: Encoded, spec: ModelSpec) -> Row:
     labels: list[int] = []
     pad = spec.image_token_id
     # Vision markers are inputs, never targets, even inside a trained turn.
-    untrainable = {spec.vision_start_token_id, spec.vision_end_token_id, pad}
+    untrainable = {spec.vision_start_token_id, spec.vision_end_token_id}
     for b in enc.blocks:
         images = iter(b.images)
-        ids = b.ids
-        if b.images:
-            expanded = []
-            for tok in ids:
-                expanded.extend([pad] * next(images).tokens if tok == pad else (tok,))
-            offset_ids = expanded
-        else:
-            offset_ids = ids
-        input_ids.extend(offset_ids)
-        if not b.trained:
-            labels.extend([IGNORE_INDEX] * len(offset_ids))
-            continue
-        # positions before label_start/after label_end are masked; the run expansion shifts them
-        shift = len(offset_ids) - len(ids)
-        lo, hi = _expanded_span(ids, b, pad, shift)
-        labels.extend([IGNORE_INDEX] * lo)
-        labels.extend(t if t not in untrainable else IGNORE_INDEX for t in offset_ids[lo:hi])
-        labels.extend([IGNORE_INDEX] * (len(offset_ids) - hi))
+        for j, tok in enumerate(b.ids):
+            if tok == pad:
+                n = next(images).tokens
+                input_ids.extend([pad] * n)
+                labels.extend([IGNORE_INDEX] * n)
+            else:
+                input_ids.append(tok)
+                trained = b.label_start <= j < b.label_end and tok not in untrainable
+                labels.append(tok if trained else IGNORE_INDEX)
     images = enc.images
     return Row(
         id=enc.id,
@@ -310,19 +301,3 @@ def emit(enc: Encoded, spec: ModelSpec) -> Row:
         image_min_pixels=[i.min_pixels for i in images],
         image_max_pixels=[i.max_pixels for i in images],
     )
-
-
-def _expanded_span(ids: list[int], b: Block, pad: int, shift: int) -> tuple[int, int]:
-    """The trained span [label_start, label_end) of a block in expanded positions."""
-    if not shift:
-        return b.label_start, b.label_end
-    extra_before_start = extra_before_end = 0
-    images = iter(b.images)
-    for j, tok in enumerate(ids):
-        if tok == pad:
-            n = next(images).tokens - 1
-            if j < b.label_start:
-                extra_before_start += n
-            if j < b.label_end:
-                extra_before_end += n
-    return b.label_start + extra_before_start, b.label_end + extra_before_end

@@ -219,11 +219,10 @@ class Fitter:
                 end += 1
             # ids name the exchanges a piece holds, so a report line can be traced to the input
             label = f"{k + 1}" if end == k + 1 else f"{k + 1}-{end}"
-            group = _join(enc, system, exchanges[k:end])
-            piece = group.with_blocks(group.blocks, id=f"{enc.id}#{label}")
+            piece = _join(enc, system, exchanges[k:end], id=f"{enc.id}#{label}")
             if piece.length > cut:
-                inner_out = inner.fit(piece) if inner.opt.overflow else None
-                piece = inner_out.pieces[0] if inner_out and inner_out.pieces else None
+                inner_out = inner.fit(piece)  # with no inner policy this is a drop
+                piece = inner_out.pieces[0] if inner_out.pieces else None
                 if piece is not None:
                     notes.append(f"piece {label}: {inner_out.reason}")
             if piece is None or not piece.has_target:
@@ -262,8 +261,8 @@ def exchanges_of(enc: Encoded) -> tuple[list[Block], list[list[Block]]]:
     return system, exchanges
 
 
-def _join(enc: Encoded, system: list[Block], exchanges: list[list[Block]]) -> Encoded:
-    return enc.with_blocks(list(system) + [b for ex in exchanges for b in ex])
+def _join(enc: Encoded, system: list[Block], exchanges: list[list[Block]], id: str | None = None) -> Encoded:
+    return enc.with_blocks(list(system) + [b for ex in exchanges for b in ex], id=id)
 
 
 def _with_context(piece: Encoded, n_system: int, earlier: list[list[Block]], cut: int) -> Encoded:

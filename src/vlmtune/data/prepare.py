@@ -23,7 +23,7 @@ from .. import __version__
 from ..errors import DataError, Problem
 from ..models.load import Loaded, load_spec
 from .encode import Encoder, emit
-from .fit import FitOptions, Fitter
+from .fit import FitOptions, FitOutcome, Fitter
 from .sources import read_samples
 from .validate import validate
 
@@ -179,9 +179,12 @@ def first_of_each_file(convs, n: int):
     return out
 
 
+def _invalid(sample_id: str, source: str, reason: str) -> dict:
+    return FitOutcome(sample_id, source, "invalid", reason, None, None).report()
+
+
 def _unread_line(p: Problem) -> dict:
-    return {"id": p.sample_id or p.source, "source": p.source, "fate": "invalid", "reason": f"{p.what}; {p.fix}",
-            "tokens_before": None, "tokens_after": None}
+    return _invalid(p.sample_id or p.source, p.source, f"{p.what}; {p.fix}")
 
 
 def _invalid_lines(convs, checked) -> list[dict]:
@@ -194,8 +197,7 @@ def _invalid_lines(convs, checked) -> list[dict]:
         if c.id in valid:
             continue
         reason = " | ".join(f"{p.what}; {p.fix}" for p in by_id.get(c.id, [])) or "invalid"
-        lines.append({"id": c.id, "source": c.source, "fate": "invalid", "reason": reason,
-                      "tokens_before": None, "tokens_after": None})
+        lines.append(_invalid(c.id, c.source, reason))
     return lines
 
 
