@@ -65,16 +65,16 @@ def say(msg: str) -> None:
 def setup(cfg, *, progress: bool = True) -> Run:
     from transformers import set_seed
 
-    if cfg.run_doctor:  # raises DoctorError listing every failed check; run_doctor: false trains anyway
-        from ..doctor import check_or_raise
-
-        check_or_raise(cfg, log=say, progress=progress)
-    set_seed(cfg.seed)
-    init_cpu_distributed(cfg.ddp_timeout)
-    args = training_arguments(cfg, progress)
     loaded = load_spec(cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels,
                        image_max_pixels=cfg.image_max_pixels, trust_remote_code=cfg.trust_remote_code,
                        cache_dir=cfg.cache_dir)
+    if cfg.run_doctor:  # raises DoctorError listing every failed check; run_doctor: false trains anyway
+        from ..doctor import check_or_raise
+
+        check_or_raise(cfg, log=say, progress=progress, loaded=loaded)
+    set_seed(cfg.seed)
+    init_cpu_distributed(cfg.ddp_timeout)
+    args = training_arguments(cfg, progress)
     # Rank 0 prepares (and caches); the other ranks then load the same cache, so every rank sees
     # exactly the same rows in the same order.
     with args.main_process_first(desc="prepare"):
