@@ -248,9 +248,6 @@ def test_model_spec_from_tiny_checkpoint(arch, tiny_ckpt, tiny_processor):
         pad_token_id=1500,
         eos_token_id=1502,
         vocab_size=1536,
-        vision_tower_prefix="model.visual",
-        projector_names=("merger",),
-        language_model_prefix="model.language_model",
         **EXPECTED_SPEC[arch],
     )
     assert spec.factor == (32 if arch == "qwen3_vl" else 28)

@@ -6,7 +6,7 @@ checkpoint with a changed pixel budget or a renamed token is described correctly
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ..data.images import Grid, grid_for
 
@@ -36,10 +36,6 @@ class ModelSpec:
     min_pixels: int
     max_pixels: int
     vocab_size: int
-    # Module-name prefixes inside the *ForConditionalGeneration model.
-    vision_tower_prefix: str = "model.visual"
-    projector_names: tuple[str, ...] = ("merger",)
-    language_model_prefix: str = "model.language_model"
 
     @property
     def factor(self) -> int:
@@ -62,13 +58,11 @@ class ModelSpec:
         )
 
     def with_pixels(self, min_pixels: int | None, max_pixels: int | None) -> "ModelSpec":
-        d = asdict(self)
-        if min_pixels is not None:
-            d["min_pixels"] = int(min_pixels)
-        if max_pixels is not None:
-            d["max_pixels"] = int(max_pixels)
-        d["projector_names"] = tuple(d["projector_names"])
-        return ModelSpec(**d)
+        return replace(
+            self,
+            min_pixels=self.min_pixels if min_pixels is None else int(min_pixels),
+            max_pixels=self.max_pixels if max_pixels is None else int(max_pixels),
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
