@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from .errors import VlmtuneError
+from .models.load import load_processor
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -114,20 +115,6 @@ def check_model(model: str) -> None:
     )
 
 
-def load_processor(model: str, *, trust_remote_code: bool = False):
-    """AutoProcessor.from_pretrained(model); a hub/cache failure becomes a VlmtuneError that says what to do."""
-    from transformers import AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-        raise VlmtuneError(
-            f"cannot load the processor of {model}: {first}; pass a local checkpoint directory, or a hub id "
-            "that is cached or reachable (check HF_HUB_OFFLINE and the network)"
-        ) from e
-
-
 def pick_device_dtype(device=None, dtype=None):
     """(device, dtype): CUDA with bf16 where supported, else fp32; cpu and fp32 without CUDA."""
     import torch
@@ -147,7 +134,9 @@ def pick_device_dtype(device=None, dtype=None):
 
 def load_image(image):
     """A PIL RGB image from a path (EXIF orientation applied) or a PIL image."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
+
+    from .data.images import open_rgb
 
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
@@ -155,9 +144,7 @@ def load_image(image):
     if not path.is_file():
         check_images([image])  # raises the standard message
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
+        return open_rgb(path)
     except (UnidentifiedImageError, OSError) as e:
         raise VlmtuneError(
             f"cannot read as an image: {image} ({e}); pass image files Pillow can open "
@@ -207,7 +194,7 @@ class ChatModel:
         device, dtype = pick_device_dtype(device, dtype)
         # The processor comes from the base model, even when the adapter directory holds one
         # too (training saves it there): the base checkpoint is the reference.
-        processor = load_processor(model, trust_remote_code=trust_remote_code)
+        processor, _ = load_processor(model, trust_remote_code=trust_remote_code)
         net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
         if adapter is not None:
             from peft import PeftModel
@@ -447,6 +434,5 @@ __all__ = [
     "check_model",
     "interactive",
     "load_image",
-    "load_processor",
     "pick_device_dtype",
 ]

@@ -21,7 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .chat import check_adapter, check_model, load_processor
+from .chat import check_adapter, check_model
+from .models.load import load_processor
 from .errors import VlmtuneError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -143,7 +144,7 @@ def export(
     from transformers import AutoModelForImageTextToText
 
     # The base model's processor (the adapter directory may hold a copy saved by training).
-    processor = load_processor(model, trust_remote_code=trust_remote_code)
+    processor, _ = load_processor(model, trust_remote_code=trust_remote_code)
     base = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
     was_tied = untie_embeddings(base)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()

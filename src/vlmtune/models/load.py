@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import VlmtuneError
 from .spec import ModelSpec
 
 
@@ -18,13 +19,19 @@ class Loaded:
 
 
 def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None):
+    """(processor, config); a hub or cache failure becomes a VlmtuneError that says what to do."""
     from transformers import AutoConfig, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(
-        model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir
-    )
-    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
-    return processor, config
+    kwargs = {"trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
+    try:
+        return (AutoProcessor.from_pretrained(model_name_or_path, **kwargs),
+                AutoConfig.from_pretrained(model_name_or_path, **kwargs))
+    except OSError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        raise VlmtuneError(
+            f"cannot load the processor of {model_name_or_path}: {first}; pass a local checkpoint directory, or a "
+            "hub id that is cached or reachable (check HF_HUB_OFFLINE and the network)"
+        ) from e
 
 
 def load_spec(
