@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 import numpy as np
-from PIL import Image, ImageOps
 
 from ..errors import SampleError
 from ..models.spec import ModelSpec
 from .encode import IGNORE_INDEX
+from .images import open_rgb
 
 
 def find_runs(input_ids: list[int], spec: ModelSpec) -> tuple[list[tuple[int, int]], list[str]]:
@@ -104,8 +104,7 @@ class Collator:
 
     def _pixels(self, row: dict, k: int, path: str):
         try:
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im).convert("RGB")
+            im = open_rgb(path)
         except (OSError, ValueError) as e:
             raise SampleError(str(row.get("id")), str(row.get("source")),
                               f"image {k} ({path}) could not be read at training time: {e}",

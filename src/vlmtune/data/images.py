@@ -19,7 +19,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 MAX_ASPECT_RATIO = 200
 # EXIF orientations that rotate by 90/270 degrees: the processor sees the image transposed.
@@ -393,3 +393,12 @@ def grid_for(height: int, width: int, patch_size: int, merge_size: int, min_pixe
 
 def image_tokens(height: int, width: int, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int) -> int:
     return grid_for(height, width, patch_size, merge_size, min_pixels, max_pixels).tokens
+
+
+def open_rgb(path) -> Image.Image:
+    """The decoded image as the processor should see it: EXIF rotation applied, RGB.
+
+    Raises OSError / ValueError (PIL.UnidentifiedImageError is an OSError) for unreadable files.
+    """
+    with Image.open(path) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")
