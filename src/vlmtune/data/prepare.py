@@ -233,20 +233,20 @@ def format_report_summary(prep: Prepared) -> str:
 
 # -- cache -----------------------------------------------------------------------------------
 def _data_files(cfg) -> list[str]:
-    """The files that `dataset` names, for the fingerprint."""
-    files: list[str] = []
-    for name in str(cfg.dataset).split(","):
-        name = name.strip()
-        candidates = [name, os.path.join(cfg.dataset_dir or ".", name)]
-        info = os.path.join(cfg.dataset_dir or ".", "dataset_info.json")
-        if os.path.exists(info):
-            files.append(info)
-            try:
-                entry = json.load(open(info, encoding="utf-8")).get(name) or {}
-                if entry.get("file_name"):
-                    candidates.append(os.path.join(cfg.dataset_dir, entry["file_name"]))
-            except (OSError, ValueError, AttributeError):
-                pass
+    """The files that `dataset` names (paths, or names in dataset_info.json), for the fingerprint."""
+    root = cfg.dataset_dir or "."
+    info_path = os.path.join(root, "dataset_info.json")
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        info = None
+    files: list[str] = [info_path] if info is not None else []
+    for name in (n.strip() for n in str(cfg.dataset).split(",")):
+        candidates = [name, os.path.join(root, name)]
+        entry = info.get(name) if isinstance(info, dict) else None
+        if isinstance(entry, dict) and isinstance(entry.get("file_name"), str):
+            candidates.append(os.path.join(root, entry["file_name"]))
         for c in candidates:
             if os.path.isfile(c):
                 files.append(c)
