@@ -167,7 +167,7 @@ def measure(name: str, malloc_env: dict) -> int:
 
 
 def estimate(case: dict):
-    from vlmtune.doctor import estimate_memory, model_facts
+    from vlmtune.commands.doctor import estimate_memory, model_facts
 
     cfg = run_config(case)
     facts = model_facts(model_config(case), cfg)

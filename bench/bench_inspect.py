@@ -153,8 +153,8 @@ class torch_threads:
 
 
 def _timed_account(data: str, loaded):
-    from vlmtune.data.images import grid_for
-    from vlmtune.inspect import account
+    from vlmtune.models.grid import grid_for
+    from vlmtune.data.pipeline import account
 
     grid_for.cache_clear()  # every timed run starts as cold as a fresh `vlmtune inspect`
     t, c = time.perf_counter(), time.process_time()

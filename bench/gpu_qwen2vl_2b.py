@@ -47,7 +47,7 @@ def qwen2vl_2b_config(tiny: bool):
 
 
 def synthetic_rows(n: int, cutoff: int, seed: int = 0) -> list[dict]:
-    from vlmtune.data.images import grid_for
+    from vlmtune.models.grid import grid_for
 
     rnd = random.Random(seed)
     rows = []

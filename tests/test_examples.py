@@ -100,7 +100,7 @@ def test_deepspeed_reference(path):
 
 def test_demo_data_inspects(tiny_ckpt):
     """`vlmtune inspect --data examples/data/mllm_demo.json` (and by name through dataset_info.json)."""
-    from vlmtune.inspect import account, summarize
+    from vlmtune.data.pipeline import account, summarize
     from vlmtune.models.load import load_spec
 
     loaded = load_spec(str(tiny_ckpt("qwen2_vl")))

@@ -28,9 +28,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile, features
 
-from vlmtune import cli
+from vlmtune.commands import cli
 from vlmtune.data import images as images_mod
-from vlmtune.data.images import MAX_ASPECT_RATIO, ImageSizeError, grid_for, read_header
+from vlmtune.data.images import read_header
+from vlmtune.models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
 from vlmtune.models.load import load_spec
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vlmtune.cli import main
+from vlmtune.commands.cli import main
 from vlmtune.config import load_config
 from vlmtune.data.collate import check_row
 from vlmtune.data.prepare import prepare

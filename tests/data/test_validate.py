@@ -9,7 +9,7 @@ from PIL import Image
 
 from vlmtune.data import validate as validate_mod
 from vlmtune.data.images import ImageHeader
-from vlmtune.data.sources import record_to_conversation
+from vlmtune.data.records import record_to_conversation
 from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
 from vlmtune.data.validate import DEFAULT_MAX_IMAGE_PIXELS, validate
 from vlmtune.errors import Problem
@@ -85,7 +85,7 @@ def test_real_processor_handles_tiny_pil_images():
     """Why small images are not rejected: transformers 5.24's processor upsamples them fine."""
     from transformers import Qwen2VLImageProcessor
 
-    from vlmtune.data.images import grid_for
+    from vlmtune.models.grid import grid_for
 
     proc = Qwen2VLImageProcessor(
         patch_size=14, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 256}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmtune.data.images import grid_for
+from vlmtune.models.grid import grid_for
 from vlmtune.models.spec import ModelSpec
 from vlmtune.models.tiny import ARCHS, SPECIAL_TOKENS, build_tiny_checkpoint
 
@@ -302,7 +302,7 @@ def test_unknown_arch_is_rejected(tmp_path):
 def test_cli_tiny_model(tmp_path, capsys):
     from transformers import AutoConfig, AutoProcessor
 
-    from vlmtune.cli import main
+    from vlmtune.commands.cli import main
 
     out = tmp_path / "cli-ckpt"
     assert main(["tiny-model", str(out), "--arch", "qwen3_vl", "--seed", "3"]) == 0

@@ -6,8 +6,8 @@ error) deep inside the model into an error that names the sample and its source 
 
 from __future__ import annotations
 
-import torch
 import numpy as np
+import torch
 
 from ..errors import SampleError
 from ..models.spec import ModelSpec

@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import SampleError
+from ..models.grid import Grid
 from ..models.spec import ModelSpec
-from .images import Grid, ImageHeader
+from .images import ImageHeader
 from .types import Conversation, ImagePart
 
 IGNORE_INDEX = -100

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..config import DEFAULT_OVERFLOW, POLICIES
 from ..errors import SampleError
 from ..models.spec import ModelSpec
 from .encode import Block, Encoded, with_budget
-
-POLICIES = ("shrink_images", "truncate_text", "split", "drop", "error")
-DEFAULT_OVERFLOW = ["shrink_images", "truncate_text", "split", "drop"]
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,6 @@ tests/data/test_images.py).
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 import re
 import struct
@@ -21,14 +19,9 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-MAX_ASPECT_RATIO = 200
 # EXIF orientations that rotate by 90/270 degrees: the processor sees the image transposed.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
-
-
-class ImageSizeError(ValueError):
-    """The processor would reject this image size (aspect ratio or degenerate size)."""
 
 
 @dataclass(frozen=True)
@@ -36,22 +29,6 @@ class ImageHeader:
     width: int
     height: int
     format: str | None
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The resized size and the vision grid the processor will produce for one image."""
-
-    height: int
-    width: int
-    t: int
-    h: int
-    w: int
-    tokens: int
-
-    @property
-    def thw(self) -> list[int]:
-        return [self.t, self.h, self.w]
 
 
 def read_header(path: str) -> ImageHeader:
@@ -351,48 +328,6 @@ def _exif_ifd0_orientation(segment: bytes) -> int | None:
     if _EXIF_RESOLUTION_UNIT in dpi_tags and dpi_tags.get(_EXIF_X_RESOLUTION, (5, 1)) != (5, 1):
         raise _NotMirrored
     return orientation
-
-
-def check_aspect(height: int, width: int) -> None:
-    if height <= 0 or width <= 0:
-        raise ImageSizeError(f"image has a zero size ({width}x{height})")
-    ratio = max(height, width) / min(height, width)
-    if ratio > MAX_ASPECT_RATIO:
-        raise ImageSizeError(
-            f"aspect ratio {ratio:.1f} ({width}x{height}) is above the processor's limit of {MAX_ASPECT_RATIO}"
-        )
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """The (height, width) the Qwen-VL image processor resizes an image to.
-
-    Both sides become multiples of `factor` (patch_size * merge_size), the area lands within
-    [min_pixels, max_pixels] and the aspect ratio is kept as closely as the grid allows.
-    """
-    check_aspect(height, width)
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-@functools.lru_cache(maxsize=1 << 16, typed=True)  # sizes repeat, and validate + encode both ask
-def grid_for(height: int, width: int, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int) -> Grid:
-    """The grid (t, h, w) in patches and the number of `<|image_pad|>` tokens for one image."""
-    rh, rw = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
-    gh, gw = rh // patch_size, rw // patch_size
-    return Grid(height=rh, width=rw, t=1, h=gh, w=gw, tokens=gh * gw // (merge_size * merge_size))
-
-
-def image_tokens(height: int, width: int, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int) -> int:
-    return grid_for(height, width, patch_size, merge_size, min_pixels, max_pixels).tokens
 
 
 def open_rgb(path) -> Image.Image:

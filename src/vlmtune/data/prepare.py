@@ -24,7 +24,7 @@ from ..errors import DataError, Problem
 from ..models.load import Loaded, load_spec
 from .encode import Encoder, emit
 from .fit import FitOptions, FitOutcome, Fitter
-from .sources import read_samples
+from .readers import read_samples
 from .validate import validate
 
 CHUNK = 256

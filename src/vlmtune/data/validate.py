@@ -27,9 +27,10 @@ from typing import Iterable
 
 from PIL import Image, UnidentifiedImageError
 
-from vlmtune.data.images import MAX_ASPECT_RATIO, ImageHeader, ImageSizeError, grid_for, read_header
-from vlmtune.data.types import ROLES, Conversation, ImagePart
-from vlmtune.errors import Problem
+from ..errors import Problem
+from ..models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
+from .images import ImageHeader, read_header
+from .types import ROLES, Conversation, ImagePart
 
 # Pillow refuses to open images above 2 * Image.MAX_IMAGE_PIXELS (89,478,485 by default) with
 # DecompressionBombError; we use the same number so that whatever passes here also opens later.

@@ -5,10 +5,14 @@ trust_remote_code is never turned on here: it is passed through only when the us
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import VlmtuneError
 from .spec import ModelSpec
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
 @dataclass
@@ -16,6 +20,39 @@ class Loaded:
     processor: object
     config: object
     spec: ModelSpec
+
+
+def check_source(name: str, what: str, marker: str, fix: str) -> None:
+    """A local `name` must be a directory holding `marker`; a missing path that is not hub-id
+    shaped is reported here instead of as a hub error."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise VlmtuneError(f"{what} {name} is a file, not a directory; {fix}")
+        if not (path / marker).is_file():
+            raise VlmtuneError(f"{what} {name} has no {marker}; {fix}")
+        return
+    if not _HUB_ID.match(str(name)):
+        raise VlmtuneError(f"{what} not found: {name}; {fix}")
+
+
+def check_adapter(adapter: str) -> None:
+    check_source(
+        adapter,
+        "adapter",
+        "adapter_config.json",
+        "pass the directory a LoRA training run saved its adapter to "
+        "(it holds adapter_config.json and adapter_model.safetensors)",
+    )
+
+
+def check_model(model: str) -> None:
+    check_source(
+        model,
+        "model",
+        "config.json",
+        "pass a hub id or a local checkpoint directory (it holds config.json and the weights)",
+    )
 
 
 def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None):

@@ -279,7 +279,15 @@ def _family(arch: str) -> dict:
 
 def build_tokenizer(chat_template: str | None = None):
     """A Qwen2Tokenizer over a byte-level BPE trained here, with the Qwen-VL special tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))

@@ -14,6 +14,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import yaml
@@ -22,8 +23,20 @@ from ..data.collate import Collator
 from ..data.pack import pack_dataset
 from ..data.prepare import Prepared, format_report_summary, prepare
 from ..errors import ConfigError
-from ..models.load import Loaded, apply_finetuning, format_trainable, load_model, load_spec, trainable_summary
-from .checkpoints import CompleteCheckpointCallback, GracefulStopCallback, layout_change, resolve_resume
+from ..models.load import (
+    Loaded,
+    apply_finetuning,
+    format_trainable,
+    load_model,
+    load_spec,
+    trainable_summary,
+)
+from .checkpoints import (
+    CompleteCheckpointCallback,
+    GracefulStopCallback,
+    layout_change,
+    resolve_resume,
+)
 from .plot import plot_loss
 from .trainer import VlmTrainer
 
@@ -62,16 +75,16 @@ def say(msg: str) -> None:
 
 
 # -- setup -----------------------------------------------------------------------------------
-def setup(cfg, *, progress: bool = True) -> Run:
+def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> Run:
+    """Everything before the first step. `preflight(cfg, loaded=, log=, progress=)` runs once the processor is
+    loaded and may raise to stop the run: `vlmtune train` passes the doctor's checks (run_doctor: true)."""
     from transformers import set_seed
 
     loaded = load_spec(cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels,
                        image_max_pixels=cfg.image_max_pixels, trust_remote_code=cfg.trust_remote_code,
                        cache_dir=cfg.cache_dir)
-    if cfg.run_doctor:  # raises DoctorError listing every failed check; run_doctor: false trains anyway
-        from ..doctor import check_or_raise
-
-        check_or_raise(cfg, log=say, progress=progress, loaded=loaded)
+    if preflight is not None:
+        preflight(cfg, log=say, progress=progress, loaded=loaded)
     set_seed(cfg.seed)
     init_cpu_distributed(cfg.ddp_timeout)
     args = training_arguments(cfg, progress)
@@ -253,8 +266,8 @@ def cleanup(run: Run) -> None:
         torch.distributed.barrier()
 
 
-def run(cfg, *, progress: bool = True) -> TrainResult:
-    r = setup(cfg, progress=progress)
+def run(cfg, *, progress: bool = True, preflight: Callable | None = None) -> TrainResult:
+    r = setup(cfg, progress=progress, preflight=preflight)
     try:
         return train(r)
     finally:

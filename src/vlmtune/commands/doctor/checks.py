@@ -1,176 +1,63 @@
-"""`vlmtune doctor`: checks a run's configuration against the machine, the model and the data before it starts.
-
-Each check returns a `Check(name, status, message, fix)`: status ok / warn / fail, a message that shows the
-numbers it used and, unless ok, the fix. `vlmtune train` runs them first (`run_doctor: true`, the default) and
-stops on any fail.
-
-    checks = run_checks(cfg)                          # this machine, the model's config, the data
-    checks = run_checks(cfg, device_info=DeviceInfo(kind="cuda", name="Tesla T4", ...))   # another machine
-
-The checks, in order: versions, precision, workers, model, vision, data, memory, distributed. Everything that
-needs the model's module tree uses a copy built on the meta device from its config, so no weight is loaded;
-everything about the data uses the header-only accounting of `inspect` and the real fitting policies.
-All facts about the hardware come from `probe_device()`, so each check can be tested with a made-up device.
-
-The memory estimate (see `estimate_memory`) is per device, for the worst-case batch of the fitted data:
-weights + gradients + AdamW states + activations (or the optimizer step's temporaries), plus the CUDA or Python
-runtime. Its activation terms were measured on CPU runs of tiny models (bench/bench_doctor_memory.py).
-"""
+"""The doctor's checks, each a function of a `Context` (config, device, model, data facts) returning one `Check`."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import textwrap
-import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import VlmtuneError
+from ...errors import VlmtuneError
+from .device import DeviceInfo
+from .memory import (
+    MemoryEstimate,
+    ModelFacts,
+    _zero_stage,
+    estimate_memory,
+    meta_model,
+    model_facts,
+)
+from .report import Check, MiB, _gib, _mib, _size
 
-STATUSES = ("ok", "warn", "fail")
-GiB = 1024**3
-MiB = 1024**2
-
-# --- thresholds (each is stated in the message of the check that uses it) ---------------------------------------
 # memory: ok up to this share of the device's memory (the estimate is good to about ±25%); above it warn;
 # above all of it fail. Suggested batch sizes keep the estimate under MEMORY_OK_SHARE.
 MEMORY_OK_SHARE = 0.80
-# Memory that is not tensors: CUDA context + cuBLAS workspaces + allocator fragmentation on a GPU; the Python,
-# torch and transformers runtime on the CPU.
-RUNTIME_BYTES = {"cuda": 1 * GiB, "cpu": 1 * GiB}
+
+
 # workers: each preprocessing worker loads the tokenizer and image processor; each dataloader worker is a
 # fork of the trainer that decodes images and holds its prefetched batches.
 PREPROCESS_WORKER_BYTES = 400 * MiB
+
+
 DATALOADER_WORKER_BYTES = 300 * MiB
+
+
 DATALOADER_PREFETCH = 2  # torch's default prefetch_factor
+
+
 WORKER_RAM_WARN_SHARE = 0.5  # warn when the workers would take over half the free RAM; fail over all of it
+
+
 # data: warn when more than this share of samples is not kept whole by the overflow policies.
 DATA_NOT_WHOLE_WARN = 0.05
+
+
 # distributed: a rank waits this long for the others before the job fails.
 DDP_TIMEOUT_WARN_S = 2 * 3600
+
+
 DDP_TIMEOUT_FAIL_S = 24 * 3600
+
 
 # The versions this release was tested with (major.minor), and the transformers that introduced each family.
 TESTED = {"torch": "2.14", "transformers": "5.24", "peft": "0.21", "accelerate": "1.15"}
+
+
 FAMILY_MIN_TRANSFORMERS = {"qwen2_vl": "4.45", "qwen2_5_vl": "4.49", "qwen3_vl": "4.57"}
+
+
 FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
 
 
-@dataclass(frozen=True)
-class Check:
-    """One line of the doctor's report. `fix` is empty when status is ok."""
-
-    name: str
-    status: str
-    message: str
-    fix: str = ""
-
-    def __post_init__(self):
-        assert self.status in STATUSES, self.status
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class DoctorError(VlmtuneError):
-    """The doctor found failing checks before training."""
-
-    def __init__(self, failed: list[Check]):
-        self.failed = list(failed)
-        lines = "\n".join(f"  - {c.name}: {c.message}\n    fix: {c.fix}" for c in self.failed)
-        super().__init__(
-            f"{len(self.failed)} doctor check(s) failed before training:\n{lines}\n"
-            "fix them, or set run_doctor: false to train anyway"
-        )
-
-
-# --- the machine ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DeviceInfo:
-    """What the checks know about the hardware; `probe_device()` reads it, tests make it up.
-
-    total_memory is the GPU's memory on "cuda" and the machine's RAM on "cpu"; bf16 is whether the device
-    computes in bfloat16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX).
-    """
-
-    kind: str  # "cuda" | "cpu"
-    name: str
-    total_memory: int
-    bf16: bool
-    compute_capability: tuple[int, int] | None
-    cpu_count: int
-    free_ram: int
-
-
-def probe_device() -> DeviceInfo:
-    """This process's device: the current GPU when CUDA is available, else the CPU."""
-    import torch
-
-    cpus, free_ram, total_ram = _cpu_count(), *_ram()
-    if torch.cuda.is_available():
-        i = torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(i)
-        cc = (props.major, props.minor)
-        return DeviceInfo("cuda", props.name, int(props.total_memory), bool(torch.cuda.is_bf16_supported()), cc,
-                          cpus, free_ram)
-    return DeviceInfo("cpu", _cpu_name(), total_ram, _cpu_has_bf16(), None, cpus, free_ram)
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # the CPUs this process may use (cgroups, taskset)
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _ram() -> tuple[int, int]:
-    """(available, total) RAM in bytes."""
-    try:
-        import psutil
-
-        vm = psutil.virtual_memory()
-        return int(vm.available), int(vm.total)
-    except ImportError:
-        info = {}
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                info[key] = int(rest.split()[0]) * 1024
-        return info.get("MemAvailable", info.get("MemFree", 0)), info.get("MemTotal", 0)
-
-
-def _cpu_info() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return f.read(200_000)
-    except OSError:
-        return ""
-
-
-def _cpu_name() -> str:
-    m = re.search(r"^model name\s*:\s*(.+)$", _cpu_info(), re.M)
-    import platform
-
-    return m.group(1).strip() if m else (platform.processor() or "CPU")
-
-
-def _cpu_has_bf16() -> bool:
-    m = re.search(r"^flags\s*:\s*(.+)$", _cpu_info(), re.M)
-    return bool(m and {"avx512_bf16", "amx_bf16"} & set(m.group(1).split()))
-
-
-def _gib(n: float) -> str:
-    return f"{n / GiB:.1f} GiB" if n >= 10 * GiB else f"{n / GiB:.2f} GiB"
-
-
-def _size(n: float) -> str:
-    return _gib(n) if n >= GiB else f"{n / MiB:.0f} MiB"
-
-
-# --- what the checks share --------------------------------------------------------------------------------------
 @dataclass
 class DataFacts:
     """The data as `prepare` will see it: accounted samples, their fates under the overflow policies."""
@@ -209,47 +96,11 @@ class Context:
     env: dict = field(default_factory=dict)
 
 
-def run_checks(cfg, *, device_info: DeviceInfo | None = None, loaded=None, model=None,
-               env: dict | None = None, progress: bool = False) -> list[Check]:
-    """Every check of a config. `loaded`: the processor/config/spec (default: loaded from model_name_or_path);
-    `model`: the *ForConditionalGeneration, on any device, read only (default: built on the meta device);
-    `env`: the environment variables to read (WORLD_SIZE, LOCAL_RANK, ...; default: os.environ)."""
-    ctx = Context(cfg, device_info or probe_device(), env=dict(os.environ if env is None else env))
-    _load(ctx, loaded, model)
-    _read_data(ctx, progress)
-    return [
-        check_versions(ctx),
-        check_precision(ctx),
-        check_workers(ctx),
-        check_model(ctx),
-        check_vision(ctx),
-        check_data(ctx),
-        check_memory(ctx),
-        check_distributed(ctx),
-    ]
-
-
-def failures(checks: list[Check]) -> list[Check]:
-    return [c for c in checks if c.status == "fail"]
-
-
-def check_or_raise(cfg, *, log: Callable[[str], None] = print, **kwargs) -> list[Check]:
-    """What `vlmtune train` runs first: logs the warnings, raises DoctorError listing every failed check."""
-    checks = run_checks(cfg, **kwargs)
-    for c in checks:
-        if c.status == "warn":
-            log(f"doctor: warning: {c.name}: {c.message}; {c.fix}")
-    failed = failures(checks)
-    if failed:
-        raise DoctorError(failed)
-    return checks
-
-
 def _load(ctx: Context, loaded, model) -> None:
     cfg = ctx.cfg
     try:
         if loaded is None:
-            from .models.load import load_spec
+            from ...models.load import load_spec
 
             loaded = load_spec(cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels,
                                image_max_pixels=cfg.image_max_pixels, trust_remote_code=cfg.trust_remote_code,
@@ -267,16 +118,6 @@ def _load(ctx: Context, loaded, model) -> None:
         ctx.facts_error = f"{type(e).__name__}: {e}"
 
 
-def meta_model(config, trust_remote_code: bool = False):
-    """The *ForConditionalGeneration of `config` on the meta device: the module tree and shapes, no memory."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    with torch.device("meta"):
-        return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
-
-
-# --- versions ---------------------------------------------------------------------------------------------------
 def _version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -339,7 +180,6 @@ def _model_type(ctx: Context) -> str | None:
     return getattr(ctx.loaded.config, "model_type", None) if ctx.loaded is not None else None
 
 
-# --- precision --------------------------------------------------------------------------------------------------
 def check_precision(ctx: Context) -> Check:
     cfg, dev = ctx.cfg, ctx.device
     cc = f"compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]}" \
@@ -372,7 +212,6 @@ def check_precision(ctx: Context) -> Check:
                  "weight and activation memory of fp16, and slower", "set fp16: true")
 
 
-# --- workers ----------------------------------------------------------------------------------------------------
 def _local_processes(ctx: Context) -> int:
     env = ctx.env
     for key in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
@@ -414,10 +253,6 @@ def check_workers(ctx: Context) -> Check:
     return Check("workers", status, "; ".join(problems) + f" ({facts})", "; ".join(dict.fromkeys(fixes)))
 
 
-def _mib(n: float) -> str:
-    return f"{n / MiB:.0f} MiB"
-
-
 def _batch_pixel_bytes(ctx: Context) -> int:
     """pixel_values of the batch with the most image tokens: image tokens × merge² patches × 3·t·p² float32."""
     if ctx.loaded is None:
@@ -427,7 +262,6 @@ def _batch_pixel_bytes(ctx: Context) -> int:
     return tokens * spec.merge_size**2 * 3 * spec.temporal_patch_size * spec.patch_size**2 * 4
 
 
-# --- the model --------------------------------------------------------------------------------------------------
 def check_model(ctx: Context) -> Check:
     cfg = ctx.cfg
     if ctx.model_error:
@@ -448,7 +282,6 @@ def _family(ctx: Context) -> str:
     return f"{FAMILY_NAMES.get(t, t)} ({t})"
 
 
-# --- vision training ----------------------------------------------------------------------------------------------
 def check_vision(ctx: Context) -> Check:
     """Which parts train, and whether that is what the freeze_* keys say.
 
@@ -465,7 +298,7 @@ def check_vision(ctx: Context) -> Check:
     if ctx.model is None:
         return Check("vision", "warn", "not checked: the model could not be loaded (see the model check)",
                      "fix the model check first")
-    from .models.load import frozen_components, linear_modules, lora_targets
+    from ...models.load import frozen_components, linear_modules, lora_targets
 
     linears = linear_modules(ctx.model)
     frozen = frozen_components(cfg)
@@ -546,16 +379,15 @@ def _vision_without_lora(ctx: Context, frozen: set[str]) -> Check:
     return Check("vision", "ok", text + _trainable_text(ctx))
 
 
-# --- the data -----------------------------------------------------------------------------------------------------
 def _read_data(ctx: Context, progress: bool) -> None:
     """Account the dataset and fit every sample with the configured policies, counting their fates."""
     if ctx.loaded is None:
         return
     cfg = ctx.cfg
-    from .data.fit import Fitter
-    from .data.prepare import first_of_each_file, fit_options, media_dir_of
-    from .errors import SampleError
-    from .inspect import account, summarize
+    from ...data.fit import Fitter
+    from ...data.pipeline import account, summarize
+    from ...data.prepare import first_of_each_file, fit_options, media_dir_of
+    from ...errors import SampleError
 
     try:
         acc = account(cfg.dataset, ctx.loaded, dataset_dir=cfg.dataset_dir, media_dir=media_dir_of(cfg),
@@ -661,228 +493,6 @@ def _worst_batch(ctx: Context, batch: int) -> tuple[int, int, str]:
     return cfg.cutoff_len, batch * share, f"no data: assumed {cfg.cutoff_len} tokens, {share} of them image tokens, per row"
 
 
-# --- memory -------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelFacts:
-    """Sizes that decide training memory, read from a meta-device model with the run's adapters applied."""
-
-    model_type: str
-    params: dict[str, int]  # component -> parameters (adapters included)
-    trainable: dict[str, int]
-    lora_params: int  # adapter parameters (float32 whatever the model's dtype)
-    linear_weights: int  # elements of linear weights outside the decoder layers and vision blocks (lm_head, merger)
-    layer_linear_weights: int  # ... inside the decoder layers
-    block_linear_weights: int  # ... inside the vision blocks
-    hidden: int
-    intermediate: int
-    layers: int
-    q_dim: int
-    kv_dim: int
-    vocab: int
-    active_layers: int  # decoder layers that keep activations for the backward
-    lora_per_layer: float
-    vision_dim: int
-    vision_intermediate: int
-    vision_depth: int
-    vision_gated: bool
-    active_vision_blocks: int  # vision blocks that keep activations (0: the vision tower runs without a graph)
-    lora_per_block: float
-    projector_trains: bool
-    patch_size: int
-    temporal_patch_size: int
-    merge_size: int
-
-    @property
-    def total_params(self) -> int:
-        return sum(self.params.values())
-
-    @property
-    def trainable_params(self) -> int:
-        return sum(self.trainable.values())
-
-
-def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
-    """Build `config`'s model on the meta device, apply the run's finetuning to it and read the sizes."""
-    import torch.nn as nn
-
-    from .models.load import apply_finetuning, component_of, trainable_summary
-
-    with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x
-        warnings.simplefilter("ignore", FutureWarning)
-        model = apply_finetuning(meta_model(config, trust_remote_code), cfg)
-    summary = trainable_summary(model)
-    tc, vc = config.text_config, config.vision_config
-    heads = tc.num_attention_heads
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-    names = [(n, p) for n, p in model.named_parameters()]
-    lora = [n for n, _ in names if ".lora_A." in n]
-    linears = Counter()
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Linear) and "lora_" not in n:
-            where = "layer" if ".language_model.layers." in n else "block" if ".visual.blocks." in n else "other"
-            linears[where] += m.weight.numel()
-    vision_dim = getattr(vc, "embed_dim", None) or vc.hidden_size
-    vision_inter = getattr(vc, "intermediate_size", None) or int(vision_dim * getattr(vc, "mlp_ratio", 4))
-    layer_re, block_re = re.compile(r"language_model\.layers\.(\d+)\."), re.compile(r"visual\.blocks\.(\d+)\.")
-    pre_lm = any(p.requires_grad and (component_of(n) != "language_model" or "embed_tokens" in n) for n, p in names)
-    pre_vision = any(p.requires_grad and "patch_embed" in n for n, p in names)
-    return ModelFacts(
-        model_type=config.model_type,
-        params={c: d["total"] for c, d in summary.items()},
-        trainable={c: d["trainable"] for c, d in summary.items()},
-        lora_params=sum(p.numel() for n, p in names if "lora_" in n),
-        linear_weights=linears["other"],
-        layer_linear_weights=linears["layer"],
-        block_linear_weights=linears["block"],
-        hidden=tc.hidden_size,
-        intermediate=tc.intermediate_size,
-        layers=tc.num_hidden_layers,
-        q_dim=heads * head_dim,
-        kv_dim=tc.num_key_value_heads * head_dim,
-        vocab=tc.vocab_size,
-        active_layers=_active(names, layer_re, tc.num_hidden_layers, pre_lm or cfg.gradient_checkpointing),
-        lora_per_layer=sum(1 for n in lora if component_of(n) == "language_model") / tc.num_hidden_layers,
-        vision_dim=vision_dim,
-        vision_intermediate=vision_inter,
-        vision_depth=vc.depth,
-        vision_gated=any(n.endswith("mlp.gate_proj.weight") or ".mlp.gate_proj.base_layer." in n
-                         for n, _ in names if component_of(n) == "vision_tower"),
-        active_vision_blocks=_active(names, block_re, vc.depth, pre_vision),
-        lora_per_block=sum(1 for n in lora if component_of(n) == "vision_tower") / max(1, vc.depth),
-        projector_trains=summary["projector"]["trainable"] > 0,
-        patch_size=vc.patch_size,
-        temporal_patch_size=vc.temporal_patch_size,
-        merge_size=vc.spatial_merge_size,
-    )
-
-
-def _active(names, pattern, depth: int, all_when: bool) -> int:
-    """Layers from the first one with a trainable parameter to the last: the backward runs through them."""
-    first = min((int(m.group(1)) for n, p in names if p.requires_grad and (m := pattern.search(n))), default=None)
-    if first is None:
-        return depth if all_when else 0
-    return depth if all_when else depth - first
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    total: int
-    parts: dict[str, int]  # weights, gradients, optimizer, activations, step, batch, runtime
-    batch: int
-    seq_len: int
-    image_tokens: int
-
-
-def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq_len: int, image_tokens: int,
-                    world_size: int = 1, zero_stage: int = 0) -> MemoryEstimate:
-    """Peak memory of one device training on `batch` rows of `seq_len` tokens holding `image_tokens` image tokens.
-
-    Bytes per element: weights 2 (bf16 on a GPU) or 4 (float32: the CPU, fp16 autocast, no mixed precision);
-    LoRA adapters 4 (peft keeps them in float32); activations a = 2 under bf16/fp16, else 4.
-    Trainable parameters: gradient + 2 AdamW states, each in the parameter's dtype.
-    Activations (elements × a unless stated), with s = seq_len × batch, P = image patches = image_tokens × merge²,
-    h/i/q/kv the decoder's hidden/MLP/query/key-value widths, V the vocabulary, d/i_v the vision widths:
-      each decoder layer the backward runs through (active_layers) keeps s × layer, where layer =
-        7h + 2q + 2kv + 4i                    full / freeze (every linear keeps its input)
-        4h + 2q + 2kv + 4i + r × LoRA layers  LoRA (frozen weights keep no input; adapters keep r)
-      each vision block that trains (active_vision_blocks) keeps P × block, block = 10d + 3i_v (4i_v for a
-      gated MLP) + r × LoRA layers; a frozen vision tower runs without a graph and keeps nothing;
-      + s × 4h (embeddings, image-feature scatter, final norm) + P × 3d when the vision side trains (merger);
-      the logits: s × V × 12 bytes (their float32 log-softmax, its gradient and the logits' gradient at the start
-      of the backward) + s × V × a when a is 2 (the 16-bit logits before the upcast).
-      With gradient checkpointing a layer keeps only its input (s × h, P × d per vision block) and the backward
-      recomputes one layer at a time after the logits are freed: kept inputs + max(logits, one layer, one block).
-    Autocast (fp16 on a GPU, bf16 on the CPU) casts float32 weights to 16 bits for each linear layer, and the
-    graph keeps those copies for the backward (2 bytes per weight of the layers the backward runs through, except
-    in checkpointed layers).
-    Peak = weights + AdamW states + max(gradients + activations, gradients + step temporaries) + batch + runtime:
-    with gradient_accumulation_steps > 1 the gradients of the previous micro-batches are held while the next
-    one's activations build up; with 1, gradients appear as activations are freed, so max(gradients,
-    activations) replaces their sum. The AdamW step (foreach, on a GPU) makes one temporary copy of the
-    trainable parameters. ZeRO stage 1/2/3 divides the states / gradients / weights by world_size.
-    """
-    f = facts
-    gpu = device_kind == "cuda"
-    half = cfg.bf16 or cfg.fp16
-    w = 2 if gpu and cfg.bf16 else 4
-    a = 2 if half else 4
-    lora = f.lora_params
-    base_trainable = f.trainable_params - lora
-    weights = (f.total_params - lora) * w + lora * 4
-    if half and not (gpu and cfg.bf16):
-        weights += _autocast_copies(cfg, f) * 2
-    trainable_bytes = base_trainable * w + lora * 4
-    grads, states = trainable_bytes, 2 * trainable_bytes
-    step = trainable_bytes if gpu else 0
-    if zero_stage >= 1:
-        states //= world_size
-    if zero_stage >= 2:
-        grads //= world_size
-    if zero_stage >= 3:
-        weights //= world_size
-    acts = _activations(cfg, f, batch, seq_len, image_tokens, a)
-    if batch > 1:  # padded batches carry a boolean attention mask of s² per row
-        acts += batch * seq_len**2
-    if cfg.gradient_accumulation_steps > 1:
-        live = max(grads + acts, grads + step)
-    else:
-        live = max(grads, acts, grads + step)
-    pixels = image_tokens * f.merge_size**2 * 3 * f.temporal_patch_size * f.patch_size**2 * 4
-    batch_bytes = 4 * batch * seq_len * 8 + pixels
-    runtime = RUNTIME_BYTES["cuda" if gpu else "cpu"]
-    parts = {"weights": weights, "gradients": grads, "optimizer": states, "activations": acts, "step": step,
-             "batch": batch_bytes, "runtime": runtime}
-    total = weights + states + live + batch_bytes + runtime
-    return MemoryEstimate(int(total), {k: int(v) for k, v in parts.items()}, batch, seq_len, image_tokens)
-
-
-def _autocast_copies(cfg, f: ModelFacts) -> float:
-    """Elements of the 16-bit weight copies autocast makes and the graph keeps for the backward: those of every
-    linear layer the backward runs through, outside checkpointed layers (those are cast again when recomputed)."""
-    held = f.linear_weights
-    if not cfg.gradient_checkpointing:
-        held += f.layer_linear_weights * f.active_layers / max(1, f.layers)
-        held += f.block_linear_weights * f.active_vision_blocks / max(1, f.vision_depth)
-    return held
-
-
-def _activations(cfg, f: ModelFacts, batch: int, seq_len: int, image_tokens: int, a: int) -> float:
-    """Peak activation bytes (see estimate_memory)."""
-    s = seq_len * batch
-    h, i, q, kv = f.hidden, f.intermediate, f.q_dim, f.kv_dim
-    rank = cfg.lora_rank
-    if cfg.finetuning_type == "lora":
-        layer = 4 * h + 2 * q + 2 * kv + 4 * i + rank * f.lora_per_layer
-    else:
-        layer = 7 * h + 2 * q + 2 * kv + 4 * i
-    patches = image_tokens * f.merge_size**2
-    d, iv = f.vision_dim, f.vision_intermediate
-    block = 10 * d + (4 if f.vision_gated else 3) * iv + rank * f.lora_per_block
-    logits = s * f.vocab * (12 + (a if a != 4 else 0))  # bytes, not elements
-    kept = s * 4 * h + (patches * 3 * d if f.active_vision_blocks or f.projector_trains else 0)
-    if cfg.gradient_checkpointing:
-        # Layer inputs are kept; the backward recomputes one layer (or vision block) at a time, after the logits
-        # and their gradients are freed, so only the largest of the three counts.
-        kept += s * h * f.active_layers + patches * d * f.active_vision_blocks
-        largest = max(logits, a * s * layer * min(1, f.active_layers), a * patches * block * min(1, f.active_vision_blocks))
-        return a * kept + largest
-    kept += s * layer * f.active_layers + patches * block * f.active_vision_blocks
-    return a * kept + logits
-
-
-def _zero_stage(cfg) -> tuple[int, str | None]:
-    """(ZeRO stage of the DeepSpeed config, a problem reading it)."""
-    if not cfg.deepspeed:
-        return 0, None
-    try:
-        with open(cfg.deepspeed, encoding="utf-8") as fh:
-            ds = json.load(fh)
-    except (OSError, ValueError) as e:
-        return 0, f"cannot read deepspeed={cfg.deepspeed!r}: {e}"
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0) if isinstance(ds, dict) else 0
-    return (stage if isinstance(stage, int) else 0), None
-
-
 def _world_size(ctx: Context) -> int:
     v = ctx.env.get("WORLD_SIZE", "1")
     return max(1, int(v)) if v.isdigit() else 1
@@ -956,7 +566,6 @@ def _memory_levers(ctx: Context) -> str:
     return "try " + ", ".join(levers)
 
 
-# --- distributed ----------------------------------------------------------------------------------------------------
 def check_distributed(ctx: Context) -> Check:
     cfg, env = ctx.cfg, ctx.env
     world = _world_size(ctx)
@@ -1013,32 +622,3 @@ def _vision_trains(ctx: Context) -> bool:
     if ctx.facts is not None:
         return ctx.facts.trainable["vision_tower"] + ctx.facts.trainable["projector"] > 0
     return not (ctx.cfg.freeze_vision_tower and ctx.cfg.freeze_multi_modal_projector)
-
-
-# --- output ---------------------------------------------------------------------------------------------------------
-def format_checks(checks: list[Check], width: int = 110) -> str:
-    """A table: status, check, message (wrapped), and the fix under each check that is not ok."""
-    head = f"{'status':<7} {'check':<12} message"
-    lines = [head, "-" * min(width, 100)]
-    indent = " " * 21
-    for c in checks:
-        status = c.status.upper() if c.status != "ok" else "ok"
-        body = textwrap.wrap(c.message, width - 21) or [""]
-        lines.append(f"{status:<7} {c.name:<12} {body[0]}")
-        lines += [indent + b for b in body[1:]]
-        if c.fix:
-            fix = textwrap.wrap("fix: " + c.fix, width - 21)
-            lines += [indent + b for b in fix]
-    counts = Counter(c.status for c in checks)
-    lines += ["", f"{counts['fail']} failed, {counts['warn']} warning(s), {counts['ok']} ok"]
-    return "\n".join(lines)
-
-
-def to_json(checks: list[Check]) -> str:
-    return json.dumps([c.to_dict() for c in checks], indent=2)
-
-
-__all__ = [
-    "Check", "DeviceInfo", "DoctorError", "MemoryEstimate", "ModelFacts", "check_or_raise", "estimate_memory",
-    "failures", "format_checks", "model_facts", "probe_device", "run_checks", "suggest_batch", "to_json",
-]

@@ -22,9 +22,12 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from .data.fit import DEFAULT_OVERFLOW
-from .data.fit import POLICIES as OVERFLOW_POLICIES
-from .errors import ConfigError
+from ..errors import ConfigError
+
+# The overflow policies, tried in the configured order on a sample longer than cutoff_len (data/fit.py).
+POLICIES = ("shrink_images", "truncate_text", "split", "drop", "error")
+OVERFLOW_POLICIES = POLICIES
+DEFAULT_OVERFLOW = ["shrink_images", "truncate_text", "split", "drop"]
 
 # A sample handed to one of these never reaches a later policy, so only the last policy may be one of them.
 TERMINAL_POLICIES = ("drop", "error")

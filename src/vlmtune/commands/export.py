@@ -21,9 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .chat import check_adapter, check_model
-from .models.load import load_processor
-from .errors import VlmtuneError
+from ..errors import VlmtuneError
+from ..models.load import check_adapter, check_model, load_processor
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from vlmtune.cli import main
-from vlmtune.demo import COLOURS, DATASET_NAME, QUICK, SHAPES, run_demo, write_dataset
+from vlmtune.commands.cli import main
+from vlmtune.commands.demo import COLOURS, DATASET_NAME, QUICK, SHAPES, run_demo, write_dataset
 
 SUMMARY_TYPES = {
     "accuracy_before": float,

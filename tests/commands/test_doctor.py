@@ -12,9 +12,11 @@ import json
 import pytest
 import yaml
 
-from vlmtune import doctor
+from vlmtune.commands import doctor
+from vlmtune.commands.doctor import checks as doctor_checks
+from vlmtune.commands.doctor import memory as doctor_memory
 from vlmtune.config import load_config
-from vlmtune.doctor import GiB, Check, DeviceInfo, DoctorError, run_checks, suggest_batch
+from vlmtune.commands.doctor import GiB, Check, DeviceInfo, DoctorError, run_checks, suggest_batch
 
 A100 = DeviceInfo("cuda", "NVIDIA A100 80GB", 80 * GiB, True, (8, 0), 16, 200 * GiB)
 A100_40 = DeviceInfo("cuda", "NVIDIA A100-SXM4-40GB", 40 * GiB, True, (8, 0), 16, 200 * GiB)
@@ -33,7 +35,7 @@ DATA_TAIL = ("recommended cutoff_len: 546 keeps 95% whole, 546 99%, 546 all (0 i
 @pytest.fixture(autouse=True)
 def tested_versions(monkeypatch):
     """The versions this release was tested with, whatever is installed, so the tests are hermetic."""
-    monkeypatch.setattr(doctor, "_version", lambda lib: TESTED.get(lib))
+    monkeypatch.setattr(doctor_checks, "_version", lambda lib: TESTED.get(lib))
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +271,7 @@ def qwen2_vl_2b():
     config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=151655,
                                         video_token_id=151656, vision_start_token_id=151652,
                                         vision_end_token_id=151653)
-    return doctor.meta_model(config)
+    return doctor_memory.meta_model(config)
 
 
 def test_memory_fail_suggests_a_batch_that_fits_and_keeps_the_global_batch(check, qwen2_vl_2b):
@@ -328,7 +330,7 @@ def test_suggested_batches_keep_the_global_batch_exactly(batch, steps, largest):
 
 # -- versions ----------------------------------------------------------------------------------
 def test_versions_below_the_requirements_fail(check, monkeypatch):
-    monkeypatch.setattr(doctor, "_version", lambda lib: {**TESTED, "transformers": "4.44.2"}.get(lib))
+    monkeypatch.setattr(doctor_checks, "_version", lambda lib: {**TESTED, "transformers": "4.44.2"}.get(lib))
     c = check("versions", A100, "bf16=true")
     assert c == Check(
         "versions", "fail",
@@ -339,7 +341,7 @@ def test_versions_below_the_requirements_fail(check, monkeypatch):
 
 
 def test_untested_versions_warn(check, monkeypatch):
-    monkeypatch.setattr(doctor, "_version", lambda lib: {**TESTED, "peft": "0.18.0", "torch": "2.15.0"}.get(lib))
+    monkeypatch.setattr(doctor_checks, "_version", lambda lib: {**TESTED, "peft": "0.18.0", "torch": "2.15.0"}.get(lib))
     c = check("versions", A100, "bf16=true")
     assert c.status == "warn"
     assert c.message.startswith("torch 2.15.0 is newer than the tested 2.14; peft 0.18.0 is older than the tested "
@@ -375,12 +377,12 @@ def test_trainable_vision_tower_under_ddp_gets_the_dummy_pass(check):
 def test_deepspeed_zero3_is_read_from_its_json(check, tmp_path, monkeypatch):
     ds = tmp_path / "z3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
-    monkeypatch.setattr(doctor, "_installed", lambda module: True)
+    monkeypatch.setattr(doctor_checks, "_installed", lambda module: True)
     c = check("distributed", A100, "bf16=true", f"deepspeed={ds}", env=TWO_RANKS)
     assert c == Check("distributed", "ok", f"2 process(es): ddp_timeout=1800 s; DeepSpeed ZeRO stage 3 (from {ds}); "
                       "ZeRO-3 gathers each module's parameters on every rank, so text-only batches get the dummy "
                       f"vision pass too; {DUMMY}")
-    monkeypatch.setattr(doctor, "_installed", lambda module: False)
+    monkeypatch.setattr(doctor_checks, "_installed", lambda module: False)
     c = check("distributed", A100, "bf16=true", f"deepspeed={ds}", env=TWO_RANKS)
     assert (c.status, c.fix) == ("fail", "pip install deepspeed, or set deepspeed: null")
     assert c.message.startswith(f"2 process(es): deepspeed={str(ds)!r} is set but DeepSpeed is not installed; ")
@@ -406,7 +408,7 @@ def _yaml(tmp_path, ckpt, data, **keys) -> str:
 
 
 def test_cli_exit_status_and_json(ckpt, data, tmp_path, monkeypatch, capsys):
-    from vlmtune.cli import main
+    from vlmtune.commands.cli import main
 
     monkeypatch.setattr(doctor, "probe_device", lambda: CPU)
     path = _yaml(tmp_path, ckpt, data, fp16=True)
@@ -423,11 +425,13 @@ def test_cli_exit_status_and_json(ckpt, data, tmp_path, monkeypatch, capsys):
 
 
 def test_train_stops_on_failed_checks_unless_run_doctor_is_false(config, monkeypatch):
+    from vlmtune.commands.cli import train_preflight
     from vlmtune.train import recipe
 
     monkeypatch.setattr(doctor, "probe_device", lambda: CPU)
+    cfg = config("fp16=true")
     with pytest.raises(DoctorError) as err:
-        recipe.setup(config("fp16=true"), progress=False)
+        recipe.setup(cfg, progress=False, preflight=train_preflight(cfg))
     assert str(err.value) == (
         "1 doctor check(s) failed before training:\n"
         "  - precision: fp16=true but there is no GPU (Test CPU): float16 mixed precision needs CUDA\n"
@@ -442,5 +446,7 @@ def test_train_stops_on_failed_checks_unless_run_doctor_is_false(config, monkeyp
 
     monkeypatch.setattr(doctor, "run_checks", lambda *a, **k: pytest.fail("the doctor ran with run_doctor: false"))
     monkeypatch.setattr("transformers.set_seed", stop)
+    cfg = config("fp16=true", "run_doctor=false")
+    assert train_preflight(cfg) is None
     with pytest.raises(Reached):
-        recipe.setup(config("fp16=true", "run_doctor=false"), progress=False)
+        recipe.setup(cfg, progress=False, preflight=train_preflight(cfg))

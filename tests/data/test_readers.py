@@ -9,14 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vlmtune.data.sources import (
-    AUTO_FORMAT,
-    MAX_TEXT_CHARS,
-    RecordFormat,
-    ReadResult,
-    read_samples,
-    record_to_conversation,
-)
+from vlmtune.data.readers import ReadResult, read_samples
+from vlmtune.data.records import AUTO_FORMAT, MAX_TEXT_CHARS, RecordFormat, record_to_conversation
 from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
 from vlmtune.data.validate import validate
 from vlmtune.errors import Problem

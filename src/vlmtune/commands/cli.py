@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import VlmtuneError
+from ..errors import VlmtuneError
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    from .models.tiny import build_tiny_checkpoint
+    from ..models.tiny import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(args.out, arch=args.arch, seed=args.seed)
     print(f"wrote a tiny random {args.arch} checkpoint to {path}")
@@ -27,8 +27,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .inspect import account, format_summary, plot_lengths, summarize, write_per_sample
-    from .models.load import load_spec
+    from ..models.load import load_spec
+    from .inspect import (
+        account,
+        format_summary,
+        plot_lengths,
+        summarize,
+        write_per_sample,
+    )
 
     loaded = load_spec(
         args.model,
@@ -66,13 +72,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _load_cfg(args: argparse.Namespace):
-    from .config import load_config
+    from ..config import load_config
 
     return load_config(args.config, args.overrides)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .data.prepare import format_report_summary, prepare
+    from ..data.prepare import format_report_summary, prepare
 
     cfg = _load_cfg(args)
     print(format_report_summary(prepare(cfg)))
@@ -80,14 +86,23 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train.recipe import run
+    from ..train.recipe import run
 
     cfg = _load_cfg(args)
     for note in cfg.notes:
         print(f"note: {note}")
-    result = run(cfg)
+    result = run(cfg, preflight=train_preflight(cfg))
     print(f"trained {result.global_step} step(s); model saved to {result.output_dir}")
     return 0
+
+
+def train_preflight(cfg):
+    """What `train` runs once the processor is loaded: the doctor's checks, unless run_doctor: false."""
+    if not cfg.run_doctor:
+        return None
+    from .doctor import check_or_raise
+
+    return check_or_raise
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:

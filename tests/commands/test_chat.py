@@ -10,9 +10,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vlmtune import chat as chat_mod
-from vlmtune.chat import ChatModel, ChatSession, chat, interactive, load_image
-from vlmtune.cli import main
+from vlmtune.commands import chat as chat_mod
+from vlmtune.commands.chat import ChatModel, ChatSession, chat, interactive, load_image
+from vlmtune.commands.cli import main
 from vlmtune.errors import VlmtuneError
 
 N = 8  # new tokens: enough to see a difference, fast on the tiny model

@@ -14,19 +14,17 @@ trust_remote_code is never turned on here: it is passed through only when the ca
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
-from .errors import VlmtuneError
-from .models.load import load_processor
+from ..errors import VlmtuneError
+from ..models.load import check_adapter, check_model, load_processor
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
 # "owner/name" or "name": what a hub id looks like (a local path that does not exist and does
 # not look like one is reported as missing instead of being sent to the hub).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 INTERACTIVE_HELP = (
     "Type a question and press Enter. Commands: /image PATH attaches an image to the next question, "
@@ -82,39 +80,6 @@ def check_images(paths: Iterable) -> list[Path]:
     return out
 
 
-def check_source(name: str, what: str, marker: str, fix: str) -> None:
-    """A local `name` must be a directory holding `marker`; a missing path that is not hub-id
-    shaped is reported here instead of as a hub error."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise VlmtuneError(f"{what} {name} is a file, not a directory; {fix}")
-        if not (path / marker).is_file():
-            raise VlmtuneError(f"{what} {name} has no {marker}; {fix}")
-        return
-    if not _HUB_ID.match(str(name)):
-        raise VlmtuneError(f"{what} not found: {name}; {fix}")
-
-
-def check_adapter(adapter: str) -> None:
-    check_source(
-        adapter,
-        "adapter",
-        "adapter_config.json",
-        "pass the directory a LoRA training run saved its adapter to "
-        "(it holds adapter_config.json and adapter_model.safetensors)",
-    )
-
-
-def check_model(model: str) -> None:
-    check_source(
-        model,
-        "model",
-        "config.json",
-        "pass a hub id or a local checkpoint directory (it holds config.json and the weights)",
-    )
-
-
 def pick_device_dtype(device=None, dtype=None):
     """(device, dtype): CUDA with bf16 where supported, else fp32; cpu and fp32 without CUDA."""
     import torch
@@ -136,7 +101,7 @@ def load_image(image):
     """A PIL RGB image from a path (EXIF orientation applied) or a PIL image."""
     from PIL import Image, UnidentifiedImageError
 
-    from .data.images import open_rgb
+    from ..data.images import open_rgb
 
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")

@@ -16,7 +16,7 @@ from vlmtune import config as C
 from vlmtune.config import Config, load_config
 from vlmtune.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = {"model_name_or_path": "Qwen/Qwen2-VL-2B-Instruct", "dataset": "mllm_demo", "output_dir": "saves/run"}
 
 DEFAULTS = {

@@ -327,7 +327,7 @@ def chance(questions: list[dict]) -> float:
 def demo_config(model_dir: str, data_dir: str, output_dir: str, *, factor: int, size: DemoSize, steps: int,
                 seed: int, overrides: dict | None = None):
     """The demo's training config, as a user would write it in YAML (LLaMA-Factory key names)."""
-    from .config import load_config
+    from ..config import load_config
 
     base = {
         "model_name_or_path": str(model_dir),
@@ -401,8 +401,8 @@ def run_demo(out: str | os.PathLike = "vlmtune-demo", *, steps: int | None = Non
 def _run_demo(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .models.tiny import build_tiny_checkpoint
-    from .train.recipe import run
+    from ..models.tiny import build_tiny_checkpoint
+    from ..train.recipe import run
 
     start = time.perf_counter()
     size = QUICK if quick else FULL

@@ -11,9 +11,9 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vlmtune.cli import main
+from vlmtune.commands.cli import main
 from vlmtune.errors import VlmtuneError
-from vlmtune.export import export
+from vlmtune.commands.export import export
 
 QV = dict(target_modules=["q_proj", "v_proj"])
 

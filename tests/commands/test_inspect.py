@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from vlmtune.cli import main
+from vlmtune.commands.cli import main
 
 
 def test_show_marks_trained_spans_and_image_runs(tiny_ckpt, tmp_path, make_image, capsys):

@@ -1,0 +1,249 @@
+"""The memory model: peak training memory per device from a meta-device copy of the model and the worst batch.
+
+weights + gradients + AdamW states + activations (or the optimizer step's temporaries), plus the CUDA or Python
+runtime. Its activation terms were measured on CPU runs of tiny models (bench/bench_doctor_memory.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+from .report import GiB
+
+# Memory that is not tensors: CUDA context + cuBLAS workspaces + allocator fragmentation on a GPU; the Python,
+# torch and transformers runtime on the CPU.
+RUNTIME_BYTES = {"cuda": 1 * GiB, "cpu": 1 * GiB}
+
+
+def meta_model(config, trust_remote_code: bool = False):
+    """The *ForConditionalGeneration of `config` on the meta device: the module tree and shapes, no memory."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Sizes that decide training memory, read from a meta-device model with the run's adapters applied."""
+
+    model_type: str
+    params: dict[str, int]  # component -> parameters (adapters included)
+    trainable: dict[str, int]
+    lora_params: int  # adapter parameters (float32 whatever the model's dtype)
+    linear_weights: int  # elements of linear weights outside the decoder layers and vision blocks (lm_head, merger)
+    layer_linear_weights: int  # ... inside the decoder layers
+    block_linear_weights: int  # ... inside the vision blocks
+    hidden: int
+    intermediate: int
+    layers: int
+    q_dim: int
+    kv_dim: int
+    vocab: int
+    active_layers: int  # decoder layers that keep activations for the backward
+    lora_per_layer: float
+    vision_dim: int
+    vision_intermediate: int
+    vision_depth: int
+    vision_gated: bool
+    active_vision_blocks: int  # vision blocks that keep activations (0: the vision tower runs without a graph)
+    lora_per_block: float
+    projector_trains: bool
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.params.values())
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(self.trainable.values())
+
+
+def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
+    """Build `config`'s model on the meta device, apply the run's finetuning to it and read the sizes."""
+    import torch.nn as nn
+
+    from ...models.load import apply_finetuning, component_of, trainable_summary
+
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x
+        warnings.simplefilter("ignore", FutureWarning)
+        model = apply_finetuning(meta_model(config, trust_remote_code), cfg)
+    summary = trainable_summary(model)
+    tc, vc = config.text_config, config.vision_config
+    heads = tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    names = [(n, p) for n, p in model.named_parameters()]
+    lora = [n for n, _ in names if ".lora_A." in n]
+    linears = Counter()
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear) and "lora_" not in n:
+            where = "layer" if ".language_model.layers." in n else "block" if ".visual.blocks." in n else "other"
+            linears[where] += m.weight.numel()
+    vision_dim = getattr(vc, "embed_dim", None) or vc.hidden_size
+    vision_inter = getattr(vc, "intermediate_size", None) or int(vision_dim * getattr(vc, "mlp_ratio", 4))
+    layer_re, block_re = re.compile(r"language_model\.layers\.(\d+)\."), re.compile(r"visual\.blocks\.(\d+)\.")
+    pre_lm = any(p.requires_grad and (component_of(n) != "language_model" or "embed_tokens" in n) for n, p in names)
+    pre_vision = any(p.requires_grad and "patch_embed" in n for n, p in names)
+    return ModelFacts(
+        model_type=config.model_type,
+        params={c: d["total"] for c, d in summary.items()},
+        trainable={c: d["trainable"] for c, d in summary.items()},
+        lora_params=sum(p.numel() for n, p in names if "lora_" in n),
+        linear_weights=linears["other"],
+        layer_linear_weights=linears["layer"],
+        block_linear_weights=linears["block"],
+        hidden=tc.hidden_size,
+        intermediate=tc.intermediate_size,
+        layers=tc.num_hidden_layers,
+        q_dim=heads * head_dim,
+        kv_dim=tc.num_key_value_heads * head_dim,
+        vocab=tc.vocab_size,
+        active_layers=_active(names, layer_re, tc.num_hidden_layers, pre_lm or cfg.gradient_checkpointing),
+        lora_per_layer=sum(1 for n in lora if component_of(n) == "language_model") / tc.num_hidden_layers,
+        vision_dim=vision_dim,
+        vision_intermediate=vision_inter,
+        vision_depth=vc.depth,
+        vision_gated=any(n.endswith("mlp.gate_proj.weight") or ".mlp.gate_proj.base_layer." in n
+                         for n, _ in names if component_of(n) == "vision_tower"),
+        active_vision_blocks=_active(names, block_re, vc.depth, pre_vision),
+        lora_per_block=sum(1 for n in lora if component_of(n) == "vision_tower") / max(1, vc.depth),
+        projector_trains=summary["projector"]["trainable"] > 0,
+        patch_size=vc.patch_size,
+        temporal_patch_size=vc.temporal_patch_size,
+        merge_size=vc.spatial_merge_size,
+    )
+
+
+def _active(names, pattern, depth: int, all_when: bool) -> int:
+    """Layers from the first one with a trainable parameter to the last: the backward runs through them."""
+    first = min((int(m.group(1)) for n, p in names if p.requires_grad and (m := pattern.search(n))), default=None)
+    if first is None:
+        return depth if all_when else 0
+    return depth if all_when else depth - first
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    total: int
+    parts: dict[str, int]  # weights, gradients, optimizer, activations, step, batch, runtime
+    batch: int
+    seq_len: int
+    image_tokens: int
+
+
+def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq_len: int, image_tokens: int,
+                    world_size: int = 1, zero_stage: int = 0) -> MemoryEstimate:
+    """Peak memory of one device training on `batch` rows of `seq_len` tokens holding `image_tokens` image tokens.
+
+    Bytes per element: weights 2 (bf16 on a GPU) or 4 (float32: the CPU, fp16 autocast, no mixed precision);
+    LoRA adapters 4 (peft keeps them in float32); activations a = 2 under bf16/fp16, else 4.
+    Trainable parameters: gradient + 2 AdamW states, each in the parameter's dtype.
+    Activations (elements × a unless stated), with s = seq_len × batch, P = image patches = image_tokens × merge²,
+    h/i/q/kv the decoder's hidden/MLP/query/key-value widths, V the vocabulary, d/i_v the vision widths:
+      each decoder layer the backward runs through (active_layers) keeps s × layer, where layer =
+        7h + 2q + 2kv + 4i                    full / freeze (every linear keeps its input)
+        4h + 2q + 2kv + 4i + r × LoRA layers  LoRA (frozen weights keep no input; adapters keep r)
+      each vision block that trains (active_vision_blocks) keeps P × block, block = 10d + 3i_v (4i_v for a
+      gated MLP) + r × LoRA layers; a frozen vision tower runs without a graph and keeps nothing;
+      + s × 4h (embeddings, image-feature scatter, final norm) + P × 3d when the vision side trains (merger);
+      the logits: s × V × 12 bytes (their float32 log-softmax, its gradient and the logits' gradient at the start
+      of the backward) + s × V × a when a is 2 (the 16-bit logits before the upcast).
+      With gradient checkpointing a layer keeps only its input (s × h, P × d per vision block) and the backward
+      recomputes one layer at a time after the logits are freed: kept inputs + max(logits, one layer, one block).
+    Autocast (fp16 on a GPU, bf16 on the CPU) casts float32 weights to 16 bits for each linear layer, and the
+    graph keeps those copies for the backward (2 bytes per weight of the layers the backward runs through, except
+    in checkpointed layers).
+    Peak = weights + AdamW states + max(gradients + activations, gradients + step temporaries) + batch + runtime:
+    with gradient_accumulation_steps > 1 the gradients of the previous micro-batches are held while the next
+    one's activations build up; with 1, gradients appear as activations are freed, so max(gradients,
+    activations) replaces their sum. The AdamW step (foreach, on a GPU) makes one temporary copy of the
+    trainable parameters. ZeRO stage 1/2/3 divides the states / gradients / weights by world_size.
+    """
+    f = facts
+    gpu = device_kind == "cuda"
+    half = cfg.bf16 or cfg.fp16
+    w = 2 if gpu and cfg.bf16 else 4
+    a = 2 if half else 4
+    lora = f.lora_params
+    base_trainable = f.trainable_params - lora
+    weights = (f.total_params - lora) * w + lora * 4
+    if half and not (gpu and cfg.bf16):
+        weights += _autocast_copies(cfg, f) * 2
+    trainable_bytes = base_trainable * w + lora * 4
+    grads, states = trainable_bytes, 2 * trainable_bytes
+    step = trainable_bytes if gpu else 0
+    if zero_stage >= 1:
+        states //= world_size
+    if zero_stage >= 2:
+        grads //= world_size
+    if zero_stage >= 3:
+        weights //= world_size
+    acts = _activations(cfg, f, batch, seq_len, image_tokens, a)
+    if batch > 1:  # padded batches carry a boolean attention mask of s² per row
+        acts += batch * seq_len**2
+    if cfg.gradient_accumulation_steps > 1:
+        live = max(grads + acts, grads + step)
+    else:
+        live = max(grads, acts, grads + step)
+    pixels = image_tokens * f.merge_size**2 * 3 * f.temporal_patch_size * f.patch_size**2 * 4
+    batch_bytes = 4 * batch * seq_len * 8 + pixels
+    runtime = RUNTIME_BYTES["cuda" if gpu else "cpu"]
+    parts = {"weights": weights, "gradients": grads, "optimizer": states, "activations": acts, "step": step,
+             "batch": batch_bytes, "runtime": runtime}
+    total = weights + states + live + batch_bytes + runtime
+    return MemoryEstimate(int(total), {k: int(v) for k, v in parts.items()}, batch, seq_len, image_tokens)
+
+
+def _autocast_copies(cfg, f: ModelFacts) -> float:
+    """Elements of the 16-bit weight copies autocast makes and the graph keeps for the backward: those of every
+    linear layer the backward runs through, outside checkpointed layers (those are cast again when recomputed)."""
+    held = f.linear_weights
+    if not cfg.gradient_checkpointing:
+        held += f.layer_linear_weights * f.active_layers / max(1, f.layers)
+        held += f.block_linear_weights * f.active_vision_blocks / max(1, f.vision_depth)
+    return held
+
+
+def _activations(cfg, f: ModelFacts, batch: int, seq_len: int, image_tokens: int, a: int) -> float:
+    """Peak activation bytes (see estimate_memory)."""
+    s = seq_len * batch
+    h, i, q, kv = f.hidden, f.intermediate, f.q_dim, f.kv_dim
+    rank = cfg.lora_rank
+    if cfg.finetuning_type == "lora":
+        layer = 4 * h + 2 * q + 2 * kv + 4 * i + rank * f.lora_per_layer
+    else:
+        layer = 7 * h + 2 * q + 2 * kv + 4 * i
+    patches = image_tokens * f.merge_size**2
+    d, iv = f.vision_dim, f.vision_intermediate
+    block = 10 * d + (4 if f.vision_gated else 3) * iv + rank * f.lora_per_block
+    logits = s * f.vocab * (12 + (a if a != 4 else 0))  # bytes, not elements
+    kept = s * 4 * h + (patches * 3 * d if f.active_vision_blocks or f.projector_trains else 0)
+    if cfg.gradient_checkpointing:
+        # Layer inputs are kept; the backward recomputes one layer (or vision block) at a time, after the logits
+        # and their gradients are freed, so only the largest of the three counts.
+        kept += s * h * f.active_layers + patches * d * f.active_vision_blocks
+        largest = max(logits, a * s * layer * min(1, f.active_layers), a * patches * block * min(1, f.active_vision_blocks))
+        return a * kept + largest
+    kept += s * layer * f.active_layers + patches * block * f.active_vision_blocks
+    return a * kept + logits
+
+
+def _zero_stage(cfg) -> tuple[int, str | None]:
+    """(ZeRO stage of the DeepSpeed config, a problem reading it)."""
+    if not cfg.deepspeed:
+        return 0, None
+    try:
+        with open(cfg.deepspeed, encoding="utf-8") as fh:
+            ds = json.load(fh)
+    except (OSError, ValueError) as e:
+        return 0, f"cannot read deepspeed={cfg.deepspeed!r}: {e}"
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0) if isinstance(ds, dict) else 0
+    return (stage if isinstance(stage, int) else 0), None

@@ -1,0 +1,430 @@
+"""Read users' datasets as they already have them into normalised `Conversation`s.
+
+Supported inputs (`read_samples(data, ...)`):
+
+* a `.jsonl` file (one record per line), a `.json` file (one JSON array of records; a single JSON
+  object is one record; a `.json` file that starts with `{` and is not one JSON value is read as
+  JSON Lines, as `datasets` does),
+* a folder of `.json` / `.jsonl` files (not recursive; `dataset_info.json` is skipped),
+* a `datasets` folder written by `save_to_disk` (a DatasetDict: the "train" split, or its only split),
+* comma-separated dataset names looked up in `dataset_dir/dataset_info.json` (LLaMA-Factory), or
+  comma-separated paths.
+
+Record formats (detected per record unless a `dataset_info.json` entry fixes the columns and tags):
+
+* LLaMA-Factory sharegpt: `messages` (`{"role", "content"}`) or `conversations` (`{"from", "value"}`),
+  an optional top-level `system` string, `<image>` placeholders in the text and an `images` list
+  of paths: each placeholder, in order, takes the next path.
+* HF chat: `messages` whose `content` is a list of parts `{"type": "text", "text"}`,
+  `{"type": "image", "image" | "path" | "url"}` or `{"type": "image_url", "image_url": {"url"}}`;
+  an image part without a path (TRL style) takes the next path of `images`, like `<image>`.
+  Image columns of `datasets` folders must hold paths: embedded image bytes are refused.
+
+Roles: user/human, assistant/gpt and system (or the dataset_info tags) become user, assistant and
+system; any other role (observation, function_call, tool...) is kept as written and `validate`
+reports it. A top-level `system` string becomes the first message unless the turns already start
+with a system turn (as in LLaMA-Factory); message numbers in problems count it.
+
+Ids and sources: a sample's `id` is the record's own `id` (a string or an integer, at most 200
+characters) when it is unique across everything read, else `<file stem>:<line>` (JSONL, 1-based), `<file stem>:<index>` (JSON,
+0-based) or `<folder name>:<row>` (datasets folder, 0-based); an id that would still clash gets a
+`~2`, `~3`... suffix. `source` is `path:LINE` for JSONL, `path#INDEX` for JSON arrays and
+`path#ROW` for datasets folders.
+
+Images: a relative path is resolved against `media_dir` when given, else the folder of the data
+file (of the dataset_dir for dataset names; of the folder holding a datasets folder). After
+`os.path.realpath` (symlinks followed) a path must stay inside that folder unless
+`allow_paths_outside_media_dir=True`; URLs (`http://`, `https://`, `file://`, `data:`, any
+`scheme://`) are refused (remote images are not supported yet, even with `allow_remote_images`).
+Nothing is fetched or opened here: checking that files exist and are images is `validate`'s job.
+
+Accounting: bad input never raises. Every record (and every JSONL line, even one that does not
+parse) counts in `ReadResult.records`. A record either yields a `Conversation` or exactly one
+`Problem` in `ReadResult.problems`; an input that cannot be read at all (a missing file, an unknown
+dataset name, a JSON array file that does not parse) counts as one record with one problem. So
+`records == len(conversations) + len(problems)` always holds. Problems found in a record that still
+yields a conversation (placeholder/image count mismatch, refused image paths) go to that
+conversation's `read_problems`, not to `ReadResult.problems`; `validate` reports them and treats
+the conversation as invalid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from ..errors import Problem
+from .dataset_info import dataset_files
+from .paths import PathCache, _short
+from .records import (
+    AUTO_FORMAT,
+    RecordFormat,
+    _type_name,
+    file_problem,
+    record_to_conversation,
+)
+from .types import Conversation
+
+_DATA_EXTS = (".json", ".jsonl")
+
+
+_FIX_FILE = "check the path and its permissions"
+
+
+@dataclass
+class ReadResult:
+    """Everything read: the conversations, the problems of records that yielded none, and the count.
+
+    `records == len(conversations) + len(problems)`: every record is accounted for.
+    """
+
+    conversations: list[Conversation]
+    problems: list[Problem]
+    records: int
+
+
+@dataclass
+class _Raw:
+    """One record as loaded from a file, before ids are assigned."""
+
+    value: Any
+    source: str
+    fallback_id: str
+    base_dir: str
+    fmt: RecordFormat
+
+
+@dataclass
+class _Input:
+    path: str
+    base_dir: str
+    fmt: RecordFormat = AUTO_FORMAT
+
+
+@dataclass
+class _Loaded:
+    items: list[_Raw | Problem] = field(default_factory=list)  # in input order
+
+
+def _is_datasets_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+
+
+def _parse_json(text: str) -> Any:
+    """json.loads, with every failure (syntax, nesting depth, huge numbers) as ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        where = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno}, column {e.colno}"
+        raise ValueError(f"{e.msg} at {where}") from None
+    except ValueError as e:  # e.g. integers with too many digits
+        raise ValueError(str(e)) from None
+
+
+def _read_jsonl(inp: _Input, out: _Loaded, lines: Iterable[bytes] | None = None) -> None:
+    if lines is not None:
+        _read_lines(inp, out, lines)
+        return
+    try:
+        with open(inp.path, "rb") as f:
+            _read_lines(inp, out, f)
+    except OSError as e:
+        what = f"cannot read the file: {e.strerror or e}"
+        out.items.append(file_problem(inp.path, "data_not_found", what, _FIX_FILE))
+
+
+def _read_lines(inp: _Input, out: _Loaded, lines: Iterable[bytes]) -> None:
+    stem = Path(inp.path).stem
+    for lineno, raw in enumerate(lines, 1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        if not raw.strip():
+            continue
+        source = f"{inp.path}:{lineno}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            out.items.append(
+                file_problem(
+                    source,
+                    "invalid_utf8",
+                    f"line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                    "re-save the file as UTF-8",
+                )
+            )
+            continue
+        try:
+            value = _parse_json(text.rstrip("\r\n"))
+        except ValueError as e:
+            out.items.append(
+                file_problem(
+                    source,
+                    "invalid_json",
+                    f"line is not valid JSON: {e}",
+                    "fix the JSON on this line (a .jsonl file holds one JSON object per line)",
+                )
+            )
+            continue
+        out.items.append(_Raw(value, source, f"{stem}:{lineno}", inp.base_dir, inp.fmt))
+
+
+def _read_json(inp: _Input, out: _Loaded) -> None:
+    try:
+        with open(inp.path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        what = f"cannot read the file: {e.strerror or e}"
+        out.items.append(file_problem(inp.path, "data_not_found", what, _FIX_FILE))
+        return
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    stripped = data.lstrip()
+    if not stripped:
+        return  # an empty file holds no records
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if stripped.startswith(b"{"):  # JSON Lines in a .json file: report the bad lines only
+            _read_jsonl(inp, out, iter(data.split(b"\n")))
+            return
+        out.items.append(
+            file_problem(
+                inp.path,
+                "invalid_utf8",
+                f"file is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})",
+                "re-save the file as UTF-8",
+            )
+        )
+        return
+    try:
+        value = _parse_json(text)
+    except ValueError as e:
+        if stripped.startswith(b"{"):
+            _read_jsonl(inp, out, iter(data.split(b"\n")))
+            return
+        out.items.append(
+            file_problem(
+                inp.path,
+                "invalid_json",
+                f"file is not valid JSON: {e}",
+                "fix the JSON syntax (a .json file holds one JSON array of records; "
+                "use .jsonl for one record per line)",
+            )
+        )
+        return
+    if isinstance(value, dict):
+        # A single record: LLaMA-Factory (via `datasets`) reads it as one row.
+        value = [value]
+    if not isinstance(value, list):
+        out.items.append(
+            file_problem(
+                inp.path,
+                "invalid_json",
+                f"file holds {_type_name(value)}, expected a JSON array of records",
+                "write the records as a JSON array: [{\"messages\": [...]}, ...]",
+            )
+        )
+        return
+    stem = Path(inp.path).stem
+    for i, rec in enumerate(value):
+        out.items.append(_Raw(rec, f"{inp.path}#{i}", f"{stem}:{i}", inp.base_dir, inp.fmt))
+
+
+def _read_datasets_folder(inp: _Input, out: _Loaded) -> None:
+    try:
+        import datasets
+
+        ds = datasets.load_from_disk(inp.path)
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" in ds:
+                ds = ds["train"]
+            elif len(ds) == 1:
+                ds = next(iter(ds.values()))
+            else:
+                out.items.append(
+                    file_problem(
+                        inp.path,
+                        "data_not_found",
+                        f"the DatasetDict has no \"train\" split (splits: {', '.join(sorted(ds))})",
+                        "save the training split as \"train\", or point `data` at the split's folder",
+                    )
+                )
+                return
+        # Arrow rows: no decoding of Image features (they come back as {"bytes", "path"}).
+        rows: list = []
+        for batch in ds.with_format("arrow").iter(batch_size=4096):
+            rows.extend(batch.to_pylist())
+    except Exception as e:  # a broken folder must be reported, not crash the run
+        out.items.append(
+            file_problem(
+                inp.path,
+                "data_not_found",
+                f"cannot load the datasets folder: {type(e).__name__}: {_short(str(e), 200)}",
+                "check that the folder was written by `Dataset.save_to_disk`",
+            )
+        )
+        return
+    name = Path(inp.path.rstrip("/\\") or inp.path).name
+    for i, rec in enumerate(rows):
+        out.items.append(_Raw(rec, f"{inp.path}#{i}", f"{name}:{i}", inp.base_dir, inp.fmt))
+
+
+def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, out: _Loaded) -> None:
+    if os.path.isdir(path):
+        if _is_datasets_folder(path):
+            parent = os.path.dirname(os.path.abspath(path.rstrip("/\\") or path))
+            _read_datasets_folder(_Input(path, base_dir or parent, fmt), out)
+            return
+        try:
+            names = sorted(n for n in os.listdir(path) if n.endswith(_DATA_EXTS) and n != "dataset_info.json")
+        except OSError as e:
+            what = f"cannot list the folder: {e.strerror or e}"
+            out.items.append(file_problem(path, "data_not_found", what, _FIX_FILE))
+            return
+        names = [n for n in names if os.path.isfile(os.path.join(path, n))]
+        if not names:
+            out.items.append(
+                file_problem(
+                    path,
+                    "data_not_found",
+                    "the folder holds no .json or .jsonl files",
+                    "point `data` at a data file, a folder of .json/.jsonl files or a `save_to_disk` folder",
+                )
+            )
+            return
+        for n in names:
+            _read_path(os.path.join(path, n), base_dir or path, fmt, out)
+        return
+    folder = base_dir or os.path.dirname(path) or "."
+    if path.endswith(".jsonl"):
+        _read_jsonl(_Input(path, folder, fmt), out)
+    elif path.endswith(".json"):
+        _read_json(_Input(path, folder, fmt), out)
+    else:
+        out.items.append(
+            file_problem(
+                path,
+                "data_not_found",
+                f"unsupported data file type {Path(path).suffix or '(no extension)'!r}",
+                "use a .json or .jsonl file, a folder of them, or a `save_to_disk` folder",
+            )
+        )
+
+
+def _assign_ids(raws: list[_Raw]) -> list[str]:
+    own: list[str | None] = []
+    for raw in raws:
+        value = raw.value.get("id") if isinstance(raw.value, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            own.append(None)
+            continue
+        text = str(value)
+        own.append(text if text.strip() and len(text) <= 200 else None)
+    counts = Counter(x for x in own if x is not None)
+    used: set[str] = set()
+    ids = []
+    for raw, mine in zip(raws, own):
+        sid = mine if mine is not None and counts[mine] == 1 else raw.fallback_id
+        if sid in used:
+            k = 2
+            while f"{sid}~{k}" in used:
+                k += 1
+            sid = f"{sid}~{k}"
+        used.add(sid)
+        ids.append(sid)
+    return ids
+
+
+def read_samples(
+    data: str,
+    dataset_dir: str | None = None,
+    media_dir: str | None = None,
+    *,
+    allow_paths_outside_media_dir: bool = False,
+    allow_remote_images: bool = False,
+) -> ReadResult:
+    """Read every record of `data` into conversations, accounting for each record.
+
+    `data` is a .json/.jsonl file, a folder of them, a `save_to_disk` folder, comma-separated
+    paths, or comma-separated dataset names from `dataset_dir/dataset_info.json`. Image paths are
+    resolved against `media_dir`, else the data file's folder (dataset_dir for dataset names).
+    Never raises on bad data: see the module docstring for what goes where.
+    """
+    # Reading builds millions of small acyclic objects; the cyclic GC would rescan them over and
+    # over (about 3x the reading time on 100k records), so it is paused while reading.
+    with _gc_paused():
+        return _read_samples(data, dataset_dir, media_dir, allow_paths_outside_media_dir, allow_remote_images)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _read_samples(
+    data: str,
+    dataset_dir: str | None,
+    media_dir: str | None,
+    allow_paths_outside_media_dir: bool,
+    allow_remote_images: bool,
+) -> ReadResult:
+    out = _Loaded()
+    if os.path.exists(data):
+        _read_path(data, media_dir, AUTO_FORMAT, out)
+    else:
+        items = [x.strip() for x in data.split(",") if x.strip()]
+        if items and all(os.path.exists(x) for x in items):
+            for x in items:
+                _read_path(x, media_dir, AUTO_FORMAT, out)
+        elif dataset_dir is not None and items:
+            for entry in dataset_files(items, dataset_dir, media_dir):
+                if isinstance(entry, Problem):
+                    out.items.append(entry)
+                else:
+                    _read_path(*entry, out)
+        else:
+            out.items.append(
+                file_problem(
+                    data,
+                    "data_not_found",
+                    f"{data!r} is not a file or folder"
+                    + ("" if dataset_dir else " (and no dataset_dir was given to look up dataset names)"),
+                    "point `data` at a .json/.jsonl file, a folder of them or a `save_to_disk` folder, "
+                    "or give dataset names with dataset_dir",
+                )
+            )
+    raws = [x for x in out.items if isinstance(x, _Raw)]
+    ids = iter(_assign_ids(raws))
+    conversations: list[Conversation] = []
+    problems: list[Problem] = []
+    cache = PathCache()
+    for item in out.items:
+        if isinstance(item, Problem):
+            problems.append(item)
+            continue
+        result = record_to_conversation(
+            item.value,
+            sample_id=next(ids),
+            source=item.source,
+            base_dir=item.base_dir,
+            fmt=item.fmt,
+            allow_paths_outside_media_dir=allow_paths_outside_media_dir,
+            allow_remote_images=allow_remote_images,
+            cache=cache,
+        )
+        (problems if isinstance(result, Problem) else conversations).append(result)
+    return ReadResult(conversations=conversations, problems=problems, records=len(out.items))
