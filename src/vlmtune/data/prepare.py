@@ -66,12 +66,6 @@ def fit_options(cfg) -> FitOptions:
     )
 
 
-def media_dir_of(cfg) -> str | None:
-    """media_dir as set by the user; when it was only derived from dataset_dir, let the reader
-    resolve images against each data file's folder (a dataset given as a path) or dataset_dir."""
-    return None if "media_dir" in getattr(cfg, "derived", ()) else cfg.media_dir
-
-
 def prepared_dir(cfg) -> str:
     return cfg.prepared_dir or os.path.join(cfg.output_dir, "prepared")
 
@@ -88,7 +82,7 @@ def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prep
     if cached is not None:
         return cached
     read = read_samples(
-        cfg.dataset, dataset_dir=cfg.dataset_dir, media_dir=media_dir_of(cfg),
+        cfg.dataset, dataset_dir=cfg.dataset_dir, media_dir=cfg.media_dir,
         allow_paths_outside_media_dir=cfg.allow_paths_outside_media_dir,
         allow_remote_images=cfg.allow_remote_images,
     )
@@ -258,7 +252,7 @@ def _data_files(cfg) -> list[str]:
 def fingerprint(cfg, loaded: Loaded, files: list[str]) -> str:
     h = hashlib.sha256()
     h.update(__version__.encode())
-    h.update(json.dumps({k: getattr(cfg, k, None) for k in DATA_KEYS}, sort_keys=True, default=str).encode())
+    h.update(json.dumps(cfg.fingerprint_dict(DATA_KEYS), sort_keys=True, default=str).encode())
     h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
     h.update(str(getattr(loaded.processor, "chat_template", "")).encode())
     for path in files:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ...errors import VlmtuneError
+from ...models.families import FAMILIES, display_name
 from .device import DeviceInfo
 from .memory import (
     MemoryEstimate,
@@ -48,14 +49,8 @@ DDP_TIMEOUT_WARN_S = 2 * 3600
 DDP_TIMEOUT_FAIL_S = 24 * 3600
 
 
-# The versions this release was tested with (major.minor), and the transformers that introduced each family.
+# The versions this release was tested with (major.minor); the transformers each family needs is in models/families.py.
 TESTED = {"torch": "2.14", "transformers": "5.24", "peft": "0.21", "accelerate": "1.15"}
-
-
-FAMILY_MIN_TRANSFORMERS = {"qwen2_vl": "4.45", "qwen2_5_vl": "4.49", "qwen3_vl": "4.57"}
-
-
-FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
 
 
 @dataclass
@@ -158,12 +153,12 @@ def check_versions(ctx: Context) -> Check:
             warns.append(f"{lib} {v} is {'older' if mm < Version(tested) else 'newer'} than the tested {tested}")
     family = _model_type(ctx)
     tv = _version("transformers")
-    if family in FAMILY_MIN_TRANSFORMERS and tv is not None:
-        need = FAMILY_MIN_TRANSFORMERS[family]
+    if family in FAMILIES and tv is not None:
+        need = FAMILIES[family].min_transformers
         if Version(tv) < Version(need):
-            fails.append(f"{FAMILY_NAMES[family]} needs transformers >= {need}, found {tv}")
+            fails.append(f"{display_name(family)} needs transformers >= {need}, found {tv}")
         else:
-            shown.append(f"{FAMILY_NAMES[family]} needs transformers >= {need}")
+            shown.append(f"{display_name(family)} needs transformers >= {need}")
     if tv is not None and Version(tv).major >= 5:
         shown.append("transformers 5 needs mm_token_type_ids with every image batch and vlmtune's collator "
                      "provides it")
@@ -279,7 +274,7 @@ def check_model(ctx: Context) -> Check:
 
 def _family(ctx: Context) -> str:
     t = _model_type(ctx)
-    return f"{FAMILY_NAMES.get(t, t)} ({t})"
+    return f"{display_name(t)} ({t})"
 
 
 def check_vision(ctx: Context) -> Check:
@@ -386,11 +381,11 @@ def _read_data(ctx: Context, progress: bool) -> None:
     cfg = ctx.cfg
     from ...data.fit import Fitter
     from ...data.pipeline import account, summarize
-    from ...data.prepare import first_of_each_file, fit_options, media_dir_of
+    from ...data.prepare import first_of_each_file, fit_options
     from ...errors import SampleError
 
     try:
-        acc = account(cfg.dataset, ctx.loaded, dataset_dir=cfg.dataset_dir, media_dir=media_dir_of(cfg),
+        acc = account(cfg.dataset, ctx.loaded, dataset_dir=cfg.dataset_dir, media_dir=cfg.media_dir,
                       train_on_prompt=cfg.train_on_prompt, progress=progress,
                       allow_paths_outside_media_dir=cfg.allow_paths_outside_media_dir,
                       allow_remote_images=cfg.allow_remote_images)
