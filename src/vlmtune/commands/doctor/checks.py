@@ -179,9 +179,6 @@ def check_precision(ctx: Context) -> Check:
     cfg, dev = ctx.cfg, ctx.device
     cc = f"compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]}" \
         if dev.compute_capability else "compute capability unknown"
-    if cfg.bf16 and cfg.fp16:
-        return Check("precision", "fail", "bf16 and fp16 are both true",
-                     "set at most one of them (bf16 where the device supports it)")
     if dev.kind == "cpu":
         if cfg.fp16:
             return Check("precision", "fail", f"fp16=true but there is no GPU ({dev.name}): float16 mixed "
