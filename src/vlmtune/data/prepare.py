@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..config import FitArgs
 from ..errors import DataError, Problem
 from ..models.load import Loaded, load_spec
 from .encode import Encoder, emit
@@ -56,13 +57,14 @@ class Prepared:
         return load_from_disk(self.path)
 
 
-def fit_options(cfg) -> FitOptions:
+def fit_options(fit: FitArgs) -> FitOptions:
+    """The Fitter's options from the config's fit section (`cfg.fit`)."""
     return FitOptions(
-        cutoff_len=cfg.cutoff_len,
-        overflow=tuple(cfg.overflow),
-        min_image_tokens=cfg.min_image_tokens,
-        max_image_token_share=cfg.max_image_token_share,
-        split_keep_context=cfg.split_keep_context,
+        cutoff_len=fit.cutoff_len,
+        overflow=tuple(fit.overflow),
+        min_image_tokens=fit.min_image_tokens,
+        max_image_token_share=fit.max_image_token_share,
+        split_keep_context=fit.split_keep_context,
     )
 
 
@@ -133,7 +135,7 @@ def _set_worker(loaded: Loaded, train_on_prompt: bool, options: FitOptions) -> N
 
 
 def _process_all(cfg, loaded: Loaded, convs, progress: bool) -> tuple[list[Problem], list[dict], list[dict]]:
-    options = fit_options(cfg)
+    options = fit_options(cfg.fit)
     chunks = [convs[i : i + CHUNK] for i in range(0, len(convs), CHUNK)]
     workers = max(1, int(cfg.preprocessing_num_workers or 1))
     problems: list[Problem] = []

@@ -393,7 +393,7 @@ def _read_data(ctx: Context, progress: bool) -> None:
     if cfg.max_samples:  # prepare keeps the first max_samples records of each file (invalid ones count there)
         kept = first_of_each_file(acc.encoded, cfg.max_samples)
         limited, acc.encoded = len(kept) < len(acc.encoded), kept
-    fitter = Fitter(ctx.loaded.spec, fit_options(cfg))
+    fitter = Fitter(ctx.loaded.spec, fit_options(cfg.fit))
     fates: Counter = Counter()
     rows, errors, split_rows = [], [], 0
     for enc in acc.encoded:
