@@ -1,7 +1,7 @@
 """Write docs/config.md from the config dataclasses, so the reference cannot drift from the code.
 
     python scripts/gen_config_docs.py          # rewrite docs/config.md
-    python scripts/gen_config_docs.py --check  # exit 1 if docs/config.md is stale (CI, tests/test_config.py)
+    python scripts/gen_config_docs.py --check  # exit 1 if docs/config.md is stale (CI, tests/config/test_config.py)
 """
 
 from __future__ import annotations

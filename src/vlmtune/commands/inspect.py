@@ -12,8 +12,8 @@ import math
 from collections import defaultdict
 from dataclasses import asdict
 
-from ..data.pipeline import Accounting, account, summarize  # noqa: F401  (account: re-exported for the cli)
 from ..config import POLICIES
+from ..data.pipeline import Accounting, account, summarize  # noqa: F401  (account: re-exported for the cli)
 from ..errors import Problem, VlmtuneError
 from ..models.load import Loaded
 

@@ -28,6 +28,7 @@ from .values import (
     _val_size,
 )
 
+
 @dataclass(frozen=True)
 class ModelArgs:
     """Which checkpoint to start from."""

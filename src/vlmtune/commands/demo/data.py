@@ -8,7 +8,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # Colours far apart in RGB, each jittered per image; the background is a pale grey, so the shape's
 # colour dominates every image token that covers it.
 COLOURS: dict[str, tuple[int, int, int]] = {

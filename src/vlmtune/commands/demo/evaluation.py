@@ -6,6 +6,7 @@ import os
 
 from .data import COLOURS, SHAPES
 
+
 def candidates_for(kind: str) -> tuple[str, ...]:
     return tuple(COLOURS) if kind == "colour" else SHAPES
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from .data import CUTOFF_LEN, DATASET_NAME, FULL, IMAGE_TOKENS, QUICK, DemoSize, _write_json, write_dataset
 from .evaluation import chance, evaluate
 
+
 def demo_config(model_dir: str, data_dir: str, output_dir: str, *, factor: int, size: DemoSize, steps: int,
                 seed: int, overrides: dict | None = None):
     """The demo's training config, as a user would write it in YAML (LLaMA-Factory key names)."""
