@@ -227,6 +227,14 @@ def test_prepare_fingerprints_only_declared_keys():
     assert cfg.fingerprint_dict(DATA_KEYS)["media_dir"] is None
 
 
+def test_prepare_fingerprint_rejects_an_undeclared_key(monkeypatch):
+    from vlmtune.data import prepare
+
+    monkeypatch.setattr(prepare, "DATA_KEYS", (*prepare.DATA_KEYS, "cutof_len"))
+    with pytest.raises(KeyError, match=r"not config keys: \['cutof_len'\]"):
+        prepare.fingerprint(load_config(None, base=REQUIRED), None, [])  # fails before it reads the model
+
+
 def test_sections_partition_the_keys():
     names = [f.name for cls in C.SECTIONS.values() for f in dataclasses.fields(cls)]
     assert names == list(C.KEYS)
