@@ -5,7 +5,7 @@ written once as realistic files (JPEG and PNG, a smooth photo-like picture plus 
 so that decoding costs what it costs on real photos) and cached between runs. A second, small
 dataset has phone-photo sizes (JPEGs of 1500-4000 px per side) for context.
 
-* vlmtune: `vlmtune.inspect.account` on the JSONL file: read, validate (image headers only),
+* vlmtune: `vlmtune.data.pipeline.account` on the JSONL file: read, validate (image headers only),
   render with the chat template, tokenize, grid arithmetic. The fastest of several whole calls.
 * the processor: what LLaMA-Factory does to learn the grids: for every sample parse the record,
   render the chat template, open each image (`load_image`: decode + EXIF transpose + RGB), and run

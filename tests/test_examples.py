@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from vlmtune.config import load_config
+from vlmtune.data.readers import read_samples
+from vlmtune.models.families import MODEL_TYPES, display_name
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -19,8 +21,6 @@ DATA = ROOT / "examples" / "data"
 # File-name prefix -> tiny-model arch; longest prefix first (qwen2_5vl before qwen2vl would not clash,
 # but the order keeps the lookup obviously unambiguous).
 FAMILIES = (("qwen2_5vl_", "qwen2_5_vl"), ("qwen2vl_", "qwen2_vl"), ("qwen3vl_", "qwen3_vl"))
-# How a hub id of each family is spelled: the example's name and its model must agree.
-MODEL_NAME_PARTS = {"qwen2_vl": "Qwen2-VL-", "qwen2_5_vl": "Qwen2.5-VL-", "qwen3_vl": "Qwen3-VL-"}
 # The DeepSpeed keys the transformers Trainer fills in from TrainingArguments; a number here would
 # silently disagree with the YAML's batch size, accumulation, clipping or precision.
 DS_AUTO_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -40,8 +40,8 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def test_there_are_examples():
-    assert EXAMPLES
+def test_every_family_has_an_example():
+    assert {family_of(p) for p in EXAMPLES} == set(MODEL_TYPES)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
@@ -54,16 +54,23 @@ def test_example_loads(path):
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_names_its_family(path):
     cfg = load_config(str(path))
-    assert MODEL_NAME_PARTS[family_of(path)] in cfg.model_name_or_path
+    # a hub id spells the family as people write it: Qwen/Qwen2.5-VL-7B-Instruct
+    assert f"/{display_name(family_of(path))}-" in cfg.model_name_or_path
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_dataset_is_shipped(path):
-    """Run from the repository root, every example finds its data without edits."""
+    """Run from the repository root, every example reads its data without edits: every record, every image."""
     cfg = load_config(str(path))
-    info = json.loads((ROOT / cfg.dataset_dir / "dataset_info.json").read_text(encoding="utf-8"))
-    for name in cfg.dataset.split(","):
-        assert (ROOT / cfg.dataset_dir / info[name]["file_name"]).is_file()
+    dataset_dir = ROOT / cfg.dataset_dir
+    info = json.loads((dataset_dir / "dataset_info.json").read_text(encoding="utf-8"))
+    records = sum(len(json.loads((dataset_dir / info[n]["file_name"]).read_text(encoding="utf-8")))
+                  for n in cfg.dataset.split(","))
+    read = read_samples(cfg.dataset, dataset_dir=str(dataset_dir), media_dir=cfg.media_dir)
+    assert read.problems == []
+    assert len(read.conversations) == records > 0
+    images = [img for c in read.conversations for img in c.images]
+    assert images and all(Path(img.path).is_file() for img in images)
 
 
 def test_deepspeed_configs_exist():

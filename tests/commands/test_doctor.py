@@ -133,14 +133,6 @@ def test_precision(check, device, keys, status, message, fix):
     assert check("precision", device, *keys) == Check("precision", status, message, fix)
 
 
-def test_precision_both_set_fails_even_past_the_config(config, loaded):
-    cfg = config()
-    both = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, bf16=True, fp16=True))
-    c = {c.name: c for c in run_checks(both, device_info=A100, loaded=loaded, env={})}["precision"]
-    assert c == Check("precision", "fail", "bf16 and fp16 are both true",
-                      "set at most one of them (bf16 where the device supports it)")
-
-
 # -- workers -----------------------------------------------------------------------------------
 WORKER_COSTS = ("(about 400 MiB per preprocessing worker, 300 MiB + 2 prefetched batches of 9 MiB pixels per "
                 "dataloader worker)")

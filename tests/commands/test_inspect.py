@@ -35,3 +35,17 @@ def test_show_fits_with_the_given_policies(tiny_ckpt, tmp_path, make_image, caps
     assert capsys.readouterr().out.splitlines()[1].startswith("fit to cutoff_len=100: dropped (")
     assert main(args) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("fit to cutoff_len=100: shrunk (shrank 1 image(s) from 256")
+
+
+def test_show_an_unknown_id_is_an_error_naming_the_ids(tiny_ckpt, tmp_path, make_image, capsys):
+    make_image(tmp_path / "a.png", 280, 280)
+    rec = {"id": "q1", "messages": [{"role": "user", "content": "<image>What colour?"},
+                                    {"role": "assistant", "content": "red"}], "images": ["a.png"]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
+    args = ["inspect", "--model", str(tiny_ckpt("qwen2_vl")), "--data", str(tmp_path / "d.jsonl")]
+    assert main(args + ["--show", "nope"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: no sample with id 'nope' in the data; ids look like: q1;")
+    assert main(args + ["--show", "q1", "--cutoff-len", "50", "--overflow", "shrink,drop"]) == 2
+    assert "'shrink' is not a policy" in capsys.readouterr().err

@@ -25,7 +25,7 @@ DEFAULTS = {
     "cache_dir": None,
     "dataset": "mllm_demo",
     "dataset_dir": "data",
-    "media_dir": "data",
+    "media_dir": None,
     "cutoff_len": 2048,
     "image_max_pixels": None,
     "image_min_pixels": None,
@@ -157,12 +157,14 @@ def test_defaults_with_only_the_required_keys():
     assert cfg.to_dict() == DEFAULTS
     assert list(cfg.to_dict()) == list(C.KEYS)
     assert cfg.notes == ()
-    assert cfg.derived == {"lora_alpha", "media_dir", "preprocessing_num_workers", "prepared_dir"}
+    assert cfg.derived == {"lora_alpha", "preprocessing_num_workers", "prepared_dir"}
 
 
 def test_keys_read_flat_and_by_section():
     cfg = load_config(None, base=REQUIRED)
-    assert (cfg.cutoff_len, cfg.data.cutoff_len) == (2048, 2048)
+    assert (cfg.cutoff_len, cfg.fit.cutoff_len) == (2048, 2048)
+    assert (cfg.dataset, cfg.read.dataset) == ("mllm_demo", "mllm_demo")
+    assert (cfg.prepared_dir, cfg.prepare.prepared_dir) == ("saves/run/prepared",) * 2
     assert (cfg.model_name_or_path, cfg.model.model_name_or_path) == ("Qwen/Qwen2-VL-2B-Instruct",) * 2
     assert (cfg.lora_rank, cfg.finetuning.lora_rank) == (8, 8)
     assert (cfg.seed, cfg.training.seed) == (42, 42)
@@ -174,9 +176,11 @@ def test_keys_read_flat_and_by_section():
 def test_config_is_frozen_and_replace_validates_and_rederives():
     cfg = load_config(None, base=REQUIRED)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.data.cutoff_len = 1
+        cfg.fit.cutoff_len = 1
     new = cfg.replace(cutoff_len=1024, lora_rank=4, output_dir="o2", dataset_dir="d2")
-    assert (new.cutoff_len, new.lora_alpha, new.prepared_dir, new.media_dir) == (1024, 8, "o2/prepared", "d2")
+    assert (new.cutoff_len, new.lora_alpha, new.prepared_dir) == (1024, 8, "o2/prepared")
+    # media_dir stays null (each data file's folder, dataset_dir for names): never copied from dataset_dir
+    assert (new.dataset_dir, new.media_dir) == ("d2", None)
     assert cfg.cutoff_len == 2048
     with pytest.raises(ConfigError) as e:
         cfg.replace(cutoff_len=0)
@@ -213,6 +217,35 @@ def test_fingerprint_dict():
     }
     with pytest.raises(KeyError, match="cutof_len"):
         cfg.fingerprint_dict(["cutof_len"])
+
+
+def test_prepare_fingerprints_only_declared_keys():
+    from vlmtune.data.prepare import DATA_KEYS
+
+    cfg = load_config(None, base=REQUIRED)
+    assert set(DATA_KEYS) <= set(C.KEYS)
+    assert cfg.fingerprint_dict(DATA_KEYS)["media_dir"] is None
+
+
+def test_prepare_fingerprint_rejects_an_undeclared_key(monkeypatch):
+    from vlmtune.data import prepare
+
+    monkeypatch.setattr(prepare, "DATA_KEYS", (*prepare.DATA_KEYS, "cutof_len"))
+    with pytest.raises(KeyError, match=r"not config keys: \['cutof_len'\]"):
+        prepare.fingerprint(load_config(None, base=REQUIRED), None, [])  # fails before it reads the model
+
+
+def test_sections_partition_the_keys():
+    names = [f.name for cls in C.SECTIONS.values() for f in dataclasses.fields(cls)]
+    assert names == list(C.KEYS)
+    assert {f.name for f in dataclasses.fields(C.FitArgs)} == {
+        "cutoff_len", "image_max_pixels", "image_min_pixels", "train_on_prompt", "overflow", "min_image_tokens",
+        "max_image_token_share", "split_keep_context", "packing",
+    }
+    assert {f.name for f in dataclasses.fields(C.ReadArgs)} == {
+        "dataset", "dataset_dir", "media_dir", "max_samples", "val_size", "allow_paths_outside_media_dir",
+        "allow_remote_images", "on_bad_sample",
+    }
 
 
 # --- YAML and overrides -------------------------------------------------------------------------------------
@@ -576,7 +609,8 @@ def test_every_key_is_documented_with_a_fix():
 
 
 def test_sections_do_not_shadow_keys():
-    assert not {"model", "data", "finetuning", "training", "notes", "derived", "replace", "to_dict"} & set(C.KEYS)
+    assert not {*C.SECTIONS, "notes", "derived", "replace", "to_dict", "fingerprint_dict"} & set(C.KEYS)
+    assert list(C.SECTIONS) == ["model", "read", "fit", "prepare", "finetuning", "training"]
 
 
 def test_docs_config_md_is_up_to_date():

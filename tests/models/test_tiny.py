@@ -18,6 +18,13 @@ FAMILY_CLASS = {
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
 }
 
+
+def test_archs_and_classes_come_from_the_family_table():
+    from vlmtune.models.families import FAMILIES
+
+    assert ARCHS == tuple(FAMILY_CLASS)
+    assert {t: (f.model_class, f.processor_class) for t, f in FAMILIES.items()} == FAMILY_CLASS
+
 # The special tokens come right after the 1500 trained BPE tokens, in the real checkpoints' order.
 EXPECTED_IDS = {
     "<|endoftext|>": 1500,

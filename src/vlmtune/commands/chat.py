@@ -132,8 +132,7 @@ def _check_generation(max_new_tokens: int, temperature: float) -> None:
 class ChatModel:
     """A processor and a model (optionally with a LoRA adapter), loaded once, asked many times.
 
-    ``ChatModel(model, adapter)`` loads from a hub id / local directory; ``ChatModel.from_objects``
-    wraps a model and processor already in memory (e.g. right after training).
+    ``ChatModel(model, adapter)`` loads from a hub id / local directory.
     """
 
     def __init__(
@@ -168,24 +167,6 @@ class ChatModel:
         net = net.to(device).eval()
         self._init(net, processor, image_max_pixels, max_new_tokens, temperature)
         self.model_name, self.adapter = model, adapter
-
-    @classmethod
-    def from_objects(
-        cls,
-        model,
-        processor,
-        *,
-        image_max_pixels: int | None = None,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        temperature: float = 0.0,
-    ) -> "ChatModel":
-        """Wrap an in-memory model (plain or PeftModel) and processor; nothing is copied."""
-        _check_generation(max_new_tokens, temperature)
-        self = cls.__new__(cls)
-        self._init(model, processor, image_max_pixels, max_new_tokens, temperature)
-        self.model_name = getattr(getattr(model, "config", None), "name_or_path", None)
-        self.adapter = None
-        return self
 
     def _init(self, model, processor, image_max_pixels, max_new_tokens, temperature) -> None:
         if image_max_pixels is not None and int(image_max_pixels) < 1:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import VlmtuneError
+from ..errors import ConfigError, VlmtuneError
+from ..models.families import MODEL_TYPES
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -106,11 +107,49 @@ def train_preflight(cfg):
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import failures, format_checks, run_checks, to_json
+    from .doctor import Check, failures, format_checks, run_checks, to_json
 
-    checks = run_checks(_load_cfg(args), progress=False)
+    try:
+        checks = run_checks(_load_cfg(args), progress=False)
+    except VlmtuneError as e:
+        if not args.json:
+            raise
+        # --json promises JSON on stdout: a config that does not load gives one failed check per problem
+        print(to_json(_error_checks(e, Check)))
+        return 2
     print(to_json(checks) if args.json else format_checks(checks))
     return 1 if failures(checks) else 0
+
+
+def _error_checks(e: VlmtuneError, check: type) -> list:
+    """A failed check per configuration problem ("what; fix" split at its last "; "), or one for another error."""
+    if not isinstance(e, ConfigError):
+        return [check("doctor", "fail", str(e), "")]
+    out = []
+    for p in e.problems:
+        what, sep, fix = p.rpartition("; ")
+        out.append(check("config", "fail", what if sep else p, fix if sep else "fix the configuration"))
+    return out
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand parser that reads options and positionals in any order.
+
+    `vlmtune doctor cfg.yaml --json cutoff_len=256` would otherwise stop the overrides at --json
+    ("unrecognized arguments"); argparse's parse_intermixed_args cannot be called on a parser with
+    subcommands, so each subcommand's parser applies it to its own arguments.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls back into here on Python < 3.13
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def _config_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
@@ -179,11 +218,11 @@ def _add_chat_export_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmtune", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
 
     t = sub.add_parser("tiny-model", help="write a tiny random Qwen-VL checkpoint with a real processor")
     t.add_argument("out", help="output directory")
-    t.add_argument("--arch", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], default="qwen2_vl")
+    t.add_argument("--arch", choices=MODEL_TYPES, default="qwen2_vl")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_cmd_tiny_model)
 
@@ -192,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 2400; 300 with --quick)")
     m.add_argument("--quick", action="store_true",
                    help="a short run (well under a minute) on less data: learns colour, not yet shape")
-    m.add_argument("--arch", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], default="qwen2_vl",
+    m.add_argument("--arch", choices=MODEL_TYPES, default="qwen2_vl",
                    help="the tiny model's family; the demo's settings are tuned for qwen2_vl")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_cmd_demo)

@@ -12,8 +12,9 @@ import math
 from collections import defaultdict
 from dataclasses import asdict
 
+from ..config import POLICIES
 from ..data.pipeline import Accounting, account, summarize  # noqa: F401  (account: re-exported for the cli)
-from ..errors import Problem
+from ..errors import Problem, VlmtuneError
 from ..models.load import Loaded
 
 
@@ -123,11 +124,16 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int
 
     matches = [e for e in acc.encoded if e.id == sample_id]
     if not matches:
-        known = ", ".join(e.id for e in acc.encoded[:5])
         bad = [p for p in acc.problems if p.sample_id == sample_id]
         if bad:
             return f"sample {sample_id} is invalid:\n" + "\n".join(f"  - {p}" for p in bad)
-        raise KeyError(f"no sample with id {sample_id!r}; ids look like: {known}")
+        known = ", ".join(e.id for e in acc.encoded[:5]) or "(no valid sample)"
+        raise VlmtuneError(f"no sample with id {sample_id!r} in the data; ids look like: {known}; "
+                           "pass one of them to --show (`--per-sample FILE` lists every id)")
+    unknown = [p for p in overflow or () if p not in POLICIES]
+    if unknown:
+        raise VlmtuneError(f"--overflow {','.join(overflow)}: {', '.join(map(repr, unknown))} is not a policy; "
+                           f"use policies from {','.join(POLICIES)}")
     enc = matches[0]
     head = [f"sample {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + "
             f"{enc.image_tokens} image, {len(enc.images)} image(s)"]

@@ -71,11 +71,10 @@ def check_row(row: dict, spec: ModelSpec, cutoff_len: int | None) -> list[str]:
 class Collator:
     """Pads rows, produces pixels for exactly the recorded grids, and guards the forward."""
 
-    def __init__(self, processor, spec: ModelSpec, cutoff_len: int | None = None, pad_to_multiple_of: int | None = None):
+    def __init__(self, processor, spec: ModelSpec, cutoff_len: int | None = None):
         self.image_processor = processor.image_processor
         self.spec = spec
         self.cutoff_len = cutoff_len
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> dict:
         for row in rows:
@@ -135,9 +134,6 @@ class Collator:
 
     def _pad(self, rows: list[dict]) -> dict:
         longest = max(len(r["input_ids"]) for r in rows)
-        m = self.pad_to_multiple_of
-        if m:
-            longest = -(-longest // m) * m
         n = len(rows)
         input_ids = torch.full((n, longest), self.spec.pad_token_id, dtype=torch.long)
         labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)

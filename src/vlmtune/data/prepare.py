@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..config import FitArgs
 from ..errors import DataError, Problem
 from ..models.load import Loaded, load_spec
 from .encode import Encoder, emit
@@ -56,20 +57,15 @@ class Prepared:
         return load_from_disk(self.path)
 
 
-def fit_options(cfg) -> FitOptions:
+def fit_options(fit: FitArgs) -> FitOptions:
+    """The Fitter's options from the config's fit section (`cfg.fit`)."""
     return FitOptions(
-        cutoff_len=cfg.cutoff_len,
-        overflow=tuple(cfg.overflow),
-        min_image_tokens=cfg.min_image_tokens,
-        max_image_token_share=cfg.max_image_token_share,
-        split_keep_context=cfg.split_keep_context,
+        cutoff_len=fit.cutoff_len,
+        overflow=tuple(fit.overflow),
+        min_image_tokens=fit.min_image_tokens,
+        max_image_token_share=fit.max_image_token_share,
+        split_keep_context=fit.split_keep_context,
     )
-
-
-def media_dir_of(cfg) -> str | None:
-    """media_dir as set by the user; when it was only derived from dataset_dir, let the reader
-    resolve images against each data file's folder (a dataset given as a path) or dataset_dir."""
-    return None if "media_dir" in getattr(cfg, "derived", ()) else cfg.media_dir
 
 
 def prepared_dir(cfg) -> str:
@@ -88,7 +84,7 @@ def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prep
     if cached is not None:
         return cached
     read = read_samples(
-        cfg.dataset, dataset_dir=cfg.dataset_dir, media_dir=media_dir_of(cfg),
+        cfg.dataset, dataset_dir=cfg.dataset_dir, media_dir=cfg.media_dir,
         allow_paths_outside_media_dir=cfg.allow_paths_outside_media_dir,
         allow_remote_images=cfg.allow_remote_images,
     )
@@ -139,7 +135,7 @@ def _set_worker(loaded: Loaded, train_on_prompt: bool, options: FitOptions) -> N
 
 
 def _process_all(cfg, loaded: Loaded, convs, progress: bool) -> tuple[list[Problem], list[dict], list[dict]]:
-    options = fit_options(cfg)
+    options = fit_options(cfg.fit)
     chunks = [convs[i : i + CHUNK] for i in range(0, len(convs), CHUNK)]
     workers = max(1, int(cfg.preprocessing_num_workers or 1))
     problems: list[Problem] = []
@@ -258,7 +254,7 @@ def _data_files(cfg) -> list[str]:
 def fingerprint(cfg, loaded: Loaded, files: list[str]) -> str:
     h = hashlib.sha256()
     h.update(__version__.encode())
-    h.update(json.dumps({k: getattr(cfg, k, None) for k in DATA_KEYS}, sort_keys=True, default=str).encode())
+    h.update(json.dumps(cfg.fingerprint_dict(DATA_KEYS), sort_keys=True, default=str).encode())
     h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
     h.update(str(getattr(loaded.processor, "chat_template", "")).encode())
     for path in files:

@@ -59,15 +59,3 @@ class Conversation:
     def images(self) -> list[ImagePart]:
         return [img for m in self.messages for img in m.images]
 
-    def to_hf_messages(self) -> list[dict]:
-        """The conversation in the HF chat format accepted by `apply_chat_template`."""
-        out = []
-        for m in self.messages:
-            content = []
-            for p in m.parts:
-                if isinstance(p, TextPart):
-                    content.append({"type": "text", "text": p.text})
-                else:
-                    content.append({"type": "image", "image": p.path or p.ref})
-            out.append({"role": m.role, "content": content})
-        return out

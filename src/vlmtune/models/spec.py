@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from .families import family_of
 from .grid import Grid, grid_for
-
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,6 @@ class ModelSpec:
         """Sides of a resized image are multiples of this (28 for Qwen2/2.5-VL, 32 for Qwen3-VL)."""
         return self.patch_size * self.merge_size
 
-    @property
-    def min_tokens_per_image(self) -> int:
-        return max(1, self.min_pixels // (self.factor * self.factor))
-
     def grid(self, height: int, width: int, min_pixels: int | None = None, max_pixels: int | None = None) -> Grid:
         """The grid of an image of this size under this spec's (or the given) pixel bounds."""
         return grid_for(
@@ -71,11 +66,7 @@ class ModelSpec:
     def from_processor(cls, processor, config) -> "ModelSpec":
         tok = processor.tokenizer
         ip = processor.image_processor
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type={model_type!r} is not a supported Qwen-VL family; vlmtune supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        model_type = family_of(getattr(config, "model_type", None)).model_type
         size = _as_dict(getattr(ip, "size", None))
         min_pixels = size.get("shortest_edge") or getattr(ip, "min_pixels", None)
         max_pixels = size.get("longest_edge") or getattr(ip, "max_pixels", None)

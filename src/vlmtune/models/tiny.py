@@ -29,7 +29,9 @@ import json
 import os
 from pathlib import Path
 
-ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+from .families import FAMILIES, MODEL_TYPES
+
+ARCHS = MODEL_TYPES
 
 # The Qwen-VL special tokens, in the order (and so the relative ids) of the real checkpoints,
 # where they are ids 151643..151656.
@@ -103,6 +105,7 @@ def _chatml_template(default_system: str | None) -> str:
 
 QWEN2_VL_CHAT_TEMPLATE = _chatml_template("You are a helpful assistant.")
 QWEN3_VL_CHAT_TEMPLATE = _chatml_template(None)
+_CHAT_TEMPLATES = {"qwen2_vl": QWEN2_VL_CHAT_TEMPLATE, "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE}
 
 # ---------------------------------------------------------------------------------------------
 # The built-in corpus the BPE is trained on.
@@ -232,10 +235,6 @@ def _corpus() -> list[str]:
 # Family settings.
 # ---------------------------------------------------------------------------------------------
 
-_OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-_HALF = [0.5, 0.5, 0.5]
-
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 2
 TEXT_HEADS = 4
@@ -247,29 +246,20 @@ VISION_HEADS = 2
 
 
 def _family(arch: str) -> dict:
-    if arch in ("qwen2_vl", "qwen2_5_vl"):
-        return dict(
-            patch_size=14,
-            merge_size=2,
-            temporal_patch_size=2,
-            min_pixels=56 * 56,
-            max_pixels=28 * 28 * 256,
-            image_mean=_OPENAI_CLIP_MEAN,
-            image_std=_OPENAI_CLIP_STD,
-            chat_template=QWEN2_VL_CHAT_TEMPLATE,
-        )
-    if arch == "qwen3_vl":
-        return dict(
-            patch_size=16,
-            merge_size=2,
-            temporal_patch_size=2,
-            min_pixels=64 * 64,
-            max_pixels=32 * 32 * 256,
-            image_mean=_HALF,
-            image_std=_HALF,
-            chat_template=QWEN3_VL_CHAT_TEMPLATE,
-        )
-    raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    """The tiny checkpoint's processor settings: the family's real sizes (models/families.py), a small budget."""
+    if arch not in FAMILIES:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    f = FAMILIES[arch]
+    return dict(
+        patch_size=f.patch_size,
+        merge_size=f.merge_size,
+        temporal_patch_size=f.temporal_patch_size,
+        min_pixels=f.tiny_min_pixels,
+        max_pixels=f.tiny_max_pixels,
+        image_mean=list(f.image_mean),
+        image_std=list(f.image_std),
+        chat_template=_CHAT_TEMPLATES[f.chat_template],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +339,8 @@ def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0) -> Pat
     config = _build_config(arch, fam, tokenizer)
     model_cls = _model_class(arch)
 
-    with _seeded(seed):
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        torch.manual_seed(int(seed))
         model = model_cls(config)
     model = model.to(torch.float32).eval()
     model.generation_config.bos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -363,33 +354,10 @@ def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0) -> Pat
     return out
 
 
-class _seeded:
-    """torch.manual_seed for the duration of a block, restoring the global RNG afterwards."""
-
-    def __init__(self, seed: int):
-        self.seed = int(seed)
-
-    def __enter__(self):
-        import torch
-
-        self._state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.random.set_rng_state(self._state)
-        return False
-
-
 def _model_class(arch: str):
     import transformers
 
-    return {
-        "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-        "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
-    }[arch]
+    return getattr(transformers, FAMILIES[arch].model_class)
 
 
 def _build_processor(arch: str, fam: dict, tokenizer):
@@ -406,13 +374,9 @@ def _build_processor(arch: str, fam: dict, tokenizer):
     image_processor = transformers.Qwen2VLImageProcessor(size=size, **common)
     # Videos: the same per-frame budget; a handful of frames at most.
     video_size = {"shortest_edge": fam["min_pixels"], "longest_edge": fam["max_pixels"] * 4}
-    if arch == "qwen3_vl":
-        video_processor = transformers.Qwen3VLVideoProcessor(size=video_size, max_frames=8, **common)
-        proc_cls = transformers.Qwen3VLProcessor
-    else:
-        video_processor = transformers.Qwen2VLVideoProcessor(size=video_size, max_frames=8, **common)
-        proc_cls = transformers.Qwen2_5_VLProcessor if arch == "qwen2_5_vl" else transformers.Qwen2VLProcessor
-    return proc_cls(
+    family = FAMILIES[arch]
+    video_processor = getattr(transformers, family.video_processor_class)(size=video_size, max_frames=8, **common)
+    return getattr(transformers, family.processor_class)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
@@ -462,7 +426,6 @@ def _build_config(arch: str, fam: dict, tokenizer):
         # Qwen2-VL splits the 8 frequencies t/h/w as [2, 3, 3] (the real [16, 24, 24] scaled down).
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
         vision = dict(vision_common, embed_dim=VISION_DIM, hidden_size=TEXT_HIDDEN, mlp_ratio=4, hidden_act="quick_gelu")
-        cfg_cls = transformers.Qwen2VLConfig
     elif arch == "qwen2_5_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
         vision = dict(
@@ -475,7 +438,6 @@ def _build_config(arch: str, fam: dict, tokenizer):
             fullatt_block_indexes=[VISION_DEPTH - 1],
             tokens_per_second=2,
         )
-        cfg_cls = transformers.Qwen2_5_VLConfig
     else:
         # Qwen3-VL interleaves t/h/w over the frequencies; [4, 2, 2] is the real [24, 20, 20] scaled down.
         text["head_dim"] = head_dim
@@ -494,6 +456,6 @@ def _build_config(arch: str, fam: dict, tokenizer):
             num_position_embeddings=64,  # an 8x8 learned grid, resampled to each image's grid
             deepstack_visual_indexes=[0],
         )
-        cfg_cls = transformers.Qwen3VLConfig
     assert sum(text["rope_parameters"]["mrope_section"]) * 2 == head_dim
+    cfg_cls = getattr(transformers, FAMILIES[arch].config_class)
     return cfg_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
 
@@ -49,7 +49,6 @@ class Run:
     trainer: VlmTrainer
     trainable: dict
     resume: str | None
-    log: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ...errors import VlmtuneError
+from ...models.families import FAMILIES, display_name
 from .device import DeviceInfo
 from .memory import (
     MemoryEstimate,
@@ -48,14 +49,8 @@ DDP_TIMEOUT_WARN_S = 2 * 3600
 DDP_TIMEOUT_FAIL_S = 24 * 3600
 
 
-# The versions this release was tested with (major.minor), and the transformers that introduced each family.
+# The versions this release was tested with (major.minor); the transformers each family needs is in models/families.py.
 TESTED = {"torch": "2.14", "transformers": "5.24", "peft": "0.21", "accelerate": "1.15"}
-
-
-FAMILY_MIN_TRANSFORMERS = {"qwen2_vl": "4.45", "qwen2_5_vl": "4.49", "qwen3_vl": "4.57"}
-
-
-FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
 
 
 @dataclass
@@ -158,12 +153,12 @@ def check_versions(ctx: Context) -> Check:
             warns.append(f"{lib} {v} is {'older' if mm < Version(tested) else 'newer'} than the tested {tested}")
     family = _model_type(ctx)
     tv = _version("transformers")
-    if family in FAMILY_MIN_TRANSFORMERS and tv is not None:
-        need = FAMILY_MIN_TRANSFORMERS[family]
+    if family in FAMILIES and tv is not None:
+        need = FAMILIES[family].min_transformers
         if Version(tv) < Version(need):
-            fails.append(f"{FAMILY_NAMES[family]} needs transformers >= {need}, found {tv}")
+            fails.append(f"{display_name(family)} needs transformers >= {need}, found {tv}")
         else:
-            shown.append(f"{FAMILY_NAMES[family]} needs transformers >= {need}")
+            shown.append(f"{display_name(family)} needs transformers >= {need}")
     if tv is not None and Version(tv).major >= 5:
         shown.append("transformers 5 needs mm_token_type_ids with every image batch and vlmtune's collator "
                      "provides it")
@@ -184,9 +179,6 @@ def check_precision(ctx: Context) -> Check:
     cfg, dev = ctx.cfg, ctx.device
     cc = f"compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]}" \
         if dev.compute_capability else "compute capability unknown"
-    if cfg.bf16 and cfg.fp16:
-        return Check("precision", "fail", "bf16 and fp16 are both true",
-                     "set at most one of them (bf16 where the device supports it)")
     if dev.kind == "cpu":
         if cfg.fp16:
             return Check("precision", "fail", f"fp16=true but there is no GPU ({dev.name}): float16 mixed "
@@ -279,7 +271,7 @@ def check_model(ctx: Context) -> Check:
 
 def _family(ctx: Context) -> str:
     t = _model_type(ctx)
-    return f"{FAMILY_NAMES.get(t, t)} ({t})"
+    return f"{display_name(t)} ({t})"
 
 
 def check_vision(ctx: Context) -> Check:
@@ -386,11 +378,11 @@ def _read_data(ctx: Context, progress: bool) -> None:
     cfg = ctx.cfg
     from ...data.fit import Fitter
     from ...data.pipeline import account, summarize
-    from ...data.prepare import first_of_each_file, fit_options, media_dir_of
+    from ...data.prepare import first_of_each_file, fit_options
     from ...errors import SampleError
 
     try:
-        acc = account(cfg.dataset, ctx.loaded, dataset_dir=cfg.dataset_dir, media_dir=media_dir_of(cfg),
+        acc = account(cfg.dataset, ctx.loaded, dataset_dir=cfg.dataset_dir, media_dir=cfg.media_dir,
                       train_on_prompt=cfg.train_on_prompt, progress=progress,
                       allow_paths_outside_media_dir=cfg.allow_paths_outside_media_dir,
                       allow_remote_images=cfg.allow_remote_images)
@@ -401,7 +393,7 @@ def _read_data(ctx: Context, progress: bool) -> None:
     if cfg.max_samples:  # prepare keeps the first max_samples records of each file (invalid ones count there)
         kept = first_of_each_file(acc.encoded, cfg.max_samples)
         limited, acc.encoded = len(kept) < len(acc.encoded), kept
-    fitter = Fitter(ctx.loaded.spec, fit_options(cfg))
+    fitter = Fitter(ctx.loaded.spec, fit_options(cfg.fit))
     fates: Counter = Counter()
     rows, errors, split_rows = [], [], 0
     for enc in acc.encoded:

@@ -1,0 +1,26 @@
+"""`vlmtune demo`: the whole product on a laptop CPU in a few minutes, with nothing downloaded.
+
+1. a tiny random Qwen2-VL checkpoint (`models/tiny.py`), written to `<out>/model`;
+2. a synthetic dataset of rendered shapes in LLaMA-Factory's sharegpt format (`<out>/data`:
+   `demo_shapes.json`, `dataset_info.json`, `images/`), with single-image, two-image and multi-turn
+   questions, and a few samples longer than the demo's cutoff_len so that every fitting policy acts;
+   plus a held-out split of single-image questions on images never trained on (`eval.json`);
+3. accuracy on the held-out questions before training, scored by log-likelihood: the model picks the
+   candidate answer (one of the colours, or one of the shapes) it finds most likely;
+4. fine-tuning through the same recipe as `vlmtune train` (config built in `demo_config`);
+5. accuracy after training, a summary on stdout and `<out>/demo_summary.json`.
+
+Everything is seeded: the same command gives the same numbers on the same machine.
+
+data.py writes the dataset (1-2), evaluation.py scores answers (3, 5), run.py builds the config, trains and
+summarises (4-5).
+"""
+
+from .data import COLOURS, DATASET_NAME, FULL, QUICK, SHAPES, DemoSize, write_dataset
+from .evaluation import chance, evaluate
+from .run import demo_config, format_summary, run_demo
+
+__all__ = [
+    "COLOURS", "DATASET_NAME", "FULL", "QUICK", "SHAPES", "DemoSize", "chance", "demo_config", "evaluate",
+    "format_summary", "run_demo", "write_dataset",
+]

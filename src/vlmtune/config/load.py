@@ -1,0 +1,330 @@
+"""Loading a config: the YAML file, `key=value` overrides, validation (every problem at once) and advice."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from ..errors import ConfigError
+from .sections import _KEYS, KEYS, Config, _assemble, default_of
+from .values import _INVALID, OVERFLOW_POLICIES, TERMINAL_POLICIES, _Bad, _converter, _without_none
+
+# LLaMA-Factory keys that have no effect in vlmtune but fill its example configs: accepted with a note in
+# Config.notes so that a config moves over unchanged. key -> (the values accepted, None for any; why).
+LLAMA_FACTORY_IGNORED: dict[str, tuple[tuple | None, str]] = {
+    "stage": (("sft",), "vlmtune only does supervised fine-tuning"),
+    "do_train": ((True,), "`vlmtune train` always trains"),
+    "template": (("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink"), "the chat template comes from the model's processor"),
+    "overwrite_output_dir": (None, "checkpoints in output_dir are resumed only when resume_from_checkpoint is set"),
+    "save_only_model": ((False,), "vlmtune saves full checkpoints so that a run can resume"),
+    "do_eval": (None, "vlmtune evaluates whenever val_size > 0"),
+    "eval_strategy": (None, "vlmtune evaluates every eval_steps steps, or at each epoch's end, when val_size > 0"),
+    "visual_inputs": (None, "Qwen-VL models always read their images"),
+    "video_max_pixels": (None, "vlmtune trains on images only"),
+    "video_min_pixels": (None, "vlmtune trains on images only"),
+    "video_fps": (None, "vlmtune trains on images only"),
+    "video_maxlen": (None, "vlmtune trains on images only"),
+}
+
+# Keys of LLaMA-Factory (or other trainers) that vlmtune rejects with a specific fix instead of "unknown key".
+LLAMA_FACTORY_REPLACED: dict[str, str] = {
+    "image_resolution": "set image_max_pixels to image_resolution**2 instead (262144 for 512)",
+    "video_resolution": "vlmtune trains on images only; remove video_resolution",
+    "vision_tower": "the vision tower comes with model_name_or_path; use freeze_vision_tower to train or freeze it",
+    "quantization_bit": "vlmtune does not train quantized (QLoRA) models; remove quantization_bit",
+    "train_mm_proj_only": "set finetuning_type: full with freeze_language_model: true, freeze_vision_tower: true "
+    "and freeze_multi_modal_projector: false to train only the projector",
+    "disable_gradient_checkpointing": "use gradient_checkpointing: false (vlmtune's key has the opposite sense; "
+    "it is on by default, as in LLaMA-Factory)",
+}
+
+# A ddp_timeout above this (LLaMA-Factory's examples use 180000000) lets a stuck rank hang the job for days.
+_LONG_DDP_TIMEOUT_S = 24 * 3600
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), base: dict | None = None) -> Config:
+    """Read a YAML config, apply `key=value` overrides on top, validate, and return a Config.
+
+    Later sources win: `base` (defaults a caller supplies, e.g. the demo), then the file, then the overrides.
+    Every problem found, in any source, is raised together in one ConfigError.
+    """
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    _merge(raw, origin, base or {}, lambda k: "in the base config")
+    if path is not None:
+        where = os.fspath(path)
+        _merge(raw, origin, _read_yaml(where, problems), lambda k: f"in {where}")
+    parsed, texts = _parse_overrides(overrides, problems)
+    _merge(raw, origin, parsed, lambda k: f"in override {texts[k]!r}")
+    return _build(raw, origin, problems)
+
+
+def _merge(raw: dict, origin: dict, new: dict, where: Callable[[str], str]) -> None:
+    for key, value in new.items():
+        raw[key] = value
+        origin[key] = where(key)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that reports a repeated key instead of silently keeping the last value."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.repeated: list[str] = []
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, typing.Hashable):
+            continue  # construct_mapping below reports it
+        if key in seen:
+            loader.repeated.append(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one")
+        seen.setdefault(key, line)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: str, problems: list[str]) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as e:
+        problems.append(f"cannot read config file {path}: {e.strerror}; check the path")
+        return {}
+    loader = _UniqueKeyLoader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as e:
+        problems.append(f"{path} is not valid YAML: {_yaml_error(e)}; fix the syntax there")
+        return {}
+    finally:
+        loader.dispose()
+    problems.extend(f"{path}: {r}" for r in loader.repeated)
+    if not isinstance(data, dict):
+        what = "empty" if data is None else f"a {type(data).__name__}, not a mapping"
+        problems.append(f"{path} is {what}; write one `key: value` per line, such as `cutoff_len: 2048`")
+        return {}
+    return data
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e)
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark else what
+
+
+def _parse_overrides(overrides: Iterable[str], problems: list[str]) -> tuple[dict, dict]:
+    """`key=value` strings -> ({key: value}, {key: the text}); values read as YAML, so `bf16=true` is a bool."""
+    parsed, texts = {}, {}
+    for text in overrides:
+        key, eq, value = text.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            problems.append(f"override {text!r} is not key=value; write it like cutoff_len=1024")
+            continue
+        try:
+            parsed[key] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            problems.append(f"override {text!r} has a value that is not valid YAML ({_yaml_error(e)}); quote it")
+            continue
+        texts[key] = text
+    return parsed, texts
+
+
+def _build(raw: dict, origin: dict, problems: list[str]) -> Config:
+    notes: list[str] = []
+    for key, value in raw.items():
+        if key not in _KEYS:
+            _foreign_key(key, value, origin[key], problems, notes)
+    values = {key: _field_value(key, raw.get(key, default_of(key)), problems) for key in KEYS}
+    problems.extend(_check_together(values))
+    if problems:
+        raise ConfigError(problems)
+    derived = _resolve(values)
+    notes.extend(_advice(values))
+    return _assemble(values, notes, derived)
+
+
+def _foreign_key(key: Any, value: Any, where: str, problems: list[str], notes: list[str]) -> None:
+    """A key that is not ours: an ignored or replaced LLaMA-Factory key, or a mistake."""
+    if key in LLAMA_FACTORY_IGNORED:
+        accepted, why = LLAMA_FACTORY_IGNORED[key]
+        if accepted is None or value in accepted and type(value) in {type(a) for a in accepted}:
+            notes.append(f"ignored {key}={value!r}: {why}")
+        else:
+            allowed = " or ".join(_yaml_text(a) for a in accepted)
+            problems.append(f"{key}={value!r} is not supported; {why}; remove {key} or set it to {allowed}")
+    elif key == "image_resolution" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        problems.append(
+            f"image_resolution={value} ({where}) is replaced by image_max_pixels; "
+            f"set image_max_pixels to image_resolution**2 = {value * value} instead"
+        )
+    elif key in LLAMA_FACTORY_REPLACED:
+        problems.append(f"{key} ({where}) is not supported; {LLAMA_FACTORY_REPLACED[key]}")
+    else:
+        problems.append(f"unknown key {key!r} ({where}); {_did_you_mean(str(key), KEYS, 'see docs/config.md')}")
+
+
+def _did_you_mean(word: str, options: Iterable[str], otherwise: str) -> str:
+    options = list(options)
+    # A prefix is usually a shortened name ("adamw" for adamw_torch); difflib alone would pick grokadamw.
+    close = [o for o in options if word and o.startswith(word)][:1] or difflib.get_close_matches(word, options, n=1)
+    return f"did you mean {close[0]!r}?" if close else otherwise
+
+
+def _yaml_text(v: Any) -> str:
+    return "true" if v is True else "false" if v is False else "null" if v is None else str(v)
+
+
+def _field_value(key: str, value: Any, problems: list[str]) -> Any:
+    """The key's value converted to its declared type, or _INVALID after adding a problem."""
+    _, f, hint = _KEYS[key]
+    meta = f.metadata
+    expect = meta["expect"] or "true or false"
+    if value is None and (meta["required"] or _without_none(hint)[1]):
+        if meta["required"]:
+            problems.append(f"{key} is required; set {key} to {expect}")
+            return _INVALID
+        return None
+    try:
+        converted = _converter(f, hint)(value)
+    except _Bad as e:
+        fix = _choices_fix(key, meta) if meta["choices"] else f"set {key} to {expect}"
+        problems.append(f"{key}={value!r} {e}; {fix}")
+        return _INVALID
+    problem = _check_value(key, converted, value, meta)
+    if problem:
+        problems.append(problem)
+        return _INVALID
+    return converted
+
+
+def _check_value(key: str, value: Any, given: Any, meta: dict) -> str | None:
+    """What is wrong with a well-typed value, if anything; messages show the value as `given`."""
+    if meta["choices"] and value not in meta["choices"]:
+        what = meta["choices_what"] or "one of " + ", ".join(map(repr, meta["choices"]))
+        return f"{key}={value!r} is not {what}; {_did_you_mean(value, meta['choices'], _choices_fix(key, meta))}"
+    wrong = meta["check"](value) if meta["check"] else None
+    if wrong:
+        return f"{key}={given!r} {wrong}; set {key} to {meta['expect']}"
+    return _check_names(key, value)
+
+
+def _choices_fix(key: str, meta: dict) -> str:
+    if meta["choices_what"]:
+        return f"set {key} to {meta['choices_what']} such as {meta['choices'][0]}"
+    return f"set {key} to one of " + ", ".join(meta["choices"])
+
+
+def _check_names(key: str, value: Any) -> str | None:
+    """The list-valued keys: each has its own rules."""
+    if key == "overflow":
+        return _check_overflow(value)
+    if key == "lora_target" and not value:
+        return f"lora_target={value!r} is empty; set lora_target to all or module names such as q_proj,v_proj"
+    if key == "lora_target" and "all" in value and len(value) > 1:
+        return f"lora_target={value!r} mixes all with module names; set lora_target to all or to module names"
+    if key == "additional_target" and not value:
+        return f"additional_target={value!r} is empty; set additional_target to module names or null"
+    return None
+
+
+def _check_overflow(policies: list[str]) -> str | None:
+    for p in policies:
+        if p not in OVERFLOW_POLICIES:
+            known = ", ".join(map(repr, OVERFLOW_POLICIES))
+            hint = _did_you_mean(p, OVERFLOW_POLICIES, "use only these")
+            return f"overflow policy {p!r} is not one of {known}; {hint}"
+    if not policies:
+        return "overflow=[] is empty; set overflow to policies such as [shrink_images, truncate_text, split, drop]"
+    repeated = [p for i, p in enumerate(policies) if p in policies[:i]]
+    if repeated:
+        return f"overflow={policies!r} lists {repeated[0]!r} twice; list each policy once"
+    for i, p in enumerate(policies[:-1]):
+        if p in TERMINAL_POLICIES:
+            return (
+                f"overflow={policies!r} has {policies[i + 1]!r} after {p!r}, which ends the search, so it would "
+                f"never run; make {p!r} the last policy"
+            )
+    return None
+
+
+def _check_together(v: dict[str, Any]) -> list[str]:
+    """Rules that involve several keys, each checked only when all its keys are valid on their own."""
+    problems = []
+    lo, hi = v["image_min_pixels"], v["image_max_pixels"]
+    if _valid(lo, hi) and lo is not None and hi is not None and lo > hi:
+        problems.append(
+            f"image_min_pixels={lo} is larger than image_max_pixels={hi}; lower image_min_pixels or raise "
+            "image_max_pixels"
+        )
+    if v["bf16"] is True and v["fp16"] is True:
+        problems.append("bf16 and fp16 are both true; set at most one of them (bf16 where the GPU supports it)")
+    problems.extend(_check_trainable(v))
+    return problems
+
+
+def _valid(*values: Any) -> bool:
+    return all(x is not _INVALID for x in values)
+
+
+def _check_trainable(v: dict[str, Any]) -> list[str]:
+    """A run that would train nothing fails here, not after the data is prepared."""
+    kind = v["finetuning_type"]
+    frozen = ("freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model")
+    if not _valid(kind, v["additional_target"], *(v[k] for k in frozen)):
+        return []
+    if kind == "freeze" and v["freeze_language_model"] and not v["additional_target"]:
+        return [
+            "finetuning_type='freeze' trains decoder layers of the language model, but freeze_language_model is "
+            "true; set freeze_language_model to false or set finetuning_type to lora or full"
+        ]
+    if kind != "freeze" and all(v[k] for k in frozen) and not v["additional_target"]:
+        return [
+            f"freeze_vision_tower, freeze_multi_modal_projector and freeze_language_model are all true, so "
+            f"finetuning_type={kind!r} has nothing to train; set one of them to false"
+        ]
+    return []
+
+
+def _resolve(v: dict[str, Any]) -> frozenset[str]:
+    """Fill the null defaults that depend on other keys, so every reader sees one effective value.
+
+    Returns the keys filled in.
+    """
+    fill = {
+        "lora_alpha": lambda: 2 * v["lora_rank"],
+        "preprocessing_num_workers": lambda: 1,
+        "prepared_dir": lambda: os.path.join(v["output_dir"], "prepared"),
+    }
+    derived = frozenset(k for k in fill if v[k] is None)
+    for k in derived:
+        v[k] = fill[k]()
+    return derived
+
+
+def _advice(v: dict[str, Any]) -> list[str]:
+    notes = []
+    if v["ddp_timeout"] > _LONG_DDP_TIMEOUT_S:
+        notes.append(
+            f"ddp_timeout={v['ddp_timeout']} s lets a stuck rank hang the job for over a day instead of failing "
+            f"it; the default is {default_of('ddp_timeout')}"
+        )
+    if v["trust_remote_code"] is True:
+        notes.append(
+            "trust_remote_code=true runs Python code shipped with the checkpoint; Qwen-VL models need none "
+            "with transformers >= 4.45, so remove it unless your checkpoint really ships custom code"
+        )
+    return notes

@@ -1,0 +1,401 @@
+"""The typed sections of the config: each key declared once, with its type, default, meaning and fix.
+
+The YAML is flat like LLaMA-Factory's (keys are unique across sections); the sections group the keys so that a
+function can be handed the part it uses (`cfg.read`, `cfg.fit`, `cfg.model`, ...), and scripts/gen_config_docs.py
+writes docs/config.md from these declarations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Iterable
+
+from .values import (
+    DEFAULT_OVERFLOW,
+    LR_SCHEDULERS,
+    OPTIMIZERS,
+    _arg,
+    _as_comma_str,
+    _converter,
+    _dropout,
+    _max_steps,
+    _non_negative,
+    _positive,
+    _ratio,
+    _share,
+    _val_size,
+)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Which checkpoint to start from."""
+
+    model_name_or_path: str = _arg(
+        help="Hugging Face model id or local folder of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint.",
+        expect="a Hugging Face model id or a local folder such as Qwen/Qwen2-VL-2B-Instruct",
+        required=True,
+    )
+    trust_remote_code: bool = _arg(
+        False,
+        "Run Python code shipped inside the checkpoint. Never implied: that code runs with your permissions, "
+        "and Qwen-VL models need none.",
+    )
+    cache_dir: str | None = _arg(
+        None,
+        "Where downloaded checkpoints are cached; null: the Hugging Face default (HF_HOME).",
+        expect="a folder such as ~/.cache/huggingface, or null",
+    )
+
+
+@dataclass(frozen=True)
+class ReadArgs:
+    """What to read and from where: the datasets, where their images are, which samples are kept."""
+
+    dataset: str = _arg(
+        help="Datasets to train on: comma-separated names from dataset_dir/dataset_info.json, or a path to a "
+        "JSON/JSONL file or a `datasets` folder. A YAML list of names is joined with commas.",
+        expect="a name from dataset_info.json or a path to a JSON/JSONL file, such as mllm_demo",
+        convert=_as_comma_str,
+        required=True,
+    )
+    dataset_dir: str = _arg("data", "Folder holding dataset_info.json and the data files it names.",
+                            expect="a folder such as data")
+    media_dir: str | None = _arg(
+        None,
+        "Folder that relative image paths are resolved against; null: each data file's own folder "
+        "(dataset_dir for names from dataset_info.json), as in LLaMA-Factory.",
+        expect="a folder such as data, or null for each data file's folder",
+    )
+    max_samples: int | None = _arg(
+        None,
+        "Use at most this many samples of each dataset; null: all.",
+        expect="a positive integer such as 1000, or null for all",
+        check=_positive,
+    )
+    val_size: int | float = _arg(
+        0,
+        "Samples held out for validation: a fraction below 1 (0.1) or a count (100); 0: none.",
+        expect="a fraction such as 0.1 or a count such as 100 (0 for no validation set)",
+        check=_val_size,
+    )
+    allow_paths_outside_media_dir: bool = _arg(
+        False,
+        "Allow image paths that resolve outside media_dir (absolute paths, `..`). Off so that a data file "
+        "cannot make training read arbitrary files.",
+    )
+    allow_remote_images: bool = _arg(
+        False, "Allow http(s) image URLs. Off so that preparing data never touches the network."
+    )
+    on_bad_sample: str = _arg(
+        "error",
+        "A sample that fails validation (missing image, bad roles, placeholder count): error stops with every "
+        "problem listed; skip leaves it out and records why in the fit report.",
+        choices=("error", "skip"),
+    )
+
+
+@dataclass(frozen=True)
+class FitArgs:
+    """How a sample becomes token sequences of at most cutoff_len: image sizes, labels, overflow policies, packing."""
+
+    cutoff_len: int = _arg(
+        2048,
+        "Longest sample in tokens, image tokens included. Longer samples go through the overflow policies.",
+        expect="a positive integer such as 2048",
+        check=_positive,
+    )
+    image_max_pixels: int | None = _arg(
+        None,
+        "Most pixels (height × width after resizing) of one image; null: the processor's max_pixels. "
+        "Replaces LLaMA-Factory's image_resolution: use its square.",
+        expect="a positive integer such as 1003520, or null for the processor's",
+        check=_positive,
+    )
+    image_min_pixels: int | None = _arg(
+        None,
+        "Fewest pixels of one image; null: the processor's min_pixels. shrink_images never goes below it.",
+        expect="a positive integer such as 3136, or null for the processor's",
+        check=_positive,
+    )
+    train_on_prompt: bool = _arg(
+        False, "Compute the loss on every turn; false: on assistant turns only (the prompt is masked)."
+    )
+    overflow: list[str] = _arg(
+        DEFAULT_OVERFLOW,
+        "Policies tried in order on a sample longer than cutoff_len: shrink_images, truncate_text, split, drop, "
+        "error. drop and error end the search, so only the last policy may be one of them. A comma-separated "
+        "string is accepted.",
+        expect="a list of policies such as [shrink_images, truncate_text, split, drop]",
+    )
+    min_image_tokens: int = _arg(
+        4,
+        "shrink_images never makes an image smaller than this many tokens, nor smaller than image_min_pixels.",
+        expect="a positive integer such as 4",
+        check=_positive,
+    )
+    max_image_token_share: float = _arg(
+        1.0,
+        "Images may take at most this share of cutoff_len; a sample whose images take more is shrunk first. "
+        "In (0, 1].",
+        expect="a number in (0, 1] such as 0.75",
+        check=_share,
+    )
+    split_keep_context: bool = _arg(
+        True, "Each part made by split starts with as much of the preceding conversation as still fits."
+    )
+    packing: bool = _arg(False, "Pack several samples into each cutoff_len sequence (positions restart per sample).")
+
+
+@dataclass(frozen=True)
+class PrepareArgs:
+    """How the prepared dataset is made and cached."""
+
+    preprocessing_num_workers: int | None = _arg(
+        None,
+        "Processes that prepare the dataset; null: 1.",
+        expect="a positive integer such as 4, or null for 1",
+        check=_positive,
+    )
+    prepared_dir: str | None = _arg(
+        None,
+        "Where the prepared dataset is cached; null: `<output_dir>/prepared`.",
+        expect="a folder such as saves/run1/prepared, or null for <output_dir>/prepared",
+    )
+    overwrite_cache: bool = _arg(False, "Prepare the dataset again even if prepared_dir holds a matching one.")
+
+
+@dataclass(frozen=True)
+class FinetuningArgs:
+    """Which weights train, and how."""
+
+    finetuning_type: str = _arg(
+        "lora",
+        "lora: train LoRA adapters on lora_target; full: train every weight not frozen by the freeze_* keys; "
+        "freeze: train only freeze_trainable_layers decoder layers of the language model (and additional_target).",
+        choices=("lora", "full", "freeze"),
+    )
+    lora_rank: int = _arg(8, "Rank of the LoRA matrices.", expect="a positive integer such as 8", check=_positive)
+    lora_alpha: int | None = _arg(
+        None,
+        "LoRA scaling numerator (scale = lora_alpha / lora_rank); null: 2 × lora_rank, as in LLaMA-Factory.",
+        expect="a positive integer such as 16, or null for 2 × lora_rank",
+        check=_positive,
+    )
+    lora_dropout: float = _arg(
+        0.0, "Dropout on the LoRA input.", expect="a number in [0, 1) such as 0.05", check=_dropout
+    )
+    lora_target: list[str] = _arg(
+        ["all"],
+        "Modules that get LoRA adapters: all (every linear layer of the parts not frozen) or module names, "
+        "comma-separated or as a list, such as q_proj,v_proj.",
+        expect="all or module names such as q_proj,v_proj",
+    )
+    freeze_trainable_layers: int = _arg(
+        2,
+        "With finetuning_type freeze: how many decoder layers of the language model train; positive: the last "
+        "ones, negative: the first ones (as in LLaMA-Factory).",
+        expect="a non-zero integer such as 2",
+        check=lambda v: None if v != 0 else "is zero",
+    )
+    freeze_vision_tower: bool = _arg(True, "Keep the vision encoder's weights fixed.")
+    freeze_multi_modal_projector: bool = _arg(
+        True, "Keep the projector (merger) between the vision encoder and the language model fixed."
+    )
+    freeze_language_model: bool = _arg(False, "Keep the language model's weights fixed.")
+    additional_target: list[str] | None = _arg(
+        None,
+        "Modules trained in full besides the adapters, comma-separated or as a list, such as "
+        "embed_tokens,lm_head; null: none.",
+        expect="module names such as embed_tokens,lm_head, or null",
+    )
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """The optimisation loop, checkpoints and logging (transformers' TrainingArguments names)."""
+
+    output_dir: str = _arg(
+        help="Folder for checkpoints, the trained adapter or model, logs and the loss plot.",
+        expect="a folder such as saves/qwen2_vl-2b/lora/sft",
+        required=True,
+    )
+    per_device_train_batch_size: int = _arg(1, "Training samples per device per step.",
+                                            expect="a positive integer such as 1", check=_positive)
+    per_device_eval_batch_size: int = _arg(1, "Validation samples per device per step.",
+                                           expect="a positive integer such as 1", check=_positive)
+    gradient_accumulation_steps: int = _arg(
+        8, "Steps whose gradients add up before each optimiser update.",
+        expect="a positive integer such as 8", check=_positive,
+    )
+    learning_rate: float = _arg(1e-4, "Peak learning rate.", expect="a positive number such as 1.0e-4",
+                                check=_positive)
+    num_train_epochs: float = _arg(3.0, "Passes over the training data (fractions allowed).",
+                                   expect="a positive number such as 3.0", check=_positive)
+    max_steps: int = _arg(
+        -1, "Stop after this many optimiser updates; -1: train for num_train_epochs.",
+        expect="-1 or a positive integer such as 1000", check=_max_steps,
+    )
+    lr_scheduler_type: str = _arg(
+        "cosine", "Learning-rate schedule after warmup (a transformers SchedulerType).", choices=LR_SCHEDULERS
+    )
+    warmup_ratio: float = _arg(0.0, "Share of the updates spent warming the learning rate up.",
+                               expect="a number in [0, 1] such as 0.1", check=_ratio)
+    warmup_steps: int = _arg(0, "Updates spent warming up; overrides warmup_ratio when above 0.",
+                             expect="a non-negative integer such as 100", check=_non_negative)
+    weight_decay: float = _arg(0.0, "AdamW weight decay.", expect="a non-negative number such as 0.01",
+                               check=_non_negative)
+    max_grad_norm: float = _arg(1.0, "Gradient-norm clipping threshold; 0: no clipping.",
+                                expect="a non-negative number such as 1.0", check=_non_negative)
+    bf16: bool = _arg(False, "Train in bfloat16 mixed precision (Ampere or newer GPUs).")
+    fp16: bool = _arg(False, "Train in float16 mixed precision (older GPUs); at most one of bf16 and fp16.")
+    gradient_checkpointing: bool = _arg(
+        True, "Recompute activations in the backward pass to save memory (on by default, as in LLaMA-Factory)."
+    )
+    logging_steps: int = _arg(10, "Log the loss every this many updates.", expect="a positive integer such as 10",
+                              check=_positive)
+    save_steps: int = _arg(500, "Save a checkpoint every this many updates.",
+                           expect="a positive integer such as 500", check=_positive)
+    save_total_limit: int | None = _arg(
+        None, "Keep at most this many checkpoints, deleting the oldest; null: keep all.",
+        expect="a positive integer such as 3, or null to keep all", check=_positive,
+    )
+    eval_steps: int | None = _arg(
+        None, "Evaluate every this many updates when val_size > 0; null: at the end of each epoch.",
+        expect="a positive integer such as 500, or null for once per epoch", check=_positive,
+    )
+    plot_loss: bool = _arg(False, "Save a plot of the loss curve in output_dir when training ends.")
+    report_to: str = _arg(
+        "none", "Where metrics go: none, or integrations such as tensorboard,wandb (comma-separated or a list).",
+        expect="none or integrations such as tensorboard,wandb", convert=_as_comma_str,
+    )
+    resume_from_checkpoint: bool | str | None = _arg(
+        None, "Resume training: true for the latest checkpoint in output_dir, or a checkpoint folder; "
+        "null or false: start fresh.",
+        expect="true, a checkpoint folder such as saves/run1/checkpoint-500, or null",
+    )
+    deepspeed: str | None = _arg(None, "Path to a DeepSpeed JSON config; null: no DeepSpeed.",
+                                 expect="a path such as ds_z2_config.json, or null")
+    seed: int = _arg(42, "Seed for shuffling, dropout and initialisation.", expect="a non-negative integer such as 42",
+                     check=_non_negative)
+    ddp_timeout: int = _arg(
+        1800, "Seconds a rank waits for the others before the job fails. Bounded so that a stuck rank fails "
+        "the job instead of hanging it.",
+        expect="a positive number of seconds such as 1800", check=_positive,
+    )
+    dataloader_num_workers: int = _arg(0, "Worker processes loading batches; 0: the main process.",
+                                       expect="a non-negative integer such as 4", check=_non_negative)
+    group_by_length: bool = _arg(True, "Batch samples of similar length together, so less compute goes to padding.")
+    worst_case_first: bool = _arg(
+        True, "Run one forward/backward pass on the longest batch before training, so an out-of-memory error "
+        "shows in the first minute, not hours in.",
+    )
+    run_doctor: bool = _arg(True, "`vlmtune train` runs the doctor's checks before it starts.")
+    optim: str = _arg("adamw_torch", "Optimizer (a transformers OptimizerNames value).", choices=OPTIMIZERS,
+                      choices_what="a transformers optimizer name")
+
+
+SECTIONS: dict[str, type] = {"model": ModelArgs, "read": ReadArgs, "fit": FitArgs, "prepare": PrepareArgs,
+                             "finetuning": FinetuningArgs, "training": TrainArgs}
+
+
+def _key_table() -> dict[str, tuple[str, Any, Any]]:
+    """key -> (section, dataclass Field, resolved type hint), in declaration order."""
+    table = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            assert f.name not in table, f"key {f.name} is declared twice; the YAML is flat, keys must be unique"
+            table[f.name] = (section, f, hints[f.name])
+    return table
+
+
+_KEYS = _key_table()
+KEYS: tuple[str, ...] = tuple(_KEYS)
+
+
+def _check_declarations() -> None:
+    """Every declared type needs a converter: fail at import, not when some user's config sets the key."""
+    for _, f, hint in _KEYS.values():
+        _converter(f, hint)
+
+
+_check_declarations()
+
+
+def default_of(key: str) -> Any:
+    """The declared default of a key (None for required keys), as a fresh object."""
+    f = _KEYS[key][1]
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+
+# --- the Config object --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration: one typed section per concern, and every key also read flat.
+
+    Hand a function the section it uses (`cfg.read`, `cfg.fit`, `cfg.prepare`, `cfg.model`, `cfg.finetuning`,
+    `cfg.training`); `cfg.cutoff_len` still reads the key from its section.
+    Equal when every key is equal (notes aside). Frozen: change keys with `cfg.replace(cutoff_len=1024)`,
+    which validates the result again.
+    `notes` lists what was accepted but ignored (LLaMA-Factory keys) and other advice that is not an error.
+    Keys whose null default depends on another key (lora_alpha, preprocessing_num_workers, prepared_dir) hold
+    the effective value; `derived` names those that were filled in that way.
+    """
+
+    model: ModelArgs
+    read: ReadArgs
+    fit: FitArgs
+    prepare: PrepareArgs
+    finetuning: FinetuningArgs
+    training: TrainArgs
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    derived: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only when normal lookup fails, i.e. for the flat keys that live in a section.
+        if name not in _KEYS:
+            raise AttributeError(f"Config has no key {name!r}")
+        return getattr(object.__getattribute__(self, _KEYS[name][0]), name)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(KEYS))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every key, flat, in declaration order; plain YAML types, so `yaml.safe_dump` writes it."""
+        return {k: _copy(getattr(self, k)) for k in KEYS}
+
+    def fingerprint_dict(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The values of the given keys, e.g. those that decide a prepared dataset's content.
+
+        Strict: a name that is not a declared key raises KeyError, so a typo cannot hash silently as None.
+        """
+        keys = list(keys)
+        unknown = [k for k in keys if k not in _KEYS]
+        if unknown:
+            raise KeyError(f"not config keys: {unknown}")
+        return {k: _copy(getattr(self, k)) for k in keys}
+
+    def replace(self, **changes: Any) -> Config:
+        """A new Config with some keys changed, validated like a loaded one; raises ConfigError."""
+        # Derived keys go back to null so that they follow their source: replace(lora_rank=16) doubles lora_alpha.
+        given = {k: None if k in self.derived else v for k, v in self.to_dict().items()}
+        from .load import load_config  # load.py builds Configs, so it imports this module, not the reverse
+
+        new = load_config(None, base={**given, **changes})
+        return dataclasses.replace(new, notes=tuple(dict.fromkeys((*self.notes, *new.notes))))
+
+
+def _copy(v: Any) -> Any:
+    return list(v) if isinstance(v, list) else v
+
+
+def _assemble(values: dict[str, Any], notes: list[str], derived: frozenset[str]) -> Config:
+    sections = {name: cls(**{f.name: values[f.name] for f in fields(cls)}) for name, cls in SECTIONS.items()}
+    return Config(**sections, notes=tuple(dict.fromkeys(notes)), derived=derived)
+

@@ -1,0 +1,190 @@
+"""What a config value may be: the field helper that declares a key, its converters and range checks.
+
+Every key of the YAML is declared with `_arg` in sections.py; load.py converts and checks a raw value with
+the helpers here. Nothing here knows a key by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+import os
+import types
+import typing
+from dataclasses import MISSING, field
+from typing import Any, Callable
+
+# The overflow policies, tried in the configured order on a sample longer than cutoff_len (data/fit.py).
+POLICIES = ("shrink_images", "truncate_text", "split", "drop", "error")
+OVERFLOW_POLICIES = POLICIES
+DEFAULT_OVERFLOW = ["shrink_images", "truncate_text", "split", "drop"]
+
+# A sample handed to one of these never reaches a later policy, so only the last policy may be one of them.
+TERMINAL_POLICIES = ("drop", "error")
+
+# transformers' SchedulerType and OptimizerNames (5.x), copied: importing them pulls in transformers and peft,
+# 8 s of CPU against 0.1 s for all of vlmtune.config (docs/benchmarks.md); tests/config checks they still match.
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+)
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor", "adamw_anyprecision",
+    "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit",
+    "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
+    "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
+    "stable_adamw",
+)
+
+# Stands for the value of a key that already has a problem, so that checks across keys skip it.
+_INVALID = object()
+
+
+class _Bad(ValueError):
+    """A value of the wrong type; the message completes "key=value ...", e.g. "is not an integer"."""
+
+
+# --- field declarations -------------------------------------------------------------------------------------
+
+
+def _arg(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    expect: str | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    choices: tuple[str, ...] | None = None,
+    choices_what: str | None = None,
+    convert: Callable[[Any], Any] | None = None,
+    required: bool = False,
+) -> Any:
+    """A dataclass field whose metadata documents it (help) and validates it (expect, check, choices, convert).
+
+    `expect` completes "set KEY to ..." in error messages; `check` returns what is wrong with a well-typed value.
+    """
+    meta = {"help": help, "expect": expect, "check": check, "choices": choices, "choices_what": choices_what,
+            "convert": convert, "required": required}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=None if required else default, metadata=meta)
+
+
+def _positive(v: float) -> str | None:
+    return "is not positive" if v <= 0 else None
+
+
+def _non_negative(v: float) -> str | None:
+    return "is negative" if v < 0 else None
+
+
+def _share(v: float) -> str | None:
+    return None if 0 < v <= 1 else "is not in (0, 1]"
+
+
+def _ratio(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "is not in [0, 1]"
+
+
+def _dropout(v: float) -> str | None:
+    return None if 0 <= v < 1 else "is not in [0, 1)"
+
+
+def _max_steps(v: int) -> str | None:
+    return None if v == -1 or v > 0 else "is neither -1 nor positive"
+
+
+def _val_size(v: int | float) -> str | None:
+    if v < 0:
+        return "is negative"
+    # LLaMA-Factory reads a float as a fraction; 1.0 or more of the data cannot be held out.
+    return "is a fraction of 1 or more" if isinstance(v, float) and v >= 1 else None
+
+
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    raise _Bad("is not true or false")
+
+
+def _as_int(v: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    raise _Bad("is not an integer")
+
+
+def _as_float(v: Any) -> float:
+    # PyYAML reads `1e-4` (no dot) as a string; accept what float() reads so such configs still load.
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    return float(_as_number(v))
+
+
+def _as_number(v: Any) -> int | float:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if not math.isfinite(v):  # YAML's .inf and .nan pass every range check
+            raise _Bad("is not a finite number")
+        return v
+    raise _Bad("is not a number")
+
+
+def _as_str(v: Any) -> str:
+    if isinstance(v, (str, os.PathLike)):
+        return os.fspath(v)
+    raise _Bad("is not a string")
+
+
+def _as_str_list(v: Any) -> list[str]:
+    """A list of names, from a YAML list or from a comma-separated string (LLaMA-Factory's form)."""
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise _Bad("is not a string or a list of strings")
+    return [s.strip() for s in items if s.strip()]
+
+
+def _as_comma_str(v: Any) -> str:
+    """A comma-separated string; a YAML list is joined so both spellings mean the same."""
+    if isinstance(v, list) and all(isinstance(s, str) for s in v):
+        return ",".join(s.strip() for s in v)
+    if isinstance(v, (str, os.PathLike)):
+        return os.fspath(v)
+    raise _Bad("is not a string or a list of strings")
+
+
+def _as_checkpoint(v: Any) -> str | bool | None:
+    if v is False:  # HF's spelling of "do not resume"
+        return None
+    if v is True or isinstance(v, (str, os.PathLike)):
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
+    raise _Bad("is not true, false or a path")
+
+
+_CONVERTERS: dict[Any, Callable[[Any], Any]] = {
+    bool: _as_bool,
+    int: _as_int,
+    float: _as_float,
+    str: _as_str,
+    int | float: _as_number,
+    list[str]: _as_str_list,
+    bool | str: _as_checkpoint,
+}
+
+
+def _without_none(hint: Any) -> tuple[Any, bool]:
+    """(the hint with None removed, whether None is allowed)."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
+    if type(None) not in args:
+        return hint, False
+    rest = [a for a in args if a is not type(None)]
+    return functools.reduce(operator.or_, rest), True
+
+
+def _converter(f: Any, hint: Any) -> Callable[[Any], Any]:
+    return f.metadata["convert"] or _CONVERTERS[_without_none(hint)[0]]
+

@@ -1,0 +1,58 @@
+"""The command line: options and overrides in any order, JSON output even for a config that does not load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmtune.commands.cli import build_parser, main
+from vlmtune.models.families import MODEL_TYPES
+
+
+@pytest.mark.parametrize("argv, overrides", [
+    (["doctor", "c.yaml", "--json", "cutoff_len=256"], ["cutoff_len=256"]),
+    (["doctor", "--json", "c.yaml", "cutoff_len=256", "seed=1"], ["cutoff_len=256", "seed=1"]),
+    (["doctor", "c.yaml", "cutoff_len=256", "--json", "seed=1"], ["cutoff_len=256", "seed=1"]),
+])
+def test_overrides_may_follow_an_option(argv, overrides):
+    args = build_parser().parse_args(argv)
+    assert (args.config, args.overrides, args.json) == ("c.yaml", overrides, True)
+
+
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_config_commands_take_overrides(command):
+    args = build_parser().parse_args([command, "c.yaml", "a=1", "b=2"])
+    assert (args.config, args.overrides) == ("c.yaml", ["a=1", "b=2"])
+
+
+def test_chat_question_may_sit_between_options():
+    args = build_parser().parse_args(["chat", "--model", "m", "what is it?", "--image", "a.png", "--image", "b.png"])
+    assert (args.model, args.question, args.image) == ("m", "what is it?", ["a.png", "b.png"])
+
+
+def test_arch_choices_are_the_families():
+    for command in (["tiny-model", "out"], ["demo"]):
+        action = next(a for a in build_parser()._subparsers._group_actions[0].choices[command[0]]._actions
+                      if a.dest == "arch")
+        assert tuple(action.choices) == MODEL_TYPES == ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def test_doctor_json_reports_an_invalid_config_as_json(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\ncutof_len: 256\n")
+    assert main(["doctor", str(cfg), "--json", "learning_rate=0"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert [(c["name"], c["status"]) for c in out] == [("config", "fail")] * 2
+    assert out[0]["message"].startswith("unknown key 'cutof_len'") and out[0]["fix"] == "did you mean 'cutoff_len'?"
+    assert out[1] == {"name": "config", "status": "fail", "message": "learning_rate=0 is not positive",
+                      "fix": "set learning_rate to a positive number such as 1.0e-4"}
+
+
+def test_doctor_without_json_reports_an_invalid_config_on_stderr(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\ncutoff_len: 0\n")
+    assert main(["doctor", str(cfg)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "cutoff_len=0 is not positive" in captured.err
