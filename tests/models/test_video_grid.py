@@ -243,6 +243,12 @@ def real_video_processor(rule, **kw):
     return Qwen2VLVideoProcessor(cap_pixels_per_frame=kw.pop("cap_pixels_per_frame", False), fps=kw.pop("fps", 2.0), **kw)
 
 
+def their_sampler(vp, metadata):
+    """The processor's sample_frames, called as its preprocess calls it: fps and num_frames from the instance
+    (Qwen3VLVideoProcessor.sample_frames does not default num_frames itself)."""
+    return [int(i) for i in list(vp.sample_frames(metadata, num_frames=vp.num_frames, fps=vp.fps))]
+
+
 class _Holder:
     def __init__(self, vp):
         self.video_processor = vp
@@ -265,7 +271,7 @@ def test_long_clips_match_processor_arithmetic(rule, total, fps, height, width, 
     spec = VideoSpec.from_processor(_Holder(vp))
     md = VideoMetadata(total_num_frames=total, fps=fps)
     try:
-        theirs = [int(i) for i in list(vp.sample_frames(md))]
+        theirs = their_sampler(vp, md)
     except (ValueError, ZeroDivisionError):
         theirs = None
     try:
@@ -323,3 +329,26 @@ def test_shrink_video_fits_and_is_maximal(arch, base, total, fps, height, width,
         assert bigger.prompt_tokens(count) > budget
     if budget >= full.prompt_tokens(count):
         assert grid == full
+
+
+@pytest.mark.parametrize("rule", [QWEN2_RULE, QWEN3_RULE])
+@settings(max_examples=200, deadline=None)
+@given(total=st.integers(1, 5000), fps=clip_fps, num_frames=st.integers(1, 64))
+def test_fixed_frame_count_matches_processor_sampler(rule, total, fps, num_frames):
+    """A processor config with num_frames (and no fps) samples a fixed count; ours follows it."""
+    vp = real_video_processor(rule, num_frames=num_frames, fps=None)
+    assert vp.fps is None and vp.num_frames == num_frames
+    spec = VideoSpec.from_processor(_Holder(vp))
+    assert (spec.fps, spec.num_frames) == (None, num_frames)
+    try:
+        theirs = their_sampler(vp, VideoMetadata(total_num_frames=total, fps=fps))
+    except (ValueError, ZeroDivisionError):
+        theirs = None
+    try:
+        ours = list(sample_indices(total, fps, spec))
+    except VideoSampleError:
+        ours = None
+    if theirs is None:
+        assert ours is None or (rule == QWEN2_RULE and total < 2)
+    else:
+        assert ours == theirs
