@@ -360,6 +360,11 @@ def shrink_video(
     Tokens never grow as max_pixels shrinks (smart_resize's sides only floor further), so it bisects.
     """
 
+    if count_text is not None:  # timestamps repeat across the candidate plans: count each string once
+        seen: dict[str, int] = {}
+        counter = count_text
+        count_text = lambda text: seen[text] if text in seen else seen.setdefault(text, counter(text))  # noqa: E731
+
     def cost(s: VideoSpec) -> int:
         return plan_video(total_frames, clip_fps, height, width, s).prompt_tokens(count_text)
 
