@@ -352,3 +352,17 @@ def test_fixed_frame_count_matches_processor_sampler(rule, total, fps, num_frame
         assert ours is None or (rule == QWEN2_RULE and total < 2)
     else:
         assert ours == theirs
+
+
+def test_specs_and_grids_cross_worker_processes(base):
+    import pickle
+
+    processor, config = base("qwen3_vl")
+    spec = VideoSpec.from_processor(processor, config)
+    grid = spec.plan(90, 30.0, 120, 160)
+    assert pickle.loads(pickle.dumps(spec)) == spec and pickle.loads(pickle.dumps(grid)) == grid
+    assert VideoSpec(**spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="count_text"):
+        grid.prompt_tokens()  # Qwen3-VL's timestamps need the tokenizer
+    assert grid.timestamp_texts() == [f"<{t:.1f} seconds>" for t in grid.timestamps]
+    assert len(grid.timestamps) == grid.t
