@@ -1,10 +1,10 @@
 """video_accounting_speedup: header facts + arithmetic (data/video.py, models/video_grid.py) vs decoding.
 
-The data: a few clips of 6-12 s at 25-30 fps, 320x240 to 640x480, mpeg4 in MP4 and VP8 in WebM (WebM keeps
-no frame count, so vlmtune demuxes its packets), with moving noise so that decoding costs what it costs;
-written once and cached.
+The data: a few clips of 6-12 s at 25-30 fps, 320x240 to 640x480, mpeg4 in MP4 and VP8 in WebM, with moving
+noise so that decoding costs what it costs; written once and cached.
 
-* vlmtune: `read_facts` (container header, packet count where needed, the first frame for its rotation)
+* vlmtune: `read_facts` (container header, the video packets counted by demuxing, the first frame decoded
+  for its rotation)
   and `plan_video` with the tiny Qwen2-VL checkpoint's video processor;
 * the baseline: what learning the grid costs without header accounting: decode the clip (PyAV, every
   frame, as transformers' own pyav reader does) and run the real video processor on it with the same

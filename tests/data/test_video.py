@@ -82,7 +82,7 @@ def test_facts_equal_what_decoding_finds(tmp_path, ext, n, width, height, rate, 
     assert facts.stored_size == (width, height)
     assert facts.fps == pytest.approx(float(rate), rel=1e-3)
     assert facts.duration == pytest.approx(n / float(rate), abs=1.01 / float(rate) + 1e-3)
-    assert facts.counted is (ext != "mp4")  # only MP4 keeps a frame count in its header
+    assert facts.header_frames == (n if ext == "mp4" else 0)  # only MP4 keeps a frame count in its header
     # decode_frames keeps exactly the asked frames, in the asked order, repeats included
     want = [n - 1, 0, n // 2, n // 2]
     got = decode_frames(path, want, facts.rotation)
@@ -103,6 +103,31 @@ def test_variable_frame_rate_clip(tmp_path):
     assert facts.fps == pytest.approx(facts.frames / facts.duration, rel=0.01)
 
 
+def test_edit_list_hides_frames_the_header_counts(tmp_path):
+    """Frames before presentation time 0 go into the MP4's sample table but an edit list hides them:
+    the header says 10, the decoder sees 7, and the facts say 7 (the processor must get 7)."""
+    path = str(tmp_path / "trimmed.mp4")
+    out = av.open(path, "w")
+    s = out.add_stream("mpeg4", rate=Fraction(25))
+    s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+    s.codec_context.time_base = Fraction(1, 25)
+    for i in range(10):
+        frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), level(i), np.uint8), format="rgb24")
+        frame.pts, frame.time_base = i - 3, Fraction(1, 25)
+        for p in s.encode(frame):
+            out.mux(p)
+    for p in s.encode():
+        out.mux(p)
+    out.close()
+    facts = read_facts(path)
+    assert (facts.header_frames, facts.frames, len(decode_all(path))) == (10, 7, 7)
+    last = decode_frames(path, [facts.frames - 1])[0]
+    assert abs(int(np.median(last)) - level(9)) < 12
+    with pytest.raises(VideoReadError) as e:
+        decode_frames(path, [9])  # where the header's count would have sent the collator
+    assert e.value.kind == "short"
+
+
 def test_rotation_turns_counter_clockwise(tmp_path):
     path = write_clip(tmp_path / "phone.mp4", 2, 64, 32, rotation=90, marker=True)
     facts = read_facts(path)
@@ -116,7 +141,7 @@ def test_rotation_turns_counter_clockwise(tmp_path):
 def test_one_frame_clip(tmp_path):
     path = write_clip(tmp_path / "still.webm", 1, 32, 32)
     facts = read_facts(path)
-    assert (facts.frames, facts.counted) == (1, True)
+    assert (facts.frames, facts.header_frames) == (1, 0)
     assert decode_frames(path, [0, 0]).shape == (2, 32, 32, 3)
 
 

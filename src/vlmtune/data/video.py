@@ -1,9 +1,9 @@
 """Header facts of a video clip, and decoding exactly the frames accounting sampled.
 
 `read_facts` gives what video accounting needs (frame count, average frame rate, duration, the displayed
-size, the rotation) from the container, through PyAV, without decoding the clip: the count is the
-container's (the MP4/MOV sample table) or, where the container keeps none (WebM/Matroska), the number of
-video packets found by demuxing, which reads packet headers only. One exception: PyAV 18 does not expose
+size, the rotation) from the container, through PyAV, without decoding the clip: the count is the number of
+video packets the demuxer delivers, which reads packet headers only (a container's own count, where it keeps
+one, can include frames an MP4 edit list discards, and WebM/Matroska keep none). One exception: PyAV 18 does not expose
 a stream's display matrix, so the first frame is decoded to read its rotation side data (which also
 proves that the codec can be decoded before training starts, not hours in).
 
@@ -40,7 +40,8 @@ class VideoReadError(ValueError):
 class VideoFacts:
     """One clip as the collator will decode it. `width` × `height` is the displayed size (rotation
     applied, as `decode_frames` returns the frames); `rotation` is counter-clockwise degrees (0, 90, 180,
-    270). `counted` is True where the frame count came from demuxing the packets, not from the header."""
+    270). `frames` is the number of video packets the demuxer delivers (what the decoder gets);
+    `header_frames` the container's own count (0 where it keeps none, as WebM and Matroska), for reports."""
 
     frames: int
     fps: float
@@ -49,7 +50,7 @@ class VideoFacts:
     height: int
     rotation: int
     codec: str
-    counted: bool = False
+    header_frames: int = 0
 
     @property
     def stored_size(self) -> tuple[int, int]:
@@ -76,13 +77,11 @@ def read_facts(path: str) -> VideoFacts:
         if width <= 0 or height <= 0:
             raise VideoReadError(path, "no_size", f"the video stream has no frame size ({width}x{height})",
                                  "re-encode the clip")
-        frames, counted = int(stream.frames or 0), False
-        rotation = _first_frame_rotation(av, container, stream, path)
-        if frames <= 0:
-            container.seek(0)
-            frames, counted = _count_packets(container, stream), True
+        header_frames = int(stream.frames or 0)
+        frames = _count_packets(container, stream)
         if frames <= 0:
             raise VideoReadError(path, "no_frames", "the video stream has no frames", "remove the clip or re-encode it")
+        rotation = _first_frame_rotation(av, path)
         duration = _duration(container, stream)
         fps = _frame_rate(stream, frames, duration)
         if fps is None:
@@ -98,7 +97,7 @@ def read_facts(path: str) -> VideoFacts:
             height=width if rotation in (90, 270) else height,
             rotation=rotation,
             codec=str(stream.codec_context.name),
-            counted=counted,
+            header_frames=header_frames,
         )
     finally:
         container.close()
@@ -173,13 +172,17 @@ def _video_stream(container, path):
     return container.streams.video[0]
 
 
-def _first_frame_rotation(av, container, stream, path) -> int:
+def _first_frame_rotation(av, path) -> int:
+    # a fresh container: seeking back after demuxing to the end fails on some files (EPERM)
+    container = _open(av, path)
     try:
-        for frame in container.decode(stream):
+        for frame in container.decode(_video_stream(container, path)):
             return _right_angle(frame.rotation, path)
     except av.error.FFmpegError as e:
         raise VideoReadError(path, "undecodable", f"its first frame cannot be decoded ({e})",
                              "re-encode the clip or remove it") from None
+    finally:
+        container.close()
     raise VideoReadError(path, "no_frames", "the video stream has no decodable frame", "remove the clip or re-encode it")
 
 
@@ -199,8 +202,10 @@ def _upright(array, rotation: int):
 
 
 def _count_packets(container, stream) -> int:
-    # demuxing reads packet headers only; the empty packets are the demuxer's end-of-stream flush
-    return sum(1 for p in container.demux(stream) if p.size > 0)
+    # Demuxing reads packet headers only. Empty packets are the demuxer's end-of-stream flush; packets
+    # flagged discard (outside an MP4 edit list) are dropped by the decoder, so a header's sample count
+    # can be higher than what decodes.
+    return sum(1 for p in container.demux(stream) if p.size > 0 and not p.is_discard)
 
 
 def _duration(container, stream) -> float | None:
