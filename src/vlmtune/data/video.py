@@ -138,7 +138,7 @@ def decode_frames(path: str, indices, rotation: int | None = None):
     missing = [j for j in wanted if j not in kept]
     if missing:
         raise VideoReadError(path, "short", f"frame {missing[0]} was asked for but the clip decodes to {i + 1} frame(s)",
-                             "the container's frame count is wrong: re-encode the clip")
+                             "the clip is corrupt or its frame count is wrong: re-encode it")
     return np.stack([kept[int(j)] for j in indices])
 
 
