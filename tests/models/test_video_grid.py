@@ -10,7 +10,9 @@ For the three families (the tiny checkpoints' own processors, with their video s
    than one temporal patch, frames smaller than a patch;
 2. without pixels, for realistic sizes (long clips, real checkpoints' budgets): the processors'
    `sample_frames` on metadata and `get_num_of_video_patches`;
-3. `shrink_video`: within the budget, the pixel budget before the frame count, never below min_frames.
+3. `shrink_video`: within the budget, the pixel budget before the frame count, never below min_frames;
+4. up to 2 clips and 2 images in one processor call (the collator's call for one sample): `input_ids`,
+   `video_grid_thw`, `second_per_grid_ts` and the video tokens of `mm_token_type_ids` all as planned.
 """
 
 from __future__ import annotations
@@ -366,3 +368,61 @@ def test_specs_and_grids_cross_worker_processes(base):
         grid.prompt_tokens()  # Qwen3-VL's timestamps need the tokenizer
     assert grid.timestamp_texts() == [f"<{t:.1f} seconds>" for t in grid.timestamps]
     assert len(grid.timestamps) == grid.t
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Several clips and images in one processor call (what the collator does for one sample)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    media=st.lists(
+        st.one_of(
+            st.tuples(st.just("image"), st.integers(20, 300), st.integers(20, 300)),
+            st.tuples(st.just("video"), st.integers(1, 60), st.integers(8, 200), st.integers(8, 200), clip_fps),
+        ),
+        max_size=4,
+    ).filter(lambda m: sum(x[0] == "image" for x in m) <= 2 and sum(x[0] == "video" for x in m) <= 2)
+)
+def test_videos_and_images_in_one_call(arch, base, media):
+    from PIL import Image
+
+    from vlmtune.models.spec import ModelSpec
+
+    processor, config = base(arch)
+    image_spec = ModelSpec.from_processor(processor, config)
+    spec = VideoSpec.from_processor(processor, config)
+    tok = processor.tokenizer
+    text, expanded, images, videos, metadata, grids = "<|im_start|>user\n", "<|im_start|>user\n", [], [], [], []
+    for k, item in enumerate(media):
+        if item[0] == "image":
+            _, h, w = item
+            images.append(Image.new("RGB", (w, h), (k * 40, 90, 200)))
+            run = f"{START}<|image_pad|>{END}"
+            expanded += f"Picture {k}:" + run.replace("<|image_pad|>", "<|image_pad|>" * image_spec.grid(h, w).tokens)
+        else:
+            _, total, h, w, fps = item
+            try:
+                grid = plan_video(total, fps, h, w, spec)
+            except VideoSampleError:
+                continue
+            videos.append(np.zeros((grid.frames, h, w, 3), np.uint8))
+            metadata.append(VideoMetadata(total_num_frames=total, fps=fps, frames_indices=list(grid.indices)))
+            grids.append(grid)
+            run = f"{START}{PAD}{END}"
+            expanded += f"Picture {k}:" + run.replace(PAD, grid.replacement(PAD, START, END))
+        text += f"Picture {k}:" + run
+    text += "Which one moves?<|im_end|>\n"
+    expanded += "Which one moves?<|im_end|>\n"
+    kwargs = {"images": images} if images else {}
+    if videos:
+        kwargs.update(videos=videos, video_metadata=metadata, do_sample_frames=False, input_data_format="channels_last")
+    out = processor(text=[text], **kwargs)
+    assert list(out["input_ids"][0]) == tok(expanded, add_special_tokens=False)["input_ids"]
+    if videos:
+        assert out["video_grid_thw"].tolist() == [g.thw for g in grids]
+        if spec.second_per_grid:
+            assert list(out["second_per_grid_ts"]) == [g.second_per_grid for g in grids]
+        types = np.asarray(out["mm_token_type_ids"][0])
+        assert int((types == 2).sum()) == sum(g.tokens for g in grids)
