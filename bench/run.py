@@ -31,6 +31,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("pack", "bench_pack"),
     ("doctor_memory", "bench_doctor_memory"),
     ("config_import", "bench_config_import"),
+    ("video_facts", "bench_video_facts"),
 ]
 
 
