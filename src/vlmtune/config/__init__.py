@@ -71,7 +71,6 @@ LLAMA_FACTORY_REPLACED: dict[str, str] = {
     "image_resolution": "set image_max_pixels to image_resolution**2 instead (262144 for 512)",
     "video_resolution": "vlmtune trains on images only; remove video_resolution",
     "vision_tower": "the vision tower comes with model_name_or_path; use freeze_vision_tower to train or freeze it",
-    "quantization_bit": "vlmtune does not train quantized (QLoRA) models; remove quantization_bit",
     "train_mm_proj_only": "set finetuning_type: full with freeze_language_model: true, freeze_vision_tower: true "
     "and freeze_multi_modal_projector: false to train only the projector",
     "disable_gradient_checkpointing": "use gradient_checkpointing: false (vlmtune's key has the opposite sense; "
@@ -386,6 +385,45 @@ class FinetuningArgs:
         "Modules trained in full besides the adapters, comma-separated or as a list, such as "
         "embed_tokens,lm_head; null: none.",
         expect="module names such as embed_tokens,lm_head, or null",
+    )
+    # -- QLoRA and PEFT's LoRA variants (LLaMA-Factory's key names); cross-key rules in _check_quant_variants.
+    quantization_bit: int | None = _arg(
+        None,
+        "Load the base model's language-model linear layers in 4 or 8 bits with bitsandbytes and train LoRA "
+        "adapters on top (QLoRA); null: no quantization. Needs finetuning_type lora and no DeepSpeed ZeRO-3.",
+        expect="4, 8 or null",
+        check=lambda v: None if v in (4, 8) else "is neither 4 nor 8",
+    )
+    quantization_type: str = _arg(
+        "nf4", "4-bit data type: nf4 (normal float, QLoRA's) or fp4.", choices=("nf4", "fp4")
+    )
+    double_quantization: bool = _arg(
+        True, "4-bit: quantize the quantization constants too (about 0.4 bit per weight less)."
+    )
+    quantize_vision_tower: bool = _arg(
+        False,
+        "With quantization_bit: quantize the vision tower's blocks too. Off: the vision tower and projector stay "
+        "in 16/32 bits, since they are a small share of the weights and their error reaches every image token.",
+    )
+    use_dora: bool = _arg(False, "DoRA: train a magnitude vector next to the LoRA direction (PEFT's use_dora).")
+    use_rslora: bool = _arg(False, "rsLoRA: scale adapters by lora_alpha / sqrt(lora_rank) instead of / lora_rank.")
+    pissa_init: bool = _arg(
+        False,
+        "PiSSA: initialise the adapters from the principal singular vectors of each weight; the saved adapter is "
+        "converted so that it applies to the original base model.",
+    )
+    pissa_iter: int = _arg(
+        16,
+        "PiSSA: iterations of the fast randomized SVD; -1: an exact SVD (slow on large layers).",
+        expect="-1 or a positive integer such as 16",
+        check=lambda v: None if v == -1 or v > 0 else "is neither -1 nor positive",
+    )
+    loraplus_lr_ratio: float | None = _arg(
+        None,
+        "LoRA+: the learning rate of the lora_B matrices is learning_rate × this ratio (16 in the paper); "
+        "null: one learning rate.",
+        expect="a number of at least 1 such as 16.0, or null",
+        check=lambda v: None if v >= 1 else "is below 1",
     )
 
 
@@ -813,6 +851,33 @@ def _check_together(v: dict[str, Any]) -> list[str]:
     if v["bf16"] is True and v["fp16"] is True:
         problems.append("bf16 and fp16 are both true; set at most one of them (bf16 where the GPU supports it)")
     problems.extend(_check_trainable(v))
+    problems.extend(_check_quant_variants(v))
+    return problems
+
+
+# Keys that only mean something with LoRA adapters (finetuning_type lora), with the value that leaves them off.
+_LORA_ONLY = {"quantization_bit": None, "use_dora": False, "use_rslora": False, "pissa_init": False,
+              "loraplus_lr_ratio": None}
+
+
+def _check_quant_variants(v: dict[str, Any]) -> list[str]:
+    """quantization_bit and the LoRA variants against finetuning_type and each other."""
+    problems = []
+    kind = v["finetuning_type"]
+    if _valid(kind) and kind != "lora":
+        for key, off in _LORA_ONLY.items():
+            if _valid(v[key]) and v[key] != off:
+                why = (" (the quantized weights cannot be trained; QLoRA trains adapters on top of them)"
+                       if key == "quantization_bit" else "")
+                problems.append(f"{key}={v[key]!r} needs finetuning_type='lora', but finetuning_type={kind!r}{why}; "
+                                f"set finetuning_type: lora or remove {key}")
+    bits, pissa = v["quantization_bit"], v["pissa_init"]
+    if _valid(bits, pissa) and bits is not None and pissa:
+        problems.append(f"pissa_init=true with quantization_bit={bits}: PiSSA's SVD needs the full-precision "
+                        "weights and rewrites them; remove quantization_bit, or set pissa_init: false")
+    if _valid(bits, v["quantization_type"]) and bits == 8 and v["quantization_type"] != "nf4":
+        problems.append(f"quantization_type={v['quantization_type']!r} applies to 4-bit only, but "
+                        "quantization_bit=8; set quantization_bit: 4 or remove quantization_type")
     return problems
 
 
