@@ -13,6 +13,8 @@ embeddings out of every quantization).
 
 from __future__ import annotations
 
+import os
+
 # Module-name patterns transformers' bitsandbytes integration leaves unquantized (its `llm_int8_skip_modules`,
 # matched from the start of a full module name as a regex, or as a suffix). `(.*\.)?` covers both layouts
 # (`model.visual...` in transformers 5, `visual...` in older checkpoints' module trees).
@@ -60,8 +62,6 @@ def load_kwargs(cfg, dtype=None) -> dict:
     qcfg = quantization_config(cfg, compute_dtype=dtype)
     if qcfg is None:
         return {}
-    import os
-
     import torch
 
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
@@ -79,6 +79,34 @@ def check_trainable_in_full(model, names: list[str]) -> None:
         raise ConfigError([f"additional_target={bad} names modules whose weights are quantized "
                            f"(quantization_bit={max(quantized.values())}), which cannot be trained in full; remove "
                            "them from additional_target (LoRA adapters train them), or remove quantization_bit"])
+
+
+# The keys that decide how a base model is quantized, with their defaults (config/__init__.py declares them).
+QUANT_KEYS = {"quantization_bit": None, "quantization_type": "nf4", "double_quantization": True,
+              "quantize_vision_tower": False}
+
+
+def trained_quantization(adapter) -> dict:
+    """The quantization keys an adapter directory's training run used (from the vlmtune_config.yaml `train` saves
+    next to it); the defaults, quantization_bit None, when there is no such file or it does not say."""
+    import yaml
+
+    path = os.path.join(os.fspath(adapter), "vlmtune_config.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = yaml.safe_load(f) or {}
+    except OSError:
+        saved = {}
+    if not isinstance(saved, dict):
+        saved = {}
+    return {k: saved.get(k, d) for k, d in QUANT_KEYS.items()}
+
+
+def inference_kwargs(keys: dict, dtype=None) -> dict:
+    """load_kwargs for chat: the from_pretrained arguments that quantize a base as `keys` (QUANT_KEYS) say."""
+    from types import SimpleNamespace
+
+    return load_kwargs(SimpleNamespace(**{**QUANT_KEYS, **keys}), dtype)
 
 
 def bitsandbytes_version() -> str | None:
