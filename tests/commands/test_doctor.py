@@ -85,8 +85,8 @@ def check(config, loaded):
 
     def run(name: str, device: DeviceInfo, *overrides: str, env: dict | None = None, **kwargs) -> Check:
         checks = run_checks(config(*overrides), device_info=device, loaded=loaded, env=env or {}, **kwargs)
-        assert [c.name for c in checks] == ["versions", "precision", "workers", "model", "vision", "data", "memory",
-                                            "distributed"]
+        assert [c.name for c in checks] == ["versions", "precision", "workers", "model", "quantization", "vision",
+                                            "data", "memory", "distributed"]
         return {c.name: c for c in checks}[name]
 
     return run
@@ -107,7 +107,7 @@ def test_a_good_config_is_all_ok(config, loaded):
                                          "synchronise")
     text = doctor.format_checks(checks)
     assert text.splitlines()[0] == "status  check        message"
-    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 8 ok"
+    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 9 ok"
 
 
 # -- precision ---------------------------------------------------------------------------------
@@ -395,7 +395,8 @@ def test_a_missing_model_fails_and_the_other_checks_still_run(config, tmp_path):
     assert checks["model"].status == "fail"
     assert checks["model"].message.startswith(f"cannot load model_name_or_path={str(tmp_path / 'nothing')!r}: ")
     assert [(n, c.status) for n, c in checks.items() if n != "model"] == [
-        ("versions", "ok"), ("precision", "ok"), ("workers", "ok"), ("vision", "warn"), ("data", "warn"),
+        ("versions", "ok"), ("precision", "ok"), ("workers", "ok"), ("quantization", "ok"), ("vision", "warn"),
+        ("data", "warn"),
         ("memory", "warn"), ("distributed", "ok")]
 
 
