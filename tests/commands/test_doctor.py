@@ -451,3 +451,107 @@ def test_train_stops_on_failed_checks_unless_run_doctor_is_false(config, monkeyp
     assert train_preflight(cfg) is None
     with pytest.raises(Reached):
         recipe.setup(cfg, progress=False, preflight=train_preflight(cfg))
+
+
+# -- quantization (issue 15) ---------------------------------------------------------------------------------------
+def test_quantization_check_reports_the_layout(check):
+    pytest.importorskip("bitsandbytes")
+    c = check("quantization", CPU, "quantization_bit=4")
+    assert c.status == "ok"
+    assert "its CPU backend works on Test CPU" in c.message
+    assert c.message.endswith("4-bit nf4 with double quantization: the language model's linear layers are quantized; "
+                              "the vision tower and projector, embeddings and lm_head stay in float32")
+    c = check("quantization", CPU, "quantization_bit=8", "quantize_vision_tower=true")
+    assert c.message.endswith("8-bit (LLM.int8): the language model's and the vision tower's linear layers are "
+                              "quantized; the projector, embeddings and lm_head stay in float32")
+
+
+def test_quantization_check_without_quantization(check, monkeypatch):
+    monkeypatch.setattr("vlmtune.models.quant.bitsandbytes_version", lambda: None)
+    assert check("quantization", CPU) == Check(
+        "quantization", "ok", "no quantization (quantization_bit: null) and no bitsandbytes optimizer; bitsandbytes "
+        "not installed")
+
+
+def test_quantization_check_needs_bitsandbytes(check, monkeypatch):
+    monkeypatch.setattr("vlmtune.models.quant.bitsandbytes_version", lambda: None)
+    c = check("quantization", A100, "bf16=true", "quantization_bit=4")
+    assert (c.status, c.message) == ("fail", "quantization_bit=4 needs bitsandbytes, which is not installed")
+    c = check("quantization", A100, "bf16=true", "optim=paged_adamw_8bit")
+    assert (c.status, c.message) == ("fail", "optim=paged_adamw_8bit needs bitsandbytes, which is not installed")
+
+
+@pytest.mark.parametrize("version, status, start", [
+    ("0.44.1", "fail", "bitsandbytes 0.44.1 is older than 0.45"),
+    ("0.48.0", "warn", "bitsandbytes 0.48.0 is older than the tested 0.50"),
+    ("0.50.2", "ok", "bitsandbytes 0.50.2; backend not probed: NVIDIA A100 80GB is not this machine's device"),
+])
+def test_quantization_check_versions(check, monkeypatch, version, status, start):
+    import torch
+
+    monkeypatch.setattr("vlmtune.models.quant.bitsandbytes_version", lambda: version)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    c = check("quantization", A100, "bf16=true", "quantization_bit=4")
+    assert c.status == status and c.message.startswith(start)
+    assert c.message.endswith("stay in bf16")
+
+
+def test_quantization_check_backend_failure(check, monkeypatch):
+    from vlmtune.commands.doctor import quantization
+
+    monkeypatch.setattr("vlmtune.models.quant.bitsandbytes_version", lambda: "0.50.2")
+    monkeypatch.setattr(quantization, "probe_bitsandbytes", lambda kind: "RuntimeError: no kernel")
+    c = check("quantization", CPU, "quantization_bit=8")
+    assert c.status == "fail"
+    assert c.message.startswith("bitsandbytes does not work on this cpu (Test CPU): RuntimeError: no kernel; "
+                                "bitsandbytes 0.50.2")
+    assert c.fix.startswith("pip install bitsandbytes==0.50.*")
+
+
+def test_quantization_with_zero3_is_refused(check, tmp_path, monkeypatch):
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.setattr("vlmtune.models.quant.bitsandbytes_version", lambda: "0.50.2")
+    c = check("quantization", A100, "bf16=true", "quantization_bit=4", f"deepspeed={ds}", env=TWO_RANKS)
+    assert c.status == "fail"
+    assert f"quantization_bit=4 with DeepSpeed ZeRO-3 ({ds}): ZeRO-3 partitions every weight" in c.message
+    assert c.fix.startswith("use DeepSpeed ZeRO-2 (examples/deepspeed/ds_z2.json) or plain DDP")
+
+
+def test_memory_of_4bit_weights(config, qwen2_vl_2b):
+    """The 4-bit estimate: the decoder layers' linear weights at 0.5 + 1/64 + 4/16384 bytes (double quantization),
+    everything else as before; 8-bit at 1 byte (+ a float32 per row); an 8-bit optimizer's states at 2 bytes."""
+    from vlmtune.commands.doctor.quantization import quantized_bytes_per_element
+
+    plain_cfg, q4_cfg = config("bf16=true"), config("bf16=true", "quantization_bit=4")
+    facts = doctor.model_facts(qwen2_vl_2b.config, plain_cfg)
+    assert doctor.model_facts(qwen2_vl_2b.config, q4_cfg) == facts  # the meta model does not quantize
+
+    def parts(cfg):
+        return doctor.estimate_memory(cfg, facts, "cuda", batch=1, seq_len=546, image_tokens=512).parts
+
+    q = facts.layer_linear_weights
+    assert q == 28 * (1536 * (1536 + 256 + 256) + 1536 * 1536 + 3 * 1536 * 8960)  # q, k, v, o, gate, up, down
+    one_layer = 1536 * 8960 * 2
+    assert parts(plain_cfg)["weights"] - parts(q4_cfg)["weights"] == \
+        int(q * (2 - (0.5 + 1 / 64 + 4 / 16384))) - one_layer
+    assert quantized_bytes_per_element(config("quantization_bit=4", "double_quantization=false"), 1536) == 0.5625
+    q8 = parts(config("bf16=true", "quantization_bit=8"))["weights"]
+    assert parts(plain_cfg)["weights"] - q8 == int(q * (2 - (1 + 4 / 1536))) - one_layer
+    assert parts(config("bf16=true", "optim=adamw_8bit"))["optimizer"] == 2 * facts.trainable_params
+    assert parts(plain_cfg)["optimizer"] == 2 * 4 * facts.trainable_params
+
+
+def test_memory_of_dora(config, qwen2_vl_2b):
+    plain_cfg, dora_cfg = config("bf16=true", "gradient_checkpointing=false"), \
+        config("bf16=true", "gradient_checkpointing=false", "use_dora=true")
+    plain, dora = doctor.model_facts(qwen2_vl_2b.config, plain_cfg), doctor.model_facts(qwen2_vl_2b.config, dora_cfg)
+    # lora_target all: q, k, v, o, gate, up, down in each layer; DoRA adds one magnitude per output feature.
+    out = 1536 + 256 + 256 + 1536 + 8960 + 8960 + 1536
+    assert plain.lora_out_per_layer == dora.lora_out_per_layer == out
+    assert dora.lora_params - plain.lora_params == 28 * out
+
+    def acts(cfg, facts):
+        return doctor.estimate_memory(cfg, facts, "cuda", batch=1, seq_len=546, image_tokens=512).parts["activations"]
+
+    assert acts(dora_cfg, dora) - acts(plain_cfg, dora) == 2 * 546 * out * 28 + 1536 * 8960 * 4

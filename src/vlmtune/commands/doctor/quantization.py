@@ -84,8 +84,7 @@ def probe_bitsandbytes(kind: str) -> str | None:
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
 
 
-def check_quantization(ctx, *, version: str | None, zero_stage: int, probe=probe_bitsandbytes,
-                       probe_here: bool = True) -> Check:
+def check_quantization(ctx, *, version: str | None, zero_stage: int, probe_here: bool = True) -> Check:
     """bitsandbytes for quantization_bit (and its optimizers): installed, version, backend on this device; ZeRO-3
     refused. `probe_here`: the device is this machine's (a made-up device cannot be probed)."""
     from packaging.version import Version
@@ -117,7 +116,7 @@ def check_quantization(ctx, *, version: str | None, zero_stage: int, probe=probe
                      "partitions every weight across the GPUs and gathers it for each forward, which bitsandbytes' "
                      "packed 4/8-bit weights and their quantization state do not survive")
     if probe_here and not fails:
-        problem = probe(dev.kind)
+        problem = probe_bitsandbytes(dev.kind)
         if problem:
             fails.append(f"bitsandbytes does not work on this {dev.kind} ({dev.name}): {problem}")
         else:
