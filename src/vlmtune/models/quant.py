@@ -17,7 +17,7 @@ import os
 
 # Module-name patterns transformers' bitsandbytes integration leaves unquantized (its `llm_int8_skip_modules`,
 # matched from the start of a full module name as a regex, or as a suffix). `(.*\.)?` covers both layouts
-# (`model.visual...` in transformers 5, `visual...` in older checkpoints' module trees).
+# (`model.visual...` in transformers 5, `visual...` at the top in transformers 4).
 VISION_TOWER_SKIP = r"(.*\.)?visual"
 PROJECTOR_SKIP = (r"(.*\.)?visual\.merger", r"(.*\.)?visual\.deepstack_merger_list")
 OUTPUT_SKIP = "lm_head"
