@@ -415,14 +415,14 @@ def test_cli_exit_status_and_json(ckpt, data, tmp_path, monkeypatch, capsys):
     path = _yaml(tmp_path, ckpt, data, fp16=True)
     assert main(["doctor", path, "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
-    assert [c["name"] for c in out] == ["versions", "precision", "workers", "model", "vision", "data", "memory",
-                                        "distributed"]
+    assert [c["name"] for c in out] == ["versions", "precision", "workers", "model", "quantization", "vision", "data",
+                                        "memory", "distributed"]
     assert all(set(c) == {"name", "status", "message", "fix"} for c in out)
     assert out[1]["status"] == "fail"
     assert main(["doctor", path, "fp16=false"]) == 0
     text = capsys.readouterr().out
     assert "ok      precision    float32 on the CPU (Test CPU); no GPU found" in text
-    assert text.rstrip().endswith("0 failed, 0 warning(s), 8 ok")
+    assert text.rstrip().endswith("0 failed, 0 warning(s), 9 ok")
 
 
 def test_train_stops_on_failed_checks_unless_run_doctor_is_false(config, monkeypatch):
@@ -555,3 +555,24 @@ def test_memory_of_dora(config, qwen2_vl_2b):
         return doctor.estimate_memory(cfg, facts, "cuda", batch=1, seq_len=546, image_tokens=512).parts["activations"]
 
     assert acts(dora_cfg, dora) - acts(plain_cfg, dora) == 2 * 546 * out * 28 + 1536 * 8960 * 4
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(batch=st.integers(1, 8), seq=st.integers(16, 4096), share=st.floats(0, 1), bf16=st.booleans(),
+       checkpointing=st.booleans(), double=st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_quantized_estimates_are_ordered(qwen2_vl_2b, batch, seq, share, bf16, checkpointing, double):
+    """For any batch: 4-bit < 8-bit < unquantized, and only the weights differ."""
+    base = ["model_name_or_path=m", "dataset=d", "output_dir=o", f"bf16={str(bf16).lower()}",
+            f"gradient_checkpointing={str(checkpointing).lower()}", f"double_quantization={str(double).lower()}"]
+    cfgs = [load_config(None, base + extra) for extra in ([], ["quantization_bit=8"], ["quantization_bit=4"])]
+    facts = doctor.model_facts(qwen2_vl_2b.config, cfgs[0])
+    ests = [doctor.estimate_memory(c, facts, "cuda", batch=batch, seq_len=seq, image_tokens=int(share * seq))
+            for c in cfgs]
+    assert ests[0].total > ests[1].total > ests[2].total
+    for e in ests[1:]:
+        assert {k: v for k, v in e.parts.items() if k != "weights"} == \
+            {k: v for k, v in ests[0].parts.items() if k != "weights"}
