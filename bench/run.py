@@ -32,6 +32,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("doctor_memory", "bench_doctor_memory"),
     ("config_import", "bench_config_import"),
     ("video_facts", "bench_video_facts"),
+    ("qlora_memory", "bench_qlora_memory"),
 ]
 
 

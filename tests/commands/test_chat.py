@@ -219,3 +219,40 @@ def test_bad_generation_settings(setup):
         chat(ckpt, QUESTION, max_new_tokens=0)
     with pytest.raises(VlmtuneError, match=r"^temperature=-1.0; use 0 for greedy decoding"):
         chat(ckpt, QUESTION, temperature=-1.0)
+
+
+# -- QLoRA (issue 15) ----------------------------------------------------------------------------------------------
+def make_qlora_adapter(ckpt, out, bits):
+    """A random LoRA adapter made on the `bits`-bit base, with the vlmtune_config.yaml `train` saves beside it."""
+    import yaml
+
+    from vlmtune.config import load_config
+    from vlmtune.models.quant import load_kwargs
+
+    cfg = load_config(None, base=dict(model_name_or_path=str(ckpt), dataset="d", output_dir=str(out),
+                                      quantization_bit=bits))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32, **load_kwargs(cfg, torch.float32))
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                      target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(out)
+    (out / "vlmtune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    return out, peft_model
+
+
+def test_chat_loads_the_quantized_base_the_adapter_was_trained_on(tiny_ckpt, tmp_path):
+    from vlmtune.models.quant import quantized_bits
+
+    pytest.importorskip("bitsandbytes")
+    ckpt = tiny_ckpt("qwen2_vl")
+    adapter, qlora = make_qlora_adapter(ckpt, tmp_path / "adapter", 4)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    cm = ChatModel(ckpt, adapter, device="cpu", dtype=torch.float32)
+    assert quantized_bits(cm.model) == 4
+    with torch.no_grad():  # bitsandbytes' CPU kernels differ (~1e-3) between the graph and no-graph paths
+        assert torch.allclose(cm.model.eval()(input_ids=ids).logits, qlora.eval()(input_ids=ids).logits, atol=1e-5)
+    assert quantized_bits(ChatModel(ckpt, adapter, device="cpu", quantization_bit=None).model) is None
+    assert quantized_bits(ChatModel(ckpt, adapter, device="cpu", quantization_bit=8).model) == 8
+    with pytest.raises(VlmtuneError, match=r"^quantization_bit=3 is not supported"):
+        ChatModel(ckpt, adapter, device="cpu", quantization_bit=3)

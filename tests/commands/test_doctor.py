@@ -85,8 +85,8 @@ def check(config, loaded):
 
     def run(name: str, device: DeviceInfo, *overrides: str, env: dict | None = None, **kwargs) -> Check:
         checks = run_checks(config(*overrides), device_info=device, loaded=loaded, env=env or {}, **kwargs)
-        assert [c.name for c in checks] == ["versions", "precision", "workers", "model", "vision", "data", "memory",
-                                            "distributed"]
+        assert [c.name for c in checks] == ["versions", "precision", "workers", "model", "quantization", "vision",
+                                            "data", "memory", "distributed"]
         return {c.name: c for c in checks}[name]
 
     return run
@@ -107,7 +107,7 @@ def test_a_good_config_is_all_ok(config, loaded):
                                          "synchronise")
     text = doctor.format_checks(checks)
     assert text.splitlines()[0] == "status  check        message"
-    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 8 ok"
+    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 9 ok"
 
 
 # -- precision ---------------------------------------------------------------------------------
@@ -387,7 +387,8 @@ def test_a_missing_model_fails_and_the_other_checks_still_run(config, tmp_path):
     assert checks["model"].status == "fail"
     assert checks["model"].message.startswith(f"cannot load model_name_or_path={str(tmp_path / 'nothing')!r}: ")
     assert [(n, c.status) for n, c in checks.items() if n != "model"] == [
-        ("versions", "ok"), ("precision", "ok"), ("workers", "ok"), ("vision", "warn"), ("data", "warn"),
+        ("versions", "ok"), ("precision", "ok"), ("workers", "ok"), ("quantization", "ok"), ("vision", "warn"),
+        ("data", "warn"),
         ("memory", "warn"), ("distributed", "ok")]
 
 
@@ -406,14 +407,14 @@ def test_cli_exit_status_and_json(ckpt, data, tmp_path, monkeypatch, capsys):
     path = _yaml(tmp_path, ckpt, data, fp16=True)
     assert main(["doctor", path, "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
-    assert [c["name"] for c in out] == ["versions", "precision", "workers", "model", "vision", "data", "memory",
-                                        "distributed"]
+    assert [c["name"] for c in out] == ["versions", "precision", "workers", "model", "quantization", "vision", "data",
+                                        "memory", "distributed"]
     assert all(set(c) == {"name", "status", "message", "fix"} for c in out)
     assert out[1]["status"] == "fail"
     assert main(["doctor", path, "fp16=false"]) == 0
     text = capsys.readouterr().out
     assert "ok      precision    float32 on the CPU (Test CPU); no GPU found" in text
-    assert text.rstrip().endswith("0 failed, 0 warning(s), 8 ok")
+    assert text.rstrip().endswith("0 failed, 0 warning(s), 9 ok")
 
 
 def test_train_stops_on_failed_checks_unless_run_doctor_is_false(config, monkeypatch):
@@ -442,3 +443,128 @@ def test_train_stops_on_failed_checks_unless_run_doctor_is_false(config, monkeyp
     assert train_preflight(cfg) is None
     with pytest.raises(Reached):
         recipe.setup(cfg, progress=False, preflight=train_preflight(cfg))
+
+
+# -- quantization (issue 15) ---------------------------------------------------------------------------------------
+def test_quantization_check_reports_the_layout(check):
+    pytest.importorskip("bitsandbytes")
+    c = check("quantization", CPU, "quantization_bit=4")
+    assert c.status == "ok"
+    assert "its CPU backend works on Test CPU" in c.message
+    assert c.message.endswith("4-bit nf4 with double quantization: the language model's linear layers are quantized; "
+                              "the vision tower and projector, embeddings and lm_head stay in float32")
+    c = check("quantization", CPU, "quantization_bit=8", "quantize_vision_tower=true")
+    assert c.message.endswith("8-bit (LLM.int8): the language model's and the vision tower's linear layers are "
+                              "quantized; the projector, embeddings and lm_head stay in float32")
+
+
+def test_quantization_check_without_quantization(check, monkeypatch):
+    monkeypatch.setattr("vlmtune.models.quant.bitsandbytes_version", lambda: None)
+    assert check("quantization", CPU) == Check(
+        "quantization", "ok", "no quantization (quantization_bit: null) and no bitsandbytes optimizer; bitsandbytes "
+        "not installed")
+
+
+def test_quantization_check_needs_bitsandbytes(check, monkeypatch):
+    monkeypatch.setattr("vlmtune.models.quant.bitsandbytes_version", lambda: None)
+    c = check("quantization", A100, "bf16=true", "quantization_bit=4")
+    assert (c.status, c.message) == ("fail", "quantization_bit=4 needs bitsandbytes, which is not installed")
+    c = check("quantization", A100, "bf16=true", "optim=paged_adamw_8bit")
+    assert (c.status, c.message) == ("fail", "optim=paged_adamw_8bit needs bitsandbytes, which is not installed")
+
+
+@pytest.mark.parametrize("version, status, start", [
+    ("0.44.1", "fail", "bitsandbytes 0.44.1 is older than 0.45"),
+    ("0.48.0", "warn", "bitsandbytes 0.48.0 is older than the tested 0.50"),
+    ("0.50.2", "ok", "bitsandbytes 0.50.2; backend not probed: NVIDIA A100 80GB is not this machine's device"),
+])
+def test_quantization_check_versions(check, monkeypatch, version, status, start):
+    import torch
+
+    monkeypatch.setattr("vlmtune.models.quant.bitsandbytes_version", lambda: version)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    c = check("quantization", A100, "bf16=true", "quantization_bit=4")
+    assert c.status == status and c.message.startswith(start)
+    assert c.message.endswith("stay in bf16")
+
+
+def test_quantization_check_backend_failure(check, monkeypatch):
+    from vlmtune.commands.doctor import quantization
+
+    monkeypatch.setattr("vlmtune.models.quant.bitsandbytes_version", lambda: "0.50.2")
+    monkeypatch.setattr(quantization, "probe_bitsandbytes", lambda kind: "RuntimeError: no kernel")
+    c = check("quantization", CPU, "quantization_bit=8")
+    assert c.status == "fail"
+    assert c.message.startswith("bitsandbytes does not work on this cpu (Test CPU): RuntimeError: no kernel; "
+                                "bitsandbytes 0.50.2")
+    assert c.fix.startswith("pip install bitsandbytes==0.50.*")
+
+
+def test_quantization_with_zero3_is_refused(check, tmp_path, monkeypatch):
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.setattr("vlmtune.models.quant.bitsandbytes_version", lambda: "0.50.2")
+    c = check("quantization", A100, "bf16=true", "quantization_bit=4", f"deepspeed={ds}", env=TWO_RANKS)
+    assert c.status == "fail"
+    assert f"quantization_bit=4 with DeepSpeed ZeRO-3 ({ds}): ZeRO-3 partitions every weight" in c.message
+    assert c.fix.startswith("use DeepSpeed ZeRO-2 (examples/deepspeed/ds_z2.json) or plain DDP")
+
+
+def test_memory_of_4bit_weights(config, qwen2_vl_2b):
+    """The 4-bit estimate: the decoder layers' linear weights at 0.5 + 1/64 + 4/16384 bytes (double quantization),
+    everything else as before; 8-bit at 1 byte (+ a float32 per row); an 8-bit optimizer's states at 2 bytes."""
+    from vlmtune.commands.doctor.quantization import quantized_bytes_per_element
+
+    plain_cfg, q4_cfg = config("bf16=true"), config("bf16=true", "quantization_bit=4")
+    facts = doctor.model_facts(qwen2_vl_2b.config, plain_cfg)
+    assert doctor.model_facts(qwen2_vl_2b.config, q4_cfg) == facts  # the meta model does not quantize
+
+    def parts(cfg):
+        return doctor.estimate_memory(cfg, facts, "cuda", batch=1, seq_len=546, image_tokens=512).parts
+
+    q = facts.layer_linear_weights
+    assert q == 28 * (1536 * (1536 + 256 + 256) + 1536 * 1536 + 3 * 1536 * 8960)  # q, k, v, o, gate, up, down
+    one_layer = 1536 * 8960 * 2
+    assert parts(plain_cfg)["weights"] - parts(q4_cfg)["weights"] == \
+        int(q * (2 - (0.5 + 1 / 64 + 4 / 16384))) - one_layer
+    assert quantized_bytes_per_element(config("quantization_bit=4", "double_quantization=false"), 1536) == 0.5625
+    q8 = parts(config("bf16=true", "quantization_bit=8"))["weights"]
+    assert parts(plain_cfg)["weights"] - q8 == int(q * (2 - (1 + 4 / 1536))) - one_layer
+    assert parts(config("bf16=true", "optim=adamw_8bit"))["optimizer"] == 2 * facts.trainable_params
+    assert parts(plain_cfg)["optimizer"] == 2 * 4 * facts.trainable_params
+
+
+def test_memory_of_dora(config, qwen2_vl_2b):
+    plain_cfg, dora_cfg = config("bf16=true", "gradient_checkpointing=false"), \
+        config("bf16=true", "gradient_checkpointing=false", "use_dora=true")
+    plain, dora = doctor.model_facts(qwen2_vl_2b.config, plain_cfg), doctor.model_facts(qwen2_vl_2b.config, dora_cfg)
+    # lora_target all: q, k, v, o, gate, up, down in each layer; DoRA adds one magnitude per output feature.
+    out = 1536 + 256 + 256 + 1536 + 8960 + 8960 + 1536
+    assert plain.lora_out_per_layer == dora.lora_out_per_layer == out
+    assert dora.lora_params - plain.lora_params == 28 * out
+
+    def acts(cfg, facts):
+        return doctor.estimate_memory(cfg, facts, "cuda", batch=1, seq_len=546, image_tokens=512).parts["activations"]
+
+    assert acts(dora_cfg, dora) - acts(plain_cfg, dora) == 2 * 546 * out * 28 + 1536 * 8960 * 4
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(batch=st.integers(1, 8), seq=st.integers(16, 4096), share=st.floats(0, 1), bf16=st.booleans(),
+       checkpointing=st.booleans(), double=st.booleans())
+@settings(max_examples=40, deadline=None)
+def test_quantized_estimates_are_ordered(qwen2_vl_2b, batch, seq, share, bf16, checkpointing, double):
+    """For any batch: 4-bit < 8-bit < unquantized, and only the weights differ."""
+    base = ["model_name_or_path=m", "dataset=d", "output_dir=o", f"bf16={str(bf16).lower()}",
+            f"gradient_checkpointing={str(checkpointing).lower()}", f"double_quantization={str(double).lower()}"]
+    cfgs = [load_config(None, base + extra) for extra in ([], ["quantization_bit=8"], ["quantization_bit=4"])]
+    facts = doctor.model_facts(qwen2_vl_2b.config, cfgs[0])
+    ests = [doctor.estimate_memory(c, facts, "cuda", batch=batch, seq_len=seq, image_tokens=int(share * seq))
+            for c in cfgs]
+    assert ests[0].total > ests[1].total > ests[2].total
+    for e in ests[1:]:
+        assert {k: v for k, v in e.parts.items() if k != "weights"} == \
+            {k: v for k, v in ests[0].parts.items() if k != "weights"}

@@ -158,3 +158,51 @@ def test_export_cli_bfloat16(tiny_ckpt, tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: --out {out} is not empty; pass a new directory, or --force to replace its contents\n"
     )
+
+
+# -- QLoRA (issue 15) ----------------------------------------------------------------------------------------------
+def make_qlora_adapter(ckpt, out, bits):
+    """A non-trivial LoRA adapter made on the `bits`-bit base, with the vlmtune_config.yaml `train` saves beside it."""
+    import yaml
+
+    from vlmtune.config import load_config
+    from vlmtune.models.quant import load_kwargs
+
+    cfg = load_config(None, base=dict(model_name_or_path=str(ckpt), dataset="d", output_dir=str(out),
+                                      quantization_bit=bits))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32, **load_kwargs(cfg, torch.float32))
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **QV))
+    peft_model.save_pretrained(out)
+    (out / "vlmtune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    return out, peft_model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_export_qlora_adapter_merges_into_the_unquantized_base(bits, tiny_ckpt, tmp_path):
+    """The merged checkpoint computes base (loaded unquantized, float32) + adapter to 1e-5; it holds no integer
+    weights; and describe_export says what the adapter was merged into."""
+    from vlmtune.commands.export import describe_export
+
+    pytest.importorskip("bitsandbytes")
+    ckpt = tiny_ckpt("qwen2_vl")
+    adapter, qlora = make_qlora_adapter(ckpt, tmp_path / "adapter", bits)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    base = AutoModelForImageTextToText.from_pretrained(ckpt)
+    expected = logits(PeftModel.from_pretrained(base, adapter), {"input_ids": ids})
+
+    out = export(ckpt, adapter, tmp_path / "merged")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"F32"}
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    assert getattr(merged.config, "quantization_config", None) is None
+    got = logits(merged, {"input_ids": ids})
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+    # ... which is not the quantized model the adapter was trained with: that differs by the quantization error.
+    assert (logits(qlora, {"input_ids": ids}) - got).abs().max() > 1e-5
+    text = describe_export(out, adapter=adapter)
+    assert f"note: the adapter was trained on a {bits}-bit quantized base (quantization_bit={bits})" in text
+    assert describe_export(out).count("note:") == 0
+

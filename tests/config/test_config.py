@@ -53,6 +53,15 @@ DEFAULTS = {
     "freeze_multi_modal_projector": True,
     "freeze_language_model": False,
     "additional_target": None,
+    "quantization_bit": None,
+    "quantization_type": "nf4",
+    "double_quantization": True,
+    "quantize_vision_tower": False,
+    "use_dora": False,
+    "use_rslora": False,
+    "pissa_init": False,
+    "pissa_iter": 16,
+    "loraplus_lr_ratio": None,
     "output_dir": "saves/run",
     "per_device_train_batch_size": 1,
     "per_device_eval_batch_size": 1,
@@ -418,8 +427,11 @@ MESSAGES = [
      "image_max_pixels to image_resolution**2 instead (262144 for 512)"),
     ("vision_tower=x", "vision_tower (in override 'vision_tower=x') is not supported; the vision tower comes with "
      "model_name_or_path; use freeze_vision_tower to train or freeze it"),
-    ("quantization_bit=4", "quantization_bit (in override 'quantization_bit=4') is not supported; vlmtune does not "
-     "train quantized (QLoRA) models; remove quantization_bit"),
+    ("quantization_bit=3", "quantization_bit=3 is neither 4 nor 8; set quantization_bit to 4, 8 or null"),
+    ("quantization_type=int4", "quantization_type='int4' is not one of 'nf4', 'fp4'; set quantization_type to one "
+     "of nf4, fp4"),
+    ("loraplus_lr_ratio=0.5", "loraplus_lr_ratio=0.5 is below 1; set loraplus_lr_ratio to a number of at least 1 "
+     "such as 16.0, or null"),
 ]
 
 
@@ -651,3 +663,35 @@ def test_any_values_give_a_config_or_a_config_error(values):
     else:
         assert isinstance(cfg, Config)
         assert load_config(None, base=cfg.to_dict()) == cfg
+
+
+# -- QLoRA and the LoRA variants (issue 15) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key,value", [("quantization_bit", "4"), ("use_dora", "true"), ("use_rslora", "true"),
+                                       ("pissa_init", "true"), ("loraplus_lr_ratio", "16")])
+@pytest.mark.parametrize("kind", ["full", "freeze"])
+def test_lora_only_keys_need_lora(key, value, kind):
+    problems = problems_of([f"finetuning_type={kind}", f"{key}={value}"])
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{key}=") and f"needs finetuning_type='lora', but finetuning_type='{kind}'" \
+        in problems[0] and problems[0].endswith(f"set finetuning_type: lora or remove {key}")
+
+
+def test_quantization_and_variants_load():
+    cfg = load_config(None, base=dict(REQUIRED, quantization_bit=4, use_dora=True, use_rslora=True,
+                                      loraplus_lr_ratio=16, double_quantization=False))
+    assert (cfg.quantization_bit, cfg.quantization_type, cfg.double_quantization, cfg.quantize_vision_tower) == \
+        (4, "nf4", False, False)
+    assert (cfg.use_dora, cfg.use_rslora, cfg.pissa_init, cfg.pissa_iter, cfg.loraplus_lr_ratio) == \
+        (True, True, False, 16, 16.0)
+
+
+def test_pissa_refuses_quantization():
+    problems = problems_of(["quantization_bit=4", "pissa_init=true"])
+    assert len(problems) == 1 and problems[0].startswith("pissa_init=true with quantization_bit=4")
+
+
+def test_quantization_type_is_4bit_only():
+    problems = problems_of(["quantization_bit=8", "quantization_type=fp4"])
+    assert len(problems) == 1 and problems[0].startswith("quantization_type='fp4' applies to 4-bit only")

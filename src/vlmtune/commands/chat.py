@@ -129,6 +129,20 @@ def _check_generation(max_new_tokens: int, temperature: float) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _quantization(bits, adapter, dtype) -> dict:
+    """from_pretrained arguments for ChatModel's quantization_bit."""
+    from ..models.quant import inference_kwargs, trained_quantization
+
+    if bits == "adapter":
+        keys = trained_quantization(adapter) if adapter is not None else {"quantization_bit": None}
+    elif bits in (None, 4, 8):
+        keys = {"quantization_bit": bits}
+    else:
+        raise VlmtuneError(f"quantization_bit={bits!r} is not supported; use 4, 8, none, or leave it out to follow "
+                           "the adapter's training run")
+    return inference_kwargs(keys, dtype)
+
+
 class ChatModel:
     """A processor and a model (optionally with a LoRA adapter), loaded once, asked many times.
 
@@ -146,7 +160,11 @@ class ChatModel:
         device=None,
         dtype=None,
         trust_remote_code: bool = False,
+        quantization_bit: int | str | None = "adapter",
     ):
+        """quantization_bit: 4 or 8 loads the base quantized (bitsandbytes); "adapter" (the default): as the
+        adapter's training run did (its vlmtune_config.yaml), so a QLoRA adapter meets the base it was trained on;
+        None: unquantized."""
         from transformers import AutoModelForImageTextToText
 
         _check_generation(max_new_tokens, temperature)
@@ -159,12 +177,14 @@ class ChatModel:
         # The processor comes from the base model, even when the adapter directory holds one
         # too (training saves it there): the base checkpoint is the reference.
         processor, _ = load_processor(model, trust_remote_code=trust_remote_code)
-        net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        quant = _quantization(quantization_bit, adapter, dtype)
+        net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                          **quant)
         if adapter is not None:
             from peft import PeftModel
 
             net = PeftModel.from_pretrained(net, adapter)
-        net = net.to(device).eval()
+        net = (net if quant else net.to(device)).eval()  # a quantized model is placed while it loads
         self._init(net, processor, image_max_pixels, max_new_tokens, temperature)
         self.model_name, self.adapter = model, adapter
 

@@ -176,6 +176,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         trust_remote_code=args.trust_remote_code,
+        quantization_bit={"4": 4, "8": 8, "none": None, None: "adapter"}[args.quantization_bit],
     )
     if question is None:
         interactive(cm, sys.stdin, sys.stdout, images=args.image)
@@ -190,7 +191,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export(
         args.model, args.adapter, args.out, dtype=args.dtype, force=args.force, trust_remote_code=args.trust_remote_code
     )
-    print(describe_export(out))
+    print(describe_export(out, adapter=args.adapter))
     return 0
 
 
@@ -204,6 +205,8 @@ def _add_chat_export_parsers(sub) -> None:
     c.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
     c.add_argument("--image-max-pixels", type=int, default=None)
     c.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
+    c.add_argument("--quantization-bit", choices=["4", "8", "none"], default=None,
+                   help="load the base in 4/8 bits (bitsandbytes); default: as the adapter was trained")
     c.set_defaults(func=_cmd_chat)
 
     e = sub.add_parser("export", help="merge a LoRA adapter into its base model and save a standalone checkpoint")

@@ -4,7 +4,9 @@ The result loads with ``AutoProcessor.from_pretrained(out)`` and
 ``AutoModelForImageTextToText.from_pretrained(out)``, with no peft and no adapter: the weights
 (safetensors only), config.json, generation_config.json and the base model's processor.
 
-The merge runs in float32 on the CPU (exact, and no GPU needed); the merged model is cast to
+The merge runs in float32 on the CPU (exact, and no GPU needed), into the base's original weights even when the
+adapter was trained on a 4/8-bit base (QLoRA: merging into quantized weights would round the adapter away and
+save integers); the merged model is cast to
 `dtype` only for saving. It is written into a temporary directory next to `out` and moved into
 place only once it is complete and checked, so a failed export never leaves half a checkpoint.
 
@@ -145,6 +147,10 @@ def export(
     # The base model's processor (the adapter directory may hold a copy saved by training).
     processor, _ = load_processor(model, trust_remote_code=trust_remote_code)
     base = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    from ..models.quant import is_quantized
+
+    if is_quantized(base):  # a checkpoint saved quantized: merge into its dequantized weights, not the integers
+        base = base.dequantize().to(torch.float32)
     was_tied = untie_embeddings(base)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     if was_tied:
@@ -166,8 +172,22 @@ def export(
     return out
 
 
-def describe_export(out) -> str:
-    """What an export wrote: one line per file with its size, then the dtype and tying."""
+def quantized_base_note(adapter, dtype: str = "float32") -> str | None:
+    """For an adapter trained on a 4/8-bit base (QLoRA): what export merged it into, and what that means."""
+    from ..models.quant import trained_quantization
+
+    bits = trained_quantization(adapter)["quantization_bit"] if adapter is not None else None
+    if bits is None:
+        return None
+    return (f"note: the adapter was trained on a {bits}-bit quantized base (quantization_bit={bits}); it was merged "
+            f"into the base's original weights loaded in float32 and saved in {dtype}, never into quantized "
+            "weights, so the merged model differs from the training-time model by the base's quantization error "
+            "(usually an improvement); quantize the merged checkpoint again to serve it in 4/8 bits")
+
+
+def describe_export(out, adapter=None) -> str:
+    """What an export wrote: one line per file with its size, then the dtype and tying (and, given the adapter,
+    a note when it was trained on a quantized base)."""
     import json
 
     out = Path(out)
@@ -180,6 +200,9 @@ def describe_export(out) -> str:
         f"dtype {cfg.get('dtype')}, tie_word_embeddings={tied}; load it with "
         "AutoModelForImageTextToText.from_pretrained and AutoProcessor.from_pretrained"
     )
+    note = quantized_base_note(adapter, str(cfg.get("dtype")))
+    if note:
+        lines.append(note)
     return "\n".join(lines)
 
 

@@ -35,7 +35,6 @@ LLAMA_FACTORY_REPLACED: dict[str, str] = {
     "image_resolution": "set image_max_pixels to image_resolution**2 instead (262144 for 512)",
     "video_resolution": "vlmtune trains on images only; remove video_resolution",
     "vision_tower": "the vision tower comes with model_name_or_path; use freeze_vision_tower to train or freeze it",
-    "quantization_bit": "vlmtune does not train quantized (QLoRA) models; remove quantization_bit",
     "train_mm_proj_only": "set finetuning_type: full with freeze_language_model: true, freeze_vision_tower: true "
     "and freeze_multi_modal_projector: false to train only the projector",
     "disable_gradient_checkpointing": "use gradient_checkpointing: false (vlmtune's key has the opposite sense; "
@@ -273,6 +272,33 @@ def _check_together(v: dict[str, Any]) -> list[str]:
     if v["bf16"] is True and v["fp16"] is True:
         problems.append("bf16 and fp16 are both true; set at most one of them (bf16 where the GPU supports it)")
     problems.extend(_check_trainable(v))
+    problems.extend(_check_quant_variants(v))
+    return problems
+
+
+# Keys that only mean something with LoRA adapters (finetuning_type lora), with the value that leaves them off.
+_LORA_ONLY = {"quantization_bit": None, "use_dora": False, "use_rslora": False, "pissa_init": False,
+              "loraplus_lr_ratio": None}
+
+
+def _check_quant_variants(v: dict[str, Any]) -> list[str]:
+    """quantization_bit and the LoRA variants against finetuning_type and each other."""
+    problems = []
+    kind = v["finetuning_type"]
+    if _valid(kind) and kind != "lora":
+        for key, off in _LORA_ONLY.items():
+            if _valid(v[key]) and v[key] != off:
+                why = (" (the quantized weights cannot be trained; QLoRA trains adapters on top of them)"
+                       if key == "quantization_bit" else "")
+                problems.append(f"{key}={v[key]!r} needs finetuning_type='lora', but finetuning_type={kind!r}{why}; "
+                                f"set finetuning_type: lora or remove {key}")
+    bits, pissa = v["quantization_bit"], v["pissa_init"]
+    if _valid(bits, pissa) and bits is not None and pissa:
+        problems.append(f"pissa_init=true with quantization_bit={bits}: PiSSA's SVD needs the full-precision "
+                        "weights and rewrites them; remove quantization_bit, or set pissa_init: false")
+    if _valid(bits, v["quantization_type"]) and bits == 8 and v["quantization_type"] != "nf4":
+        problems.append(f"quantization_type={v['quantization_type']!r} applies to 4-bit only, but "
+                        "quantization_bit=8; set quantization_bit: 4 or remove quantization_type")
     return problems
 
 

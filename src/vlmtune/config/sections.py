@@ -211,6 +211,45 @@ class FinetuningArgs:
         "embed_tokens,lm_head; null: none.",
         expect="module names such as embed_tokens,lm_head, or null",
     )
+    # -- QLoRA and PEFT's LoRA variants (LLaMA-Factory's key names); cross-key rules in _check_quant_variants.
+    quantization_bit: int | None = _arg(
+        None,
+        "Load the base model's language-model linear layers in 4 or 8 bits with bitsandbytes and train LoRA "
+        "adapters on top (QLoRA); null: no quantization. Needs finetuning_type lora and no DeepSpeed ZeRO-3.",
+        expect="4, 8 or null",
+        check=lambda v: None if v in (4, 8) else "is neither 4 nor 8",
+    )
+    quantization_type: str = _arg(
+        "nf4", "4-bit data type: nf4 (normal float, QLoRA's) or fp4.", choices=("nf4", "fp4")
+    )
+    double_quantization: bool = _arg(
+        True, "4-bit: quantize the quantization constants too (about 0.4 bit per weight less)."
+    )
+    quantize_vision_tower: bool = _arg(
+        False,
+        "With quantization_bit: quantize the vision tower's blocks too. Off: the vision tower and projector stay "
+        "in 16/32 bits, since they are a small share of the weights and their error reaches every image token.",
+    )
+    use_dora: bool = _arg(False, "DoRA: train a magnitude vector next to the LoRA direction (PEFT's use_dora).")
+    use_rslora: bool = _arg(False, "rsLoRA: scale adapters by lora_alpha / sqrt(lora_rank) instead of / lora_rank.")
+    pissa_init: bool = _arg(
+        False,
+        "PiSSA: initialise the adapters from the principal singular vectors of each weight; the saved adapter is "
+        "converted so that it applies to the original base model.",
+    )
+    pissa_iter: int = _arg(
+        16,
+        "PiSSA: iterations of the fast randomized SVD; -1: an exact SVD (slow on large layers).",
+        expect="-1 or a positive integer such as 16",
+        check=lambda v: None if v == -1 or v > 0 else "is neither -1 nor positive",
+    )
+    loraplus_lr_ratio: float | None = _arg(
+        None,
+        "LoRA+: the learning rate of the lora_B matrices is learning_rate × this ratio (16 in the paper); "
+        "null: one learning rate.",
+        expect="a number of at least 1 such as 16.0, or null",
+        check=lambda v: None if v >= 1 else "is below 1",
+    )
 
 
 @dataclass(frozen=True)

@@ -103,12 +103,15 @@ def load_model(cfg, dtype=None):
     """The *ForConditionalGeneration model from a hub id or local path (safetensors only)."""
     from transformers import AutoModelForImageTextToText
 
+    from .quant import load_kwargs
+
     return AutoModelForImageTextToText.from_pretrained(
         cfg.model_name_or_path,
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
         cache_dir=cfg.cache_dir,
         use_safetensors=True,
+        **load_kwargs(cfg, dtype),  # quantization_bit: the BitsAndBytesConfig (models/quant.py)
     )
 
 
@@ -162,6 +165,11 @@ def apply_finetuning(model, cfg):
         to_save = list(cfg.additional_target or [])
         if "projector" not in frozen:
             to_save += _projector_roots(model)
+        from .quant import check_trainable_in_full, is_quantized, prepare_kbit
+
+        if is_quantized(model):
+            check_trainable_in_full(model, to_save)
+            prepare_kbit(model)
         peft_cfg = LoraConfig(
             r=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
@@ -169,6 +177,7 @@ def apply_finetuning(model, cfg):
             target_modules=targets,
             modules_to_save=to_save or None,
             task_type="CAUSAL_LM",
+            **lora_variant_kwargs(cfg),
         )
         model = get_peft_model(model, peft_cfg)
         return model
@@ -180,6 +189,15 @@ def apply_finetuning(model, cfg):
         if cfg.additional_target and any(f".{t}." in f".{name}" for t in cfg.additional_target):
             p.requires_grad = True
     return model
+
+
+def lora_variant_kwargs(cfg) -> dict:
+    """PEFT's LoraConfig arguments for the variants: DoRA, rsLoRA, PiSSA initialisation (LoRA+ is the optimizer's,
+    train/trainer.py)."""
+    kwargs = {"use_dora": cfg.use_dora, "use_rslora": cfg.use_rslora}
+    if cfg.pissa_init:
+        kwargs["init_lora_weights"] = "pissa" if cfg.pissa_iter == -1 else f"pissa_niter_{cfg.pissa_iter}"
+    return kwargs
 
 
 def _projector_roots(model) -> list[str]:
@@ -221,10 +239,18 @@ def trainable_summary(model) -> dict[str, dict[str, int]]:
         if ".original_module." in f".{name}.":
             continue
         c = component_of(name)
-        out[c]["total"] += p.numel()
+        n = _numel(p)
+        out[c]["total"] += n
         if p.requires_grad:
-            out[c]["trainable"] += p.numel()
+            out[c]["trainable"] += n
     return out
+
+
+def _numel(p) -> int:
+    """Elements of a parameter as the model sees them: a bitsandbytes 4-bit weight packs two into each byte and
+    keeps its real shape in quant_state."""
+    state = getattr(p, "quant_state", None)
+    return int(state.shape.numel()) if state is not None and hasattr(state, "shape") else p.numel()
 
 
 def format_trainable(summary: dict[str, dict[str, int]]) -> str:

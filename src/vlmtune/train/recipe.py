@@ -122,6 +122,8 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         callbacks=[CompleteCheckpointCallback(), GracefulStopCallback()],
         spec=loaded.spec,
         deepspeed=bool(cfg.deepspeed),
+        loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+        pissa_init_dir=os.path.join(cfg.output_dir, "pissa_init") if cfg.pissa_init else None,
     )
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     change = layout_change(resume, args) if resume else None

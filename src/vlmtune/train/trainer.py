@@ -21,12 +21,41 @@ from ..models.spec import ModelSpec
 
 
 class VlmTrainer(Trainer):
-    def __init__(self, *args, spec: ModelSpec, deepspeed: bool = False, **kwargs):
+    """loraplus_lr_ratio: LoRA+ (lora_B learns at learning_rate × ratio); pissa_init_dir: where a PiSSA run's
+    initial adapter is kept, so that the final adapter is saved converted to apply to the original base model."""
+
+    def __init__(self, *args, spec: ModelSpec, deepspeed: bool = False, loraplus_lr_ratio: float | None = None,
+                 pissa_init_dir: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.spec = spec
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.pissa_init_dir = pissa_init_dir
+        if pissa_init_dir and self.is_world_process_zero():
+            self.model.save_pretrained(pissa_init_dir)  # the adapter as PiSSA initialised it, before any step
         self._dummy_vision = deepspeed or any(
             p.requires_grad and component_of(n) != "language_model" for n, p in self.model.named_parameters()
         )
+
+    def create_optimizer(self, model=None):
+        """LoRA+: PEFT's create_loraplus_optimizer with the optimizer class and arguments `optim` names."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+        kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+        self.optimizer = create_loraplus_optimizer(model or self.model, cls, lr=self.args.learning_rate,
+                                                   loraplus_lr_ratio=self.loraplus_lr_ratio,
+                                                   loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return self.optimizer
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call=_internal_call)
+        # The final adapter of a PiSSA run, converted (rank 2r) so that it applies to the original base weights
+        # (PiSSA rewrote them to the residual). Checkpoints stay unconverted: resuming continues the residual model.
+        if self.pissa_init_dir and not _internal_call and self.is_world_process_zero():
+            self.model.save_pretrained(output_dir or self.args.output_dir,
+                                       path_initial_model_for_weight_conversion=self.pissa_init_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,

@@ -610,6 +610,17 @@ def _installed(module: str) -> bool:
     return find_spec(module) is not None
 
 
+def check_quantization(ctx: Context) -> Check:
+    """bitsandbytes for quantization_bit and its optimizers (commands/doctor/quantization.py)."""
+    import torch
+
+    from ...models.quant import bitsandbytes_version
+    from .quantization import check_quantization as check
+
+    here = ctx.device.kind == "cpu" or torch.cuda.is_available()  # a made-up GPU cannot be probed from a CPU
+    return check(ctx, version=bitsandbytes_version(), zero_stage=_zero_stage(ctx.cfg)[0], probe_here=here)
+
+
 def _vision_trains(ctx: Context) -> bool:
     if ctx.facts is not None:
         return ctx.facts.trainable["vision_tower"] + ctx.facts.trainable["projector"] > 0

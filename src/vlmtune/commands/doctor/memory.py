@@ -12,6 +12,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 
+from .quantization import dora_activation_bytes, optimizer_bytes, weight_bytes_saved
 from .report import GiB
 
 # Memory that is not tensors: CUDA context + cuBLAS workspaces + allocator fragmentation on a GPU; the Python,
@@ -57,6 +58,7 @@ class ModelFacts:
     patch_size: int
     temporal_patch_size: int
     merge_size: int
+    lora_out_per_layer: float = 0.0  # output features of the adapted decoder linears, per layer (DoRA's term)
 
     @property
     def total_params(self) -> int:
@@ -119,6 +121,8 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
         patch_size=vc.patch_size,
         temporal_patch_size=vc.temporal_patch_size,
         merge_size=vc.spatial_merge_size,
+        lora_out_per_layer=sum(p.shape[0] for n, p in names if ".lora_B." in n
+                               and component_of(n) == "language_model") / tc.num_hidden_layers,
     )
 
 
@@ -166,6 +170,7 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
     one's activations build up; with 1, gradients appear as activations are freed, so max(gradients,
     activations) replaces their sum. The AdamW step (foreach, on a GPU) makes one temporary copy of the
     trainable parameters. ZeRO stage 1/2/3 divides the states / gradients / weights by world_size.
+    quantization_bit (4/8-bit weights), 8-bit bitsandbytes optimizers and DoRA: the terms of quantization.py.
     """
     f = facts
     gpu = device_kind == "cuda"
@@ -177,8 +182,9 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
     weights = (f.total_params - lora) * w + lora * 4
     if half and not (gpu and cfg.bf16):
         weights += _autocast_copies(cfg, f) * 2
+    weights -= weight_bytes_saved(cfg, f, w, half and not (gpu and cfg.bf16))  # quantization_bit: quantization.py
     trainable_bytes = base_trainable * w + lora * 4
-    grads, states = trainable_bytes, 2 * trainable_bytes
+    grads, states = trainable_bytes, optimizer_bytes(cfg, f, 2 * trainable_bytes)  # 8-bit optimizers: quantization.py
     step = trainable_bytes if gpu else 0
     if zero_stage >= 1:
         states //= world_size
@@ -186,7 +192,7 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
         grads //= world_size
     if zero_stage >= 3:
         weights //= world_size
-    acts = _activations(cfg, f, batch, seq_len, image_tokens, a)
+    acts = _activations(cfg, f, batch, seq_len, image_tokens, a) + dora_activation_bytes(cfg, f, batch, seq_len, a, w)
     if batch > 1:  # padded batches carry a boolean attention mask of s² per row
         acts += batch * seq_len**2
     if cfg.gradient_accumulation_steps > 1:

@@ -1,0 +1,158 @@
+"""QLoRA: loading the base model in 4 or 8 bits with bitsandbytes, through transformers' BitsAndBytesConfig.
+
+Only the language model's linear layers are quantized by default. The vision tower and projector stay in
+16/32 bits: they are a small share of a Qwen-VL model's weights (0.68 B of 8.3 B for Qwen2.5-VL-7B) and their
+rounding error reaches every image token the language model reads (quantize_vision_tower: true quantizes the
+tower's blocks too; the projector never is). lm_head stays unquantized as well (transformers keeps the output
+embeddings out of every quantization).
+
+    qcfg = quantization_config(cfg, compute_dtype=torch.bfloat16)   # None without quantization_bit
+    model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=qcfg, ...)
+    prepare_kbit(model)                                             # once, before the adapters go on
+"""
+
+from __future__ import annotations
+
+import os
+
+# Module-name patterns transformers' bitsandbytes integration leaves unquantized (its `llm_int8_skip_modules`,
+# matched from the start of a full module name as a regex, or as a suffix). `(.*\.)?` covers both layouts
+# (`model.visual...` in transformers 5, `visual...` at the top in transformers 4).
+VISION_TOWER_SKIP = r"(.*\.)?visual"
+PROJECTOR_SKIP = (r"(.*\.)?visual\.merger", r"(.*\.)?visual\.deepstack_merger_list")
+OUTPUT_SKIP = "lm_head"
+
+
+def skip_modules(cfg) -> list[str]:
+    """The module patterns that stay unquantized for this run (see the module docstring for why)."""
+    vision = list(PROJECTOR_SKIP) if cfg.quantize_vision_tower else [VISION_TOWER_SKIP]
+    return [*vision, OUTPUT_SKIP]
+
+
+def quantization_config(cfg, compute_dtype=None):
+    """transformers' BitsAndBytesConfig for cfg.quantization_bit (4 or 8), or None when it is null.
+
+    compute_dtype: the dtype the dequantized 4-bit weights are multiplied in (the run's: bf16 on a GPU with
+    bf16, else float32).
+    """
+    if cfg.quantization_bit is None:
+        return None
+    require_bitsandbytes()
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = skip_modules(cfg)
+    if cfg.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quantization_type,
+        bnb_4bit_use_double_quant=cfg.double_quantization,
+        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def load_kwargs(cfg, dtype=None) -> dict:
+    """The from_pretrained arguments that quantize the model as cfg says ({} without quantization_bit).
+
+    A quantized model is placed on its device while it loads (bitsandbytes quantizes as the weights move there),
+    on this process's GPU under torchrun, so the Trainer does not move it afterwards.
+    """
+    qcfg = quantization_config(cfg, compute_dtype=dtype)
+    if qcfg is None:
+        return {}
+    import torch
+
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": qcfg, "device_map": {"": device}}
+
+
+def check_trainable_in_full(model, names: list[str]) -> None:
+    """modules_to_save (additional_target, a trainable projector) must not hold quantized weights: PEFT would
+    train a copy of 4/8-bit integers, which have no gradient."""
+    from ..errors import ConfigError
+
+    quantized = quantized_modules(model)
+    bad = sorted({n for n in names for q in quantized if q == n or q.endswith("." + n) or f".{n}." in f".{q}."})
+    if bad:
+        raise ConfigError([f"additional_target={bad} names modules whose weights are quantized "
+                           f"(quantization_bit={max(quantized.values())}), which cannot be trained in full; remove "
+                           "them from additional_target (LoRA adapters train them), or remove quantization_bit"])
+
+
+# The keys that decide how a base model is quantized, with their defaults (config/__init__.py declares them).
+QUANT_KEYS = {"quantization_bit": None, "quantization_type": "nf4", "double_quantization": True,
+              "quantize_vision_tower": False}
+
+
+def trained_quantization(adapter) -> dict:
+    """The quantization keys an adapter directory's training run used (from the vlmtune_config.yaml `train` saves
+    next to it); the defaults, quantization_bit None, when there is no such file or it does not say."""
+    import yaml
+
+    path = os.path.join(os.fspath(adapter), "vlmtune_config.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = yaml.safe_load(f) or {}
+    except OSError:
+        saved = {}
+    if not isinstance(saved, dict):
+        saved = {}
+    return {k: saved.get(k, d) for k, d in QUANT_KEYS.items()}
+
+
+def inference_kwargs(keys: dict, dtype=None) -> dict:
+    """load_kwargs for chat: the from_pretrained arguments that quantize a base as `keys` (QUANT_KEYS) say."""
+    from types import SimpleNamespace
+
+    return load_kwargs(SimpleNamespace(**{**QUANT_KEYS, **keys}), dtype)
+
+
+def bitsandbytes_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+
+
+def require_bitsandbytes() -> None:
+    from ..errors import ConfigError
+
+    if bitsandbytes_version() is None:
+        raise ConfigError(["quantization_bit is set but bitsandbytes is not installed; pip install "
+                           "'vlmtune[qlora]' (bitsandbytes>=0.45), or remove quantization_bit"])
+
+
+_QUANTIZED_LINEAR = {"Linear4bit": 4, "Linear8bitLt": 8}  # bitsandbytes' layer classes
+
+
+def quantized_modules(model) -> dict[str, int]:
+    """Full module name -> bits, for every bitsandbytes 4/8-bit linear layer of `model` (PEFT wrappers included)."""
+    return {n: _QUANTIZED_LINEAR[type(m).__name__] for n, m in model.named_modules()
+            if type(m).__name__ in _QUANTIZED_LINEAR}
+
+
+def quantized_bits(model) -> int | None:
+    """4 or 8 for a model loaded through a BitsAndBytesConfig, else None."""
+    bits = set(quantized_modules(model).values())
+    return max(bits) if bits else None
+
+
+def is_quantized(model) -> bool:
+    return quantized_bits(model) is not None
+
+
+def prepare_kbit(model) -> None:
+    """The k-bit preparation QLoRA needs before the adapters go on, done once: every base weight frozen.
+
+    Hand-written instead of peft's prepare_model_for_kbit_training because that one also enables gradient
+    checkpointing (the recipe does it once, as gradient_checkpointing says) and upcasts every 16-bit weight to
+    float32, which would double the memory of the frozen vision tower and embeddings for no gain: frozen weights
+    get no updates for float32 to protect, and autocast runs the layers in the run's precision.
+    """
+    for p in model.parameters():
+        p.requires_grad = False
+    # No input-grad hook: vlmtune's gradient checkpointing is non-reentrant, which needs none to reach the adapters.
