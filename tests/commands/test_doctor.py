@@ -22,6 +22,8 @@ A100 = DeviceInfo("cuda", "NVIDIA A100 80GB", 80 * GiB, True, (8, 0), 16, 200 * 
 A100_40 = DeviceInfo("cuda", "NVIDIA A100-SXM4-40GB", 40 * GiB, True, (8, 0), 16, 200 * GiB)
 T4 = DeviceInfo("cuda", "Tesla T4", 15 * GiB, False, (7, 5), 8, 50 * GiB)
 CPU = DeviceInfo("cpu", "Test CPU", 64 * GiB, False, None, 4, 32 * GiB)
+SLOW_BF16_CPU = dataclasses.replace(CPU, bf16_slowdown=23.1)  # the factor issue 16 measured per decoder layer
+FAST_BF16_CPU = dataclasses.replace(CPU, bf16=True, bf16_slowdown=0.6)
 TESTED = {"torch": "2.14.1", "transformers": "5.24.0", "peft": "0.21.2", "accelerate": "1.15.0"}
 VERSIONS_OK = (
     "torch 2.14.1; transformers 5.24.0; peft 0.21.2; accelerate 1.15.0; Qwen2-VL needs transformers >= 4.45; "
@@ -117,9 +119,17 @@ def test_a_good_config_is_all_ok(config, loaded):
      "Hopper)", "set bf16: false and fp16: true"),
     (CPU, ["fp16=true"], "fail", "fp16=true but there is no GPU (Test CPU): float16 mixed precision needs CUDA",
      "set fp16: false (float32), or bf16: true on a CPU with bfloat16"),
-    (CPU, ["bf16=true"], "warn",
-     "bf16=true on a CPU without native bfloat16 (Test CPU: no AVX512-BF16 or AMX): autocast to bfloat16 is often "
-     "slower than float32 there", "set bf16: false unless it measures faster"),
+    (SLOW_BF16_CPU, ["bf16=true"], "warn",
+     "bf16=true but bfloat16 autocast is 23.1x SLOWER than float32 here, so `vlmtune train` will train in float32 "
+     "instead: bf16 autocast measured 23.1x the float32 time of a decoder-like block on Test CPU (which has no "
+     "AVX512-BF16 or AMX); no GPU found", "set bf16: false (or force_cpu_bf16: true to keep bf16 anyway)"),
+    (SLOW_BF16_CPU, ["bf16=true", "force_cpu_bf16=true"], "warn",
+     "bf16=true and force_cpu_bf16=true: training keeps bfloat16 autocast although it is 23.1x SLOWER than float32 "
+     "here: bf16 autocast measured 23.1x the float32 time of a decoder-like block on Test CPU (which has no "
+     "AVX512-BF16 or AMX); no GPU found", "set bf16: false and force_cpu_bf16: false (float32 is faster on this CPU)"),
+    (FAST_BF16_CPU, ["bf16=true"], "ok",
+     "bf16=true: bf16 autocast measured 0.6x the float32 time of a decoder-like block on Test CPU (which has "
+     "AVX512-BF16 or AMX); no GPU found", ""),
     (A100, [], "warn",
      "neither bf16 nor fp16 is set: float32 on NVIDIA A100 80GB (compute capability 8.0), which supports bfloat16: "
      "twice the weight and activation memory, and slower", "set bf16: true"),
@@ -131,6 +141,16 @@ def test_a_good_config_is_all_ok(config, loaded):
 ])
 def test_precision(check, device, keys, status, message, fix):
     assert check("precision", device, *keys) == Check("precision", status, message, fix)
+
+
+def test_cpu_bf16_is_measured_when_the_device_has_no_figure(check, monkeypatch):
+    from vlmtune.train import speed
+
+    monkeypatch.setattr(speed, "cpu_bf16_slowdown", lambda: 3.0)
+    c = check("precision", CPU, "bf16=true")
+    assert (c.status, c.message.split(":")[0]) == ("warn", "bf16=true but bfloat16 autocast is 3.0x SLOWER than "
+                                                            "float32 here, so `vlmtune train` will train in float32 "
+                                                            "instead")
 
 
 def test_precision_both_set_fails_even_past_the_config(config, loaded):
