@@ -9,7 +9,7 @@ does: from_pretrained in float32 on the CPU, finetuning, gradient checkpointing,
 backward), then STEPS optimizer steps the way the Trainer takes them (AdamW, accumulation, clipping,
 zero_grad(set_to_none=True)) on one synthetic row of SEQ tokens holding one image of IMAGE_TOKENS tokens.
 
-Reported per case: peak RSS (getrusage ru_maxrss, the whole process, glibc's default malloc as a user runs it)
+Reported per case: peak RSS (VmHWM, the whole process, glibc's default malloc as a user runs it)
 after loading and after training, the doctor's estimate (`estimate_memory` on `model_facts` of the same config)
 and estimate / measured; and the seconds of the slowest forward+backward. `lora_frozen_legacy` is the setup
 before issue 16 (transformers' input-embedding hooks on every sub-model, the frozen tower's forward with a
@@ -98,6 +98,15 @@ def make_batch(config) -> dict:
 
 
 def peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM, which starts afresh at exec (getrusage's ru_maxrss keeps the
+    parent's peak across fork + exec, here the parent that built the checkpoint)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 

@@ -171,7 +171,8 @@ def _add_chat_export_parsers(sub) -> None:
     e.add_argument("--model", required=True, help="hub id or local path of the base checkpoint")
     e.add_argument("--adapter", required=True, help="the LoRA adapter directory")
     e.add_argument("--out", required=True, help="output directory (must be new or empty, unless --force)")
-    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="dtype of the merged weights (default auto: the base checkpoint's)")
     e.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
     e.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
     e.set_defaults(func=_cmd_export)

@@ -240,9 +240,11 @@ def train(run: Run) -> TrainResult:
     cfg, trainer = run.cfg, run.trainer
     worst = None
     if cfg.worst_case_first and run.resume is None:
-        worst = trainer.worst_case_step()
+        worst = trainer.worst_case_step(log=say)
+        ga = cfg.gradient_accumulation_steps
         say(f"worst-case batch ok: {worst['tokens']} tokens, {worst['images']} images, "
-            f"{worst['seconds']:.2f}s for one forward/backward")
+            f"{worst['seconds']:.2f}s for one forward/backward (an optimizer step of {ga} such micro-batch(es) takes "
+            f"at most about {worst['seconds'] * ga:.0f}s)")
     if run.resume:
         say(f"resuming from {run.resume}")
     trainer.train(resume_from_checkpoint=run.resume)

@@ -534,6 +534,9 @@ def check_memory(ctx: Context) -> Check:
         f"{_gib(budget)} of free RAM (no GPU: training runs on the CPU)"
     source = _worst_batch(ctx, b)[2]
     parts = ", ".join(f"{k} {_size(v)}" for k, v in est.parts.items() if v)
+    if est.load_peak > est.train_peak:
+        parts += (f"; loading peaks higher, at {_gib(est.load_peak)} (training {_gib(est.train_peak)}): float32 "
+                  "weights while the 16-bit checkpoint they are converted from is mapped")
     message = (f"estimated peak {_gib(est.total)} of {where} ({100 * est.total / budget:.0f}%) for "
                f"per_device_train_batch_size={b} × {est.seq_len} tokens with {est.image_tokens} image tokens "
                f"({source}): {parts}; estimates are good to about ±25%, so above {MEMORY_OK_SHARE:.0%} warns")

@@ -57,6 +57,7 @@ class ModelFacts:
     patch_size: int
     temporal_patch_size: int
     merge_size: int
+    stored_bytes: int = 4  # bytes per weight in the checkpoint's files (config.json's dtype; 2 for the Qwen-VL ones)
 
     @property
     def total_params(self) -> int:
@@ -119,7 +120,13 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
         patch_size=vc.patch_size,
         temporal_patch_size=vc.temporal_patch_size,
         merge_size=vc.spatial_merge_size,
+        stored_bytes=_stored_bytes(config),
     )
+
+
+def _stored_bytes(config) -> int:
+    d = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return 2 if d.removeprefix("torch.") in ("bfloat16", "float16") else 4
 
 
 def _active(names, pattern, depth: int, all_when: bool) -> int:
@@ -137,6 +144,11 @@ class MemoryEstimate:
     batch: int
     seq_len: int
     image_tokens: int
+    # Loading: weights in the training dtype + the checkpoint's tensors in the file's dtype while they are
+    # converted (safetensors maps the file; every page read stays resident until loading ends) + runtime. 0 where
+    # no conversion happens. The peak (`total`) is the larger of loading and training.
+    load_peak: int = 0
+    train_peak: int = 0
 
 
 def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq_len: int, image_tokens: int,
@@ -166,6 +178,8 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
     one's activations build up; with 1, gradients appear as activations are freed, so max(gradients,
     activations) replaces their sum. The AdamW step (foreach, on a GPU) makes one temporary copy of the
     trainable parameters. ZeRO stage 1/2/3 divides the states / gradients / weights by world_size.
+    On the CPU, loading a 16-bit checkpoint into float32 holds both copies for a moment (load_peak); the
+    estimate is the larger of that and the training peak.
     """
     f = facts
     gpu = device_kind == "cuda"
@@ -198,8 +212,13 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
     runtime = RUNTIME_BYTES["cuda" if gpu else "cpu"]
     parts = {"weights": weights, "gradients": grads, "optimizer": states, "activations": acts, "step": step,
              "batch": batch_bytes, "runtime": runtime}
-    total = weights + states + live + batch_bytes + runtime
-    return MemoryEstimate(int(total), {k: int(v) for k, v in parts.items()}, batch, seq_len, image_tokens)
+    train_peak = weights + states + live + batch_bytes + runtime
+    load_peak = 0
+    if not gpu and f.stored_bytes != w:  # on a GPU the converting copy is in host RAM, not device memory
+        load_peak = (f.total_params - lora) * w + (f.total_params - lora) * f.stored_bytes + runtime
+    total = max(train_peak, load_peak)
+    return MemoryEstimate(int(total), {k: int(v) for k, v in parts.items()}, batch, seq_len, image_tokens,
+                          int(load_peak), int(train_peak))
 
 
 def _autocast_copies(cfg, f: ModelFacts) -> float:
