@@ -11,7 +11,7 @@ from ..errors import VlmtuneError
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from ..models.tiny import build_tiny_checkpoint
 
-    path = build_tiny_checkpoint(args.out, arch=args.arch, seed=args.seed)
+    path = build_tiny_checkpoint(args.out, arch=args.arch, seed=args.seed, vocab_source=args.vocab)
     print(f"wrote a tiny random {args.arch} checkpoint to {path}")
     return 0
 
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("out", help="output directory")
     t.add_argument("--arch", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], default="qwen2_vl")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--vocab", choices=["trained", "qwen2"], default="trained",
+                   help="trained: a small BPE trained in-process; qwen2: the real 151,643-token Qwen2 vocabulary "
+                   "(needs pip install 'vlmtune[qwen-vocab]')")
     t.set_defaults(func=_cmd_tiny_model)
 
     m = sub.add_parser("demo", help="fine-tune a tiny Qwen2-VL on rendered shapes on the CPU; accuracy before/after")
