@@ -7,7 +7,7 @@ bfloat16 like the real checkpoint. Depths are cut so that full fine-tuning stays
 machine. Each case runs in a fresh process: `vlmtune.train.recipe.build_model` (exactly what `vlmtune train`
 does: from_pretrained in float32 on the CPU, finetuning, gradient checkpointing, frozen parts out of the
 backward), then STEPS optimizer steps the way the Trainer takes them (AdamW, accumulation, clipping,
-zero_grad(set_to_none=True)) on one synthetic row of SEQ tokens holding one image of IMAGE_TOKENS tokens.
+zero_grad(set_to_none=True); the first step with one micro-batch) on one synthetic row of SEQ tokens holding one image of IMAGE_TOKENS tokens.
 
 Reported per case: peak RSS (VmHWM, the whole process, glibc's default malloc as a user runs it)
 after loading and after training, the doctor's estimate (`estimate_memory` on `model_facts` of the same config)
@@ -133,8 +133,10 @@ def child(ckpt: Path, case: str) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-5)
     model.train()
     seconds = []
-    for _ in range(STEPS):
-        for _ in range(GA):
+    for step in range(STEPS):
+        # The first step takes one micro-batch (it only has to create the AdamW states); the peak is in the
+        # last micro-batch of the second: states + the gradients accumulated so far + its activations.
+        for _ in range(1 if step == 0 else GA):
             t = time.perf_counter()
             loss = model(**batch).loss / GA
             loss.backward()

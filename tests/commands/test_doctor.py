@@ -21,7 +21,7 @@ from vlmtune.commands.doctor import GiB, Check, DeviceInfo, DoctorError, run_che
 A100 = DeviceInfo("cuda", "NVIDIA A100 80GB", 80 * GiB, True, (8, 0), 16, 200 * GiB)
 A100_40 = DeviceInfo("cuda", "NVIDIA A100-SXM4-40GB", 40 * GiB, True, (8, 0), 16, 200 * GiB)
 T4 = DeviceInfo("cuda", "Tesla T4", 15 * GiB, False, (7, 5), 8, 50 * GiB)
-CPU = DeviceInfo("cpu", "Test CPU", 64 * GiB, False, None, 4, 32 * GiB)
+CPU = DeviceInfo("cpu", "Test CPU", 64 * GiB, False, None, 4, 32 * GiB, cpu_flops=10e9)
 SLOW_BF16_CPU = dataclasses.replace(CPU, bf16_slowdown=23.1)  # the factor issue 16 measured per decoder layer
 FAST_BF16_CPU = dataclasses.replace(CPU, bf16=True, bf16_slowdown=0.6)
 TESTED = {"torch": "2.14.1", "transformers": "5.24.0", "peft": "0.21.2", "accelerate": "1.15.0"}
@@ -334,8 +334,24 @@ def test_memory_on_the_cpu_is_against_free_ram(check):
         "estimated peak 1.02 GiB of 32.0 GiB of free RAM (no GPU: training runs on the CPU) (3%) for "
         "per_device_train_batch_size=1 × 546 tokens with 512 image tokens (the longest fitted rows of the data): "
         "weights 1 MiB, gradients 0 MiB, optimizer 0 MiB, activations 10 MiB, batch 9 MiB, runtime 1.00 GiB; "
-        "estimates are good to about ±25%, so "
+        "rough time per optimizer step: 0.4 s (4.46 GFLOP of matmuls at a measured 10.0 GFLOP/s float32 on this "
+        "CPU); estimates are good to about ±25%, so "
         "above 80% warns")
+
+
+def test_time_per_step_grows_with_what_the_backward_runs_through(config, loaded):
+    """Accumulation multiplies the step; full fine-tuning adds weight gradients; a trainable tower its backward;
+    checkpointing a second forward."""
+    def flops(*keys):
+        cfg = config(*keys)
+        facts = doctor_memory.model_facts(loaded.config, cfg)
+        return doctor_memory.step_flops(cfg, facts, batch=1, seq_len=512, image_tokens=256)
+
+    base = flops("gradient_accumulation_steps=1")
+    assert flops("gradient_accumulation_steps=3") == 3 * base
+    assert flops("gradient_accumulation_steps=1", "finetuning_type=full") > base
+    assert flops("gradient_accumulation_steps=1", "freeze_vision_tower=false") > base
+    assert flops("gradient_accumulation_steps=1", "gradient_checkpointing=false") < base
 
 
 @pytest.mark.parametrize("batch, steps, largest", [(8, 1, 7), (8, 3, 5), (7, 2, 3), (32, 3, 23), (5, 5, 1),

@@ -51,7 +51,7 @@ def cpu_bf16_slowdown(tokens: int = 128, hidden: int = 256, repeats: int = 2) ->
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_flops(tokens: int = 128, hidden: int = 256, repeats: int = 2) -> float:
+def cpu_flops(tokens: int = 256, hidden: int = 512, repeats: int = 2) -> float:
     """Float32 FLOP/s of this machine's CPU on the same block (matmul FLOPs: forward 2·t·h·4h·3, backward 2×)."""
     import torch
 

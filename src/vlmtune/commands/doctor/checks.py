@@ -534,6 +534,8 @@ def check_memory(ctx: Context) -> Check:
         f"{_gib(budget)} of free RAM (no GPU: training runs on the CPU)"
     source = _worst_batch(ctx, b)[2]
     parts = ", ".join(f"{k} {_size(v)}" for k, v in est.parts.items() if v)
+    if dev.kind == "cpu":
+        parts += "; " + _cpu_step_time(ctx, est)
     if est.load_peak > est.train_peak:
         parts += (f"; loading peaks higher, at {_gib(est.load_peak)} (training {_gib(est.train_peak)}): float32 "
                   "weights while the 16-bit checkpoint they are converted from is mapped")
@@ -554,6 +556,26 @@ def check_memory(ctx: Context) -> Check:
             f"even per_device_train_batch_size: 1 is above {MEMORY_OK_SHARE:.0%}"
         fix = f"{what}: " + _memory_levers(ctx)
     return Check("memory", status, message, fix)
+
+
+def _cpu_step_time(ctx: Context, est: MemoryEstimate) -> str:
+    """A rough time per optimizer step on this CPU: the step's matmul FLOPs over a measured FLOP/s."""
+    from ...train.speed import cpu_flops
+    from .memory import step_flops
+
+    rate = ctx.device.cpu_flops if ctx.device.cpu_flops is not None else cpu_flops()
+    flops = step_flops(ctx.cfg, ctx.facts, batch=est.batch, seq_len=est.seq_len, image_tokens=est.image_tokens)
+    amount = f"{flops / 1e12:.2f} TFLOP" if flops >= 1e12 else f"{flops / 1e9:.2f} GFLOP"
+    return (f"rough time per optimizer step: {_duration(flops / rate)} ({amount} of matmuls at a measured "
+            f"{rate / 1e9:.1f} GFLOP/s float32 on this CPU)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _largest_batch(fits: Callable[[int], bool], upper: int) -> int:

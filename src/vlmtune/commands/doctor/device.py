@@ -26,6 +26,7 @@ class DeviceInfo:
     # CPU only: bf16-autocast time / float32 time of a decoder-like block (train/speed.py), measured by the
     # precision check when bf16 is set; None: not measured yet. Tests set it.
     bf16_slowdown: float | None = None
+    cpu_flops: float | None = None  # CPU only: measured float32 FLOP/s (train/speed.py) for the time per step
 
 
 def probe_device() -> DeviceInfo:

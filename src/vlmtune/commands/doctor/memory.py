@@ -266,3 +266,24 @@ def _zero_stage(cfg) -> tuple[int, str | None]:
         return 0, f"cannot read deepspeed={cfg.deepspeed!r}: {e}"
     stage = (ds.get("zero_optimization") or {}).get("stage", 0) if isinstance(ds, dict) else 0
     return (stage if isinstance(stage, int) else 0), None
+
+
+def step_flops(cfg, f: ModelFacts, *, batch: int, seq_len: int, image_tokens: int) -> float:
+    """Rough matmul FLOPs of one optimizer step (gradient_accumulation_steps micro-batches of this size).
+
+    Per micro-batch, with N the linear weights a part runs through and T its tokens (decoder: batch × seq_len;
+    vision: image patches): forward 2·N·T; the backward's input gradients 2·N·T where the backward runs through
+    (all of the decoder and lm_head; the vision tower when it trains); weight gradients 2·N·T for weights trained
+    in full; checkpointed layers run their forward twice. Attention's T² terms and the merger are left out."""
+    s = batch * seq_len
+    patches = image_tokens * f.merge_size**2
+    full = cfg.finetuning_type != "lora"
+    lm = f.layer_linear_weights * f.active_layers / max(1, f.layers)
+    head = f.vocab * f.hidden
+    recompute = 1 if cfg.gradient_checkpointing else 0
+    lm_flops = 2 * s * (head * 2 + lm * (2 + recompute) + (lm + head) * (1 if full else 0))
+    lm_flops += 2 * s * f.layer_linear_weights * (1 - f.active_layers / max(1, f.layers))  # forward only
+    vision = f.block_linear_weights
+    trains = f.active_vision_blocks > 0
+    v_flops = 2 * patches * vision * (1 + (1 + recompute) * trains + (1 if full and trains else 0))
+    return float(cfg.gradient_accumulation_steps * (lm_flops + v_flops))
