@@ -331,9 +331,9 @@ def test_memory_on_the_cpu_is_against_free_ram(check):
     c = check("memory", CPU)
     assert c == Check(
         "memory", "ok",
-        "estimated peak 1.02 GiB of 32.0 GiB of free RAM (no GPU: training runs on the CPU) (3%) for "
+        "estimated peak 1.03 GiB of 32.0 GiB of free RAM (no GPU: training runs on the CPU) (3%) for "
         "per_device_train_batch_size=1 × 546 tokens with 512 image tokens (the longest fitted rows of the data): "
-        "weights 1 MiB, gradients 0 MiB, optimizer 0 MiB, activations 10 MiB, batch 9 MiB, runtime 1.00 GiB; "
+        "weights 1 MiB, gradients 0 MiB, optimizer 0 MiB, activations 16 MiB, batch 9 MiB, runtime 1.00 GiB; "
         "rough time per optimizer step: 0.4 s (4.46 GFLOP of matmuls at a measured 10.0 GFLOP/s float32 on this "
         "CPU); estimates are good to about ±25%, so "
         "above 80% warns")
@@ -486,3 +486,16 @@ def test_train_stops_on_failed_checks_unless_run_doctor_is_false(config, monkeyp
     assert train_preflight(cfg) is None
     with pytest.raises(Reached):
         recipe.setup(cfg, progress=False, preflight=train_preflight(cfg))
+
+
+def test_loading_a_bf16_checkpoint_into_float32_on_the_cpu_holds_both_copies(config, loaded):
+    """The load spike: float32 weights + the mapped bfloat16 file + runtime; training peaks lower for a tiny model."""
+    cfg = config()
+    facts = dataclasses.replace(doctor_memory.model_facts(loaded.config, cfg), stored_bytes=2)
+    est = doctor_memory.estimate_memory(cfg, facts, "cpu", batch=1, seq_len=64, image_tokens=16)
+    n = facts.total_params - facts.lora_params
+    assert est.load_peak == n * 4 + n * 2 + doctor_memory.RUNTIME_BYTES["cpu"]
+    assert est.total == max(est.load_peak, est.train_peak)
+    on_gpu = doctor_memory.estimate_memory(cfg.replace(bf16=True), facts, "cuda", batch=1, seq_len=64,
+                                           image_tokens=16)
+    assert on_gpu.load_peak == 0  # bf16 weights from a bf16 file: no conversion on the device

@@ -18,6 +18,11 @@ from .report import GiB
 # torch and transformers runtime on the CPU.
 RUNTIME_BYTES = {"cuda": 1 * GiB, "cpu": 1 * GiB}
 
+# On the CPU, glibc's malloc keeps freed activation buffers of the forward in its heap, so RSS runs above the
+# live tensors: +50% of the activations, calibrated on bench/bench_real_size.py (Qwen2-VL-2B widths, LoRA with
+# a frozen and a trainable tower; checked against full fine-tuning, which the calibration did not see).
+CPU_ALLOCATOR_SLACK = 0.5
+
 
 def meta_model(config, trust_remote_code: bool = False):
     """The *ForConditionalGeneration of `config` on the meta device: the module tree and shapes, no memory."""
@@ -58,6 +63,7 @@ class ModelFacts:
     temporal_patch_size: int
     merge_size: int
     stored_bytes: int = 4  # bytes per weight in the checkpoint's files (config.json's dtype; 2 for the Qwen-VL ones)
+    vision_heads: int = 16
 
     @property
     def total_params(self) -> int:
@@ -121,6 +127,7 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
         temporal_patch_size=vc.temporal_patch_size,
         merge_size=vc.spatial_merge_size,
         stored_bytes=_stored_bytes(config),
+        vision_heads=getattr(vc, "num_heads", None) or getattr(vc, "num_attention_heads", None) or 16,
     )
 
 
@@ -201,6 +208,8 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
     if zero_stage >= 3:
         weights //= world_size
     acts = _activations(cfg, f, batch, seq_len, image_tokens, a)
+    if not gpu:
+        acts *= 1 + CPU_ALLOCATOR_SLACK
     if batch > 1:  # padded batches carry a boolean attention mask of s² per row
         acts += batch * seq_len**2
     if cfg.gradient_accumulation_steps > 1:
@@ -245,14 +254,23 @@ def _activations(cfg, f: ModelFacts, batch: int, seq_len: int, image_tokens: int
     block = 10 * d + (4 if f.vision_gated else 3) * iv + rank * f.lora_per_block
     logits = s * f.vocab * (12 + (a if a != 4 else 0))  # bytes, not elements
     kept = s * 4 * h + (patches * 3 * d if f.active_vision_blocks or f.projector_trains else 0)
+    # A vision block that trains keeps its attention probabilities, and its backward makes their gradient and
+    # the scores' (heads × n² per image of n patches; Σn² ≤ the largest image's patches × all patches). Measured
+    # at 2B widths, this adds to the logits' peak rather than overlapping it.
+    attention = 0
+    if f.active_vision_blocks:
+        largest_image = patches
+        if cfg.image_max_pixels:
+            largest_image = min(patches, cfg.image_max_pixels // (f.patch_size**2))
+        attention = 3 * 4 * f.vision_heads * largest_image * patches
     if cfg.gradient_checkpointing:
         # Layer inputs are kept; the backward recomputes one layer (or vision block) at a time, after the logits
         # and their gradients are freed, so only the largest of the three counts.
         kept += s * h * f.active_layers + patches * d * f.active_vision_blocks
         largest = max(logits, a * s * layer * min(1, f.active_layers), a * patches * block * min(1, f.active_vision_blocks))
-        return a * kept + largest
+        return a * kept + largest + attention
     kept += s * layer * f.active_layers + patches * block * f.active_vision_blocks
-    return a * kept + logits
+    return a * kept + logits + attention * f.active_vision_blocks
 
 
 def _zero_stage(cfg) -> tuple[int, str | None]:
