@@ -64,6 +64,7 @@ class ModelFacts:
     merge_size: int
     stored_bytes: int = 4  # bytes per weight in the checkpoint's files (config.json's dtype; 2 for the Qwen-VL ones)
     vision_heads: int = 16
+    trainable_names: frozenset = frozenset()  # last parts of trainable parameter names ("embed_tokens", ...)
 
     @property
     def total_params(self) -> int:
@@ -128,6 +129,7 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
         merge_size=vc.spatial_merge_size,
         stored_bytes=_stored_bytes(config),
         vision_heads=getattr(vc, "num_heads", None) or getattr(vc, "num_attention_heads", None) or 16,
+        trainable_names=frozenset(part for n, p in names if p.requires_grad for part in n.split(".")),
     )
 
 
@@ -212,6 +214,10 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
         acts *= 1 + CPU_ALLOCATOR_SLACK
     if batch > 1:  # padded batches carry a boolean attention mask of s² per row
         acts += batch * seq_len**2
+    if f.trainable["language_model"] and cfg.finetuning_type != "lora" and "embed_tokens" in f.trainable_names:
+        # The embedding matrix's gradient arrives as a new dense tensor (tied: from lm_head and from the
+        # embedding, summed) before autograd adds it to .grad: one more vocab × hidden in the backward.
+        acts += f.vocab * f.hidden * w
     if cfg.gradient_accumulation_steps > 1:
         live = max(grads + acts, grads + step)
     else:
