@@ -1,7 +1,8 @@
 """The memory model: peak training memory per device from a meta-device copy of the model and the worst batch.
 
 weights + gradients + AdamW states + activations (or the optimizer step's temporaries), plus the CUDA or Python
-runtime. Its activation terms were measured on CPU runs of tiny models (bench/bench_doctor_memory.py).
+runtime. Its activation terms were measured on CPU runs of tiny models (bench/bench_doctor_memory.py) and
+recalibrated at the 2B's widths (bench/bench_real_size.py).
 """
 
 from __future__ import annotations
@@ -188,7 +189,10 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
     activations) replaces their sum. The AdamW step (foreach, on a GPU) makes one temporary copy of the
     trainable parameters. ZeRO stage 1/2/3 divides the states / gradients / weights by world_size.
     On the CPU, loading a 16-bit checkpoint into float32 holds both copies for a moment (load_peak); the
-    estimate is the larger of that and the training peak.
+    estimate is the larger of that and the training peak. Also on the CPU, activations get CPU_ALLOCATOR_SLACK
+    (glibc keeps freed buffers). A trainable vision tower adds its attention probabilities and their gradients
+    (12 bytes × heads × n² per image); full fine-tuning of a (tied) embedding adds its dense vocab × hidden
+    gradient. Measured at Qwen2-VL-2B widths by bench/bench_real_size.py (docs/benchmarks.md).
     """
     f = facts
     gpu = device_kind == "cuda"
