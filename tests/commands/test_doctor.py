@@ -21,7 +21,9 @@ from vlmtune.commands.doctor import GiB, Check, DeviceInfo, DoctorError, run_che
 A100 = DeviceInfo("cuda", "NVIDIA A100 80GB", 80 * GiB, True, (8, 0), 16, 200 * GiB)
 A100_40 = DeviceInfo("cuda", "NVIDIA A100-SXM4-40GB", 40 * GiB, True, (8, 0), 16, 200 * GiB)
 T4 = DeviceInfo("cuda", "Tesla T4", 15 * GiB, False, (7, 5), 8, 50 * GiB)
-CPU = DeviceInfo("cpu", "Test CPU", 64 * GiB, False, None, 4, 32 * GiB)
+CPU = DeviceInfo("cpu", "Test CPU", 64 * GiB, False, None, 4, 32 * GiB, cpu_flops=10e9)
+SLOW_BF16_CPU = dataclasses.replace(CPU, bf16_slowdown=23.1)  # the factor issue 16 measured per decoder layer
+FAST_BF16_CPU = dataclasses.replace(CPU, bf16=True, bf16_slowdown=0.6)
 TESTED = {"torch": "2.14.1", "transformers": "5.24.0", "peft": "0.21.2", "accelerate": "1.15.0"}
 VERSIONS_OK = (
     "torch 2.14.1; transformers 5.24.0; peft 0.21.2; accelerate 1.15.0; Qwen2-VL needs transformers >= 4.45; "
@@ -117,9 +119,17 @@ def test_a_good_config_is_all_ok(config, loaded):
      "Hopper)", "set bf16: false and fp16: true"),
     (CPU, ["fp16=true"], "fail", "fp16=true but there is no GPU (Test CPU): float16 mixed precision needs CUDA",
      "set fp16: false (float32), or bf16: true on a CPU with bfloat16"),
-    (CPU, ["bf16=true"], "warn",
-     "bf16=true on a CPU without native bfloat16 (Test CPU: no AVX512-BF16 or AMX): autocast to bfloat16 is often "
-     "slower than float32 there", "set bf16: false unless it measures faster"),
+    (SLOW_BF16_CPU, ["bf16=true"], "warn",
+     "bf16=true but bfloat16 autocast is 23.1x SLOWER than float32 here, so `vlmtune train` will train in float32 "
+     "instead: bf16 autocast measured 23.1x the float32 time of a decoder-like block on Test CPU (which has no "
+     "AVX512-BF16 or AMX); no GPU found", "set bf16: false (or force_cpu_bf16: true to keep bf16 anyway)"),
+    (SLOW_BF16_CPU, ["bf16=true", "force_cpu_bf16=true"], "warn",
+     "bf16=true and force_cpu_bf16=true: training keeps bfloat16 autocast although it is 23.1x SLOWER than float32 "
+     "here: bf16 autocast measured 23.1x the float32 time of a decoder-like block on Test CPU (which has no "
+     "AVX512-BF16 or AMX); no GPU found", "set bf16: false and force_cpu_bf16: false (float32 is faster on this CPU)"),
+    (FAST_BF16_CPU, ["bf16=true"], "ok",
+     "bf16=true: bf16 autocast measured 0.6x the float32 time of a decoder-like block on Test CPU (which has "
+     "AVX512-BF16 or AMX); no GPU found", ""),
     (A100, [], "warn",
      "neither bf16 nor fp16 is set: float32 on NVIDIA A100 80GB (compute capability 8.0), which supports bfloat16: "
      "twice the weight and activation memory, and slower", "set bf16: true"),
@@ -131,6 +141,16 @@ def test_a_good_config_is_all_ok(config, loaded):
 ])
 def test_precision(check, device, keys, status, message, fix):
     assert check("precision", device, *keys) == Check("precision", status, message, fix)
+
+
+def test_cpu_bf16_is_measured_when_the_device_has_no_figure(check, monkeypatch):
+    from vlmtune.train import speed
+
+    monkeypatch.setattr(speed, "cpu_bf16_slowdown", lambda: 3.0)
+    c = check("precision", CPU, "bf16=true")
+    assert (c.status, c.message.split(":")[0]) == ("warn", "bf16=true but bfloat16 autocast is 3.0x SLOWER than "
+                                                            "float32 here, so `vlmtune train` will train in float32 "
+                                                            "instead")
 
 
 # -- workers -----------------------------------------------------------------------------------
@@ -303,11 +323,27 @@ def test_memory_on_the_cpu_is_against_free_ram(check):
     c = check("memory", CPU)
     assert c == Check(
         "memory", "ok",
-        "estimated peak 1.02 GiB of 32.0 GiB of free RAM (no GPU: training runs on the CPU) (3%) for "
+        "estimated peak 1.03 GiB of 32.0 GiB of free RAM (no GPU: training runs on the CPU) (3%) for "
         "per_device_train_batch_size=1 × 546 tokens with 512 image tokens (the longest fitted rows of the data): "
-        "weights 1 MiB, gradients 0 MiB, optimizer 0 MiB, activations 10 MiB, batch 9 MiB, runtime 1.00 GiB; "
-        "estimates are good to about ±25%, so "
+        "weights 1 MiB, gradients 0 MiB, optimizer 0 MiB, activations 16 MiB, batch 9 MiB, runtime 1.00 GiB; "
+        "rough time per optimizer step: 0.4 s (4.46 GFLOP of matmuls at a measured 10.0 GFLOP/s float32 on this "
+        "CPU); estimates are good to about ±25%, so "
         "above 80% warns")
+
+
+def test_time_per_step_grows_with_what_the_backward_runs_through(config, loaded):
+    """Accumulation multiplies the step; full fine-tuning adds weight gradients; a trainable tower its backward;
+    checkpointing a second forward."""
+    def flops(*keys):
+        cfg = config(*keys)
+        facts = doctor_memory.model_facts(loaded.config, cfg)
+        return doctor_memory.step_flops(cfg, facts, batch=1, seq_len=512, image_tokens=256)
+
+    base = flops("gradient_accumulation_steps=1")
+    assert flops("gradient_accumulation_steps=3") == 3 * base
+    assert flops("gradient_accumulation_steps=1", "finetuning_type=full") > base
+    assert flops("gradient_accumulation_steps=1", "freeze_vision_tower=false") > base
+    assert flops("gradient_accumulation_steps=1", "gradient_checkpointing=false") < base
 
 
 @pytest.mark.parametrize("batch, steps, largest", [(8, 1, 7), (8, 3, 5), (7, 2, 3), (32, 3, 23), (5, 5, 1),
@@ -568,3 +604,14 @@ def test_quantized_estimates_are_ordered(qwen2_vl_2b, batch, seq, share, bf16, c
     for e in ests[1:]:
         assert {k: v for k, v in e.parts.items() if k != "weights"} == \
             {k: v for k, v in ests[0].parts.items() if k != "weights"}
+def test_loading_a_bf16_checkpoint_into_float32_on_the_cpu_holds_both_copies(config, loaded):
+    """The load spike: float32 weights + the mapped bfloat16 file + runtime; training peaks lower for a tiny model."""
+    cfg = config()
+    facts = dataclasses.replace(doctor_memory.model_facts(loaded.config, cfg), stored_bytes=2)
+    est = doctor_memory.estimate_memory(cfg, facts, "cpu", batch=1, seq_len=64, image_tokens=16)
+    n = facts.total_params - facts.lora_params
+    assert est.load_peak == n * 4 + n * 2 + doctor_memory.RUNTIME_BYTES["cpu"]
+    assert est.total == max(est.load_peak, est.train_peak)
+    on_gpu = doctor_memory.estimate_memory(cfg.replace(bf16=True), facts, "cuda", batch=1, seq_len=64,
+                                           image_tokens=16)
+    assert on_gpu.load_peak == 0  # bf16 weights from a bf16 file: no conversion on the device

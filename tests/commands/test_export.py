@@ -124,7 +124,7 @@ def test_export_refuses_to_overwrite(tiny_ckpt, tmp_path):
 
 def test_export_bad_inputs(tiny_ckpt, tmp_path):
     ckpt = tiny_ckpt("qwen2_vl")
-    with pytest.raises(VlmtuneError, match=r"^dtype='float64' is not supported; use one of float32, bfloat16, float16$"):
+    with pytest.raises(VlmtuneError, match=r"^dtype='float64' is not supported; use one of auto, float32, bfloat16, float16$"):
         export(ckpt, tmp_path, tmp_path / "out", dtype="float64")
     with pytest.raises(VlmtuneError) as e:
         export(ckpt, tmp_path, tmp_path / "out")
@@ -206,3 +206,52 @@ def test_export_qlora_adapter_merges_into_the_unquantized_base(bits, tiny_ckpt, 
     assert f"note: the adapter was trained on a {bits}-bit quantized base (quantization_bit={bits})" in text
     assert describe_export(out).count("note:") == 0
 
+@pytest.fixture(scope="module")
+def bf16_base(tiny_ckpt, tmp_path_factory):
+    """The tiny qwen2_vl checkpoint saved again in bfloat16, as the real Qwen-VL checkpoints are."""
+    out = tmp_path_factory.mktemp("bf16-base")
+    ckpt = tiny_ckpt("qwen2_vl")
+    AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.bfloat16).save_pretrained(out)
+    AutoProcessor.from_pretrained(ckpt).save_pretrained(out)
+    return out
+
+
+def test_a_bf16_base_exports_bf16_by_default_without_a_float32_copy(bf16_base, tmp_path, monkeypatch):
+    adapter = make_adapter(bf16_base, tmp_path / "adapter")
+    loaded = []
+    real = AutoModelForImageTextToText.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded.append(kwargs.get("dtype"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", classmethod(spy))
+    out = export(bf16_base, adapter, tmp_path / "merged")
+    assert loaded == [torch.bfloat16]  # the base was never held in float32
+    monkeypatch.undo()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    merged = AutoModelForImageTextToText.from_pretrained(out)
+    assert merged.dtype == torch.bfloat16
+
+    # The same weights as merging in float32 and rounding once to bfloat16.
+    exact = export(bf16_base, adapter, tmp_path / "merged-f32", dtype="float32")
+    reference = AutoModelForImageTextToText.from_pretrained(exact).to(torch.bfloat16).state_dict()
+    got = merged.state_dict()
+    assert set(got) == set(reference)
+    differ = [k for k in got if not torch.equal(got[k], reference[k])]
+    assert differ == []
+
+
+def test_the_export_keeps_the_pixel_bounds_training_used(tiny_ckpt, tmp_path):
+    import yaml
+
+    ckpt = tiny_ckpt("qwen2_vl")
+    adapter = make_adapter(ckpt, tmp_path / "adapter")
+    (adapter / "vlmtune_config.yaml").write_text(yaml.safe_dump({"image_min_pixels": 3136,
+                                                                 "image_max_pixels": 50176}))
+    out = export(ckpt, adapter, tmp_path / "merged")
+    ip = AutoProcessor.from_pretrained(out).image_processor
+    assert (ip.size["shortest_edge"], ip.size["longest_edge"]) == (3136, 50176)
+    base_ip = AutoProcessor.from_pretrained(ckpt).image_processor
+    assert base_ip.size["longest_edge"] != 50176

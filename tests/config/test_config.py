@@ -76,6 +76,7 @@ DEFAULTS = {
     "max_grad_norm": 1.0,
     "bf16": False,
     "fp16": False,
+    "force_cpu_bf16": False,
     "gradient_checkpointing": True,
     "logging_steps": 10,
     "save_steps": 500,

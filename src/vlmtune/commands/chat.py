@@ -80,21 +80,35 @@ def check_images(paths: Iterable) -> list[Path]:
     return out
 
 
-def pick_device_dtype(device=None, dtype=None):
-    """(device, dtype): CUDA with bf16 where supported, else fp32; cpu and fp32 without CUDA."""
+def pick_device_dtype(device=None, dtype=None, stored=None):
+    """(device, dtype). Without a dtype: the checkpoint's `stored` dtype where the device computes in it at
+    speed (a bf16 checkpoint on a bf16 GPU, or on a CPU where bf16 measures no slower than float32), so no
+    float32 copy is made; otherwise bf16 on a GPU that supports it, else float32."""
     import torch
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
     if dtype is None:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            dtype = stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
+        elif device.type == "cuda" and stored == torch.float16:
+            dtype = torch.float16
+        elif device.type == "cpu" and stored == torch.bfloat16 and _cpu_bf16_is_fast():
             dtype = torch.bfloat16
         else:
             dtype = torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return device, dtype
+
+
+def _cpu_bf16_is_fast() -> bool:
+    from ..train.speed import BF16_SLOWDOWN_FALLBACK, cpu_bf16_slowdown
+
+    return cpu_bf16_slowdown() <= BF16_SLOWDOWN_FALLBACK
 
 
 def load_image(image):
@@ -173,10 +187,11 @@ class ChatModel:
         if adapter is not None:
             adapter = str(adapter)
             check_adapter(adapter)
-        device, dtype = pick_device_dtype(device, dtype)
         # The processor comes from the base model, even when the adapter directory holds one
         # too (training saves it there): the base checkpoint is the reference.
-        processor, _ = load_processor(model, trust_remote_code=trust_remote_code)
+        processor, config = load_processor(model, trust_remote_code=trust_remote_code)
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        device, dtype = pick_device_dtype(device, dtype, stored=stored)
         quant = _quantization(quantization_bit, adapter, dtype)
         net = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code,
                                                           **quant)

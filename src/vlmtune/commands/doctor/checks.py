@@ -183,12 +183,9 @@ def check_precision(ctx: Context) -> Check:
         if cfg.fp16:
             return Check("precision", "fail", f"fp16=true but there is no GPU ({dev.name}): float16 mixed "
                          "precision needs CUDA", "set fp16: false (float32), or bf16: true on a CPU with bfloat16")
-        if cfg.bf16 and not dev.bf16:
-            return Check("precision", "warn", f"bf16=true on a CPU without native bfloat16 ({dev.name}: no "
-                         "AVX512-BF16 or AMX): autocast to bfloat16 is often slower than float32 there",
-                         "set bf16: false unless it measures faster")
-        what = "bf16 autocast (the CPU has native bfloat16)" if cfg.bf16 else "float32"
-        return Check("precision", "ok", f"{what} on the CPU ({dev.name}); no GPU found")
+        if cfg.bf16:
+            return _cpu_bf16(cfg, dev)
+        return Check("precision", "ok", f"float32 on the CPU ({dev.name}); no GPU found")
     if cfg.bf16 and not dev.bf16:
         return Check("precision", "fail", f"bf16=true but {dev.name} ({cc}) has no bfloat16 support (it needs "
                      "8.0 or newer: Ampere, Ada, Hopper)", "set bf16: false and fp16: true")
@@ -202,6 +199,25 @@ def check_precision(ctx: Context) -> Check:
                      "supports bfloat16: twice the weight and activation memory, and slower", "set bf16: true")
     return Check("precision", "warn", f"neither bf16 nor fp16 is set: float32 on {dev.name} ({cc}): twice the "
                  "weight and activation memory of fp16, and slower", "set fp16: true")
+
+
+def _cpu_bf16(cfg, dev: DeviceInfo) -> Check:
+    """bf16 on the CPU, judged by a measured slowdown (train/speed.py), not by the CPU's flags alone."""
+    from ...train.speed import BF16_SLOWDOWN_FALLBACK, cpu_bf16_slowdown
+
+    factor = dev.bf16_slowdown if dev.bf16_slowdown is not None else cpu_bf16_slowdown()
+    native = "has" if dev.bf16 else "has no"
+    measured = (f"bf16 autocast measured {factor:.1f}x the float32 time of a decoder-like block on {dev.name} "
+                f"(which {native} AVX512-BF16 or AMX); no GPU found")
+    if factor <= BF16_SLOWDOWN_FALLBACK:
+        return Check("precision", "ok", f"bf16=true: {measured}")
+    if cfg.force_cpu_bf16:
+        return Check("precision", "warn", f"bf16=true and force_cpu_bf16=true: training keeps bfloat16 autocast "
+                     f"although it is {factor:.1f}x SLOWER than float32 here: {measured}",
+                     "set bf16: false and force_cpu_bf16: false (float32 is faster on this CPU)")
+    return Check("precision", "warn", f"bf16=true but bfloat16 autocast is {factor:.1f}x SLOWER than float32 here, "
+                 f"so `vlmtune train` will train in float32 instead: {measured}",
+                 "set bf16: false (or force_cpu_bf16: true to keep bf16 anyway)")
 
 
 def _local_processes(ctx: Context) -> int:
@@ -510,6 +526,11 @@ def check_memory(ctx: Context) -> Check:
         f"{_gib(budget)} of free RAM (no GPU: training runs on the CPU)"
     source = _worst_batch(ctx, b)[2]
     parts = ", ".join(f"{k} {_size(v)}" for k, v in est.parts.items() if v)
+    if dev.kind == "cpu":
+        parts += "; " + _cpu_step_time(ctx, est)
+    if est.load_peak > est.train_peak:
+        parts += (f"; loading peaks higher, at {_gib(est.load_peak)} (training {_gib(est.train_peak)}): float32 "
+                  "weights while the 16-bit checkpoint they are converted from is mapped")
     message = (f"estimated peak {_gib(est.total)} of {where} ({100 * est.total / budget:.0f}%) for "
                f"per_device_train_batch_size={b} × {est.seq_len} tokens with {est.image_tokens} image tokens "
                f"({source}): {parts}; estimates are good to about ±25%, so above {MEMORY_OK_SHARE:.0%} warns")
@@ -527,6 +548,26 @@ def check_memory(ctx: Context) -> Check:
             f"even per_device_train_batch_size: 1 is above {MEMORY_OK_SHARE:.0%}"
         fix = f"{what}: " + _memory_levers(ctx)
     return Check("memory", status, message, fix)
+
+
+def _cpu_step_time(ctx: Context, est: MemoryEstimate) -> str:
+    """A rough time per optimizer step on this CPU: the step's matmul FLOPs over a measured FLOP/s."""
+    from ...train.speed import cpu_flops
+    from .memory import step_flops
+
+    rate = ctx.device.cpu_flops if ctx.device.cpu_flops is not None else cpu_flops()
+    flops = step_flops(ctx.cfg, ctx.facts, batch=est.batch, seq_len=est.seq_len, image_tokens=est.image_tokens)
+    amount = f"{flops / 1e12:.2f} TFLOP" if flops >= 1e12 else f"{flops / 1e9:.2f} GFLOP"
+    return (f"rough time per optimizer step: {_duration(flops / rate)} ({amount} of matmuls at a measured "
+            f"{rate / 1e9:.1f} GFLOP/s float32 on this CPU)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _largest_batch(fits: Callable[[int], bool], upper: int) -> int:

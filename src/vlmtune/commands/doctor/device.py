@@ -12,7 +12,8 @@ class DeviceInfo:
     """What the checks know about the hardware; `probe_device()` reads it, tests make it up.
 
     total_memory is the GPU's memory on "cuda" and the machine's RAM on "cpu"; bf16 is whether the device
-    computes in bfloat16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX).
+    computes in bfloat16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX). A CPU flag is not a measurement:
+    see bf16_slowdown.
     """
 
     kind: str  # "cuda" | "cpu"
@@ -22,6 +23,10 @@ class DeviceInfo:
     compute_capability: tuple[int, int] | None
     cpu_count: int
     free_ram: int
+    # CPU only: bf16-autocast time / float32 time of a decoder-like block (train/speed.py), measured by the
+    # precision check when bf16 is set; None: not measured yet. Tests set it.
+    bf16_slowdown: float | None = None
+    cpu_flops: float | None = None  # CPU only: measured float32 FLOP/s (train/speed.py) for the time per step
 
 
 def probe_device() -> DeviceInfo:

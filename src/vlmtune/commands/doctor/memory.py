@@ -1,7 +1,8 @@
 """The memory model: peak training memory per device from a meta-device copy of the model and the worst batch.
 
 weights + gradients + AdamW states + activations (or the optimizer step's temporaries), plus the CUDA or Python
-runtime. Its activation terms were measured on CPU runs of tiny models (bench/bench_doctor_memory.py).
+runtime. Its activation terms were measured on CPU runs of tiny models (bench/bench_doctor_memory.py) and
+recalibrated at the 2B's widths (bench/bench_real_size.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from .report import GiB
 # Memory that is not tensors: CUDA context + cuBLAS workspaces + allocator fragmentation on a GPU; the Python,
 # torch and transformers runtime on the CPU.
 RUNTIME_BYTES = {"cuda": 1 * GiB, "cpu": 1 * GiB}
+
+# On the CPU, glibc's malloc keeps freed activation buffers of the forward in its heap, so RSS runs above the
+# live tensors: +50% of the activations, calibrated on bench/bench_real_size.py (Qwen2-VL-2B widths, LoRA with
+# a frozen and a trainable tower; checked against full fine-tuning, which the calibration did not see).
+CPU_ALLOCATOR_SLACK = 0.5
 
 
 def meta_model(config, trust_remote_code: bool = False):
@@ -59,6 +65,9 @@ class ModelFacts:
     temporal_patch_size: int
     merge_size: int
     lora_out_per_layer: float = 0.0  # output features of the adapted decoder linears, per layer (DoRA's term)
+    stored_bytes: int = 4  # bytes per weight in the checkpoint's files (config.json's dtype; 2 for the Qwen-VL ones)
+    vision_heads: int = 16
+    trainable_names: frozenset = frozenset()  # last parts of trainable parameter names ("embed_tokens", ...)
 
     @property
     def total_params(self) -> int:
@@ -123,7 +132,15 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
         merge_size=vc.spatial_merge_size,
         lora_out_per_layer=sum(p.shape[0] for n, p in names if ".lora_B." in n
                                and component_of(n) == "language_model") / tc.num_hidden_layers,
+        stored_bytes=_stored_bytes(config),
+        vision_heads=getattr(vc, "num_heads", None) or getattr(vc, "num_attention_heads", None) or 16,
+        trainable_names=frozenset(part for n, p in names if p.requires_grad for part in n.split(".")),
     )
+
+
+def _stored_bytes(config) -> int:
+    d = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return 2 if d.removeprefix("torch.") in ("bfloat16", "float16") else 4
 
 
 def _active(names, pattern, depth: int, all_when: bool) -> int:
@@ -141,6 +158,11 @@ class MemoryEstimate:
     batch: int
     seq_len: int
     image_tokens: int
+    # Loading: weights in the training dtype + the checkpoint's tensors in the file's dtype while they are
+    # converted (safetensors maps the file; every page read stays resident until loading ends) + runtime. 0 where
+    # no conversion happens. The peak (`total`) is the larger of loading and training.
+    load_peak: int = 0
+    train_peak: int = 0
 
 
 def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq_len: int, image_tokens: int,
@@ -171,6 +193,11 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
     activations) replaces their sum. The AdamW step (foreach, on a GPU) makes one temporary copy of the
     trainable parameters. ZeRO stage 1/2/3 divides the states / gradients / weights by world_size.
     quantization_bit (4/8-bit weights), 8-bit bitsandbytes optimizers and DoRA: the terms of quantization.py.
+    On the CPU, loading a 16-bit checkpoint into float32 holds both copies for a moment (load_peak); the
+    estimate is the larger of that and the training peak. Also on the CPU, activations get CPU_ALLOCATOR_SLACK
+    (glibc keeps freed buffers). A trainable vision tower adds its attention probabilities and their gradients
+    (12 bytes × heads × n² per image); full fine-tuning of a (tied) embedding adds its dense vocab × hidden
+    gradient. Measured at Qwen2-VL-2B widths by bench/bench_real_size.py (docs/benchmarks.md).
     """
     f = facts
     gpu = device_kind == "cuda"
@@ -192,9 +219,16 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
         grads //= world_size
     if zero_stage >= 3:
         weights //= world_size
-    acts = _activations(cfg, f, batch, seq_len, image_tokens, a) + dora_activation_bytes(cfg, f, batch, seq_len, a, w)
+    acts = _activations(cfg, f, batch, seq_len, image_tokens, a)
+    acts += dora_activation_bytes(cfg, f, batch, seq_len, a, w)
+    if not gpu:
+        acts *= 1 + CPU_ALLOCATOR_SLACK
     if batch > 1:  # padded batches carry a boolean attention mask of s² per row
         acts += batch * seq_len**2
+    if f.trainable["language_model"] and cfg.finetuning_type != "lora" and "embed_tokens" in f.trainable_names:
+        # The embedding matrix's gradient arrives as a new dense tensor (tied: from lm_head and from the
+        # embedding, summed) before autograd adds it to .grad: one more vocab × hidden in the backward.
+        acts += f.vocab * f.hidden * w
     if cfg.gradient_accumulation_steps > 1:
         live = max(grads + acts, grads + step)
     else:
@@ -204,8 +238,13 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
     runtime = RUNTIME_BYTES["cuda" if gpu else "cpu"]
     parts = {"weights": weights, "gradients": grads, "optimizer": states, "activations": acts, "step": step,
              "batch": batch_bytes, "runtime": runtime}
-    total = weights + states + live + batch_bytes + runtime
-    return MemoryEstimate(int(total), {k: int(v) for k, v in parts.items()}, batch, seq_len, image_tokens)
+    train_peak = weights + states + live + batch_bytes + runtime
+    load_peak = 0
+    if not gpu and f.stored_bytes != w:  # on a GPU the converting copy is in host RAM, not device memory
+        load_peak = (f.total_params - lora) * w + (f.total_params - lora) * f.stored_bytes + runtime
+    total = max(train_peak, load_peak)
+    return MemoryEstimate(int(total), {k: int(v) for k, v in parts.items()}, batch, seq_len, image_tokens,
+                          int(load_peak), int(train_peak))
 
 
 def _autocast_copies(cfg, f: ModelFacts) -> float:
@@ -232,14 +271,23 @@ def _activations(cfg, f: ModelFacts, batch: int, seq_len: int, image_tokens: int
     block = 10 * d + (4 if f.vision_gated else 3) * iv + rank * f.lora_per_block
     logits = s * f.vocab * (12 + (a if a != 4 else 0))  # bytes, not elements
     kept = s * 4 * h + (patches * 3 * d if f.active_vision_blocks or f.projector_trains else 0)
+    # A vision block that trains keeps its attention probabilities, and its backward makes their gradient and
+    # the scores' (heads × n² per image of n patches; Σn² ≤ the largest image's patches × all patches). Measured
+    # at 2B widths, this adds to the logits' peak rather than overlapping it.
+    attention = 0
+    if f.active_vision_blocks:
+        largest_image = patches
+        if cfg.image_max_pixels:
+            largest_image = min(patches, cfg.image_max_pixels // (f.patch_size**2))
+        attention = 3 * 4 * f.vision_heads * largest_image * patches
     if cfg.gradient_checkpointing:
         # Layer inputs are kept; the backward recomputes one layer (or vision block) at a time, after the logits
         # and their gradients are freed, so only the largest of the three counts.
         kept += s * h * f.active_layers + patches * d * f.active_vision_blocks
         largest = max(logits, a * s * layer * min(1, f.active_layers), a * patches * block * min(1, f.active_vision_blocks))
-        return a * kept + largest
+        return a * kept + largest + attention
     kept += s * layer * f.active_layers + patches * block * f.active_vision_blocks
-    return a * kept + logits
+    return a * kept + logits + attention * f.active_vision_blocks
 
 
 def _zero_stage(cfg) -> tuple[int, str | None]:
@@ -253,3 +301,24 @@ def _zero_stage(cfg) -> tuple[int, str | None]:
         return 0, f"cannot read deepspeed={cfg.deepspeed!r}: {e}"
     stage = (ds.get("zero_optimization") or {}).get("stage", 0) if isinstance(ds, dict) else 0
     return (stage if isinstance(stage, int) else 0), None
+
+
+def step_flops(cfg, f: ModelFacts, *, batch: int, seq_len: int, image_tokens: int) -> float:
+    """Rough matmul FLOPs of one optimizer step (gradient_accumulation_steps micro-batches of this size).
+
+    Per micro-batch, with N the linear weights a part runs through and T its tokens (decoder: batch × seq_len;
+    vision: image patches): forward 2·N·T; the backward's input gradients 2·N·T where the backward runs through
+    (all of the decoder and lm_head; the vision tower when it trains); weight gradients 2·N·T for weights trained
+    in full; checkpointed layers run their forward twice. Attention's T² terms and the merger are left out."""
+    s = batch * seq_len
+    patches = image_tokens * f.merge_size**2
+    full = cfg.finetuning_type != "lora"
+    lm = f.layer_linear_weights * f.active_layers / max(1, f.layers)
+    head = f.vocab * f.hidden
+    recompute = 1 if cfg.gradient_checkpointing else 0
+    lm_flops = 2 * s * (head * 2 + lm * (2 + recompute) + (lm + head) * (1 if full else 0))
+    lm_flops += 2 * s * f.layer_linear_weights * (1 - f.active_layers / max(1, f.layers))  # forward only
+    vision = f.block_linear_weights
+    trains = f.active_vision_blocks > 0
+    v_flops = 2 * patches * vision * (1 + (1 + recompute) * trains + (1 if full and trains else 0))
+    return float(cfg.gradient_accumulation_steps * (lm_flops + v_flops))
