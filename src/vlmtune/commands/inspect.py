@@ -121,9 +121,9 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int
     from ..data.encode import emit
     from ..data.fit import FitOptions, Fitter
 
-    matches = [e for e in acc.encoded if e.id == sample_id]
+    matches = [e for e in acc.encoded if e.id == sample_id]  # account(keep_ids=[sample_id]) keeps it whole
     if not matches:
-        known = ", ".join(e.id for e in acc.encoded[:5])
+        known = ", ".join(s.id for s in acc.stats[:5])
         bad = [p for p in acc.problems if p.sample_id == sample_id]
         if bad:
             return f"sample {sample_id} is invalid:\n" + "\n".join(f"  - {p}" for p in bad)
