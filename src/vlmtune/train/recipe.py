@@ -96,7 +96,8 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     train_ds, eval_ds = split_validation(prepared.dataset(), cfg.val_size, cfg.seed)
     if cfg.packing:
         before = len(train_ds)
-        train_ds = pack_dataset(train_ds, cfg.cutoff_len)
+        train_ds = pack_dataset(train_ds, cfg.cutoff_len,
+                                os.path.join(prepared.path, f"packed-{cfg.cutoff_len}-{args.process_index}.arrow"))
         say(f"packing: {before} rows into {len(train_ds)} sequences of at most {cfg.cutoff_len} tokens")
     if len(train_ds) == 0:
         raise ConfigError([f"no training rows were emitted from dataset={cfg.dataset!r}; "
