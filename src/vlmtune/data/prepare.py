@@ -11,19 +11,22 @@ data-related config and the model's processor, so a second run with nothing chan
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from array import array
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
 from .. import __version__
-from ..errors import DataError, Problem
+from ..errors import DataError, Problem, VlmtuneError
 from ..models.load import Loaded, load_spec
 from .fit import FitOptions
 from .pipeline import Accounting, SampleStats, Source, Stages, run_pipeline, unread_line
@@ -150,6 +153,40 @@ def _prepare(cfg, loaded, progress, collect):
     if cached is not None:
         return cached, None
     os.makedirs(cfg.output_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    with _exclusive(out_dir.rstrip("/") + ".lock", cfg.ddp_timeout) as waited:
+        if waited:  # another process (another node on a shared output_dir) held it: its cache may be ours
+            cached = load_cached(out_dir, report_path, fp)
+            if cached is not None:
+                return cached, None
+        return _prepare_locked(cfg, loaded, fp, out_dir, report_path, progress, collect)
+
+
+@contextlib.contextmanager
+def _exclusive(path: str, timeout_s: float) -> Iterator[bool]:
+    """An exclusive lock on `path` (filelock: flock, held by one process across the nodes that share the
+    filesystem, released by the kernel if its holder dies), waiting at most timeout_s; yields whether it
+    had to wait."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(path)
+    waited = False
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        waited = True
+        try:
+            lock.acquire(timeout=timeout_s)
+        except Timeout:
+            raise VlmtuneError(f"waited {timeout_s:.0f} s (ddp_timeout) for another process to finish preparing "
+                               f"into {path[:-5]}; raise ddp_timeout, or, if no prepare is running, delete {path}") from None
+    try:
+        yield waited
+    finally:
+        lock.release()
+
+
+def _prepare_locked(cfg, loaded, fp, out_dir, report_path, progress, collect):
     tag = f".tmp-{os.uname().nodename}-{os.getpid()}"
     tmp_dir, tmp_report, tmp_body = out_dir.rstrip("/") + tag, report_path + tag, report_path + tag + ".body"
     _remove_stale(out_dir, report_path)

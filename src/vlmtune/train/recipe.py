@@ -88,10 +88,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     set_seed(cfg.seed)
     init_cpu_distributed(cfg.ddp_timeout)
     args = training_arguments(cfg, progress)
-    # Rank 0 prepares (and caches); the other ranks then load the same cache, so every rank sees
-    # exactly the same rows in the same order.
-    with args.main_process_first(desc="prepare"):
-        prepared = prepare(cfg, loaded, progress=progress)
+    prepared = prepare_once(cfg, loaded, args, progress)
     say(format_report_summary(prepared))
     train_ds, eval_ds = split_validation(prepared.dataset(), cfg.val_size, cfg.seed)
     if cfg.packing:
@@ -130,6 +127,15 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     if change:
         say(f"WARNING: {change}")
     return Run(cfg, loaded, prepared, trainer, trainable, resume)
+
+
+def prepare_once(cfg, loaded, args, progress: bool = True) -> Prepared:
+    """Each node's local rank 0 prepares while that node's other ranks wait at main_process_first's barrier
+    (bounded by ddp_timeout), then load the same cache, so every rank sees the same rows in the same order.
+    Nodes that share output_dir meet at prepare's lock: exactly one prepares, the others wait (bounded by
+    ddp_timeout) and load its cache; nodes without a shared filesystem each prepare once."""
+    with args.main_process_first(desc="prepare"):
+        return prepare(cfg, loaded, progress=progress)
 
 
 def init_cpu_distributed(timeout_s: int) -> None:
