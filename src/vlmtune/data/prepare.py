@@ -346,7 +346,7 @@ def _remove_stale(out_dir: str, report_path: str) -> None:
     """Leftovers of a killed prepare on this node (its pid is gone): never read, removed here."""
     node = os.uname().nodename
     for p in glob.glob(glob.escape(out_dir.rstrip("/")) + ".*tmp-*") + glob.glob(glob.escape(report_path) + ".tmp-*"):
-        host_pid = p.rsplit(".tmp-", 1)[1].split(".")[0]
+        host_pid = p.rsplit(".tmp-", 1)[1].removesuffix(".body")
         host, _, pid = host_pid.rpartition("-")
         if host == node and pid.isdigit() and not _alive(int(pid)):
             if os.path.isdir(p):
