@@ -29,7 +29,7 @@ from .. import __version__
 from ..errors import DataError, Problem, VlmtuneError
 from ..models.load import Loaded, load_spec
 from .fit import FitOptions
-from .pipeline import Accounting, SampleStats, Source, Stages, run_pipeline, unread_line
+from .pipeline import Accounting, SampleStats, Source, Stages, features, run_pipeline, unread_line
 
 CHUNK = 256
 FINGERPRINT_FILE = "vlmtune_fingerprint.json"
@@ -70,22 +70,6 @@ def load_prepared(path: str):
     from datasets import Dataset
 
     return Dataset.from_file(os.path.join(path, DATA_FILE))
-
-
-def features():
-    from datasets import Features, Sequence, Value
-
-    return Features({
-        "id": Value("string"),
-        "source": Value("string"),
-        "input_ids": Sequence(Value("int32")),
-        "labels": Sequence(Value("int32")),
-        "images": Sequence(Value("string")),
-        "image_grid_thw": Sequence(Sequence(Value("int32"))),
-        "image_min_pixels": Sequence(Value("int64")),
-        "image_max_pixels": Sequence(Value("int64")),
-        "length": Value("int32"),
-    })
 
 
 def fit_options(cfg) -> FitOptions:
@@ -220,7 +204,7 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     with open(tmp_body, "w", encoding="utf-8") as body, \
             ArrowWriter(features=feats, path=os.path.join(tmp_dir, DATA_FILE), writer_batch_size=1000) as writer, \
             ArrowWriter(features=SAMPLE_FEATURES(), path=os.path.join(tmp_dir, SAMPLES_FILE)) as samples:
-        for res in stream.chunks:
+        for res in _closing(stream.chunks):  # closed on an error: the workers stop at once
             if res.errors and not collect:
                 raise res.errors[0]
             errors += [e.sample_id for e in res.errors]
@@ -235,9 +219,9 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
                 samples.write_table(_stats_table(res.stats))
             _tally(table, res.lines)
             body.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in res.lines)
-            if res.rows:
-                writer.write_table(_table(res.rows, feats))
-            rows += len(res.rows)
+            if res.table is not None:
+                writer.write_table(res.table)
+                rows += res.table.num_rows
         writer.finalize()
         samples.finalize()
     unread = [unread_line(p) for p in stream.unread]
@@ -322,13 +306,10 @@ def _stats_table(stats: list[SampleStats]):
     return pa.table({c: [getattr(s, c) for s in stats] for c in SAMPLE_COLUMNS}, schema=SAMPLE_FEATURES().arrow_schema)
 
 
-def _table(rows: list[dict], feats):
-    """A chunk's rows as one Arrow table: columns straight to Arrow (datasets' per-example encoding is slow)."""
-    import pyarrow as pa
-
-    for r in rows:
-        r["length"] = len(r["input_ids"])
-    return pa.table({k: pa.array([r[k] for r in rows], type=feats[k].pa_type) for k in feats})
+def _closing(gen):
+    """Iterate a generator, closing it (its finally: the worker pool shuts down) however the loop ends."""
+    with contextlib.closing(gen):
+        yield from gen
 
 
 def _tally(table: dict, lines: list[dict]) -> None:
@@ -445,3 +426,63 @@ def load_cached(out_dir: str, report_path: str, fp: str) -> Prepared | None:
         return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+# -- streaming: true ---------------------------------------------------------------------------
+class StreamedRows:
+    """`streaming: true`: rows straight from the pipeline (fit on the fly, no prepared copy), for a
+    `torch.utils.data.IterableDataset`. The first pass over the data writes the fit report as it goes, one
+    line per record read (unreadable records as they are met, then each chunk's samples in input order),
+    flushed after every chunk, so a run stopped by max_steps has a report of exactly the records it read.
+    Later passes (epochs) read the data again without rewriting the report."""
+
+    def __init__(self, cfg, loaded: Loaded):
+        self.cfg, self.loaded = cfg, loaded
+        self.report_path = os.path.join(cfg.output_dir, "fit_report.jsonl")
+        self.passes = 0
+        self.table = {f: [0, 0, 0, 0] for f in FATES}
+
+    def __iter__(self):
+        cfg = self.cfg
+        self.passes += 1
+        first = self.passes == 1
+        stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg), emit=True)
+        stream = run_pipeline(source_of(cfg), self.loaded, stages, workers=cfg.preprocessing_num_workers or 1,
+                              chunk=CHUNK, progress=False)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        report = open(self.report_path, "w", encoding="utf-8") if first else None
+        written = 0
+        try:
+            for res in _closing(stream.chunks):
+                if res.errors:
+                    raise res.errors[0]
+                if report is not None:
+                    unread = [unread_line(p) for p in stream.unread[written:]]
+                    written = len(stream.unread)
+                    _tally(self.table, unread + res.lines)
+                    report.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in unread + res.lines)
+                    report.flush()
+                if res.table is not None:
+                    yield from res.table.to_pylist()
+            if report is not None:
+                unread = [unread_line(p) for p in stream.unread[written:]]
+                _tally(self.table, unread)
+                report.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in unread)
+        finally:
+            if report is not None:
+                report.close()
+
+
+def streamed_dataset(cfg, loaded: Loaded):
+    """A torch IterableDataset over StreamedRows (the Trainer needs max_steps with it)."""
+    import torch.utils.data
+
+    rows = StreamedRows(cfg, loaded)
+
+    class _Iterable(torch.utils.data.IterableDataset):
+        stream = rows
+
+        def __iter__(self):
+            return iter(rows)
+
+    return _Iterable()

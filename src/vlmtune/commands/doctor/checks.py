@@ -382,7 +382,7 @@ def _vision_without_lora(ctx: Context, frozen: set[str]) -> Check:
 def _read_data(ctx: Context, progress: bool) -> None:
     """The data through prepare's driver (or prepare's cache, when it matches): every sample's fate under the
     configured policies, counted. A clean run leaves the cache behind for the `train` that follows."""
-    if ctx.loaded is None:
+    if ctx.loaded is None or ctx.cfg.streaming:  # streaming: the data is fitted as it is read, not ahead
         return
     cfg = ctx.cfg
     from ...data.pipeline import summarize
@@ -410,6 +410,9 @@ def check_data(ctx: Context) -> Check:
     if ctx.loaded is None:
         return Check("data", "warn", "not checked: the model's processor could not be loaded (see the model check)",
                      "fix the model check first")
+    if ctx.data is None and cfg.streaming:
+        return Check("data", "ok", "not checked ahead: streaming: true fits each sample as it is read; "
+                     "fit_report.jsonl accounts for every sample read (`vlmtune inspect` checks the data first)")
     if ctx.data is None:
         return Check("data", "fail", f"cannot read dataset={cfg.dataset!r}: {ctx.data_error}",
                      "fix dataset / dataset_dir / media_dir (try `vlmtune inspect`)")
