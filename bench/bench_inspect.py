@@ -171,7 +171,7 @@ def _inspect_times(data: Path, loaded, repeats: int):
 
 def _check_equal(acc, theirs: dict[str, int]) -> dict[str, int]:
     assert not acc.problems, acc.problems[:3]
-    ours = {e.id: e.length for e in acc.encoded}
+    ours = {e.id: e.tokens for e in acc.stats}
     mismatched = [k for k, v in theirs.items() if ours[k] != v]
     assert not mismatched, f"token counts differ from the processor for {mismatched[:5]}"
     return ours
@@ -191,7 +191,7 @@ def run(quick: bool) -> dict[str, float | str]:
     default_threads = torch.get_num_threads()
 
     acc, t_inspect, c_inspect = _inspect_times(data, loaded, repeats=3 if quick else 5)
-    assert len(acc.encoded) == n
+    assert len(acc.stats) == n
     processor_lengths(proc, data, 2)  # warm-up (lazy imports, first-call costs)
     with torch_threads(1):
         theirs, t_proc1, c_proc1 = processor_lengths(proc, data, n_processor, passes=2)
@@ -209,7 +209,7 @@ def run(quick: bool) -> dict[str, float | str]:
         f"inspect_vs_processor_speedup_wall_{default_threads}_threads": round((t_proc / n_processor) / (t_inspect / n), 1),
         "samples": n,
         "processor_samples_timed": n_processor,
-        "images_per_sample": round(sum(len(e.images) for e in acc.encoded) / n, 2),
+        "images_per_sample": round(sum(e.images for e in acc.stats) / n, 2),
         "tokens_per_sample": round(sum(ours.values()) / n, 1),
         "token_counts_equal": f"yes ({len(theirs)} samples compared)",
     }

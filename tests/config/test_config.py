@@ -43,6 +43,7 @@ DEFAULTS = {
     "packing": False,
     "prepared_dir": "saves/run/prepared",
     "overwrite_cache": False,
+    "streaming": False,
     "finetuning_type": "lora",
     "lora_rank": 8,
     "lora_alpha": 16,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +15,7 @@ from transformers import AutoModelForImageTextToText
 from vlmtune.data.collate import Collator, check_row, find_runs
 from vlmtune.data.encode import Encoder, emit
 from vlmtune.data.images import read_header
-from vlmtune.data.pack import best_fit, mrope_positions, pack_rows
+from vlmtune.data.pack import best_fit, mrope_positions, pack_dataset, pack_rows
 from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
 from vlmtune.models.load import load_spec
 
@@ -148,3 +151,21 @@ def test_packing_never_exceeds_cutoff_nor_splits_a_run(sizes, cutoff):
     assert sum(len(p["segments"]) for p in packed) == len(rows)
     for p in packed:
         assert check_row(p, spec, cutoff) == []
+
+
+def test_pack_dataset_plans_from_the_length_column_and_equals_pack_rows(tmp_path):
+    from datasets import Dataset
+
+    rng = random.Random(5)
+    rows = []
+    for k in range(40):
+        n = rng.randint(1, 30)
+        rows.append({"id": f"s{k}", "source": f"f:{k}", "input_ids": [7] * n, "labels": [1] * n,
+                     "images": [], "image_grid_thw": [], "image_min_pixels": [], "image_max_pixels": [], "length": n})
+    ds = Dataset.from_list(rows)
+    packed = pack_dataset(ds, 64, str(tmp_path / "p.arrow"), batch=3)
+    assert packed.to_list() == pack_rows(rows, 64)
+    assert os.listdir(tmp_path) == ["p.arrow"]
+    # the plan reads only the length column: lengths of 1 put all 40 rows into one pack
+    lied = ds.map(lambda r: {"length": 1})
+    assert [r["segments"] for r in pack_dataset(lied, 64, str(tmp_path / "q.arrow"))] == [[len(r["input_ids"]) for r in rows]]

@@ -139,3 +139,60 @@ def test_error_policy_in_a_worker_names_the_sample(tiny_ckpt, dataset, monkeypat
         prepare(cfg, progress=False)
     assert err.value.source == f"{data}:2"
     assert err.value.fix.startswith("raise cutoff_len to at least ")
+
+
+_KILLED_PREPARE = """
+import os, signal, sys
+import vlmtune.data.pipeline as pipeline
+import vlmtune.data.prepare as P
+from vlmtune.config import load_config
+
+P.CHUNK = 1
+done = []
+real = pipeline.process_chunk
+
+def dying(convs):
+    done.append(1)
+    if len(done) == 3:  # halfway: rows and report lines of two chunks are written
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(convs)
+
+pipeline.process_chunk = dying
+P.prepare(load_config(None, sys.argv[1:]), progress=False)
+"""
+
+
+def test_a_prepare_killed_halfway_is_redone_cleanly(tiny_ckpt, dataset):
+    import os
+    import subprocess
+    import sys
+
+    tmp_path, data = dataset
+    ckpt = tiny_ckpt("qwen2_vl")
+    out = tmp_path / "out"
+    old = prepare(config(tmp_path, data, ckpt, "cutoff_len=4096"), progress=False)  # a cache for another config
+    args = [f"model_name_or_path={ckpt}", f"dataset={data}", f"output_dir={out}", "cutoff_len=180",
+            "on_bad_sample=skip"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_PREPARE, *args], env=env, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    leftovers = sorted(p.name for p in out.iterdir() if ".tmp-" in p.name)
+    assert [p.split(".tmp-")[0] for p in leftovers] == ["fit_report.jsonl", "prepared"]  # report body, rows
+    assert (out / "prepared" / "data.arrow").exists()  # the old cache is untouched ...
+    assert P_load_cached(out, old) is True             # ... still complete for its own config
+    again = prepare(config(tmp_path, data, ckpt), progress=False)
+    assert again.cached is False and again.records == 6
+    assert sorted(p.name for p in out.iterdir()) == ["fit_report.jsonl", "prepared", "prepared.lock"]  # no leftovers
+    clean = prepare(config(tmp_path, data, ckpt, "overwrite_cache=true"), progress=False)
+    assert again.dataset().to_list() == clean.dataset().to_list()
+    assert (again.fates, again.rows) == (clean.fates, clean.rows)
+
+
+def P_load_cached(out, prep) -> bool:
+    import json as _json
+
+    from vlmtune.data.prepare import FINGERPRINT_FILE, load_cached
+
+    fp = _json.loads((out / "prepared" / FINGERPRINT_FILE).read_text())["fingerprint"]
+    got = load_cached(str(out / "prepared"), str(out / "fit_report.jsonl"), fp)
+    return got is not None and got.rows == prep.rows

@@ -793,3 +793,63 @@ def test_fuzz_jsonl_files_are_accounted(tmp_path, lines):
     assert res.records == sum(1 for line in p.read_bytes().split(b"\n") if line.strip())
     ids = [c.id for c in res.conversations]
     assert len(ids) == len(set(ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming ids: IdPlan equals the whole-list rule it replaced
+
+
+def _whole_list_ids(raws):
+    """The id rule of the whole-list reader (commit 4a5af28), kept as the reference."""
+    from collections import Counter
+
+    own = []
+    for raw in raws:
+        value = raw.value.get("id") if isinstance(raw.value, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            own.append(None)
+            continue
+        text = str(value)
+        own.append(text if text.strip() and len(text) <= 200 else None)
+    counts = Counter(x for x in own if x is not None)
+    used, ids = set(), []
+    for raw, mine in zip(raws, own):
+        sid = mine if mine is not None and counts[mine] == 1 else raw.fallback_id
+        if sid in used:
+            k = 2
+            while f"{sid}~{k}" in used:
+                k += 1
+            sid = f"{sid}~{k}"
+        used.add(sid)
+        ids.append(sid)
+    return ids
+
+
+_ID_ATOMS = st.sampled_from(["a", "b", "a:1", "a:2", "b:0", "a~2", "a:1~2", "x", "", " ", 3, True, None])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(_ID_ATOMS, st.sampled_from(["a", "b"]), st.booleans()), max_size=25))
+def test_id_plan_equals_the_whole_list_rule(items):
+    from vlmtune.data.readers import IdPlan, RawRecord
+
+    raws = []
+    for n, (own, stem, has_id) in enumerate(items):
+        value = {"id": own} if has_id else {}
+        raws.append(RawRecord(value, f"{stem}.jsonl:{n}", f"{stem}:{n % 4}", ".", AUTO_FORMAT))
+    plan = IdPlan(iter(raws), lambda: iter(raws))
+    assert [plan.next_id(r) for r in raws] == _whole_list_ids(raws)
+
+
+def test_iter_raw_is_lazy(tmp_path):
+    from vlmtune.data.readers import RawRecord, iter_raw
+
+    (tmp_path / "a.jsonl").write_text('{"messages": []}\n')
+    (tmp_path / "b.jsonl").write_text('{"messages": []}\n')
+    it = iter_raw(str(tmp_path))
+    first = next(it)
+    assert isinstance(first, RawRecord) and first.source == f"{tmp_path / 'a.jsonl'}:1" and first.fallback_id == "a:1"
+    (tmp_path / "b.jsonl").unlink()  # b is opened only when its records are asked for
+    second = next(it)
+    assert isinstance(second, Problem) and second.kind == "data_not_found" and second.source == str(tmp_path / "b.jsonl")
+    assert next(it, None) is None

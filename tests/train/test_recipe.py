@@ -311,8 +311,6 @@ def _children(pid: int) -> list[int]:
 
 # -- 4. worst case first -----------------------------------------------------------------------
 def test_worst_case_step_takes_the_longest_batch_and_leaves_training_unchanged(make_config, write_dataset, tmp_path):
-    from datasets import load_from_disk
-
     data = write_dataset(["one", "text", "two", "one_big", "text", "one"])
     keys = dict(per_device_train_batch_size=2, max_steps=3, lora_dropout=0.2, freeze_vision_tower=False)
     _, with_worst, _, weights_with = train_tracked(make_config("qwen2_vl", data, tmp_path / "on",
@@ -321,7 +319,7 @@ def test_worst_case_step_takes_the_longest_batch_and_leaves_training_unchanged(m
                                                                worst_case_first=False, **keys))
     assert without.worst_case is None
     worst = with_worst.worst_case
-    rows = load_from_disk(with_worst.prepared.path)
+    rows = with_worst.prepared.dataset()
     ranked = sorted(zip(rows["length"], rows["id"], rows["images"]), reverse=True)
     assert ranked[1][0] > ranked[2][0], "the two longest rows must be unambiguous"
     assert sorted(worst["ids"]) == sorted(i for _, i, _ in ranked[:2])

@@ -50,6 +50,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         media_dir=args.media_dir,
         progress=not args.json,
         allow_paths_outside_media_dir=args.allow_paths_outside_media_dir,
+        keep_ids=[args.show] if args.show else (),
+        workers=args.preprocessing_num_workers,
     )
     if args.show:
         from .inspect import show_sample
@@ -260,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="policies for --show with --cutoff-len (default: shrink_images,truncate_text,split,drop)")
     i.add_argument("--allow-paths-outside-media-dir", action="store_true")
     i.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
+    i.add_argument("--preprocessing-num-workers", type=int, default=1, metavar="N",
+                   help="worker processes reading, validating and encoding chunks (as in prepare)")
     i.set_defaults(func=_cmd_inspect)
 
     _config_command(sub, "prepare", "validate and fit the data to cutoff_len; write the prepared dataset", _cmd_prepare)

@@ -122,12 +122,12 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int
     from ..data.encode import emit
     from ..data.fit import FitOptions, Fitter
 
-    matches = [e for e in acc.encoded if e.id == sample_id]
+    matches = [e for e in acc.encoded if e.id == sample_id]  # account(keep_ids=[sample_id]) keeps it whole
     if not matches:
         bad = [p for p in acc.problems if p.sample_id == sample_id]
         if bad:
             return f"sample {sample_id} is invalid:\n" + "\n".join(f"  - {p}" for p in bad)
-        known = ", ".join(e.id for e in acc.encoded[:5]) or "(no valid sample)"
+        known = ", ".join(s.id for s in acc.stats[:5]) or "(no valid sample)"
         raise VlmtuneError(f"no sample with id {sample_id!r} in the data; ids look like: {known}; "
                            "pass one of them to --show (`--per-sample FILE` lists every id)")
     unknown = [p for p in overflow or () if p not in POLICIES]

@@ -269,6 +269,13 @@ def _check_together(v: dict[str, Any]) -> list[str]:
             f"image_min_pixels={lo} is larger than image_max_pixels={hi}; lower image_min_pixels or raise "
             "image_max_pixels"
         )
+    if v["streaming"] is True:  # as in LLaMA-Factory: an iterable dataset has no length to count epochs by
+        if _valid(v["max_steps"]) and not (isinstance(v["max_steps"], int) and v["max_steps"] > 0):
+            problems.append(f"streaming: true needs max_steps (got {v['max_steps']}); set max_steps such as 1000")
+        if v["packing"] is True:
+            problems.append("streaming: true cannot pack (packing plans over all rows); set packing: false")
+        if _valid(v["val_size"]) and v["val_size"]:
+            problems.append(f"streaming: true takes no val_size (got {v['val_size']}); set val_size: 0")
     if v["bf16"] is True and v["fp16"] is True:
         problems.append("bf16 and fp16 are both true; set at most one of them (bf16 where the GPU supports it)")
     problems.extend(_check_trainable(v))

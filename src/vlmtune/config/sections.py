@@ -165,6 +165,11 @@ class PrepareArgs:
         expect="a folder such as saves/run1/prepared, or null for <output_dir>/prepared",
     )
     overwrite_cache: bool = _arg(False, "Prepare the dataset again even if prepared_dir holds a matching one.")
+    streaming: bool = _arg(
+        False,
+        "Train straight from the data, fitted on the fly, without a prepared copy (for datasets too large to "
+        "prepare); the fit report is written as samples are read. Needs max_steps; no packing, no val_size.",
+    )
 
 
 @dataclass(frozen=True)

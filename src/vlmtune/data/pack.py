@@ -10,6 +10,7 @@ uses them as varlen boundaries), so no token attends across samples.
 from __future__ import annotations
 
 import bisect
+import os
 
 import numpy as np
 
@@ -41,9 +42,47 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 def pack_rows(rows: list[dict], cutoff_len: int) -> list[dict]:
     """Combine rows into packed rows of at most cutoff_len tokens (order inside a pack: input order)."""
     bins = best_fit([len(r["input_ids"]) for r in rows], cutoff_len)
+    return pack_rows_in_bins([[rows[i] for i in members] for members in sorted(bins, key=lambda b: b[0])])
+
+
+def pack_dataset(ds, cutoff_len: int, path: str | None = None, batch: int = 1024):
+    """A `datasets.Dataset` of packed rows from a prepared one, planned from its `length` column alone.
+
+    The bins come from the lengths (4 bytes per row, memory-mapped column); the packed rows are then built a
+    batch of packs at a time and written to `path` (an Arrow file, written next to it and renamed; a temporary
+    folder when None), so memory holds one batch of rows, not the dataset."""
+    import tempfile
+
+    import pyarrow as pa
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets.arrow_writer import ArrowWriter
+
+    lengths = ds.with_format("numpy")["length"] if "length" in ds.column_names else None
+    if lengths is None:
+        lengths = [len(x) for x in ds["input_ids"]]
+    bins = sorted(best_fit([int(n) for n in lengths], cutoff_len), key=lambda b: b[0])
+    feats = Features({**{c: ds.features[c] for c in PACKED_COLUMNS}, "id": Value("string"),
+                      "source": Value("string"), "segments": Sequence(Value("int32")), "length": Value("int32")})
+    if path is None:
+        path = os.path.join(tempfile.mkdtemp(prefix="vlmtune-packed-"), "packed.arrow")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with ArrowWriter(features=feats, path=tmp) as writer:
+        for i in range(0, len(bins), batch):
+            group = bins[i : i + batch]
+            flat = [k for b in group for k in b]
+            rows = ds.select(flat).to_list()
+            it = iter(rows)
+            packed = pack_rows_in_bins([[next(it) for _ in b] for b in group])
+            writer.write_table(pa.table({c: pa.array([r[c] for r in packed], type=feats[c].pa_type) for c in feats}))
+        writer.finalize()
+    os.replace(tmp, path)
+    return Dataset.from_file(path)
+
+
+def pack_rows_in_bins(groups: list[list[dict]]) -> list[dict]:
+    """One packed row per group of rows (in the group's order)."""
     packed = []
-    for members in sorted(bins, key=lambda b: b[0]):
-        group = [rows[i] for i in members]
+    for group in groups:
         out = {c: [x for r in group for x in r[c]] for c in PACKED_COLUMNS}
         out["id"] = "+".join(r["id"] for r in group)
         out["source"] = "; ".join(r["source"] for r in group)
@@ -51,13 +90,6 @@ def pack_rows(rows: list[dict], cutoff_len: int) -> list[dict]:
         out["length"] = sum(out["segments"])
         packed.append(out)
     return packed
-
-
-def pack_dataset(ds, cutoff_len: int):
-    """A `datasets.Dataset` of packed rows from a prepared one."""
-    from datasets import Dataset
-
-    return Dataset.from_list(pack_rows(ds.to_list(), cutoff_len))
 
 
 def mrope_positions(input_ids: list[int], grids: list[list[int]], image_token_id: int, merge_size: int) -> np.ndarray:

@@ -1,4 +1,11 @@
-"""THE data driver: read → validate → account (header-only) → encode, used by inspect, doctor and prepare.
+"""THE data driver: read → validate → account (header-only) → encode → fit → emit, used by prepare, inspect and doctor.
+
+`run_pipeline()` streams: records are read incrementally (`readers.iter_samples`), cut into chunks of
+`chunk` conversations, and each chunk goes through validate → encode → [fit → emit] in a worker process
+(`workers` of them; in this process when 1). Chunk results come back in input order, at most
+`2 * workers` chunks in flight, so memory is bounded by the chunk size and the worker count, not the
+dataset. prepare writes the rows and the fit report from the results as they come; inspect and doctor
+keep only per-sample numbers (`SampleStats`, fates, row lengths).
 
 `account()` gives every valid sample's exact token cost (images counted from their headers) and every problem;
 `summarize()` turns it into length percentiles per image count and the cutoff_len that keeps 95/99/100% whole.
@@ -7,15 +14,20 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict, deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from ..errors import Problem
+from ..errors import Problem, SampleError
 from ..models.load import Loaded
-from .encode import Encoded, Encoder
-from .readers import read_samples
+from .encode import Encoded, Encoder, emit
+from .fit import FitOptions, FitOutcome, Fitter
+from .readers import iter_samples
+from .types import Conversation
 from .validate import validate
 
 CHUNK = 256
@@ -35,18 +47,226 @@ class SampleStats:
         return cls(enc.id, enc.source, enc.length, enc.image_tokens, enc.text_tokens, len(enc.images))
 
 
+@dataclass(frozen=True)
+class Source:
+    """What to read, and how (the read keys of the config)."""
+
+    data: str
+    dataset_dir: str | None = None
+    media_dir: str | None = None
+    allow_paths_outside_media_dir: bool = False
+    allow_remote_images: bool = False
+    max_samples: int | None = None  # the first n samples of each data file (LLaMA-Factory: per dataset)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """How far each sample goes: encode always; fit when `fit` is given; emit rows when `emit`."""
+
+    train_on_prompt: bool = False
+    fit: FitOptions | None = None
+    emit: bool = False
+    keep_ids: frozenset = frozenset()  # samples whose Encoded comes back whole (inspect --show)
+
+
+@dataclass
+class ChunkResult:
+    """One chunk's worth of results, in input order within the chunk."""
+
+    problems: list[Problem]  # validation problems
+    stats: list[SampleStats]  # valid samples, before fitting
+    invalid: list[Conversation]  # read but not valid (ids, sources)
+    lines: list[dict] = field(default_factory=list)  # fit report lines, one per conversation (fit only)
+    pieces: list[tuple[int, int]] = field(default_factory=list)  # (tokens, image tokens) per row (fit only)
+    errors: list[SampleError] = field(default_factory=list)  # samples that reached the 'error' policy
+    split_rows: int = 0
+    table: object = None  # emitted rows as a pyarrow Table in `features()` (emit only): built in the worker,
+    # it travels as Arrow buffers, so the main process only writes it
+    encoded: list[Encoded] = field(default_factory=list)  # the keep_ids samples
+
+
+@dataclass
+class Stream:
+    """The driver's output: chunk results in order; read problems and counts once it is exhausted."""
+
+    chunks: Iterator[ChunkResult]
+    unread: list[Problem] = field(default_factory=list)  # records that yielded no conversation
+    records: int = 0  # every record read (conversations + unread), before max_samples
+    limited: bool = False  # max_samples left some conversations out
+
+
+# -- one chunk, in a worker process (or this one) ---------------------------------------------
+_WORKER: dict = {}
+
+
+def _set_worker(loaded: Loaded, stages: Stages) -> None:
+    _WORKER["spec"] = loaded.spec
+    _WORKER["stages"] = stages
+    _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt)
+    _WORKER["fitter"] = Fitter(loaded.spec, stages.fit) if stages.fit is not None else None
+
+
+def invalid_line(sample_id: str, source: str, reason: str) -> dict:
+    return FitOutcome(sample_id, source, "invalid", reason, None, None).report()
+
+
+def unread_line(p: Problem) -> dict:
+    """The fit report line of a record that yielded no conversation."""
+    return invalid_line(p.sample_id or p.source, p.source, f"{p.what}; {p.fix}")
+
+
+def process_chunk(convs: list[Conversation]) -> ChunkResult:
+    """One chunk of samples from validation to (fitted, emitted) rows."""
+    w = _WORKER
+    spec, stages, fitter = w["spec"], w["stages"], w["fitter"]
+    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
+                       patch_size=spec.patch_size, merge_size=spec.merge_size)
+    valid = {c.id for c in checked.valid}
+    out = ChunkResult(list(checked.problems), [], [c for c in convs if c.id not in valid])
+    lines: dict[str, dict] = {}
+    rows: list[dict] = []
+    if fitter is not None:
+        by_id: dict[str, list[Problem]] = {}
+        for p in checked.problems:
+            by_id.setdefault(p.sample_id, []).append(p)
+        for c in out.invalid:
+            reason = " | ".join(f"{p.what}; {p.fix}" for p in by_id.get(c.id, [])) or "invalid"
+            lines[c.id] = invalid_line(c.id, c.source, reason)
+    for enc in w["encoder"].encode_many(checked.valid, checked.headers):
+        out.stats.append(SampleStats.of(enc))
+        if enc.id in stages.keep_ids:
+            out.encoded.append(enc)
+        if fitter is None:
+            continue
+        try:
+            fitted = fitter.fit(enc)
+        except SampleError as e:
+            out.errors.append(e)
+            continue
+        lines[enc.id] = fitted.report()
+        out.pieces += [(p.length, p.image_tokens) for p in fitted.pieces]
+        out.split_rows += len(fitted.pieces) if fitted.fate == "split" else 0
+        if stages.emit:
+            rows += [emit(p, spec).to_dict() for p in fitted.pieces]
+    if fitter is not None:
+        out.lines = [lines[c.id] for c in convs if c.id in lines]
+    if stages.emit and rows:
+        out.table = rows_table(rows, features())
+    return out
+
+
+def features():
+    from datasets import Features, Sequence, Value
+
+    return Features({
+        "id": Value("string"),
+        "source": Value("string"),
+        "input_ids": Sequence(Value("int32")),
+        "labels": Sequence(Value("int32")),
+        "images": Sequence(Value("string")),
+        "image_grid_thw": Sequence(Sequence(Value("int32"))),
+        "image_min_pixels": Sequence(Value("int64")),
+        "image_max_pixels": Sequence(Value("int64")),
+        "length": Value("int32"),
+    })
+
+
+def rows_table(rows: list[dict], feats):
+    """A chunk's rows as one Arrow table: columns straight to Arrow (datasets' per-example encoding is slow)."""
+    import pyarrow as pa
+
+    for r in rows:
+        r["length"] = len(r["input_ids"])
+    return pa.table({k: pa.array([r[k] for r in rows], type=feats[k].pa_type) for k in feats})
+
+
+def _init_worker(loaded: Loaded, stages: Stages) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # a worker is one core's worth of work
+    _set_worker(loaded, stages)
+
+
+# -- the driver --------------------------------------------------------------------------------
+def _file_key(source: str) -> str:
+    return re.sub(r"[:#]\d+$", "", source)
+
+
+def _chunks(source: Source, stream: Stream, chunk: int) -> Iterator[list[Conversation]]:
+    seen: Counter = Counter()
+    buf: list[Conversation] = []
+    for item in iter_samples(source.data, source.dataset_dir, source.media_dir,
+                             allow_paths_outside_media_dir=source.allow_paths_outside_media_dir,
+                             allow_remote_images=source.allow_remote_images):
+        stream.records += 1
+        if isinstance(item, Problem):
+            stream.unread.append(item)
+            continue
+        if source.max_samples:
+            key = _file_key(item.source)
+            seen[key] += 1
+            if seen[key] > source.max_samples:
+                stream.limited = True
+                continue
+        buf.append(item)
+        if len(buf) >= chunk:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _ordered(fn: Callable, items: Iterable, pool: ProcessPoolExecutor | None, window: int) -> Iterator:
+    """fn over items, results in order, at most `window` submitted ahead (bounded memory)."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def run_pipeline(source: Source, loaded: Loaded, stages: Stages, *, workers: int = 1, chunk: int = CHUNK,
+                 progress: bool = True, desc: str = "preparing") -> Stream:
+    """Stream `source` through the stages; iterate `.chunks` (to the end) to drive it."""
+    stream = Stream(iter(()))
+
+    def drive() -> Iterator[ChunkResult]:
+        n = max(1, int(workers or 1))
+        bar = tqdm(desc=desc, unit="sample", disable=not progress or None)
+        pool = None
+        if n == 1:
+            _set_worker(loaded, stages)
+        else:
+            pool = ProcessPoolExecutor(n, initializer=_init_worker, initargs=(loaded, stages))
+        try:
+            for res in _ordered(process_chunk, _chunks(source, stream, chunk), pool, 2 * n):
+                bar.update(len(res.stats) + len(res.invalid))
+                yield res
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    stream.chunks = drive()
+    return stream
+
+
 @dataclass
 class Accounting:
-    """Everything `inspect` knows about a dataset: the encoded samples and every problem."""
+    """Everything `inspect` knows about a dataset: per-sample numbers and every problem.
+
+    `encoded` holds the whole Encoded of the samples asked for (`keep_ids`), not of every sample."""
 
     records: int
-    encoded: list[Encoded]
+    stats: list[SampleStats]
     problems: list[Problem]
     invalid_ids: list[str] = field(default_factory=list)
-
-    @property
-    def stats(self) -> list[SampleStats]:
-        return [SampleStats.of(e) for e in self.encoded]
+    encoded: list[Encoded] = field(default_factory=list)
 
 
 def account(
@@ -57,29 +277,24 @@ def account(
     media_dir: str | None = None,
     train_on_prompt: bool = False,
     progress: bool = True,
+    workers: int = 1,
+    keep_ids: Iterable[str] = (),
     **read_kwargs,
 ) -> Accounting:
     """Read, validate and encode a dataset with header-only image sizes."""
-    spec = loaded.spec
-    read = read_samples(data, dataset_dir=dataset_dir, media_dir=media_dir, **read_kwargs)
-    checked = validate(
-        read.conversations,
-        min_pixels=spec.min_pixels,
-        max_pixels=spec.max_pixels,
-        patch_size=spec.patch_size,
-        merge_size=spec.merge_size,
-    )
-    encoder = Encoder(loaded.processor, spec, train_on_prompt=train_on_prompt)
+    stream = run_pipeline(Source(data, dataset_dir, media_dir, **read_kwargs), loaded,
+                          Stages(train_on_prompt=train_on_prompt, keep_ids=frozenset(keep_ids)),
+                          workers=workers, progress=progress, desc="accounting")
+    stats: list[SampleStats] = []
+    problems: list[Problem] = []
+    invalid: list[str] = []
     encoded: list[Encoded] = []
-    valid = checked.valid
-    with tqdm(total=len(valid), desc="accounting", unit="sample", disable=not progress or None) as bar:
-        for i in range(0, len(valid), CHUNK):
-            chunk = valid[i : i + CHUNK]
-            encoded.extend(encoder.encode_many(chunk, checked.headers))
-            bar.update(len(chunk))
-    valid_ids = {c.id for c in valid}
-    invalid = [c.id for c in read.conversations if c.id not in valid_ids]
-    return Accounting(read.records, encoded, list(read.problems) + list(checked.problems), invalid)
+    for res in stream.chunks:
+        stats += res.stats
+        problems += res.problems
+        invalid += [c.id for c in res.invalid]
+        encoded += res.encoded
+    return Accounting(stream.records, stats, stream.unread + problems, invalid, encoded)
 
 
 def nearest_rank(sorted_values: list[int], q: float) -> int:

@@ -1,35 +1,44 @@
-"""`vlmtune prepare`: read → validate → account → encode → fit → a cached `datasets` folder.
+"""`vlmtune prepare`: read → validate → account → encode → fit → a cached prepared dataset, streamed.
 
-Writes `<prepared_dir>/` (datasets `save_to_disk`, one row per emitted sample) and
-`<output_dir>/fit_report.jsonl` (one line per input record, whatever happened to it). The result is
-cached by a fingerprint of the data files, the data-related config and the model's processor, so a
-second run with nothing changed loads it instantly.
+Writes `<prepared_dir>/` (an Arrow file written by datasets' ArrowWriter as rows come, one row per
+emitted sample, memory-mapped by `Prepared.dataset()`) and `<output_dir>/fit_report.jsonl` (one line
+per input record, whatever happened to it: the records that could not be read first, then every
+conversation in input order). Both are written next to their targets and swapped in at the end, the
+prepared folder last with its fingerprint inside, so a prepare that is killed never leaves a cache
+that a later run takes as complete. The result is cached by a fingerprint of the data files, the
+data-related config and the model's processor, so a second run with nothing changed loads it instantly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
-import re
 import shutil
+import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from array import array
 from dataclasses import dataclass, field
+from typing import Iterator
 
-from tqdm.auto import tqdm
+import numpy as np
 
 from .. import __version__
 from ..config import FitArgs
-from ..errors import DataError, Problem
+from ..errors import DataError, Problem, VlmtuneError
 from ..models.load import Loaded, load_spec
-from .encode import Encoder, emit
-from .fit import FitOptions, FitOutcome, Fitter
-from .readers import read_samples
-from .validate import validate
+from .fit import FitOptions
+from .pipeline import Accounting, SampleStats, Source, Stages, features, run_pipeline, unread_line
 
 CHUNK = 256
 FINGERPRINT_FILE = "vlmtune_fingerprint.json"
+DATA_FILE = "data.arrow"
+SAMPLES_FILE = "samples.arrow"  # per valid sample: tokens before fitting (the doctor's and inspect's numbers)
+PROBLEMS_FILE = "problems.jsonl"
+PIECES_FILE = "pieces.npy"  # (tokens, image tokens) of each emitted row
+FATES = ("kept", "shrunk", "truncated", "split", "dropped", "invalid")
 # Config keys that change what `prepare` emits; anything else (learning rate, ...) does not.
 DATA_KEYS = (
     "model_name_or_path", "dataset", "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels",
@@ -41,7 +50,9 @@ DATA_KEYS = (
 
 @dataclass
 class Prepared:
-    """What `prepare` produced: the dataset folder, the report and its counts."""
+    """What `prepare` produced: the dataset folder, the report and its counts.
+
+    `table[fate] = [samples, rows, tokens before, tokens after]`, summed over the fit report."""
 
     path: str
     report_path: str
@@ -49,12 +60,17 @@ class Prepared:
     fates: dict[str, int]
     records: int
     cached: bool
-    report: list[dict] = field(default_factory=list, repr=False)
+    table: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def dataset(self):
-        from datasets import load_from_disk
+        return load_prepared(self.path)
 
-        return load_from_disk(self.path)
+
+def load_prepared(path: str):
+    """The prepared rows as a memory-mapped `datasets.Dataset`."""
+    from datasets import Dataset
+
+    return Dataset.from_file(os.path.join(path, DATA_FILE))
 
 
 def fit_options(fit: FitArgs) -> FitOptions:
@@ -68,11 +84,44 @@ def fit_options(fit: FitArgs) -> FitOptions:
     )
 
 
+def source_of(cfg) -> Source:
+    """The read keys of a config, for the pipeline."""
+    return Source(cfg.dataset, cfg.dataset_dir, cfg.media_dir, cfg.allow_paths_outside_media_dir,
+                  cfg.allow_remote_images, cfg.max_samples or None)
+
+
 def prepared_dir(cfg) -> str:
     return cfg.prepared_dir or os.path.join(cfg.output_dir, "prepared")
 
 
 def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prepared:
+    """Prepare (or load the cached) dataset; stops on the first sample that reaches the 'error' policy,
+    and, with on_bad_sample=error, on invalid samples once the fit report is written."""
+    return _prepare(cfg, loaded, progress, collect=False)[0]
+
+
+@dataclass
+class Facts:
+    """What the doctor's data check needs, from the same driver as prepare (or from its cache)."""
+
+    accounting: Accounting
+    fates: Counter
+    rows: list[tuple[int, int]]  # (tokens, image tokens) of each emitted row
+    errors: list[str]  # ids of samples that reach the 'error' policy
+    split_rows: int
+    limited: bool
+    prepared: Prepared | None  # the cache written or found (None when errors kept it from being written)
+
+
+def prepare_facts(cfg, loaded: Loaded, *, progress: bool = True) -> Facts:
+    """The doctor's view: a complete, matching cache is read instead of fitting again; else the data goes
+    through prepare's driver, every 'error'-policy sample is counted instead of stopping at the first, and
+    the cache is written when nothing would stop prepare (so the `train` that follows loads it)."""
+    prep, facts = _prepare(cfg, loaded, progress, collect=True)
+    return facts if facts is not None else _facts_from_cache(prep)
+
+
+def _prepare(cfg, loaded, progress, collect):
     loaded = loaded or load_spec(
         cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels,
         trust_remote_code=cfg.trust_remote_code,
@@ -80,143 +129,240 @@ def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prep
     out_dir = prepared_dir(cfg)
     report_path = os.path.join(cfg.output_dir, "fit_report.jsonl")
     fp = fingerprint(cfg, loaded, _data_files(cfg))
-    cached = _load_cached(out_dir, report_path, fp) if not cfg.overwrite_cache else None
+    cached = load_cached(out_dir, report_path, fp) if not cfg.overwrite_cache else None
     if cached is not None:
-        return cached
-    read = read_samples(
-        cfg.dataset, dataset_dir=cfg.dataset_dir, media_dir=cfg.media_dir,
-        allow_paths_outside_media_dir=cfg.allow_paths_outside_media_dir,
-        allow_remote_images=cfg.allow_remote_images,
-    )
-
-    convs = first_of_each_file(read.conversations, cfg.max_samples) if cfg.max_samples else read.conversations
-    problems, fitted, rows = _process_all(cfg, loaded, convs, progress)
-    report: list[dict] = [_unread_line(p) for p in read.problems] + fitted
-    bad = list(read.problems) + problems
-
+        return cached, None
     os.makedirs(cfg.output_dir, exist_ok=True)
-    _write_report(report_path, report)
-    if bad and cfg.on_bad_sample == "error":
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    with _exclusive(out_dir.rstrip("/") + ".lock", cfg.ddp_timeout) as waited:
+        if waited:  # another process (another node on a shared output_dir) held it: its cache may be ours
+            cached = load_cached(out_dir, report_path, fp)
+            if cached is not None:
+                return cached, None
+        return _prepare_locked(cfg, loaded, fp, out_dir, report_path, progress, collect)
+
+
+@contextlib.contextmanager
+def _exclusive(path: str, timeout_s: float) -> Iterator[bool]:
+    """An exclusive lock on `path` (filelock: flock, held by one process across the nodes that share the
+    filesystem, released by the kernel if its holder dies), waiting at most timeout_s; yields whether it
+    had to wait."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(path)
+    waited = False
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        waited = True
+        try:
+            lock.acquire(timeout=timeout_s)
+        except Timeout:
+            raise VlmtuneError(f"waited {timeout_s:.0f} s (ddp_timeout) for another process to finish preparing "
+                               f"into {path[:-5]}; raise ddp_timeout, or, if no prepare is running, delete {path}") from None
+    try:
+        yield waited
+    finally:
+        lock.release()
+
+
+def _prepare_locked(cfg, loaded, fp, out_dir, report_path, progress, collect):
+    tag = f".tmp-{os.uname().nodename}-{os.getpid()}"
+    tmp_dir, tmp_report, tmp_body = out_dir.rstrip("/") + tag, report_path + tag, report_path + tag + ".body"
+    _remove_stale(out_dir, report_path)
+    try:
+        return _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress, collect)
+    finally:  # whatever happened, nothing half-written stays behind
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        for p in (tmp_report, tmp_body):
+            if os.path.exists(p):
+                os.remove(p)
+
+
+def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress, collect):
+    from datasets.arrow_writer import ArrowWriter
+
+    os.makedirs(tmp_dir)
+    stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True)
+    stream = run_pipeline(source_of(cfg), loaded, stages, workers=cfg.preprocessing_num_workers or 1,
+                          chunk=CHUNK, progress=progress)
+    table = {f: [0, 0, 0, 0] for f in FATES}
+    problems: list[Problem] = []
+    errors: list[str] = []
+    stats: list[SampleStats] = []
+    invalid: list[str] = []
+    pieces = array("i")
+    split_rows = 0
+    rows = 0
+    feats = features()
+    # The conversations' lines go to a body file as they come; the unread records' lines (known only
+    # once reading is done) are written first, and the body is appended to them, in blocks.
+    with open(tmp_body, "w", encoding="utf-8") as body, \
+            ArrowWriter(features=feats, path=os.path.join(tmp_dir, DATA_FILE), writer_batch_size=1000) as writer, \
+            ArrowWriter(features=SAMPLE_FEATURES(), path=os.path.join(tmp_dir, SAMPLES_FILE)) as samples:
+        for res in _closing(stream.chunks):  # closed on an error: the workers stop at once
+            if res.errors and not collect:
+                raise res.errors[0]
+            errors += [e.sample_id for e in res.errors]
+            problems += res.problems
+            invalid += [c.id for c in res.invalid]
+            split_rows += res.split_rows
+            for n, k in res.pieces:
+                pieces += array("i", (n, k))
+            if collect:
+                stats += res.stats
+            if res.stats:
+                samples.write_table(_stats_table(res.stats))
+            _tally(table, res.lines)
+            body.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in res.lines)
+            if res.table is not None:
+                writer.write_table(res.table)
+                rows += res.table.num_rows
+        writer.finalize()
+        samples.finalize()
+    unread = [unread_line(p) for p in stream.unread]
+    _tally(table, unread)
+    with open(tmp_report, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in unread)
+        with open(tmp_body, encoding="utf-8") as b:
+            shutil.copyfileobj(b, f, 1 << 20)
+    os.replace(tmp_report, report_path)
+    bad = list(stream.unread) + problems
+    fates = {f: table[f][0] for f in FATES if table[f][0]}
+    records = sum(a[0] for a in table.values())
+    facts = None
+    if collect:
+        counted = Counter({f: table[f][0] - (len(unread) if f == "invalid" else 0) for f in FATES})
+        counted["error"] = len(errors)
+        acc = Accounting(stream.records, stats, bad, invalid)
+        facts = Facts(acc, counted, list(zip(pieces[::2], pieces[1::2])), errors, split_rows, stream.limited, None)
+        if errors or (bad and cfg.on_bad_sample == "error"):
+            return None, facts  # prepare would stop here: no cache
+    elif bad and cfg.on_bad_sample == "error":
         raise DataError(bad, header=f"{len(bad)} problem(s) in the data (the fit report is in {report_path}); "
                                     "fix them, or set on_bad_sample: skip to leave those samples out")
-    _save_rows(rows, out_dir, fp)
-    fates = Counter(r["fate"] for r in report)
-    return Prepared(out_dir, report_path, len(rows), dict(fates), len(report), False, report)
+    with open(os.path.join(tmp_dir, PROBLEMS_FILE), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in bad)
+    np.save(os.path.join(tmp_dir, PIECES_FILE), np.frombuffer(pieces, dtype=np.int32).reshape(-1, 2))
+    meta = {"fingerprint": fp, "rows": rows, "records": records, "fates": fates, "table": table,
+            "read_records": stream.records, "unread": len(unread), "errors": 0, "split_rows": split_rows,
+            "limited": stream.limited}
+    with open(os.path.join(tmp_dir, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f)  # written last: a folder without it is not a cache
+    # Swap the finished folder in: the rename is the commit point.
+    old = out_dir.rstrip("/") + ".old" + tmp_dir[len(out_dir.rstrip("/")):]
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp_dir, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    prep = Prepared(out_dir, report_path, rows, fates, records, False, table)
+    if facts is not None:
+        facts.prepared = prep
+    return prep, facts
 
 
-# -- validate, encode, fit and emit: in worker processes when asked ------------------------------
-_WORKER: dict = {}
+def _facts_from_cache(prep: Prepared) -> Facts:
+    """Facts of a complete cache: its per-sample numbers, problems, row sizes and the report's fates."""
+    from datasets import Dataset
+
+    with open(os.path.join(prep.path, FINGERPRINT_FILE), encoding="utf-8") as f:
+        meta = json.load(f)
+    cols = Dataset.from_file(os.path.join(prep.path, SAMPLES_FILE)).with_format("arrow")[:]
+    stats = [SampleStats(*t) for t in zip(*(cols[c].to_pylist() for c in SAMPLE_COLUMNS))]
+    with open(os.path.join(prep.path, PROBLEMS_FILE), encoding="utf-8") as f:
+        problems = [Problem(**json.loads(line)) for line in f]
+    invalid: list[str] = []
+    with open(prep.report_path, encoding="utf-8") as f:
+        for k, line in enumerate(f):
+            if k >= meta["unread"]:
+                r = json.loads(line)
+                if r["fate"] == "invalid":
+                    invalid.append(r["id"])
+    fates = Counter({f: prep.table.get(f, [0])[0] - (meta["unread"] if f == "invalid" else 0) for f in FATES})
+    fates["error"] = 0
+    pieces = np.load(os.path.join(prep.path, PIECES_FILE))
+    rows = [(int(n), int(k)) for n, k in pieces]
+    acc = Accounting(meta["read_records"], stats, problems, invalid)
+    return Facts(acc, fates, rows, [], meta["split_rows"], meta["limited"], prep)
 
 
-def _process_chunk(convs) -> tuple[list[Problem], list[dict], list[dict]]:
-    """One chunk of samples from validation to emitted rows; report lines in input order."""
-    w = _WORKER
-    spec = w["spec"]
-    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
-                       patch_size=spec.patch_size, merge_size=spec.merge_size)
-    lines = {line["id"]: line for line in _invalid_lines(convs, checked)}
-    rows = []
-    for enc in w["encoder"].encode_many(checked.valid, checked.headers):
-        out = w["fitter"].fit(enc)
-        lines[enc.id] = out.report()
-        rows += [emit(p, spec).to_dict() for p in out.pieces]
-    return list(checked.problems), [lines[c.id] for c in convs], rows
+SAMPLE_COLUMNS = ("id", "source", "tokens", "image_tokens", "text_tokens", "images")
 
 
-def _init_worker(model, min_px, max_px, trust, train_on_prompt, options) -> None:
-    loaded = load_spec(model, image_min_pixels=min_px, image_max_pixels=max_px, trust_remote_code=trust)
-    _set_worker(loaded, train_on_prompt, options)
+def SAMPLE_FEATURES():  # noqa: N802  (a constant, built lazily: datasets is a slow import)
+    from datasets import Features, Value
+
+    return Features({"id": Value("string"), "source": Value("string"), "tokens": Value("int32"),
+                     "image_tokens": Value("int32"), "text_tokens": Value("int32"), "images": Value("int32")})
 
 
-def _set_worker(loaded: Loaded, train_on_prompt: bool, options: FitOptions) -> None:
-    _WORKER["spec"] = loaded.spec
-    _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=train_on_prompt)
-    _WORKER["fitter"] = Fitter(loaded.spec, options)
+def _stats_table(stats: list[SampleStats]):
+    import pyarrow as pa
+
+    return pa.table({c: [getattr(s, c) for s in stats] for c in SAMPLE_COLUMNS}, schema=SAMPLE_FEATURES().arrow_schema)
 
 
-def _process_all(cfg, loaded: Loaded, convs, progress: bool) -> tuple[list[Problem], list[dict], list[dict]]:
-    options = fit_options(cfg.fit)
-    chunks = [convs[i : i + CHUNK] for i in range(0, len(convs), CHUNK)]
-    workers = max(1, int(cfg.preprocessing_num_workers or 1))
-    problems: list[Problem] = []
-    report: list[dict] = []
-    rows: list[dict] = []
-    bar = tqdm(total=len(convs), desc="preparing", unit="sample", disable=not progress or None)
-
-    def gather(results) -> None:
-        for chunk_problems, chunk_report, chunk_rows in results:
-            problems.extend(chunk_problems)
-            report.extend(chunk_report)
-            rows.extend(chunk_rows)
-            bar.update(len(chunk_report))
-
-    if workers == 1 or len(chunks) < 2:
-        _set_worker(loaded, cfg.train_on_prompt, options)
-        gather(map(_process_chunk, chunks))
-    else:
-        init = (cfg.model_name_or_path, cfg.image_min_pixels, cfg.image_max_pixels, cfg.trust_remote_code,
-                cfg.train_on_prompt, options)
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=init) as pool:
-            gather(pool.map(_process_chunk, chunks))
-    bar.close()
-    return problems, report, rows
+def _closing(gen):
+    """Iterate a generator, closing it (its finally: the worker pool shuts down) however the loop ends."""
+    with contextlib.closing(gen):
+        yield from gen
 
 
-# -- report ----------------------------------------------------------------------------------
-def first_of_each_file(convs, n: int):
-    """max_samples: the first n samples of each data file (LLaMA-Factory applies it per dataset)."""
-    seen: Counter = Counter()
-    out = []
-    for c in convs:
-        key = re.sub(r"[:#]\d+$", "", c.source)
-        seen[key] += 1
-        if seen[key] <= n:
-            out.append(c)
-    return out
-
-
-def _invalid(sample_id: str, source: str, reason: str) -> dict:
-    return FitOutcome(sample_id, source, "invalid", reason, None, None).report()
-
-
-def _unread_line(p: Problem) -> dict:
-    return _invalid(p.sample_id or p.source, p.source, f"{p.what}; {p.fix}")
-
-
-def _invalid_lines(convs, checked) -> list[dict]:
-    valid = {c.id for c in checked.valid}
-    by_id: dict[str, list[Problem]] = {}
-    for p in checked.problems:
-        by_id.setdefault(p.sample_id, []).append(p)
-    lines = []
-    for c in convs:
-        if c.id in valid:
-            continue
-        reason = " | ".join(f"{p.what}; {p.fix}" for p in by_id.get(c.id, [])) or "invalid"
-        lines.append(_invalid(c.id, c.source, reason))
-    return lines
-
-
-def _write_report(path: str, report: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in report:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def format_report_summary(prep: Prepared) -> str:
-    """The fit report as a table: samples, emitted rows and tokens per fate."""
-    order = ["kept", "shrunk", "truncated", "split", "dropped", "invalid"]
-    agg = {f: [0, 0, 0, 0] for f in order}  # samples, rows, tokens before, tokens after
-    for r in prep.report:
-        a = agg.setdefault(r["fate"], [0, 0, 0, 0])
+def _tally(table: dict, lines: list[dict]) -> None:
+    for r in lines:
+        a = table.setdefault(r["fate"], [0, 0, 0, 0])
         after = r["tokens_after"]
         pieces = after if isinstance(after, list) else ([after] if after is not None else [])
         a[0] += 1
         a[1] += len(pieces)
         a[2] += r["tokens_before"] or 0
         a[3] += sum(pieces)
+
+
+def _remove_stale(out_dir: str, report_path: str) -> None:
+    """Leftovers of a killed prepare on this node (its pid is gone): never read, removed here."""
+    node = os.uname().nodename
+    for p in glob.glob(glob.escape(out_dir.rstrip("/")) + ".*tmp-*") + glob.glob(glob.escape(report_path) + ".tmp-*"):
+        host_pid = p.rsplit(".tmp-", 1)[1].removesuffix(".body")
+        host, _, pid = host_pid.rpartition("-")
+        if host == node and pid.isdigit() and not _alive(int(pid)):
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    os.remove(p)
+                except OSError:
+                    pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def first_of_each_file(convs, n: int):
+    """max_samples: the first n samples of each data file (LLaMA-Factory applies it per dataset)."""
+    from .pipeline import _file_key
+
+    seen: Counter = Counter()
+    out = []
+    for c in convs:
+        key = _file_key(c.source)
+        seen[key] += 1
+        if seen[key] <= n:
+            out.append(c)
+    return out
+
+
+def format_report_summary(prep: Prepared) -> str:
+    """The fit report as a table: samples, emitted rows and tokens per fate."""
+    agg = {f: list(prep.table.get(f, [0, 0, 0, 0])) for f in FATES}
+    agg.update({f: a for f, a in prep.table.items() if f not in agg})
     rows = [(f, *agg[f]) for f in agg]
     rows.append(("total", *(sum(a[k] for a in agg.values()) for k in range(4))))
     head = ("fate", "samples", "rows", "tokens before", "tokens after")
@@ -265,46 +411,74 @@ def fingerprint(cfg, loaded: Loaded, files: list[str]) -> str:
     return h.hexdigest()
 
 
-def _load_cached(out_dir: str, report_path: str, fp: str) -> Prepared | None:
+def load_cached(out_dir: str, report_path: str, fp: str) -> Prepared | None:
+    """The cache in out_dir when it is complete and made for fingerprint `fp`, else None."""
     try:
         with open(os.path.join(out_dir, FINGERPRINT_FILE), encoding="utf-8") as f:
             meta = json.load(f)
-        if meta.get("fingerprint") != fp or not os.path.exists(report_path):
+        if meta.get("fingerprint") != fp or not os.path.exists(report_path) \
+                or not os.path.exists(os.path.join(out_dir, DATA_FILE)):
             return None
-        with open(report_path, encoding="utf-8") as f:
-            report = [json.loads(line) for line in f]
-    except (OSError, ValueError):
+        return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    fates = Counter(r["fate"] for r in report)
-    return Prepared(out_dir, report_path, meta["rows"], dict(fates), len(report), True, report)
 
 
-def _save_rows(rows: list[dict], out_dir: str, fp: str) -> None:
-    from datasets import Dataset, DatasetInfo, Features, Sequence, Value
+# -- streaming: true ---------------------------------------------------------------------------
+class StreamedRows:
+    """`streaming: true`: rows straight from the pipeline (fit on the fly, no prepared copy), for a
+    `torch.utils.data.IterableDataset`. The first pass over the data writes the fit report as it goes, one
+    line per record read (unreadable records as they are met, then each chunk's samples in input order),
+    flushed after every chunk, so a run stopped by max_steps has a report of exactly the records it read.
+    Later passes (epochs) read the data again without rewriting the report."""
 
-    features = Features({
-        "id": Value("string"),
-        "source": Value("string"),
-        "input_ids": Sequence(Value("int32")),
-        "labels": Sequence(Value("int32")),
-        "images": Sequence(Value("string")),
-        "image_grid_thw": Sequence(Sequence(Value("int32"))),
-        "image_min_pixels": Sequence(Value("int64")),
-        "image_max_pixels": Sequence(Value("int64")),
-        "length": Value("int32"),
-    })
-    import pyarrow as pa
+    def __init__(self, cfg, loaded: Loaded):
+        self.cfg, self.loaded = cfg, loaded
+        self.report_path = os.path.join(cfg.output_dir, "fit_report.jsonl")
+        self.passes = 0
+        self.table = {f: [0, 0, 0, 0] for f in FATES}
 
-    for r in rows:
-        r["length"] = len(r["input_ids"])
-    # Columns straight to Arrow: datasets' per-example feature encoding is the slow part of from_list.
-    table = pa.table({k: pa.array([r[k] for r in rows], type=features[k].pa_type) for k in features})
-    ds = Dataset(table.cast(features.arrow_schema), info=DatasetInfo(features=features))
-    # Write next to the target and swap, so an interrupted prepare never leaves a half cache.
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(tmp)
-    with open(os.path.join(tmp, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
-        json.dump({"fingerprint": fp, "rows": len(rows)}, f)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    def __iter__(self):
+        cfg = self.cfg
+        self.passes += 1
+        first = self.passes == 1
+        stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True)
+        stream = run_pipeline(source_of(cfg), self.loaded, stages, workers=cfg.preprocessing_num_workers or 1,
+                              chunk=CHUNK, progress=False)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        report = open(self.report_path, "w", encoding="utf-8") if first else None
+        written = 0
+        try:
+            for res in _closing(stream.chunks):
+                if res.errors:
+                    raise res.errors[0]
+                if report is not None:
+                    unread = [unread_line(p) for p in stream.unread[written:]]
+                    written = len(stream.unread)
+                    _tally(self.table, unread + res.lines)
+                    report.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in unread + res.lines)
+                    report.flush()
+                if res.table is not None:
+                    yield from res.table.to_pylist()
+            if report is not None:
+                unread = [unread_line(p) for p in stream.unread[written:]]
+                _tally(self.table, unread)
+                report.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in unread)
+        finally:
+            if report is not None:
+                report.close()
+
+
+def streamed_dataset(cfg, loaded: Loaded):
+    """A torch IterableDataset over StreamedRows (the Trainer needs max_steps with it)."""
+    import torch.utils.data
+
+    rows = StreamedRows(cfg, loaded)
+
+    class _Iterable(torch.utils.data.IterableDataset):
+        stream = rows
+
+        def __iter__(self):
+            return iter(rows)
+
+    return _Iterable()

@@ -1,4 +1,10 @@
-"""Read users' datasets as they already have them into normalised `Conversation`s.
+"""Read users' datasets as they already have them into normalised `Conversation`s, as a stream.
+
+API: `iter_raw(data, ...)` yields every record as a `RawRecord` (or a `Problem`) in input order, from
+the per-format generators in `FILE_READERS` (a new format is one more `(path, base_dir, fmt) ->
+Iterator[RawRecord | Problem]` registered by extension); `iter_samples(data, ...)` yields
+`Conversation | Problem` with globally unique ids (`IdPlan`: a first pass counts ids as hashes);
+`read_samples` is its list form.
 
 Supported inputs (`read_samples(data, ...)`):
 
@@ -52,12 +58,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
+from array import array
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
 
 from ..errors import Problem
 from .dataset_info import dataset_files
@@ -70,9 +80,6 @@ from .records import (
     record_to_conversation,
 )
 from .types import Conversation
-
-_DATA_EXTS = (".json", ".jsonl")
-
 
 _FIX_FILE = "check the path and its permissions"
 
@@ -90,8 +97,12 @@ class ReadResult:
 
 
 @dataclass
-class _Raw:
-    """One record as loaded from a file, before ids are assigned."""
+class RawRecord:
+    """One record as loaded from a file, before its id is assigned.
+
+    `source` names where it is (`path:LINE`, `path#INDEX`); `fallback_id` is the id it takes when it has
+    no unique id of its own (`<stem>:<line>`, `<stem>:<index>`); image paths resolve against `base_dir`.
+    """
 
     value: Any
     source: str
@@ -100,16 +111,10 @@ class _Raw:
     fmt: RecordFormat
 
 
-@dataclass
-class _Input:
-    path: str
-    base_dir: str
-    fmt: RecordFormat = AUTO_FORMAT
-
-
-@dataclass
-class _Loaded:
-    items: list[_Raw | Problem] = field(default_factory=list)  # in input order
+# A file reader: (path, base_dir, fmt) -> the file's records in order, each a RawRecord or the Problem
+# of a record (or of the whole file) that cannot be read. Readers are generators: nothing is held
+# beyond the record being yielded (a JSON array file is the exception: json has no incremental parser).
+FileReader = Callable[[str, str, RecordFormat], Iterator["RawRecord | Problem"]]
 
 
 def _is_datasets_folder(path: str) -> bool:
@@ -129,60 +134,58 @@ def _parse_json(text: str) -> Any:
         raise ValueError(str(e)) from None
 
 
-def _read_jsonl(inp: _Input, out: _Loaded, lines: Iterable[bytes] | None = None) -> None:
-    if lines is not None:
-        _read_lines(inp, out, lines)
-        return
+def read_jsonl(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT) -> Iterator[RawRecord | Problem]:
+    """A JSON Lines file, one line at a time."""
     try:
-        with open(inp.path, "rb") as f:
-            _read_lines(inp, out, f)
+        f = open(path, "rb")
     except OSError as e:
-        what = f"cannot read the file: {e.strerror or e}"
-        out.items.append(file_problem(inp.path, "data_not_found", what, _FIX_FILE))
+        yield file_problem(path, "data_not_found", f"cannot read the file: {e.strerror or e}", _FIX_FILE)
+        return
+    with f:
+        try:
+            yield from _read_lines(path, base_dir, fmt, f)
+        except OSError as e:
+            yield file_problem(path, "data_not_found", f"cannot read the file: {e.strerror or e}", _FIX_FILE)
 
 
-def _read_lines(inp: _Input, out: _Loaded, lines: Iterable[bytes]) -> None:
-    stem = Path(inp.path).stem
+def _read_lines(path: str, base_dir: str, fmt: RecordFormat, lines: Iterable[bytes]) -> Iterator[RawRecord | Problem]:
+    stem = Path(path).stem
     for lineno, raw in enumerate(lines, 1):
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         if not raw.strip():
             continue
-        source = f"{inp.path}:{lineno}"
+        source = f"{path}:{lineno}"
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            out.items.append(
-                file_problem(
-                    source,
-                    "invalid_utf8",
-                    f"line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
-                    "re-save the file as UTF-8",
-                )
+            yield file_problem(
+                source,
+                "invalid_utf8",
+                f"line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                "re-save the file as UTF-8",
             )
             continue
         try:
             value = _parse_json(text.rstrip("\r\n"))
         except ValueError as e:
-            out.items.append(
-                file_problem(
-                    source,
-                    "invalid_json",
-                    f"line is not valid JSON: {e}",
-                    "fix the JSON on this line (a .jsonl file holds one JSON object per line)",
-                )
+            yield file_problem(
+                source,
+                "invalid_json",
+                f"line is not valid JSON: {e}",
+                "fix the JSON on this line (a .jsonl file holds one JSON object per line)",
             )
             continue
-        out.items.append(_Raw(value, source, f"{stem}:{lineno}", inp.base_dir, inp.fmt))
+        yield RawRecord(value, source, f"{stem}:{lineno}", base_dir, fmt)
 
 
-def _read_json(inp: _Input, out: _Loaded) -> None:
+def read_json(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT) -> Iterator[RawRecord | Problem]:
+    """A JSON array file (or one JSON object: one record; or JSON Lines in a .json file, as `datasets` reads it)."""
     try:
-        with open(inp.path, "rb") as f:
+        with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        what = f"cannot read the file: {e.strerror or e}"
-        out.items.append(file_problem(inp.path, "data_not_found", what, _FIX_FILE))
+        yield file_problem(path, "data_not_found", f"cannot read the file: {e.strerror or e}", _FIX_FILE)
         return
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -193,154 +196,285 @@ def _read_json(inp: _Input, out: _Loaded) -> None:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         if stripped.startswith(b"{"):  # JSON Lines in a .json file: report the bad lines only
-            _read_jsonl(inp, out, iter(data.split(b"\n")))
+            yield from _read_lines(path, base_dir, fmt, iter(data.split(b"\n")))
             return
-        out.items.append(
-            file_problem(
-                inp.path,
-                "invalid_utf8",
-                f"file is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})",
-                "re-save the file as UTF-8",
-            )
+        yield file_problem(
+            path,
+            "invalid_utf8",
+            f"file is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})",
+            "re-save the file as UTF-8",
         )
         return
     try:
         value = _parse_json(text)
     except ValueError as e:
         if stripped.startswith(b"{"):
-            _read_jsonl(inp, out, iter(data.split(b"\n")))
+            yield from _read_lines(path, base_dir, fmt, iter(data.split(b"\n")))
             return
-        out.items.append(
-            file_problem(
-                inp.path,
-                "invalid_json",
-                f"file is not valid JSON: {e}",
-                "fix the JSON syntax (a .json file holds one JSON array of records; "
-                "use .jsonl for one record per line)",
-            )
+        yield file_problem(
+            path,
+            "invalid_json",
+            f"file is not valid JSON: {e}",
+            "fix the JSON syntax (a .json file holds one JSON array of records; "
+            "use .jsonl for one record per line)",
         )
         return
+    del data, text
     if isinstance(value, dict):
         # A single record: LLaMA-Factory (via `datasets`) reads it as one row.
         value = [value]
     if not isinstance(value, list):
-        out.items.append(
-            file_problem(
-                inp.path,
-                "invalid_json",
-                f"file holds {_type_name(value)}, expected a JSON array of records",
-                "write the records as a JSON array: [{\"messages\": [...]}, ...]",
-            )
+        yield file_problem(
+            path,
+            "invalid_json",
+            f"file holds {_type_name(value)}, expected a JSON array of records",
+            "write the records as a JSON array: [{\"messages\": [...]}, ...]",
         )
         return
-    stem = Path(inp.path).stem
-    for i, rec in enumerate(value):
-        out.items.append(_Raw(rec, f"{inp.path}#{i}", f"{stem}:{i}", inp.base_dir, inp.fmt))
+    stem = Path(path).stem
+    value.reverse()  # pop from the end: each record is released once it has been read
+    i = 0
+    while value:
+        yield RawRecord(value.pop(), f"{path}#{i}", f"{stem}:{i}", base_dir, fmt)
+        i += 1
 
 
-def _read_datasets_folder(inp: _Input, out: _Loaded) -> None:
+def read_datasets_folder(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT) -> Iterator[RawRecord | Problem]:
+    """A `save_to_disk` folder (memory-mapped Arrow), in batches of rows."""
     try:
         import datasets
 
-        ds = datasets.load_from_disk(inp.path)
+        ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             if "train" in ds:
                 ds = ds["train"]
             elif len(ds) == 1:
                 ds = next(iter(ds.values()))
             else:
-                out.items.append(
-                    file_problem(
-                        inp.path,
-                        "data_not_found",
-                        f"the DatasetDict has no \"train\" split (splits: {', '.join(sorted(ds))})",
-                        "save the training split as \"train\", or point `data` at the split's folder",
-                    )
+                yield file_problem(
+                    path,
+                    "data_not_found",
+                    f"the DatasetDict has no \"train\" split (splits: {', '.join(sorted(ds))})",
+                    "save the training split as \"train\", or point `data` at the split's folder",
                 )
                 return
         # Arrow rows: no decoding of Image features (they come back as {"bytes", "path"}).
-        rows: list = []
-        for batch in ds.with_format("arrow").iter(batch_size=4096):
-            rows.extend(batch.to_pylist())
+        batches = ds.with_format("arrow").iter(batch_size=1024)
+        first = next(batches, None)
     except Exception as e:  # a broken folder must be reported, not crash the run
-        out.items.append(
-            file_problem(
-                inp.path,
-                "data_not_found",
-                f"cannot load the datasets folder: {type(e).__name__}: {_short(str(e), 200)}",
-                "check that the folder was written by `Dataset.save_to_disk`",
-            )
+        yield file_problem(
+            path,
+            "data_not_found",
+            f"cannot load the datasets folder: {type(e).__name__}: {_short(str(e), 200)}",
+            "check that the folder was written by `Dataset.save_to_disk`",
         )
         return
-    name = Path(inp.path.rstrip("/\\") or inp.path).name
-    for i, rec in enumerate(rows):
-        out.items.append(_Raw(rec, f"{inp.path}#{i}", f"{name}:{i}", inp.base_dir, inp.fmt))
+    name = Path(path.rstrip("/\\") or path).name
+    i = 0
+    while first is not None:
+        for rec in first.to_pylist():
+            yield RawRecord(rec, f"{path}#{i}", f"{name}:{i}", base_dir, fmt)
+            i += 1
+        first = next(batches, None)
 
 
-def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, out: _Loaded) -> None:
+# File readers by extension. New formats register here (see data/formats.py).
+FILE_READERS: dict[str, FileReader] = {".jsonl": read_jsonl, ".json": read_json}
+
+
+def _reader_for(path: str) -> FileReader | None:
+    for ext, reader in FILE_READERS.items():
+        if path.endswith(ext):
+            return reader
+    return None
+
+
+def _read_path(path: str, base_dir: str | None, fmt: RecordFormat) -> Iterator[RawRecord | Problem]:
     if os.path.isdir(path):
         if _is_datasets_folder(path):
             parent = os.path.dirname(os.path.abspath(path.rstrip("/\\") or path))
-            _read_datasets_folder(_Input(path, base_dir or parent, fmt), out)
+            yield from read_datasets_folder(path, base_dir or parent, fmt)
             return
         try:
-            names = sorted(n for n in os.listdir(path) if n.endswith(_DATA_EXTS) and n != "dataset_info.json")
+            names = sorted(
+                n for n in os.listdir(path) if _reader_for(n) is not None and n != "dataset_info.json"
+            )
         except OSError as e:
-            what = f"cannot list the folder: {e.strerror or e}"
-            out.items.append(file_problem(path, "data_not_found", what, _FIX_FILE))
+            yield file_problem(path, "data_not_found", f"cannot list the folder: {e.strerror or e}", _FIX_FILE)
             return
         names = [n for n in names if os.path.isfile(os.path.join(path, n))]
         if not names:
-            out.items.append(
-                file_problem(
-                    path,
-                    "data_not_found",
-                    "the folder holds no .json or .jsonl files",
-                    "point `data` at a data file, a folder of .json/.jsonl files or a `save_to_disk` folder",
-                )
+            yield file_problem(
+                path,
+                "data_not_found",
+                "the folder holds no .json or .jsonl files",
+                "point `data` at a data file, a folder of .json/.jsonl files or a `save_to_disk` folder",
             )
             return
         for n in names:
-            _read_path(os.path.join(path, n), base_dir or path, fmt, out)
+            yield from _read_path(os.path.join(path, n), base_dir or path, fmt)
         return
     folder = base_dir or os.path.dirname(path) or "."
-    if path.endswith(".jsonl"):
-        _read_jsonl(_Input(path, folder, fmt), out)
-    elif path.endswith(".json"):
-        _read_json(_Input(path, folder, fmt), out)
+    reader = _reader_for(path)
+    if reader is None:
+        yield file_problem(
+            path,
+            "data_not_found",
+            f"unsupported data file type {Path(path).suffix or '(no extension)'!r}",
+            "use a .json or .jsonl file, a folder of them, or a `save_to_disk` folder",
+        )
+        return
+    yield from reader(path, folder, fmt)
+
+
+def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = None) -> Iterator[RawRecord | Problem]:
+    """Every record of `data`, in input order, as a RawRecord or the Problem of an unreadable record or input."""
+    if os.path.exists(data):
+        yield from _read_path(data, media_dir, AUTO_FORMAT)
+        return
+    items = [x.strip() for x in data.split(",") if x.strip()]
+    if items and all(os.path.exists(x) for x in items):
+        for x in items:
+            yield from _read_path(x, media_dir, AUTO_FORMAT)
+    elif dataset_dir is not None and items:
+        for entry in dataset_files(items, dataset_dir, media_dir):
+            if isinstance(entry, Problem):
+                yield entry
+            else:
+                yield from _read_path(*entry)
     else:
-        out.items.append(
-            file_problem(
-                path,
-                "data_not_found",
-                f"unsupported data file type {Path(path).suffix or '(no extension)'!r}",
-                "use a .json or .jsonl file, a folder of them, or a `save_to_disk` folder",
-            )
+        yield file_problem(
+            data,
+            "data_not_found",
+            f"{data!r} is not a file or folder"
+            + ("" if dataset_dir else " (and no dataset_dir was given to look up dataset names)"),
+            "point `data` at a .json/.jsonl file, a folder of them or a `save_to_disk` folder, "
+            "or give dataset names with dataset_dir",
         )
 
 
-def _assign_ids(raws: list[_Raw]) -> list[str]:
-    own: list[str | None] = []
-    for raw in raws:
-        value = raw.value.get("id") if isinstance(raw.value, dict) else None
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            own.append(None)
-            continue
-        text = str(value)
-        own.append(text if text.strip() and len(text) <= 200 else None)
-    counts = Counter(x for x in own if x is not None)
-    used: set[str] = set()
-    ids = []
-    for raw, mine in zip(raws, own):
-        sid = mine if mine is not None and counts[mine] == 1 else raw.fallback_id
-        if sid in used:
+# -- ids: a record's own id when unique across everything read, else its fallback id -----------------
+def _own_id(value: Any) -> str | None:
+    own = value.get("id") if isinstance(value, dict) else None
+    if isinstance(own, bool) or not isinstance(own, (str, int)):
+        return None
+    text = str(own)
+    return text if text.strip() and len(text) <= 200 else None
+
+
+def _h(text: str) -> int:
+    """A 64-bit hash of an id, never 0 (0 marks "no own id")."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") or 1
+
+
+class IdPlan:
+    """Assigns ids in one pass over the records after a first pass has counted them.
+
+    Uniqueness is global, so every record's id must be known before the first sample is emitted. The
+    first pass keeps 8-byte hashes in numpy arrays (16 bytes per record, not the records); exact strings
+    are kept only for the rare ids whose hashes repeat, so a hash collision never merges two ids. Results
+    equal the whole-list rule: own id if unique, else the fallback, then `~2`, `~3`... on a clash.
+    """
+
+    def __init__(self, raws: Iterable[RawRecord | Problem], recount: Callable[[], Iterable[RawRecord | Problem]]):
+        own_h, fb_h = array("Q"), array("Q")
+        for raw in raws:
+            if isinstance(raw, RawRecord):
+                own = _own_id(raw.value)
+                own_h.append(0 if own is None else _h(own))
+                fb_h.append(_h(raw.fallback_id))
+        own = np.frombuffer(own_h, dtype=np.uint64) if own_h else np.zeros(0, np.uint64)
+        fb = np.frombuffer(fb_h, dtype=np.uint64) if fb_h else np.zeros(0, np.uint64)
+        self.records = len(own)
+        vals, counts = np.unique(own[own != 0], return_counts=True)
+        dup_h = set(vals[counts > 1].tolist())
+        # Exact counts for the own ids whose hashes repeat (a second pass over the records, when any).
+        self._own_counts: Counter = Counter()
+        if dup_h:
+            for raw in recount():
+                if isinstance(raw, RawRecord):
+                    mine = _own_id(raw.value)
+                    if mine is not None and _h(mine) in dup_h:
+                        self._own_counts[mine] += 1
+        self._dup_h = dup_h
+        dup = np.fromiter(dup_h, np.uint64, len(dup_h))
+        in_dup = np.isin(own, dup)
+        first = np.where((own != 0) & ~in_dup, own, fb)  # the first choice of each record (see below)
+        vals, counts = np.unique(first, return_counts=True)
+        # Ids that take the exact path (strings, `_used`): first choices that repeat, and, for records whose
+        # own id's hash repeats, both candidates (their first choice needs the exact counts).
+        self._contested = set(vals[counts > 1].tolist()) | dup_h | set(fb[in_dup].tolist())
+        order = np.argsort(first, kind="stable")
+        self._sorted, self._order = first[order], order
+        self._used: set[str] = set()  # final ids of records that took the exact path, and generated suffixes
+        self._generated: set[str] = set()
+        self._i = 0
+
+    def _first_choice(self, raw: RawRecord) -> str:
+        mine = _own_id(raw.value)
+        if mine is None:
+            return raw.fallback_id
+        if _h(mine) in self._dup_h and self._own_counts[mine] != 1:
+            return raw.fallback_id
+        return mine
+
+    def _earlier(self, sid: str, i: int) -> bool:
+        """Whether a record before i has taken `sid` as its id without the exact path."""
+        h = _h(sid)
+        if h in self._contested:
+            return False  # every record with this first choice takes the exact path: it is in _used
+        k = int(np.searchsorted(self._sorted, h))
+        return k < len(self._sorted) and int(self._sorted[k]) == h and int(self._order[k]) < i
+
+    def next_id(self, raw: RawRecord) -> str:
+        i = self._i
+        self._i += 1
+        sid = self._first_choice(raw)
+        if _h(sid) not in self._contested and sid not in self._generated:
+            return sid  # unique among the first choices, and no suffix took it: final
+        base = sid
+        if sid in self._used or self._earlier(sid, i):
             k = 2
-            while f"{sid}~{k}" in used:
+            while f"{base}~{k}" in self._used or self._earlier(f"{base}~{k}", i):
                 k += 1
-            sid = f"{sid}~{k}"
-        used.add(sid)
-        ids.append(sid)
-    return ids
+            sid = f"{base}~{k}"
+            self._generated.add(sid)
+        self._used.add(sid)
+        return sid
+
+
+def iter_samples(
+    data: str,
+    dataset_dir: str | None = None,
+    media_dir: str | None = None,
+    *,
+    allow_paths_outside_media_dir: bool = False,
+    allow_remote_images: bool = False,
+) -> Iterator[Conversation | Problem]:
+    """Every record of `data` in input order, as a `Conversation` or the one `Problem` why it yields none.
+
+    Reads the input twice (three times when own ids repeat): once to plan the ids, then to convert. Memory
+    stays bounded by one record plus 16 bytes per record for the id plan.
+    """
+    def raws() -> Iterator[RawRecord | Problem]:
+        return iter_raw(data, dataset_dir, media_dir)
+
+    plan = IdPlan(raws(), raws)
+    cache = PathCache()
+    for item in raws():
+        if isinstance(item, Problem):
+            yield item
+            continue
+        yield record_to_conversation(
+            item.value,
+            sample_id=plan.next_id(item),
+            source=item.source,
+            base_dir=item.base_dir,
+            fmt=item.fmt,
+            allow_paths_outside_media_dir=allow_paths_outside_media_dir,
+            allow_remote_images=allow_remote_images,
+            cache=cache,
+        )
 
 
 def read_samples(
@@ -351,7 +485,7 @@ def read_samples(
     allow_paths_outside_media_dir: bool = False,
     allow_remote_images: bool = False,
 ) -> ReadResult:
-    """Read every record of `data` into conversations, accounting for each record.
+    """Read every record of `data` into conversations, accounting for each record (a list of `iter_samples`).
 
     `data` is a .json/.jsonl file, a folder of them, a `save_to_disk` folder, comma-separated
     paths, or comma-separated dataset names from `dataset_dir/dataset_info.json`. Image paths are
@@ -360,8 +494,13 @@ def read_samples(
     """
     # Reading builds millions of small acyclic objects; the cyclic GC would rescan them over and
     # over (about 3x the reading time on 100k records), so it is paused while reading.
+    conversations: list[Conversation] = []
+    problems: list[Problem] = []
     with _gc_paused():
-        return _read_samples(data, dataset_dir, media_dir, allow_paths_outside_media_dir, allow_remote_images)
+        for item in iter_samples(data, dataset_dir, media_dir, allow_paths_outside_media_dir=allow_paths_outside_media_dir,
+                                 allow_remote_images=allow_remote_images):
+            (problems if isinstance(item, Problem) else conversations).append(item)
+    return ReadResult(conversations=conversations, problems=problems, records=len(conversations) + len(problems))
 
 
 @contextlib.contextmanager
@@ -373,58 +512,3 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _read_samples(
-    data: str,
-    dataset_dir: str | None,
-    media_dir: str | None,
-    allow_paths_outside_media_dir: bool,
-    allow_remote_images: bool,
-) -> ReadResult:
-    out = _Loaded()
-    if os.path.exists(data):
-        _read_path(data, media_dir, AUTO_FORMAT, out)
-    else:
-        items = [x.strip() for x in data.split(",") if x.strip()]
-        if items and all(os.path.exists(x) for x in items):
-            for x in items:
-                _read_path(x, media_dir, AUTO_FORMAT, out)
-        elif dataset_dir is not None and items:
-            for entry in dataset_files(items, dataset_dir, media_dir):
-                if isinstance(entry, Problem):
-                    out.items.append(entry)
-                else:
-                    _read_path(*entry, out)
-        else:
-            out.items.append(
-                file_problem(
-                    data,
-                    "data_not_found",
-                    f"{data!r} is not a file or folder"
-                    + ("" if dataset_dir else " (and no dataset_dir was given to look up dataset names)"),
-                    "point `data` at a .json/.jsonl file, a folder of them or a `save_to_disk` folder, "
-                    "or give dataset names with dataset_dir",
-                )
-            )
-    raws = [x for x in out.items if isinstance(x, _Raw)]
-    ids = iter(_assign_ids(raws))
-    conversations: list[Conversation] = []
-    problems: list[Problem] = []
-    cache = PathCache()
-    for item in out.items:
-        if isinstance(item, Problem):
-            problems.append(item)
-            continue
-        result = record_to_conversation(
-            item.value,
-            sample_id=next(ids),
-            source=item.source,
-            base_dir=item.base_dir,
-            fmt=item.fmt,
-            allow_paths_outside_media_dir=allow_paths_outside_media_dir,
-            allow_remote_images=allow_remote_images,
-            cache=cache,
-        )
-        (problems if isinstance(result, Problem) else conversations).append(result)
-    return ReadResult(conversations=conversations, problems=problems, records=len(out.items))

@@ -21,7 +21,7 @@ import yaml
 
 from ..data.collate import Collator
 from ..data.pack import pack_dataset
-from ..data.prepare import Prepared, format_report_summary, prepare
+from ..data.prepare import Prepared, format_report_summary, prepare, streamed_dataset
 from ..errors import ConfigError
 from ..models.load import (
     Loaded,
@@ -89,17 +89,21 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     set_seed(cfg.seed)
     init_cpu_distributed(cfg.ddp_timeout)
     args = training_arguments(cfg, progress)
-    # Rank 0 prepares (and caches); the other ranks then load the same cache, so every rank sees
-    # exactly the same rows in the same order.
-    with args.main_process_first(desc="prepare"):
-        prepared = prepare(cfg, loaded, progress=progress)
-    say(format_report_summary(prepared))
-    train_ds, eval_ds = split_validation(prepared.dataset(), cfg.val_size, cfg.seed)
+    if cfg.streaming:  # no prepared copy: rows are fitted on the fly, the report written as samples are read
+        train_ds, eval_ds = streamed_dataset(cfg, loaded), None
+        prepared = Prepared("(streaming: no prepared copy)", os.path.join(cfg.output_dir, "fit_report.jsonl"),
+                            0, {}, 0, False)
+        say(f"streaming: samples are fitted as they are read; fit report: {prepared.report_path}")
+    else:
+        prepared = prepare_once(cfg, loaded, args, progress)
+        say(format_report_summary(prepared))
+        train_ds, eval_ds = split_validation(prepared.dataset(), cfg.val_size, cfg.seed)
     if cfg.packing:
         before = len(train_ds)
-        train_ds = pack_dataset(train_ds, cfg.cutoff_len)
+        train_ds = pack_dataset(train_ds, cfg.cutoff_len,
+                                os.path.join(prepared.path, f"packed-{cfg.cutoff_len}-{args.process_index}.arrow"))
         say(f"packing: {before} rows into {len(train_ds)} sequences of at most {cfg.cutoff_len} tokens")
-    if len(train_ds) == 0:
+    if not cfg.streaming and len(train_ds) == 0:
         raise ConfigError([f"no training rows were emitted from dataset={cfg.dataset!r}; "
                            f"see {prepared.report_path} for what happened to each sample"])
 
@@ -142,6 +146,15 @@ def build_model(cfg):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     keep_frozen_out_of_backward(model)
     return model
+
+
+def prepare_once(cfg, loaded, args, progress: bool = True) -> Prepared:
+    """Each node's local rank 0 prepares while that node's other ranks wait at main_process_first's barrier
+    (bounded by ddp_timeout), then load the same cache, so every rank sees the same rows in the same order.
+    Nodes that share output_dir meet at prepare's lock: exactly one prepares, the others wait (bounded by
+    ddp_timeout) and load its cache; nodes without a shared filesystem each prepare once."""
+    with args.main_process_first(desc="prepare"):
+        return prepare(cfg, loaded, progress=progress)
 
 
 def init_cpu_distributed(timeout_s: int) -> None:
@@ -195,6 +208,9 @@ def training_arguments(cfg, progress: bool = True):
         ddp_find_unused_parameters=False,
         save_only_model=False,
         use_cpu=not torch.cuda.is_available(),
+        # streaming: every rank iterates the stream and keeps its own batches; accelerate's default for an
+        # iterable dataset (rank 0 reads and slices each batch along dim 0) would cut pixel_values apart.
+        **({"accelerator_config": {"dispatch_batches": False}} if getattr(cfg, "streaming", False) else {}),
     )
 
 
@@ -240,7 +256,7 @@ def split_validation(ds, val_size, seed: int):
 def train(run: Run) -> TrainResult:
     cfg, trainer = run.cfg, run.trainer
     worst = None
-    if cfg.worst_case_first and run.resume is None:
+    if cfg.worst_case_first and run.resume is None and not cfg.streaming:  # streaming: no lengths to rank
         worst = trainer.worst_case_step(log=say)
         ga = cfg.gradient_accumulation_steps
         say(f"worst-case batch ok: {worst['tokens']} tokens, {worst['images']} images, "

@@ -388,42 +388,22 @@ def _vision_without_lora(ctx: Context, frozen: set[str]) -> Check:
 
 
 def _read_data(ctx: Context, progress: bool) -> None:
-    """Account the dataset and fit every sample with the configured policies, counting their fates."""
-    if ctx.loaded is None:
+    """The data through prepare's driver (or prepare's cache, when it matches): every sample's fate under the
+    configured policies, counted. A clean run leaves the cache behind for the `train` that follows."""
+    if ctx.loaded is None or ctx.cfg.streaming:  # streaming: the data is fitted as it is read, not ahead
         return
     cfg = ctx.cfg
-    from ...data.fit import Fitter
-    from ...data.pipeline import account, summarize
-    from ...data.prepare import first_of_each_file, fit_options
-    from ...errors import SampleError
+    from ...data.pipeline import summarize
+    from ...data.prepare import prepare_facts
 
     try:
-        acc = account(cfg.dataset, ctx.loaded, dataset_dir=cfg.dataset_dir, media_dir=cfg.media_dir,
-                      train_on_prompt=cfg.train_on_prompt, progress=progress,
-                      allow_paths_outside_media_dir=cfg.allow_paths_outside_media_dir,
-                      allow_remote_images=cfg.allow_remote_images)
+        f = prepare_facts(cfg, ctx.loaded, progress=progress)
     except (VlmtuneError, OSError, ValueError) as e:
         ctx.data_error = f"{type(e).__name__}: {e}"
         return
-    limited = False
-    if cfg.max_samples:  # prepare keeps the first max_samples records of each file (invalid ones count there)
-        kept = first_of_each_file(acc.encoded, cfg.max_samples)
-        limited, acc.encoded = len(kept) < len(acc.encoded), kept
-    fitter = Fitter(ctx.loaded.spec, fit_options(cfg.fit))
-    fates: Counter = Counter()
-    rows, errors, split_rows = [], [], 0
-    for enc in acc.encoded:
-        try:
-            out = fitter.fit(enc)
-        except SampleError:
-            fates["error"] += 1
-            errors.append(enc.id)
-            continue
-        fates[out.fate] += 1
-        rows += [(p.length, p.image_tokens) for p in out.pieces]
-        split_rows += len(out.pieces) if out.fate == "split" else 0
-    ctx.data = DataFacts(len(acc.encoded), len(acc.invalid_ids), acc.problems, summarize(acc, cfg.cutoff_len),
-                         fates, rows, errors, split_rows, limited)
+    acc = f.accounting
+    ctx.data = DataFacts(len(acc.stats), len(acc.invalid_ids), acc.problems, summarize(acc, cfg.cutoff_len),
+                         f.fates, f.rows, f.errors, f.split_rows, f.limited)
 
 
 def check_data(ctx: Context) -> Check:
@@ -438,6 +418,9 @@ def check_data(ctx: Context) -> Check:
     if ctx.loaded is None:
         return Check("data", "warn", "not checked: the model's processor could not be loaded (see the model check)",
                      "fix the model check first")
+    if ctx.data is None and cfg.streaming:
+        return Check("data", "ok", "not checked ahead: streaming: true fits each sample as it is read; "
+                     "fit_report.jsonl accounts for every sample read (`vlmtune inspect` checks the data first)")
     if ctx.data is None:
         return Check("data", "fail", f"cannot read dataset={cfg.dataset!r}: {ctx.data_error}",
                      "fix dataset / dataset_dir / media_dir (try `vlmtune inspect`)")

@@ -1,0 +1,68 @@
+"""The data driver: streamed prepare equals the whole-list prepare it replaced; one pipeline for every command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _golden import CONFIGS, GOLDEN, build_dataset, produce
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prepare_reproduces_the_golden_rows_and_report(tmp_path, tiny_ckpt, make_image, name, workers):
+    root = tmp_path.resolve()
+    data = build_dataset(root, make_image)
+    got = produce(root, data, tiny_ckpt("qwen2_vl"), name, f"preprocessing_num_workers={workers}")
+    want = json.loads((GOLDEN / f"{name}.json").read_text())
+    assert len(got["report"]) == len(want["report"]) == 55
+    assert got["report"] == want["report"]
+    assert got["rows"] == want["rows"]
+
+
+def test_inspect_doctor_and_prepare_give_the_same_fates_and_token_counts(tmp_path, tiny_ckpt, make_image):
+    from collections import Counter
+
+    from _golden import config_args
+
+    from vlmtune.config import load_config
+    from vlmtune.data.pipeline import account
+    from vlmtune.data.prepare import prepare, prepare_facts
+    from vlmtune.models.load import load_spec
+
+    root = tmp_path.resolve()
+    data = build_dataset(root, make_image)
+    ckpt = tiny_ckpt("qwen2_vl")
+    loaded = load_spec(str(ckpt))
+    inspected = account(str(data), loaded, progress=False)
+    doctor_cfg = load_config(None, config_args(root, data, ckpt, "default", f"output_dir={root / 'doc'}"))
+    doctor = prepare_facts(doctor_cfg, loaded, progress=False)  # no cache yet: runs the driver
+    prep = prepare(load_config(None, config_args(root, data, ckpt, "default")), loaded, progress=False)
+    report = [json.loads(line) for line in open(prep.report_path)]
+
+    tokens = {r["id"]: r["tokens_before"] for r in report if r["fate"] != "invalid"}
+    assert len(tokens) == 43
+    assert {s.id: s.tokens for s in inspected.stats} == tokens
+    assert {s.id: s.tokens for s in doctor.accounting.stats} == tokens
+    fates = Counter(r["fate"] for r in report)
+    assert fates == {"invalid": 12, "kept": 21, "shrunk": 22}
+    unread = sum(1 for r in report if r["fate"] == "invalid" and r["tokens_before"] is None
+                 and r["id"] not in set(inspected.invalid_ids))
+    assert {f: n for f, n in doctor.fates.items() if n} == fates - Counter(invalid=unread)
+    assert sorted(doctor.rows) == sorted(zip(prep.dataset()["length"], doctor_image_tokens(prep, loaded)))
+    assert doctor.prepared is not None and doctor.prepared.fates == prep.fates
+    assert [p.to_dict() for p in doctor.accounting.problems] == [p.to_dict() for p in inspected.problems]
+    assert sorted(doctor.accounting.invalid_ids) == sorted(inspected.invalid_ids)
+    # and the doctor run after prepare reads prepare's cache instead of fitting again
+    again = prepare_facts(load_config(None, config_args(root, data, ckpt, "default")), loaded, progress=False)
+    assert again.prepared.cached is True
+    assert (again.fates, again.rows, again.split_rows) == (doctor.fates, doctor.rows, doctor.split_rows)
+    assert again.accounting.stats == doctor.accounting.stats
+    assert [p.to_dict() for p in again.accounting.problems] == [p.to_dict() for p in doctor.accounting.problems]
+    assert again.accounting.invalid_ids == doctor.accounting.invalid_ids
+
+
+def doctor_image_tokens(prep, loaded):
+    merge = loaded.spec.merge_size ** 2
+    return [sum(t * h * w for t, h, w in grids) // merge for grids in prep.dataset()["image_grid_thw"]]
