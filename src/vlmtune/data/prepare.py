@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from collections import Counter
 from array import array
 from dataclasses import dataclass, field
