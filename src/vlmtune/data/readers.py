@@ -60,7 +60,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import Problem
-from .dataset_info import dataset_files
+from . import formats
+from .dataset_info import DatasetEntry, _looks_like_hub_id, dataset_entries, entry_for_path
 from .paths import PathCache, _short
 from .records import (
     AUTO_FORMAT,
@@ -87,6 +88,7 @@ class ReadResult:
     conversations: list[Conversation]
     problems: list[Problem]
     records: int
+    notes: list[str] = field(default_factory=list)  # what was recognised, one line each
 
 
 @dataclass
@@ -98,6 +100,7 @@ class _Raw:
     fallback_id: str
     base_dir: str
     fmt: RecordFormat
+    origin: list | None = None  # the row's locator for embedded images (data/formats.py)
 
 
 @dataclass
@@ -113,7 +116,15 @@ class _Loaded:
 
 
 def _is_datasets_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+    return formats.is_datasets_folder(path)
+
+
+def _read_table_rows(rows, base_dir: str, fmt: RecordFormat, out: _Loaded) -> None:
+    for item in rows:
+        if isinstance(item, Problem):
+            out.items.append(item)
+        else:
+            out.items.append(_Raw(item.value, item.source, item.fallback_id, base_dir, fmt, item.origin))
 
 
 def _parse_json(text: str) -> Any:
@@ -238,50 +249,19 @@ def _read_json(inp: _Input, out: _Loaded) -> None:
         out.items.append(_Raw(rec, f"{inp.path}#{i}", f"{stem}:{i}", inp.base_dir, inp.fmt))
 
 
-def _read_datasets_folder(inp: _Input, out: _Loaded) -> None:
-    try:
-        import datasets
-
-        ds = datasets.load_from_disk(inp.path)
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" in ds:
-                ds = ds["train"]
-            elif len(ds) == 1:
-                ds = next(iter(ds.values()))
-            else:
-                out.items.append(
-                    file_problem(
-                        inp.path,
-                        "data_not_found",
-                        f"the DatasetDict has no \"train\" split (splits: {', '.join(sorted(ds))})",
-                        "save the training split as \"train\", or point `data` at the split's folder",
-                    )
-                )
-                return
-        # Arrow rows: no decoding of Image features (they come back as {"bytes", "path"}).
-        rows: list = []
-        for batch in ds.with_format("arrow").iter(batch_size=4096):
-            rows.extend(batch.to_pylist())
-    except Exception as e:  # a broken folder must be reported, not crash the run
-        out.items.append(
-            file_problem(
-                inp.path,
-                "data_not_found",
-                f"cannot load the datasets folder: {type(e).__name__}: {_short(str(e), 200)}",
-                "check that the folder was written by `Dataset.save_to_disk`",
-            )
-        )
-        return
-    name = Path(inp.path.rstrip("/\\") or inp.path).name
-    for i, rec in enumerate(rows):
-        out.items.append(_Raw(rec, f"{inp.path}#{i}", f"{name}:{i}", inp.base_dir, inp.fmt))
-
-
-def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, out: _Loaded) -> None:
+def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, out: _Loaded, split: str | None = None) -> None:
     if os.path.isdir(path):
         if _is_datasets_folder(path):
             parent = os.path.dirname(os.path.abspath(path.rstrip("/\\") or path))
-            _read_datasets_folder(_Input(path, base_dir or parent, fmt), out)
+            _read_table_rows(formats.iter_datasets_folder(path, split), base_dir or parent, fmt, out)
+            return
+        if formats.table_files_in(path):  # the Hub layout: data/train-00000-of-00002.parquet, ...
+            found = formats.split_files(path, split)
+            if isinstance(found, Problem):
+                out.items.append(found)
+                return
+            for name in found[0]:
+                _read_path(name, base_dir or path, fmt, out)
             return
         try:
             names = sorted(n for n in os.listdir(path) if n.endswith(_DATA_EXTS) and n != "dataset_info.json")
@@ -304,7 +284,11 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, out: _Loaded)
             _read_path(os.path.join(path, n), base_dir or path, fmt, out)
         return
     folder = base_dir or os.path.dirname(path) or "."
-    if path.endswith(".jsonl"):
+    if path.endswith(".parquet"):
+        _read_table_rows(formats.iter_parquet(path), folder, fmt, out)
+    elif path.endswith(".arrow"):
+        _read_table_rows(formats.iter_arrow(path), folder, fmt, out)
+    elif path.endswith(".jsonl"):
         _read_jsonl(_Input(path, folder, fmt), out)
     elif path.endswith(".json"):
         _read_json(_Input(path, folder, fmt), out)
@@ -314,7 +298,8 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, out: _Loaded)
                 path,
                 "data_not_found",
                 f"unsupported data file type {Path(path).suffix or '(no extension)'!r}",
-                "use a .json or .jsonl file, a folder of them, or a `save_to_disk` folder",
+                "use a .json, .jsonl, .parquet or .arrow file, a folder of them (the Hub layout), "
+                "a `save_to_disk` folder or a Hub dataset id",
             )
         )
 
@@ -384,18 +369,18 @@ def _read_samples(
 ) -> ReadResult:
     out = _Loaded()
     if os.path.exists(data):
-        _read_path(data, media_dir, AUTO_FORMAT, out)
+        _read_given_path(data, dataset_dir, media_dir, out)
     else:
         items = [x.strip() for x in data.split(",") if x.strip()]
         if items and all(os.path.exists(x) for x in items):
             for x in items:
-                _read_path(x, media_dir, AUTO_FORMAT, out)
-        elif dataset_dir is not None and items:
-            for entry in dataset_files(items, dataset_dir, media_dir):
+                _read_given_path(x, dataset_dir, media_dir, out)
+        elif items and (dataset_dir is not None or all(_looks_like_hub_id(x) for x in items)):
+            for entry in dataset_entries(items, dataset_dir or ".", media_dir, hub_ids=True):
                 if isinstance(entry, Problem):
                     out.items.append(entry)
                 else:
-                    _read_path(*entry, out)
+                    _read_entry(entry, out)
         else:
             out.items.append(
                 file_problem(
@@ -409,6 +394,7 @@ def _read_samples(
             )
     raws = [x for x in out.items if isinstance(x, _Raw)]
     ids = iter(_assign_ids(raws))
+    from .remote import fetch_remote_images  # noqa: PLC0415 (only when a record has a URL)
     conversations: list[Conversation] = []
     problems: list[Problem] = []
     cache = PathCache()
@@ -425,6 +411,60 @@ def _read_samples(
             allow_paths_outside_media_dir=allow_paths_outside_media_dir,
             allow_remote_images=allow_remote_images,
             cache=cache,
+            origin=item.origin,
         )
         (problems if isinstance(result, Problem) else conversations).append(result)
-    return ReadResult(conversations=conversations, problems=problems, records=len(out.items))
+    if allow_remote_images:
+        fetch_remote_images(conversations)
+    return ReadResult(conversations=conversations, problems=problems, records=len(out.items),
+                      notes=layout_notes(conversations))
+
+
+def _read_given_path(path: str, dataset_dir: str | None, media_dir: str | None, out: _Loaded) -> None:
+    """A path given directly: a dataset_info.json entry naming it still applies (columns, tags, split)."""
+    entry = entry_for_path(path, dataset_dir)
+    if entry is None:
+        _read_path(path, media_dir, AUTO_FORMAT, out)
+    else:
+        _read_entry(DatasetEntry(path, media_dir or "", entry.fmt, entry.split, entry.subset, None,
+                                 entry.num_samples), out)
+
+
+def _read_entry(entry: DatasetEntry, out: _Loaded) -> None:
+    part = _Loaded()
+    if entry.hub_id is not None:
+        _read_table_rows(formats.iter_hub(entry.hub_id, entry.subset, entry.split), entry.root or ".", entry.fmt,
+                         part)
+    else:
+        _read_path(entry.path, entry.root or None, entry.fmt, part, entry.split)
+    items = part.items
+    if entry.num_samples is not None:
+        items = _sample(items, entry.num_samples)
+    out.items.extend(items)
+
+
+def _sample(items: list, k: int) -> list:
+    """LLaMA-Factory's `num_samples`: k records drawn at random (all of them, then repeats, when k > n).
+
+    Seeded, so that the same config prepares the same data; problems of unreadable inputs are kept.
+    """
+    import numpy as np
+
+    problems = [x for x in items if isinstance(x, Problem)]
+    raws = [x for x in items if not isinstance(x, Problem)]
+    n = len(raws)
+    if n == 0:
+        return items
+    rng = np.random.default_rng(0)
+    order = list(rng.permutation(n)[:k])
+    if k > n:
+        order += list(rng.choice(n, k - n))
+    return problems + [raws[i] for i in order]
+
+
+def layout_notes(conversations: list[Conversation]) -> list[str]:
+    """One line per record layout recognised, with how many records had it."""
+    from .records import LAYOUTS
+
+    counts = Counter(c.layout for c in conversations)
+    return [f"recognised {LAYOUTS.get(k, k)}: {n} record(s)" for k, n in counts.most_common()]
