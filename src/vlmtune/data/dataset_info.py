@@ -192,6 +192,7 @@ def entry_for_path(path: str, dataset_dir: str | None) -> DatasetEntry | None:
     """The dataset_info.json entry whose `file_name` is `path`, looked up in dataset_dir and the path's folder.
 
     So that a mapping (columns, tags, split) applies whether the dataset is named or passed as a path.
+    Only an entry that is the one naming the path applies; with several, name the dataset instead.
     """
     real = os.path.realpath(path)
     folders = [d for d in (dataset_dir, os.path.dirname(real), os.path.dirname(os.path.dirname(real))) if d]
@@ -206,11 +207,12 @@ def entry_for_path(path: str, dataset_dir: str | None) -> DatasetEntry | None:
             continue  # reported when the dataset is named; a path alone does not need the file
         if not isinstance(info, dict):
             continue
-        for name, entry in info.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
-                continue
-            if os.path.realpath(os.path.join(folder, entry["file_name"])) != real:
-                continue
+        named = [(name, entry) for name, entry in info.items()
+                 if isinstance(entry, dict) and isinstance(entry.get("file_name"), str)
+                 and os.path.realpath(os.path.join(folder, entry["file_name"])) == real]
+        if len(named) != 1:  # none, or several views of one file (splits, samples): name the one you mean
+            continue
+        for name, entry in named:
             fmt = _format_from_entry(entry, name, info_path)
             extras = _entry_extras(entry, name, info_path)
             if isinstance(fmt, Problem) or isinstance(extras, Problem):

@@ -43,6 +43,7 @@ class Accounting:
     encoded: list[Encoded]
     problems: list[Problem]
     invalid_ids: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the record layouts recognised
 
     @property
     def stats(self) -> list[SampleStats]:
@@ -78,8 +79,10 @@ def account(
             encoded.extend(encoder.encode_many(chunk, checked.headers))
             bar.update(len(chunk))
     valid_ids = {c.id for c in valid}
-    invalid = [c.id for c in read.conversations if c.id not in valid_ids]
-    return Accounting(read.records, encoded, list(read.problems) + list(checked.problems), invalid)
+    # Records rejected while reading are invalid samples too (records == valid + invalid).
+    invalid = [p.sample_id or p.source for p in read.problems]
+    invalid += [c.id for c in read.conversations if c.id not in valid_ids]
+    return Accounting(read.records, encoded, list(read.problems) + list(checked.problems), invalid, read.notes)
 
 
 def nearest_rank(sorted_values: list[int], q: float) -> int:
@@ -123,4 +126,5 @@ def summarize(acc: Accounting, cutoff_len: int | None = None) -> dict:
         "cutoff_len": cutoff_len,
         "over_cutoff": None if cutoff_len is None else sum(1 for n in lengths if n > cutoff_len),
         "problems": [p.to_dict() for p in acc.problems],
+        "notes": list(acc.notes),
     }

@@ -467,4 +467,7 @@ def layout_notes(conversations: list[Conversation]) -> list[str]:
     from .records import LAYOUTS
 
     counts = Counter(c.layout for c in conversations)
+    specific = [k for k in counts if k != "sharegpt"]
+    if len(specific) == 1 and "sharegpt" in counts:  # records without images cannot tell the layouts apart
+        counts = Counter({specific[0]: sum(counts.values())})
     return [f"recognised {LAYOUTS.get(k, k)}: {n} record(s)" for k, n in counts.most_common()]
