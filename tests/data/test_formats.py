@@ -321,3 +321,28 @@ def test_inspect_exits_non_zero_and_counts_read_rejects_when_nothing_is_valid(tm
     assert rc != 0
     assert summary["samples"] == 0 and summary["invalid_samples"] == 2 and summary["records"] == 2
     assert [p["kind"] for p in summary["problems"]] == ["unsupported_media", "invalid_json"]
+
+
+@pytest.mark.slow
+def test_two_shard_parquet_with_embedded_images_prepares_and_trains(tmp_path, tiny_ckpt):
+    from vlmtune.config import load_config
+    from vlmtune.data.prepare import prepare
+    from vlmtune.train import recipe
+
+    samples = [(q, a, [_png(40 + 8 * k, 56, (60 * k, 90, 200)) for k in range(len(imgs[:2]))])
+               for q, a, imgs in _samples(8, n=6)]
+    folder = tmp_path / "hub"
+    _write_parquet_shards(folder, _trl_records(samples))
+    cfg = load_config(None, base={
+        "model_name_or_path": str(tiny_ckpt("qwen2_vl")), "dataset": str(folder), "output_dir": str(tmp_path / "out"),
+        "cutoff_len": 300, "per_device_train_batch_size": 2, "max_steps": 2, "logging_steps": 1, "save_steps": 1000,
+        "report_to": "none", "seed": 0})
+    prep = prepare(cfg, progress=False)
+    assert prep.fates == {"kept": 6} and prep.rows == 6
+    rows = prep.dataset()
+    images = [p for r in rows for p in r["images"]]
+    assert len(images) == sum(len(s[2]) for s in samples) and all(p.startswith("embedded:") for p in images)
+    stored = b"".join(Path(prep.path, f).read_bytes() for f in os.listdir(prep.path))
+    assert not any(b in stored for s in samples for b in s[2])  # a reference to the rows, not a copy of the bytes
+    result = recipe.run(cfg, progress=False)
+    assert [h["step"] for h in result.log_history if "loss" in h] == [1, 2]
