@@ -34,7 +34,7 @@ DATA_KEYS = (
     "model_name_or_path", "dataset", "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels",
     "image_min_pixels", "max_samples", "allow_paths_outside_media_dir", "allow_remote_images",
     "on_bad_sample", "train_on_prompt", "overflow", "min_image_tokens", "max_image_token_share",
-    "split_keep_context",
+    "split_keep_context", "remote_image_max_bytes",
 )
 
 
@@ -66,6 +66,13 @@ def fit_options(cfg) -> FitOptions:
     )
 
 
+def remote_options(cfg):
+    from .remote import FetchOptions
+
+    return FetchOptions(max_bytes=cfg.remote_image_max_bytes, connect_timeout=cfg.remote_image_timeout,
+                        read_timeout=cfg.remote_image_timeout)
+
+
 def media_dir_of(cfg) -> str | None:
     """media_dir as set by the user; when it was only derived from dataset_dir, let the reader
     resolve images against each data file's folder (a dataset given as a path) or dataset_dir."""
@@ -90,7 +97,7 @@ def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prep
     read = read_samples(
         cfg.dataset, dataset_dir=cfg.dataset_dir, media_dir=media_dir_of(cfg),
         allow_paths_outside_media_dir=cfg.allow_paths_outside_media_dir,
-        allow_remote_images=cfg.allow_remote_images,
+        allow_remote_images=cfg.allow_remote_images, remote_options=remote_options(cfg),
     )
 
     convs = first_of_each_file(read.conversations, cfg.max_samples) if cfg.max_samples else read.conversations
@@ -103,6 +110,13 @@ def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prep
     if bad and cfg.on_bad_sample == "error":
         raise DataError(bad, header=f"{len(bad)} problem(s) in the data (the fit report is in {report_path}); "
                                     "fix them, or set on_bad_sample: skip to leave those samples out")
+    invalid = sum(1 for line in report if line["fate"] == "invalid")
+    if invalid > cfg.max_skipped_share * len(report) and not cfg.confirm_skipped_share:
+        raise DataError(bad, header=(
+            f"on_bad_sample=skip would leave out {invalid} of {len(report)} records "
+            f"({100 * invalid / max(1, len(report)):.1f}%) as invalid, more than max_skipped_share="
+            f"{cfg.max_skipped_share:g} (the fit report is in {report_path}); fix them, or set "
+            "confirm_skipped_share: true to train on the rest"))
     _save_rows(rows, out_dir, fp)
     fates = Counter(r["fate"] for r in report)
     return Prepared(out_dir, report_path, len(rows), dict(fates), len(report), False, report)

@@ -335,6 +335,7 @@ def read_samples(
     *,
     allow_paths_outside_media_dir: bool = False,
     allow_remote_images: bool = False,
+    remote_options=None,
 ) -> ReadResult:
     """Read every record of `data` into conversations, accounting for each record.
 
@@ -346,7 +347,8 @@ def read_samples(
     # Reading builds millions of small acyclic objects; the cyclic GC would rescan them over and
     # over (about 3x the reading time on 100k records), so it is paused while reading.
     with _gc_paused():
-        return _read_samples(data, dataset_dir, media_dir, allow_paths_outside_media_dir, allow_remote_images)
+        return _read_samples(data, dataset_dir, media_dir, allow_paths_outside_media_dir, allow_remote_images,
+                             remote_options)
 
 
 @contextlib.contextmanager
@@ -366,6 +368,7 @@ def _read_samples(
     media_dir: str | None,
     allow_paths_outside_media_dir: bool,
     allow_remote_images: bool,
+    remote_options=None,
 ) -> ReadResult:
     out = _Loaded()
     if os.path.exists(data):
@@ -415,7 +418,7 @@ def _read_samples(
         )
         (problems if isinstance(result, Problem) else conversations).append(result)
     if allow_remote_images:
-        fetch_remote_images(conversations)
+        fetch_remote_images(conversations, *([remote_options] if remote_options is not None else []))
     return ReadResult(conversations=conversations, problems=problems, records=len(out.items),
                       notes=layout_notes(conversations))
 
