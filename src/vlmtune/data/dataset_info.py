@@ -78,7 +78,7 @@ def _load_info(info_path: str, names: list[str], out: list) -> dict | None:
                 "point `data` at a data file or folder, or set dataset_dir to the folder holding dataset_info.json",
             )
         )
-        return out
+        return None
     except (ValueError, RecursionError) as e:
         what = f"dataset_info.json is not valid JSON: {_short(str(e), 200)}"
         out.append(file_problem(info_path, "bad_dataset_info", what, "fix dataset_info.json"))
