@@ -62,13 +62,14 @@ def account(
 ) -> Accounting:
     """Read, validate and encode a dataset with header-only image sizes."""
     spec = loaded.spec
-    read = read_samples(data, dataset_dir=dataset_dir, media_dir=media_dir, **read_kwargs)
+    read = read_samples(data, dataset_dir=dataset_dir, media_dir=media_dir, progress=progress, **read_kwargs)
     checked = validate(
         read.conversations,
         min_pixels=spec.min_pixels,
         max_pixels=spec.max_pixels,
         patch_size=spec.patch_size,
         merge_size=spec.merge_size,
+        progress=progress,
     )
     encoder = Encoder(loaded.processor, spec, train_on_prompt=train_on_prompt)
     encoded: list[Encoded] = []

@@ -97,7 +97,7 @@ def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prep
     read = read_samples(
         cfg.dataset, dataset_dir=cfg.dataset_dir, media_dir=media_dir_of(cfg),
         allow_paths_outside_media_dir=cfg.allow_paths_outside_media_dir,
-        allow_remote_images=cfg.allow_remote_images, remote_options=remote_options(cfg),
+        allow_remote_images=cfg.allow_remote_images, remote_options=remote_options(cfg), progress=progress,
     )
 
     convs = first_of_each_file(read.conversations, cfg.max_samples) if cfg.max_samples else read.conversations

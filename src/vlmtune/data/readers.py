@@ -73,6 +73,7 @@ from .records import (
 from .types import Conversation
 
 _DATA_EXTS = (".json", ".jsonl")
+PROGRESS_MIN = 10_000  # inputs with fewer records than this show no progress bar
 
 
 _FIX_FILE = "check the path and its permissions"
@@ -336,6 +337,7 @@ def read_samples(
     allow_paths_outside_media_dir: bool = False,
     allow_remote_images: bool = False,
     remote_options=None,
+    progress: bool = False,
 ) -> ReadResult:
     """Read every record of `data` into conversations, accounting for each record.
 
@@ -348,7 +350,7 @@ def read_samples(
     # over (about 3x the reading time on 100k records), so it is paused while reading.
     with _gc_paused():
         return _read_samples(data, dataset_dir, media_dir, allow_paths_outside_media_dir, allow_remote_images,
-                             remote_options)
+                             remote_options, progress)
 
 
 @contextlib.contextmanager
@@ -369,6 +371,7 @@ def _read_samples(
     allow_paths_outside_media_dir: bool,
     allow_remote_images: bool,
     remote_options=None,
+    progress: bool = False,
 ) -> ReadResult:
     out = _Loaded()
     if os.path.exists(data):
@@ -401,7 +404,10 @@ def _read_samples(
     conversations: list[Conversation] = []
     problems: list[Problem] = []
     cache = PathCache()
-    for item in out.items:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(out.items, desc="reading", unit="record", disable=not progress or len(out.items) < PROGRESS_MIN or None)
+    for item in bar:
         if isinstance(item, Problem):
             problems.append(item)
             continue

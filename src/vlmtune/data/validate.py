@@ -296,6 +296,7 @@ def validate(
     check_images: bool = True,
     verify_images: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    progress: bool = False,
 ) -> ValidationResult:
     """Every problem of every conversation, the valid ones, and the image headers read.
 
@@ -315,6 +316,10 @@ def validate(
     checked: dict[str, ImageHeader | _Bad | tuple[ImageHeader, _Bad]] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if progress and isinstance(conversations, list) and len(conversations) >= 10_000:
+            from tqdm.auto import tqdm
+
+            conversations = tqdm(conversations, desc="validating", unit="sample")
         for conv in conversations:
             found: list[Problem] = list(conv.read_problems)
             for kind, what, fix in _conversation_problems(conv):
