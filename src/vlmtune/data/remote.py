@@ -61,9 +61,12 @@ class FetchError(Exception):
 def cache_dir(opts: FetchOptions) -> str:
     if opts.cache_dir:
         return opts.cache_dir
-    import datasets.config
+    root = os.environ.get("HF_DATASETS_CACHE")  # read now: datasets.config reads it once, at import
+    if not root:
+        import datasets.config
 
-    return os.path.join(str(datasets.config.HF_DATASETS_CACHE), "vlmtune_images")
+        root = str(datasets.config.HF_DATASETS_CACHE)
+    return os.path.join(root, "vlmtune_images")
 
 
 def _sha(text: bytes) -> str:
