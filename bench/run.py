@@ -30,6 +30,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("prepare", "bench_prepare"),
     ("pack", "bench_pack"),
     ("doctor_memory", "bench_doctor_memory"),
+    ("embedded", "bench_embedded"),
 ]
 
 

@@ -102,7 +102,7 @@ def iter_parquet(path: str) -> Iterator[TableRow | Problem]:
     row = 0
     try:
         pf = pq.ParquetFile(real)
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, use_threads=False):
             for value in batch.to_pylist():
                 yield TableRow(value, f"{path}#{row}", f"{stem}:{row}", ["parquet", real, row])
                 row += 1

@@ -51,6 +51,7 @@ the conversation as invalid.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -422,6 +423,7 @@ def _read_samples(
             cache=cache,
             origin=item.origin,
         )
+        item.value = None  # the conversation holds what is needed (embedded bytes too, until validation)
         (problems if isinstance(result, Problem) else conversations).append(result)
     if allow_remote_images:
         fetch_remote_images(conversations, *([remote_options] if remote_options is not None else []))
@@ -468,7 +470,7 @@ def _sample(items: list, k: int) -> list:
     order = list(rng.permutation(n)[:k])
     if k > n:
         order += list(rng.choice(n, k - n))
-    return problems + [raws[i] for i in order]
+    return problems + [copy.copy(raws[i]) for i in order]  # a repeat is its own record
 
 
 def layout_notes(conversations: list[Conversation]) -> list[str]:

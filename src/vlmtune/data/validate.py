@@ -22,7 +22,7 @@ import os
 import re
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from PIL import Image, UnidentifiedImageError
@@ -329,11 +329,21 @@ def validate(
                     bad = _image_problem(img, conv, rules, checked, headers)
                     if bad is not None:
                         found.append(bad)
+                _drop_bytes(conv)
             if found:
                 problems.extend(found)
             else:
                 valid.append(conv)
     return ValidationResult(valid=valid, problems=problems, headers=headers)
+
+
+def _drop_bytes(conv: Conversation) -> None:
+    """Embedded/inline bytes are needed only for the header: later stages find them again through the
+    path, so that memory holds the images of the chunk in flight, not of the whole dataset."""
+    for m in conv.messages:
+        for j, p in enumerate(m.parts):
+            if isinstance(p, ImagePart) and p.data is not None:
+                m.parts[j] = replace(p, data=None)
 
 
 def _image_problem(
