@@ -171,8 +171,13 @@ _EXIF_X_RESOLUTION = 0x011A
 def _jpeg_header(source: Source) -> ImageHeader | None:
     """The header of a plain JPEG without Pillow, or None to leave the file to Pillow."""
     if not isinstance(source, str):
+        if bytes(source[:3]) != b"\xff\xd8\xff":
+            return None
         try:
-            width, height, orientation = _parse_jpeg(bytes(source[:_JPEG_MAX_READ]))
+            try:  # the first bytes usually hold the whole header: copy those, not the image
+                width, height, orientation = _parse_jpeg(bytes(source[:_JPEG_FIRST_READ]))
+            except _NeedMore:
+                width, height, orientation = _parse_jpeg(bytes(source[:_JPEG_MAX_READ]))
         except (_NotMirrored, IndexError, ValueError, struct.error):
             return None
         if orientation in _TRANSPOSING_ORIENTATIONS:
