@@ -98,13 +98,15 @@ def _best_cpu(fn, repeats: int):
 
 
 _PREPARE = """
-import resource, sys
+import sys
 from vlmtune.config import load_config
 from vlmtune.data.prepare import prepare
 cfg = load_config(None, [f"model_name_or_path={sys.argv[1]}", f"dataset={sys.argv[2]}", f"output_dir={sys.argv[3]}",
                          "cutoff_len=4096", "overwrite_cache=true"])
 p = prepare(cfg, progress=False)
-print(p.rows, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report the parent's peak
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(p.rows, hwm)
 """
 
 

@@ -101,7 +101,7 @@ def iter_parquet(path: str) -> Iterator[TableRow | Problem]:
     stem = Path(path).stem
     row = 0
     try:
-        pf = pq.ParquetFile(real)
+        pf = pq.ParquetFile(real, memory_map=True)  # no read copy of the (image-heavy) pages
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, use_threads=False):
             for value in batch.to_pylist():
                 yield TableRow(value, f"{path}#{row}", f"{stem}:{row}", ["parquet", real, row])
@@ -222,7 +222,7 @@ class _ParquetCells:
     def __init__(self, path: str):
         import pyarrow.parquet as pq
 
-        self.file = pq.ParquetFile(path)
+        self.file = pq.ParquetFile(path, memory_map=True)
         meta = self.file.metadata
         self.starts = []
         start = 0
