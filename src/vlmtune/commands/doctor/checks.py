@@ -386,14 +386,14 @@ def _read_data(ctx: Context, progress: bool) -> None:
     cfg = ctx.cfg
     from ...data.fit import Fitter
     from ...data.pipeline import account, summarize
-    from ...data.prepare import first_of_each_file, fit_options, media_dir_of
+    from ...data.prepare import first_of_each_file, fit_options, media_dir_of, remote_options
     from ...errors import SampleError
 
     try:
         acc = account(cfg.dataset, ctx.loaded, dataset_dir=cfg.dataset_dir, media_dir=media_dir_of(cfg),
                       train_on_prompt=cfg.train_on_prompt, progress=progress,
                       allow_paths_outside_media_dir=cfg.allow_paths_outside_media_dir,
-                      allow_remote_images=cfg.allow_remote_images)
+                      allow_remote_images=cfg.allow_remote_images, remote_options=remote_options(cfg))
     except (VlmtuneError, OSError, ValueError) as e:
         ctx.data_error = f"{type(e).__name__}: {e}"
         return
