@@ -7,6 +7,8 @@ Supported inputs (`read_samples(data, ...)`):
   JSON Lines, as `datasets` does),
 * a folder of `.json` / `.jsonl` files (not recursive; `dataset_info.json` is skipped),
 * a `datasets` folder written by `save_to_disk` (a DatasetDict: the "train" split, or its only split),
+* a `.parquet` or `.arrow` file, a folder in the Hub layout (`data/train-00000-of-00002.parquet`),
+  or a Hub dataset id (see data/formats.py: read a batch at a time, images never decoded),
 * comma-separated dataset names looked up in `dataset_dir/dataset_info.json` (LLaMA-Factory), or
   comma-separated paths.
 
@@ -18,7 +20,8 @@ Record formats (detected per record unless a `dataset_info.json` entry fixes the
 * HF chat: `messages` whose `content` is a list of parts `{"type": "text", "text"}`,
   `{"type": "image", "image" | "path" | "url"}` or `{"type": "image_url", "image_url": {"url"}}`;
   an image part without a path (TRL style) takes the next path of `images`, like `<image>`.
-  Image columns of `datasets` folders must hold paths: embedded image bytes are refused.
+* LLaVA / ShareGPT4V (`image`), the_cauldron (`images` + `texts`), OpenAI (`image_url`, `weight`):
+  see data/records.py. Images may be paths, embedded bytes (`{"bytes", "path"}`), `data:` URIs.
 
 Roles: user/human, assistant/gpt and system (or the dataset_info tags) become user, assistant and
 system; any other role (observation, function_call, tool...) is kept as written and `validate`
@@ -34,9 +37,10 @@ characters) when it is unique across everything read, else `<file stem>:<line>` 
 Images: a relative path is resolved against `media_dir` when given, else the folder of the data
 file (of the dataset_dir for dataset names; of the folder holding a datasets folder). After
 `os.path.realpath` (symlinks followed) a path must stay inside that folder unless
-`allow_paths_outside_media_dir=True`; URLs (`http://`, `https://`, `file://`, `data:`, any
-`scheme://`) are refused (remote images are not supported yet, even with `allow_remote_images`).
-Nothing is fetched or opened here: checking that files exist and are images is `validate`'s job.
+`allow_paths_outside_media_dir=True`; `file://` URLs are local paths and `data:` URIs inline
+images; http(s) URLs are refused unless `allow_remote_images`, when data/remote.py fetches them
+into a cache after reading; other `scheme://` URLs are refused. Checking that files exist and are
+images is `validate`'s job.
 
 Accounting: bad input never raises. Every record (and every JSONL line, even one that does not
 parse) counts in `ReadResult.records`. A record either yields a `Conversation` or exactly one
