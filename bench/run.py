@@ -33,6 +33,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("config_import", "bench_config_import"),
     ("video_facts", "bench_video_facts"),
     ("qlora_memory", "bench_qlora_memory"),
+    ("embedded", "bench_embedded"),
 ]
 
 

@@ -65,7 +65,8 @@ def _cfg(tmp_path, ckpt, *more):
 
 def test_skip_reports_every_case_and_accounts_for_every_line(tiny_ckpt, battery):
     tmp_path, expected = battery
-    prep = prepare(_cfg(tmp_path, tiny_ckpt("qwen2_vl"), "on_bad_sample=skip"), progress=False)
+    prep = prepare(_cfg(tmp_path, tiny_ckpt("qwen2_vl"), "on_bad_sample=skip", "confirm_skipped_share=true"),
+                   progress=False)
     report = [json.loads(line) for line in open(prep.report_path)]
     assert len(report) == prep.records == len(expected) + 2
     by_id = {r["id"]: r for r in report}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -268,6 +269,17 @@ def test_unreadable_dataset_fails(check, tmp_path):
     assert c.status == "fail"
     assert c.message.startswith(f"dataset={str(tmp_path / 'nope.jsonl')!r} gave no valid sample (1 problem(s); first: ")
     assert c.fix == "fix dataset / dataset_dir / media_dir (`vlmtune inspect` lists every problem)"
+
+
+def test_skipping_more_than_max_skipped_share_warns(check, data, tmp_path):
+    bad = Path(data).parent / "bad-share.jsonl"  # next to the images it names
+    bad.write_text(open(data).read() + '{"messages": [], "video": "v.mp4"}\n')  # 1 of 4 records: 25%
+    c = check("data", A100, "bf16=true", f"dataset={bad}", "on_bad_sample=skip")
+    assert c.status == "warn"
+    assert c.message.startswith("on_bad_sample=skip would leave out 1 of 4 records (25.0%) as invalid, more than "
+                                "max_skipped_share=0.05; train stops there; ")
+    assert c.fix == "fix the samples (`vlmtune inspect` lists every problem), or set confirm_skipped_share: true"
+    assert check("data", A100, "bf16=true", f"dataset={bad}", "on_bad_sample=skip", "max_skipped_share=0.3").status == "ok"
 
 
 # -- memory ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -162,3 +163,60 @@ def test_batch_fields(tiny_ckpt, tmp_path, make_image):
     assert int(batch["mm_token_type_ids"].sum()) == sum(g[0] * g[1] * g[2] // 4 for g in rows[0]["image_grid_thw"])
     assert batch["attention_mask"].sum(1).tolist() == [len(r["input_ids"]) for r in rows]
     assert batch["pixel_values"].shape[0] == sum(g[0] * g[1] * g[2] for g in rows[0]["image_grid_thw"])
+
+
+def test_embedded_bytes_give_the_same_pixel_values_as_files_on_disk(tiny_ckpt, tmp_path):
+    """The rows the collator builds from embedded bytes (a reference to the Parquet rows) equal those from files."""
+    import io
+    import json as _json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image as PILImage
+
+    from vlmtune.data.readers import read_samples
+    from vlmtune.data.validate import validate
+
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
+    spec = loaded.spec
+    blobs = []
+    for i, (w, h, mode) in enumerate([(60, 40, "RGB"), (33, 90, "RGBA"), (80, 80, "P"), (50, 70, "I;16")]):
+        im = PILImage.new("RGB", (w, h), (30 * i, 200, 90))
+        if mode == "RGBA":
+            im = im.convert("RGBA")
+            im.putalpha(PILImage.linear_gradient("L").resize((w, h)))
+        elif mode == "P":
+            im = im.convert("P")
+            im.info["transparency"] = 0
+        elif mode == "I;16":
+            im = PILImage.fromarray(np.arange(w * h, dtype=np.uint16).reshape(h, w) * 17)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    media = tmp_path / "media"
+    media.mkdir()
+    on_disk, embedded = [], []
+    for i, b in enumerate(blobs):
+        (media / f"{i}.png").write_bytes(b)
+        turns = [{"role": "user", "content": "<image>" * 2 + "what?"}, {"role": "assistant", "content": "x"}]
+        on_disk.append({"messages": turns, "images": [f"media/{i}.png", f"media/{(i + 1) % 4}.png"]})
+        embedded.append({"messages": turns, "images": [{"bytes": blobs[i], "path": None},
+                                                       {"bytes": blobs[(i + 1) % 4], "path": None}]})
+    (tmp_path / "d.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in on_disk))
+    pq.write_table(pa.Table.from_pylist(embedded), tmp_path / "e.parquet", row_group_size=2)
+
+    def batch(data):
+        read = read_samples(str(data))
+        checked = validate(read.conversations, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
+                           patch_size=spec.patch_size, merge_size=spec.merge_size)
+        assert read.problems == [] and checked.problems == []
+        rows = [emit(e, spec).to_dict() for e in Encoder(loaded.processor, spec).encode_many(checked.valid, checked.headers)]
+        return rows, Collator(loaded.processor, spec)(rows)
+
+    rows_d, files = batch(tmp_path / "d.jsonl")
+    rows_e, inline = batch(tmp_path / "e.parquet")
+    assert all(p.startswith("embedded:") for r in rows_e for p in r["images"])
+    assert [r["image_grid_thw"] for r in rows_e] == [r["image_grid_thw"] for r in rows_d]
+    assert torch.equal(files["pixel_values"], inline["pixel_values"])
+    assert torch.equal(files["image_grid_thw"], inline["image_grid_thw"])
+    assert torch.equal(files["input_ids"], inline["input_ids"])

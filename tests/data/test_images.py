@@ -23,6 +23,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -30,7 +31,7 @@ from PIL import Image, ImageFile, features
 
 from vlmtune.commands import cli
 from vlmtune.data import images as images_mod
-from vlmtune.data.images import read_header
+from vlmtune.data.images import open_rgb, read_header
 from vlmtune.models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
 from vlmtune.models.load import load_spec
 
@@ -927,6 +928,7 @@ def test_inspect_json_summary_is_exact(family, tiny_ckpt, tmp_path, capsys):
                 "kind": "aspect_ratio",
             },
         ],
+        "notes": ["recognised LLaMA-Factory sharegpt / HF chat (`messages` or `conversations`, `images`): 6 record(s)"],
     }
     assert summary == expected
     assert list(summary["by_image_count"]) == ["0", "1", "2"]
@@ -935,3 +937,65 @@ def test_inspect_json_summary_is_exact(family, tiny_ckpt, tmp_path, capsys):
     # The processor refuses the image the summary reports.
     with pytest.raises(ValueError, match="aspect ratio"):
         loaded.processor.image_processor(images=[Image.open(media / "wide.png")], return_tensors="pt")
+
+
+# -- images as bytes (embedded, inline) and the one RGB conversion -------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(w=st.integers(1, 400), h=st.integers(1, 400), fmt=st.sampled_from(["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"]),
+       orientation=st.sampled_from([None, 1, 3, 6, 8]))
+def test_header_from_bytes_equals_header_from_the_file(tmp_path, w, h, fmt, orientation):
+    im = Image.new("RGB", (w, h), (10, 200, 30))
+    kwargs = {}
+    if orientation is not None and fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kwargs["exif"] = exif.tobytes()
+    path = tmp_path / f"x.{fmt.lower()}"
+    im.save(path, format=fmt, **kwargs)
+    data = path.read_bytes()
+    assert read_header(data) == read_header(str(path))
+    assert open_rgb(data).size == (read_header(data).width, read_header(data).height)
+    assert np.array_equal(np.asarray(open_rgb(data)), np.asarray(open_rgb(str(path))))
+
+
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    a = np.array([[0, 256, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")  # what Pillow gives for a 16-bit grey PNG
+        clipped = np.asarray(im.convert("RGB"))[0, :, 0].tolist()
+    assert clipped == [0, 255, 255, 255]  # the saturation the processor would see without the scaling
+    rgb = np.asarray(open_rgb(str(tmp_path / "g16.png")))
+    assert rgb[0, :, 0].tolist() == [0, 1, 128, 255] and (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_transparency_is_composited_on_white_like_transformers(tmp_path):
+    from transformers.image_transforms import convert_to_rgb
+
+    rgba = Image.new("RGBA", (4, 2), (200, 10, 10, 255))
+    rgba.putpixel((0, 0), (200, 10, 10, 0))
+    rgba.putpixel((1, 0), (200, 10, 10, 128))
+    pal = Image.new("RGB", (3, 1), (0, 0, 255)).convert("P")
+    pal.putpixel((0, 0), 0)
+    pal.info["transparency"] = pal.getpixel((1, 0))
+    la = Image.new("LA", (2, 2), (50, 0))
+    for name, im in (("rgba.png", rgba), ("p.png", pal), ("la.png", la)):
+        im.save(tmp_path / name)
+        with Image.open(tmp_path / name) as opened:
+            want = np.asarray(convert_to_rgb(opened, return_numpy=True))
+        assert np.array_equal(np.asarray(open_rgb(str(tmp_path / name))), want), name
+    assert np.asarray(open_rgb(str(tmp_path / "rgba.png")))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_cmyk_and_exif_rotation(tmp_path):
+    Image.new("CMYK", (5, 3), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    with Image.open(tmp_path / "c.jpg") as im:
+        want = np.asarray(im.convert("RGB"))
+    assert np.array_equal(np.asarray(open_rgb((tmp_path / "c.jpg").read_bytes())), want)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (7, 3)).save(tmp_path / "r.jpg", exif=exif.tobytes())
+    data = (tmp_path / "r.jpg").read_bytes()
+    assert (read_header(data).width, read_header(data).height) == open_rgb(data).size == (3, 7)

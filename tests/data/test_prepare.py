@@ -41,7 +41,7 @@ def dataset(tmp_path, make_image):
 
 def config(tmp_path, data, ckpt, *more):
     return load_config(None, [f"model_name_or_path={ckpt}", f"dataset={data}", f"output_dir={tmp_path / 'out'}",
-                              "cutoff_len=180", "on_bad_sample=skip", *more])
+                              "cutoff_len=180", "on_bad_sample=skip", "confirm_skipped_share=true", *more])
 
 
 def test_every_record_has_one_report_line(tiny_ckpt, dataset):
@@ -111,7 +111,7 @@ def test_prepare_cli_prints_summary(tiny_ckpt, dataset, capsys):
     tmp_path, data = dataset
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model_name_or_path: {tiny_ckpt('qwen2_vl')}\ndataset: {data}\noutput_dir: {tmp_path / 'out'}\n"
-                   "cutoff_len: 180\non_bad_sample: skip\n")
+                   "cutoff_len: 180\non_bad_sample: skip\nconfirm_skipped_share: true\n")
     assert main(["prepare", str(cfg), "cutoff_len=4096"]) == 0
     out = capsys.readouterr().out.splitlines()
     report = [json.loads(line) for line in open(tmp_path / "out" / "fit_report.jsonl")]
@@ -172,7 +172,7 @@ def test_a_prepare_killed_halfway_is_redone_cleanly(tiny_ckpt, dataset):
     out = tmp_path / "out"
     old = prepare(config(tmp_path, data, ckpt, "cutoff_len=4096"), progress=False)  # a cache for another config
     args = [f"model_name_or_path={ckpt}", f"dataset={data}", f"output_dir={out}", "cutoff_len=180",
-            "on_bad_sample=skip"]
+            "on_bad_sample=skip", "confirm_skipped_share=true"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.run([sys.executable, "-c", _KILLED_PREPARE, *args], env=env, capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
@@ -196,3 +196,14 @@ def P_load_cached(out, prep) -> bool:
     fp = _json.loads((out / "prepared" / FINGERPRINT_FILE).read_text())["fingerprint"]
     got = load_cached(str(out / "prepared"), str(out / "fit_report.jsonl"), fp)
     return got is not None and got.rows == prep.rows
+def test_skipping_more_than_max_skipped_share_stops_unless_confirmed(tiny_ckpt, dataset):
+    tmp_path, data = dataset  # 2 of its 6 records are invalid: 33%
+    ckpt = tiny_ckpt("qwen2_vl")
+    base = [f"model_name_or_path={ckpt}", f"dataset={data}", f"output_dir={tmp_path / 'out'}", "cutoff_len=180",
+            "on_bad_sample=skip"]
+    with pytest.raises(DataError) as err:
+        prepare(load_config(None, base), progress=False)
+    assert "would leave out 2 of 6 records (33.3%) as invalid, more than max_skipped_share=0.05" in str(err.value)
+    assert "confirm_skipped_share: true" in str(err.value)
+    assert prepare(load_config(None, [*base, "max_skipped_share=0.4"]), progress=False).rows > 0
+    assert prepare(load_config(None, [*base, "confirm_skipped_share=true"]), progress=False).rows > 0

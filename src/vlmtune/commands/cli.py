@@ -52,6 +52,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         allow_paths_outside_media_dir=args.allow_paths_outside_media_dir,
         keep_ids=[args.show] if args.show else (),
         workers=args.preprocessing_num_workers,
+        allow_remote_images=args.allow_remote_images,
     )
     if args.show:
         from .inspect import show_sample
@@ -71,6 +72,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         for what, path in (("per-sample counts", args.per_sample), ("length histogram", args.plot)):
             if path:
                 print(f"{what}: {path}")
+    if not acc.encoded:  # nothing to train on: scripts must not read this as success
+        print(f"no valid sample in {args.data!r} ({summary['records']} record(s), all invalid)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -261,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--overflow", default=None, metavar="P1,P2",
                    help="policies for --show with --cutoff-len (default: shrink_images,truncate_text,split,drop)")
     i.add_argument("--allow-paths-outside-media-dir", action="store_true")
+    i.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) images once into a cache under the datasets cache")
     i.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
     i.add_argument("--preprocessing-num-workers", type=int, default=1, metavar="N",
                    help="worker processes reading, validating and encoding chunks (as in prepare)")

@@ -30,6 +30,7 @@ def format_summary(summary: dict) -> str:
         f"{'images/sample':>13} {'samples':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}",
     ]
     rows = list(s["by_image_count"].items()) + [("all", s["lengths"])]
+    lines[1:1] = list(s.get("notes") or [])
     for k, d in rows:
         lines.append(f"{k:>13} {d['samples']:>8} {d['p50']:>7} {d['p95']:>7} {d['p99']:>7} {d['max']:>7}")
     r = s["recommended_cutoff_len"]

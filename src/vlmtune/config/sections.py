@@ -95,6 +95,25 @@ class ReadArgs:
         "problem listed; skip leaves it out and records why in the fit report.",
         choices=("error", "skip"),
     )
+    # -- how much bad data a run accepts, and remote images --
+    max_skipped_share: float = _arg(
+        0.05,
+        "With on_bad_sample: skip, the largest share of the records that may be left out as invalid; above it "
+        "doctor warns and prepare/train stop (a broken image folder should not train on what is left).",
+        expect="a number in [0, 1] such as 0.05",
+        check=_ratio,
+    )
+    confirm_skipped_share: bool = _arg(
+        False, "Train even when on_bad_sample: skip leaves out more than max_skipped_share of the records."
+    )
+    remote_image_max_bytes: int = _arg(
+        50 * 1024 * 1024, "With allow_remote_images: the largest image fetched, in bytes; larger ones are bad samples.",
+        expect="a positive integer such as 52428800", check=_positive,
+    )
+    remote_image_timeout: float = _arg(
+        30.0, "With allow_remote_images: seconds to wait for a connection, and for each read, per attempt.",
+        expect="a positive number of seconds such as 30", check=_positive,
+    )
 
 
 @dataclass(frozen=True)

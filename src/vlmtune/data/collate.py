@@ -12,6 +12,7 @@ import torch
 from ..errors import SampleError
 from ..models.spec import ModelSpec
 from .encode import IGNORE_INDEX
+from .formats import EmbeddedError, image_source
 from .images import open_rgb
 
 
@@ -102,11 +103,12 @@ class Collator:
             )
 
     def _pixels(self, row: dict, k: int, path: str):
+        shown = path if len(path) <= 300 else path[:297] + "..."
         try:
-            im = open_rgb(path)
-        except (OSError, ValueError) as e:
+            im = open_rgb(image_source(path))
+        except (OSError, ValueError, EmbeddedError) as e:
             raise SampleError(str(row.get("id")), str(row.get("source")),
-                              f"image {k} ({path}) could not be read at training time: {e}",
+                              f"image {k} ({shown}) could not be read at training time: {e}",
                               "restore the file, or run `vlmtune prepare` again so the sample is re-validated") from e
         size = {"shortest_edge": int(row["image_min_pixels"][k]), "longest_edge": int(row["image_max_pixels"][k])}
         out = self.image_processor(images=[im], size=size, return_tensors="pt")
@@ -114,7 +116,7 @@ class Collator:
         want = [int(x) for x in row["image_grid_thw"][k]]
         if grid != want:
             raise SampleError(str(row.get("id")), str(row.get("source")),
-                              f"image {k} ({path}) now gives grid {grid} but was prepared as {want}; the file changed",
+                              f"image {k} ({shown}) now gives grid {grid} but was prepared as {want}; the file changed",
                               "run `vlmtune prepare` again with overwrite_cache=true")
         return out["pixel_values"], grid
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 from ..errors import Problem
 from .paths import _short
@@ -14,6 +15,19 @@ from .records import (
     _type_name,
     file_problem,
 )
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset of dataset_info.json: a local path or a Hub id, with its split, subset and sample count."""
+
+    path: str | None  # the local file or folder (None for a Hub dataset)
+    root: str  # the folder its images resolve against
+    fmt: RecordFormat
+    split: str | None = None
+    subset: str | None = None
+    hub_id: str | None = None
+    num_samples: int | None = None
 
 
 def _format_from_entry(entry: dict, name: str, info_path: str) -> RecordFormat | Problem:
@@ -51,10 +65,7 @@ def _format_from_entry(entry: dict, name: str, info_path: str) -> RecordFormat |
     )
 
 
-def dataset_files(names: list[str], dataset_dir: str, media_dir: str | None) -> list[tuple[str, str, RecordFormat] | Problem]:
-    """Each name's (data path, folder its images resolve against, record format), or the Problem with it."""
-    out: list = []
-    info_path = os.path.join(dataset_dir, "dataset_info.json")
+def _load_info(info_path: str, names: list[str], out: list) -> dict | None:
     try:
         with open(info_path, "rb") as f:
             info = json.loads(f.read().decode("utf-8-sig"))
@@ -67,18 +78,54 @@ def dataset_files(names: list[str], dataset_dir: str, media_dir: str | None) -> 
                 "point `data` at a data file or folder, or set dataset_dir to the folder holding dataset_info.json",
             )
         )
-        return out
+        return None
     except (ValueError, RecursionError) as e:
         what = f"dataset_info.json is not valid JSON: {_short(str(e), 200)}"
         out.append(file_problem(info_path, "bad_dataset_info", what, "fix dataset_info.json"))
-        return out
+        return None
     if not isinstance(info, dict):
         what = "dataset_info.json does not hold an object"
         out.append(file_problem(info_path, "bad_dataset_info", what, "fix dataset_info.json"))
-        return out
+        return None
+    return info
+
+
+def _entry_extras(entry: dict, name: str, info_path: str) -> tuple[str | None, str | None, int | None] | Problem:
+    """`split`, `subset` and `num_samples` of an entry, checked."""
+    split, subset, num = entry.get("split"), entry.get("subset"), entry.get("num_samples")
+    for key, value in (("split", split), ("subset", subset)):
+        if value is not None and not isinstance(value, str):
+            return file_problem(f"{info_path}#{name}", "bad_dataset_info",
+                                f"`{key}` of dataset {name!r} is {_type_name(value)}, expected a string",
+                                "fix dataset_info.json")
+    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
+        return file_problem(f"{info_path}#{name}", "bad_dataset_info",
+                            f"`num_samples` of dataset {name!r} is {num!r}, expected a positive integer",
+                            "fix dataset_info.json")
+    return split, subset, num
+
+
+def dataset_entries(
+    names: list[str], dataset_dir: str, media_dir: str | None, *, hub_ids: bool = False
+) -> list[DatasetEntry | Problem]:
+    """Each name's DatasetEntry, or the Problem with it.
+
+    With `hub_ids`, a name that is not in dataset_info.json (or when there is none) but looks like
+    a Hub id (`owner/name`) is a Hub dataset, as `load_dataset` would take it.
+    """
+    out: list = []
+    info_path = os.path.join(dataset_dir, "dataset_info.json")
     root = media_dir or dataset_dir
+    if hub_ids and not os.path.isfile(info_path) and all(_looks_like_hub_id(n) for n in names):
+        return [DatasetEntry(None, root, AUTO_FORMAT, hub_id=n) for n in names]
+    info = _load_info(info_path, names, out)
+    if info is None:
+        return out
     for name in names:
         entry = info.get(name)
+        if entry is None and hub_ids and _looks_like_hub_id(name):
+            out.append(DatasetEntry(None, root, AUTO_FORMAT, hub_id=name))
+            continue
         if not isinstance(entry, dict):
             known = ", ".join(sorted(info)) or "(none)"
             out.append(
@@ -90,15 +137,26 @@ def dataset_files(names: list[str], dataset_dir: str, media_dir: str | None) -> 
                 )
             )
             continue
+        extras = _entry_extras(entry, name, info_path)
+        if isinstance(extras, Problem):
+            out.append(extras)
+            continue
+        split, subset, num = extras
         file_name = entry.get("file_name")
+        hub = entry.get("hf_hub_url")
+        if (not isinstance(file_name, str) or not file_name) and isinstance(hub, str) and hub:
+            fmt = _format_from_entry(entry, name, info_path)
+            out.append(fmt if isinstance(fmt, Problem) else
+                       DatasetEntry(None, root, fmt, split=split, subset=subset, hub_id=hub, num_samples=num))
+            continue
         if not isinstance(file_name, str) or not file_name:
             out.append(
                 file_problem(
                     f"{info_path}#{name}",
                     "bad_dataset_info",
-                    f"dataset {name!r} has no `file_name`; "
-                    "only local files are supported (not hub or script datasets)",
-                    "download the dataset and point `file_name` at the local file",
+                    f"dataset {name!r} has neither `file_name` nor `hf_hub_url`; "
+                    "only local files and Hugging Face Hub datasets are supported (not script or ModelScope ones)",
+                    "point `file_name` at the local file, or `hf_hub_url` at the Hub dataset id",
                 )
             )
             continue
@@ -117,5 +175,54 @@ def dataset_files(names: list[str], dataset_dir: str, media_dir: str | None) -> 
                 )
             )
             continue
-        out.append((path, root, fmt))
+        out.append(DatasetEntry(path, root, fmt, split=split, subset=subset, num_samples=num))
     return out
+
+
+def dataset_files(names: list[str], dataset_dir: str, media_dir: str | None) -> list[tuple[str, str, RecordFormat] | Problem]:
+    """Each name's (data path, folder its images resolve against, record format), or the Problem with it.
+
+    Hub datasets have no local path and are left out (see `dataset_entries`).
+    """
+    return [e if isinstance(e, Problem) else (e.path, e.root, e.fmt)
+            for e in dataset_entries(names, dataset_dir, media_dir) if isinstance(e, Problem) or e.path]
+
+
+def entry_for_path(path: str, dataset_dir: str | None) -> DatasetEntry | None:
+    """The dataset_info.json entry whose `file_name` is `path`, looked up in dataset_dir and the path's folder.
+
+    So that a mapping (columns, tags, split) applies whether the dataset is named or passed as a path.
+    Only an entry that is the one naming the path applies; with several, name the dataset instead.
+    """
+    real = os.path.realpath(path)
+    folders = [d for d in (dataset_dir, os.path.dirname(real), os.path.dirname(os.path.dirname(real))) if d]
+    for folder in dict.fromkeys(os.path.realpath(d) for d in folders):
+        info_path = os.path.join(folder, "dataset_info.json")
+        if not os.path.isfile(info_path):
+            continue
+        try:
+            with open(info_path, "rb") as f:
+                info = json.loads(f.read().decode("utf-8-sig"))
+        except (OSError, ValueError, RecursionError):
+            continue  # reported when the dataset is named; a path alone does not need the file
+        if not isinstance(info, dict):
+            continue
+        named = [(name, entry) for name, entry in info.items()
+                 if isinstance(entry, dict) and isinstance(entry.get("file_name"), str)
+                 and os.path.realpath(os.path.join(folder, entry["file_name"])) == real]
+        if len(named) != 1:  # none, or several views of one file (splits, samples): name the one you mean
+            continue
+        for name, entry in named:
+            fmt = _format_from_entry(entry, name, info_path)
+            extras = _entry_extras(entry, name, info_path)
+            if isinstance(fmt, Problem) or isinstance(extras, Problem):
+                return None
+            split, subset, num = extras
+            return DatasetEntry(path, "", fmt, split=split, subset=subset, num_samples=num)
+    return None
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    ok = all(p and p not in (".", "..") and all(c.isalnum() or c in "-_." for c in p) for p in parts)
+    return ok and len(parts) == 2 and not name.endswith((".json", ".jsonl", ".parquet", ".arrow"))

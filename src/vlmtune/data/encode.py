@@ -234,6 +234,8 @@ class Encoder:
                               "use a Qwen-VL checkpoint with a ChatML chat template")
         block = Block(role, ids, images, header_len=len(header), message_index=message_index)
         trained = role == "assistant" or (self.train_on_prompt and role != "system")
+        if message_index is not None and conv.messages[message_index].weight == 0:
+            trained = False  # OpenAI `weight: 0`: context, not a target
         # Train through <|im_end|> (so the model learns to stop) but not the newline after it.
         return block.replace(label_start=len(header), label_end=len(ids) - 1) if trained else block
 

@@ -12,10 +12,12 @@ tests/data/test_images.py).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
 from dataclasses import dataclass
+from typing import Union
 
 from PIL import Image, ImageOps
 
@@ -31,20 +33,29 @@ class ImageHeader:
     format: str | None
 
 
-def read_header(path: str) -> ImageHeader:
+# An image to open: a file path or its bytes (an embedded `datasets.Image` value, a `data:` URI).
+Source = Union[str, bytes]
+
+
+def _fileobj(source: Source):
+    return io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+
+
+def read_header(source: Source) -> ImageHeader:
     """Width and height as the processor will see them (EXIF rotation applied), without decoding.
 
-    Raises OSError / PIL.UnidentifiedImageError for files Pillow cannot identify.
+    `source` is a path or the file's bytes (the same answer for both). Raises OSError /
+    PIL.UnidentifiedImageError for files Pillow cannot identify.
     """
-    header = _jpeg_header(path)
+    header = _jpeg_header(source)
     if header is not None:
         return header
-    return _pillow_header(path)
+    return _pillow_header(source)
 
 
-def _pillow_header(path: str) -> ImageHeader:
+def _pillow_header(source: Source) -> ImageHeader:
     """read_header through Pillow: any format, every corner case (the reference for the fast path)."""
-    with Image.open(path) as im:
+    with Image.open(_fileobj(source)) as im:
         width, height = _stored_size(im)
         fmt = im.format
         orientation = _exif_orientation(im)
@@ -157,8 +168,22 @@ _EXIF_RESOLUTION_UNIT = 0x0128
 _EXIF_X_RESOLUTION = 0x011A
 
 
-def _jpeg_header(path: str) -> ImageHeader | None:
+def _jpeg_header(source: Source) -> ImageHeader | None:
     """The header of a plain JPEG without Pillow, or None to leave the file to Pillow."""
+    if not isinstance(source, str):
+        if bytes(source[:3]) != b"\xff\xd8\xff":
+            return None
+        try:
+            try:  # the first bytes usually hold the whole header: copy those, not the image
+                width, height, orientation = _parse_jpeg(bytes(source[:_JPEG_FIRST_READ]))
+            except _NeedMore:
+                width, height, orientation = _parse_jpeg(bytes(source[:_JPEG_MAX_READ]))
+        except (_NotMirrored, IndexError, ValueError, struct.error):
+            return None
+        if orientation in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+        return ImageHeader(width=width, height=height, format="JPEG")
+    path = source
     try:
         with open(path, "rb", buffering=0) as f:
             data = f.read(_JPEG_FIRST_READ)
@@ -330,10 +355,35 @@ def _exif_ifd0_orientation(segment: bytes) -> int | None:
     return orientation
 
 
-def open_rgb(path) -> Image.Image:
-    """The decoded image as the processor should see it: EXIF rotation applied, RGB.
+_HIGH_DEPTH_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """One conversion of any decoded image to 8-bit RGB, used for accounting's reference and training.
+
+    EXIF rotation applied; 16-bit (and 32-bit integer) grey scaled to 8 bits, where Pillow's
+    convert would clip everything above 255 to white; transparency (alpha, palette or tRNS)
+    composited onto white as transformers' `convert_to_rgb` does; CMYK, LAB, ... by Pillow.
+    """
+    im = ImageOps.exif_transpose(im)
+    if im.mode in _HIGH_DEPTH_MODES or im.mode == "F":
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" and a.size and a.max() <= 1.0 else _HIGH_DEPTH_MODES.get(im.mode, 65535)
+        im = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_rgb(source: Source) -> Image.Image:
+    """The decoded image as the processor should see it (see `to_rgb`), from a path or bytes.
 
     Raises OSError / ValueError (PIL.UnidentifiedImageError is an OSError) for unreadable files.
     """
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
+    with Image.open(_fileobj(source)) as im:
+        im.load()
+        return to_rgb(im)

@@ -1,6 +1,7 @@
 """Where an image reference points: resolved against media_dir, symlinks followed, kept inside it unless allowed.
 
-Nothing is fetched or opened here; `validate` checks that files exist and are images.
+Nothing is fetched or opened here; `validate` checks that files exist and are images. With
+allow_remote_images an http(s) URL resolves to no path and no problem: data/remote.py fetches it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def _q(value: str) -> str:
 MAX_PATH_CHARS = 4096
 
 
+_HTTP_RE = re.compile(r"^https?://", re.ASCII | re.IGNORECASE)
 _URL_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.\-]*://|data:)", re.ASCII)
 
 
@@ -70,11 +72,15 @@ def resolve_image(
 ) -> tuple[str | None, tuple[str, str, str] | None]:
     """The resolved path of one image reference, or None and (kind, what, fix) saying why not."""
     if _URL_RE.match(ref):
+        if allow_remote_images and _HTTP_RE.match(ref):
+            return None, None  # fetched after reading (data/remote.py), which sets the path or the problem
         if allow_remote_images:
-            what = f"image {_q(ref)} is a URL; remote images are not supported yet"
-        else:
-            what = f"image {_q(ref)} is a URL; remote images are refused"
-        return None, ("remote_image", what, "download the image and reference the local file instead")
+            what = f"image {_q(ref)} is a URL of a scheme that is not fetched (only http, https and file)"
+            return None, ("remote_image", what, "download the image and reference the local file instead")
+        what = f"image {_q(ref)} is a URL; remote images are refused"
+        return None, ("remote_image", what,
+                      "set allow_remote_images: true to fetch http(s) images, or download the image and "
+                      "reference the local file instead")
     cache = cache or PathCache()
     real = cache.realpath(os.path.join(base_dir, ref))
     if allow_paths_outside_media_dir:

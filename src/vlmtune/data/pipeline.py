@@ -18,7 +18,7 @@ import re
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -26,7 +26,7 @@ from ..errors import Problem, SampleError
 from ..models.load import Loaded
 from .encode import Encoded, Encoder, emit
 from .fit import FitOptions, FitOutcome, Fitter
-from .readers import iter_samples
+from .readers import iter_samples, layout_notes
 from .types import Conversation
 from .validate import validate
 
@@ -57,6 +57,7 @@ class Source:
     allow_paths_outside_media_dir: bool = False
     allow_remote_images: bool = False
     max_samples: int | None = None  # the first n samples of each data file (LLaMA-Factory: per dataset)
+    remote_options: Any = None  # data/remote.FetchOptions for allow_remote_images; None: its defaults
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ class Stream:
     unread: list[Problem] = field(default_factory=list)  # records that yielded no conversation
     records: int = 0  # every record read (conversations + unread), before max_samples
     limited: bool = False  # max_samples left some conversations out
+    layouts: Counter = field(default_factory=Counter)  # record layouts recognised (readers.layout_notes)
+
+    @property
+    def notes(self) -> list[str]:
+        return layout_notes(self.layouts)
 
 
 # -- one chunk, in a worker process (or this one) ---------------------------------------------
@@ -197,7 +203,8 @@ def _chunks(source: Source, stream: Stream, chunk: int) -> Iterator[list[Convers
     buf: list[Conversation] = []
     for item in iter_samples(source.data, source.dataset_dir, source.media_dir,
                              allow_paths_outside_media_dir=source.allow_paths_outside_media_dir,
-                             allow_remote_images=source.allow_remote_images):
+                             allow_remote_images=source.allow_remote_images,
+                             remote_options=source.remote_options, layouts=stream.layouts):
         stream.records += 1
         if isinstance(item, Problem):
             stream.unread.append(item)
@@ -267,6 +274,7 @@ class Accounting:
     problems: list[Problem]
     invalid_ids: list[str] = field(default_factory=list)
     encoded: list[Encoded] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the record layouts recognised
 
 
 def account(
@@ -294,7 +302,9 @@ def account(
         problems += res.problems
         invalid += [c.id for c in res.invalid]
         encoded += res.encoded
-    return Accounting(stream.records, stats, stream.unread + problems, invalid, encoded)
+    # Records rejected while reading are invalid samples too (records == valid + invalid).
+    unread = [p.sample_id or p.source for p in stream.unread]
+    return Accounting(stream.records, stats, stream.unread + problems, unread + invalid, encoded, stream.notes)
 
 
 def nearest_rank(sorted_values: list[int], q: float) -> int:
@@ -338,4 +348,5 @@ def summarize(acc: Accounting, cutoff_len: int | None = None) -> dict:
         "cutoff_len": cutoff_len,
         "over_cutoff": None if cutoff_len is None else sum(1 for n in lengths if n > cutoff_len),
         "problems": [p.to_dict() for p in acc.problems],
+        "notes": list(acc.notes),
     }

@@ -43,7 +43,7 @@ DATA_KEYS = (
     "model_name_or_path", "dataset", "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels",
     "image_min_pixels", "max_samples", "allow_paths_outside_media_dir", "allow_remote_images",
     "on_bad_sample", "train_on_prompt", "overflow", "min_image_tokens", "max_image_token_share",
-    "split_keep_context",
+    "split_keep_context", "remote_image_max_bytes",
 )
 
 
@@ -83,10 +83,19 @@ def fit_options(fit: FitArgs) -> FitOptions:
     )
 
 
+def remote_options(cfg):
+    """data/remote.FetchOptions from the config's remote_image_* keys."""
+    from .remote import FetchOptions
+
+    return FetchOptions(max_bytes=cfg.remote_image_max_bytes, connect_timeout=cfg.remote_image_timeout,
+                        read_timeout=cfg.remote_image_timeout)
+
+
 def source_of(cfg) -> Source:
     """The read keys of a config, for the pipeline."""
     return Source(cfg.dataset, cfg.dataset_dir, cfg.media_dir, cfg.allow_paths_outside_media_dir,
-                  cfg.allow_remote_images, cfg.max_samples or None)
+                  cfg.allow_remote_images, cfg.max_samples or None,
+                  remote_options(cfg) if cfg.allow_remote_images else None)
 
 
 def prepared_dir(cfg) -> str:
@@ -233,19 +242,29 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     if collect:
         counted = Counter({f: table[f][0] - (len(unread) if f == "invalid" else 0) for f in FATES})
         counted["error"] = len(errors)
-        acc = Accounting(stream.records, stats, bad, invalid)
+        unread_ids = [p.sample_id or p.source for p in stream.unread]  # invalid too: records == valid + invalid
+        acc = Accounting(stream.records, stats, bad, unread_ids + invalid, notes=stream.notes)
         facts = Facts(acc, counted, list(zip(pieces[::2], pieces[1::2])), errors, split_rows, stream.limited, None)
         if errors or (bad and cfg.on_bad_sample == "error"):
             return None, facts  # prepare would stop here: no cache
     elif bad and cfg.on_bad_sample == "error":
         raise DataError(bad, header=f"{len(bad)} problem(s) in the data (the fit report is in {report_path}); "
                                     "fix them, or set on_bad_sample: skip to leave those samples out")
+    skipped = table["invalid"][0]
+    if skipped > cfg.max_skipped_share * records and not cfg.confirm_skipped_share:
+        if collect:
+            return None, facts  # prepare would stop here: no cache
+        raise DataError(bad, header=(
+            f"on_bad_sample=skip would leave out {skipped} of {records} records "
+            f"({100 * skipped / max(1, records):.1f}%) as invalid, more than max_skipped_share="
+            f"{cfg.max_skipped_share:g} (the fit report is in {report_path}); fix them, or set "
+            "confirm_skipped_share: true to train on the rest"))
     with open(os.path.join(tmp_dir, PROBLEMS_FILE), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in bad)
     np.save(os.path.join(tmp_dir, PIECES_FILE), np.frombuffer(pieces, dtype=np.int32).reshape(-1, 2))
     meta = {"fingerprint": fp, "rows": rows, "records": records, "fates": fates, "table": table,
             "read_records": stream.records, "unread": len(unread), "errors": 0, "split_rows": split_rows,
-            "limited": stream.limited}
+            "limited": stream.limited, "notes": stream.notes}
     with open(os.path.join(tmp_dir, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f)  # written last: a folder without it is not a cache
     # Swap the finished folder in: the rename is the commit point.
@@ -272,16 +291,15 @@ def _facts_from_cache(prep: Prepared) -> Facts:
         problems = [Problem(**json.loads(line)) for line in f]
     invalid: list[str] = []
     with open(prep.report_path, encoding="utf-8") as f:
-        for k, line in enumerate(f):
-            if k >= meta["unread"]:
-                r = json.loads(line)
-                if r["fate"] == "invalid":
-                    invalid.append(r["id"])
+        for line in f:  # the unread records' lines come first: they are invalid samples too
+            r = json.loads(line)
+            if r["fate"] == "invalid":
+                invalid.append(r["id"])
     fates = Counter({f: prep.table.get(f, [0])[0] - (meta["unread"] if f == "invalid" else 0) for f in FATES})
     fates["error"] = 0
     pieces = np.load(os.path.join(prep.path, PIECES_FILE))
     rows = [(int(n), int(k)) for n, k in pieces]
-    acc = Accounting(meta["read_records"], stats, problems, invalid)
+    acc = Accounting(meta["read_records"], stats, problems, invalid, notes=meta.get("notes", []))
     return Facts(acc, fates, rows, [], meta["split_rows"], meta["limited"], prep)
 
 

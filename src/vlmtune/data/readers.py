@@ -13,6 +13,8 @@ Supported inputs (`read_samples(data, ...)`):
   JSON Lines, as `datasets` does),
 * a folder of `.json` / `.jsonl` files (not recursive; `dataset_info.json` is skipped),
 * a `datasets` folder written by `save_to_disk` (a DatasetDict: the "train" split, or its only split),
+* a `.parquet` or `.arrow` file, a folder in the Hub layout (`data/train-00000-of-00002.parquet`),
+  or a Hub dataset id (see data/formats.py: read a batch at a time, images never decoded),
 * comma-separated dataset names looked up in `dataset_dir/dataset_info.json` (LLaMA-Factory), or
   comma-separated paths.
 
@@ -24,7 +26,8 @@ Record formats (detected per record unless a `dataset_info.json` entry fixes the
 * HF chat: `messages` whose `content` is a list of parts `{"type": "text", "text"}`,
   `{"type": "image", "image" | "path" | "url"}` or `{"type": "image_url", "image_url": {"url"}}`;
   an image part without a path (TRL style) takes the next path of `images`, like `<image>`.
-  Image columns of `datasets` folders must hold paths: embedded image bytes are refused.
+* LLaVA / ShareGPT4V (`image`), the_cauldron (`images` + `texts`), OpenAI (`image_url`, `weight`):
+  see data/records.py. Images may be paths, embedded bytes (`{"bytes", "path"}`), `data:` URIs.
 
 Roles: user/human, assistant/gpt and system (or the dataset_info tags) become user, assistant and
 system; any other role (observation, function_call, tool...) is kept as written and `validate`
@@ -40,9 +43,10 @@ characters) when it is unique across everything read, else `<file stem>:<line>` 
 Images: a relative path is resolved against `media_dir` when given, else the folder of the data
 file (of the dataset_dir for dataset names; of the folder holding a datasets folder). After
 `os.path.realpath` (symlinks followed) a path must stay inside that folder unless
-`allow_paths_outside_media_dir=True`; URLs (`http://`, `https://`, `file://`, `data:`, any
-`scheme://`) are refused (remote images are not supported yet, even with `allow_remote_images`).
-Nothing is fetched or opened here: checking that files exist and are images is `validate`'s job.
+`allow_paths_outside_media_dir=True`; `file://` URLs are local paths and `data:` URIs inline
+images; http(s) URLs are refused unless `allow_remote_images`, when data/remote.py fetches them
+into a cache as records are read (a chunk at a time); other `scheme://` URLs are refused. Checking
+that files exist and are images is `validate`'s job.
 
 Accounting: bad input never raises. Every record (and every JSONL line, even one that does not
 parse) counts in `ReadResult.records`. A record either yields a `Conversation` or exactly one
@@ -57,21 +61,23 @@ the conversation as invalid.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import hashlib
 import json
 import os
 from array import array
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from ..errors import Problem
-from .dataset_info import dataset_files
-from .paths import PathCache, _short
+from . import formats
+from .dataset_info import DatasetEntry, _looks_like_hub_id, dataset_entries, entry_for_path
+from .paths import PathCache
 from .records import (
     AUTO_FORMAT,
     RecordFormat,
@@ -94,6 +100,7 @@ class ReadResult:
     conversations: list[Conversation]
     problems: list[Problem]
     records: int
+    notes: list[str] = field(default_factory=list)  # what was recognised, one line each
 
 
 @dataclass
@@ -109,6 +116,7 @@ class RawRecord:
     fallback_id: str
     base_dir: str
     fmt: RecordFormat
+    origin: list | None = None  # the row's locator for embedded images (data/formats.py)
 
 
 # A file reader: (path, base_dir, fmt) -> the file's records in order, each a RawRecord or the Problem
@@ -118,7 +126,22 @@ FileReader = Callable[[str, str, RecordFormat], Iterator["RawRecord | Problem"]]
 
 
 def _is_datasets_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+    return formats.is_datasets_folder(path)
+
+
+def _table(rows: Iterator, base_dir: str, fmt: RecordFormat) -> Iterator[RawRecord | Problem]:
+    """data/formats.py's rows (Parquet, Arrow, datasets folders, Hub ids) as RawRecords."""
+    for item in rows:
+        yield item if isinstance(item, Problem) else \
+            RawRecord(item.value, item.source, item.fallback_id, base_dir, fmt, item.origin)
+
+
+def read_parquet(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT) -> Iterator[RawRecord | Problem]:
+    return _table(formats.iter_parquet(path), base_dir, fmt)
+
+
+def read_arrow(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT) -> Iterator[RawRecord | Problem]:
+    return _table(formats.iter_arrow(path), base_dir, fmt)
 
 
 def _parse_json(text: str) -> Any:
@@ -239,47 +262,10 @@ def read_json(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT) -> Iter
         i += 1
 
 
-def read_datasets_folder(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT) -> Iterator[RawRecord | Problem]:
-    """A `save_to_disk` folder (memory-mapped Arrow), in batches of rows."""
-    try:
-        import datasets
-
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" in ds:
-                ds = ds["train"]
-            elif len(ds) == 1:
-                ds = next(iter(ds.values()))
-            else:
-                yield file_problem(
-                    path,
-                    "data_not_found",
-                    f"the DatasetDict has no \"train\" split (splits: {', '.join(sorted(ds))})",
-                    "save the training split as \"train\", or point `data` at the split's folder",
-                )
-                return
-        # Arrow rows: no decoding of Image features (they come back as {"bytes", "path"}).
-        batches = ds.with_format("arrow").iter(batch_size=1024)
-        first = next(batches, None)
-    except Exception as e:  # a broken folder must be reported, not crash the run
-        yield file_problem(
-            path,
-            "data_not_found",
-            f"cannot load the datasets folder: {type(e).__name__}: {_short(str(e), 200)}",
-            "check that the folder was written by `Dataset.save_to_disk`",
-        )
-        return
-    name = Path(path.rstrip("/\\") or path).name
-    i = 0
-    while first is not None:
-        for rec in first.to_pylist():
-            yield RawRecord(rec, f"{path}#{i}", f"{name}:{i}", base_dir, fmt)
-            i += 1
-        first = next(batches, None)
-
-
 # File readers by extension. New formats register here (see data/formats.py).
-FILE_READERS: dict[str, FileReader] = {".jsonl": read_jsonl, ".json": read_json}
+FILE_READERS: dict[str, FileReader] = {
+    ".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet, ".arrow": read_arrow,
+}
 
 
 def _reader_for(path: str) -> FileReader | None:
@@ -289,11 +275,20 @@ def _reader_for(path: str) -> FileReader | None:
     return None
 
 
-def _read_path(path: str, base_dir: str | None, fmt: RecordFormat) -> Iterator[RawRecord | Problem]:
+def _read_path(path: str, base_dir: str | None, fmt: RecordFormat,
+               split: str | None = None) -> Iterator[RawRecord | Problem]:
     if os.path.isdir(path):
         if _is_datasets_folder(path):
             parent = os.path.dirname(os.path.abspath(path.rstrip("/\\") or path))
-            yield from read_datasets_folder(path, base_dir or parent, fmt)
+            yield from _table(formats.iter_datasets_folder(path, split), base_dir or parent, fmt)
+            return
+        if formats.table_files_in(path):  # the Hub layout: data/train-00000-of-00002.parquet, ...
+            found = formats.split_files(path, split)
+            if isinstance(found, Problem):
+                yield found
+                return
+            for name in found[0]:
+                yield from _read_path(name, base_dir or path, fmt)
             return
         try:
             names = sorted(
@@ -321,7 +316,8 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat) -> Iterator[R
             path,
             "data_not_found",
             f"unsupported data file type {Path(path).suffix or '(no extension)'!r}",
-            "use a .json or .jsonl file, a folder of them, or a `save_to_disk` folder",
+            "use a .json, .jsonl, .parquet or .arrow file, a folder of them (the Hub layout), "
+            "a `save_to_disk` folder or a Hub dataset id",
         )
         return
     yield from reader(path, folder, fmt)
@@ -330,27 +326,77 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat) -> Iterator[R
 def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = None) -> Iterator[RawRecord | Problem]:
     """Every record of `data`, in input order, as a RawRecord or the Problem of an unreadable record or input."""
     if os.path.exists(data):
-        yield from _read_path(data, media_dir, AUTO_FORMAT)
+        yield from _read_given_path(data, dataset_dir, media_dir)
         return
     items = [x.strip() for x in data.split(",") if x.strip()]
     if items and all(os.path.exists(x) for x in items):
         for x in items:
-            yield from _read_path(x, media_dir, AUTO_FORMAT)
-    elif dataset_dir is not None and items:
-        for entry in dataset_files(items, dataset_dir, media_dir):
+            yield from _read_given_path(x, dataset_dir, media_dir)
+    elif items and (dataset_dir is not None or all(_looks_like_hub_id(x) for x in items)):
+        for entry in dataset_entries(items, dataset_dir or ".", media_dir, hub_ids=True):
             if isinstance(entry, Problem):
                 yield entry
             else:
-                yield from _read_path(*entry)
+                yield from _read_entry(entry)
     else:
         yield file_problem(
             data,
             "data_not_found",
             f"{data!r} is not a file or folder"
             + ("" if dataset_dir else " (and no dataset_dir was given to look up dataset names)"),
-            "point `data` at a .json/.jsonl file, a folder of them or a `save_to_disk` folder, "
-            "or give dataset names with dataset_dir",
+            "point `data` at a .json/.jsonl/.parquet file, a folder of them or a `save_to_disk` folder, "
+            "or give dataset names with dataset_dir, or a Hub dataset id",
         )
+
+
+def _read_given_path(path: str, dataset_dir: str | None, media_dir: str | None) -> Iterator[RawRecord | Problem]:
+    """A path given directly: a dataset_info.json entry naming it still applies (columns, tags, split)."""
+    entry = entry_for_path(path, dataset_dir)
+    if entry is None:
+        yield from _read_path(path, media_dir, AUTO_FORMAT)
+    else:
+        yield from _read_entry(DatasetEntry(path, media_dir or "", entry.fmt, entry.split, entry.subset, None,
+                                            entry.num_samples))
+
+
+def _read_entry(entry: DatasetEntry) -> Iterator[RawRecord | Problem]:
+    if entry.hub_id is not None:
+        items = _table(formats.iter_hub(entry.hub_id, entry.subset, entry.split), entry.root or ".", entry.fmt)
+    else:
+        items = _read_path(entry.path, entry.root or None, entry.fmt, entry.split)
+    if entry.num_samples is None:
+        yield from items
+    else:  # a random draw needs the entry's records at hand: num_samples holds that one dataset in memory
+        yield from _sample(list(items), entry.num_samples)
+
+
+def _sample(items: list, k: int) -> list:
+    """LLaMA-Factory's `num_samples`: k records drawn at random (all of them, then repeats, when k > n).
+
+    Seeded, so that the same config prepares the same data (and every pass over the input, e.g. the id
+    plan's, sees the same draw); problems of unreadable inputs are kept.
+    """
+    problems = [x for x in items if isinstance(x, Problem)]
+    raws = [x for x in items if not isinstance(x, Problem)]
+    n = len(raws)
+    if n == 0:
+        return items
+    rng = np.random.default_rng(0)
+    order = list(rng.permutation(n)[:k])
+    if k > n:
+        order += list(rng.choice(n, k - n))
+    return problems + [copy.copy(raws[i]) for i in order]  # a repeat is its own record
+
+
+def layout_notes(layouts: Counter) -> list[str]:
+    """One line per record layout recognised, with how many records had it."""
+    from .records import LAYOUTS
+
+    counts = Counter(layouts)
+    specific = [k for k in counts if k != "sharegpt"]
+    if len(specific) == 1 and "sharegpt" in counts:  # records without images cannot tell the layouts apart
+        counts = Counter({specific[0]: sum(counts.values())})
+    return [f"recognised {LAYOUTS.get(k, k)}: {n} record(s)" for k, n in counts.most_common()]
 
 
 # -- ids: a record's own id when unique across everything read, else its fallback id -----------------
@@ -443,6 +489,9 @@ class IdPlan:
         return sid
 
 
+REMOTE_CHUNK = 256  # conversations whose http(s) images are fetched together (in parallel)
+
+
 def iter_samples(
     data: str,
     dataset_dir: str | None = None,
@@ -450,31 +499,61 @@ def iter_samples(
     *,
     allow_paths_outside_media_dir: bool = False,
     allow_remote_images: bool = False,
+    remote_options=None,
+    layouts: Counter | None = None,
 ) -> Iterator[Conversation | Problem]:
     """Every record of `data` in input order, as a `Conversation` or the one `Problem` why it yields none.
 
     Reads the input twice (three times when own ids repeat): once to plan the ids, then to convert. Memory
-    stays bounded by one record plus 16 bytes per record for the id plan.
+    stays bounded by one record (REMOTE_CHUNK records with allow_remote_images) plus 16 bytes per record
+    for the id plan. `layouts`, when given, counts the record layouts recognised (for `layout_notes`).
     """
     def raws() -> Iterator[RawRecord | Problem]:
         return iter_raw(data, dataset_dir, media_dir)
 
     plan = IdPlan(raws(), raws)
     cache = PathCache()
-    for item in raws():
-        if isinstance(item, Problem):
-            yield item
-            continue
-        yield record_to_conversation(
-            item.value,
-            sample_id=plan.next_id(item),
-            source=item.source,
-            base_dir=item.base_dir,
-            fmt=item.fmt,
-            allow_paths_outside_media_dir=allow_paths_outside_media_dir,
-            allow_remote_images=allow_remote_images,
-            cache=cache,
-        )
+
+    def converted() -> Iterator[Conversation | Problem]:
+        for item in raws():
+            if isinstance(item, Problem):
+                yield item
+                continue
+            conv = record_to_conversation(
+                item.value,
+                sample_id=plan.next_id(item),
+                source=item.source,
+                base_dir=item.base_dir,
+                fmt=item.fmt,
+                allow_paths_outside_media_dir=allow_paths_outside_media_dir,
+                allow_remote_images=allow_remote_images,
+                cache=cache,
+                origin=item.origin,
+            )
+            if layouts is not None and isinstance(conv, Conversation):
+                layouts[conv.layout] += 1
+            yield conv
+
+    if not allow_remote_images:
+        yield from converted()
+        return
+    from .remote import fetch_remote_images
+
+    chunk: list = []
+    for item in converted():
+        chunk.append(item)
+        if len(chunk) == REMOTE_CHUNK:
+            _fetch(chunk, remote_options, fetch_remote_images)
+            yield from chunk
+            chunk = []
+    _fetch(chunk, remote_options, fetch_remote_images)
+    yield from chunk
+
+
+def _fetch(chunk: list, options, fetch) -> None:
+    convs = [c for c in chunk if isinstance(c, Conversation)]
+    if convs:
+        fetch(convs, *([options] if options is not None else []))
 
 
 def read_samples(
@@ -484,6 +563,7 @@ def read_samples(
     *,
     allow_paths_outside_media_dir: bool = False,
     allow_remote_images: bool = False,
+    remote_options=None,
 ) -> ReadResult:
     """Read every record of `data` into conversations, accounting for each record (a list of `iter_samples`).
 
@@ -496,11 +576,14 @@ def read_samples(
     # over (about 3x the reading time on 100k records), so it is paused while reading.
     conversations: list[Conversation] = []
     problems: list[Problem] = []
+    layouts: Counter = Counter()
     with _gc_paused():
         for item in iter_samples(data, dataset_dir, media_dir, allow_paths_outside_media_dir=allow_paths_outside_media_dir,
-                                 allow_remote_images=allow_remote_images):
+                                 allow_remote_images=allow_remote_images, remote_options=remote_options,
+                                 layouts=layouts):
             (problems if isinstance(item, Problem) else conversations).append(item)
-    return ReadResult(conversations=conversations, problems=problems, records=len(conversations) + len(problems))
+    return ReadResult(conversations=conversations, problems=problems, records=len(conversations) + len(problems),
+                      notes=layout_notes(layouts))
 
 
 @contextlib.contextmanager

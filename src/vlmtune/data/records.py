@@ -5,14 +5,37 @@ A bad record raises nothing: it yields exactly one Problem (see readers.py for t
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import json
+import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Problem
 from .paths import _URL_RE, MAX_PATH_CHARS, PathCache, _q, resolve_image
-from .types import Conversation, ImagePart, Message, Part, TextPart
+from .types import EMBEDDED_PREFIX, Conversation, ImagePart, Message, Part, TextPart
 
 IMAGE_PLACEHOLDER = "<image>"
+
+# Media that is not supported yet: reported and skipped, never trained as text.
+_UNSUPPORTED_KEYS = ("videos", "video", "audios", "audio")
+_UNSUPPORTED_PLACEHOLDERS = ("<video>", "<audio>")
+_UNSUPPORTED_PARTS = ("video", "video_url", "audio", "audio_url", "input_audio")
+_FIX_MEDIA = "remove the video/audio from the sample, or the sample (only images are supported yet)"
+
+# The layouts recognised without a mapping (`Conversation.layout`), with what gives each away.
+LAYOUTS = {
+    "sharegpt": "LLaMA-Factory sharegpt / HF chat (`messages` or `conversations`, `images`)",
+    "trl": "TRL / llava-instruct-mix (`messages` with image parts without a path, `images` column in order)",
+    "llava": "LLaVA / ShareGPT4V (`image`, `conversations` from/value human/gpt)",
+    "cauldron": "the_cauldron (`images`, `texts` of {user, assistant})",
+    "openai": "OpenAI chat fine-tuning (`image_url` parts, `data:` URIs, `weight`)",
+}
+
+_DATA_URI_RE = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),", re.ASCII)
 
 
 # A text field longer than this is certainly not a training turn (hundreds of thousands of tokens).
@@ -75,9 +98,22 @@ SHAREGPT_DEFAULTS = RecordFormat(
 
 
 class _BadRecord(Exception):
-    def __init__(self, what: str, fix: str):
+    def __init__(self, what: str, fix: str, kind: str = "bad_record"):
         super().__init__(what)
-        self.what, self.fix = what, fix
+        self.what, self.fix, self.kind = what, fix, kind
+
+
+@dataclass(frozen=True)
+class _Embedded:
+    """Image bytes that came with the record; `pointer` locates them inside the record."""
+
+    data: bytes
+    name: str
+    pointer: tuple
+
+
+def _unsupported(what: str) -> _BadRecord:
+    return _BadRecord(what, _FIX_MEDIA, kind="unsupported_media")
 
 
 def _type_name(value: Any) -> str:
@@ -94,12 +130,24 @@ def _check_text(text: str, where: str) -> None:
         )
 
 
+def _image_value(value: Any, where: str, pointer: tuple) -> str | _Embedded:
+    """A path string, or the bytes of an embedded image (a `datasets` Image value, a PIL image)."""
+    if isinstance(value, dict) and value.get("bytes") is not None:  # a `datasets` Image value
+        data = value["bytes"]
+        if not isinstance(data, (bytes, bytearray)):
+            raise _BadRecord(f"the `bytes` of {where} are {_type_name(data)}", "store the image file's bytes")
+        name = value.get("path") if isinstance(value.get("path"), str) else None
+        return _Embedded(bytes(data), name or f"<embedded image, {len(data):,} bytes>", (*pointer, "bytes"))
+    if isinstance(value, (bytes, bytearray)):
+        return _Embedded(bytes(value), f"<embedded image, {len(value):,} bytes>", pointer)
+    if hasattr(value, "getbands") and hasattr(value, "save"):  # a decoded PIL image
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")  # lossless: the pixels, and so the size, are the same
+        return _Embedded(buf.getvalue(), "<decoded PIL image>", pointer)
+    return _check_ref(value, where)
+
+
 def _check_ref(ref: Any, where: str) -> str:
-    if isinstance(ref, dict) and ref.get("bytes") is not None:  # a `datasets` Image value
-        raise _BadRecord(
-            f"{where} holds embedded image bytes (a `datasets` Image column); only image paths are supported",
-            "keep the images as files and store their paths as strings in the column",
-        )
     if isinstance(ref, dict) and isinstance(ref.get("path"), str):
         ref = ref["path"]
     if not isinstance(ref, str):
@@ -119,8 +167,10 @@ def _check_ref(ref: Any, where: str) -> str:
 class _Builder:
     """Turns one record's turns into parts, consuming the top-level images at `<image>` placeholders."""
 
-    def __init__(self, images: list[str], base_dir: str, allow_outside: bool, allow_remote: bool, cache: PathCache):
+    def __init__(self, images: list, base_dir: str, allow_outside: bool, allow_remote: bool, cache: PathCache,
+                 origin: list | None = None):
         self.images = images
+        self.origin = origin
         self.cache = cache
         self.next_image = 0
         self.placeholders = 0
@@ -128,10 +178,46 @@ class _Builder:
         self.allow_outside = allow_outside
         self.allow_remote = allow_remote
         self.read_problems: list[tuple[str, str, str]] = []
+        self.saw_pathless_part = self.saw_image_url = False
 
-    def image(self, ref: str) -> ImagePart:
+    def image(self, ref: str | _Embedded) -> ImagePart:
+        if isinstance(ref, _Embedded):
+            return self._embedded(ref)
+        if ref.startswith("data:"):
+            return self._data_uri(ref)
+        if ref[:7].lower() == "file://":  # a local path written as a URL
+            local = urllib.parse.unquote(urllib.parse.urlsplit(ref).path)
+            return self._resolved(ref, local)
+        return self._resolved(ref, ref)
+
+    def _embedded(self, emb: _Embedded) -> ImagePart:
+        if self.origin is not None:  # a reference to the source row: no second copy of the bytes
+            path = EMBEDDED_PREFIX + json.dumps([*self.origin, list(emb.pointer)], separators=(",", ":"))
+        else:
+            path = "data:application/octet-stream;base64," + base64.b64encode(emb.data).decode("ascii")
+        return ImagePart(ref=emb.name, path=path, data=emb.data)
+
+    def _data_uri(self, ref: str) -> ImagePart:
+        m = _DATA_URI_RE.match(ref)
+        shown = _q(ref[:60] + ("..." if len(ref) > 60 else ""))
+        data = None
+        if m and ";base64" in m.group(2).lower():
+            try:
+                data = base64.b64decode(ref[m.end():], validate=True)
+            except (binascii.Error, ValueError):
+                data = None
+        if not data:
+            self.read_problems.append((
+                "bad_data_uri",
+                f"image {shown} is not a base64 `data:` URI with image bytes",
+                "write inline images as data:image/png;base64,<bytes>, or as a path",
+            ))
+            return ImagePart(ref=ref, path=None)
+        return ImagePart(ref=ref, path=ref, data=data)
+
+    def _resolved(self, ref: str, local: str) -> ImagePart:
         path, problem = resolve_image(
-            ref,
+            local,
             self.base_dir,
             allow_paths_outside_media_dir=self.allow_outside,
             allow_remote_images=self.allow_remote,
@@ -149,6 +235,9 @@ class _Builder:
             self.next_image += 1
 
     def text(self, text: str, parts: list[Part]) -> None:
+        for tag in _UNSUPPORTED_PLACEHOLDERS:
+            if tag in text:
+                raise _unsupported(f"a text has a {tag} placeholder; {tag[1:-1]} is not supported yet")
         if IMAGE_PLACEHOLDER not in text:
             if text:
                 parts.append(TextPart(text))
@@ -160,7 +249,7 @@ class _Builder:
                 parts.append(TextPart(piece))
 
 
-def _content_parts(content: Any, where: str, builder: _Builder) -> list[Part]:
+def _content_parts(content: Any, where: str, builder: _Builder, pointer: tuple = ()) -> list[Part]:
     parts: list[Part] = []
     if isinstance(content, str):
         _check_text(content, f"the text of {where}")
@@ -194,16 +283,22 @@ def _content_parts(content: Any, where: str, builder: _Builder) -> list[Part]:
             _check_text(text, f"the text of {pwhere}")
             builder.text(text, parts)
         elif ptype == "image":
-            ref = next((part[k] for k in ("image", "path", "url") if part.get(k) is not None), None)
-            if ref is None:  # TRL/llava style: {"type": "image"} stands for the next of `images`
+            key = next((k for k in ("image", "path", "url") if part.get(k) is not None), None)
+            if key is None:  # TRL/llava style: {"type": "image"} stands for the next of `images`
+                builder.saw_pathless_part = True
                 builder.placeholder(parts)
             else:
-                parts.append(builder.image(_check_ref(ref, f"the image of {pwhere}")))
+                value = _image_value(part[key], f"the image of {pwhere}", (*pointer, j - 1, key))
+                parts.append(builder.image(value))
         elif ptype == "image_url":
-            url = part.get("image_url")
+            url, ptr = part.get("image_url"), (*pointer, j - 1, "image_url")
             if isinstance(url, dict):
-                url = url.get("url")
-            parts.append(builder.image(_check_ref(url, f"the image_url of {pwhere}")))
+                url, ptr = url.get("url"), (*ptr, "url")
+            builder.saw_image_url = True
+            parts.append(builder.image(_image_value(url, f"the image_url of {pwhere}", ptr)))
+        elif ptype in _UNSUPPORTED_PARTS:
+            media = "audio" if "audio" in ptype else "video"
+            raise _unsupported(f"{pwhere} is a `{ptype}` part; {media} is not supported yet")
         elif ptype is None:
             raise _BadRecord(
                 f"{pwhere} has no `type`",
@@ -247,20 +342,24 @@ def record_to_conversation(
     allow_paths_outside_media_dir: bool = False,
     allow_remote_images: bool = False,
     cache: PathCache | None = None,
+    origin: list | None = None,
 ) -> Conversation | Problem:
     """One record as a `Conversation`, or the one `Problem` (kind "bad_record") why it yields none.
 
     Never raises on bad input. Placeholder/image count mismatches and refused image paths still
     yield a conversation, with the problems in its `read_problems` (refused images have `path=None`).
     Relative image paths resolve against `base_dir`, which is also the folder they must stay in.
-    Pass one `cache` for all the records of one read to make path resolution cheap.
+    Pass one `cache` for all the records of one read to make path resolution cheap. `origin` (a
+    JSON list naming the source row, see data/formats.py) is where embedded image bytes are found
+    again at training time; without it they are kept inline as a `data:` URI.
     """
     try:
         return _record_to_conversation(
-            record, sample_id, source, base_dir, fmt, allow_paths_outside_media_dir, allow_remote_images, cache
+            record, sample_id, source, base_dir, fmt, allow_paths_outside_media_dir, allow_remote_images, cache,
+            origin,
         )
     except _BadRecord as e:
-        return Problem(source=source, what=e.what, fix=e.fix, sample_id=sample_id, kind="bad_record")
+        return Problem(source=source, what=e.what, fix=e.fix, sample_id=sample_id, kind=e.kind)
     except RecursionError:
         return Problem(
             source=source,
@@ -280,12 +379,23 @@ def _record_to_conversation(
     allow_outside: bool,
     allow_remote: bool,
     cache: PathCache | None,
+    origin: list | None = None,
 ) -> Conversation:
     if not isinstance(record, dict):
         raise _BadRecord(
             f"record is {_type_name(record)}, expected an object with a `messages` list",
             "write each record as {\"messages\": [...], \"images\": [...]}",
         )
+    for key in _UNSUPPORTED_KEYS:
+        if record.get(key):
+            raise _unsupported(f"record has `{key}`; {key.rstrip('s')} is not supported yet")
+    layout = None
+    images_key = fmt.images
+    if fmt.messages is None and "messages" not in record and "conversations" not in record and "texts" in record:
+        record = {**record, "messages": _cauldron_turns(record["texts"], record.get(fmt.images))}
+        layout = "cauldron"
+    elif fmt.images not in record and "image" in record:
+        images_key, layout = "image", "llava"
     # The turns.
     if fmt.messages is not None:
         column = fmt.messages
@@ -307,28 +417,27 @@ def _record_to_conversation(
             f"write `{column}` as a list of {{\"role\", \"content\"}} objects",
         )
     # The images consumed by `<image>` placeholders.
-    images = record.get(fmt.images)
+    images = record.get(images_key)
     if images is None:
         images = []
-    elif isinstance(images, (str, dict)):
-        images = [images]
+    elif isinstance(images, (str, dict, bytes)) or hasattr(images, "getbands"):
+        images = [_image_value(images, f"`{images_key}`", (images_key,))]
     elif not isinstance(images, list):
         raise _BadRecord(
-            f"`{fmt.images}` is {_type_name(images)}, expected a list of paths",
-            f"write `{fmt.images}` as a list of image paths",
+            f"`{images_key}` is {_type_name(images)}, expected a list of paths",
+            f"write `{images_key}` as a list of image paths",
         )
-    images = [_check_ref(ref, f"`{fmt.images}`[{i}]") for i, ref in enumerate(images)]
-    videos = record.get("videos")
-    if videos:
-        raise _BadRecord("record has `videos`; videos are not supported", "remove the videos or the sample")
+    else:
+        images = [_image_value(ref, f"`{images_key}`[{i}]", (images_key, i)) for i, ref in enumerate(images)]
     system = record.get(fmt.system) if fmt.system else None
     if system is not None and not isinstance(system, str):
         raise _BadRecord(
             f"`{fmt.system}` is {_type_name(system)}, expected a string", f"write `{fmt.system}` as a string"
         )
 
-    builder = _Builder(images, base_dir, allow_outside, allow_remote, cache or PathCache())
+    builder = _Builder(images, base_dir, allow_outside, allow_remote, cache or PathCache(), origin)
     messages: list[Message] = []
+    weighted = False
     for i, turn in enumerate(turns, 1):
         where = f"message {i}"
         if not isinstance(turn, dict):
@@ -360,8 +469,16 @@ def _record_to_conversation(
             )
         if content_tag not in turn:
             raise _BadRecord(f"{where} has no `{content_tag}`", f"give each turn a `{content_tag}`")
-        parts = _content_parts(turn[content_tag], where, builder)
-        messages.append(Message(role=_role_of(raw_role, fmt), parts=parts))
+        parts = _content_parts(turn[content_tag], where, builder, (column, i - 1, content_tag))
+        weight = turn.get("weight", 1)
+        if "weight" in turn:
+            weighted = True
+            if isinstance(weight, bool) or weight not in (0, 1):
+                raise _BadRecord(
+                    f"the `weight` of {where} is {weight!r}, expected 0 or 1",
+                    "set weight to 0 (not trained) or 1 (trained), as in OpenAI fine-tuning files",
+                )
+        messages.append(Message(role=_role_of(raw_role, fmt), parts=parts, weight=int(weight)))
 
     if system and not (messages and messages[0].role == "system"):
         _check_text(system, f"`{fmt.system}`")
@@ -378,7 +495,7 @@ def _record_to_conversation(
     read_problems: list[Problem] = []
     if builder.placeholders != len(images):
         p, n = builder.placeholders, len(images)
-        what = f"{_plural(p, IMAGE_PLACEHOLDER + ' placeholder')} but {_plural(n, 'image')} in `{fmt.images}`"
+        what = f"{_plural(p, IMAGE_PLACEHOLDER + ' placeholder')} but {_plural(n, 'image')} in `{images_key}`"
         if p > n:
             fix = "add the missing image path or remove the extra placeholder"
         else:
@@ -388,7 +505,27 @@ def _record_to_conversation(
         )
     for kind, what, fix in builder.read_problems:
         read_problems.append(Problem(source=source, what=what, fix=fix, sample_id=sample_id, kind=kind))
-    return Conversation(id=sample_id, source=source, messages=messages, read_problems=read_problems)
+    if layout is None:
+        layout = ("openai" if builder.saw_image_url or weighted else "trl" if builder.saw_pathless_part
+                  else "sharegpt")
+    return Conversation(id=sample_id, source=source, messages=messages, read_problems=read_problems, layout=layout)
+
+
+def _cauldron_turns(texts: Any, images: Any) -> list[dict]:
+    """the_cauldron's `texts` [{user, assistant}] as turns; the images open the first user turn."""
+    if not isinstance(texts, list):
+        raise _BadRecord(f"`texts` is {_type_name(texts)}, expected a list of {{user, assistant}} objects",
+                         "write `texts` as a list of {\"user\": ..., \"assistant\": ...} objects")
+    n = len(images) if isinstance(images, list) else (0 if images is None else 1)
+    turns: list[dict] = []
+    for i, t in enumerate(texts, 1):
+        if not isinstance(t, dict) or not isinstance(t.get("user"), str) or not isinstance(t.get("assistant"), str):
+            raise _BadRecord(f"`texts`[{i - 1}] is not an object with `user` and `assistant` strings",
+                             "write each exchange as {\"user\": ..., \"assistant\": ...}")
+        head = [{"type": "image"}] * n if i == 1 else []
+        turns.append({"role": "user", "content": [*head, {"type": "text", "text": t["user"]}]})
+        turns.append({"role": "assistant", "content": t["assistant"]})
+    return turns
 
 
 def file_problem(source: str, kind: str, what: str, fix: str) -> Problem:

@@ -19,13 +19,24 @@ class TextPart:
     type: Literal["text"] = "text"
 
 
+# `ImagePart.path` of an image whose bytes live inside a dataset row (Parquet, Arrow, Hub): this
+# prefix and a JSON locator of the row (see data/formats.py), so that no second copy is written.
+EMBEDDED_PREFIX = "embedded:"
+
+
 @dataclass(frozen=True)
 class ImagePart:
-    """An image as referenced by the data: `ref` as written, `path` resolved (None if unresolvable)."""
+    """An image as referenced by the data: `ref` as written, `path` resolved (None if unresolvable).
+
+    `path` is a file, an `embedded:` locator of the bytes in a dataset row, or a `data:` URI. `data`
+    holds the image's bytes while the sample is in flight when they came with the record (embedded or
+    inline); the header is read from them, and the collator finds them again through `path`.
+    """
 
     ref: str
     path: str | None
     type: Literal["image"] = "image"
+    data: bytes | None = field(default=None, compare=False, repr=False)
 
 
 Part = Union[TextPart, ImagePart]
@@ -35,6 +46,8 @@ Part = Union[TextPart, ImagePart]
 class Message:
     role: str
     parts: list[Part]
+    # OpenAI fine-tuning `weight`: 0 masks an assistant turn from the loss (it stays in the context).
+    weight: int = 1
 
     @property
     def images(self) -> list[ImagePart]:
@@ -54,6 +67,8 @@ class Conversation:
     messages: list[Message]
     # problems found while reading (e.g. placeholder/image count mismatch); validation adds more.
     read_problems: list = field(default_factory=list)
+    # the record layout it was read from (a key of data/records.LAYOUTS), for the reader's note.
+    layout: str = field(default="sharegpt", compare=False)
 
     @property
     def images(self) -> list[ImagePart]:

@@ -11,9 +11,9 @@ processor upsamples any PIL image of at least 1x1 with an aspect ratio up to 200
 (checked for every size up to 11x11, 1x200, 3x600...), so only a zero-sized header is "too small".
 
 Problem kinds (`Problem.kind`), read-time ones included (see `sources`):
-    placeholder_mismatch, path_outside_media_dir, remote_image  (from `Conversation.read_problems`)
+    placeholder_mismatch, path_outside_media_dir, remote_image, bad_data_uri  (from `Conversation.read_problems`)
     missing_file, not_an_image, unreadable_file, corrupt_image, too_many_pixels, too_small,
-    aspect_ratio, empty_conversation, unknown_role, turn_order, no_assistant, empty_turn
+    aspect_ratio, empty_conversation, unknown_role, turn_order, no_assistant, no_trained_turn, empty_turn
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import os
 import re
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import Problem
 from ..models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
-from .images import ImageHeader, read_header
+from .images import ImageHeader, Source, _fileobj, read_header
 from .types import ROLES, Conversation, ImagePart
 
 # Pillow refuses to open images above 2 * Image.MAX_IMAGE_PIXELS (89,478,485 by default) with
@@ -67,11 +67,11 @@ _FIX_PATH = "check the path, or set media_dir to the folder the image paths are 
 _FIX_BOMB = "downscale the image file (the model sees at most image_max_pixels anyway), or remove the sample"
 
 
-def _header_ignoring_bomb_limit(path: str) -> tuple[int, int] | None:
+def _header_ignoring_bomb_limit(path: Source) -> tuple[int, int] | None:
     """The size in an image header, without Pillow's decompression-bomb check (no decoding)."""
     try:
         Image.init()
-        with open(path, "rb") as fp:
+        with (open(path, "rb") if isinstance(path, str) else _fileobj(path)) as fp:
             prefix = fp.read(16)
             for fmt in Image.ID:
                 factory, accept = Image.OPEN[fmt]
@@ -80,7 +80,7 @@ def _header_ignoring_bomb_limit(path: str) -> tuple[int, int] | None:
                     continue
                 fp.seek(0)
                 try:
-                    im = factory(fp, path)
+                    im = factory(fp, path if isinstance(path, str) else "")
                 except (SyntaxError, IndexError, TypeError, struct.error, OSError, ValueError):
                     continue
                 try:
@@ -102,10 +102,12 @@ def _too_many(claimed: str, limit: int) -> _Bad:
 _END_MARKERS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",)}
 
 
-def _tail_ok(path: str, fmt: str | None) -> bool:
+def _tail_ok(path: Source, fmt: str | None) -> bool:
     markers = _END_MARKERS.get(fmt or "")
     if not markers:
         return True
+    if not isinstance(path, str):
+        return any(m in path[-16:] for m in markers)
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -126,10 +128,15 @@ class _ImageRules:
     max_image_pixels: int
     verify: bool
 
-    def check(self, path: str) -> ImageHeader | _Bad | tuple[ImageHeader, _Bad]:
-        """The header, or why the image is refused (with its header when that could be read)."""
+    def check(self, source: Source, path: str) -> ImageHeader | _Bad | tuple[ImageHeader, _Bad]:
+        """The header, or why the image is refused (with its header when that could be read).
+
+        `source` is the file path or the image's bytes (embedded, inline); `path` is how it is shown.
+        """
+        if not isinstance(source, str):
+            path = "embedded bytes" if path.startswith(("embedded:", "data:")) else path
         try:
-            header = read_header(path)
+            header = read_header(source)
         except FileNotFoundError:
             return _Bad("missing_file", f"not found at {path}", _FIX_PATH)
         except IsADirectoryError:
@@ -137,10 +144,10 @@ class _ImageRules:
         except PermissionError:
             return _Bad("unreadable_file", f"cannot be read: permission denied ({path})", "make the file readable")
         except Image.DecompressionBombError as e:
-            return self._bomb(path, e)
+            return self._bomb(source, e)
         except UnidentifiedImageError:
             try:
-                empty = os.path.getsize(path) == 0
+                empty = (os.path.getsize(source) if isinstance(source, str) else len(source)) == 0
             except OSError:
                 empty = False
             if empty:
@@ -164,18 +171,18 @@ class _ImageRules:
                 f"is {w}x{h}: its aspect ratio {ratio:.1f} is above the processor's limit of {MAX_ASPECT_RATIO}",
                 f"crop or pad the image so that its longer side is at most {MAX_ASPECT_RATIO} times its shorter side",
             )
-        if not self.verify and not _tail_ok(path, header.format):
+        if not self.verify and not _tail_ok(source, header.format):
             return header, _Bad("corrupt_image", f"is truncated: its {header.format} end marker is missing ({path})",
                                 _FIX_REEXPORT)
         if self.verify:
             try:
-                with Image.open(path) as im:
+                with Image.open(_fileobj(source)) as im:
                     im.load()
             except Exception as e:
                 return header, _Bad("corrupt_image", f"is truncated or corrupt ({str(e)[:200]}): {path}", _FIX_REEXPORT)
         return header
 
-    def _bomb(self, path: str, error: Exception) -> _Bad:
+    def _bomb(self, path: Source, error: Exception) -> _Bad:
         size = _header_ignoring_bomb_limit(path)
         if size is not None:
             claimed = f"is {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels"
@@ -225,6 +232,15 @@ def _conversation_problems(conv: Conversation) -> list[tuple[str, str, str]]:
     order = _order_problem(known)
     if order is not None:
         out.append(order)
+    assistants = [m for m in messages if m.role == "assistant"]
+    if assistants and all(m.weight == 0 for m in assistants):
+        out.append(
+            (
+                "no_trained_turn",
+                f"every assistant turn has weight 0 ({len(assistants)}), so there is nothing to learn",
+                "give at least one assistant turn weight 1, or remove the sample",
+            )
+        )
     if not any(role == "assistant" for _, role in known):
         out.append(
             (
@@ -280,6 +296,7 @@ def validate(
     check_images: bool = True,
     verify_images: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    progress: bool = False,
 ) -> ValidationResult:
     """Every problem of every conversation, the valid ones, and the image headers read.
 
@@ -299,6 +316,10 @@ def validate(
     checked: dict[str, ImageHeader | _Bad | tuple[ImageHeader, _Bad]] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if progress and isinstance(conversations, list) and len(conversations) >= 10_000:
+            from tqdm.auto import tqdm
+
+            conversations = tqdm(conversations, desc="validating", unit="sample")
         for conv in conversations:
             found: list[Problem] = list(conv.read_problems)
             for kind, what, fix in _conversation_problems(conv):
@@ -308,11 +329,21 @@ def validate(
                     bad = _image_problem(img, conv, rules, checked, headers)
                     if bad is not None:
                         found.append(bad)
+                _drop_bytes(conv)
             if found:
                 problems.extend(found)
             else:
                 valid.append(conv)
     return ValidationResult(valid=valid, problems=problems, headers=headers)
+
+
+def _drop_bytes(conv: Conversation) -> None:
+    """Embedded/inline bytes are needed only for the header: later stages find them again through the
+    path, so that memory holds the images of the chunk in flight, not of the whole dataset."""
+    for m in conv.messages:
+        for j, p in enumerate(m.parts):
+            if isinstance(p, ImagePart) and p.data is not None:
+                m.parts[j] = replace(p, data=None)
 
 
 def _image_problem(
@@ -325,7 +356,7 @@ def _image_problem(
         return Problem(source=conv.source, what=what, fix=_FIX_PATH, sample_id=conv.id, kind="missing_file")
     outcome = checked.get(img.path)
     if outcome is None:
-        outcome = checked[img.path] = rules.check(img.path)
+        outcome = checked[img.path] = rules.check(img.data if img.data is not None else img.path, img.path)
         if isinstance(outcome, ImageHeader):
             headers[img.path] = outcome
         elif isinstance(outcome, tuple):

@@ -454,6 +454,13 @@ def check_data(ctx: Context) -> Check:
         return Check("data", "fail", f"{d.invalid} invalid sample(s) stop prepare because on_bad_sample=error "
                      f"(first: {first}); {message}", "fix the samples (`vlmtune inspect` lists every problem), "
                      "or set on_bad_sample: skip")
+    records = s["records"]
+    if d.invalid and cfg.on_bad_sample == "skip" and d.invalid > cfg.max_skipped_share * records:
+        share = f"{d.invalid} of {records} records ({100 * d.invalid / records:.1f}%)"
+        if not cfg.confirm_skipped_share:
+            return Check("data", "warn", f"on_bad_sample=skip would leave out {share} as invalid, more than "
+                         f"max_skipped_share={cfg.max_skipped_share:g}; train stops there; {message}",
+                         "fix the samples (`vlmtune inspect` lists every problem), or set confirm_skipped_share: true")
     if not d.rows:
         return Check("data", "fail", f"no training row would be emitted; {message}",
                      f"{raise_to}, or put shrink_images, truncate_text or split before drop in overflow")
