@@ -259,7 +259,8 @@ def test_sections_partition_the_keys():
     }
     assert {f.name for f in dataclasses.fields(C.ReadArgs)} == {
         "dataset", "dataset_dir", "media_dir", "max_samples", "val_size", "allow_paths_outside_media_dir",
-        "allow_remote_images", "on_bad_sample",
+        "allow_remote_images", "on_bad_sample", "max_skipped_share", "confirm_skipped_share", "remote_image_max_bytes",
+        "remote_image_timeout",
     }
 
 

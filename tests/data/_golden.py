@@ -80,7 +80,7 @@ def build_dataset(root: Path, make_image) -> Path:
 
 def config_args(root: Path, data: Path, ckpt, name: str, *more: str) -> list[str]:
     return [f"model_name_or_path={ckpt}", f"dataset={data}", f"output_dir={root / ('out-' + name)}",
-            "on_bad_sample=skip", *CONFIGS[name], *more]
+            "on_bad_sample=skip", "confirm_skipped_share=true", *CONFIGS[name], *more]
 
 
 def normalise(value, root: Path):

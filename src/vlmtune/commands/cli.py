@@ -72,7 +72,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         for what, path in (("per-sample counts", args.per_sample), ("length histogram", args.plot)):
             if path:
                 print(f"{what}: {path}")
-    if not acc.encoded:  # nothing to train on: scripts must not read this as success
+    if not acc.stats:  # nothing to train on: scripts must not read this as success
         print(f"no valid sample in {args.data!r} ({summary['records']} record(s), all invalid)", file=sys.stderr)
         return 1
     return 0

@@ -344,8 +344,8 @@ def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = 
             "data_not_found",
             f"{data!r} is not a file or folder"
             + ("" if dataset_dir else " (and no dataset_dir was given to look up dataset names)"),
-            "point `data` at a .json/.jsonl/.parquet file, a folder of them or a `save_to_disk` folder, "
-            "or give dataset names with dataset_dir, or a Hub dataset id",
+            "point `data` at a .json/.jsonl file, a folder of them or a `save_to_disk` folder, "
+            "or give dataset names with dataset_dir",
         )
 
 
