@@ -846,7 +846,9 @@ def test_fuzz_jsonl_files_are_accounted(tmp_path, lines):
     p.write_bytes(b"\n".join(line.replace(b"\n", b" ").replace(b"\r", b" ") for line in lines))
     res = read_samples(str(p))
     assert accounted(res)
-    assert res.records == sum(1 for line in p.read_bytes().split(b"\n") if line.strip())
+    data = p.read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a leading byte-order mark is not a record
+    assert res.records == sum(1 for line in data.split(b"\n") if line.strip())
     ids = [c.id for c in res.conversations]
     assert len(ids) == len(set(ids))
 
