@@ -43,7 +43,8 @@ def test_two_nodes_sharing_output_dir_prepare_once(tiny_ckpt, tmp_path, make_ima
     script.write_text(_NODE)
     port = _free_port()
     keys = [f"model_name_or_path={tiny_ckpt('qwen2_vl')}", f"dataset={data}", f"output_dir={root / 'shared'}",
-            "cutoff_len=180", "on_bad_sample=skip", "max_steps=1", "ddp_timeout=240", "report_to=none"]
+            "cutoff_len=180", "on_bad_sample=skip", "confirm_skipped_share=true", "max_steps=1", "ddp_timeout=240",
+            "report_to=none"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(sys.path)}
     procs, logs = [], []
