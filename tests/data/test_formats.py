@@ -346,3 +346,23 @@ def test_two_shard_parquet_with_embedded_images_prepares_and_trains(tmp_path, ti
     assert not any(b in stored for s in samples for b in s[2])  # a reference to the rows, not a copy of the bytes
     result = recipe.run(cfg, progress=False)
     assert [h["step"] for h in result.log_history if "loss" in h] == [1, 2]
+
+
+def test_the_id_pass_reads_no_image_column(tmp_path):
+    """The id plan reads every input once more: for tables, only the "id" column (image pages stay unread)."""
+    from vlmtune.data import formats
+
+    rows = [{"id": f"s{i % 2}", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                            {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}],
+             "images": [{"bytes": b"x" * 100, "path": None}]} for i in range(3)]
+    with_id = tmp_path / "with_id.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), with_id)
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "id"} for r in rows]),
+                   tmp_path / "no_id.parquet")
+    assert [r.value for r in formats.iter_parquet(str(with_id), ids_only=True)] == [{"id": "s0"}, {"id": "s1"},
+                                                                                   {"id": "s0"}]
+    no_id = list(formats.iter_parquet(str(tmp_path / "no_id.parquet"), ids_only=True))
+    assert [(r.value, r.fallback_id, r.origin[2]) for r in no_id] == [({}, "no_id:0", 0), ({}, "no_id:1", 1),
+                                                                      ({}, "no_id:2", 2)]
+    # s0 repeats, so those records take their fallback ids; s1 is unique and kept
+    assert [c.id for c in read_samples(str(with_id)).conversations] == ["with_id:0", "s1", "with_id:2"]

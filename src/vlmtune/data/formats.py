@@ -94,7 +94,8 @@ def _pick_split(splits, split: str | None) -> str | None:
 # -- readers --------------------------------------------------------------------------------------
 
 
-def iter_parquet(path: str) -> Iterator[TableRow | Problem]:
+def iter_parquet(path: str, *, ids_only: bool = False) -> Iterator[TableRow | Problem]:
+    """`ids_only`: the rows with only their "id" column (or none), for the id plan: no image page is read."""
     import pyarrow.parquet as pq
 
     real = os.path.abspath(path)
@@ -102,7 +103,12 @@ def iter_parquet(path: str) -> Iterator[TableRow | Problem]:
     row = 0
     try:
         pf = pq.ParquetFile(real, memory_map=True)  # no read copy of the (image-heavy) pages
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, use_threads=False):
+        if ids_only and "id" not in pf.schema_arrow.names:
+            for row in range(pf.metadata.num_rows):
+                yield TableRow({}, f"{path}#{row}", f"{stem}:{row}", ["parquet", real, row])
+            return
+        columns = ["id"] if ids_only else None
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False):
             for value in batch.to_pylist():
                 yield TableRow(value, f"{path}#{row}", f"{stem}:{row}", ["parquet", real, row])
                 row += 1
@@ -111,7 +117,7 @@ def iter_parquet(path: str) -> Iterator[TableRow | Problem]:
                       "check that the file is a complete Parquet file")
 
 
-def iter_arrow(path: str) -> Iterator[TableRow | Problem]:
+def iter_arrow(path: str, *, ids_only: bool = False) -> Iterator[TableRow | Problem]:
     real = os.path.abspath(path)
     try:
         ds = _arrow_dataset(real)
@@ -119,10 +125,11 @@ def iter_arrow(path: str) -> Iterator[TableRow | Problem]:
         yield _cannot(path, f"cannot read the Arrow file: {_err(e)}",
                       "check that the file was written by `datasets` (an Arrow stream) or is an Arrow IPC file")
         return
-    yield from _iter_dataset(ds, path, Path(path).stem, ["arrow", real])
+    yield from _iter_dataset(ds, path, Path(path).stem, ["arrow", real], ids_only)
 
 
-def iter_datasets_folder(path: str, split: str | None = None) -> Iterator[TableRow | Problem]:
+def iter_datasets_folder(path: str, split: str | None = None, *,
+                         ids_only: bool = False) -> Iterator[TableRow | Problem]:
     import datasets
 
     real = os.path.abspath(path)
@@ -141,10 +148,11 @@ def iter_datasets_folder(path: str, split: str | None = None) -> Iterator[TableR
             return
         ds = ds[chosen]
     name = Path(path.rstrip("/\\") or path).name
-    yield from _iter_dataset(ds, path, name, ["disk", real, chosen])
+    yield from _iter_dataset(ds, path, name, ["disk", real, chosen], ids_only)
 
 
-def iter_hub(repo_id: str, subset: str | None = None, split: str | None = None) -> Iterator[TableRow | Problem]:
+def iter_hub(repo_id: str, subset: str | None = None, split: str | None = None, *,
+             ids_only: bool = False) -> Iterator[TableRow | Problem]:
     """A Hub dataset through `datasets.load_dataset` (its cache; HF_HUB_OFFLINE=1 reads only the cache)."""
     try:
         ds = _hub_dataset(repo_id, subset, split or "train")
@@ -156,11 +164,18 @@ def iter_hub(repo_id: str, subset: str | None = None, split: str | None = None) 
                                f"{_err(e)}", hint + "download it and point `dataset` at the files")
         return
     where = f"{repo_id}[{split or 'train'}]"
-    yield from _iter_dataset(ds, where, repo_id.rsplit("/", 1)[-1], ["hub", repo_id, subset, split or "train"])
+    origin = ["hub", repo_id, subset, split or "train"]
+    yield from _iter_dataset(ds, where, repo_id.rsplit("/", 1)[-1], origin, ids_only)
 
 
-def _iter_dataset(ds, shown: str, stem: str, origin: list) -> Iterator[TableRow | Problem]:
+def _iter_dataset(ds, shown: str, stem: str, origin: list, ids_only: bool = False) -> Iterator[TableRow | Problem]:
     row = 0
+    if ids_only:  # the id plan's pass: no image column is read
+        if "id" not in ds.column_names:
+            for row in range(len(ds)):
+                yield TableRow({}, f"{shown}#{row}", f"{stem}:{row}", [*origin, row])
+            return
+        ds = ds.select_columns(["id"])
     try:
         # Arrow rows: Image features are not decoded (they come back as {"bytes", "path"}).
         for batch in ds.with_format("arrow").iter(batch_size=BATCH_ROWS):

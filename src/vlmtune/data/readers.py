@@ -122,7 +122,9 @@ class RawRecord:
 # A file reader: (path, base_dir, fmt) -> the file's records in order, each a RawRecord or the Problem
 # of a record (or of the whole file) that cannot be read. Readers are generators: nothing is held
 # beyond the record being yielded (a JSON array file is the exception: json has no incremental parser).
-FileReader = Callable[[str, str, RecordFormat], Iterator["RawRecord | Problem"]]
+# `ids_only=True` (the id plan's pass) may leave out of `value` everything but the record's own "id": table formats
+# then skip their (image-heavy) columns.
+FileReader = Callable[..., Iterator["RawRecord | Problem"]]
 
 
 def _is_datasets_folder(path: str) -> bool:
@@ -136,12 +138,14 @@ def _table(rows: Iterator, base_dir: str, fmt: RecordFormat) -> Iterator[RawReco
             RawRecord(item.value, item.source, item.fallback_id, base_dir, fmt, item.origin)
 
 
-def read_parquet(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT) -> Iterator[RawRecord | Problem]:
-    return _table(formats.iter_parquet(path), base_dir, fmt)
+def read_parquet(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
+                 ids_only: bool = False) -> Iterator[RawRecord | Problem]:
+    return _table(formats.iter_parquet(path, ids_only=ids_only), base_dir, fmt)
 
 
-def read_arrow(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT) -> Iterator[RawRecord | Problem]:
-    return _table(formats.iter_arrow(path), base_dir, fmt)
+def read_arrow(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
+               ids_only: bool = False) -> Iterator[RawRecord | Problem]:
+    return _table(formats.iter_arrow(path, ids_only=ids_only), base_dir, fmt)
 
 
 def _parse_json(text: str) -> Any:
@@ -157,7 +161,8 @@ def _parse_json(text: str) -> Any:
         raise ValueError(str(e)) from None
 
 
-def read_jsonl(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT) -> Iterator[RawRecord | Problem]:
+def read_jsonl(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
+               ids_only: bool = False) -> Iterator[RawRecord | Problem]:
     """A JSON Lines file, one line at a time."""
     try:
         f = open(path, "rb")
@@ -202,7 +207,8 @@ def _read_lines(path: str, base_dir: str, fmt: RecordFormat, lines: Iterable[byt
         yield RawRecord(value, source, f"{stem}:{lineno}", base_dir, fmt)
 
 
-def read_json(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT) -> Iterator[RawRecord | Problem]:
+def read_json(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
+              ids_only: bool = False) -> Iterator[RawRecord | Problem]:
     """A JSON array file (or one JSON object: one record; or JSON Lines in a .json file, as `datasets` reads it)."""
     try:
         with open(path, "rb") as f:
@@ -275,12 +281,12 @@ def _reader_for(path: str) -> FileReader | None:
     return None
 
 
-def _read_path(path: str, base_dir: str | None, fmt: RecordFormat,
-               split: str | None = None) -> Iterator[RawRecord | Problem]:
+def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, split: str | None = None,
+               ids_only: bool = False) -> Iterator[RawRecord | Problem]:
     if os.path.isdir(path):
         if _is_datasets_folder(path):
             parent = os.path.dirname(os.path.abspath(path.rstrip("/\\") or path))
-            yield from _table(formats.iter_datasets_folder(path, split), base_dir or parent, fmt)
+            yield from _table(formats.iter_datasets_folder(path, split, ids_only=ids_only), base_dir or parent, fmt)
             return
         if formats.table_files_in(path):  # the Hub layout: data/train-00000-of-00002.parquet, ...
             found = formats.split_files(path, split)
@@ -288,7 +294,7 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat,
                 yield found
                 return
             for name in found[0]:
-                yield from _read_path(name, base_dir or path, fmt)
+                yield from _read_path(name, base_dir or path, fmt, ids_only=ids_only)
             return
         try:
             names = sorted(
@@ -307,7 +313,7 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat,
             )
             return
         for n in names:
-            yield from _read_path(os.path.join(path, n), base_dir or path, fmt)
+            yield from _read_path(os.path.join(path, n), base_dir or path, fmt, ids_only=ids_only)
         return
     folder = base_dir or os.path.dirname(path) or "."
     reader = _reader_for(path)
@@ -320,24 +326,27 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat,
             "a `save_to_disk` folder or a Hub dataset id",
         )
         return
-    yield from reader(path, folder, fmt)
+    yield from reader(path, folder, fmt, ids_only=ids_only)
 
 
-def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = None) -> Iterator[RawRecord | Problem]:
-    """Every record of `data`, in input order, as a RawRecord or the Problem of an unreadable record or input."""
+def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = None, *,
+             ids_only: bool = False) -> Iterator[RawRecord | Problem]:
+    """Every record of `data`, in input order, as a RawRecord or the Problem of an unreadable record or input.
+
+    `ids_only`: the same records, whose values may hold only their own "id" (the id plan's pass)."""
     if os.path.exists(data):
-        yield from _read_given_path(data, dataset_dir, media_dir)
+        yield from _read_given_path(data, dataset_dir, media_dir, ids_only)
         return
     items = [x.strip() for x in data.split(",") if x.strip()]
     if items and all(os.path.exists(x) for x in items):
         for x in items:
-            yield from _read_given_path(x, dataset_dir, media_dir)
+            yield from _read_given_path(x, dataset_dir, media_dir, ids_only)
     elif items and (dataset_dir is not None or all(_looks_like_hub_id(x) for x in items)):
         for entry in dataset_entries(items, dataset_dir or ".", media_dir, hub_ids=True):
             if isinstance(entry, Problem):
                 yield entry
             else:
-                yield from _read_entry(entry)
+                yield from _read_entry(entry, ids_only)
     else:
         yield file_problem(
             data,
@@ -349,21 +358,23 @@ def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = 
         )
 
 
-def _read_given_path(path: str, dataset_dir: str | None, media_dir: str | None) -> Iterator[RawRecord | Problem]:
+def _read_given_path(path: str, dataset_dir: str | None, media_dir: str | None,
+                     ids_only: bool = False) -> Iterator[RawRecord | Problem]:
     """A path given directly: a dataset_info.json entry naming it still applies (columns, tags, split)."""
     entry = entry_for_path(path, dataset_dir)
     if entry is None:
-        yield from _read_path(path, media_dir, AUTO_FORMAT)
+        yield from _read_path(path, media_dir, AUTO_FORMAT, ids_only=ids_only)
     else:
         yield from _read_entry(DatasetEntry(path, media_dir or "", entry.fmt, entry.split, entry.subset, None,
-                                            entry.num_samples))
+                                            entry.num_samples), ids_only)
 
 
-def _read_entry(entry: DatasetEntry) -> Iterator[RawRecord | Problem]:
+def _read_entry(entry: DatasetEntry, ids_only: bool = False) -> Iterator[RawRecord | Problem]:
     if entry.hub_id is not None:
-        items = _table(formats.iter_hub(entry.hub_id, entry.subset, entry.split), entry.root or ".", entry.fmt)
+        items = _table(formats.iter_hub(entry.hub_id, entry.subset, entry.split, ids_only=ids_only), entry.root or ".",
+                       entry.fmt)
     else:
-        items = _read_path(entry.path, entry.root or None, entry.fmt, entry.split)
+        items = _read_path(entry.path, entry.root or None, entry.fmt, entry.split, ids_only)
     if entry.num_samples is None:
         yield from items
     else:  # a random draw needs the entry's records at hand: num_samples holds that one dataset in memory
@@ -508,10 +519,13 @@ def iter_samples(
     stays bounded by one record (REMOTE_CHUNK records with allow_remote_images) plus 16 bytes per record
     for the id plan. `layouts`, when given, counts the record layouts recognised (for `layout_notes`).
     """
-    def raws() -> Iterator[RawRecord | Problem]:
-        return iter_raw(data, dataset_dir, media_dir)
+    def raws(ids_only: bool = False) -> Iterator[RawRecord | Problem]:
+        return iter_raw(data, dataset_dir, media_dir, ids_only=ids_only)
 
-    plan = IdPlan(raws(), raws)
+    def ids() -> Iterator[RawRecord | Problem]:
+        return raws(ids_only=True)
+
+    plan = IdPlan(ids(), ids)
     cache = PathCache()
 
     def converted() -> Iterator[Conversation | Problem]:
