@@ -127,7 +127,7 @@ def check_clip(processor, config, settings_, total, fps, height, width, duration
     own_md = VideoMetadata(total_num_frames=total, fps=fps, duration=duration, height=height, width=width)
     try:
         own = processor_samples(processor, frames, own_md)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, IndexError):  # IndexError: its arange can step past the last frame
         own = None
     if grid is None:
         assert own is None, (spec, total, fps, height, width)
@@ -248,7 +248,10 @@ def real_video_processor(rule, **kw):
 def their_sampler(vp, metadata):
     """The processor's sample_frames, called as its preprocess calls it: fps and num_frames from the instance
     (Qwen3VLVideoProcessor.sample_frames does not default num_frames itself)."""
-    return [int(i) for i in list(vp.sample_frames(metadata, num_frames=vp.num_frames, fps=vp.fps))]
+    indices = [int(i) for i in list(vp.sample_frames(metadata, num_frames=vp.num_frames, fps=vp.fps))]
+    if indices and indices[-1] >= metadata.total_num_frames:  # what indexing the decoded clip with them raises
+        raise IndexError(f"index {indices[-1]} is out of bounds for a clip of {metadata.total_num_frames} frames")
+    return indices
 
 
 class _Holder:
@@ -274,7 +277,7 @@ def test_long_clips_match_processor_arithmetic(rule, total, fps, height, width, 
     md = VideoMetadata(total_num_frames=total, fps=fps)
     try:
         theirs = their_sampler(vp, md)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, IndexError):
         theirs = None
     try:
         ours = list(sample_indices(total, fps, spec))
@@ -344,7 +347,7 @@ def test_fixed_frame_count_matches_processor_sampler(rule, total, fps, num_frame
     assert (spec.fps, spec.num_frames) == (None, num_frames)
     try:
         theirs = their_sampler(vp, VideoMetadata(total_num_frames=total, fps=fps))
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, IndexError):
         theirs = None
     try:
         ours = list(sample_indices(total, fps, spec))
@@ -426,3 +429,13 @@ def test_videos_and_images_in_one_call(arch, base, media):
             assert list(out["second_per_grid_ts"]) == [g.second_per_grid for g in grids]
         types = np.asarray(out["mm_token_type_ids"][0])
         assert int((types == 2).sum()) == sum(g.tokens for g in grids)
+
+
+def test_a_sampler_rounding_past_the_last_frame_is_refused_like_the_processor(base):
+    # 82 frames at 23.976 fps sampled at 8 fps, at most 14 frames: transformers' float32 arange steps to index 82,
+    # so its own sampler raises IndexError; vlmtune refuses the clip instead of planning a frame that is not there.
+    processor, config = base("qwen2_vl")
+    s = {"fps": 8.0, "min_frames": 1, "max_frames": 14}
+    assert check_clip(with_video_processor(processor, **s), config, s, 82, 23.976, 1, 1) is None
+    with pytest.raises(VideoSampleError, match="would pick frame 82 of a clip of 82 frames"):
+        plan_video(82, 23.976, 1, 1, VideoSpec.from_processor(with_video_processor(processor, **s), config))

@@ -258,7 +258,13 @@ def _qwen2_indices(total: int, clip_fps: float, spec: VideoSpec) -> tuple[int, .
     import torch
 
     # the processor picks frames with a float32 arange; only the same call gives the same indices everywhere
-    return tuple(int(i) for i in torch.arange(0, total, total / n).int().tolist())
+    indices = tuple(int(i) for i in torch.arange(0, total, total / n).int().tolist())
+    if indices[-1] >= total:  # the arange's rounding can add a step past the end: the processor's own sampler fails
+        raise VideoSampleError(
+            f"the processor's sampler would pick frame {indices[-1]} of a clip of {total} frames (a rounding edge "
+            f"of its arange for {n} frames); change video_fps or video_maxlen by one step"
+        )
+    return indices
 
 
 def _qwen3_indices(total: int, clip_fps: float, spec: VideoSpec) -> tuple[int, ...]:
