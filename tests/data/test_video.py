@@ -149,8 +149,8 @@ def test_one_frame_clip(tmp_path):
 # Odd and broken containers
 
 
-def write_audio_only(path):
-    out = av.open(str(path), "w")
+def _mux_silence(out) -> None:
+    """A tenth of a second of silent mono audio muxed into `out`, then closed."""
     s = out.add_stream("pcm_s16le", rate=8000)
     frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
     frame.sample_rate = 8000
@@ -159,6 +159,10 @@ def write_audio_only(path):
     for p in s.encode():
         out.mux(p)
     out.close()
+
+
+def write_audio_only(path):
+    _mux_silence(av.open(str(path), "w"))
     return str(path)
 
 
@@ -167,14 +171,7 @@ def write_no_frames(path):
     out = av.open(str(path), "w")
     v = out.add_stream("mpeg4", rate=25)
     v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
-    a = out.add_stream("pcm_s16le", rate=8000)
-    frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
-    frame.sample_rate = 8000
-    for p in a.encode(frame):
-        out.mux(p)
-    for p in a.encode():
-        out.mux(p)
-    out.close()
+    _mux_silence(out)
     return str(path)
 
 

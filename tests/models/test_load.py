@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,24 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlmtune.config import load_config
-from vlmtune.models.load import apply_finetuning, load_model, lora_variant_kwargs
+from vlmtune.models.load import apply_finetuning, lora_variant_kwargs
 
-DATA = Path(__file__).parent.parent.parent / "examples" / "data"
+from _adapters import base_model, config
+
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
-
-
-def config(ckpt, out, **keys):
-    base = dict(model_name_or_path=str(ckpt), dataset="mllm_demo", dataset_dir=str(DATA), output_dir=str(out),
-                cutoff_len=256, max_steps=2, logging_steps=1, gradient_accumulation_steps=1,
-                per_device_train_batch_size=1, learning_rate=1e-2, worst_case_first=False, save_steps=1000,
-                lora_target="q_proj,v_proj", seed=0)
-    return load_config(None, base={**base, **keys})
-
-
-def base_model(cfg):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_model(cfg, dtype=torch.float32)
 
 
 @given(st.booleans(), st.booleans(), st.booleans(), st.sampled_from([-1, 1, 16]))

@@ -3,40 +3,28 @@
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-from vlmtune.config import load_config
 from vlmtune.errors import ConfigError
 from vlmtune.models import quant
-from vlmtune.models.load import apply_finetuning, load_model, trainable_summary
+from vlmtune.models.load import apply_finetuning, trainable_summary
+
+from _adapters import base_model
+from _adapters import config as shared_config
 
 pytest.importorskip("bitsandbytes")
 
-DATA = Path(__file__).parent.parent.parent / "examples" / "data"
-
 
 def config(ckpt, out, **keys):
-    base = dict(model_name_or_path=str(ckpt), dataset="mllm_demo", dataset_dir=str(DATA), output_dir=str(out),
-                cutoff_len=256, max_steps=3, logging_steps=1, gradient_accumulation_steps=1,
-                per_device_train_batch_size=1, learning_rate=1e-2, worst_case_first=False, save_steps=1000,
-                lora_target="q_proj,v_proj", seed=0)
-    return load_config(None, base={**base, **keys})
-
-
-def load(cfg):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_model(cfg, dtype=torch.float32)
+    return shared_config(ckpt, out, **{"max_steps": 3, **keys})
 
 
 def test_no_quantization_without_the_key(tiny_ckpt, tmp_path):
     cfg = config(tiny_ckpt(), tmp_path)
     assert quant.quantization_config(cfg) is None and quant.load_kwargs(cfg) == {}
-    assert quant.quantized_bits(load(cfg)) is None
+    assert quant.quantized_bits(base_model(cfg)) is None
 
 
 def test_4bit_config_follows_the_keys(tiny_ckpt, tmp_path):
@@ -51,7 +39,7 @@ def test_4bit_config_follows_the_keys(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_only_the_language_model_is_quantized(bits, tiny_ckpt, tmp_path):
-    model = load(config(tiny_ckpt(), tmp_path, quantization_bit=bits))
+    model = base_model(config(tiny_ckpt(), tmp_path, quantization_bit=bits))
     names = quant.quantized_modules(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or n in names]
     lm = [n for n in linears if ".language_model.layers." in n]
@@ -62,7 +50,7 @@ def test_only_the_language_model_is_quantized(bits, tiny_ckpt, tmp_path):
 
 
 def test_quantize_vision_tower_keeps_the_projector(tiny_ckpt, tmp_path):
-    model = load(config(tiny_ckpt(), tmp_path, quantization_bit=4, quantize_vision_tower=True))
+    model = base_model(config(tiny_ckpt(), tmp_path, quantization_bit=4, quantize_vision_tower=True))
     names = quant.quantized_modules(model)
     assert any(".visual.blocks." in n for n in names)
     assert not any(".merger." in n or n.endswith("lm_head") for n in names)
@@ -70,15 +58,15 @@ def test_quantize_vision_tower_keeps_the_projector(tiny_ckpt, tmp_path):
 
 def test_4bit_counts_real_elements(tiny_ckpt, tmp_path):
     """Params4bit packs two weights per byte: the trainable summary still counts the model's parameters."""
-    plain = trainable_summary(apply_finetuning(load(config(tiny_ckpt(), tmp_path)), config(tiny_ckpt(), tmp_path)))
+    plain = trainable_summary(apply_finetuning(base_model(config(tiny_ckpt(), tmp_path)), config(tiny_ckpt(), tmp_path)))
     cfg4 = config(tiny_ckpt(), tmp_path, quantization_bit=4)
-    four = trainable_summary(apply_finetuning(load(cfg4), cfg4))
+    four = trainable_summary(apply_finetuning(base_model(cfg4), cfg4))
     assert four == plain
 
 
 def test_prepare_kbit_freezes_every_base_weight(tiny_ckpt, tmp_path):
     cfg = config(tiny_ckpt(), tmp_path, quantization_bit=4)
-    model = load(cfg)
+    model = base_model(cfg)
     for p in model.parameters():
         if p.is_floating_point():
             p.requires_grad = True
@@ -92,7 +80,7 @@ def test_prepare_kbit_freezes_every_base_weight(tiny_ckpt, tmp_path):
 def test_additional_target_on_quantized_weights_is_refused(tiny_ckpt, tmp_path):
     cfg = config(tiny_ckpt(), tmp_path, quantization_bit=4, additional_target="self_attn,embed_tokens")
     with pytest.raises(ConfigError) as e:
-        apply_finetuning(load(cfg), cfg)
+        apply_finetuning(base_model(cfg), cfg)
     (problem,) = e.value.problems
     assert problem.startswith("additional_target=['self_attn'] names modules whose weights are quantized "
                               "(quantization_bit=4)")
@@ -128,6 +116,6 @@ def test_qlora_trains_only_the_adapters(bits, tiny_ckpt, tmp_path):
     trained = run.trainer.model.eval()
     with torch.no_grad():
         expected = trained(input_ids=ids).logits
-        reloaded = PeftModel.from_pretrained(load(cfg), cfg.output_dir).eval()
+        reloaded = PeftModel.from_pretrained(base_model(cfg), cfg.output_dir).eval()
         assert quant.quantized_bits(reloaded) == bits
         assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
