@@ -29,7 +29,7 @@ from ..models.load import (
     format_trainable,
     keep_frozen_out_of_backward,
     load_model,
-    load_spec,
+    load_spec_for,
     trainable_summary,
 )
 from .checkpoints import (
@@ -80,9 +80,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     loaded and may raise to stop the run: `vlmtune train` passes the doctor's checks (run_doctor: true)."""
     from transformers import set_seed
 
-    loaded = load_spec(cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels,
-                       image_max_pixels=cfg.image_max_pixels, trust_remote_code=cfg.trust_remote_code,
-                       cache_dir=cfg.cache_dir)
+    loaded = load_spec_for(cfg)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
     cfg = cpu_precision(cfg)

@@ -91,14 +91,16 @@ class VlmTrainer(Trainer):
         told what runs before it starts (at real size on a CPU it takes minutes)."""
         ds = self.train_dataset
         # Longest first; among equals the most vision patches (the cost of a trainable tower).
-        patches = [sum(g[0] * g[1] * g[2] for g in grids) for grids in ds["image_grid_thw"]]
+        videos = ds["video_grid_thw"] if "video_grid_thw" in ds.column_names else [[]] * len(ds)
+        patches = [sum(g[0] * g[1] * g[2] for g in grids + vgrids) for grids, vgrids in zip(ds["image_grid_thw"], videos)]
         lengths = ds["length"]
         order = sorted(range(len(ds)), key=lambda i: (lengths[i], patches[i]), reverse=True)
         rows = [ds[i] for i in order[: self.args.per_device_train_batch_size]]
         batch = self._prepare_inputs(self.data_collator(rows))
         if log is not None:
             log(f"worst-case batch: one forward/backward on the longest batch ({sum(len(r['input_ids']) for r in rows)} "
-                f"tokens, {sum(len(r['images']) for r in rows)} images: {', '.join(r['id'] for r in rows)}) before "
+                f"tokens, {sum(len(r['images']) for r in rows)} images, {sum(len(r.get('videos') or []) for r in rows)} "
+                f"videos: {', '.join(r['id'] for r in rows)}) before "
                 "training starts, so that running out of memory shows now ...")
         model = self.model
         model.train()

@@ -95,11 +95,9 @@ def _load(ctx: Context, loaded, model) -> None:
     cfg = ctx.cfg
     try:
         if loaded is None:
-            from ...models.load import load_spec
+            from ...models.load import load_spec_for
 
-            loaded = load_spec(cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels,
-                               image_max_pixels=cfg.image_max_pixels, trust_remote_code=cfg.trust_remote_code,
-                               cache_dir=cfg.cache_dir)
+            loaded = load_spec_for(cfg)
         ctx.loaded = loaded
         ctx.model = model if model is not None else meta_model(loaded.config, cfg.trust_remote_code)
     except Exception as e:  # any failure to load is reported by check_model, the other checks go on
