@@ -353,3 +353,31 @@ def test_pack_columns_with_and_without_videos(tiny_ckpt, media, tmp_path):
     out = pack_dataset(ds, 10_000, str(tmp_path / "p.arrow"))
     assert out[0]["video_frames"] == packed["video_frames"] and out[0]["segments"] == packed["segments"]
     assert out[0]["video_second_per_grid"] == [0.0, 0.0]
+
+
+def test_scan_runs_on_synthetic_ids():
+    from vlmtune.models.spec import ModelSpec
+
+    spec = ModelSpec("qwen2_vl", "<|image_pad|>", 9, "<|video_pad|>", 10, "<|vision_start|>", 7, "<|vision_end|>", 8,
+                     "<|im_start|>", 1, "<|im_end|>", 2, 0, 2, 14, 2, 2, 3136, 200704, 100)
+    ids = [1, 7, 9, 9, 8, 5, 7, 10, 10, 10, 10, 8, 5, 7, 8]
+    assert scan_runs(ids, spec) == ([(2, 2), (14, 0)], [(7, 4)], [])
+    assert scan_runs([7, 9, 10, 8, 5, 7, 10, 10, 5, 10], spec) == ([], [], [
+        "image run at position 0 mixes image and video pad tokens",
+        "video run at position 5 has 2 pad tokens and no <|vision_end|>",
+        "video pad token at position 9 is outside any <|vision_start|>…<|vision_end|> run",
+    ])
+
+
+def test_qwen2_5_second_per_grid_is_checked_and_packing_needs_tokens_per_second(tiny_ckpt, media):
+    loaded = load_spec(str(tiny_ckpt("qwen2_5_vl")))
+    vspec = VideoSpec.from_processor(loaded.processor, loaded.config)
+    row, _ = samples(loaded, vspec, media)["vid"]
+    assert row["video_second_per_grid"] == [1.0]  # 6 of 12 frames at 4 fps: sampled at 2 fps, 2 frames per patch
+    wrong = {**row, "video_second_per_grid": [0.0]}
+    with pytest.raises(SampleError, match=r"video 0 \(.*a.mp4\) has second_per_grid 0.0 but its frames give 1.0"):
+        Collator(loaded.processor, loaded.spec)([wrong])
+    packed = pack_rows([row], 10_000)
+    with pytest.raises(ValueError, match="tokens_per_second"):
+        Collator(loaded.processor, loaded.spec)(packed)  # no VideoSpec read with the config
+    assert Collator(loaded.processor, loaded.spec, video=vspec)(packed)["position_ids"].shape[0] == 4

@@ -177,10 +177,10 @@ class Collator:
         vpixels, vgrids, seconds = [], [], []
         for row in rows:
             for k, path in enumerate(row.get("videos") or []):
-                pv, grid = self._video_pixels(row, k, path)
+                pv, grid, second = self._video_pixels(row, k, path)
                 vpixels.append(pv)
                 vgrids.append(grid)
-                seconds.append(float(row["video_second_per_grid"][k]) if row.get("video_second_per_grid") else 0.0)
+                seconds.append(second)
         if vpixels:
             batch["pixel_values_videos"] = torch.cat(vpixels, dim=0)
             batch["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long)
@@ -248,7 +248,16 @@ class Collator:
             raise SampleError(sample, source,
                               f"video {k} ({shown}) now gives grid {grid} but was prepared as {want}; the file changed",
                               "run `vlmtune prepare` again with overwrite_cache=true")
-        return out["pixel_values_videos"], grid
+        second = 0.0
+        if self.spec.model_type == "qwen2_5_vl":
+            # what Qwen2_5_VLProcessor computes (temporal_patch_size / the sampled fps), checked against the row
+            second = self.video_processor.temporal_patch_size / metadata.sampled_fps
+            recorded = float((row.get("video_second_per_grid") or [0.0] * (k + 1))[k])
+            if abs(recorded - second) > 1e-9 * second:
+                raise SampleError(sample, source,
+                                  f"video {k} ({shown}) has second_per_grid {recorded} but its frames give {second}",
+                                  "run `vlmtune prepare` again with overwrite_cache=true")
+        return out["pixel_values_videos"], grid, second
 
     def _packed(self, rows: list[dict], batch: dict) -> dict:
         """Packed rows: per-segment positions and no attention mask (transformers then builds the
