@@ -106,7 +106,8 @@ def build(loaded, vspec, sid: str, parts: list, answer: str):
             facts = read_facts(x)
             grid = plan_video(facts.frames, facts.fps, facts.height, facts.width, vspec)
             videos.append(decode_frames(x, grid.indices, facts.rotation))
-            metadata.append(VideoMetadata(total_num_frames=facts.frames, fps=facts.fps, frames_indices=list(grid.indices)))
+            metadata.append(VideoMetadata(total_num_frames=facts.frames, fps=facts.fps,
+                                          frames_indices=list(grid.indices)))
             for col, val in [("videos", x), ("video_grid_thw", grid.thw), ("video_frames", list(grid.indices)),
                              ("video_total_frames", facts.frames), ("video_fps", facts.fps),
                              ("video_rotation", facts.rotation), ("video_min_pixels", vspec.min_pixels),
@@ -251,7 +252,7 @@ def test_packed_videos_equal_unpacked(family, media):
 
 
 # ---------------------------------------------------------------------------------------------
-# Exact M-RoPE details, the guard's messages, failures at training time (one family each where it suffices
+# Exact M-RoPE details, the guard's messages, failures at training time (one family where one suffices)
 
 
 def test_mrope_video_details_per_family(family, media):
@@ -299,17 +300,19 @@ def test_guard_names_the_video(tiny_ckpt, media):
         g = row["video_grid_thw"][1]
         if arch == "qwen2_vl":
             want = g[0] * g[1] * g[2] // 4
-            assert check_row(bad, loaded.spec, None) == [f"video 1 has a run of {want - 1} pad tokens but its grid {g} needs {want}"]
+            assert check_row(bad, loaded.spec, None) == [
+                f"video 1 has a run of {want - 1} pad tokens but its grid {g} needs {want}"]
         else:
             want = g[1] * g[2] // 4
             assert check_row(bad, loaded.spec, None) == [
-                f"video 1 temporal patch {g[0] - 1} has a run of {want - 1} pad tokens but its grid {g} needs {want} per patch"]
+                f"video 1 temporal patch {g[0] - 1} has a run of {want - 1} pad tokens but its grid {g} "
+                f"needs {want} per patch"]
         with pytest.raises(SampleError, match=re.escape("sample two (v.jsonl:two): video 1 ")):
             Collator(loaded.processor, loaded.spec)([bad])
         # counts: a grid without its video, a pad outside any run
         fewer = {**row, "videos": row["videos"][:1]}
-        assert any(p.startswith("2 video runs, 1 videos and 2 grids" if arch == "qwen2_vl" else "6 video runs, 1 videos")
-                   for p in check_row(fewer, loaded.spec, None))
+        expected = "2 video runs, 1 videos and 2 grids" if arch == "qwen2_vl" else "6 video runs, 1 videos"
+        assert any(p.startswith(expected) for p in check_row(fewer, loaded.spec, None))
         stray = {**row, "input_ids": [vpad] + ids, "labels": [IGNORE_INDEX] + row["labels"]}
         assert check_row(stray, loaded.spec, None)[0] == (
             "video pad token at position 0 is outside any <|vision_start|>…<|vision_end|> run")
@@ -342,7 +345,8 @@ def test_pack_columns_with_and_without_videos(tiny_ckpt, media, tmp_path):
     rows = [made[k][0] for k in ("txt", "vid", "mix")]
     assert "videos" not in rows[0]
     packed = pack_rows(rows, 10_000)[0]
-    assert packed["videos"] == [media["a"], media["b"]] and packed["video_grid_thw"] == rows[1]["video_grid_thw"] + rows[2]["video_grid_thw"]
+    assert packed["videos"] == [media["a"], media["b"]]
+    assert packed["video_grid_thw"] == rows[1]["video_grid_thw"] + rows[2]["video_grid_thw"]
     assert check_row(packed, loaded.spec, 10_000) == []
     # image-only rows pack as before (no video columns)
     assert "videos" not in pack_rows([rows[0]], 10_000)[0]
