@@ -14,12 +14,14 @@ import os
 
 import numpy as np
 
-PACKED_COLUMNS = ("input_ids", "labels", "images", "image_grid_thw", "image_min_pixels", "image_max_pixels")
-# the contract's per-video columns (data/collate.VIDEO_COLUMNS): packed when any row has them, [] for a row without
-VIDEO_PACKED_COLUMNS = (
+# the list columns a pack concatenates. The video columns (the contract's, data/collate.VIDEO_COLUMNS) are
+# optional: packed when the dataset (or any row) has them, a row without them adding [].
+PACKED_COLUMNS = (
+    "input_ids", "labels", "images", "image_grid_thw", "image_min_pixels", "image_max_pixels",
     "videos", "video_grid_thw", "video_frames", "video_total_frames", "video_fps", "video_rotation",
     "video_min_pixels", "video_max_pixels", "video_second_per_grid",
 )
+_REQUIRED = PACKED_COLUMNS[:6]
 
 
 def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -66,7 +68,7 @@ def pack_dataset(ds, cutoff_len: int, path: str | None = None, batch: int = 1024
     if lengths is None:
         lengths = [len(x) for x in ds["input_ids"]]
     bins = sorted(best_fit([int(n) for n in lengths], cutoff_len), key=lambda b: b[0])
-    columns = PACKED_COLUMNS + tuple(c for c in VIDEO_PACKED_COLUMNS if c in ds.column_names)
+    columns = tuple(c for c in PACKED_COLUMNS if c in _REQUIRED or c in ds.column_names)
     feats = Features({**{c: ds.features[c] for c in columns}, "id": Value("string"),
                       "source": Value("string"), "segments": Sequence(Value("int32")), "length": Value("int32")})
     if path is None:
@@ -87,10 +89,10 @@ def pack_dataset(ds, cutoff_len: int, path: str | None = None, batch: int = 1024
 
 def pack_rows_in_bins(groups: list[list[dict]], columns: tuple[str, ...] | None = None) -> list[dict]:
     """One packed row per group of rows (in the group's order). `columns`: the list columns to concatenate
-    (default: PACKED_COLUMNS, plus the video columns when any row has them; a row without one adds [])."""
+    (default: PACKED_COLUMNS, the video ones only when any row has them; a row without one adds [])."""
     if columns is None:
         present = {c for g in groups for r in g for c in r}
-        columns = PACKED_COLUMNS + tuple(c for c in VIDEO_PACKED_COLUMNS if c in present)
+        columns = tuple(c for c in PACKED_COLUMNS if c in _REQUIRED or c in present)
     packed = []
     for group in groups:
         out = {c: [x for r in group for x in (r.get(c) or [])] for c in columns}
