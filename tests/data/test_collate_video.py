@@ -21,6 +21,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForImageTextToText
 from transformers.video_utils import VideoMetadata
 
@@ -385,3 +387,61 @@ def test_qwen2_5_second_per_grid_is_checked_and_packing_needs_tokens_per_second(
     with pytest.raises(ValueError, match="tokens_per_second"):
         Collator(loaded.processor, loaded.spec)(packed)  # no VideoSpec read with the config
     assert Collator(loaded.processor, loaded.spec, video=vspec)(packed)["position_ids"].shape[0] == 4
+
+
+def synthetic_sample(spec, items):
+    """(ids, image grids, video grids, seconds) of text/image/video items laid out as the family's processor does."""
+    vs, ve, ipad, vpad = spec.vision_start_token_id, spec.vision_end_token_id, spec.image_token_id, spec.video_token_id
+    ids, igrids, vgrids, seconds = [5], [], [], []
+    for kind, n, t, h, w, sec in items:
+        if kind == "text":
+            ids += [5] * n
+        elif kind == "image":
+            igrids.append([1, 2 * h, 2 * w])
+            ids += [vs] + [ipad] * (h * w) + [ve]
+        else:
+            vgrids.append([t, 2 * h, 2 * w])
+            seconds.append(sec)
+            if spec.model_type == "qwen3_vl":  # per patch: timestamp text, its own vision start/end pair
+                ids += [vs] + [x for _ in range(t) for x in [5, 6, 5, vs] + [vpad] * (h * w) + [ve]] + [ve]
+            else:
+                ids += [vs] + [vpad] * (t * h * w) + [ve]
+    return ids + [2], igrids, vgrids, seconds
+
+
+item = st.tuples(st.sampled_from(["text", "image", "video"]), st.integers(1, 4), st.integers(1, 5), st.integers(1, 3),
+                 st.integers(1, 3), st.sampled_from([0.5, 1.0, 2 / 1.8, 2 / 3, 2 / 7, 4.0, 0.3]))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(segments=st.lists(st.lists(item, max_size=5), min_size=1, max_size=3))
+def test_packed_positions_equal_get_rope_index_on_synthetic_samples(family, segments):
+    """Any order of images and videos (all grids, Qwen2.5-VL intervals that truncate), in 1-3 packed segments:
+    each segment's positions == the model's get_rope_index on that segment alone."""
+    loaded, vspec, model = family
+    spec = loaded.spec
+    made = [synthetic_sample(spec, items) for items in segments]
+    row = {"input_ids": [x for m in made for x in m[0]], "image_grid_thw": [g for m in made for g in m[1]],
+           "video_grid_thw": [g for m in made for g in m[2]], "video_second_per_grid": [s for m in made for s in m[3]],
+           "segments": [len(m[0]) for m in made]}
+    got = packed_position_ids(row, spec.image_token_id, spec.merge_size, len(row["input_ids"]) + 3,
+                              video_token_id=spec.video_token_id, model_type=spec.model_type,
+                              tokens_per_second=vspec.tokens_per_second)
+    start = 0
+    for ids, igrids, vgrids, seconds in made:
+        t_ids = torch.tensor([ids])
+        mm = ((t_ids == spec.image_token_id).int() + 2 * (t_ids == spec.video_token_id).int())
+        kw = {}
+        if igrids:
+            kw["image_grid_thw"] = torch.tensor(igrids)
+        if vgrids:
+            kw["video_grid_thw"] = torch.tensor(vgrids)
+            if spec.model_type == "qwen2_5_vl":
+                kw["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
+        if kw:
+            want = model.model.get_rope_index(t_ids, mm, **kw)[0][:, 0].numpy()
+        else:
+            want = np.tile(np.arange(len(ids)), (3, 1))
+        assert np.array_equal(got[1:, start : start + len(ids)], want)
+        start += len(ids)
+    assert got[:, start:].tolist() == [[0, 1, 2]] * 4
