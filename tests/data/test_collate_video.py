@@ -10,7 +10,9 @@ written with PyAV, read with `read_facts`, planned with `plan_video`, and its `<
 * forward + backward of the tiny model on videos, alone, mixed with an image, and batched, give a finite loss;
 * a row whose video run is cut by plain truncation: the guard names the sample, and the same row without the
   guard makes transformers raise its own `Video features and video tokens do not match`;
-* packed == unpacked loss and gradients with videos, each segment positioned exactly as `get_rope_index`.
+* packed == unpacked loss and gradients with videos, each segment positioned exactly as `get_rope_index`,
+  also on synthetic samples (hypothesis: any order of images and videos, 1-3 segments, Qwen2.5-VL intervals
+  whose float32 truncation differs from float64's).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForImageTextToText
 from transformers.video_utils import VideoMetadata
@@ -409,12 +411,16 @@ def synthetic_sample(spec, items):
     return ids + [2], igrids, vgrids, seconds
 
 
-item = st.tuples(st.sampled_from(["text", "image", "video"]), st.integers(1, 4), st.integers(1, 5), st.integers(1, 3),
-                 st.integers(1, 3), st.sampled_from([0.5, 1.0, 2 / 1.8, 2 / 3, 2 / 7, 4.0, 0.3]))
+# Qwen2.5-VL's second_per_grid of 2 frames out of 5 at 3 fps: 1.6666666666666665; the model's float32 gives time
+# (9 · 2 · s).long() = 30 where float64 gives 29, so the packer must compute it as the model does
+SECONDS = [0.5, 1.0, 2 / 1.8, 2 / 3, 2 / 7, 4.0, 0.3, 2 / (2 / 5 * 3)]
+item = st.tuples(st.sampled_from(["text", "image", "video"]), st.integers(1, 4), st.integers(1, 10), st.integers(1, 3),
+                 st.integers(1, 3), st.sampled_from(SECONDS))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(segments=st.lists(st.lists(item, max_size=5), min_size=1, max_size=3))
+@example(segments=[[("text", 2, 1, 1, 1, 1.0), ("video", 1, 10, 1, 1, 2 / (2 / 5 * 3))], [("image", 1, 1, 2, 1, 1.0)]])
 def test_packed_positions_equal_get_rope_index_on_synthetic_samples(family, segments):
     """Any order of images and videos (all grids, Qwen2.5-VL intervals that truncate), in 1-3 packed segments:
     each segment's positions == the model's get_rope_index on that segment alone."""
