@@ -109,7 +109,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     trainable = trainable_summary(model)
     say("trainable parameters:\n" + format_trainable(trainable))
 
-    collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len)
+    collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len, video=getattr(loaded, "video", None))
     trainer = VlmTrainer(
         model=model,
         args=args,
