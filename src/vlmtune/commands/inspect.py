@@ -185,9 +185,12 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int
         raise VlmtuneError(f"--overflow {','.join(overflow)}: {', '.join(map(repr, unknown))} is not a policy; "
                            f"use policies from {','.join(POLICIES)}")
     enc = matches[0]
-    videos = f" + {enc.video_tokens} video, {len(enc.videos)} video(s)" if enc.videos else ""
-    head = [f"sample {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + "
-            f"{enc.image_tokens} image, {len(enc.images)} image(s)" + videos]
+    if enc.videos:
+        head = [f"sample {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + {enc.image_tokens} "
+                f"image + {enc.video_tokens} video, {len(enc.images)} image(s), {len(enc.videos)} video(s)"]
+    else:
+        head = [f"sample {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + "
+                f"{enc.image_tokens} image, {len(enc.images)} image(s)"]
     pieces = [enc]
     if cutoff_len is not None:
         from ..data.encode import Encoder
