@@ -257,7 +257,7 @@ def train(run: Run) -> TrainResult:
     if cfg.worst_case_first and run.resume is None and not cfg.streaming:  # streaming: no lengths to rank
         worst = trainer.worst_case_step(log=say)
         ga = cfg.gradient_accumulation_steps
-        say(f"worst-case batch ok: {worst['tokens']} tokens, {worst['images']} images, "
+        say(f"worst-case batch ok: {worst['tokens']} tokens, {worst['images']} images, {worst['videos']} videos, "
             f"{worst['seconds']:.2f}s for one forward/backward (an optimizer step of {ga} such micro-batch(es) takes "
             f"at most about {worst['seconds'] * ga:.0f}s)")
     if run.resume:
