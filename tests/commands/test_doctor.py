@@ -660,7 +660,12 @@ def planned_tokens(loaded, clip) -> int:
     return loaded.video.for_clip(f.frames, f.fps).plan(f.frames, f.fps, f.height, f.width).tokens
 
 
-def test_a_video_over_cutoff_len_warns_with_the_largest(config, loaded, video_data):
+def test_a_video_over_cutoff_len_warns_with_the_largest(config, loaded, video_data, monkeypatch):
+    from vlmtune.data import prepare
+
+    from_cache = []
+    real = prepare._facts_from_cache
+    monkeypatch.setattr(prepare, "_facts_from_cache", lambda prep: from_cache.append(prep) or real(prep))
     long_tokens, short_tokens = planned_tokens(loaded, video_data.parent / "long.mp4"), \
         planned_tokens(loaded, video_data.parent / "short.mp4")
     assert (long_tokens, short_tokens) == (48, 8)  # grids [4, 6, 8] and [2, 4, 4], merge 2: t·h·w / 4
@@ -688,7 +693,10 @@ def test_a_video_over_cutoff_len_warns_with_the_largest(config, loaded, video_da
     assert (video.status, video.message.split(": ", 1)[1].split(";")[0]) == (
         "warn", "a video is never cut and overflow has no shrink_images, so such a clip fits in no row: the rest "
                 "of overflow leaves it out or drops the sample")
-    assert run("cutoff_len=48")["video"] == Check("video", "ok", f"{facts}, within cutoff_len=48")
+    ok = Check("video", "ok", f"{facts}, within cutoff_len=48")
+    assert run("cutoff_len=48")["video"] == ok and not from_cache
+    assert run("cutoff_len=48")["video"] == ok  # again, from the prepared cache's per-sample columns
+    assert len(from_cache) == 1
 
 
 def test_videos_without_a_decoder_fail_with_the_fix(config, loaded, video_data, data, monkeypatch):
