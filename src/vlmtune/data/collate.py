@@ -217,31 +217,24 @@ class Collator:
         return out["pixel_values"], grid
 
     def _video_pixels(self, row: dict, k: int, path: str):
-        """Decode exactly the planned frames and hand them to the video processor unsampled."""
-        from transformers.video_utils import VideoMetadata
-
-        from .video import VideoReadError, decode_frames
+        """Decode exactly the planned frames and hand them to the video processor unsampled (data/video.clip_inputs)."""
+        from .video import VideoReadError, clip_inputs
 
         shown = path if len(path) <= 300 else path[:297] + "..."
         sample, source = str(row.get("id")), str(row.get("source"))
         if self.video_processor is None:
             raise SampleError(sample, source, f"video {k} ({shown}): the processor has no video_processor",
                               "train a Qwen-VL checkpoint whose processor handles videos")
-        indices = [int(i) for i in row["video_frames"][k]]
         try:
-            frames = decode_frames(path, indices, int(row["video_rotation"][k]))
+            clip = clip_inputs(path, row["video_frames"][k], rotation=int(row["video_rotation"][k]),
+                               total_frames=int(row["video_total_frames"][k]), fps=float(row["video_fps"][k]),
+                               min_pixels=int(row["video_min_pixels"][k]), max_pixels=int(row["video_max_pixels"][k]),
+                               cap_pixels_per_frame=bool(getattr(self.video_processor, "cap_pixels_per_frame", None)))
         except VideoReadError as e:
             raise SampleError(sample, source, f"video {k} ({shown}) could not be decoded at training time: {e.what}",
                               f"{e.fix}, or run `vlmtune prepare` again so the sample is re-validated") from e
-        metadata = VideoMetadata(total_num_frames=int(row["video_total_frames"][k]), fps=float(row["video_fps"][k]),
-                                 frames_indices=indices)
-        size = {"shortest_edge": int(row["video_min_pixels"][k]), "longest_edge": int(row["video_max_pixels"][k])}
-        out = self.video_processor(
-            videos=[frames], video_metadata=[metadata], do_sample_frames=False, size=size,
-            input_data_format="channels_last",
-            cap_pixels_per_frame=bool(getattr(self.video_processor, "cap_pixels_per_frame", None)),
-            return_tensors="pt",
-        )
+        metadata = clip.metadata
+        out = self.video_processor(videos=[clip.frames], video_metadata=[metadata], **clip.kwargs, return_tensors="pt")
         grid = [int(x) for x in out["video_grid_thw"][0].tolist()]
         want = [int(x) for x in row["video_grid_thw"][k]]
         if grid != want:

@@ -43,11 +43,12 @@ class SampleStats:
     images: int
     videos: int = 0
     video_tokens: int = 0
+    longest_video: int = 0  # tokens of the sample's largest video (the doctor's clips over cutoff_len)
 
     @classmethod
     def of(cls, enc: Encoded) -> "SampleStats":
         return cls(enc.id, enc.source, enc.length, enc.image_tokens, enc.text_tokens, len(enc.images),
-                   len(enc.videos), enc.video_tokens)
+                   len(enc.videos), enc.video_tokens, max((v.tokens for v in enc.videos), default=0))
 
 
 @dataclass(frozen=True)

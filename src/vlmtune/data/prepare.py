@@ -115,7 +115,7 @@ class Facts:
 
     accounting: Accounting
     fates: Counter
-    rows: list[tuple[int, int]]  # (tokens, image tokens) of each emitted row
+    rows: list[tuple[int, int]]  # (tokens, vision tokens: image + video pads) of each emitted row
     errors: list[str]  # ids of samples that reach the 'error' policy
     split_rows: int
     limited: bool
@@ -284,7 +284,8 @@ def _facts_from_cache(prep: Prepared) -> Facts:
     with open(os.path.join(prep.path, FINGERPRINT_FILE), encoding="utf-8") as f:
         meta = json.load(f)
     cols = Dataset.from_file(os.path.join(prep.path, SAMPLES_FILE)).with_format("arrow")[:]
-    stats = [SampleStats(*t) for t in zip(*(cols[c].to_pylist() for c in SAMPLE_COLUMNS))]
+    names = [c for c in SAMPLE_COLUMNS if c in cols.column_names]  # a cache from before a column: its default
+    stats = [SampleStats(*t) for t in zip(*(cols[c].to_pylist() for c in names))]
     with open(os.path.join(prep.path, PROBLEMS_FILE), encoding="utf-8") as f:
         problems = [Problem(**json.loads(line)) for line in f]
     invalid: list[str] = []
@@ -301,7 +302,8 @@ def _facts_from_cache(prep: Prepared) -> Facts:
     return Facts(acc, fates, rows, [], meta["split_rows"], meta["limited"], prep)
 
 
-SAMPLE_COLUMNS = ("id", "source", "tokens", "image_tokens", "text_tokens", "images", "videos", "video_tokens")
+SAMPLE_COLUMNS = ("id", "source", "tokens", "image_tokens", "text_tokens", "images", "videos", "video_tokens",
+                  "longest_video")
 
 
 def SAMPLE_FEATURES():  # noqa: N802  (a constant, built lazily: datasets is a slow import)
@@ -309,7 +311,7 @@ def SAMPLE_FEATURES():  # noqa: N802  (a constant, built lazily: datasets is a s
 
     return Features({"id": Value("string"), "source": Value("string"), "tokens": Value("int32"),
                      "image_tokens": Value("int32"), "text_tokens": Value("int32"), "images": Value("int32"),
-                     "videos": Value("int32"), "video_tokens": Value("int32")})
+                     "videos": Value("int32"), "video_tokens": Value("int32"), "longest_video": Value("int32")})
 
 
 def _stats_table(stats: list[SampleStats]):
