@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vlmtune.data.collate import check_row
 from vlmtune.data.encode import IGNORE_INDEX, Encoder, emit
 from vlmtune.data.fit import FitOptions, Fitter
 from vlmtune.data.images import ImageHeader
 from vlmtune.data.types import Conversation, ImagePart, Message, TextPart, VideoPart
 from vlmtune.data.video import VideoFacts
-from vlmtune.errors import SampleError
 from vlmtune.models.load import load_spec
 from vlmtune.models.video_grid import VideoSampleError
 
@@ -180,6 +180,7 @@ def test_fit_invariants_with_videos(envs, arch, turns, cutoff, overflow, share):
         row = emit(piece, loaded.spec).to_dict()
         assert len(row["input_ids"]) == piece.length <= cutoff
         assert video_runs(row["input_ids"], loaded.spec) == expected_runs(row, arch)
+        assert check_row(row, loaded.spec, cutoff) == []  # the collator's guard agrees
         assert len(row["videos"]) == len(row["video_grid_thw"]) == len(row["video_frames"])
         for thw, frames in zip(row["video_grid_thw"], row["video_frames"]):
             assert thw[0] == -(-len(frames) // 2)  # the grid is the sampled frames, padded to whole patches
