@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from ..config import DEFAULT_OVERFLOW, POLICIES
 from ..errors import SampleError
 from ..models.spec import ModelSpec
-from ..models.video_grid import VideoSampleError, shrink_video
+from ..models.video_grid import shrink_video
 from .encode import Block, Encoded, VideoRef, with_budget
 
 
