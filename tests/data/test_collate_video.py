@@ -28,6 +28,8 @@ from hypothesis import strategies as st
 from transformers import AutoModelForImageTextToText
 from transformers.video_utils import VideoMetadata
 
+import clips
+from _packing import assert_same_loss_and_grads
 from vlmtune.data.collate import Collator, check_row, scan_runs
 from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.pack import pack_dataset, pack_rows, packed_position_ids
@@ -44,18 +46,7 @@ VS, VE, IPAD, VPAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|v
 
 def write_clip(path, n: int, width: int, height: int, rate) -> str:
     """n frames of a moving diagonal gradient (mpeg4 in MP4)."""
-    out = av.open(str(path), "w")
-    s = out.add_stream("mpeg4", rate=rate)
-    s.width, s.height, s.pix_fmt = width, height, "yuv420p"
-    yy, xx = np.mgrid[0:height, 0:width]
-    for i in range(n):
-        a = np.stack([(xx * 4 + i * 20) % 256, (yy * 4 + i * 9) % 256, np.full_like(xx, 16 * i % 256)], -1)
-        for p in s.encode(av.VideoFrame.from_ndarray(a.astype(np.uint8), format="rgb24")):
-            out.mux(p)
-    for p in s.encode():
-        out.mux(p)
-    out.close()
-    return str(path)
+    return clips.write_clip(path, n, width, height, rate=rate, moving=True)
 
 
 @pytest.fixture(scope="module")
@@ -241,18 +232,7 @@ def test_packed_videos_equal_unpacked(family, media):
         assert pb["position_ids"][0, 0, start : start + n].tolist() == list(range(n))
         start += n
 
-    def loss_and_grads(batch):
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-
-    lp, gp = loss_and_grads(pb)
-    lu, gu = loss_and_grads(ub)
-    assert torch.allclose(lp, lu, rtol=1e-4, atol=0)
-    assert gp.keys() == gu.keys()
-    for name in gp:
-        assert torch.allclose(gp[name], gu[name], rtol=1e-3, atol=1e-6), name
+    assert_same_loss_and_grads(model, pb, ub)
 
 
 # ---------------------------------------------------------------------------------------------

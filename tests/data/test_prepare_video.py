@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from test_video import write_clip
+from clips import write_clip
 from vlmtune.config import load_config
 from vlmtune.data.collate import Collator, check_row
 from vlmtune.data.encode import emit

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from transformers.video_utils import VideoMetadata
 
-from test_video import write_clip
+from clips import write_clip
 from vlmtune.commands import cli
 from vlmtune.data.video import decode_frames, read_facts
 from vlmtune.models.load import load_spec

@@ -497,28 +497,19 @@ def interactive(
                 session.reset()
                 pending, pending_videos = [], []
                 say("(new conversation)")
-            elif cmd == "/image":
+            elif cmd in ("/image", "/video"):
+                media = cmd[1:]
                 if not arg:
-                    say("usage: /image PATH")
+                    say(f"usage: {cmd} PATH")
                     continue
+                queue, check = (pending, check_images) if media == "image" else (pending_videos, check_videos)
                 try:
-                    check_images([arg])
+                    check([arg])
                 except VlmtuneError as e:
                     say(f"error: {e}")
                     continue
-                pending.append(arg)
-                say(f"(attached {arg}; {len(pending)} image(s) for the next question)")
-            elif cmd == "/video":
-                if not arg:
-                    say("usage: /video PATH")
-                    continue
-                try:
-                    check_videos([arg])
-                except VlmtuneError as e:
-                    say(f"error: {e}")
-                    continue
-                pending_videos.append(arg)
-                say(f"(attached {arg}; {len(pending_videos)} video(s) for the next question)")
+                queue.append(arg)
+                say(f"(attached {arg}; {len(queue)} {media}(s) for the next question)")
             else:
                 say(f"unknown command {cmd}. {INTERACTIVE_HELP}")
             continue

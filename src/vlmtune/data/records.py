@@ -524,23 +524,16 @@ def _record_to_conversation(
         messages.insert(0, Message(role="system", parts=parts))
 
     read_problems: list[Problem] = []
-    if builder.placeholders != len(images):
-        p, n = builder.placeholders, len(images)
-        what = f"{_plural(p, IMAGE_PLACEHOLDER + ' placeholder')} but {_plural(n, 'image')} in `{images_key}`"
+    counts = ((builder.placeholders, len(images), IMAGE_PLACEHOLDER, "image", "an", images_key),
+              (builder.video_placeholders, len(videos), VIDEO_PLACEHOLDER, "video", "a", videos_key))
+    for p, n, placeholder, media, article, key in counts:
+        if p == n:
+            continue
+        what = f"{_plural(p, placeholder + ' placeholder')} but {_plural(n, media)} in `{key}`"
         if p > n:
-            fix = "add the missing image path or remove the extra placeholder"
+            fix = f"add the missing {media} path or remove the extra placeholder"
         else:
-            fix = f"add an {IMAGE_PLACEHOLDER} placeholder where each image goes, or remove the extra image path"
-        read_problems.append(
-            Problem(source=source, what=what, fix=fix, sample_id=sample_id, kind="placeholder_mismatch")
-        )
-    if builder.video_placeholders != len(videos):
-        p, n = builder.video_placeholders, len(videos)
-        what = f"{_plural(p, VIDEO_PLACEHOLDER + ' placeholder')} but {_plural(n, 'video')} in `{videos_key}`"
-        if p > n:
-            fix = "add the missing video path or remove the extra placeholder"
-        else:
-            fix = f"add a {VIDEO_PLACEHOLDER} placeholder where each video goes, or remove the extra video path"
+            fix = f"add {article} {placeholder} placeholder where each {media} goes, or remove the extra {media} path"
         read_problems.append(
             Problem(source=source, what=what, fix=fix, sample_id=sample_id, kind="placeholder_mismatch")
         )
