@@ -431,8 +431,8 @@ def shrink_video(
             s = replace(spec, max_frames=max_frames, max_pixels=spec.min_pixels)
             try:
                 smallest = (s, plan_video(total_frames, clip_fps, height, width, s))
-            except VideoSampleError:
-                break
+            except VideoSampleError:  # a rounding edge of the sampler, or too few frames: try fewer
+                continue
         return smallest
     step = spec.temporal_patch_size if spec.rule == QWEN2_RULE else 1
     for max_frames in range(frames_now, max(floor_frames, 1) - 1, -step):
@@ -441,8 +441,8 @@ def shrink_video(
         s = replace(spec, max_frames=max_frames) if max_frames != frames_now else spec
         try:
             found = best_pixels(s)
-        except VideoSampleError:
-            break
+        except VideoSampleError:  # this frame count hits the sampler's rounding edge: fewer frames may not
+            continue
         if found is not None:
             return found, plan_video(total_frames, clip_fps, height, width, found)
     return None
