@@ -71,7 +71,8 @@ def test_dataset_is_sharegpt_seeded_balanced_and_held_out(tmp_path, quick_data):
     for r in records:
         assert set(r) == {"messages", "videos"} and len(r["videos"]) == 1
         user, answer = r["messages"]
-        assert user["role"] == "user" and user["content"].startswith("<video>") and user["content"].count("<video>") == 1
+        assert user["role"] == "user" and user["content"].startswith("<video>")
+        assert user["content"].count("<video>") == 1
         assert answer["role"] == "assistant" and answer["content"] in DIRECTIONS
         assert (d / "data" / r["videos"][0]).is_file()
     # balanced labels, in training and held out

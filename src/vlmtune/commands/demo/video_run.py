@@ -168,7 +168,8 @@ def format_video_summary(s: dict) -> str:
         f"a moving shape, {s['steps']} steps",
         f"clips: {c['frames']} frames of {c['width']}x{c['height']} at {c['fps']} fps ({c['codec']}); sampled frames "
         f"{c['sampled_frames']} -> grid {c['grid_thw']}, {c['video_tokens']} video tokens",
-        f"held-out accuracy on {s['eval_questions']} clips (which way does the shape move; chance {_pct(s['chance'])}):",
+        f"held-out accuracy on {s['eval_questions']} clips (which way does the shape move; "
+        f"chance {_pct(s['chance'])}):",
         f"  before  {_pct(s['accuracy_before']):>6}   ({by_direction(s['accuracy_by_direction_before'])})",
         f"  after   {_pct(s['accuracy_after']):>6}   ({by_direction(s['accuracy_by_direction_after'])})",
     ]
