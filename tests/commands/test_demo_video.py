@@ -161,9 +161,9 @@ def test_evaluation_scores_the_sampled_frames_through_the_processor(tmp_path, qu
     processor = AutoProcessor.from_pretrained(model_dir)
     spec = VideoSpec.from_processor(processor)
     frames, md, grid = clip_inputs(str(d / "data" / a["eval_questions"][0]["video"]), spec)
-    # 8 frames at 4 fps, sampled at the processor's 2 fps: every other frame, two temporal patches of 2x2 tokens
-    assert grid.indices == (0, 2, 4, 6) and grid.thw == [2, 4, 4] and grid.tokens == 8
-    assert frames.shape == (4, 56, 56, 3) and md.frames_indices == [0, 2, 4, 6]
+    # 8 frames at 4 fps, sampled at the processor's 2 fps: every other frame, two temporal patches of 4x4 tokens
+    assert grid.indices == (0, 2, 4, 6) and grid.thw == [2, 8, 8] and grid.tokens == 32
+    assert frames.shape == (4, 112, 112, 3) and md.frames_indices == [0, 2, 4, 6]
     questions = a["eval_questions"][:8]
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     result = evaluate_video(model, processor, questions, str(d / "data"), spec, batch_size=12)
@@ -189,8 +189,8 @@ def test_quick_video_demo_end_to_end(tmp_path, capsys):
     assert summary["task"] == "video" and summary["steps"] == 6
     assert summary["chance"] == 0.25 and summary["eval_questions"] == VIDEO_QUICK.eval_clips
     assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
-    assert summary["clip"]["sampled_frames"] == [0, 2, 4, 6] and summary["clip"]["grid_thw"] == [2, 4, 4]
-    # every record fits whole: one clip of 8 tokens and a question
+    assert summary["clip"]["sampled_frames"] == [0, 2, 4, 6] and summary["clip"]["grid_thw"] == [2, 8, 8]
+    # every record fits whole: one clip of 32 tokens and a question
     assert summary["fit_report"] == {"kept": VIDEO_QUICK.train_clips}
     assert summary["records"] == summary["rows"] == VIDEO_QUICK.train_clips
     assert (out / "train" / "training_loss.png").is_file()

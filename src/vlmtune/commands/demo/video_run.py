@@ -16,8 +16,8 @@ from .video_data import FPS, FRAMES, SIDE_PATCHES, VIDEO_DATASET_NAME, VIDEO_FUL
     write_video_dataset
 from .video_eval import evaluate_video, video_chance
 
-# A clip costs 8 video tokens (2 temporal patches x 2 x 2 merged patches); with the question and the
-# chat template a sample is ~60 tokens.
+# A clip costs 32 video tokens (2 temporal patches x 4 x 4 merged patches); with the question and the
+# chat template a sample is ~75 tokens.
 VIDEO_CUTOFF_LEN = 128
 
 # The config keys that set how clips are sampled and sized (LLaMA-Factory's names), mapped to VideoSpec's.
@@ -30,7 +30,7 @@ def video_demo_config(model_dir: str, data_dir: str, output_dir: str, *, size: V
     """The video demo's training config, as a user would write it in YAML (LLaMA-Factory key names).
 
     No video_* keys: the clips are sampled at the processor's rate (2 fps for the tiny checkpoint), which
-    takes frames 0, 2, 4, 6 of each 8-frame, 4 fps clip, and 56 x 56 px frames are inside every bound.
+    takes frames 0, 2, 4, 6 of each 8-frame, 4 fps clip, and 112 x 112 px frames are inside every bound.
     """
     from ...config import load_config
 
