@@ -180,6 +180,26 @@ def test_cli_demo_video_flag_parses():
     assert not build_parser().parse_args(["demo"]).video
 
 
+def test_summary_reads_for_a_person():
+    from vlmtune.commands.demo import format_video_summary
+
+    summary = {
+        "arch": "qwen2_vl", "steps": 6, "quick": True, "eval_questions": 16, "chance": 0.25,
+        "accuracy_before": 0.25, "accuracy_after": 0.5,
+        "accuracy_by_direction_before": {"left": 1.0, "right": 0.0}, "accuracy_by_direction_after": {"left": 0.5},
+        "clip": {"frames": 8, "fps": 4, "width": 112, "height": 112, "codec": "libx264",
+                 "sampled_frames": [0, 2, 4, 6], "grid_thw": [2, 8, 8], "video_tokens": 32},
+        "fit_report": {"kept": 96}, "fit_report_path": "out/train/fit_report.jsonl", "records": 96, "rows": 96,
+        "loss_plot": "out/train/training_loss.png", "first_loss": 7.2, "final_loss": 0.4, "data": "out/data/x.json",
+        "output_dir": "out/train", "seconds": 12.0, "train_seconds": 5.0, "summary_path": "out/demo_summary.json",
+        "config": {"finetuning_type": "full", "cutoff_len": 128},
+    }
+    text = format_video_summary(summary)
+    assert "before   25.0%" in text and "after    50.0%" in text and "chance 25.0%" in text
+    assert "sampled frames [0, 2, 4, 6] -> grid [2, 8, 8], 32 video tokens" in text
+    assert "kept 96" in text and "loss 7.20 -> 0.40" in text and "--quick" in text
+
+
 @needs_video_data_path
 def test_quick_video_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
