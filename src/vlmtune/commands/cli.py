@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps (default: 2400, 300 with --quick; with --video: %d, %d with --quick)"
                    % (VIDEO_FULL.steps, VIDEO_QUICK.steps))
     m.add_argument("--quick", action="store_true",
-                   help="a short run (well under a minute) on less data: learns colour, not yet shape")
+                   help="a short run (well under a minute) on less data: learns colour, not yet shape "
+                   "(with --video: a smoke run, too short to learn motion)")
     m.add_argument("--arch", choices=MODEL_TYPES, default="qwen2_vl",
                    help="the tiny model's family; the demo's settings are tuned for qwen2_vl")
     m.add_argument("--seed", type=int, default=0)
