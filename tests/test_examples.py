@@ -69,8 +69,8 @@ def test_example_dataset_is_shipped(path):
     read = read_samples(cfg.dataset, dataset_dir=str(dataset_dir), media_dir=cfg.media_dir)
     assert read.problems == []
     assert len(read.conversations) == records > 0
-    images = [img for c in read.conversations for img in c.images]
-    assert images and all(Path(img.path).is_file() for img in images)
+    media = [m for c in read.conversations for m in c.images + c.videos]
+    assert media and all(Path(m.path).is_file() for m in media)
 
 
 def test_deepspeed_configs_exist():
@@ -120,6 +120,18 @@ def test_demo_data_inspects(tiny_ckpt):
     assert images and all(p.stat().st_size < 16_000 for p in images)  # tiny files in the repository
 
 
+def test_video_demo_data_inspects(tiny_ckpt):
+    """`vlmtune inspect --data mllm_video_demo --dataset-dir examples/data`: three clips, one with an image."""
+    from vlmtune.data.pipeline import account, summarize
+    from vlmtune.models.load import load_spec
+
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
+    s = summarize(account("mllm_video_demo", loaded, dataset_dir=str(DATA), progress=False))
+    assert (s["records"], s["samples"], s["videos"], s["images"], s["problems"]) == (3, 3, 3, 1, [])
+    clips = sorted((DATA / "mllm_video_demo_data").iterdir())
+    assert [p.name for p in clips] == ["1.mp4", "2.mp4", "3.mp4"] and all(p.stat().st_size < 16_000 for p in clips)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_trains_one_step(path, tiny_ckpt, tmp_path):
@@ -128,7 +140,6 @@ def test_example_trains_one_step(path, tiny_ckpt, tmp_path):
 
     cfg = load_config(str(path)).replace(
         model_name_or_path=str(tiny_ckpt(family_of(path))),
-        dataset="mllm_demo",
         dataset_dir=str(DATA),
         output_dir=str(tmp_path / "out"),
         max_steps=1,
@@ -138,7 +149,8 @@ def test_example_trains_one_step(path, tiny_ckpt, tmp_path):
     )
     result = run(cfg, progress=False)
     assert result.global_step == 1
-    assert result.prepared.records == 6  # one fit-report line per record of mllm_demo.json
+    records = {"mllm_demo": 6, "mllm_video_demo": 3}[cfg.dataset]
+    assert result.prepared.records == records  # one fit-report line per record of the shipped dataset
     losses = [h["loss"] for h in result.log_history if "loss" in h] or [result.log_history[-1]["train_loss"]]
     assert all(math.isfinite(x) for x in losses)
     saved = {p.name for p in Path(result.output_dir).iterdir()}

@@ -272,3 +272,128 @@ def test_chat_keeps_a_bf16_checkpoint_bf16_on_a_cpu_where_bf16_is_fast(stored, s
     device, dtype = chat_mod.pick_device_dtype("cpu", None, stored=stored)
     assert (device.type, dtype) == ("cpu", getattr(torch, expected))
     assert chat_mod.pick_device_dtype("cpu", "float16", stored=stored)[1] == torch.float16  # asked for: kept
+
+
+# -- video (issue 14) ----------------------------------------------------------------------------------------------
+VIDEO_QUESTION = "What happens in the video?"
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, make_clip):
+    """30 frames at 10 fps, 64x48: sampled at 2 fps that is 6 frames (3 temporal patches)."""
+    return make_clip(tmp_path_factory.mktemp("chat-video") / "fade.mp4", 30, 64, 48, rate=10)
+
+
+def reference_batch(processor, question, clip_path, fps):
+    """The processor on its own: the whole decoded clip, left to sample the frames itself at `fps`."""
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    from vlmtune.data.video import decode_frames, read_facts
+
+    f = read_facts(clip_path)
+    content = [{"type": "video"}, {"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    frames = np.stack(decode_frames(clip_path, range(f.frames)))
+    meta = VideoMetadata(total_num_frames=f.frames, fps=f.fps, width=f.width, height=f.height, duration=f.duration)
+    return processor(text=[text], videos=[frames], video_metadata=[meta], do_sample_frames=True, fps=fps,
+                     input_data_format="channels_last", return_tensors="pt")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_chat_about_a_video_feeds_the_planned_clip(tiny_ckpt, clip, arch):
+    from vlmtune.data.video import read_facts
+    from vlmtune.models.load import load_spec
+
+    ckpt = tiny_ckpt(arch)
+    cm = ChatModel(ckpt, max_new_tokens=N)
+    batch = cm.inputs([cm.user_message(VIDEO_QUESTION, videos=[clip])])
+    # the plan, as prepare makes it for training
+    f = read_facts(clip)
+    video = load_spec(str(ckpt)).video
+    plan = video.for_clip(f.frames, f.fps).plan(f.frames, f.fps, f.height, f.width)
+    assert plan.frames == 6 and plan.t == 3
+    assert batch["video_grid_thw"].tolist() == [plan.thw]
+    pad = cm.processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    assert int((batch["input_ids"] == pad).sum()) == plan.tokens
+    assert int((batch["mm_token_type_ids"] == 2).sum()) == plan.tokens
+    # the same as the processor sampling the whole clip itself: text, pixels and (Qwen2.5-VL) M-RoPE time
+    ref = reference_batch(cm.processor, VIDEO_QUESTION, clip, video.fps)
+    assert batch["input_ids"].tolist() == ref["input_ids"].tolist()
+    assert torch.equal(batch["pixel_values_videos"], ref["pixel_values_videos"])
+    assert sorted(batch.keys()) == sorted(ref.keys())
+    if arch == "qwen2_5_vl":
+        assert batch["second_per_grid_ts"].tolist() == ref["second_per_grid_ts"].tolist() == [plan.second_per_grid]
+    answer = cm.ask(VIDEO_QUESTION, videos=[clip])
+    with torch.inference_mode():
+        out = cm.model.generate(**ref, **cm.generation_kwargs())
+    assert answer == cm.processor.decode(out[0, ref["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_video_options_plan_as_the_config_keys_do(tiny_ckpt, clip, make_image, tmp_path, capsys):
+    from vlmtune.data.video import read_facts
+    from vlmtune.models.load import load_spec
+
+    ckpt = tiny_ckpt("qwen2_vl")
+    options = dict(video_fps=4.0, video_maxlen=4, video_max_pixels=28 * 28 * 2)
+    cm = ChatModel(ckpt, max_new_tokens=N, image_max_pixels=28 * 28 * 4, **options)
+    f = read_facts(clip)
+    plan = load_spec(str(ckpt), **options).video.plan(f.frames, f.fps, f.height, f.width)
+    assert (plan.frames, plan.thw) == (4, [2, 2, 2])  # 4 frames of at most 2 × 28² pixels
+    img = make_image(tmp_path / "red.png", 100, 80)
+    batch = cm.inputs([cm.user_message(QUESTION, [img], [clip])])
+    assert batch["video_grid_thw"].tolist() == [plan.thw]
+    assert batch["image_grid_thw"].tolist() == [[1, 2, 4]]  # the image bound applies to the image only
+    capsys.readouterr()
+    argv = ["chat", "--model", str(ckpt), "--video", clip, "--video-fps", "4", "--video-maxlen", "4",
+            "--video-max-pixels", str(28 * 28 * 2), "--max-new-tokens", str(N), VIDEO_QUESTION]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == cm.ask(VIDEO_QUESTION, videos=[clip]) + "\n"
+
+
+def test_missing_or_unreadable_video_fails_before_loading(tiny_ckpt, clip, tmp_path, monkeypatch, capsys):
+    from vlmtune.data import video as video_mod
+    from vlmtune.data.video import VideoReadError
+
+    ckpt = tiny_ckpt("qwen2_vl")
+
+    def boom(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", boom)
+    missing = tmp_path / "nope.mp4"
+    msg = f"video file not found: {missing}; check the path (a relative path is resolved from the current directory)"
+    with pytest.raises(VlmtuneError) as e:
+        chat(ckpt, VIDEO_QUESTION, videos=[clip, missing])
+    assert str(e.value) == msg
+    assert main(["chat", "--model", str(ckpt), "--video", str(missing), VIDEO_QUESTION]) == 2
+    assert capsys.readouterr().err == f"error: {msg}\n"
+    notes = tmp_path / "notes.mp4"
+    notes.write_text("hello")
+    with pytest.raises(VlmtuneError, match=r"^cannot read as a video: .*notes\.mp4 \(not a readable video container"):
+        chat(ckpt, VIDEO_QUESTION, videos=[notes])
+
+    def no_av(path):
+        raise VideoReadError(path, "no_decoder", "PyAV is not installed", "pip install av (vlmtune[video])")
+
+    monkeypatch.setattr(video_mod, "_av", no_av)
+    with pytest.raises(VlmtuneError) as e:
+        chat(ckpt, VIDEO_QUESTION, videos=[clip])
+    assert str(e.value) == (f"cannot read the video {clip}: no video decoder (PyAV) is installed; "
+                            "pip install av (vlmtune[video])")
+
+
+def test_interactive_video(tiny_ckpt, clip):
+    cm = ChatModel(tiny_ckpt("qwen2_vl"), max_new_tokens=N)
+    script = f"/video {clip}\n{VIDEO_QUESTION}\n/video /no/such/clip.mp4\n/video\n/exit\n"
+    out = io.StringIO()
+    assert interactive(cm, io.StringIO(script), out) == 1
+    text = out.getvalue()
+    assert f"> (attached {clip}; 1 video(s) for the next question)\n" in text
+    assert f"> {cm.ask(VIDEO_QUESTION, videos=[clip])}\n" in text
+    assert "> error: video file not found: /no/such/clip.mp4;" in text
+    assert "> usage: /video PATH\n" in text
+    out = io.StringIO()
+    assert interactive(cm, io.StringIO(f"{VIDEO_QUESTION}\n"), out, videos=[clip]) == 1  # --video in a terminal
+    assert f"> {cm.ask(VIDEO_QUESTION, videos=[clip])}\n" in out.getvalue()

@@ -25,9 +25,11 @@ T4 = DeviceInfo("cuda", "Tesla T4", 15 * GiB, False, (7, 5), 8, 50 * GiB)
 CPU = DeviceInfo("cpu", "Test CPU", 64 * GiB, False, None, 4, 32 * GiB, cpu_flops=10e9)
 SLOW_BF16_CPU = dataclasses.replace(CPU, bf16_slowdown=23.1)  # the factor issue 16 measured per decoder layer
 FAST_BF16_CPU = dataclasses.replace(CPU, bf16=True, bf16_slowdown=0.6)
+DECODER = "PyAV 18.1.0 (FFmpeg 8.1.2)"
 TESTED = {"torch": "2.14.1", "transformers": "5.24.0", "peft": "0.21.2", "accelerate": "1.15.0"}
 VERSIONS_OK = (
-    "torch 2.14.1; transformers 5.24.0; peft 0.21.2; accelerate 1.15.0; Qwen2-VL needs transformers >= 4.45; "
+    "torch 2.14.1; transformers 5.24.0; peft 0.21.2; accelerate 1.15.0; video decoder PyAV 18.1.0 (FFmpeg 8.1.2); "
+    "Qwen2-VL needs transformers >= 4.45; "
     "transformers 5 needs mm_token_type_ids with every image batch and vlmtune's collator provides it "
     "(tested with torch 2.14, transformers 5.24, peft 0.21, accelerate 1.15)"
 )
@@ -39,6 +41,7 @@ DATA_TAIL = ("recommended cutoff_len: 546 keeps 95% whole, 546 99%, 546 all (0 i
 def tested_versions(monkeypatch):
     """The versions this release was tested with, whatever is installed, so the tests are hermetic."""
     monkeypatch.setattr(doctor_checks, "_version", lambda lib: TESTED.get(lib))
+    monkeypatch.setattr(doctor_checks, "decoder_version", lambda: DECODER)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,7 @@ def check(config, loaded):
     def run(name: str, device: DeviceInfo, *overrides: str, env: dict | None = None, **kwargs) -> Check:
         checks = run_checks(config(*overrides), device_info=device, loaded=loaded, env=env or {}, **kwargs)
         assert [c.name for c in checks] == ["versions", "precision", "workers", "model", "quantization", "vision",
-                                            "data", "memory", "distributed"]
+                                            "data", "video", "memory", "distributed"]
         return {c.name: c for c in checks}[name]
 
     return run
@@ -106,11 +109,12 @@ def test_a_good_config_is_all_ok(config, loaded):
                                     "projector; 16,384 of 276,864 parameters train")
     assert by["data"].message == ("cutoff_len=600: 0 of 3 valid samples are longer; overflow=[shrink_images, "
                                   "truncate_text, split, drop] would keep 3; " + DATA_TAIL)
+    assert by["video"].message == "no videos in the data"
     assert by["distributed"].message == ("one process (no WORLD_SIZE > 1, LOCAL_RANK or deepspeed): nothing to "
                                          "synchronise")
     text = doctor.format_checks(checks)
     assert text.splitlines()[0] == "status  check        message"
-    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 9 ok"
+    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 10 ok"
 
 
 # -- precision ---------------------------------------------------------------------------------
@@ -375,8 +379,8 @@ def test_versions_below_the_requirements_fail(check, monkeypatch):
     assert c == Check(
         "versions", "fail",
         "vlmtune requires transformers<6,>=5.0, found 4.44.2; Qwen2-VL needs transformers >= 4.45, found 4.44.2; "
-        "torch 2.14.1; transformers 4.44.2; peft 0.21.2; accelerate 1.15.0 (tested with torch 2.14, transformers "
-        "5.24, peft 0.21, accelerate 1.15)",
+        "torch 2.14.1; transformers 4.44.2; peft 0.21.2; accelerate 1.15.0; video decoder PyAV 18.1.0 (FFmpeg 8.1.2) "
+        "(tested with torch 2.14, transformers 5.24, peft 0.21, accelerate 1.15)",
         "pip install the versions tested with: torch 2.14, transformers 5.24, peft 0.21, accelerate 1.15")
 
 
@@ -436,7 +440,7 @@ def test_a_missing_model_fails_and_the_other_checks_still_run(config, tmp_path):
     assert checks["model"].message.startswith(f"cannot load model_name_or_path={str(tmp_path / 'nothing')!r}: ")
     assert [(n, c.status) for n, c in checks.items() if n != "model"] == [
         ("versions", "ok"), ("precision", "ok"), ("workers", "ok"), ("quantization", "ok"), ("vision", "warn"),
-        ("data", "warn"),
+        ("data", "warn"), ("video", "warn"),
         ("memory", "warn"), ("distributed", "ok")]
 
 
@@ -456,13 +460,13 @@ def test_cli_exit_status_and_json(ckpt, data, tmp_path, monkeypatch, capsys):
     assert main(["doctor", path, "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert [c["name"] for c in out] == ["versions", "precision", "workers", "model", "quantization", "vision", "data",
-                                        "memory", "distributed"]
+                                        "video", "memory", "distributed"]
     assert all(set(c) == {"name", "status", "message", "fix"} for c in out)
     assert out[1]["status"] == "fail"
     assert main(["doctor", path, "fp16=false"]) == 0
     text = capsys.readouterr().out
     assert "ok      precision    float32 on the CPU (Test CPU); no GPU found" in text
-    assert text.rstrip().endswith("0 failed, 0 warning(s), 9 ok")
+    assert text.rstrip().endswith("0 failed, 0 warning(s), 10 ok")
 
 
 def test_train_stops_on_failed_checks_unless_run_doctor_is_false(config, monkeypatch):
@@ -627,3 +631,96 @@ def test_loading_a_bf16_checkpoint_into_float32_on_the_cpu_holds_both_copies(con
     on_gpu = doctor_memory.estimate_memory(cfg.replace(bf16=True), facts, "cuda", batch=1, seq_len=64,
                                            image_tokens=16)
     assert on_gpu.load_peak == 0  # bf16 weights from a bf16 file: no conversion on the device
+
+
+# -- video -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def video_data(tmp_path_factory, make_clip):
+    """Three samples: a long clip (60 frames at 10 fps, 112x84), a short one (8 frames at 4 fps, 56x42), text."""
+    root = tmp_path_factory.mktemp("doctor-video")
+    make_clip(root / "long.mp4", 60, 112, 84, rate=10)
+    make_clip(root / "short.mp4", 8, 56, 42, rate=4)
+    records = [
+        {"id": "long", "messages": [{"role": "user", "content": "<video>What happens?"},
+                                    {"role": "assistant", "content": "a fade"}], "videos": ["long.mp4"]},
+        {"id": "short", "messages": [{"role": "user", "content": "<video>And here?"},
+                                     {"role": "assistant", "content": "less"}], "videos": ["short.mp4"]},
+        {"id": "text", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    ]
+    path = root / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def planned_tokens(loaded, clip) -> int:
+    """The clip's tokens by the arithmetic alone (models/video_grid.py), as the processor would make them."""
+    from vlmtune.data.video import read_facts
+
+    f = read_facts(str(clip))
+    return loaded.video.for_clip(f.frames, f.fps).plan(f.frames, f.fps, f.height, f.width).tokens
+
+
+def test_a_video_over_cutoff_len_warns_with_the_largest(config, loaded, video_data, monkeypatch):
+    from vlmtune.data import prepare
+
+    from_cache = []
+    real = prepare._facts_from_cache
+    monkeypatch.setattr(prepare, "_facts_from_cache", lambda prep: from_cache.append(prep) or real(prep))
+    long_tokens, short_tokens = planned_tokens(loaded, video_data.parent / "long.mp4"), \
+        planned_tokens(loaded, video_data.parent / "short.mp4")
+    assert (long_tokens, short_tokens) == (48, 8)  # grids [4, 6, 8] and [2, 4, 4], merge 2: t·h·w / 4
+
+    def run(*keys):
+        return {c.name: c for c in run_checks(config(f"dataset={video_data}", "bf16=true", *keys), device_info=A100,
+                                              loaded=loaded, env={})}
+
+    facts = "2 video(s) in 2 sample(s), 56 video tokens; the largest video takes 48 tokens (sample long)"
+    checks = run("cutoff_len=40")
+    assert checks["video"] == Check(
+        "video", "warn",
+        "1 sample(s) have a video whose tokens alone exceed cutoff_len=40: a video is never cut, so such a clip fits "
+        "in no row unless shrink_images lowers its pixel budget, then its frame count; otherwise the rest of overflow "
+        f"leaves it out or drops the sample; {facts}",
+        "lower video_max_pixels, video_fps or video_maxlen, or raise cutoff_len")
+    # the data check's per-count summary has the videos; the memory check counts their pads as vision tokens
+    assert checks["data"].message.endswith("recommended cutoff_len: 85 keeps 95% whole, 85 99%, 85 all (0 image(s): "
+                                           "p99 85, max 85; 0 video(s): p99 29, max 29; 1 video(s): p99 85, max 85)")
+    assert checks["data"].fix == ("raise cutoff_len to 85 (keeps every sample whole), or lower image_max_pixels or "
+                                  "video_max_pixels")
+    assert "per_device_train_batch_size=1 × 40 tokens with 8 vision tokens (image and video) (the longest fitted " \
+        "rows of the data)" in checks["memory"].message
+    video = run("cutoff_len=40", "overflow=[split, drop]")["video"]
+    assert (video.status, video.message.split(": ", 1)[1].split(";")[0]) == (
+        "warn", "a video is never cut and overflow has no shrink_images, so such a clip fits in no row: the rest "
+                "of overflow leaves it out or drops the sample")
+    ok = Check("video", "ok", f"{facts}, within cutoff_len=48")
+    assert run("cutoff_len=48")["video"] == ok and not from_cache
+    assert run("cutoff_len=48")["video"] == ok  # again, from the prepared cache's per-sample columns
+    assert len(from_cache) == 1
+
+
+def test_videos_without_a_decoder_fail_with_the_fix(config, loaded, video_data, data, monkeypatch):
+    from vlmtune.data import video as video_mod
+    from vlmtune.data.video import VideoReadError
+
+    def no_av(path):
+        raise VideoReadError(path, "no_decoder", "PyAV is not installed", "pip install av (vlmtune[video])")
+
+    monkeypatch.setattr(doctor_checks, "decoder_version", lambda: None)
+    monkeypatch.setattr(video_mod, "_av", no_av)  # what read_facts meets without PyAV
+    checks = {c.name: c for c in run_checks(config(f"dataset={video_data}", "bf16=true", "on_bad_sample=skip",
+                                                   "confirm_skipped_share=true"),
+                                            device_info=A100, loaded=loaded, env={})}
+    assert checks["versions"] == Check(
+        "versions", "fail",
+        "no video decoder (PyAV) installed: the data's 2 video(s) cannot be read; "
+        + VERSIONS_OK.replace("video decoder PyAV 18.1.0 (FFmpeg 8.1.2); ", ""),
+        "pip install av (vlmtune[video])")
+    assert checks["video"] == Check("video", "fail", "2 video(s) in the data cannot be read: no video decoder (PyAV) "
+                                    "is installed, so their samples are invalid", "pip install av (vlmtune[video])")
+    # without videos in the data, a missing decoder is a note
+    plain = {c.name: c for c in run_checks(config("bf16=true"), device_info=A100, loaded=loaded, env={})}
+    assert plain["versions"].status == "ok"
+    assert plain["versions"].message == VERSIONS_OK.replace(
+        "video decoder PyAV 18.1.0 (FFmpeg 8.1.2)", "no video decoder (PyAV) installed: videos cannot be read (the "
+        "data has none)")

@@ -29,6 +29,10 @@ DEFAULTS = {
     "cutoff_len": 2048,
     "image_max_pixels": None,
     "image_min_pixels": None,
+    "video_max_pixels": None,
+    "video_min_pixels": None,
+    "video_fps": None,
+    "video_maxlen": None,
     "preprocessing_num_workers": 1,
     "val_size": 0,
     "max_samples": None,
@@ -255,7 +259,8 @@ def test_sections_partition_the_keys():
     assert names == list(C.KEYS)
     assert {f.name for f in dataclasses.fields(C.FitArgs)} == {
         "cutoff_len", "image_max_pixels", "image_min_pixels", "train_on_prompt", "overflow", "min_image_tokens",
-        "max_image_token_share", "split_keep_context", "packing",
+        "max_image_token_share", "split_keep_context", "packing", "video_max_pixels", "video_min_pixels", "video_fps",
+        "video_maxlen",
     }
     assert {f.name for f in dataclasses.fields(C.ReadArgs)} == {
         "dataset", "dataset_dir", "media_dir", "max_samples", "val_size", "allow_paths_outside_media_dir",
@@ -577,10 +582,10 @@ def test_llama_factory_example_loads(tmp_path):
         "ddp_timeout": 180000000,
         "val_size": 0.1,
         "eval_steps": 500,
+        "video_max_pixels": 16384,
     }
     assert cfg.to_dict() == expected
     assert cfg.notes == (
-        "ignored video_max_pixels=16384: vlmtune trains on images only",
         "ignored stage='sft': vlmtune only does supervised fine-tuning",
         "ignored do_train=True: `vlmtune train` always trains",
         "ignored template='qwen2_vl': the chat template comes from the model's processor",

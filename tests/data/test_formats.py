@@ -315,7 +315,7 @@ def test_a_mapping_applies_when_the_file_is_passed_directly(tmp_path, write_json
 
 
 def test_inspect_exits_non_zero_and_counts_read_rejects_when_nothing_is_valid(tmp_path, tiny_ckpt, capsys):
-    (tmp_path / "v.jsonl").write_text(json.dumps({"messages": [], "video": "a.mp4"}) + "\n" + "{not json\n")
+    (tmp_path / "v.jsonl").write_text(json.dumps({"messages": [], "audio": "a.wav"}) + "\n" + "{not json\n")
     rc = cli.main(["inspect", "--model", str(tiny_ckpt("qwen2_vl")), "--data", str(tmp_path / "v.jsonl"), "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert rc != 0

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForImageTextToText
 
+from _packing import assert_same_loss_and_grads
 from vlmtune.data.collate import Collator, check_row, find_runs
 from vlmtune.data.encode import Encoder, emit
 from vlmtune.data.images import read_header
@@ -97,18 +98,7 @@ def test_packed_loss_and_gradients_equal_unpacked(family, tmp_path, make_image):
         assert pb["position_ids"][0, 0, start : start + n].tolist() == list(range(n))
         start += n
 
-    def loss_and_grads(batch):
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    lp, gp = loss_and_grads(pb)
-    lu, gu = loss_and_grads(ub)
-    assert torch.allclose(lp, lu, rtol=1e-4, atol=0)
-    assert gp.keys() == gu.keys()
-    for name in gp:
-        assert torch.allclose(gp[name], gu[name], rtol=1e-3, atol=1e-6), name
+    lp, lu = assert_same_loss_and_grads(model, pb, ub)
     # token-weighted mean of the losses of the samples run alone
     alone = []
     for r in rows:

@@ -645,8 +645,8 @@ def _bad(what, fix, source="f.jsonl:1"):
         ),
         (
             {"messages": [{"role": "user", "content": [{"type": "pdf", "pdf": "v.pdf"}]}]},
-            "part 1 of message 1 has type 'pdf'; only text and image parts are supported",
-            "remove the part or convert it to a text or image part",
+            "part 1 of message 1 has type 'pdf'; only text, image and video parts are supported",
+            "remove the part or convert it to a text, image or video part",
         ),
         (
             {"messages": [{"role": "user", "content": [{"foo": 1}]}]},
@@ -676,8 +676,8 @@ def _bad(what, fix, source="f.jsonl:1"):
         ),
         (
             {"messages": [{"role": "user", "content": "<image>"}], "system": "<image>", "images": ["a.png"]},
-            "`system` contains an <image> placeholder",
-            "put images in a user turn, not in the system prompt",
+            "`system` contains an <image> or <video> placeholder",
+            "put images and videos in a user turn, not in the system prompt",
         ),
     ],
 )
@@ -685,37 +685,86 @@ def test_bad_records(tmp_path, record, what, fix):
     assert conv(record, tmp_path) == _bad(what, fix)
 
 
-_MEDIA_FIX = "remove the video/audio from the sample, or the sample (only images are supported yet)"
+_MEDIA_FIX = "remove the audio (or video URL part) from the sample, or the sample (audio is not supported yet)"
 
 
 @pytest.mark.parametrize(
     "record, what",
     [
-        ({"messages": [], "videos": ["v.mp4"]}, "record has `videos`; video is not supported yet"),
-        ({"messages": [], "video": "v.mp4"}, "record has `video`; video is not supported yet"),
         ({"messages": [], "audios": ["a.wav"]}, "record has `audios`; audio is not supported yet"),
         ({"messages": [], "audio": "a.wav"}, "record has `audio`; audio is not supported yet"),
-        (
-            {"messages": [{"role": "user", "content": "<video>What happens?"}, {"role": "assistant", "content": "x"}]},
-            "a text has a <video> placeholder; video is not supported yet",
-        ),
         (
             {"conversations": [{"from": "human", "value": "<audio>hi"}, {"from": "gpt", "value": "x"}]},
             "a text has a <audio> placeholder; audio is not supported yet",
         ),
         (
-            {"messages": [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}]},
-            "part 1 of message 1 is a `video` part; video is not supported yet",
-        ),
-        (
             {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
             "part 1 of message 1 is a `input_audio` part; audio is not supported yet",
         ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "v.mp4"}}]}]},
+            "part 1 of message 1 is a `video_url` part; give videos as local files (`video` parts)",
+        ),
     ],
 )
-def test_video_and_audio_are_reported_never_trained_as_text(tmp_path, record, what):
+def test_audio_is_reported_never_trained_as_text(tmp_path, record, what):
     assert conv(record, tmp_path) == Problem(source="f.jsonl:1", what=what, fix=_MEDIA_FIX, sample_id="s",
                                              kind="unsupported_media")
+
+
+def _video_parts(c):
+    return [(m.role, [(type(p).__name__, getattr(p, "ref", getattr(p, "text", None))) for p in m.parts])
+            for m in c.messages]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"messages": [{"role": "user", "content": "<image>then<video>what?"}, {"role": "assistant", "content": "x"}],
+         "images": ["a.png"], "videos": ["v.mp4"]},
+        {"messages": [{"role": "user", "content": "<image>then<video>what?"}, {"role": "assistant", "content": "x"}],
+         "images": ["a.png"], "video": "v.mp4"},
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "then"},
+                                                   {"type": "video", "video": "v.mp4"}, {"type": "text", "text": "what?"}]},
+                      {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "then"},
+                                                   {"type": "video"}, {"type": "text", "text": "what?"}]},
+                      {"role": "assistant", "content": "x"}], "images": ["a.png"], "videos": ["v.mp4"]},
+    ],
+    ids=["sharegpt", "llava-video key", "hf parts", "pathless parts"],
+)
+def test_videos_are_read_in_order_with_images(tmp_path, record):
+    c = conv(record, tmp_path)
+    assert c.read_problems == []
+    assert _video_parts(c) == [("user", [("ImagePart", "a.png"), ("TextPart", "then"), ("VideoPart", "v.mp4"),
+                                         ("TextPart", "what?")]), ("assistant", [("TextPart", "x")])]
+    assert c.videos[0].path == str(tmp_path.resolve() / "v.mp4")
+
+
+@pytest.mark.parametrize(
+    "record, kind, what",
+    [
+        ({"messages": [{"role": "user", "content": "<video><video>q"}, {"role": "assistant", "content": "x"}],
+          "videos": ["v.mp4"]}, "placeholder_mismatch", "2 <video> placeholders but 1 video in `videos`"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}],
+          "videos": ["v.mp4"]}, "placeholder_mismatch", "0 <video> placeholders but 1 video in `videos`"),
+        ({"messages": [{"role": "user", "content": "<video>q"}, {"role": "assistant", "content": "x"}],
+          "videos": ["../v.mp4"]}, "path_outside_media_dir", "video '../v.mp4' resolves to"),
+        ({"messages": [{"role": "user", "content": "<video>q"}, {"role": "assistant", "content": "x"}],
+          "videos": ["https://x.org/v.mp4"]}, "remote_image", "video 'https://x.org/v.mp4' is a URL; remote videos"),
+    ],
+)
+def test_video_reference_problems_are_read_problems(tmp_path, record, kind, what):
+    c = conv({**record}, tmp_path)
+    assert [p.kind for p in c.read_problems] == [kind]
+    assert c.read_problems[0].what.startswith(what)
+
+
+def test_embedded_video_bytes_are_a_bad_record(tmp_path):
+    record = {"messages": [{"role": "user", "content": "<video>q"}, {"role": "assistant", "content": "x"}],
+              "videos": [{"bytes": b"\x00\x00"}]}
+    out = conv(record, tmp_path)
+    assert out.kind == "bad_record" and out.what == "`videos`[0] holds embedded video bytes; videos are read from files"
 
 
 def test_bad_records_in_a_file_are_accounted(tmp_path, write_jsonl):

@@ -17,42 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.video_utils import VideoMetadata
 
+from clips import CONTAINERS, level, write_clip
 from vlmtune.data.video import VideoReadError, decode_frames, decoder_version, read_facts
 from vlmtune.models.video_grid import VideoSpec, plan_video
-
-CONTAINERS = {"mp4": "mpeg4", "mkv": "mpeg4", "webm": "libvpx"}
-
-
-def level(i: int) -> int:
-    """The grey level of frame i: 24 apart, so lossy coding cannot make two frames look alike."""
-    return 16 + (i * 24) % 224
-
-
-def write_clip(path, n: int, width: int, height: int, rate=Fraction(25), rotation: int = 0, pts_ms=None, marker=False):
-    """Encode n flat frames (frame i at level(i)); `pts_ms` gives each frame's time in ms (variable rate);
-    `marker` paints the top-left quadrant white (to see which way a rotation turns)."""
-    codec = CONTAINERS[str(path).rsplit(".", 1)[1]]
-    out = av.open(str(path), "w")
-    s = out.add_stream(codec, rate=rate)
-    s.width, s.height, s.pix_fmt = width, height, "yuv420p"
-    if pts_ms is not None:
-        s.codec_context.time_base = Fraction(1, 1000)
-    if rotation:
-        s.set_display_rotation(rotation)
-    for i in range(n):
-        a = np.full((height, width, 3), level(i), np.uint8)
-        if marker:
-            a[: height // 2, : width // 2] = 255
-        frame = av.VideoFrame.from_ndarray(a, format="rgb24")
-        if pts_ms is not None:
-            frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
-        for p in s.encode(frame):
-            out.mux(p)
-    for p in s.encode():
-        out.mux(p)
-    out.close()
-    return str(path)
-
 
 def decode_all(path):
     """Every frame the decoder finds, upright by its own rotation side data (the reference)."""

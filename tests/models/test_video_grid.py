@@ -439,3 +439,20 @@ def test_a_sampler_rounding_past_the_last_frame_is_refused_like_the_processor(ba
     assert check_clip(with_video_processor(processor, **s), config, s, 82, 23.976, 1, 1) is None
     with pytest.raises(VideoSampleError, match="would pick frame 82 of a clip of 82 frames"):
         plan_video(82, 23.976, 1, 1, VideoSpec.from_processor(with_video_processor(processor, **s), config))
+
+
+def test_config_pixel_keys_are_per_frame_for_every_family(base):
+    """video_max_pixels / video_min_pixels mean one frame, as in LLaMA-Factory: Qwen2/2.5-VL's processor reads
+    its `size` per frame, Qwen3-VL's per clip, so there each clip's bound is the per-frame key × its frames."""
+    processor, config = base("qwen2_vl")
+    spec = VideoSpec.from_processor(processor, config).with_config(video_max_pixels=50_000, video_min_pixels=4_000)
+    assert (spec.min_pixels, spec.max_pixels) == (4_000, 50_000)
+    assert spec.for_clip(40, 10.0) is spec
+    processor, config = base("qwen3_vl")
+    proc = VideoSpec.from_processor(processor, config)
+    spec = proc.with_config(video_fps=1.0, video_maxlen=6, video_max_pixels=50_000, video_min_pixels=4_000)
+    assert (spec.min_pixels, spec.max_pixels, spec.fps, spec.max_frames) == (proc.min_pixels, proc.max_pixels, 1.0, 6)
+    clip = spec.for_clip(40, 10.0)  # 4 s at 1 fps: 4 frames
+    assert len(clip.plan(40, 10.0, 480, 640).indices) == 4
+    assert (clip.min_pixels, clip.max_pixels) == (16_000, 200_000)
+    assert clip.frame_max_pixels is None and clip.frame_min_pixels is None

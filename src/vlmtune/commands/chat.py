@@ -1,4 +1,4 @@
-"""Ask a Qwen-VL checkpoint (optionally with a LoRA adapter) questions about images.
+"""Ask a Qwen-VL checkpoint (optionally with a LoRA adapter) questions about images and video clips.
 
 `ChatModel` loads the processor and the model once and answers many questions; `chat` is the
 one-shot form; `ChatSession` keeps a multi-turn conversation; `interactive` is the read-eval
@@ -8,6 +8,11 @@ The prompt is built the way transformers does it for these models: an HF chat-fo
 conversation (user content = the image parts, then the text), rendered with the processor's chat
 template and ``add_generation_prompt=True``, then the processor on text + images, then
 ``model.generate``. Only the newly generated tokens are decoded (``skip_special_tokens=True``).
+
+A video part is handled as in training: the clip's header facts (data/video.read_facts), the frames the
+loaded processor's VideoSpec plans for it (with the chat's video_* options, the config keys' meaning),
+and exactly those frames decoded and handed to the processor unsampled (data/video.clip_inputs, which
+the collator uses too), so the model sees a clip as it saw clips in training.
 
 trust_remote_code is never turned on here: it is passed through only when the caller sets it.
 """
@@ -20,6 +25,7 @@ from typing import IO
 
 from ..errors import VlmtuneError
 from ..models.load import check_adapter, check_model, load_processor
+from ..models.video_grid import VideoSampleError, VideoSpec
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -28,7 +34,7 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 INTERACTIVE_HELP = (
     "Type a question and press Enter. Commands: /image PATH attaches an image to the next question, "
-    "/reset starts a new conversation, /exit quits."
+    "/video PATH a video clip, /reset starts a new conversation, /exit quits."
 )
 
 
@@ -77,6 +83,42 @@ def check_images(paths: Iterable) -> list[Path]:
             f"cannot read as an image: {', '.join(unreadable)}; pass image files Pillow can open "
             "(PNG, JPEG, WebP, GIF, BMP, TIFF)"
         )
+    return out
+
+
+def check_videos(paths: Iterable) -> list:
+    """Fail with one VlmtuneError naming every video clip that is missing or cannot be read; else each clip's
+    VideoFacts (data/video.read_facts: the container's headers and its first frame), in order.
+
+    Runs before the model is loaded."""
+    from ..data.video import VideoReadError, read_facts
+
+    missing: list[str] = []
+    unreadable: list[str] = []
+    out = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.is_file():
+            missing.append(str(p))
+            continue
+        try:
+            out.append(read_facts(str(path)))
+        except VideoReadError as e:
+            if e.kind == "no_decoder":
+                raise VlmtuneError(f"cannot read the video {p}: no video decoder (PyAV) is installed; {e.fix}") from None
+            unreadable.append(f"{p} ({e.what}; {e.fix})")
+    if missing:
+        if len(missing) == 1:
+            raise VlmtuneError(
+                f"video file not found: {missing[0]}; check the path "
+                "(a relative path is resolved from the current directory)"
+            )
+        raise VlmtuneError(
+            f"{len(missing)} video files not found: {', '.join(missing)}; check the paths "
+            "(a relative path is resolved from the current directory)"
+        )
+    if unreadable:
+        raise VlmtuneError(f"cannot read as a video: {', '.join(unreadable)}")
     return out
 
 
@@ -131,6 +173,21 @@ def load_image(image):
         ) from None
 
 
+def video_spec(processor, config, fps=None, maxlen=None, min_pixels=None, max_pixels=None) -> VideoSpec | None:
+    """The processor's VideoSpec with the chat's video options (the config keys' meaning), or None when the
+    processor has no Qwen-VL video processor (videos are then refused when asked about)."""
+    for name, value in (("video_maxlen", maxlen), ("video_min_pixels", min_pixels), ("video_max_pixels", max_pixels)):
+        if value is not None and int(value) < 1:
+            raise VlmtuneError(f"{name}={value}; it must be a positive number")
+    if fps is not None and float(fps) <= 0:
+        raise VlmtuneError(f"video_fps={fps}; it must be a positive number of frames per second")
+    try:
+        spec = VideoSpec.from_processor(processor, config)
+    except ValueError:
+        return None
+    return spec.with_config(fps, maxlen, min_pixels, max_pixels)
+
+
 def _check_generation(max_new_tokens: int, temperature: float) -> None:
     if int(max_new_tokens) < 1:
         raise VlmtuneError(f"max_new_tokens={max_new_tokens}; it must be at least 1")
@@ -175,10 +232,15 @@ class ChatModel:
         dtype=None,
         trust_remote_code: bool = False,
         quantization_bit: int | str | None = "adapter",
+        video_fps: float | None = None,
+        video_maxlen: int | None = None,
+        video_min_pixels: int | None = None,
+        video_max_pixels: int | None = None,
     ):
         """quantization_bit: 4 or 8 loads the base quantized (bitsandbytes); "adapter" (the default): as the
         adapter's training run did (its vlmtune_config.yaml), so a QLoRA adapter meets the base it was trained on;
-        None: unquantized."""
+        None: unquantized. video_*: the config keys of the same names (frames sampled per second, at most
+        video_maxlen frames, pixel bounds per frame), as the adapter was trained with."""
         from transformers import AutoModelForImageTextToText
 
         _check_generation(max_new_tokens, temperature)
@@ -190,6 +252,7 @@ class ChatModel:
         # The processor comes from the base model, even when the adapter directory holds one
         # too (training saves it there): the base checkpoint is the reference.
         processor, config = load_processor(model, trust_remote_code=trust_remote_code)
+        video = video_spec(processor, config, video_fps, video_maxlen, video_min_pixels, video_max_pixels)
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         device, dtype = pick_device_dtype(device, dtype, stored=stored)
         quant = _quantization(quantization_bit, adapter, dtype)
@@ -200,10 +263,10 @@ class ChatModel:
 
             net = PeftModel.from_pretrained(net, adapter)
         net = (net if quant else net.to(device)).eval()  # a quantized model is placed while it loads
-        self._init(net, processor, image_max_pixels, max_new_tokens, temperature)
+        self._init(net, processor, image_max_pixels, max_new_tokens, temperature, video)
         self.model_name, self.adapter = model, adapter
 
-    def _init(self, model, processor, image_max_pixels, max_new_tokens, temperature) -> None:
+    def _init(self, model, processor, image_max_pixels, max_new_tokens, temperature, video=None) -> None:
         if image_max_pixels is not None and int(image_max_pixels) < 1:
             raise VlmtuneError(f"image_max_pixels={image_max_pixels}; it must be a positive number of pixels")
         self.model = model
@@ -211,6 +274,7 @@ class ChatModel:
         self.image_max_pixels = None if image_max_pixels is None else int(image_max_pixels)
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
+        self.video = video  # the processor's VideoSpec with the video_* options; None: no Qwen-VL video processor
 
     @property
     def device(self):
@@ -223,12 +287,38 @@ class ChatModel:
     # -- building inputs ----------------------------------------------------------------------
 
     @staticmethod
-    def user_message(question: str, images: Sequence = ()) -> dict:
-        """An HF chat-format user turn: the images (loaded now, as PIL RGB), then the text."""
+    def user_message(question: str, images: Sequence = (), videos: Sequence = ()) -> dict:
+        """An HF chat-format user turn: the images (loaded now, as PIL RGB), the video clips (paths, checked
+        now), then the text."""
         check_images(images)
+        check_videos(videos)
         content = [{"type": "image", "image": load_image(im)} for im in images]
+        content += [{"type": "video", "video": str(Path(v).expanduser())} for v in videos]
         content.append({"type": "text", "text": str(question)})
         return {"role": "user", "content": content}
+
+    def plan_clip(self, path):
+        """(VideoGrid, ClipInputs) of a clip: the frames, grid and tokens the processor makes of it, and the
+        planned frames decoded for it (what the collator hands the video processor in training)."""
+        from ..data.video import VideoReadError, clip_inputs
+
+        if self.video is None:
+            raise VlmtuneError(f"cannot use the video {path}: {type(self.processor).__name__} has no Qwen-VL video "
+                               "processor (Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints have one)")
+        facts = check_videos([path])[0]
+        spec = self.video.for_clip(facts.frames, facts.fps)
+        try:
+            grid = spec.plan(facts.frames, facts.fps, facts.height, facts.width)
+        except VideoSampleError as e:
+            raise VlmtuneError(f"cannot use the video {path} ({facts.frames} frames at {facts.fps:.3g} fps, "
+                               f"{facts.width}x{facts.height}): {e}") from None
+        try:
+            clip = clip_inputs(str(path), grid.indices, rotation=facts.rotation, total_frames=facts.frames,
+                               fps=facts.fps, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
+                               cap_pixels_per_frame=spec.cap_pixels_per_frame)
+        except VideoReadError as e:
+            raise VlmtuneError(f"cannot decode the video {path}: {e.what}; {e.fix}") from None
+        return grid, clip
 
     def _image_size(self) -> dict | None:
         if self.image_max_pixels is None:
@@ -249,14 +339,32 @@ class ChatModel:
             for part in msg["content"]
             if part.get("type") == "image"
         ]
-        kwargs = {}
+        videos = [
+            part["video"]
+            for msg in messages
+            if not isinstance(msg["content"], str)
+            for part in msg["content"]
+            if part.get("type") == "video"
+        ]
+        kwargs: dict = {}
         size = self._image_size()
         if size is not None and images:
-            kwargs["size"] = size
+            kwargs["images_kwargs"] = {"size": size}  # per modality: a video's size bounds are its own
+        if videos:
+            clips = [self.plan_clip(v)[1] for v in videos]
+            bounds = {str(c.kwargs["size"]) for c in clips}
+            if len(bounds) > 1:  # one processor call takes one size for all its videos
+                raise VlmtuneError(
+                    f"these {len(clips)} video clips need different pixel bounds ({', '.join(sorted(bounds))}): "
+                    "Qwen3-VL's video_max_pixels / video_min_pixels count per frame, times the frames sampled from "
+                    "each clip; ask about one clip at a time, or leave out the video pixel options")
+            kwargs.update(videos=[c.frames for c in clips], video_metadata=[c.metadata for c in clips],
+                          videos_kwargs=dict(clips[0].kwargs))
         batch = self.processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
         batch = batch.to(self.device)
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in batch:
+                batch[key] = batch[key].to(self.dtype)
         return batch
 
     # -- generating ---------------------------------------------------------------------------
@@ -288,11 +396,13 @@ class ChatModel:
         return self.processor.batch_decode(new, skip_special_tokens=True)[0]
 
     def ask(
-        self, question: str, images: Sequence = (), *, max_new_tokens: int | None = None, temperature: float | None = None
+        self, question: str, images: Sequence = (), *, videos: Sequence = (), max_new_tokens: int | None = None,
+        temperature: float | None = None,
     ) -> str:
-        """The answer to one question about `images` (paths or PIL images), in a fresh conversation."""
+        """The answer to one question about `images` (paths or PIL images) and `videos` (clip paths), in a fresh
+        conversation."""
         return self.generate(
-            [self.user_message(question, images)], max_new_tokens=max_new_tokens, temperature=temperature
+            [self.user_message(question, images, videos)], max_new_tokens=max_new_tokens, temperature=temperature
         )
 
 
@@ -303,8 +413,8 @@ class ChatSession:
         self.chat_model = chat_model
         self.messages: list[dict] = []
 
-    def ask(self, question: str, images: Sequence = ()) -> str:
-        user = self.chat_model.user_message(question, images)
+    def ask(self, question: str, images: Sequence = (), videos: Sequence = ()) -> str:
+        user = self.chat_model.user_message(question, images, videos)
         answer = self.chat_model.generate(self.messages + [user])
         self.messages += [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         return answer
@@ -322,11 +432,15 @@ def chat(
     temperature: float = 0.0,
     image_max_pixels: int | None = None,
     *,
+    videos: Sequence = (),
     trust_remote_code: bool = False,
+    **video_options,
 ) -> str:
-    """Load `model` (+ `adapter`), answer `question` about `images`, return only the new text."""
+    """Load `model` (+ `adapter`), answer `question` about `images` and `videos`, return only the new text.
+    `video_options`: ChatModel's video_fps, video_maxlen, video_min_pixels, video_max_pixels."""
     _check_generation(max_new_tokens, temperature)
     check_images(images)  # before the (slow) model load
+    check_videos(videos)
     cm = ChatModel(
         model,
         adapter,
@@ -334,8 +448,9 @@ def chat(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         trust_remote_code=trust_remote_code,
+        **video_options,
     )
-    return cm.ask(question, images)
+    return cm.ask(question, images, videos=videos)
 
 
 def interactive(
@@ -345,15 +460,17 @@ def interactive(
     *,
     images: Sequence = (),
     prompt: str = "> ",
+    videos: Sequence = (),
 ) -> int:
     """Read questions and commands from `infile` line by line, write answers to `outfile`.
 
-    ``/image PATH`` attaches an image to the next question (repeatable), ``/reset`` starts a new
-    conversation, ``/exit`` (or end of input) quits. `images` are attached to the first
-    question. Returns the number of questions answered.
+    ``/image PATH`` attaches an image to the next question (repeatable), ``/video PATH`` a video clip,
+    ``/reset`` starts a new conversation, ``/exit`` (or end of input) quits. `images` and `videos` are
+    attached to the first question. Returns the number of questions answered.
     """
     session = ChatSession(chat_model)
     pending: list = list(images)
+    pending_videos: list = list(videos)
     answered = 0
 
     def say(text: str) -> None:
@@ -378,29 +495,31 @@ def interactive(
                 break
             if cmd == "/reset":
                 session.reset()
-                pending = []
+                pending, pending_videos = [], []
                 say("(new conversation)")
-            elif cmd == "/image":
+            elif cmd in ("/image", "/video"):
+                media = cmd[1:]
                 if not arg:
-                    say("usage: /image PATH")
+                    say(f"usage: {cmd} PATH")
                     continue
+                queue, check = (pending, check_images) if media == "image" else (pending_videos, check_videos)
                 try:
-                    check_images([arg])
+                    check([arg])
                 except VlmtuneError as e:
                     say(f"error: {e}")
                     continue
-                pending.append(arg)
-                say(f"(attached {arg}; {len(pending)} image(s) for the next question)")
+                queue.append(arg)
+                say(f"(attached {arg}; {len(queue)} {media}(s) for the next question)")
             else:
                 say(f"unknown command {cmd}. {INTERACTIVE_HELP}")
             continue
         try:
-            answer = session.ask(line, pending)
+            answer = session.ask(line, pending, pending_videos)
         except VlmtuneError as e:
             say(f"error: {e}")
-            pending = []
+            pending, pending_videos = [], []
             continue
-        pending = []
+        pending, pending_videos = [], []
         answered += 1
         say(answer)
     return answered
@@ -411,6 +530,7 @@ __all__ = [
     "ChatSession",
     "chat",
     "check_images",
+    "check_videos",
     "check_adapter",
     "check_model",
     "interactive",

@@ -174,7 +174,7 @@ def _config_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import ChatModel, check_images, interactive
+    from .chat import ChatModel, check_images, check_videos, interactive
 
     question = args.question
     if question is None and not sys.stdin.isatty():
@@ -182,6 +182,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         if not question:
             raise VlmtuneError("no question: pass it as an argument, pipe it on stdin, or run in a terminal to chat")
     check_images(args.image)  # before the (slow) model load
+    check_videos(args.video)
     cm = ChatModel(
         args.model,
         args.adapter,
@@ -190,11 +191,15 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         trust_remote_code=args.trust_remote_code,
         quantization_bit={"4": 4, "8": 8, "none": None, None: "adapter"}[args.quantization_bit],
+        video_fps=args.video_fps,
+        video_maxlen=args.video_maxlen,
+        video_min_pixels=args.video_min_pixels,
+        video_max_pixels=args.video_max_pixels,
     )
     if question is None:
-        interactive(cm, sys.stdin, sys.stdout, images=args.image)
+        interactive(cm, sys.stdin, sys.stdout, images=args.image, videos=args.video)
     else:
-        print(cm.ask(question, args.image))
+        print(cm.ask(question, args.image, videos=args.video))
     return 0
 
 
@@ -209,7 +214,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_chat_export_parsers(sub) -> None:
-    c = sub.add_parser("chat", help="ask a model (optionally with a LoRA adapter) about images")
+    c = sub.add_parser("chat", help="ask a model (optionally with a LoRA adapter) about images and videos")
     c.add_argument("question", nargs="?", default=None, help="omit it in a terminal to chat interactively")
     c.add_argument("--model", required=True, help="hub id or local path of the Qwen-VL checkpoint")
     c.add_argument("--adapter", default=None, help="a LoRA adapter directory to apply")
@@ -217,6 +222,11 @@ def _add_chat_export_parsers(sub) -> None:
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
     c.add_argument("--image-max-pixels", type=int, default=None)
+    c.add_argument("--video", action="append", default=[], metavar="CLIP", help="a video clip (repeatable)")
+    c.add_argument("--video-fps", type=float, default=None, help="frames sampled per second (config key video_fps)")
+    c.add_argument("--video-maxlen", type=int, default=None, help="at most this many frames per clip (video_maxlen)")
+    c.add_argument("--video-min-pixels", type=int, default=None, help="per frame (video_min_pixels)")
+    c.add_argument("--video-max-pixels", type=int, default=None, help="per frame (video_max_pixels)")
     c.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
     c.add_argument("--quantization-bit", choices=["4", "8", "none"], default=None,
                    help="load the base in 4/8 bits (bitsandbytes); default: as the adapter was trained")

@@ -1,8 +1,9 @@
 """`vlmtune inspect`: exact token accounting of a dataset, before any pixel is decoded.
 
 Turns the rule of thumb "cutoff_len ≥ 1024 for one image, ≥ 2048 for two" into numbers computed
-from the user's own data: length percentiles overall and per image count, and the smallest
-cutoff_len that keeps 95% / 99% / 100% of the samples whole.
+from the user's own data: length percentiles overall and per image (and video) count, and the smallest
+cutoff_len that keeps 95% / 99% / 100% of the samples whole. Videos are counted from their container
+headers (frames, rate, size) with the loaded processor's sampling and resize: no frame is decoded.
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ def format_summary(summary: dict) -> str:
         f"{'images/sample':>13} {'samples':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}",
     ]
     rows = list(s["by_image_count"].items()) + [("all", s["lengths"])]
-    lines[1:1] = list(s.get("notes") or [])
     for k, d in rows:
         lines.append(f"{k:>13} {d['samples']:>8} {d['p50']:>7} {d['p95']:>7} {d['p99']:>7} {d['max']:>7}")
+    if s.get("videos"):
+        lines[2] = (f"tokens: {s['tokens']} = {s['text_tokens']} text + {s['image_tokens']} image + "
+                    f"{s['video_tokens']} video")
+        lines.insert(2, f"videos: {s['videos']}")
+        lines += ["", f"{'videos/sample':>13} {'samples':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}"]
+        for k, d in s["by_video_count"].items():
+            lines.append(f"{k:>13} {d['samples']:>8} {d['p50']:>7} {d['p95']:>7} {d['p99']:>7} {d['max']:>7}")
+    lines[1:1] = list(s.get("notes") or [])
     r = s["recommended_cutoff_len"]
     lines += ["", f"recommended cutoff_len: {r['p95']} keeps 95% whole, {r['p99']} keeps 99%, {r['max']} keeps all"]
     if s["cutoff_len"] is not None:
@@ -52,7 +60,8 @@ def write_per_sample(acc: Accounting, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for s in acc.stats:
             row = asdict(s)
-            f.write(json.dumps({k: row[k] for k in ("id", "tokens", "image_tokens", "text_tokens", "images")}) + "\n")
+            keys = ("id", "tokens", "image_tokens", "text_tokens", "images", "videos", "video_tokens")
+            f.write(json.dumps({k: row[k] for k in keys}) + "\n")
 
 
 def plot_lengths(acc: Accounting, path: str, cutoff_len: int | None = None) -> None:
@@ -94,8 +103,18 @@ def render_row(row, spec, tokenizer, color: bool = False) -> str:
     out: list[str] = []
     ids, labels = row.input_ids, row.labels
     image = 0
+    spans = video_spans(ids, row.video_grid_thw, spec)
     i = 0
     while i < len(ids):
+        if i in spans:
+            k, end = spans[i]
+            t, h, w = row.video_grid_thw[k]
+            pads = sum(1 for x in ids[i:end] if x == spec.video_token_id)
+            extra = f", {end - i} with the timestamps and markers" if end - i != pads else ""
+            out.append(f"[video {k + 1}: {row.videos[k]} {len(row.video_frames[k])} of {row.video_total_frames[k]} "
+                       f"frames, grid {t}x{h}x{w} = {pads} tokens{extra}]")
+            i = end
+            continue
         if ids[i] == spec.image_token_id:
             j = i
             while j < len(ids) and ids[j] == spec.image_token_id:
@@ -107,7 +126,8 @@ def render_row(row, spec, tokenizer, color: bool = False) -> str:
             continue
         trained = labels[i] != IGNORE_INDEX
         j = i
-        while j < len(ids) and ids[j] != spec.image_token_id and (labels[j] != IGNORE_INDEX) == trained:
+        while (j < len(ids) and ids[j] != spec.image_token_id and j not in spans
+               and (labels[j] != IGNORE_INDEX) == trained):
             j += 1
         text = tokenizer.decode(ids[i:j], skip_special_tokens=False)
         if trained:
@@ -115,6 +135,35 @@ def render_row(row, spec, tokenizer, color: bool = False) -> str:
         out.append(text)
         i = j
     return "".join(out)
+
+
+def video_spans(ids: list[int], grids: list[list[int]], spec) -> dict[int, tuple[int, int]]:
+    """{start: (video index, end)} of each video's expansion in `ids`: the run of pads (Qwen2/2.5-VL), or the
+    temporal patches with their timestamps and markers, from the first timestamp to the last patch's
+    `<|vision_end|>` (Qwen3-VL)."""
+    spans: dict[int, tuple[int, int]] = {}
+    i, k = 0, 0
+    per_patch = spec.model_type == "qwen3_vl"
+    while i < len(ids) and k < len(grids):
+        if ids[i] != spec.video_token_id:
+            i += 1
+            continue
+        if not per_patch:
+            end = i
+            while end < len(ids) and ids[end] == spec.video_token_id:
+                end += 1
+            spans[i] = (k, end)
+        else:
+            start = i - 2  # back over the patch's <|vision_start|> and its timestamp to the template's
+            while start > 0 and ids[start] != spec.vision_start_token_id:
+                start -= 1
+            end, closed = i, 0
+            while end < len(ids) and closed < grids[k][0]:
+                closed += ids[end] == spec.vision_end_token_id
+                end += 1
+            spans[start + 1] = (k, end)
+        i, k = end, k + 1
+    return spans
 
 
 def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int | None = None,
@@ -136,12 +185,19 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int
         raise VlmtuneError(f"--overflow {','.join(overflow)}: {', '.join(map(repr, unknown))} is not a policy; "
                            f"use policies from {','.join(POLICIES)}")
     enc = matches[0]
-    head = [f"sample {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + "
-            f"{enc.image_tokens} image, {len(enc.images)} image(s)"]
+    if enc.videos:
+        head = [f"sample {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + {enc.image_tokens} "
+                f"image + {enc.video_tokens} video, {len(enc.images)} image(s), {len(enc.videos)} video(s)"]
+    else:
+        head = [f"sample {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + "
+                f"{enc.image_tokens} image, {len(enc.images)} image(s)"]
     pieces = [enc]
     if cutoff_len is not None:
+        from ..data.encode import Encoder
+
         opts = FitOptions(cutoff_len=cutoff_len) if overflow is None else FitOptions(cutoff_len, tuple(overflow))
-        out = Fitter(loaded.spec, opts).fit(enc)
+        encoder = Encoder(loaded.processor, loaded.spec, video=loaded.video) if enc.videos else None
+        out = Fitter(loaded.spec, opts, encoder).fit(enc)
         head.append(f"fit to cutoff_len={cutoff_len}: {out.fate} ({out.reason}); tokens after: {out.tokens_after}")
         pieces = out.pieces
     head.append(f"legend: {TRAIN_OPEN}trained{TRAIN_CLOSE} text is in the loss; the rest is masked"

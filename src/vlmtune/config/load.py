@@ -24,16 +24,12 @@ LLAMA_FACTORY_IGNORED: dict[str, tuple[tuple | None, str]] = {
     "do_eval": (None, "vlmtune evaluates whenever val_size > 0"),
     "eval_strategy": (None, "vlmtune evaluates every eval_steps steps, or at each epoch's end, when val_size > 0"),
     "visual_inputs": (None, "Qwen-VL models always read their images"),
-    "video_max_pixels": (None, "vlmtune trains on images only"),
-    "video_min_pixels": (None, "vlmtune trains on images only"),
-    "video_fps": (None, "vlmtune trains on images only"),
-    "video_maxlen": (None, "vlmtune trains on images only"),
 }
 
 # Keys of LLaMA-Factory (or other trainers) that vlmtune rejects with a specific fix instead of "unknown key".
 LLAMA_FACTORY_REPLACED: dict[str, str] = {
     "image_resolution": "set image_max_pixels to image_resolution**2 instead (262144 for 512)",
-    "video_resolution": "vlmtune trains on images only; remove video_resolution",
+    "video_resolution": "set video_max_pixels to video_resolution**2 instead (65536 for 256)",
     "vision_tower": "the vision tower comes with model_name_or_path; use freeze_vision_tower to train or freeze it",
     "train_mm_proj_only": "set finetuning_type: full with freeze_language_model: true, freeze_vision_tower: true "
     "and freeze_multi_modal_projector: false to train only the projector",
@@ -268,6 +264,12 @@ def _check_together(v: dict[str, Any]) -> list[str]:
         problems.append(
             f"image_min_pixels={lo} is larger than image_max_pixels={hi}; lower image_min_pixels or raise "
             "image_max_pixels"
+        )
+    vlo, vhi = v["video_min_pixels"], v["video_max_pixels"]
+    if _valid(vlo, vhi) and vlo is not None and vhi is not None and vlo > vhi:
+        problems.append(
+            f"video_min_pixels={vlo} is larger than video_max_pixels={vhi}; lower video_min_pixels or raise "
+            "video_max_pixels"
         )
     if v["streaming"] is True:  # as in LLaMA-Factory: an iterable dataset has no length to count epochs by
         if _valid(v["max_steps"]) and not (isinstance(v["max_steps"], int) and v["max_steps"] > 0):

@@ -139,6 +139,34 @@ class FitArgs:
         expect="a positive integer such as 3136, or null for the processor's",
         check=_positive,
     )
+    video_max_pixels: int | None = _arg(
+        None,
+        "Most pixels (height × width after resizing) of one video frame, as in LLaMA-Factory; null: the video "
+        "processor's bound (per frame for Qwen2/2.5-VL; for Qwen3-VL the processor's bound is for the whole "
+        "sampled clip, and this key caps it at video_max_pixels × frames).",
+        expect="a positive integer such as 65536, or null for the processor's",
+        check=_positive,
+    )
+    video_min_pixels: int | None = _arg(
+        None,
+        "Fewest pixels of one video frame (Qwen3-VL: × frames for the clip); null: the video processor's. "
+        "shrink_images never goes below it.",
+        expect="a positive integer such as 3136, or null for the processor's",
+        check=_positive,
+    )
+    video_fps: float | None = _arg(
+        None,
+        "Frames sampled per second of video; null: the video processor's fps, else 2.0 (qwen-vl-utils' default).",
+        expect="a positive number such as 2.0, or null",
+        check=_positive,
+    )
+    video_maxlen: int | None = _arg(
+        None,
+        "Most frames sampled from one video; null: the video processor's max_frames. LLaMA-Factory's default "
+        "is 128.",
+        expect="a positive integer such as 128, or null for the processor's",
+        check=_positive,
+    )
     train_on_prompt: bool = _arg(
         False, "Compute the loss on every turn; false: on assistant turns only (the prompt is masked)."
     )

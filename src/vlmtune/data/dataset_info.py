@@ -54,6 +54,7 @@ def _format_from_entry(entry: dict, name: str, info_path: str) -> RecordFormat |
     return RecordFormat(
         messages=columns.get("messages", base.messages),
         images=columns.get("images", base.images),
+        videos=columns.get("videos", base.videos),
         system=columns.get("system", base.system),
         role_tag=tags.get("role_tag", base.role_tag),
         content_tag=tags.get("content_tag", base.content_tag),

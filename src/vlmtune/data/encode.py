@@ -1,4 +1,4 @@
-"""Template rendering, image runs and labels.
+"""Template rendering, image and video runs, and labels.
 
 A sample is rendered once with the checkpoint's own chat template, with one `<|image_pad|>` per
 image. The text is cut into ChatML blocks, one per message (`<|im_start|>role\\n…<|im_end|>\\n`),
@@ -9,17 +9,25 @@ by block gives exactly the ids of tokenizing the whole text; blocks can then be 
 Inside a block each image stays one `<|image_pad|>` (the compact form). Its run is expanded to
 the grid's token count only when a row is emitted, so changing an image's pixel budget
 (shrink_images) changes one number, and a run can never be cut: it is a single item until the end.
+
+A video is the same: one `<|video_pad|>` (inside the template's `<|vision_start|>…<|vision_end|>`) until
+emission, where it becomes exactly the processor's text for the clip's planned grid (`VideoRef.expansion`):
+Qwen2/2.5-VL a run of t·h·w/merge² pads; Qwen3-VL, per temporal patch, its `<T seconds>` timestamp, then
+`<|vision_start|>` + h·w/merge² pads + `<|vision_end|>`. The timestamps sit between special tokens, so their
+ids are tokenized on their own and the block-by-block tokenization stays exact.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..errors import SampleError
 from ..models.grid import Grid
 from ..models.spec import ModelSpec
+from ..models.video_grid import VideoGrid, VideoSpec
 from .images import ImageHeader
-from .types import Conversation, ImagePart
+from .types import Conversation, ImagePart, VideoPart
+from .video import VideoFacts
 
 IGNORE_INDEX = -100
 
@@ -40,6 +48,56 @@ class ImageRef:
         return self.grid.tokens
 
 
+@dataclass(frozen=True)
+class VideoRef:
+    """One video of a sample with the plan this sample gives it: the clip's facts, the processor bounds it
+    is resized under (`min_pixels`/`max_pixels` as the processor reads its `size`: per frame for
+    Qwen2/2.5-VL, per clip for Qwen3-VL), the frames sampled and the grid; `stamp_ids` are the token ids
+    of Qwen3-VL's per-patch timestamps (None for the other families)."""
+
+    path: str
+    total_frames: int
+    fps: float
+    height: int
+    width: int
+    rotation: int
+    spec: VideoSpec  # the clip's spec (bounds, max_frames): shrink_images re-plans from it
+    grid: VideoGrid
+    stamp_ids: tuple[tuple[int, ...], ...] | None = None
+
+    @property
+    def min_pixels(self) -> int:
+        return self.spec.min_pixels
+
+    @property
+    def max_pixels(self) -> int:
+        return self.spec.max_pixels
+
+    @property
+    def frames(self) -> int:
+        return self.grid.frames
+
+    @property
+    def pad_tokens(self) -> int:
+        """`<|video_pad|>` tokens (one vision feature each)."""
+        return self.grid.tokens
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the clip's expansion (it replaces the compact prompt's one `<|video_pad|>`)."""
+        if self.stamp_ids is None:
+            return self.grid.tokens
+        return self.grid.tokens + 2 * self.grid.t + sum(len(s) for s in self.stamp_ids)
+
+    def expansion(self, spec: ModelSpec) -> list[int]:
+        """The ids that replace the compact `<|video_pad|>`, exactly as the processor writes them."""
+        pad = spec.video_token_id
+        if self.stamp_ids is None:
+            return [pad] * self.grid.tokens
+        run = [spec.vision_start_token_id] + [pad] * self.grid.tokens_per_patch + [spec.vision_end_token_id]
+        return [t for stamp in self.stamp_ids for t in (*stamp, *run)]
+
+
 @dataclass
 class Block:
     """One rendered message in compact form, with its own images in order.
@@ -57,14 +115,20 @@ class Block:
     label_start: int = 0
     label_end: int = 0
     message_index: int | None = None
+    videos: list[VideoRef] = field(default_factory=list)
 
     @property
     def trained(self) -> bool:
         return self.label_end > self.label_start
 
     @property
+    def media(self) -> bool:
+        return bool(self.images or self.videos)
+
+    @property
     def length(self) -> int:
-        return len(self.ids) - len(self.images) + sum(i.tokens for i in self.images)
+        return (len(self.ids) - len(self.images) - len(self.videos) + sum(i.tokens for i in self.images)
+                + sum(v.tokens for v in self.videos))
 
     def replace(self, **changes) -> "Block":
         return replace(self, **changes)
@@ -83,17 +147,26 @@ class Encoded:
         return [img for b in self.blocks for img in b.images]
 
     @property
+    def videos(self) -> list[VideoRef]:
+        return [v for b in self.blocks for v in b.videos]
+
+    @property
     def image_tokens(self) -> int:
         return sum(img.tokens for b in self.blocks for img in b.images)
 
     @property
+    def video_tokens(self) -> int:
+        """Tokens of the videos' expansions (Qwen3-VL's timestamps and per-patch markers included)."""
+        return sum(v.tokens for b in self.blocks for v in b.videos)
+
+    @property
     def length(self) -> int:
-        """Tokens after every image run is expanded: exactly len(input_ids) of the emitted row."""
+        """Tokens after every image and video run is expanded: exactly len(input_ids) of the emitted row."""
         return sum(b.length for b in self.blocks)
 
     @property
     def text_tokens(self) -> int:
-        return self.length - self.image_tokens
+        return self.length - self.image_tokens - self.video_tokens
 
     @property
     def has_target(self) -> bool:
@@ -115,6 +188,16 @@ class Row:
     image_grid_thw: list[list[int]]
     image_min_pixels: list[int]
     image_max_pixels: list[int]
+    # one entry per video, in order (docs/video.md: what the collator hands the video processor)
+    videos: list[str] = field(default_factory=list)
+    video_grid_thw: list[list[int]] = field(default_factory=list)
+    video_frames: list[list[int]] = field(default_factory=list)
+    video_total_frames: list[int] = field(default_factory=list)
+    video_fps: list[float] = field(default_factory=list)
+    video_rotation: list[int] = field(default_factory=list)
+    video_min_pixels: list[int] = field(default_factory=list)
+    video_max_pixels: list[int] = field(default_factory=list)
+    video_second_per_grid: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -123,11 +206,13 @@ class Row:
 class Encoder:
     """Renders conversations with a checkpoint's chat template and tokenizes them into blocks."""
 
-    def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False):
+    def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False, video: VideoSpec | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.spec = spec
+        self.video = video
         self.train_on_prompt = train_on_prompt
+        self._text_ids: dict[str, tuple[int, ...]] = {}
         template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise ValueError("the processor has no chat template; vlmtune renders samples with the checkpoint's own")
@@ -180,6 +265,16 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def text_ids(self, text: str) -> tuple[int, ...]:
+        """Ids of a plain string (Qwen3-VL's timestamps), cached: the same few strings recur in every clip."""
+        ids = self._text_ids.get(text)
+        if ids is None:
+            ids = self._text_ids[text] = tuple(self._ids(text))
+        return ids
+
+    def count_text(self, text: str) -> int:
+        return len(self.text_ids(text))
+
     # -- encoding ----------------------------------------------------------------------------
     def encode_many(
         self,
@@ -187,6 +282,7 @@ class Encoder:
         headers: dict[str, ImageHeader],
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        videos: dict[str, VideoFacts] | None = None,
     ) -> list[Encoded]:
         """Encode many conversations with one batched tokenizer call (the tokenizer is the hot path)."""
         texts = [self.split_blocks(t) for t in self.render_many(convs)] if convs else []
@@ -196,13 +292,13 @@ class Encoder:
         for conv, blocks in zip(convs, texts):
             ids = flat_ids[k : k + len(blocks)]
             k += len(blocks)
-            out.append(self._assemble(conv, blocks, ids, headers, min_pixels, max_pixels))
+            out.append(self._assemble(conv, blocks, ids, headers, min_pixels, max_pixels, videos or {}))
         return out
 
-    def encode(self, conv, headers, min_pixels=None, max_pixels=None) -> Encoded:
-        return self.encode_many([conv], headers, min_pixels, max_pixels)[0]
+    def encode(self, conv, headers, min_pixels=None, max_pixels=None, videos=None) -> Encoded:
+        return self.encode_many([conv], headers, min_pixels, max_pixels, videos)[0]
 
-    def _assemble(self, conv, block_texts, block_ids, headers, min_pixels, max_pixels) -> Encoded:
+    def _assemble(self, conv, block_texts, block_ids, headers, min_pixels, max_pixels, videos) -> Encoded:
         roles = [t[len(self.spec.im_start_token) :].split("\n", 1)[0] for t in block_texts]
         offset = len(roles) - len(conv.messages)
         if offset not in (0, 1) or (offset == 1 and roles[0] != "system"):
@@ -224,8 +320,42 @@ class Encoder:
                     "the chat template must render each image part as one image pad",
                 )
             images = [self.image_ref(conv, img, headers, min_pixels, max_pixels) for img in msg_images]
-            blocks.append(self._block(conv, role, ids, images, mi))
+            msg_videos = conv.messages[mi].videos if mi is not None else []
+            self._check_video_pads(conv, i, ids, len(msg_videos))
+            block = self._block(conv, role, ids, images, mi)
+            if msg_videos:
+                block.videos = [self.video_ref(conv, v, videos) for v in msg_videos]
+            blocks.append(block)
         return Encoded(conv.id, conv.source, blocks)
+
+    def _check_video_pads(self, conv, turn: int, ids: list[int], n_videos: int) -> None:
+        """One video pad per video, each right inside `<|vision_start|>…<|vision_end|>`: what makes a video's
+        expansion (and Qwen3-VL's timestamps) independent of the text around it."""
+        s = self.spec
+        at = [k for k, t in enumerate(ids) if t == s.video_token_id]
+        if len(at) != n_videos:
+            raise SampleError(conv.id, conv.source, f"turn {turn} renders {len(at)} video pads for {n_videos} videos",
+                              "the chat template must render each video part as one video pad")
+        for k in at:
+            if not (0 < k < len(ids) - 1 and ids[k - 1] == s.vision_start_token_id and ids[k + 1] == s.vision_end_token_id):
+                raise SampleError(conv.id, conv.source,
+                                  f"turn {turn} renders a video pad outside {s.vision_start_token}…{s.vision_end_token}",
+                                  "use a Qwen-VL chat template (it writes <|vision_start|><|video_pad|><|vision_end|>)")
+
+    def video_ref(self, conv, video: VideoPart, facts_by_path: dict[str, VideoFacts]) -> VideoRef:
+        facts = facts_by_path.get(video.path) if video.path else None
+        if facts is None or self.video is None:
+            raise SampleError(conv.id, conv.source, f"video {video.ref!r} has no header facts",
+                              "run validation first; it reports missing and unreadable videos")
+        spec = self.video.for_clip(facts.frames, facts.fps)
+        return self.plan_video(VideoRef(video.path, facts.frames, facts.fps, facts.height, facts.width,
+                                        facts.rotation, spec, None), spec)  # type: ignore[arg-type]
+
+    def plan_video(self, ref: VideoRef, spec: VideoSpec, grid: VideoGrid | None = None) -> VideoRef:
+        """`ref` planned under `spec` (its grid and, for Qwen3-VL, its timestamps' ids)."""
+        grid = grid or spec.plan(ref.total_frames, ref.fps, ref.height, ref.width)
+        stamps = tuple(self.text_ids(t) for t in grid.timestamp_texts()) if grid.timestamps is not None else None
+        return replace(ref, spec=spec, grid=grid, stamp_ids=stamps)
 
     def _block(self, conv, role: str, ids: list[int], images, message_index: int | None) -> Block:
         header = self._headers.get(role) or self._ids(f"{self.spec.im_start_token}{role}\n")
@@ -249,16 +379,16 @@ class Encoder:
         return ImageRef(img.path, h.width, h.height, lo, hi, self.spec.grid(h.height, h.width, lo, hi))
 
 
+def _template_part(p) -> dict:
+    if isinstance(p, ImagePart):
+        return {"type": "image"}
+    if isinstance(p, VideoPart):
+        return {"type": "video"}
+    return {"type": "text", "text": p.text}
+
+
 def _template_messages(conv: Conversation) -> list[dict]:
-    return [
-        {
-            "role": m.role,
-            "content": [
-                {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for p in m.parts
-            ],
-        }
-        for m in conv.messages
-    ]
+    return [{"role": m.role, "content": [_template_part(p) for p in m.parts]} for m in conv.messages]
 
 
 def regrid(img: ImageRef, spec: ModelSpec, max_pixels: int) -> ImageRef:
@@ -279,16 +409,21 @@ def emit(enc: Encoded, spec: ModelSpec) -> Row:
     """Expand every image run to its grid's token count and build labels."""
     input_ids: list[int] = []
     labels: list[int] = []
-    pad = spec.image_token_id
+    pad, video_pad = spec.image_token_id, spec.video_token_id
     # Vision markers are inputs, never targets, even inside a trained turn.
     untrainable = {spec.vision_start_token_id, spec.vision_end_token_id}
     for b in enc.blocks:
         images = iter(b.images)
+        videos = iter(b.videos)
         for j, tok in enumerate(b.ids):
             if tok == pad:
                 n = next(images).tokens
                 input_ids.extend([pad] * n)
                 labels.extend([IGNORE_INDEX] * n)
+            elif tok == video_pad:
+                run = next(videos).expansion(spec)
+                input_ids.extend(run)
+                labels.extend([IGNORE_INDEX] * len(run))
             else:
                 input_ids.append(tok)
                 trained = b.label_start <= j < b.label_end and tok not in untrainable
@@ -303,4 +438,20 @@ def emit(enc: Encoded, spec: ModelSpec) -> Row:
         image_grid_thw=[i.grid.thw for i in images],
         image_min_pixels=[i.min_pixels for i in images],
         image_max_pixels=[i.max_pixels for i in images],
+        **video_columns(enc.videos),
     )
+
+
+def video_columns(videos: list[VideoRef]) -> dict:
+    """The row's video columns (docs/video.md): what the collator hands the video processor."""
+    return {
+        "videos": [v.path for v in videos],
+        "video_grid_thw": [v.grid.thw for v in videos],
+        "video_frames": [list(v.grid.indices) for v in videos],
+        "video_total_frames": [v.total_frames for v in videos],
+        "video_fps": [float(v.fps) for v in videos],
+        "video_rotation": [v.rotation for v in videos],
+        "video_min_pixels": [v.min_pixels for v in videos],
+        "video_max_pixels": [v.max_pixels for v in videos],
+        "video_second_per_grid": [float(v.grid.second_per_grid or 0.0) for v in videos],
+    }

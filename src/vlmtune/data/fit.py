@@ -2,8 +2,10 @@
 
 Policies (config `overflow`) are tried in order on a sample longer than cutoff_len:
 
-- shrink_images: one pixel budget for all of the sample's images, lowered until the sample fits
-  (largest images shrink first, aspect kept, never below image_min_pixels nor min_image_tokens);
+- shrink_images: videos first, each to its share of the room left (its pixel budget lowered, then its
+  sampled frame count, never below video_min_pixels nor the processor's min_frames); then one pixel budget
+  for all of the sample's images, lowered until the sample fits (largest images shrink first, aspect kept,
+  never below image_min_pixels nor min_image_tokens);
 - truncate_text: drop the oldest text-only exchanges, then the tail of the longest user texts;
   never an image run, never the last assistant target;
 - split: cut the conversation at exchange boundaries into pieces that each fit, each with exactly
@@ -16,7 +18,7 @@ needed). split starts again from the original sample, so an image is not shrunk 
 conversation that splitting alone would have fitted.
 
 Every input sample gets exactly one `FitOutcome`; emitted rows are always ≤ cutoff_len and hold
-whole image runs only (the invariants are property-tested in tests/data/test_fit.py).
+whole image and video runs only (the invariants are property-tested in tests/data/test_fit.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from dataclasses import dataclass, field, replace
 from ..config import DEFAULT_OVERFLOW, POLICIES
 from ..errors import SampleError
 from ..models.spec import ModelSpec
-from .encode import Block, Encoded, with_budget
+from ..models.video_grid import shrink_video
+from .encode import Block, Encoded, VideoRef, with_budget
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,16 @@ class FitOutcome:
 
 
 class Fitter:
-    def __init__(self, spec: ModelSpec, options: FitOptions):
+    """`encoder` (data/encode.Encoder) re-plans videos when shrink_images lowers their budget: Qwen3-VL's
+    timestamps are text, tokenized by it. Samples without videos never need it."""
+
+    def __init__(self, spec: ModelSpec, options: FitOptions, encoder=None):
         unknown = [p for p in options.overflow if p not in POLICIES]
         if unknown:
             raise ValueError(f"unknown overflow policies {unknown}; choose from {', '.join(POLICIES)}")
         self.spec = spec
         self.opt = options
+        self.encoder = encoder
 
     # -- entry point ------------------------------------------------------------------------
     def fit(self, enc: Encoded) -> FitOutcome:
@@ -135,17 +142,67 @@ class Fitter:
         return with_budget(enc, self.spec, lo * f2)
 
     def _shrink(self, enc: Encoded) -> tuple[Encoded, str | None]:
-        if not enc.images:
+        if not enc.images and not enc.videos:
             return enc, None
-        best = self._largest_budget(enc, self.opt.cutoff_len - enc.text_tokens)
-        return best, _shrink_note(enc, best)
+        return self._fit_media(enc, self.opt.cutoff_len - enc.text_tokens)
+
+    def _fit_media(self, enc: Encoded, max_media: int) -> tuple[Encoded, str | None]:
+        """The sample with its videos, then its images, shrunk until their tokens are ≤ max_media (or at
+        their floors); the note says what changed."""
+        notes = []
+        state = enc
+        if enc.videos and enc.image_tokens + enc.video_tokens > max_media:
+            state, note = self._shrink_videos(state, max_media - state.image_tokens)
+            notes += [note] if note else []
+        if state.images and state.image_tokens + state.video_tokens > max_media:
+            best = self._largest_budget(state, max_media - state.video_tokens)
+            note = _shrink_note(state, best)
+            notes += [note] if note else []
+            state = best
+        return state, "; ".join(notes) or None
+
+    def _shrink_videos(self, enc: Encoded, room: int) -> tuple[Encoded, str | None]:
+        """Each video to its share of `room` tokens (in proportion to its tokens now)."""
+        total = enc.video_tokens
+        if total <= room:
+            return enc, None
+        notes, blocks, k = [], [], 0
+        for b in enc.blocks:
+            if not b.videos:
+                blocks.append(b)
+                continue
+            videos = []
+            for v in b.videos:
+                k += 1
+                budget = max(0, room) * v.tokens // total
+                new = self._shrink_video(v, budget)
+                if new.tokens != v.tokens:
+                    notes.append(f"video {k}: {v.tokens} -> {new.tokens} tokens, {v.frames} -> {new.frames} frames, "
+                                 f"{v.grid.height}x{v.grid.width} -> {new.grid.height}x{new.grid.width} px")
+                videos.append(new)
+            blocks.append(b.replace(videos=videos))
+        if not notes:
+            return enc, None
+        return enc.with_blocks(blocks), "shrank " + "; ".join(notes)
+
+    def _shrink_video(self, v: VideoRef, budget: int) -> VideoRef:
+        """The largest plan of `v` within `budget` tokens, else its smallest plan (pixel floor, fewest frames)."""
+        if self.encoder is None:
+            raise ValueError("fitting samples with videos needs the encoder (Fitter(..., encoder=...))")
+        count = self.encoder.count_text if v.stamp_ids is not None else None
+        found = shrink_video(v.total_frames, v.fps, v.height, v.width, v.spec, budget, count)
+        if found is None:  # nothing fits: the floor, so that the next policies start from the least
+            found = shrink_video(v.total_frames, v.fps, v.height, v.width, v.spec, 0, count, floor=True)
+        if found is None:
+            return v
+        spec, grid = found
+        return self.encoder.plan_video(v, spec, grid)
 
     def _cap_image_share(self, enc: Encoded) -> tuple[Encoded, list[str]]:
         cap = int(self.opt.max_image_token_share * self.opt.cutoff_len)
-        if self.opt.max_image_token_share >= 1.0 or enc.image_tokens <= cap:
+        if self.opt.max_image_token_share >= 1.0 or enc.image_tokens + enc.video_tokens <= cap:
             return enc, []
-        best = self._largest_budget(enc, cap)
-        note = _shrink_note(enc, best)
+        best, note = self._fit_media(enc, cap)
         share = f"max_image_token_share={self.opt.max_image_token_share} ({cap} tokens)"
         return best, [f"{note} to respect {share}"] if note else []
 
@@ -160,7 +217,7 @@ class Fitter:
         for k in range(len(exchanges) - 1):
             if length <= cut:
                 break
-            if not any(b.images for b in exchanges[k]):
+            if not any(b.media for b in exchanges[k]):
                 length -= sum(b.length for b in exchanges[k])
                 exchanges[k] = []
                 dropped += 1
@@ -175,7 +232,8 @@ class Fitter:
 
     def _cut_user_tails(self, enc: Encoded, over: int) -> tuple[Encoded, int]:
         """Remove text tokens from the end of user turns, longest text first; runs stay whole."""
-        keep = {self.spec.image_token_id, self.spec.vision_start_token_id, self.spec.vision_end_token_id}
+        keep = {self.spec.image_token_id, self.spec.video_token_id, self.spec.vision_start_token_id,
+                self.spec.vision_end_token_id}
         blocks = list(enc.blocks)
         users = [i for i, b in enumerate(blocks) if b.role == "user"]
         users.sort(key=lambda i: -sum(1 for t in _body(blocks[i]) if t not in keep))
@@ -202,7 +260,7 @@ class Fitter:
         if len(exchanges) < 2:
             return None
         inner = Fitter(self.spec, replace(
-            self.opt, overflow=tuple(p for p in earlier if p in ("shrink_images", "truncate_text"))))
+            self.opt, overflow=tuple(p for p in earlier if p in ("shrink_images", "truncate_text"))), self.encoder)
         cut = self.opt.cutoff_len
         sys_len = sum(b.length for b in system)
         lengths = [sum(b.length for b in ex) for ex in exchanges]

@@ -14,7 +14,14 @@ import os
 
 import numpy as np
 
-PACKED_COLUMNS = ("input_ids", "labels", "images", "image_grid_thw", "image_min_pixels", "image_max_pixels")
+# the list columns a pack concatenates. The video columns (the contract's, data/collate.VIDEO_COLUMNS) are
+# optional: packed when the dataset (or any row) has them, a row without them adding [].
+PACKED_COLUMNS = (
+    "input_ids", "labels", "images", "image_grid_thw", "image_min_pixels", "image_max_pixels",
+    "videos", "video_grid_thw", "video_frames", "video_total_frames", "video_fps", "video_rotation",
+    "video_min_pixels", "video_max_pixels", "video_second_per_grid",
+)
+_REQUIRED = PACKED_COLUMNS[:6]
 
 
 def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -61,7 +68,8 @@ def pack_dataset(ds, cutoff_len: int, path: str | None = None, batch: int = 1024
     if lengths is None:
         lengths = [len(x) for x in ds["input_ids"]]
     bins = sorted(best_fit([int(n) for n in lengths], cutoff_len), key=lambda b: b[0])
-    feats = Features({**{c: ds.features[c] for c in PACKED_COLUMNS}, "id": Value("string"),
+    columns = tuple(c for c in PACKED_COLUMNS if c in _REQUIRED or c in ds.column_names)
+    feats = Features({**{c: ds.features[c] for c in columns}, "id": Value("string"),
                       "source": Value("string"), "segments": Sequence(Value("int32")), "length": Value("int32")})
     if path is None:
         path = os.path.join(tempfile.mkdtemp(prefix="vlmtune-packed-"), "packed.arrow")
@@ -72,18 +80,22 @@ def pack_dataset(ds, cutoff_len: int, path: str | None = None, batch: int = 1024
             flat = [k for b in group for k in b]
             rows = ds.select(flat).to_list()
             it = iter(rows)
-            packed = pack_rows_in_bins([[next(it) for _ in b] for b in group])
+            packed = pack_rows_in_bins([[next(it) for _ in b] for b in group], columns)
             writer.write_table(pa.table({c: pa.array([r[c] for r in packed], type=feats[c].pa_type) for c in feats}))
         writer.finalize()
     os.replace(tmp, path)
     return Dataset.from_file(path)
 
 
-def pack_rows_in_bins(groups: list[list[dict]]) -> list[dict]:
-    """One packed row per group of rows (in the group's order)."""
+def pack_rows_in_bins(groups: list[list[dict]], columns: tuple[str, ...] | None = None) -> list[dict]:
+    """One packed row per group of rows (in the group's order). `columns`: the list columns to concatenate
+    (default: PACKED_COLUMNS, the video ones only when any row has them; a row without one adds [])."""
+    if columns is None:
+        present = {c for g in groups for r in g for c in r}
+        columns = tuple(c for c in PACKED_COLUMNS if c in _REQUIRED or c in present)
     packed = []
     for group in groups:
-        out = {c: [x for r in group for x in r[c]] for c in PACKED_COLUMNS}
+        out = {c: [x for r in group for x in (r.get(c) or [])] for c in columns}
         out["id"] = "+".join(r["id"] for r in group)
         out["source"] = "; ".join(r["source"] for r in group)
         out["segments"] = [len(r["input_ids"]) for r in group]
@@ -92,49 +104,119 @@ def pack_rows_in_bins(groups: list[list[dict]]) -> list[dict]:
     return packed
 
 
-def mrope_positions(input_ids: list[int], grids: list[list[int]], image_token_id: int, merge_size: int) -> np.ndarray:
-    """(3, L) M-RoPE positions of one sample alone, as Qwen-VL's `get_rope_index` computes them:
-    text advances all three axes together; an image run spans its (t, h/merge, w/merge) grid from the
-    current position, and the text after it continues at the run's largest position + 1."""
+def mrope_positions(
+    input_ids: list[int],
+    grids: list[list[int]],
+    image_token_id: int,
+    merge_size: int,
+    *,
+    video_token_id: int | None = None,
+    video_grids: list[list[int]] | None = None,
+    video_seconds: list[float] | None = None,
+    tokens_per_second: float | None = None,
+    frames_apart: bool = False,
+) -> np.ndarray:
+    """(3, L) M-RoPE positions of one sample alone, as Qwen-VL's `get_rope_index` (transformers 5.24) computes
+    them: text advances all three axes together; a vision run spans its (t, h/merge, w/merge) grid from the
+    current position, and the text after it continues at the current position + max(h, w)/merge (not past
+    the time axis: the model does not advance by t).
+
+    Images and videos are consumed in order of appearance. Videos: the time axis is arange(t) + start, except
+    Qwen2.5-VL (`video_seconds` given: its second_per_grid_ts) where it is
+    (arange(t) · tokens_per_second · second_per_grid).long() + start, in float32 as the model computes it;
+    Qwen3-VL (`frames_apart`) splits each video into t runs of t=1 (each temporal patch positioned like an
+    image, its timestamp text between them)."""
     ids = np.asarray(input_ids)
     pos = np.zeros((3, len(ids)), dtype=np.int64)
-    is_image = ids == image_token_id
-    cur, i, k = 0, 0, 0
+    kind = (ids == image_token_id).astype(np.int8)
+    if video_token_id is not None:
+        kind[ids == video_token_id] = 2
+    # the model's sequence of video grids (Qwen3-VL: one t=1 grid per temporal patch) and time intervals
+    vgrids: list[tuple[list[int], object]] = []
+    for v, g in enumerate(video_grids or []):
+        t, h, w = (int(x) for x in g)
+        if frames_apart:
+            vgrids += [([1, h, w], None)] * t
+        else:
+            vgrids.append(([t, h, w], None if video_seconds is None else video_seconds[v]))
+    cur, i, k, v = 0, 0, 0, 0
     n = len(ids)
     while i < n:
-        if not is_image[i]:
-            j = i
-            while j < n and not is_image[j]:
-                j += 1
+        j = i
+        while j < n and kind[j] == kind[i]:
+            j += 1
+        if kind[i] == 0:
             pos[:, i:j] = np.arange(cur, cur + j - i)
             cur += j - i
         else:
-            t, h, w = grids[k]
+            if kind[i] == 1:
+                (t, h, w), seconds = grids[k], None
+                k += 1
+            else:
+                (t, h, w), seconds = vgrids[v]
+                v += 1
             gh, gw = h // merge_size, w // merge_size
-            j = i + t * gh * gw
-            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            if j - i != t * gh * gw:
+                raise ValueError(f"a run of {j - i} vision tokens at position {i} does not match its grid {[t, h, w]}")
+            times = np.arange(t)
+            if seconds is not None:
+                import torch
+
+                interval = tokens_per_second * torch.tensor(float(seconds), dtype=torch.float32)
+                times = (torch.arange(t) * interval).long().numpy()
+            tt, hh, ww = np.meshgrid(times, np.arange(gh), np.arange(gw), indexing="ij")
             pos[0, i:j] = tt.reshape(-1) + cur
             pos[1, i:j] = hh.reshape(-1) + cur
             pos[2, i:j] = ww.reshape(-1) + cur
             cur += max(gh, gw)
-            k += 1
         i = j
     return pos
 
 
-def packed_position_ids(row: dict, image_token_id: int, merge_size: int, length: int) -> np.ndarray:
+def packed_position_ids(
+    row: dict,
+    image_token_id: int,
+    merge_size: int,
+    length: int,
+    *,
+    video_token_id: int | None = None,
+    model_type: str | None = None,
+    tokens_per_second: float | None = None,
+) -> np.ndarray:
     """(4, length): text positions restarting per segment, then the three M-RoPE axes; padding
-    after the last segment forms a segment of its own."""
+    after the last segment forms a segment of its own. With videos, `video_token_id` and `model_type` say
+    how the family positions them (and Qwen2.5-VL needs the config's `tokens_per_second`)."""
     out = np.zeros((4, length), dtype=np.int64)
-    start, g = 0, 0
+    start, g, v = 0, 0, 0
     grids = row["image_grid_thw"]
+    vgrids = row.get("video_grid_thw") or []
+    seconds = row.get("video_second_per_grid") or []
+    apart = model_type == "qwen3_vl"
+    timed = model_type == "qwen2_5_vl"
     ids = row["input_ids"]
     for seg in row["segments"]:
         seg_ids = ids[start : start + seg]
         n_img = _count_runs(seg_ids, image_token_id)
+        n_vid = 0
+        if video_token_id is not None and vgrids:
+            runs = _count_runs(seg_ids, video_token_id)
+            if apart:  # a Qwen3-VL video is one run per temporal patch
+                while runs > 0 and v + n_vid < len(vgrids):
+                    runs -= int(vgrids[v + n_vid][0])
+                    n_vid += 1
+            else:
+                n_vid = runs
+        if timed and n_vid and tokens_per_second is None:
+            raise ValueError("Qwen2.5-VL video positions need the config's vision_config.tokens_per_second")
         out[0, start : start + seg] = np.arange(seg)
-        out[1:, start : start + seg] = mrope_positions(seg_ids, grids[g : g + n_img], image_token_id, merge_size)
+        out[1:, start : start + seg] = mrope_positions(
+            seg_ids, grids[g : g + n_img], image_token_id, merge_size,
+            video_token_id=video_token_id, video_grids=vgrids[v : v + n_vid],
+            video_seconds=seconds[v : v + n_vid] if timed else None,
+            tokens_per_second=tokens_per_second, frames_apart=apart,
+        )
         g += n_img
+        v += n_vid
         start += seg
     if start < length:
         out[:, start:] = np.arange(length - start)

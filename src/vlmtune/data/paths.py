@@ -69,9 +69,14 @@ def resolve_image(
     allow_paths_outside_media_dir: bool = False,
     allow_remote_images: bool = False,
     cache: PathCache | None = None,
+    media: str = "image",
 ) -> tuple[str | None, tuple[str, str, str] | None]:
-    """The resolved path of one image reference, or None and (kind, what, fix) saying why not."""
+    """The resolved path of one image (or, with media="video", video) reference, or None and (kind, what,
+    fix) saying why not. Videos are local files only: a URL is refused whatever allow_remote_images says."""
     if _URL_RE.match(ref):
+        if media != "image":
+            what = f"{media} {_q(ref)} is a URL; remote {media}s are not fetched"
+            return None, ("remote_image", what, f"download the {media} and reference the local file instead")
         if allow_remote_images and _HTTP_RE.match(ref):
             return None, None  # fetched after reading (data/remote.py), which sets the path or the problem
         if allow_remote_images:
@@ -89,8 +94,8 @@ def resolve_image(
     if not _inside(real, root):
         return None, (
             "path_outside_media_dir",
-            f"image {_q(ref)} resolves to {real}, outside the media folder {root}",
-            "move the image under the media folder, set media_dir to a folder that contains it, "
+            f"{media} {_q(ref)} resolves to {real}, outside the media folder {root}",
+            f"move the {media} under the media folder, set media_dir to a folder that contains it, "
             "or pass allow_paths_outside_media_dir=True if you trust this dataset",
         )
     return real, None

@@ -41,10 +41,14 @@ class SampleStats:
     image_tokens: int
     text_tokens: int
     images: int
+    videos: int = 0
+    video_tokens: int = 0
+    longest_video: int = 0  # tokens of the sample's largest video (the doctor's clips over cutoff_len)
 
     @classmethod
     def of(cls, enc: Encoded) -> "SampleStats":
-        return cls(enc.id, enc.source, enc.length, enc.image_tokens, enc.text_tokens, len(enc.images))
+        return cls(enc.id, enc.source, enc.length, enc.image_tokens, enc.text_tokens, len(enc.images),
+                   len(enc.videos), enc.video_tokens, max((v.tokens for v in enc.videos), default=0))
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class ChunkResult:
     stats: list[SampleStats]  # valid samples, before fitting
     invalid: list[Conversation]  # read but not valid (ids, sources)
     lines: list[dict] = field(default_factory=list)  # fit report lines, one per conversation (fit only)
-    pieces: list[tuple[int, int]] = field(default_factory=list)  # (tokens, image tokens) per row (fit only)
+    pieces: list[tuple[int, int]] = field(default_factory=list)  # (tokens, vision tokens) per row (fit only)
     errors: list[SampleError] = field(default_factory=list)  # samples that reached the 'error' policy
     split_rows: int = 0
     table: object = None  # emitted rows as a pyarrow Table in `features()` (emit only): built in the worker,
@@ -108,8 +112,10 @@ _WORKER: dict = {}
 def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["spec"] = loaded.spec
     _WORKER["stages"] = stages
-    _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt)
-    _WORKER["fitter"] = Fitter(loaded.spec, stages.fit) if stages.fit is not None else None
+    _WORKER["video"] = loaded.video
+    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt,
+                                           video=loaded.video)
+    _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fit is not None else None
 
 
 def invalid_line(sample_id: str, source: str, reason: str) -> dict:
@@ -126,7 +132,7 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
     w = _WORKER
     spec, stages, fitter = w["spec"], w["stages"], w["fitter"]
     checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
-                       patch_size=spec.patch_size, merge_size=spec.merge_size)
+                       patch_size=spec.patch_size, merge_size=spec.merge_size, video_spec=w["video"])
     valid = {c.id for c in checked.valid}
     out = ChunkResult(list(checked.problems), [], [c for c in convs if c.id not in valid])
     lines: dict[str, dict] = {}
@@ -138,7 +144,7 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
         for c in out.invalid:
             reason = " | ".join(f"{p.what}; {p.fix}" for p in by_id.get(c.id, [])) or "invalid"
             lines[c.id] = invalid_line(c.id, c.source, reason)
-    for enc in w["encoder"].encode_many(checked.valid, checked.headers):
+    for enc in w["encoder"].encode_many(checked.valid, checked.headers, videos=checked.videos):
         out.stats.append(SampleStats.of(enc))
         if enc.id in stages.keep_ids:
             out.encoded.append(enc)
@@ -150,7 +156,7 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
             out.errors.append(e)
             continue
         lines[enc.id] = fitted.report()
-        out.pieces += [(p.length, p.image_tokens) for p in fitted.pieces]
+        out.pieces += [(p.length, p.image_tokens + sum(v.pad_tokens for v in p.videos)) for p in fitted.pieces]
         out.split_rows += len(fitted.pieces) if fitted.fate == "split" else 0
         if stages.emit:
             rows += [emit(p, spec).to_dict() for p in fitted.pieces]
@@ -173,6 +179,15 @@ def features():
         "image_grid_thw": Sequence(Sequence(Value("int32"))),
         "image_min_pixels": Sequence(Value("int64")),
         "image_max_pixels": Sequence(Value("int64")),
+        "videos": Sequence(Value("string")),
+        "video_grid_thw": Sequence(Sequence(Value("int32"))),
+        "video_frames": Sequence(Sequence(Value("int32"))),
+        "video_total_frames": Sequence(Value("int32")),
+        "video_fps": Sequence(Value("float64")),
+        "video_rotation": Sequence(Value("int32")),
+        "video_min_pixels": Sequence(Value("int64")),
+        "video_max_pixels": Sequence(Value("int64")),
+        "video_second_per_grid": Sequence(Value("float64")),
         "length": Value("int32"),
     })
 
@@ -331,8 +346,10 @@ def summarize(acc: Accounting, cutoff_len: int | None = None) -> dict:
     stats = acc.stats
     lengths = [s.tokens for s in stats]
     by_count: dict[int, list[int]] = defaultdict(list)
+    by_videos: dict[int, list[int]] = defaultdict(list)
     for s in stats:
         by_count[s.images].append(s.tokens)
+        by_videos[s.videos].append(s.tokens)
     overall = _dist(lengths)
     return {
         "records": acc.records,
@@ -344,6 +361,9 @@ def summarize(acc: Accounting, cutoff_len: int | None = None) -> dict:
         "text_tokens": sum(s.text_tokens for s in stats),
         "lengths": overall,
         "by_image_count": {str(k): _dist(by_count[k]) for k in sorted(by_count)},
+        "videos": sum(s.videos for s in stats),
+        "video_tokens": sum(s.video_tokens for s in stats),
+        "by_video_count": {str(k): _dist(by_videos[k]) for k in sorted(by_videos)},
         "recommended_cutoff_len": {"p95": overall["p95"], "p99": overall["p99"], "max": overall["max"]},
         "cutoff_len": cutoff_len,
         "over_cutoff": None if cutoff_len is None else sum(1 for n in lengths if n > cutoff_len),

@@ -27,7 +27,7 @@ import numpy as np
 from .. import __version__
 from ..config import FitArgs
 from ..errors import DataError, Problem, VlmtuneError
-from ..models.load import Loaded, load_spec
+from ..models.load import Loaded, load_spec_for
 from .fit import FitOptions
 from .pipeline import Accounting, SampleStats, Source, Stages, features, run_pipeline, unread_line
 
@@ -36,14 +36,15 @@ FINGERPRINT_FILE = "vlmtune_fingerprint.json"
 DATA_FILE = "data.arrow"
 SAMPLES_FILE = "samples.arrow"  # per valid sample: tokens before fitting (the doctor's and inspect's numbers)
 PROBLEMS_FILE = "problems.jsonl"
-PIECES_FILE = "pieces.npy"  # (tokens, image tokens) of each emitted row
+PIECES_FILE = "pieces.npy"  # (tokens, vision tokens: image + video pads) of each emitted row
 FATES = ("kept", "shrunk", "truncated", "split", "dropped", "invalid")
 # Config keys that change what `prepare` emits; anything else (learning rate, ...) does not.
 DATA_KEYS = (
     "model_name_or_path", "dataset", "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels",
     "image_min_pixels", "max_samples", "allow_paths_outside_media_dir", "allow_remote_images",
     "on_bad_sample", "train_on_prompt", "overflow", "min_image_tokens", "max_image_token_share",
-    "split_keep_context", "remote_image_max_bytes",
+    "split_keep_context", "remote_image_max_bytes", "video_max_pixels", "video_min_pixels", "video_fps",
+    "video_maxlen",
 )
 
 
@@ -114,7 +115,7 @@ class Facts:
 
     accounting: Accounting
     fates: Counter
-    rows: list[tuple[int, int]]  # (tokens, image tokens) of each emitted row
+    rows: list[tuple[int, int]]  # (tokens, vision tokens: image + video pads) of each emitted row
     errors: list[str]  # ids of samples that reach the 'error' policy
     split_rows: int
     limited: bool
@@ -130,10 +131,7 @@ def prepare_facts(cfg, loaded: Loaded, *, progress: bool = True) -> Facts:
 
 
 def _prepare(cfg, loaded, progress, collect):
-    loaded = loaded or load_spec(
-        cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    loaded = loaded or load_spec_for(cfg)
     out_dir = prepared_dir(cfg)
     report_path = os.path.join(cfg.output_dir, "fit_report.jsonl")
     fp = fingerprint(cfg, loaded, _data_files(cfg))
@@ -286,7 +284,8 @@ def _facts_from_cache(prep: Prepared) -> Facts:
     with open(os.path.join(prep.path, FINGERPRINT_FILE), encoding="utf-8") as f:
         meta = json.load(f)
     cols = Dataset.from_file(os.path.join(prep.path, SAMPLES_FILE)).with_format("arrow")[:]
-    stats = [SampleStats(*t) for t in zip(*(cols[c].to_pylist() for c in SAMPLE_COLUMNS))]
+    names = [c for c in SAMPLE_COLUMNS if c in cols.column_names]  # a cache from before a column: its default
+    stats = [SampleStats(*t) for t in zip(*(cols[c].to_pylist() for c in names))]
     with open(os.path.join(prep.path, PROBLEMS_FILE), encoding="utf-8") as f:
         problems = [Problem(**json.loads(line)) for line in f]
     invalid: list[str] = []
@@ -303,14 +302,16 @@ def _facts_from_cache(prep: Prepared) -> Facts:
     return Facts(acc, fates, rows, [], meta["split_rows"], meta["limited"], prep)
 
 
-SAMPLE_COLUMNS = ("id", "source", "tokens", "image_tokens", "text_tokens", "images")
+SAMPLE_COLUMNS = ("id", "source", "tokens", "image_tokens", "text_tokens", "images", "videos", "video_tokens",
+                  "longest_video")
 
 
 def SAMPLE_FEATURES():  # noqa: N802  (a constant, built lazily: datasets is a slow import)
     from datasets import Features, Value
 
     return Features({"id": Value("string"), "source": Value("string"), "tokens": Value("int32"),
-                     "image_tokens": Value("int32"), "text_tokens": Value("int32"), "images": Value("int32")})
+                     "image_tokens": Value("int32"), "text_tokens": Value("int32"), "images": Value("int32"),
+                     "videos": Value("int32"), "video_tokens": Value("int32"), "longest_video": Value("int32")})
 
 
 def _stats_table(stats: list[SampleStats]):
@@ -419,6 +420,7 @@ def fingerprint(cfg, loaded: Loaded, files: list[str]) -> str:
     h.update(__version__.encode())
     h.update(json.dumps(cfg.fingerprint_dict(DATA_KEYS), sort_keys=True, default=str).encode())
     h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
+    h.update(json.dumps(loaded.video.to_dict() if loaded.video else None, sort_keys=True).encode())
     h.update(str(getattr(loaded.processor, "chat_template", "")).encode())
     for path in files:
         h.update(path.encode())

@@ -16,15 +16,17 @@ from typing import Any
 
 from ..errors import Problem
 from .paths import _URL_RE, MAX_PATH_CHARS, PathCache, _q, resolve_image
-from .types import EMBEDDED_PREFIX, Conversation, ImagePart, Message, Part, TextPart
+from .types import EMBEDDED_PREFIX, Conversation, ImagePart, Message, Part, TextPart, VideoPart
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+_PLACEHOLDER_RE = re.compile(r"(<image>|<video>)")
 
 # Media that is not supported yet: reported and skipped, never trained as text.
-_UNSUPPORTED_KEYS = ("videos", "video", "audios", "audio")
-_UNSUPPORTED_PLACEHOLDERS = ("<video>", "<audio>")
-_UNSUPPORTED_PARTS = ("video", "video_url", "audio", "audio_url", "input_audio")
-_FIX_MEDIA = "remove the video/audio from the sample, or the sample (only images are supported yet)"
+_UNSUPPORTED_KEYS = ("audios", "audio")
+_UNSUPPORTED_PLACEHOLDERS = ("<audio>",)
+_UNSUPPORTED_PARTS = ("video_url", "audio", "audio_url", "input_audio")
+_FIX_MEDIA = "remove the audio (or video URL part) from the sample, or the sample (audio is not supported yet)"
 
 # The layouts recognised without a mapping (`Conversation.layout`), with what gives each away.
 LAYOUTS = {
@@ -74,6 +76,7 @@ class RecordFormat:
 
     messages: str | None = None
     images: str = "images"
+    videos: str = "videos"
     system: str | None = "system"
     role_tag: str | None = None
     content_tag: str | None = None
@@ -147,19 +150,19 @@ def _image_value(value: Any, where: str, pointer: tuple) -> str | _Embedded:
     return _check_ref(value, where)
 
 
-def _check_ref(ref: Any, where: str) -> str:
+def _check_ref(ref: Any, where: str, media: str = "image") -> str:
     if isinstance(ref, dict) and isinstance(ref.get("path"), str):
         ref = ref["path"]
     if not isinstance(ref, str):
-        raise _BadRecord(f"{where} is {_type_name(ref)}, expected a path string", "write the image path as a string")
+        raise _BadRecord(f"{where} is {_type_name(ref)}, expected a path string", f"write the {media} path as a string")
     if not ref.strip():
-        raise _BadRecord(f"{where} is an empty path", "write the image path, or remove the image")
+        raise _BadRecord(f"{where} is an empty path", f"write the {media} path, or remove the {media}")
     if "\x00" in ref:
-        raise _BadRecord(f"{where} contains a NUL character", "fix the image path")
+        raise _BadRecord(f"{where} contains a NUL character", f"fix the {media} path")
     if len(ref) > MAX_PATH_CHARS and not _URL_RE.match(ref):
         raise _BadRecord(
             f"{where} is {len(ref):,} characters long, above the path limit of {MAX_PATH_CHARS:,}",
-            "fix the image path",
+            f"fix the {media} path",
         )
     return ref
 
@@ -168,8 +171,11 @@ class _Builder:
     """Turns one record's turns into parts, consuming the top-level images at `<image>` placeholders."""
 
     def __init__(self, images: list, base_dir: str, allow_outside: bool, allow_remote: bool, cache: PathCache,
-                 origin: list | None = None):
+                 origin: list | None = None, videos: list | None = None):
         self.images = images
+        self.videos = videos or []
+        self.next_video = 0
+        self.video_placeholders = 0
         self.origin = origin
         self.cache = cache
         self.next_image = 0
@@ -227,6 +233,21 @@ class _Builder:
             self.read_problems.append(problem)
         return ImagePart(ref=ref, path=path)
 
+    def video(self, ref: str) -> VideoPart:
+        local = urllib.parse.unquote(urllib.parse.urlsplit(ref).path) if ref[:7].lower() == "file://" else ref
+        path, problem = resolve_image(local, self.base_dir, allow_paths_outside_media_dir=self.allow_outside,
+                                      cache=self.cache, media="video")
+        if problem is not None:
+            self.read_problems.append(problem)
+        return VideoPart(ref=ref, path=path)
+
+    def video_placeholder(self, parts: list[Part]) -> None:
+        """A `<video>` (or a video part without a path): the next top-level video goes here."""
+        self.video_placeholders += 1
+        if self.next_video < len(self.videos):
+            parts.append(self.video(self.videos[self.next_video]))
+            self.next_video += 1
+
     def placeholder(self, parts: list[Part]) -> None:
         """An `<image>` (or an image part without a path): the next top-level image goes here."""
         self.placeholders += 1
@@ -238,14 +259,16 @@ class _Builder:
         for tag in _UNSUPPORTED_PLACEHOLDERS:
             if tag in text:
                 raise _unsupported(f"a text has a {tag} placeholder; {tag[1:-1]} is not supported yet")
-        if IMAGE_PLACEHOLDER not in text:
+        if IMAGE_PLACEHOLDER not in text and VIDEO_PLACEHOLDER not in text:
             if text:
                 parts.append(TextPart(text))
             return
-        for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if i:
+        for piece in _PLACEHOLDER_RE.split(text):
+            if piece == IMAGE_PLACEHOLDER:
                 self.placeholder(parts)
-            if piece:
+            elif piece == VIDEO_PLACEHOLDER:
+                self.video_placeholder(parts)
+            elif piece:
                 parts.append(TextPart(piece))
 
 
@@ -290,6 +313,12 @@ def _content_parts(content: Any, where: str, builder: _Builder, pointer: tuple =
             else:
                 value = _image_value(part[key], f"the image of {pwhere}", (*pointer, j - 1, key))
                 parts.append(builder.image(value))
+        elif ptype == "video":
+            key = next((k for k in ("video", "path") if part.get(k) is not None), None)
+            if key is None:  # {"type": "video"} stands for the next of `videos`
+                builder.video_placeholder(parts)
+            else:
+                parts.append(builder.video(_video_value(part[key], f"the video of {pwhere}")))
         elif ptype == "image_url":
             url, ptr = part.get("image_url"), (*pointer, j - 1, "image_url")
             if isinstance(url, dict):
@@ -297,8 +326,8 @@ def _content_parts(content: Any, where: str, builder: _Builder, pointer: tuple =
             builder.saw_image_url = True
             parts.append(builder.image(_image_value(url, f"the image_url of {pwhere}", ptr)))
         elif ptype in _UNSUPPORTED_PARTS:
-            media = "audio" if "audio" in ptype else "video"
-            raise _unsupported(f"{pwhere} is a `{ptype}` part; {media} is not supported yet")
+            what = "audio is not supported yet" if "audio" in ptype else "give videos as local files (`video` parts)"
+            raise _unsupported(f"{pwhere} is a `{ptype}` part; {what}")
         elif ptype is None:
             raise _BadRecord(
                 f"{pwhere} has no `type`",
@@ -307,8 +336,8 @@ def _content_parts(content: Any, where: str, builder: _Builder, pointer: tuple =
         else:
             shown = _q(ptype) if isinstance(ptype, str) else _type_name(ptype)
             raise _BadRecord(
-                f"{pwhere} has type {shown}; only text and image parts are supported",
-                "remove the part or convert it to a text or image part",
+                f"{pwhere} has type {shown}; only text, image and video parts are supported",
+                "remove the part or convert it to a text, image or video part",
             )
     return parts
 
@@ -429,13 +458,15 @@ def _record_to_conversation(
         )
     else:
         images = [_image_value(ref, f"`{images_key}`[{i}]", (images_key, i)) for i, ref in enumerate(images)]
+    videos_key = fmt.videos if fmt.videos in record or "video" not in record else "video"  # LLaVA-Video's
+    videos = _videos_of(record.get(videos_key), videos_key)
     system = record.get(fmt.system) if fmt.system else None
     if system is not None and not isinstance(system, str):
         raise _BadRecord(
             f"`{fmt.system}` is {_type_name(system)}, expected a string", f"write `{fmt.system}` as a string"
         )
 
-    builder = _Builder(images, base_dir, allow_outside, allow_remote, cache or PathCache(), origin)
+    builder = _Builder(images, base_dir, allow_outside, allow_remote, cache or PathCache(), origin, videos)
     messages: list[Message] = []
     weighted = False
     for i, turn in enumerate(turns, 1):
@@ -483,23 +514,26 @@ def _record_to_conversation(
     if system and not (messages and messages[0].role == "system"):
         _check_text(system, f"`{fmt.system}`")
         parts = []
-        builder_before = builder.placeholders
+        builder_before = builder.placeholders + builder.video_placeholders
         builder.text(system, parts)
-        if builder.placeholders != builder_before:
+        if builder.placeholders + builder.video_placeholders != builder_before:
             raise _BadRecord(
-                f"`{fmt.system}` contains an {IMAGE_PLACEHOLDER} placeholder",
-                "put images in a user turn, not in the system prompt",
+                f"`{fmt.system}` contains an {IMAGE_PLACEHOLDER} or {VIDEO_PLACEHOLDER} placeholder",
+                "put images and videos in a user turn, not in the system prompt",
             )
         messages.insert(0, Message(role="system", parts=parts))
 
     read_problems: list[Problem] = []
-    if builder.placeholders != len(images):
-        p, n = builder.placeholders, len(images)
-        what = f"{_plural(p, IMAGE_PLACEHOLDER + ' placeholder')} but {_plural(n, 'image')} in `{images_key}`"
+    counts = ((builder.placeholders, len(images), IMAGE_PLACEHOLDER, "image", "an", images_key),
+              (builder.video_placeholders, len(videos), VIDEO_PLACEHOLDER, "video", "a", videos_key))
+    for p, n, placeholder, media, article, key in counts:
+        if p == n:
+            continue
+        what = f"{_plural(p, placeholder + ' placeholder')} but {_plural(n, media)} in `{key}`"
         if p > n:
-            fix = "add the missing image path or remove the extra placeholder"
+            fix = f"add the missing {media} path or remove the extra placeholder"
         else:
-            fix = f"add an {IMAGE_PLACEHOLDER} placeholder where each image goes, or remove the extra image path"
+            fix = f"add {article} {placeholder} placeholder where each {media} goes, or remove the extra {media} path"
         read_problems.append(
             Problem(source=source, what=what, fix=fix, sample_id=sample_id, kind="placeholder_mismatch")
         )
@@ -509,6 +543,25 @@ def _record_to_conversation(
         layout = ("openai" if builder.saw_image_url or weighted else "trl" if builder.saw_pathless_part
                   else "sharegpt")
     return Conversation(id=sample_id, source=source, messages=messages, read_problems=read_problems, layout=layout)
+
+
+def _video_value(value: Any, where: str) -> str:
+    """A video reference: a path string (or {"path": ...}); clips are decoded from files, never embedded."""
+    if isinstance(value, (bytes, bytearray)) or (isinstance(value, dict) and value.get("bytes") is not None):
+        raise _BadRecord(f"{where} holds embedded video bytes; videos are read from files",
+                         "write the clip to a file and reference its path")
+    return _check_ref(value, where, "video")
+
+
+def _videos_of(value: Any, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (str, dict, bytes, bytearray)):
+        return [_video_value(value, f"`{key}`")]
+    if not isinstance(value, list):
+        raise _BadRecord(f"`{key}` is {_type_name(value)}, expected a list of paths",
+                         f"write `{key}` as a list of video paths")
+    return [_video_value(v, f"`{key}`[{i}]") for i, v in enumerate(value)]
 
 
 def _cauldron_turns(texts: Any, images: Any) -> list[dict]:

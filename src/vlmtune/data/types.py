@@ -1,7 +1,7 @@
 """The normalised conversation every data source produces and every later stage consumes.
 
 A conversation is a list of messages; each message's content is a list of parts, each part either
-text or an image reference, in order. Images keep the path as written in the data and the path
+text, an image or a video reference, in order. Images keep the path as written in the data and the path
 resolved against media_dir / the dataset folder.
 """
 
@@ -39,7 +39,19 @@ class ImagePart:
     data: bytes | None = field(default=None, compare=False, repr=False)
 
 
-Part = Union[TextPart, ImagePart]
+@dataclass(frozen=True)
+class VideoPart:
+    """A video clip as referenced by the data: `ref` as written, `path` resolved (None if unresolvable).
+
+    Only files are accepted (resolved by the same rules as image paths): a clip is decoded from disk
+    at training time, a frame at a time, never held whole in a dataset row."""
+
+    ref: str
+    path: str | None
+    type: Literal["video"] = "video"
+
+
+Part = Union[TextPart, ImagePart, VideoPart]
 
 
 @dataclass
@@ -52,6 +64,10 @@ class Message:
     @property
     def images(self) -> list[ImagePart]:
         return [p for p in self.parts if isinstance(p, ImagePart)]
+
+    @property
+    def videos(self) -> list[VideoPart]:
+        return [p for p in self.parts if isinstance(p, VideoPart)]
 
     @property
     def text(self) -> str:
@@ -73,4 +89,8 @@ class Conversation:
     @property
     def images(self) -> list[ImagePart]:
         return [img for m in self.messages for img in m.images]
+
+    @property
+    def videos(self) -> list[VideoPart]:
+        return [v for m in self.messages for v in m.videos]
 

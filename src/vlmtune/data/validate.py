@@ -13,7 +13,9 @@ processor upsamples any PIL image of at least 1x1 with an aspect ratio up to 200
 Problem kinds (`Problem.kind`), read-time ones included (see `sources`):
     placeholder_mismatch, path_outside_media_dir, remote_image, bad_data_uri  (from `Conversation.read_problems`)
     missing_file, not_an_image, unreadable_file, corrupt_image, too_many_pixels, too_small,
-    aspect_ratio, empty_conversation, unknown_role, turn_order, no_assistant, no_trained_turn, empty_turn
+    aspect_ratio, empty_conversation, unknown_role, turn_order, no_assistant, no_trained_turn, empty_turn,
+    bad_video (with the reader's reason), no_video_decoder, video_sample (the processor would refuse the clip),
+    unsupported_media
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import re
 import struct
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from PIL import Image, UnidentifiedImageError
@@ -30,7 +32,9 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import Problem
 from ..models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
 from .images import ImageHeader, Source, _fileobj, read_header
-from .types import ROLES, Conversation, ImagePart
+from ..models.video_grid import VideoSampleError, VideoSpec
+from .types import ROLES, Conversation, ImagePart, VideoPart
+from .video import VideoFacts, VideoReadError, read_facts
 
 # Pillow refuses to open images above 2 * Image.MAX_IMAGE_PIXELS (89,478,485 by default) with
 # DecompressionBombError; we use the same number so that whatever passes here also opens later.
@@ -44,6 +48,7 @@ class ValidationResult:
     valid: list[Conversation]
     problems: list[Problem]
     headers: dict[str, ImageHeader]
+    videos: dict[str, VideoFacts] = field(default_factory=dict)  # header facts of the valid videos, by path
 
 
 def _q(value: str, limit: int = 80) -> str:
@@ -226,7 +231,7 @@ def _conversation_problems(conv: Conversation) -> list[tuple[str, str, str]]:
             out.append(("unknown_role", f"message {i} has role {_q(m.role)}, which is not supported", _FIX_ROLE))
         else:
             known.append((i, m.role))
-        if not m.images and not m.text.strip():
+        if not m.images and not m.videos and not m.text.strip():
             what = f"message {i} ({_q(m.role)}) is empty"
             out.append(("empty_turn", what, "write the turn's text, or remove the turn"))
     order = _order_problem(known)
@@ -297,6 +302,7 @@ def validate(
     verify_images: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     progress: bool = False,
+    video_spec: VideoSpec | None = None,
 ) -> ValidationResult:
     """Every problem of every conversation, the valid ones, and the image headers read.
 
@@ -308,12 +314,19 @@ def validate(
     only); `verify_images=True` decodes each image fully to catch truncated files. Images whose
     header claims more than `max_image_pixels` (default: Pillow's own hard limit, 178,956,970)
     are rejected without being decoded. Each distinct path is checked once.
+
+    Videos: each distinct clip's container is read once (`read_facts`: packet headers and the first frame),
+    then planned under `video_spec` (the loaded processor's, with the config's video keys); a clip that
+    cannot be read or that the processor would refuse is a problem of each sample that has it. Without a
+    `video_spec` (a processor vlmtune cannot account videos for) every video is refused.
     """
     rules = _ImageRules(patch_size, merge_size, min_pixels, max_pixels, max_image_pixels, verify_images)
     valid: list[Conversation] = []
     problems: list[Problem] = []
     headers: dict[str, ImageHeader] = {}
     checked: dict[str, ImageHeader | _Bad | tuple[ImageHeader, _Bad]] = {}
+    clips: dict[str, VideoFacts | _Bad] = {}
+    videos: dict[str, VideoFacts] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         if progress and isinstance(conversations, list) and len(conversations) >= 10_000:
@@ -329,12 +342,17 @@ def validate(
                     bad = _image_problem(img, conv, rules, checked, headers)
                     if bad is not None:
                         found.append(bad)
+                for video in conv.videos:
+                    bad = _video_problem(video, conv, video_spec, clips)
+                    if bad is not None:
+                        found.append(bad)
                 _drop_bytes(conv)
             if found:
                 problems.extend(found)
             else:
                 valid.append(conv)
-    return ValidationResult(valid=valid, problems=problems, headers=headers)
+                videos.update((v.path, clips[v.path]) for v in conv.videos if check_images)
+    return ValidationResult(valid=valid, problems=problems, headers=headers, videos=videos)
 
 
 def _drop_bytes(conv: Conversation) -> None:
@@ -366,3 +384,40 @@ def _image_problem(
     bad = outcome[1] if isinstance(outcome, tuple) else outcome
     what = f"image {_q(img.ref)} {bad.detail}"
     return Problem(source=conv.source, what=what, fix=bad.fix, sample_id=conv.id, kind=bad.kind)
+
+
+_VIDEO_KINDS = {"missing": "missing_file", "no_decoder": "no_video_decoder"}
+
+
+def _video_problem(video: VideoPart, conv: Conversation, spec: VideoSpec | None, clips: dict) -> Problem | None:
+    """The problem of one video of `conv`, or None; each distinct path is read and planned once."""
+    if video.path is None:
+        if conv.read_problems:  # refused or unresolvable at read time: already reported
+            return None
+        what = f"video {_q(video.ref)} could not be resolved to a file"
+        return Problem(source=conv.source, what=what, fix=_FIX_PATH, sample_id=conv.id, kind="missing_file")
+    if spec is None:
+        return Problem(source=conv.source, what=f"video {_q(video.ref)}: this processor has no Qwen-VL video processor",
+                       fix="use a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint, or remove the video",
+                       sample_id=conv.id, kind="unsupported_media")
+    outcome = clips.get(video.path)
+    if outcome is None:
+        outcome = clips[video.path] = _check_clip(video.path, spec)
+    if isinstance(outcome, VideoFacts):
+        return None
+    return Problem(source=conv.source, what=f"video {_q(video.ref)} {outcome.detail}", fix=outcome.fix,
+                   sample_id=conv.id, kind=outcome.kind)
+
+
+def _check_clip(path: str, spec: VideoSpec) -> VideoFacts | _Bad:
+    try:
+        facts = read_facts(path)
+    except VideoReadError as e:
+        return _Bad(_VIDEO_KINDS.get(e.kind, "bad_video"), f"{e.what} ({path})", e.fix)
+    try:
+        spec.for_clip(facts.frames, facts.fps).plan(facts.frames, facts.fps, facts.height, facts.width)
+    except VideoSampleError as e:
+        return _Bad("video_sample", f"({facts.frames} frames at {facts.fps:.3g} fps, {facts.width}x{facts.height}) "
+                    f"cannot be sampled by the processor: {e}",
+                    "change video_fps / video_maxlen, re-encode the clip, or remove the sample")
+    return facts

@@ -142,6 +142,40 @@ def decode_frames(path: str, indices, rotation: int | None = None):
     return np.stack([kept[int(j)] for j in indices])
 
 
+@dataclass(frozen=True)
+class ClipInputs:
+    """A planned clip as the video processor takes it: the decoded frames, their metadata and the keyword
+    arguments that keep the processor from sampling or resizing differently than the plan."""
+
+    frames: object  # uint8 array (n, height, width, 3), RGB, upright
+    metadata: object  # transformers' VideoMetadata(total_num_frames, fps, frames_indices)
+    kwargs: dict  # the video processor's kwargs: do_sample_frames=False, size, input_data_format, cap
+
+    @property
+    def indices(self) -> list[int]:
+        return list(self.metadata.frames_indices)
+
+
+def clip_inputs(path: str, indices, *, rotation: int, total_frames: int, fps: float, min_pixels: int,
+                max_pixels: int, cap_pixels_per_frame: bool) -> ClipInputs:
+    """Decode exactly the planned frames of a clip and say how to hand them to the video processor.
+
+    The one place a planned clip (models/video_grid.plan_video, or a prepared row's video columns) becomes
+    processor inputs, for the collator and for `vlmtune chat`: the processor gets exactly these frames with
+    `do_sample_frames=False` (it neither samples nor decodes), the clip's own `size` bounds, and
+    `input_data_format="channels_last"` (frames with a side of 3 px or less would have their channel axis
+    guessed wrong). Raises VideoReadError as `decode_frames` does.
+    """
+    from transformers.video_utils import VideoMetadata
+
+    indices = [int(i) for i in indices]
+    frames = decode_frames(path, indices, int(rotation))
+    metadata = VideoMetadata(total_num_frames=int(total_frames), fps=float(fps), frames_indices=indices)
+    kwargs = {"do_sample_frames": False, "size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)},
+              "input_data_format": "channels_last", "cap_pixels_per_frame": bool(cap_pixels_per_frame)}
+    return ClipInputs(frames, metadata, kwargs)
+
+
 def _av(path):
     try:
         import av

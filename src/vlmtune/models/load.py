@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import VlmtuneError
 from .spec import ModelSpec
+from .video_grid import VideoSpec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
@@ -20,6 +21,9 @@ class Loaded:
     processor: object
     config: object
     spec: ModelSpec
+    # the video processor's settings with the config's video_* keys applied; None for a processor whose
+    # video processor vlmtune cannot account for (its samples with videos are then refused)
+    video: VideoSpec | None = None
 
 
 def check_source(name: str, what: str, marker: str, fix: str) -> None:
@@ -78,11 +82,30 @@ def load_spec(
     image_max_pixels: int | None = None,
     trust_remote_code: bool = False,
     cache_dir: str | None = None,
+    video_fps: float | None = None,
+    video_maxlen: int | None = None,
+    video_min_pixels: int | None = None,
+    video_max_pixels: int | None = None,
 ) -> Loaded:
-    """Processor, config and the ModelSpec with the user's pixel bounds applied."""
+    """Processor, config, the ModelSpec with the user's pixel bounds applied, and the VideoSpec with the
+    user's video keys applied."""
     processor, config = load_processor(model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
     spec = ModelSpec.from_processor(processor, config).with_pixels(image_min_pixels, image_max_pixels)
-    return Loaded(processor=processor, config=config, spec=spec)
+    try:
+        video = VideoSpec.from_processor(processor, config).with_config(
+            video_fps, video_maxlen, video_min_pixels, video_max_pixels)
+    except ValueError:  # no Qwen-VL video processor: videos are refused, images train as before
+        video = None
+    return Loaded(processor=processor, config=config, spec=spec, video=video)
+
+
+def load_spec_for(cfg) -> Loaded:
+    """`load_spec` with a config's model, pixel and video keys."""
+    return load_spec(
+        cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels,
+        trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir, video_fps=cfg.video_fps,
+        video_maxlen=cfg.video_maxlen, video_min_pixels=cfg.video_min_pixels, video_max_pixels=cfg.video_max_pixels,
+    )
 
 
 # -- models ------------------------------------------------------------------------------------

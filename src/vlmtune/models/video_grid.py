@@ -75,6 +75,10 @@ class VideoSpec:
     cap_pixels_per_frame: bool
     max_video_tokens: int
     tokens_per_second: float | None = None
+    # Qwen3-VL only: the config's per-frame video_min_pixels / video_max_pixels, turned into the processor's
+    # per-clip bounds for each clip by `for_clip` (× its sampled frames)
+    frame_min_pixels: int | None = None
+    frame_max_pixels: int | None = None
 
     @property
     def factor(self) -> int:
@@ -97,7 +101,7 @@ class VideoSpec:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
     ) -> "VideoSpec":
-        """This spec under the config's video_fps / video_maxlen / video_min_pixels / video_max_pixels."""
+        """This spec with other processor settings (pixel bounds as the processor reads its `size`)."""
         changes: dict = {}
         if fps is not None:
             changes.update(fps=float(fps), num_frames=None)
@@ -108,6 +112,37 @@ class VideoSpec:
         if max_pixels is not None:
             changes["max_pixels"] = int(max_pixels)
         return replace(self, **changes)
+
+    def with_config(
+        self,
+        video_fps: float | None = None,
+        video_maxlen: int | None = None,
+        video_min_pixels: int | None = None,
+        video_max_pixels: int | None = None,
+    ) -> "VideoSpec":
+        """This spec under the config's video_fps / video_maxlen / video_min_pixels / video_max_pixels.
+
+        The pixel keys are per frame, as in LLaMA-Factory. Qwen2/2.5-VL's processor reads its bounds per frame,
+        so they replace them; Qwen3-VL's reads them for the whole sampled clip, so they are kept aside and
+        applied per clip by `for_clip` (frames × per-frame bound)."""
+        spec = self.with_overrides(fps=video_fps, max_frames=video_maxlen)
+        if self.rule != QWEN3_RULE:
+            return spec.with_overrides(min_pixels=video_min_pixels, max_pixels=video_max_pixels)
+        return replace(spec, frame_min_pixels=None if video_min_pixels is None else int(video_min_pixels),
+                       frame_max_pixels=None if video_max_pixels is None else int(video_max_pixels))
+
+    def for_clip(self, total_frames: int, clip_fps: float) -> "VideoSpec":
+        """The spec with the processor's bounds this clip is planned (and collated) with: the per-frame
+        config bounds of a Qwen3-VL spec become its clip's bounds (× the frames sampled from it)."""
+        if self.frame_min_pixels is None and self.frame_max_pixels is None:
+            return self
+        n = len(sample_indices(total_frames, clip_fps, self))
+        lo, hi = self.min_pixels, self.max_pixels
+        if self.frame_max_pixels is not None:
+            hi = min(hi, self.frame_max_pixels * n)
+        if self.frame_min_pixels is not None:
+            lo = self.frame_min_pixels * n
+        return replace(self, min_pixels=min(lo, hi), max_pixels=hi, frame_min_pixels=None, frame_max_pixels=None)
 
     def plan(self, total_frames: int, clip_fps: float, height: int, width: int) -> "VideoGrid":
         return plan_video(total_frames, clip_fps, height, width, self)
@@ -357,11 +392,13 @@ def _timestamps(indices: tuple[int, ...], clip_fps: float, tps: int) -> tuple[fl
 
 
 def shrink_video(
-    total_frames: int, clip_fps: float, height: int, width: int, spec: VideoSpec, max_tokens: int, count_text=None
+    total_frames: int, clip_fps: float, height: int, width: int, spec: VideoSpec, max_tokens: int, count_text=None,
+    floor: bool = False,
 ) -> tuple[VideoSpec, VideoGrid] | None:
     """The largest plan whose prompt tokens are ≤ max_tokens: the pixel budget is lowered first (never
     below spec.min_pixels), then the sampled frame count (max_frames, never below spec.min_frames); for a
     frame count, the largest pixel budget that fits. None when even the smallest does not fit.
+    `floor=True`: the smallest plan there is, whatever max_tokens (None only if no plan can be made).
 
     Tokens never grow as max_pixels shrinks (smart_resize's sides only floor further), so it bisects.
     """
@@ -388,6 +425,15 @@ def shrink_video(
 
     frames_now = len(sample_indices(total_frames, clip_fps, spec))
     floor_frames = min(spec.min_frames, frames_now)
+    if floor:
+        smallest = None
+        for max_frames in range(frames_now, max(floor_frames, 1) - 1, -1):
+            s = replace(spec, max_frames=max_frames, max_pixels=spec.min_pixels)
+            try:
+                smallest = (s, plan_video(total_frames, clip_fps, height, width, s))
+            except VideoSampleError:
+                break
+        return smallest
     step = spec.temporal_patch_size if spec.rule == QWEN2_RULE else 1
     for max_frames in range(frames_now, max(floor_frames, 1) - 1, -step):
         if max_frames < floor_frames:

@@ -29,7 +29,7 @@ from ..models.load import (
     format_trainable,
     keep_frozen_out_of_backward,
     load_model,
-    load_spec,
+    load_spec_for,
     trainable_summary,
 )
 from .checkpoints import (
@@ -80,9 +80,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     loaded and may raise to stop the run: `vlmtune train` passes the doctor's checks (run_doctor: true)."""
     from transformers import set_seed
 
-    loaded = load_spec(cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels,
-                       image_max_pixels=cfg.image_max_pixels, trust_remote_code=cfg.trust_remote_code,
-                       cache_dir=cfg.cache_dir)
+    loaded = load_spec_for(cfg)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
     cfg = cpu_precision(cfg)
@@ -111,7 +109,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     trainable = trainable_summary(model)
     say("trainable parameters:\n" + format_trainable(trainable))
 
-    collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len)
+    collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len, video=getattr(loaded, "video", None))
     trainer = VlmTrainer(
         model=model,
         args=args,
@@ -259,7 +257,7 @@ def train(run: Run) -> TrainResult:
     if cfg.worst_case_first and run.resume is None and not cfg.streaming:  # streaming: no lengths to rank
         worst = trainer.worst_case_step(log=say)
         ga = cfg.gradient_accumulation_steps
-        say(f"worst-case batch ok: {worst['tokens']} tokens, {worst['images']} images, "
+        say(f"worst-case batch ok: {worst['tokens']} tokens, {worst['images']} images, {worst['videos']} videos, "
             f"{worst['seconds']:.2f}s for one forward/backward (an optimizer step of {ga} such micro-batch(es) takes "
             f"at most about {worst['seconds'] * ga:.0f}s)")
     if run.resume:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import torch
 from transformers import Trainer
@@ -68,10 +69,22 @@ class VlmTrainer(Trainer):
                 result = result + zero
         return result
 
+    def _prepare_input(self, data):
+        """As the Trainer's, except that Qwen2.5-VL's `second_per_grid_ts` stays float32: DeepSpeed casts every
+        float input to its dtype, and the M-RoPE time positions (arange(t) × tokens_per_second × seconds,
+        truncated) would then differ from the processor's (1.111 s is 1.109 in bf16)."""
+        if isinstance(data, Mapping) and "second_per_grid_ts" in data:
+            out = super()._prepare_input({k: v for k, v in data.items() if k != "second_per_grid_ts"})
+            out["second_per_grid_ts"] = data["second_per_grid_ts"].to(self.args.device)
+            return out
+        return super()._prepare_input(data)
+
     def _needs_dummy(self, inputs) -> bool:
+        # a batch with pixels (image or video) runs the tower already
         return (
             self._dummy_vision
             and "pixel_values" not in inputs
+            and "pixel_values_videos" not in inputs
             and self.args.world_size > 1
             and torch.is_grad_enabled()
         )
@@ -91,14 +104,16 @@ class VlmTrainer(Trainer):
         told what runs before it starts (at real size on a CPU it takes minutes)."""
         ds = self.train_dataset
         # Longest first; among equals the most vision patches (the cost of a trainable tower).
-        patches = [sum(g[0] * g[1] * g[2] for g in grids) for grids in ds["image_grid_thw"]]
+        videos = ds["video_grid_thw"] if "video_grid_thw" in ds.column_names else [[]] * len(ds)
+        patches = [sum(g[0] * g[1] * g[2] for g in grids + vgrids) for grids, vgrids in zip(ds["image_grid_thw"], videos)]
         lengths = ds["length"]
         order = sorted(range(len(ds)), key=lambda i: (lengths[i], patches[i]), reverse=True)
         rows = [ds[i] for i in order[: self.args.per_device_train_batch_size]]
         batch = self._prepare_inputs(self.data_collator(rows))
         if log is not None:
             log(f"worst-case batch: one forward/backward on the longest batch ({sum(len(r['input_ids']) for r in rows)} "
-                f"tokens, {sum(len(r['images']) for r in rows)} images: {', '.join(r['id'] for r in rows)}) before "
+                f"tokens, {sum(len(r['images']) for r in rows)} images, {sum(len(r.get('videos') or []) for r in rows)} "
+                f"videos: {', '.join(r['id'] for r in rows)}) before "
                 "training starts, so that running out of memory shows now ...")
         model = self.model
         model.train()
@@ -112,6 +127,7 @@ class VlmTrainer(Trainer):
         model.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         return {"tokens": sum(len(r["input_ids"]) for r in rows), "images": sum(len(r["images"]) for r in rows),
+                "videos": sum(len(r.get("videos") or []) for r in rows),
                 "seconds": seconds, "peak_gpu_bytes": peak, "ids": [r["id"] for r in rows]}
 
 

@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ...data.video import decoder_version
 from ...errors import VlmtuneError
 from ...models.families import FAMILIES, display_name
 from .device import DeviceInfo
@@ -62,12 +63,13 @@ class DataFacts:
     problems: list
     summary: dict
     fates: Counter
-    rows: list[tuple[int, int]]  # (tokens, image tokens) of each row that would be emitted
+    rows: list[tuple[int, int]]  # (tokens, vision tokens: image + video pads) of each row that would be emitted
     errors: list[str]  # ids of samples that reach the 'error' policy
     split_rows: int
     limited: bool  # max_samples cut the data
+    stats: list = field(default_factory=list)  # SampleStats of every valid sample
     longest: int = 0  # tokens of the longest row
-    image_prefix: list[int] = field(default_factory=list)  # [k]: image tokens of the k rows with the most
+    image_prefix: list[int] = field(default_factory=list)  # [k]: vision tokens of the k rows with the most
 
     def __post_init__(self):
         self.longest = max((t for t, _ in self.rows), default=0)
@@ -95,11 +97,9 @@ def _load(ctx: Context, loaded, model) -> None:
     cfg = ctx.cfg
     try:
         if loaded is None:
-            from ...models.load import load_spec
+            from ...models.load import load_spec_for
 
-            loaded = load_spec(cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels,
-                               image_max_pixels=cfg.image_max_pixels, trust_remote_code=cfg.trust_remote_code,
-                               cache_dir=cfg.cache_dir)
+            loaded = load_spec_for(cfg)
         ctx.loaded = loaded
         ctx.model = model if model is not None else meta_model(loaded.config, cfg.trust_remote_code)
     except Exception as e:  # any failure to load is reported by check_model, the other checks go on
@@ -151,6 +151,14 @@ def check_versions(ctx: Context) -> Check:
             fails.append(f"vlmtune requires {lib}{required[lib]}, found {v}")
         elif mm != Version(tested):
             warns.append(f"{lib} {v} is {'older' if mm < Version(tested) else 'newer'} than the tested {tested}")
+    decoder, fixes = decoder_version(), []
+    if decoder is not None:
+        shown.append(f"video decoder {decoder}")
+    elif _video_count(ctx):
+        fails.append(f"no video decoder (PyAV) installed: the data's {_video_count(ctx)} video(s) cannot be read")
+        fixes.append("pip install av (vlmtune[video])")
+    else:
+        shown.append("no video decoder (PyAV) installed: videos cannot be read (the data has none)")
     family = _model_type(ctx)
     tv = _version("transformers")
     if family in FAMILIES and tv is not None:
@@ -165,10 +173,20 @@ def check_versions(ctx: Context) -> Check:
     tested = ", ".join(f"{k} {v}" for k, v in TESTED.items())
     message = "; ".join(fails + warns + shown) + f" (tested with {tested})"
     if fails:
-        return Check("versions", "fail", message, f"pip install the versions tested with: {tested}")
+        if len(fixes) < len(fails):
+            fixes.insert(0, f"pip install the versions tested with: {tested}")
+        return Check("versions", "fail", message, "; ".join(fixes))
     if warns:
         return Check("versions", "warn", message, f"if something breaks, install the versions tested with: {tested}")
     return Check("versions", "ok", message)
+
+
+def _video_count(ctx: Context) -> int:
+    """Videos in the data: those accounted, and those the data path could not read for want of a decoder."""
+    if ctx.data is None:
+        return 0
+    unread = sum(1 for p in ctx.data.problems if getattr(p, "kind", None) == "no_video_decoder")
+    return ctx.data.summary.get("videos", 0) + unread
 
 
 def _model_type(ctx: Context) -> str | None:
@@ -262,7 +280,8 @@ def check_workers(ctx: Context) -> Check:
 
 
 def _batch_pixel_bytes(ctx: Context) -> int:
-    """pixel_values of the batch with the most image tokens: image tokens × merge² patches × 3·t·p² float32."""
+    """pixel values (images and videos) of the batch with the most vision tokens: vision tokens × merge² patches
+    × 3·t·p² float32."""
     if ctx.loaded is None:
         return 0
     spec = ctx.loaded.spec
@@ -403,7 +422,7 @@ def _read_data(ctx: Context, progress: bool) -> None:
         return
     acc = f.accounting
     ctx.data = DataFacts(len(acc.stats), len(acc.invalid_ids), acc.problems, summarize(acc, cfg.cutoff_len),
-                         f.fates, f.rows, f.errors, f.split_rows, f.limited)
+                         f.fates, f.rows, f.errors, f.split_rows, f.limited, acc.stats)
 
 
 def check_data(ctx: Context) -> Check:
@@ -437,6 +456,8 @@ def check_data(ctx: Context) -> Check:
                           for f in _FATE_VERB if d.fates[f])
     rec = s["recommended_cutoff_len"]
     per_count = "; ".join(f"{k} image(s): p99 {v['p99']}, max {v['max']}" for k, v in s["by_image_count"].items())
+    if s.get("videos"):
+        per_count += "".join(f"; {k} video(s): p99 {v['p99']}, max {v['max']}" for k, v in s["by_video_count"].items())
     limit = f" (max_samples={cfg.max_samples} of each data file)" if d.limited else ""
     message = (f"cutoff_len={cfg.cutoff_len}: {s['over_cutoff']} of {n} valid samples{limit} are longer; "
                f"overflow={_names(cfg.overflow)} would {fate_text or 'have no samples to fit'}; "
@@ -468,8 +489,53 @@ def check_data(ctx: Context) -> Check:
         why = f"{not_whole} of {n} samples ({100 * not_whole / n:.1f}%) would not be kept whole (more than " \
               f"{DATA_NOT_WHOLE_WARN:.0%} warns)" if not_whole > DATA_NOT_WHOLE_WARN * n else \
               f"{d.fates['dropped']} sample(s) would be dropped"
-        return Check("data", "warn", f"{why}; {message}", f"{raise_to}, or lower image_max_pixels")
+        lower = "image_max_pixels or video_max_pixels" if s.get("videos") else "image_max_pixels"
+        return Check("data", "warn", f"{why}; {message}", f"{raise_to}, or lower {lower}")
     return Check("data", "ok", message)
+
+
+def check_video(ctx: Context) -> Check:
+    """Videos against cutoff_len, one clip at a time.
+
+    A video is one atomic run (Qwen3-VL: its temporal patches stay together), so truncate_text and split move
+    whole videos, and a clip whose tokens alone exceed cutoff_len fits in no row as planned: only shrink_images
+    keeps it, by lowering the clip's pixel budget, then its frame count (never below video_min_pixels and the
+    processor's min_frames); otherwise the other policies leave it out or drop the sample. Counted per clip
+    (SampleStats.longest_video). warn: any such clip. fail: videos in the data that cannot be read for want of a decoder (PyAV).
+    """
+    cfg = ctx.cfg
+    if ctx.loaded is None:
+        return Check("video", "warn", "not checked: the model's processor could not be loaded (see the model check)",
+                     "fix the model check first")
+    if ctx.data is None:
+        if cfg.streaming:
+            return Check("video", "ok", "not checked ahead: streaming: true fits each sample as it is read")
+        return Check("video", "warn", "not checked: the data could not be read (see the data check)",
+                     "fix the data check first")
+    d, s = ctx.data, ctx.data.summary
+    unread = sum(1 for p in d.problems if getattr(p, "kind", None) == "no_video_decoder")
+    if unread:
+        return Check("video", "fail", f"{unread} video(s) in the data cannot be read: no video decoder (PyAV) is "
+                     "installed, so their samples are invalid", "pip install av (vlmtune[video])")
+    videos = s.get("videos", 0)
+    if not videos:
+        return Check("video", "ok", "no videos in the data")
+    with_videos = [st for st in d.stats if st.videos]
+    largest = max(with_videos, key=lambda st: st.longest_video)
+    facts = (f"{videos} video(s) in {len(with_videos)} sample(s), {s['video_tokens']} video tokens; the largest "
+             f"video takes {largest.longest_video} tokens (sample {largest.id})")
+    over = [st for st in with_videos if st.longest_video > cfg.cutoff_len]
+    if not over:
+        return Check("video", "ok", f"{facts}, within cutoff_len={cfg.cutoff_len}")
+    if "shrink_images" in cfg.overflow:
+        fate = ("a video is never cut, so such a clip fits in no row unless shrink_images lowers its pixel budget, "
+                "then its frame count; otherwise the rest of overflow leaves it out or drops the sample")
+    else:
+        fate = ("a video is never cut and overflow has no shrink_images, so such a clip fits in no row: the rest of "
+                "overflow leaves it out or drops the sample")
+    return Check("video", "warn", f"{len(over)} sample(s) have a video whose tokens alone exceed "
+                 f"cutoff_len={cfg.cutoff_len}: {fate}; {facts}",
+                 "lower video_max_pixels, video_fps or video_maxlen, or raise cutoff_len")
 
 
 _FATE_VERB = {"kept": "keep", "shrunk": "shrink", "truncated": "truncate", "split": "split", "dropped": "drop",
@@ -477,10 +543,11 @@ _FATE_VERB = {"kept": "keep", "shrunk": "shrink", "truncated": "truncate", "spli
 
 
 def _worst_batch(ctx: Context, batch: int) -> tuple[int, int, str]:
-    """(padded sequence length, image tokens) of the worst batch of `batch` rows, and where they come from.
+    """(padded sequence length, vision tokens) of the worst batch of `batch` rows, and where they come from.
 
     group_by_length batches rows of similar length, so the worst batch holds the longest rows: the length
-    is the longest row's, the image tokens the sum of the `batch` rows with the most. Without data: cutoff_len
+    is the longest row's, the vision tokens (image + video pads: one vision feature each, merge² patches of
+    temporal_patch_size frames for both) the sum of the `batch` rows with the most. Without data: cutoff_len
     tokens per row, max_image_token_share of them image tokens.
     """
     cfg = ctx.cfg
@@ -489,6 +556,12 @@ def _worst_batch(ctx: Context, batch: int) -> tuple[int, int, str]:
         return d.longest, d.image_prefix[min(batch, len(d.rows))], "the longest fitted rows of the data"
     share = int(cfg.max_image_token_share * cfg.cutoff_len)
     return cfg.cutoff_len, batch * share, f"no data: assumed {cfg.cutoff_len} tokens, {share} of them image tokens, per row"
+
+
+def _vision_tokens(ctx: Context) -> str:
+    """What the memory check calls the rows' vision tokens: image + video pads when the data has videos."""
+    return "vision tokens (image and video)" if ctx.data is not None and ctx.data.summary.get("videos") else \
+        "image tokens"
 
 
 def _world_size(ctx: Context) -> int:
@@ -522,7 +595,7 @@ def check_memory(ctx: Context) -> Check:
         parts += (f"; loading peaks higher, at {_gib(est.load_peak)} (training {_gib(est.train_peak)}): float32 "
                   "weights while the 16-bit checkpoint they are converted from is mapped")
     message = (f"estimated peak {_gib(est.total)} of {where} ({100 * est.total / budget:.0f}%) for "
-               f"per_device_train_batch_size={b} × {est.seq_len} tokens with {est.image_tokens} image tokens "
+               f"per_device_train_batch_size={b} × {est.seq_len} tokens with {est.image_tokens} {_vision_tokens(ctx)} "
                f"({source}): {parts}; estimates are good to about ±25%, so above {MEMORY_OK_SHARE:.0%} warns")
     if est.total <= MEMORY_OK_SHARE * budget:
         return Check("memory", "ok", message)
