@@ -2,7 +2,7 @@
 
 Written while vlmtune's data path still refused videos, to choose the video demo's clip size, shape size and
 steps (the notes in src/vlmtune/commands/demo/video_data.py): the clips are sampled and decoded as vlmtune
-does (`video_eval.clip_inputs`), handed to the processor as the collator will (`do_sample_frames=False`),
+does (`video_eval.plan_clip`), handed to the processor as the collator will (`do_sample_frames=False`),
 and only the answer, `<|im_end|>` and the newline after it are trained. Full fine-tuning, AdamW, linear
 warm-up over 5% then cosine, gradient clipping at 1.0, as the demo's config. Held-out accuracy (the demo's
 `evaluate_video`) is printed every --eval-every steps.
@@ -38,7 +38,7 @@ def main() -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlmtune.commands.demo.video_data import VideoDemoSize, write_video_dataset
-    from vlmtune.commands.demo.video_eval import _prompt, clip_inputs, evaluate_video
+    from vlmtune.commands.demo.video_eval import _prompt, evaluate_video, plan_clip
     from vlmtune.models.tiny import build_tiny_checkpoint
     from vlmtune.models.video_grid import VideoSpec
 
@@ -55,13 +55,12 @@ def main() -> None:
     print("before", evaluate_video(model, processor, questions, data_dir, spec), flush=True)
 
     records = json.load(open(f"{data_dir}/demo_motion.json", encoding="utf-8"))
-    clips = {r["videos"][0]: clip_inputs(f"{data_dir}/{r['videos'][0]}", spec) for r in records}
+    clips = {r["videos"][0]: plan_clip(f"{data_dir}/{r['videos'][0]}", spec)[1] for r in records}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warm = max(1, int(0.05 * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
                                               0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm))))
     end = processor.tokenizer.eos_token
-    pixels = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
     rng, order = random.Random(0), []
     model.train()
     start = time.perf_counter()
@@ -73,9 +72,8 @@ def main() -> None:
         texts = [_prompt(processor, r["messages"][0]["content"].replace("<video>", "")) + a
                  for r, a in zip(batch, answers)]
         inputs = [clips[r["videos"][0]] for r in batch]
-        full = processor(text=texts, videos=[f for f, _, _ in inputs], video_metadata=[m for _, m, _ in inputs],
-                         do_sample_frames=False, size=pixels, input_data_format="channels_last", padding=True,
-                         padding_side="right", return_tensors="pt")
+        full = processor(text=texts, videos=[c.frames for c in inputs], video_metadata=[c.metadata for c in inputs],
+                         **inputs[0].kwargs, padding=True, padding_side="right", return_tensors="pt")
         labels = torch.full_like(full["input_ids"], -100)
         for k, a in enumerate(answers):
             n = len(processor.tokenizer(a, add_special_tokens=False)["input_ids"])

@@ -17,21 +17,6 @@ from vlmtune.commands.demo.video_data import FPS, FRAMES, SPEED_RANGE, Clip, dra
 from vlmtune.data.video import decode_frames, read_facts
 
 
-def _videos_supported() -> bool:
-    """Whether vlmtune's data path takes samples with videos yet (the integration of issue 14). Until it
-    does, `train` refuses the demo's records and the end-to-end tests are expected to fail (strict xfail,
-    so they turn into failures to look at as soon as the data path lands). Remove with the merge."""
-    from vlmtune.data import records
-
-    return "videos" not in getattr(records, "_UNSUPPORTED_KEYS", ())
-
-
-needs_video_data_path = pytest.mark.xfail(
-    not _videos_supported(), reason="vlmtune refuses samples with videos until the video data path lands",
-    strict=True,
-)
-
-
 @pytest.fixture(scope="module")
 def quick_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("video-demo")
@@ -152,7 +137,7 @@ def test_evaluation_scores_the_sampled_frames_through_the_processor(tmp_path, qu
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vlmtune.commands.demo import evaluate_video
-    from vlmtune.commands.demo.video_eval import clip_inputs
+    from vlmtune.commands.demo.video_eval import plan_clip
     from vlmtune.models.tiny import build_tiny_checkpoint
     from vlmtune.models.video_grid import VideoSpec
 
@@ -160,10 +145,11 @@ def test_evaluation_scores_the_sampled_frames_through_the_processor(tmp_path, qu
     model_dir = build_tiny_checkpoint(tmp_path / "model", arch="qwen2_vl", seed=0)
     processor = AutoProcessor.from_pretrained(model_dir)
     spec = VideoSpec.from_processor(processor)
-    frames, md, grid = clip_inputs(str(d / "data" / a["eval_questions"][0]["video"]), spec)
+    grid, clip = plan_clip(str(d / "data" / a["eval_questions"][0]["video"]), spec)
     # 8 frames at 4 fps, sampled at the processor's 2 fps: every other frame, two temporal patches of 4x4 tokens
     assert grid.indices == (0, 2, 4, 6) and grid.thw == [2, 8, 8] and grid.tokens == 32
-    assert frames.shape == (4, 112, 112, 3) and md.frames_indices == [0, 2, 4, 6]
+    assert clip.frames.shape == (4, 112, 112, 3) and clip.indices == [0, 2, 4, 6]
+    assert clip.kwargs["do_sample_frames"] is False
     questions = a["eval_questions"][:8]
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     result = evaluate_video(model, processor, questions, str(d / "data"), spec, batch_size=12)
@@ -200,7 +186,6 @@ def test_summary_reads_for_a_person():
     assert "kept 96" in text and "loss 7.20 -> 0.40" in text and "--quick" in text
 
 
-@needs_video_data_path
 def test_quick_video_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--video", "--out", str(out), "--quick", "--steps", "6"]) == 0
@@ -218,7 +203,6 @@ def test_quick_video_demo_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@needs_video_data_path
 def test_full_video_demo_learns_motion(tmp_path):
     summary = run_video_demo(tmp_path / "demo", progress=False)
     assert summary["accuracy_before"] <= 0.45

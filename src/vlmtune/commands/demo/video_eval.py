@@ -1,9 +1,10 @@
 """The video demo's evaluation: the model picks the direction it finds most likely (log-likelihood).
 
-Each clip is read as training reads it: `read_facts`, the frames vlmtune samples (`VideoSpec.plan`, the
-loaded processor's rule), exactly those frames decoded by `decode_frames`, then the processor with
-`do_sample_frames=False`. The grid the processor returns is checked against the planned one, so the model
-is scored on the same tokens it was trained on.
+Each clip is read as training reads it: `read_facts`, the run's VideoSpec for that clip (`for_clip`) and its
+plan (the loaded processor's sampling rule), then `data.video.clip_inputs`, the one place a planned clip
+becomes processor inputs for the collator and `vlmtune chat` too: exactly the planned frames decoded, and
+the processor told not to sample or resize differently. The grid the processor returns is checked against
+the plan, so the model is scored on the same tokens it was trained on.
 """
 
 from __future__ import annotations
@@ -14,23 +15,24 @@ from .evaluation import answer_scores
 from .video_data import DIRECTIONS
 
 
-def clip_inputs(path: str, spec):
-    """(frames, metadata, grid) of one clip, sampled and decoded as vlmtune does."""
-    from transformers.video_utils import VideoMetadata
-
-    from ...data.video import decode_frames, read_facts
+def plan_clip(path: str, spec):
+    """(VideoGrid, ClipInputs) of one clip, sampled, sized and decoded as the collator does."""
+    from ...data.video import clip_inputs, read_facts
 
     facts = read_facts(path)
-    grid = spec.plan(facts.frames, facts.fps, facts.height, facts.width)
-    frames = decode_frames(path, grid.indices, facts.rotation)
-    md = VideoMetadata(total_num_frames=facts.frames, fps=facts.fps, frames_indices=list(grid.indices))
-    return frames, md, grid
+    clip_spec = spec.for_clip(facts.frames, facts.fps)
+    grid = clip_spec.plan(facts.frames, facts.fps, facts.height, facts.width)
+    clip = clip_inputs(path, grid.indices, rotation=facts.rotation, total_frames=facts.frames, fps=facts.fps,
+                       min_pixels=clip_spec.min_pixels, max_pixels=clip_spec.max_pixels,
+                       cap_pixels_per_frame=clip_spec.cap_pixels_per_frame)
+    return grid, clip
 
 
 def evaluate_video(model, processor, questions: list[dict], data_dir: str, spec, *, batch_size: int = 32) -> dict:
     """Accuracy of log-likelihood scoring among the four directions over the held-out clips.
 
-    `spec` is the run's VideoSpec (the processor's, with the config's video settings applied). Each
+    `spec` is the run's VideoSpec (`models.load.load_spec_for(cfg).video`: the processor's, with the config's
+    video keys applied), the one the data path plans the training clips with. Each
     (question, direction) pair is one sequence: the chat-templated prompt with the clip, then the direction
     and `<|im_end|>`, as a trained answer is laid out.
     """
@@ -39,10 +41,9 @@ def evaluate_video(model, processor, questions: list[dict], data_dir: str, spec,
     clips = {}
     for q in questions:
         if q["video"] not in clips:
-            clips[q["video"]] = clip_inputs(os.path.join(data_dir, q["video"]), spec)
+            clips[q["video"]] = plan_clip(os.path.join(data_dir, q["video"]), spec)
     pairs = [(i, d) for i in range(len(questions)) for d in DIRECTIONS]
     scores: dict[tuple[int, str], float] = {}
-    size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
     end = processor.tokenizer.eos_token
     was_training = model.training
     model.eval()
@@ -50,14 +51,17 @@ def evaluate_video(model, processor, questions: list[dict], data_dir: str, spec,
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             texts = [_prompt(processor, questions[i]["question"]) + d + end for i, d in chunk]
-            inputs = [clips[questions[i]["video"]] for i, _ in chunk]
-            full = processor(text=texts, videos=[f for f, _, _ in inputs], video_metadata=[m for _, m, _ in inputs],
-                             do_sample_frames=False, size=size, input_data_format="channels_last",
+            planned = [clips[questions[i]["video"]] for i, _ in chunk]
+            kwargs = planned[0][1].kwargs
+            if any(c.kwargs != kwargs for _, c in planned):  # one processor call takes one size for all clips
+                raise ValueError("the held-out clips need different processor settings; evaluate them apart")
+            full = processor(text=texts, videos=[c.frames for _, c in planned],
+                             video_metadata=[c.metadata for _, c in planned], **kwargs,
                              padding=True, padding_side="right", return_tensors="pt")
-            planned = [g.thw for _, _, g in inputs]
+            want = [g.thw for g, _ in planned]
             got = full["video_grid_thw"].tolist()
-            if got != planned:
-                raise RuntimeError(f"the processor's video grids {got} differ from vlmtune's plan {planned}")
+            if got != want:
+                raise RuntimeError(f"the processor's video grids {got} differ from vlmtune's plan {want}")
             for (i, d), score in zip(chunk, answer_scores(model, processor, full, [d for _, d in chunk])):
                 scores[(i, d)] = score
     model.train(was_training)

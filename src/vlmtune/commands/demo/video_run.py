@@ -20,10 +20,6 @@ from .video_eval import evaluate_video, video_chance
 # chat template a sample is ~75 tokens.
 VIDEO_CUTOFF_LEN = 128
 
-# The config keys that set how clips are sampled and sized (LLaMA-Factory's names), mapped to VideoSpec's.
-_VIDEO_KEYS = {"video_fps": "fps", "video_maxlen": "max_frames", "video_min_pixels": "min_pixels",
-               "video_max_pixels": "max_pixels"}
-
 
 def video_demo_config(model_dir: str, data_dir: str, output_dir: str, *, size: VideoDemoSize, steps: int, seed: int,
                       overrides: dict | None = None):
@@ -67,14 +63,11 @@ def video_demo_config(model_dir: str, data_dir: str, output_dir: str, *, size: V
     return load_config(None, base=base)
 
 
-def video_spec(processor, model_config, cfg):
-    """The VideoSpec training samples clips with: the processor's, with the config's video_* keys applied.
+def video_spec(cfg):
+    """The VideoSpec the data path plans the training clips with: the processor's, with the config's video keys."""
+    from ...models.load import load_spec_for
 
-    The keys are read with getattr so that this works whether or not the config knows them yet."""
-    from ...models.video_grid import VideoSpec
-
-    spec = VideoSpec.from_processor(processor, model_config)
-    return spec.with_overrides(**{field: getattr(cfg, key, None) for key, field in _VIDEO_KEYS.items()})
+    return load_spec_for(cfg).video
 
 
 def run_video_demo(out: str | os.PathLike = "vlmtune-demo-video", *, steps: int | None = None, quick: bool = False,
@@ -91,7 +84,7 @@ def run_video_demo(out: str | os.PathLike = "vlmtune-demo-video", *, steps: int 
 
 
 def _run(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ...models.tiny import build_tiny_checkpoint
     from ...train.recipe import run
@@ -109,7 +102,7 @@ def _run(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
     questions = data["eval_questions"]
 
     cfg = video_demo_config(model_dir, data_dir, train_dir, size=size, steps=steps, seed=seed, overrides=overrides)
-    spec = video_spec(processor, AutoConfig.from_pretrained(model_dir), cfg)
+    spec = video_spec(cfg)
     before = evaluate_video(AutoModelForImageTextToText.from_pretrained(model_dir), processor, questions,
                             str(data_dir), spec)
     t_train = time.perf_counter()
@@ -118,7 +111,7 @@ def _run(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
     after = evaluate_video(load_trained(str(model_dir), cfg.output_dir, cfg.finetuning_type), processor, questions,
                            str(data_dir), spec)
     losses = [h["loss"] for h in result.log_history if "loss" in h]
-    grid = spec.plan(FRAMES, FPS, side, side)
+    grid = spec.for_clip(FRAMES, FPS).plan(FRAMES, FPS, side, side)
     summary = {
         "task": "video",
         "accuracy_before": before["accuracy"],
