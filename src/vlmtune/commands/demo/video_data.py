@@ -46,18 +46,18 @@ FPS = 4
 SIDE_PATCHES = 4
 # Shape size and speed as fractions of the frame's side. The speed per frame is at most a quarter of the
 # size, so the shape is still (partly) in the first two sampled frames (0 and 2) wherever it started.
-# Chosen by experiment (tiny Qwen2-VL, full fine-tuning, batch 8, 1200 clips, held-out accuracy on 80 clips,
-# in a plain training loop on the processor's batches, as the collator builds them: bench/video_demo_learning.py,
-# written before the data path took videos). On 56 px frames (8 tokens a clip) learning is late, sudden and unreliable: shapes of
-# 0.25-0.35 of the side stayed at chance after 2400 steps (the model learnt only the answers' prior); with
-# 0.4-0.55, one data seed reached 100% after 2400 steps, others stayed at chance after 2400-4000 steps at lr
-# 2e-3 or 4e-3, a frozen vision tower or extra colour questions; batch 16 learnt one seed of three. Yet a linear probe on the
-# untrained vision tower's output read the direction at 96%: the language model's read-out is the slow part.
-# On 112 px frames (32 tokens) with 0.4-0.55, lr 2e-3, a 2400-step schedule: seeds 1 and 2 were at 56% and
-# 95% after 600 steps, 97.5% and 100% after 900, 100% from 1500 on. With 1500 steps (VIDEO_FULL): seed 3 100%
-# (99% after 600), seed 4 81% (69% after 600, then flat), seed 5 79%; with 1200: seed 0 100%, seed 3 85%.
-# Through the recipe (`vlmtune demo --video`, data and model seeded alike): seed 0 25% -> 100% and seed 1
-# 31% -> 100%, each in ~135 s on 2 CPU cores (~12 steps/s).
+# Chosen by experiment (tiny Qwen2-VL, full fine-tuning, batch 8, 1200 clips, held-out accuracy on 80 clips, in a
+# plain training loop on the processor's batches, as the collator builds them: bench/video_demo_learning.py, written
+# before the data path took videos). On 56 px frames (8 tokens a clip) learning is late, sudden and unreliable:
+# shapes of 0.25-0.35 of the side stayed at chance after 2400 steps (the model learnt only the answers' prior); with
+# 0.4-0.55, one data seed reached 100% after 2400 steps, others stayed at chance after 2400-4000 steps at lr 2e-3 or
+# 4e-3, a frozen vision tower or extra colour questions; batch 16 learnt one seed of three. Yet a linear probe on
+# the untrained vision tower's output read the direction at 96%: the language model's read-out is the slow part. On
+# 112 px frames (32 tokens) with 0.4-0.55, lr 2e-3, a 2400-step schedule: seeds 1 and 2 were at 56% and 95% after
+# 600 steps, 97.5% and 100% after 900, 100% from 1500 on. With 1500 steps (VIDEO_FULL): seed 3 100% (99% after 600),
+# seed 4 81% (69% after 600, then flat), seed 5 79%; with 1200: seed 0 100%, seed 3 85%. Through the recipe
+# (`vlmtune demo --video`, data and model seeded alike): seed 0 25% -> 100% and seed 1 31% -> 100%, each in ~135 s
+# on 2 CPU cores (~12 steps/s).
 SIZE_RANGE = (0.4, 0.55)
 SPEED_RANGE = (0.06, 0.1)
 
