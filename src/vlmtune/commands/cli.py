@@ -18,9 +18,16 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.video:
+        from .demo import format_video_summary, run_video_demo
+
+        out = args.out or "vlmtune-demo-video"
+        summary = run_video_demo(out, steps=args.steps, quick=args.quick, arch=args.arch, seed=args.seed)
+        print(format_video_summary(summary))
+        return 0
     from .demo import format_summary, run_demo
 
-    summary = run_demo(args.out, steps=args.steps, quick=args.quick, arch=args.arch, seed=args.seed)
+    summary = run_demo(args.out or "vlmtune-demo", steps=args.steps, quick=args.quick, arch=args.arch, seed=args.seed)
     print(format_summary(summary))
     return 0
 
@@ -237,6 +244,8 @@ def _add_chat_export_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo.video_data import VIDEO_FULL, VIDEO_QUICK  # stdlib only at import: cheap
+
     p = argparse.ArgumentParser(prog="vlmtune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
 
@@ -249,11 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(needs pip install 'vlmtune[qwen-vocab]')")
     t.set_defaults(func=_cmd_tiny_model)
 
-    m = sub.add_parser("demo", help="fine-tune a tiny Qwen2-VL on rendered shapes on the CPU; accuracy before/after")
-    m.add_argument("--out", default="vlmtune-demo", help="output folder (default: ./vlmtune-demo)")
-    m.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 2400; 300 with --quick)")
+    m = sub.add_parser("demo", help="fine-tune a tiny Qwen2-VL on rendered shapes (or, with --video, "
+                       "clips of a moving shape) on the CPU; accuracy before/after")
+    m.add_argument("--out", default=None,
+                   help="output folder (default: ./vlmtune-demo, with --video ./vlmtune-demo-video)")
+    m.add_argument("--video", action="store_true",
+                   help="the video task instead: MP4 clips of a shape moving left, right, up or down")
+    m.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: 2400, 300 with --quick; with --video: %d, %d with --quick)"
+                   % (VIDEO_FULL.steps, VIDEO_QUICK.steps))
     m.add_argument("--quick", action="store_true",
-                   help="a short run (well under a minute) on less data: learns colour, not yet shape")
+                   help="a short run (well under a minute) on less data: learns colour, not yet shape "
+                   "(with --video: a smoke run, too short to learn motion)")
     m.add_argument("--arch", choices=MODEL_TYPES, default="qwen2_vl",
                    help="the tiny model's family; the demo's settings are tuned for qwen2_vl")
     m.add_argument("--seed", type=int, default=0)

@@ -10,6 +10,9 @@
 4. fine-tuning through the same recipe as `vlmtune train` (config built in `demo_config`);
 5. accuracy after training, a summary on stdout and `<out>/demo_summary.json`.
 
+`vlmtune demo --video` does the same with clips: MP4s of one shape moving left, right, up or down
+(video_data.py), scored among the four directions (video_eval.py), run by video_run.py.
+
 Everything is seeded: the same command gives the same numbers on the same machine.
 
 data.py writes the dataset (1-2), evaluation.py scores answers (3, 5), run.py builds the config, trains and
@@ -19,8 +22,13 @@ summarises (4-5).
 from .data import COLOURS, DATASET_NAME, FULL, QUICK, SHAPES, DemoSize, write_dataset
 from .evaluation import chance, evaluate
 from .run import demo_config, format_summary, run_demo
+from .video_data import DIRECTIONS, VIDEO_DATASET_NAME, VIDEO_FULL, VIDEO_QUICK, VideoDemoSize, write_video_dataset
+from .video_eval import evaluate_video
+from .video_run import format_video_summary, run_video_demo, video_demo_config
 
 __all__ = [
-    "COLOURS", "DATASET_NAME", "FULL", "QUICK", "SHAPES", "DemoSize", "chance", "demo_config", "evaluate",
-    "format_summary", "run_demo", "write_dataset",
+    "COLOURS", "DATASET_NAME", "DIRECTIONS", "FULL", "QUICK", "SHAPES", "VIDEO_DATASET_NAME", "VIDEO_FULL",
+    "VIDEO_QUICK", "DemoSize", "VideoDemoSize", "chance", "demo_config", "evaluate", "evaluate_video",
+    "format_summary", "format_video_summary", "run_demo", "run_video_demo", "video_demo_config", "write_dataset",
+    "write_video_dataset",
 ]

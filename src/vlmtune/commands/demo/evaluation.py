@@ -41,19 +41,8 @@ def evaluate(model, processor, questions: list[dict], data_dir: str, *, min_pixe
             size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
             full = processor(text=texts, images=imgs, size=size, padding=True, padding_side="right",
                              return_tensors="pt")
-            # The answer follows the newline that ends the prompt, a pre-tokenizer boundary, so it
-            # tokenizes the same alone as in context.
-            answer_lens = [len(processor.tokenizer(c + end, add_special_tokens=False)["input_ids"]) for _, c in chunk]
-            lens = full["attention_mask"].sum(dim=1)
-            logits = model(**full).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            targets = full["input_ids"][:, 1:]
-            tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            for k, (i, c) in enumerate(chunk):
-                # answer tokens sit at positions prompt_len .. len-1, predicted from the position before
-                b = int(lens[k])
-                a = b - answer_lens[k]
-                scores[(i, c)] = float(tok_lp[k, a - 1 : b - 1].sum())
+            for (i, c), score in zip(chunk, answer_scores(model, processor, full, [c for _, c in chunk])):
+                scores[(i, c)] = score
     model.train(was_training)
     right = {"colour": 0, "shape": 0}
     total = {"colour": 0, "shape": 0}
@@ -68,6 +57,30 @@ def evaluate(model, processor, questions: list[dict], data_dir: str, *, min_pixe
         "by_kind": {k: right[k] / total[k] for k in total if total[k]},
         "questions": n,
     }
+
+
+def answer_scores(model, processor, full, answers: list[str]) -> list[float]:
+    """Sum of the log probabilities of each row's answer and `<|im_end|>`, the last tokens of the row.
+
+    `full` is the processor's right-padded batch of prompt + answer + `<|im_end|>` texts. The answer follows
+    the newline that ends the prompt, a pre-tokenizer boundary, so it tokenizes the same alone as in context.
+    """
+    import torch
+
+    end = processor.tokenizer.eos_token
+    answer_lens = [len(processor.tokenizer(a + end, add_special_tokens=False)["input_ids"]) for a in answers]
+    lens = full["attention_mask"].sum(dim=1)
+    logits = model(**full).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = full["input_ids"][:, 1:]
+    tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    out = []
+    for k in range(len(answers)):
+        # answer tokens sit at positions prompt_len .. len-1, predicted from the position before
+        b = int(lens[k])
+        a = b - answer_lens[k]
+        out.append(float(tok_lp[k, a - 1 : b - 1].sum()))
+    return out
 
 
 def _prompt(processor, question: str) -> str:
