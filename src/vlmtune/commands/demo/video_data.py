@@ -47,8 +47,8 @@ SIDE_PATCHES = 4
 # Shape size and speed as fractions of the frame's side. The speed per frame is at most a quarter of the
 # size, so the shape is still (partly) in the first two sampled frames (0 and 2) wherever it started.
 # Chosen by experiment (tiny Qwen2-VL, full fine-tuning, batch 8, 1200 clips, held-out accuracy on 80 clips, in a
-# plain training loop on the processor's batches, as the collator builds them: bench/video_demo_learning.py, written
-# before the data path took videos). On 56 px frames (8 tokens a clip) learning is late, sudden and unreliable:
+# plain training loop on the processor's batches, as the collator builds them, written before the data path took
+# videos and removed once the recipe trained them). On 56 px frames (8 tokens a clip) learning is late, sudden and unreliable:
 # shapes of 0.25-0.35 of the side stayed at chance after 2400 steps (the model learnt only the answers' prior); with
 # 0.4-0.55, one data seed reached 100% after 2400 steps, others stayed at chance after 2400-4000 steps at lr 2e-3 or
 # 4e-3, a frozen vision tower or extra colour questions; batch 16 learnt one seed of three. Yet a linear probe on
