@@ -724,3 +724,19 @@ def test_videos_without_a_decoder_fail_with_the_fix(config, loaded, video_data, 
     assert plain["versions"].message == VERSIONS_OK.replace(
         "video decoder PyAV 18.1.0 (FFmpeg 8.1.2)", "no video decoder (PyAV) installed: videos cannot be read (the "
         "data has none)")
+
+
+def test_unusable_videos_are_counted_by_kind(config, loaded, tmp_path):
+    """A checkpoint's videos that the data path refuses (a missing clip, a file that is no video) are named here,
+    not hidden behind "no videos in the data"."""
+    (tmp_path / "fake.mp4").write_text("not a video")
+    records = [{"messages": [{"role": "user", "content": "<video>q"}, {"role": "assistant", "content": "a"}],
+                "videos": [name]} for name in ("gone.mp4", "fake.mp4")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    keys = ("bf16=true", "on_bad_sample=skip", "confirm_skipped_share=true")
+    checks = {c.name: c for c in run_checks(config(f"dataset={bad}", *keys), device_info=A100, loaded=loaded, env={})}
+    assert checks["video"] == Check(
+        "video", "warn", "no usable video: 2 video problem(s) made their samples invalid (bad_video: 1, missing_file: 1)",
+        "fix the clips (`vlmtune inspect` lists every problem), or remove those samples")
+

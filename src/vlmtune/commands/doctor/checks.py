@@ -518,13 +518,22 @@ def check_video(ctx: Context) -> Check:
         return Check("video", "fail", f"{unread} video(s) in the data cannot be read: no video decoder (PyAV) is "
                      "installed, so their samples are invalid", "pip install av (vlmtune[video])")
     videos = s.get("videos", 0)
+    # every video problem of the data path names the clip first ("video 'clips/a.mp4' ...")
+    refused = Counter(p.kind for p in d.problems if getattr(p, "what", "").startswith("video "))
+    unusable = (f"{sum(refused.values())} video problem(s) made their samples invalid "
+                f"({', '.join(f'{k}: {n}' for k, n in sorted(refused.items()))})") if refused else ""
     if not videos:
+        if refused:
+            return Check("video", "warn", f"no usable video: {unusable}",
+                         "fix the clips (`vlmtune inspect` lists every problem), or remove those samples")
         return Check("video", "ok", "no videos in the data")
     with_videos = [st for st in d.stats if st.videos]
     largest = max(with_videos, key=lambda st: st.longest_video)
     facts = (f"{videos} video(s) in {len(with_videos)} sample(s), {s['video_tokens']} video tokens; the largest "
              f"video takes {largest.longest_video} tokens (sample {largest.id})")
     over = [st for st in with_videos if st.longest_video > cfg.cutoff_len]
+    if unusable:
+        facts += f"; {unusable}"
     if not over:
         return Check("video", "ok", f"{facts}, within cutoff_len={cfg.cutoff_len}")
     if "shrink_images" in cfg.overflow:
