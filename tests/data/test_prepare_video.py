@@ -97,3 +97,12 @@ def test_video_keys_change_the_plan_and_the_cache(data, tiny_ckpt, arch):
     assert all(len(f) <= 4 for r in rows for f in r["video_frames"])
     assert all(g[1] * g[2] * 14 * 14 <= 3136 for g in grids)
     assert all(r["video_max_pixels"] == [3136] * len(r["videos"]) for r in rows)
+
+
+def test_two_workers_prepare_the_same_video_rows(data, tiny_ckpt):
+    one = prepare(config(data, tiny_ckpt, "qwen3_vl", "preprocessing_num_workers=1"), progress=False)
+    rows = one.dataset().to_list()
+    two = prepare(config(data, tiny_ckpt, "qwen3_vl", "preprocessing_num_workers=2", f"output_dir={data / 'w2'}"),
+                  progress=False)
+    assert two.dataset().to_list() == rows and sum(len(r["videos"]) for r in rows) >= 4
+    assert open(two.report_path).read() == open(one.report_path).read()
