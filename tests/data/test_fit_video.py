@@ -112,6 +112,21 @@ def test_shrink_lowers_the_pixel_budget_before_the_frame_count(envs):
     assert none.fate == "dropped"
 
 
+def test_a_clip_at_its_floor_leaves_its_share_to_the_others(envs):
+    loaded, enc = envs["qwen2_vl"]
+    turns = [("user", [("vid", 40, 10.0, 448, 448), ("vid", 8, 4.0, 56, 56), "Same way?"]), ("assistant", ["no"])]
+    conv, headers, facts = conv_of(turns)
+    e = enc.encode(conv, headers, videos=facts)
+    assert [v.tokens for v in e.videos] == [1024, 8]  # the short clip is already at its smallest plan
+    # room for 40 video tokens: proportional shares 39 and 0; the short clip cannot go below 8, so the long one
+    # must take at most 32: 16 (8 frames of 2x2 merged patches; 3x3 would be 36). A proportional split alone left
+    # the sample over and dropped it.
+    cut = e.text_tokens + 40
+    out = Fitter(loaded.spec, FitOptions(cutoff_len=cut, overflow=("shrink_images", "drop")), enc).fit(e)
+    assert out.fate == "shrunk" and out.tokens_after <= cut
+    assert [v.tokens for v in out.pieces[0].videos] == [16, 8]
+
+
 def test_truncate_text_and_split_move_whole_videos(envs):
     loaded, enc = envs["qwen2_vl"]
     turns = [("user", [("vid", 8, 4.0, 56, 56), "first " * 30]), ("assistant", ["left"]),

@@ -162,41 +162,47 @@ class Fitter:
         return state, "; ".join(notes) or None
 
     def _shrink_videos(self, enc: Encoded, room: int) -> tuple[Encoded, str | None]:
-        """Each video to its share of `room` tokens (in proportion to its tokens now)."""
-        total = enc.video_tokens
-        if total <= room:
+        """Each video to its share of `room` tokens, in proportion to its tokens now. A clip that cannot get
+        down to its share stays at its smallest plan, and the room it could not give up is taken from the
+        shares of the others (so text is not cut while a clip could still shrink)."""
+        olds = enc.videos
+        if sum(v.tokens for v in olds) <= room:
             return enc, None
-        notes, blocks, k = [], [], 0
-        for b in enc.blocks:
-            if not b.videos:
-                blocks.append(b)
-                continue
-            videos = []
-            for v in b.videos:
-                k += 1
-                budget = max(0, room) * v.tokens // total
-                new = self._shrink_video(v, budget)
-                if new.tokens != v.tokens:
-                    notes.append(f"video {k}: {v.tokens} -> {new.tokens} tokens, {v.frames} -> {new.frames} frames, "
-                                 f"{v.grid.height}x{v.grid.width} -> {new.grid.height}x{new.grid.width} px")
-                videos.append(new)
-            blocks.append(b.replace(videos=videos))
+        fixed: dict[int, VideoRef] = {}  # clips at their smallest plan, still over their share
+        news: dict[int, VideoRef] = {}
+        for _ in range(len(olds)):
+            free = [k for k in range(len(olds)) if k not in fixed]
+            left = max(0, room - sum(v.tokens for v in fixed.values()))
+            weight = sum(olds[k].tokens for k in free) or 1
+            over = False
+            for k in free:
+                budget = left * olds[k].tokens // weight
+                news[k], fits = self._shrink_video(olds[k], budget)
+                if not fits:
+                    fixed[k], over = news[k], True
+            if not over:
+                break
+        notes = [f"video {k + 1}: {v.tokens} -> {news[k].tokens} tokens, {v.frames} -> {news[k].frames} frames, "
+                 f"{v.grid.height}x{v.grid.width} -> {news[k].grid.height}x{news[k].grid.width} px"
+                 for k, v in enumerate(olds) if news[k].tokens != v.tokens]
         if not notes:
             return enc, None
+        it = iter(news[k] for k in range(len(olds)))
+        blocks = [b.replace(videos=[next(it) for _ in b.videos]) if b.videos else b for b in enc.blocks]
         return enc.with_blocks(blocks), "shrank " + "; ".join(notes)
 
-    def _shrink_video(self, v: VideoRef, budget: int) -> VideoRef:
-        """The largest plan of `v` within `budget` tokens, else its smallest plan (pixel floor, fewest frames)."""
+    def _shrink_video(self, v: VideoRef, budget: int) -> tuple[VideoRef, bool]:
+        """The largest plan of `v` within `budget` tokens (and True), else its smallest plan (pixel floor,
+        fewest frames) and False."""
         if self.encoder is None:
             raise ValueError("fitting samples with videos needs the encoder (Fitter(..., encoder=...))")
         count = self.encoder.count_text if v.stamp_ids is not None else None
         found = shrink_video(v.total_frames, v.fps, v.height, v.width, v.spec, budget, count)
-        if found is None:  # nothing fits: the floor, so that the next policies start from the least
-            found = shrink_video(v.total_frames, v.fps, v.height, v.width, v.spec, 0, count, floor=True)
-        if found is None:
-            return v
-        spec, grid = found
-        return self.encoder.plan_video(v, spec, grid)
+        if found is not None:
+            return self.encoder.plan_video(v, *found), True
+        # nothing fits: the floor, so that the next policies start from the least
+        found = shrink_video(v.total_frames, v.fps, v.height, v.width, v.spec, 0, count, floor=True)
+        return (v if found is None else self.encoder.plan_video(v, *found)), False
 
     def _cap_image_share(self, enc: Encoded) -> tuple[Encoded, list[str]]:
         cap = int(self.opt.max_image_token_share * self.opt.cutoff_len)
