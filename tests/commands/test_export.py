@@ -255,3 +255,25 @@ def test_the_export_keeps_the_pixel_bounds_training_used(tiny_ckpt, tmp_path):
     assert (ip.size["shortest_edge"], ip.size["longest_edge"]) == (3136, 50176)
     base_ip = AutoProcessor.from_pretrained(ckpt).image_processor
     assert base_ip.size["longest_edge"] != 50176
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
+def test_the_export_keeps_the_video_keys_training_used(tiny_ckpt, tmp_path, arch):
+    """So that `vlmtune chat --model merged --video` samples and sizes a clip as training did."""
+    import yaml
+
+    from vlmtune.models.video_grid import VideoSpec
+
+    ckpt = tiny_ckpt(arch)
+    adapter = make_adapter(ckpt, tmp_path / "adapter")
+    (adapter / "vlmtune_config.yaml").write_text(yaml.safe_dump(
+        {"video_fps": 1.0, "video_maxlen": 6, "video_min_pixels": 3136, "video_max_pixels": 50176}))
+    out = export(ckpt, adapter, tmp_path / "merged")
+    exported = VideoSpec.from_processor(AutoProcessor.from_pretrained(out))
+    base = VideoSpec.from_processor(AutoProcessor.from_pretrained(ckpt))
+    assert (exported.fps, exported.max_frames) == (1.0, 6)
+    if arch == "qwen2_vl":  # per-frame bounds: the processor's own
+        assert (exported.min_pixels, exported.max_pixels) == (3136, 50176)
+    else:  # per-clip bounds: left as the base's
+        assert (exported.min_pixels, exported.max_pixels) == (base.min_pixels, base.max_pixels)
+

@@ -16,9 +16,10 @@ An adapter trained on a 4/8-bit base (QLoRA) merges into the base's original, un
 merging into quantized weights would round the adapter away and save integers. A base checkpoint saved
 quantized is dequantized first.
 
-The processor is the base model's, with the pixel bounds (image_min_pixels / image_max_pixels) the
-training run used where the adapter directory holds its vlmtune_config.yaml, so that the merged model
-sees images at the sizes it was trained on.
+The processor is the base model's, with the pixel bounds (image_min_pixels / image_max_pixels) and the
+video keys (video_fps, video_maxlen; video_min/max_pixels where the video processor reads them per frame)
+the training run used where the adapter directory holds its vlmtune_config.yaml, so that the merged model
+sees images and clips as it was trained on them.
 
 Tied embeddings (the Qwen-VL 2B/4B checkpoints tie lm_head to embed_tokens): merging a LoRA on
 lm_head (or embed_tokens) into a tied weight would change both layers, so the embeddings are
@@ -143,8 +144,13 @@ def stored_dtype(config) -> str:
     return d if d in DTYPES[1:] else "float32"
 
 
-def training_pixel_bounds(adapter) -> dict[str, int]:
-    """image_min_pixels / image_max_pixels the training run set, from the adapter's vlmtune_config.yaml."""
+_TRAINING_KEYS = ("image_min_pixels", "image_max_pixels", "video_min_pixels", "video_max_pixels", "video_fps",
+                  "video_maxlen")
+
+
+def training_pixel_bounds(adapter) -> dict[str, float]:
+    """The image and video keys the training run set (pixel bounds, video_fps, video_maxlen), from the adapter's
+    vlmtune_config.yaml."""
     import yaml
 
     path = Path(adapter) / "vlmtune_config.yaml"
@@ -155,13 +161,17 @@ def training_pixel_bounds(adapter) -> dict[str, int]:
     except (OSError, yaml.YAMLError) as e:
         raise VlmtuneError(f"cannot read {path}: {e}; fix or remove it (it only carries the training run's "
                            "pixel bounds into the export)") from e
-    return {k: int(keys[k]) for k in ("image_min_pixels", "image_max_pixels") if keys.get(k) is not None}
+    return {k: (float if k == "video_fps" else int)(keys[k]) for k in _TRAINING_KEYS if keys.get(k) is not None}
 
 
-def apply_pixel_bounds(processor, bounds: dict[str, int]) -> None:
-    """Set the image processor's min/max pixels (the `size` dict transformers 5 reads, and the old attributes)."""
+def apply_pixel_bounds(processor, bounds: dict[str, float]) -> None:
+    """Set the image processor's min/max pixels (the `size` dict transformers 5 reads, and the old attributes),
+    and the video processor's sampling (fps, max_frames) and, for Qwen2/2.5-VL, per-frame `size`. Qwen3-VL's
+    video processor bounds a whole clip, which a per-frame key cannot say without the clip: its `size` is left
+    as the base's (training planned each clip at video_max_pixels × its frames; docs/video.md)."""
     if not bounds:
         return
+    _apply_video_keys(processor, bounds)
     ip = processor.image_processor
     size = dict(getattr(ip, "size", None) or {})
     if "image_min_pixels" in bounds:
@@ -269,3 +279,26 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def _apply_video_keys(processor, keys: dict[str, float]) -> None:
+    from ..models.video_grid import QWEN2_RULE, VideoSpec
+
+    vp = getattr(processor, "video_processor", None)
+    if vp is None or not any(k.startswith("video_") for k in keys):
+        return
+    if "video_fps" in keys:
+        vp.fps = float(keys["video_fps"])
+        if getattr(vp, "num_frames", None) is not None:
+            vp.num_frames = None  # fps and num_frames are exclusive, as in VideoSpec.with_overrides
+    if "video_maxlen" in keys:
+        vp.max_frames = int(keys["video_maxlen"])
+    try:
+        per_frame = VideoSpec.from_processor(processor).rule == QWEN2_RULE
+    except ValueError:
+        return
+    if per_frame:
+        size = dict(vp.size or {})
+        size.update({edge: int(keys[k]) for k, edge in (("video_min_pixels", "shortest_edge"),
+                                                          ("video_max_pixels", "longest_edge")) if k in keys})
+        vp.size = size
