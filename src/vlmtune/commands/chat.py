@@ -300,25 +300,22 @@ class ChatModel:
     def plan_clip(self, path):
         """(VideoGrid, ClipInputs) of a clip: the frames, grid and tokens the processor makes of it, and the
         planned frames decoded for it (what the collator hands the video processor in training)."""
-        from ..data.video import VideoReadError, clip_inputs
+        from ..data.video import VideoReadError, plan_clip, planned_inputs
 
         if self.video is None:
             raise VlmtuneError(f"cannot use the video {path}: {type(self.processor).__name__} has no Qwen-VL video "
                                "processor (Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints have one)")
         facts = check_videos([path])[0]
-        spec = self.video.for_clip(facts.frames, facts.fps)
         try:
-            grid = spec.plan(facts.frames, facts.fps, facts.height, facts.width)
+            planned = plan_clip(str(path), self.video, facts)
         except VideoSampleError as e:
             raise VlmtuneError(f"cannot use the video {path} ({facts.frames} frames at {facts.fps:.3g} fps, "
                                f"{facts.width}x{facts.height}): {e}") from None
         try:
-            clip = clip_inputs(str(path), grid.indices, rotation=facts.rotation, total_frames=facts.frames,
-                               fps=facts.fps, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
-                               cap_pixels_per_frame=spec.cap_pixels_per_frame)
+            clip = planned_inputs(str(path), planned)
         except VideoReadError as e:
             raise VlmtuneError(f"cannot decode the video {path}: {e.what}; {e.fix}") from None
-        return grid, clip
+        return planned.grid, clip
 
     def _image_size(self) -> dict | None:
         if self.image_max_pixels is None:

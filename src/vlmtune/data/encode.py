@@ -27,7 +27,7 @@ from ..models.spec import ModelSpec
 from ..models.video_grid import VideoGrid, VideoSpec
 from .images import ImageHeader
 from .types import Conversation, ImagePart, VideoPart
-from .video import VideoFacts
+from .video import VideoFacts, plan_clip
 
 IGNORE_INDEX = -100
 
@@ -347,15 +347,16 @@ class Encoder:
         if facts is None or self.video is None:
             raise SampleError(conv.id, conv.source, f"video {video.ref!r} has no header facts",
                               "run validation first; it reports missing and unreadable videos")
-        spec = self.video.for_clip(facts.frames, facts.fps)
-        return self.plan_video(VideoRef(video.path, facts.frames, facts.fps, facts.height, facts.width,
-                                        facts.rotation, spec, None), spec)  # type: ignore[arg-type]
+        planned = plan_clip(video.path, self.video, facts)
+        return VideoRef(video.path, facts.frames, facts.fps, facts.height, facts.width, facts.rotation,
+                        planned.spec, planned.grid, self._stamp_ids(planned.grid))
 
-    def plan_video(self, ref: VideoRef, spec: VideoSpec, grid: VideoGrid | None = None) -> VideoRef:
-        """`ref` planned under `spec` (its grid and, for Qwen3-VL, its timestamps' ids)."""
-        grid = grid or spec.plan(ref.total_frames, ref.fps, ref.height, ref.width)
-        stamps = tuple(self.text_ids(t) for t in grid.timestamp_texts()) if grid.timestamps is not None else None
-        return replace(ref, spec=spec, grid=grid, stamp_ids=stamps)
+    def plan_video(self, ref: VideoRef, spec: VideoSpec, grid: VideoGrid) -> VideoRef:
+        """`ref` with another plan (shrink_images): its spec, grid and, for Qwen3-VL, its timestamps' ids."""
+        return replace(ref, spec=spec, grid=grid, stamp_ids=self._stamp_ids(grid))
+
+    def _stamp_ids(self, grid: VideoGrid) -> tuple[tuple[int, ...], ...] | None:
+        return tuple(self.text_ids(t) for t in grid.timestamp_texts()) if grid.timestamps is not None else None
 
     def _block(self, conv, role: str, ids: list[int], images, message_index: int | None) -> Block:
         header = self._headers.get(role) or self._ids(f"{self.spec.im_start_token}{role}\n")

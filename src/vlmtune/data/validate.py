@@ -34,7 +34,7 @@ from ..models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
 from .images import ImageHeader, Source, _fileobj, read_header
 from ..models.video_grid import VideoSampleError, VideoSpec
 from .types import ROLES, Conversation, ImagePart, VideoPart
-from .video import VideoFacts, VideoReadError, read_facts
+from .video import VideoFacts, VideoReadError, plan_clip, read_facts
 
 # Pillow refuses to open images above 2 * Image.MAX_IMAGE_PIXELS (89,478,485 by default) with
 # DecompressionBombError; we use the same number so that whatever passes here also opens later.
@@ -415,7 +415,7 @@ def _check_clip(path: str, spec: VideoSpec) -> VideoFacts | _Bad:
     except VideoReadError as e:
         return _Bad(_VIDEO_KINDS.get(e.kind, "bad_video"), f"{e.what} ({path})", e.fix)
     try:
-        spec.for_clip(facts.frames, facts.fps).plan(facts.frames, facts.fps, facts.height, facts.width)
+        plan_clip(path, spec, facts)
     except VideoSampleError as e:
         return _Bad("video_sample", f"({facts.frames} frames at {facts.fps:.3g} fps, {facts.width}x{facts.height}) "
                     f"cannot be sampled by the processor: {e}",

@@ -176,6 +176,31 @@ def clip_inputs(path: str, indices, *, rotation: int, total_frames: int, fps: fl
     return ClipInputs(frames, metadata, kwargs)
 
 
+@dataclass(frozen=True)
+class PlannedClip:
+    """A clip's header facts and what a VideoSpec makes of it: the clip's own spec (`VideoSpec.for_clip`: the
+    processor bounds it is resized under) and its plan (sampled frames, grid, tokens)."""
+
+    facts: VideoFacts
+    spec: object  # models.video_grid.VideoSpec, for this clip
+    grid: object  # models.video_grid.VideoGrid
+
+
+def plan_clip(path: str, spec, facts: VideoFacts | None = None) -> PlannedClip:
+    """The clip at `path` (its facts read here unless given) planned under the run's VideoSpec. Raises
+    VideoReadError for an unreadable clip and models.video_grid.VideoSampleError for one the processor refuses."""
+    facts = read_facts(path) if facts is None else facts
+    clip_spec = spec.for_clip(facts.frames, facts.fps)
+    return PlannedClip(facts, clip_spec, clip_spec.plan(facts.frames, facts.fps, facts.height, facts.width))
+
+
+def planned_inputs(path: str, planned: PlannedClip) -> ClipInputs:
+    """`clip_inputs` for a planned clip: its sampled frames decoded, with its own bounds."""
+    f, s = planned.facts, planned.spec
+    return clip_inputs(path, planned.grid.indices, rotation=f.rotation, total_frames=f.frames, fps=f.fps,
+                       min_pixels=s.min_pixels, max_pixels=s.max_pixels, cap_pixels_per_frame=s.cap_pixels_per_frame)
+
+
 def _av(path):
     try:
         import av

@@ -17,15 +17,10 @@ from .video_data import DIRECTIONS
 
 def plan_clip(path: str, spec):
     """(VideoGrid, ClipInputs) of one clip, sampled, sized and decoded as the collator does."""
-    from ...data.video import clip_inputs, read_facts
+    from ...data import video
 
-    facts = read_facts(path)
-    clip_spec = spec.for_clip(facts.frames, facts.fps)
-    grid = clip_spec.plan(facts.frames, facts.fps, facts.height, facts.width)
-    clip = clip_inputs(path, grid.indices, rotation=facts.rotation, total_frames=facts.frames, fps=facts.fps,
-                       min_pixels=clip_spec.min_pixels, max_pixels=clip_spec.max_pixels,
-                       cap_pixels_per_frame=clip_spec.cap_pixels_per_frame)
-    return grid, clip
+    planned = video.plan_clip(path, spec)
+    return planned.grid, video.planned_inputs(path, planned)
 
 
 def evaluate_video(model, processor, questions: list[dict], data_dir: str, spec, *, batch_size: int = 32) -> dict:
