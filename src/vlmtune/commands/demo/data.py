@@ -203,17 +203,22 @@ def write_dataset(data_dir: str | os.PathLike, size: DemoSize, seed: int) -> dic
     records = training_records(rng, train, big)
     # Its own stream, so that the held-out pictures do not change what is trained on.
     held_out = _pictures(random.Random(f"eval-{seed}"), images, "eval", size.eval_images)
-    _write_json(data / f"{DATASET_NAME}.json", records)
-    info = {DATASET_NAME: {
-        "file_name": f"{DATASET_NAME}.json",
-        "formatting": "sharegpt",
-        "columns": {"messages": "messages", "images": "images"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
-    }}
-    _write_json(data / "dataset_info.json", info)
+    write_sharegpt(data, DATASET_NAME, records, "images")
     questions = eval_questions(held_out)
     _write_json(data / "eval.json", questions)
     return {"records": len(records), "eval_questions": questions}
+
+
+def write_sharegpt(data: Path, name: str, records: list[dict], media: str) -> None:
+    """`records` as `name`.json and its dataset_info.json entry (LLaMA-Factory sharegpt; `media`: the
+    images or videos column)."""
+    _write_json(data / f"{name}.json", records)
+    _write_json(data / "dataset_info.json", {name: {
+        "file_name": f"{name}.json",
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages", media: media},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+    }})
 
 
 def _write_json(path: Path, obj) -> None:

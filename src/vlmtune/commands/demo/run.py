@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,15 @@ def demo_config(model_dir: str, data_dir: str, output_dir: str, *, factor: int, 
         "output_dir": str(output_dir),
         "cutoff_len": CUTOFF_LEN,
         "image_max_pixels": IMAGE_TOKENS * factor * factor,
+        **training_keys(size, steps, seed),
+    }
+    base.update(overrides or {})
+    return load_config(None, base=base)
+
+
+def training_keys(size, steps: int, seed: int) -> dict:
+    """How both demos train (the image demo's choices; the video demo's reasons are in video_run.py)."""
+    return {
         "overflow": ["shrink_images", "truncate_text", "split", "drop"],
         # Full fine-tuning of every part, vision tower and projector included, chosen by experiment
         # (2400 steps, seed 0, held-out accuracy): the model is random, so there are no features to
@@ -53,8 +63,6 @@ def demo_config(model_dir: str, data_dir: str, output_dir: str, *, factor: int, 
         "seed": seed,
         "dataloader_num_workers": size.loader_workers,
     }
-    base.update(overrides or {})
-    return load_config(None, base=base)
 
 
 def load_trained(model_dir: str, output_dir: str, finetuning_type: str):
@@ -72,14 +80,20 @@ def load_trained(model_dir: str, output_dir: str, finetuning_type: str):
 def run_demo(out: str | os.PathLike = "vlmtune-demo", *, steps: int | None = None, quick: bool = False,
              arch: str = "qwen2_vl", seed: int = 0, progress: bool = True, overrides: dict | None = None) -> dict:
     """Build, evaluate, fine-tune, evaluate again; returns (and writes) the summary."""
+    with one_thread():
+        return _run_demo(out, steps=steps, quick=quick, arch=arch, seed=seed, progress=progress, overrides=overrides)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The model's matrices are tiny (hidden size 64): one thread beats two, and on a shared 2-core machine
+    other threads' spin-waits made a step 4x slower."""
     import torch
 
     threads = torch.get_num_threads()
-    # The model's matrices are tiny (hidden size 64): one thread beats two, and on a shared 2-core
-    # machine other threads' spin-waits made a step 4x slower.
     torch.set_num_threads(1)
     try:
-        return _run_demo(out, steps=steps, quick=quick, arch=arch, seed=seed, progress=progress, overrides=overrides)
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -111,7 +125,6 @@ def _run_demo(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
     train_seconds = time.perf_counter() - t_train
     after = evaluate(load_trained(str(model_dir), cfg.output_dir, cfg.finetuning_type), processor, questions,
                      str(data_dir), **budget)
-    losses = [h["loss"] for h in result.log_history if "loss" in h]
     summary = {
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
@@ -119,6 +132,17 @@ def _run_demo(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
         "accuracy_by_kind_before": before["by_kind"],
         "accuracy_by_kind_after": after["by_kind"],
         "eval_questions": before["questions"],
+        **run_facts(result, cfg, start, train_seconds, arch=arch, quick=quick, seed=seed, model_dir=model_dir,
+                    data=data_dir / f"{DATASET_NAME}.json"),
+        "config": _config_summary(cfg),
+    }
+    return write_summary(out, summary)
+
+
+def run_facts(result, cfg, start: float, train_seconds: float, **run) -> dict:
+    """What both demos' summaries say about the training run: the fit report, the losses, the times, the paths."""
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    return {
         "fit_report": _ordered(result.prepared.fates),
         "fit_report_path": str(result.prepared.report_path),
         "records": result.prepared.records,
@@ -129,14 +153,16 @@ def _run_demo(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
         "steps": int(result.global_step),
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.perf_counter() - start, 1),
-        "arch": arch,
-        "quick": bool(quick),
-        "seed": seed,
-        "model_dir": str(model_dir),
-        "data": str(data_dir / f"{DATASET_NAME}.json"),
+        "arch": run["arch"],
+        "quick": bool(run["quick"]),
+        "seed": run["seed"],
+        "model_dir": str(run["model_dir"]),
+        "data": str(run["data"]),
         "output_dir": str(cfg.output_dir),
-        "config": _config_summary(cfg),
     }
+
+
+def write_summary(out: Path, summary: dict) -> dict:
     summary["summary_path"] = str(out / "demo_summary.json")
     _write_json(out / "demo_summary.json", summary)
     return summary
@@ -166,7 +192,6 @@ def format_summary(s: dict) -> str:
     def by_kind(d: dict) -> str:
         return ", ".join(f"{k} {_pct(v)}" for k, v in d.items())
 
-    fates = ", ".join(f"{k} {v}" for k, v in s["fit_report"].items())
     lines = [
         "",
         f"vlmtune demo: a tiny random {s['arch']} fine-tuned ({s['config']['finetuning_type']}) on rendered shapes, "
@@ -178,16 +203,22 @@ def format_summary(s: dict) -> str:
     ]
     if s["quick"]:
         lines.append("  (--quick: colour is learnt in a few hundred steps; shape needs the full run, `vlmtune demo`)")
-    lines += [
+    return "\n".join(lines + run_lines(s, "(the data holds some over-long samples on purpose, so that every "
+                                         "fitting policy acts)", "LLaMA-Factory sharegpt, with dataset_info.json"))
+
+
+def run_lines(s: dict, fit_note: str | None, data_note: str) -> list[str]:
+    """The end of both demos' printed summary: the fit report, the loss, where things are, the time."""
+    fates = ", ".join(f"{k} {v}" for k, v in s["fit_report"].items())
+    return [
         f"fit report: {s['records']} records -> {s['rows']} training rows at cutoff_len={s['config']['cutoff_len']}: "
         f"{fates}",
-        "  (the data holds some over-long samples on purpose, so that every fitting policy acts)",
+        *([f"  {fit_note}"] if fit_note else []),
         f"  one line per record, with the reason: {s['fit_report_path']}",
         f"loss plot: {s['loss_plot'] or '(nothing logged)'}"
         + (f"  (loss {s['first_loss']:.2f} -> {s['final_loss']:.2f})" if s["first_loss"] is not None else ""),
-        f"data: {s['data']} (LLaMA-Factory sharegpt, with dataset_info.json)",
+        f"data: {s['data']} ({data_note})",
         f"fine-tuned model: {s['output_dir']}",
         f"time: {s['seconds']:.0f} s ({s['train_seconds']:.0f} s training)",
         f"summary: {s['summary_path']}",
     ]
-    return "\n".join(lines)

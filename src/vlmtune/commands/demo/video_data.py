@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from .data import COLOURS, SHAPES, _write_json
+from .data import COLOURS, SHAPES, _write_json, write_sharegpt
 
 DIRECTIONS = ("left", "right", "up", "down")
 # (dx, dy) per frame, image coordinates (y grows downwards)
@@ -217,14 +217,7 @@ def write_video_dataset(data_dir: str | os.PathLike, size: VideoDemoSize, seed: 
     records = training_records(rng, train)
     # Its own stream, so that the held-out clips do not change what is trained on.
     held_out = _clips(random.Random(f"video-eval-{seed}"), videos, "eval", size.eval_clips, side, codec)
-    _write_json(data / f"{VIDEO_DATASET_NAME}.json", records)
-    info = {VIDEO_DATASET_NAME: {
-        "file_name": f"{VIDEO_DATASET_NAME}.json",
-        "formatting": "sharegpt",
-        "columns": {"messages": "messages", "videos": "videos"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
-    }}
-    _write_json(data / "dataset_info.json", info)
+    write_sharegpt(data, VIDEO_DATASET_NAME, records, "videos")
     questions = eval_questions(held_out)
     _write_json(data / "eval.json", questions)
     return {

@@ -10,8 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from .data import _write_json
-from .run import _ordered, _pct, load_trained
+from .run import _pct, load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
 from .video_data import FPS, FRAMES, SIDE_PATCHES, VIDEO_DATASET_NAME, VIDEO_FULL, VIDEO_QUICK, VideoDemoSize, \
     write_video_dataset
 from .video_eval import evaluate_video, video_chance
@@ -36,28 +35,10 @@ def video_demo_config(model_dir: str, data_dir: str, output_dir: str, *, size: V
         "dataset_dir": str(data_dir),
         "output_dir": str(output_dir),
         "cutoff_len": VIDEO_CUTOFF_LEN,
-        "overflow": ["shrink_images", "truncate_text", "split", "drop"],
         # Full fine-tuning of every part, for the image demo's reasons (run.py): the model is random, so
         # there are no features for LoRA to adapt. Motion is read by the vision tower's patch embedding,
         # a Conv3d over the two frames of a temporal patch, so the tower must train.
-        "finetuning_type": "full",
-        "freeze_vision_tower": False,
-        "freeze_multi_modal_projector": False,
-        "learning_rate": 2.0e-3,
-        # one answer per length bucket otherwise (all four answers are one token)
-        "group_by_length": False,
-        "gradient_checkpointing": False,
-        "per_device_train_batch_size": size.batch_size,
-        "gradient_accumulation_steps": 1,
-        "max_steps": steps,
-        "lr_scheduler_type": "cosine",
-        "warmup_ratio": 0.05,
-        "logging_steps": max(1, steps // 60),
-        "save_steps": steps + 1,
-        "plot_loss": True,
-        "report_to": "none",
-        "seed": seed,
-        "dataloader_num_workers": size.loader_workers,
+        **training_keys(size, steps, seed),
     }
     base.update(overrides or {})
     return load_config(None, base=base)
@@ -73,14 +54,8 @@ def video_spec(cfg):
 def run_video_demo(out: str | os.PathLike = "vlmtune-demo-video", *, steps: int | None = None, quick: bool = False,
                    arch: str = "qwen2_vl", seed: int = 0, progress: bool = True, overrides: dict | None = None) -> dict:
     """Build, evaluate, fine-tune, evaluate again; returns (and writes) the summary."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the image demo: a tiny model, one thread beats two
-    try:
+    with one_thread():
         return _run(out, steps=steps, quick=quick, arch=arch, seed=seed, progress=progress, overrides=overrides)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
@@ -110,7 +85,6 @@ def _run(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
     train_seconds = time.perf_counter() - t_train
     after = evaluate_video(load_trained(str(model_dir), cfg.output_dir, cfg.finetuning_type), processor, questions,
                            str(data_dir), spec)
-    losses = [h["loss"] for h in result.log_history if "loss" in h]
     grid = spec.for_clip(FRAMES, FPS).plan(FRAMES, FPS, side, side)
     summary = {
         "task": "video",
@@ -124,28 +98,12 @@ def _run(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
         "eval_questions": before["questions"],
         "clip": {"frames": FRAMES, "fps": FPS, "width": side, "height": side, "codec": data["codec"],
                  "sampled_frames": list(grid.indices), "grid_thw": grid.thw, "video_tokens": grid.tokens},
-        "fit_report": _ordered(result.prepared.fates),
-        "fit_report_path": str(result.prepared.report_path),
-        "records": result.prepared.records,
-        "rows": result.prepared.rows,
-        "loss_plot": str(result.loss_plot) if result.loss_plot else "",
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "steps": int(result.global_step),
-        "train_seconds": round(train_seconds, 1),
-        "seconds": round(time.perf_counter() - start, 1),
-        "arch": arch,
-        "quick": bool(quick),
-        "seed": seed,
-        "model_dir": str(model_dir),
-        "data": str(data_dir / f"{VIDEO_DATASET_NAME}.json"),
-        "output_dir": str(cfg.output_dir),
+        **run_facts(result, cfg, start, train_seconds, arch=arch, quick=quick, seed=seed, model_dir=model_dir,
+                    data=data_dir / f"{VIDEO_DATASET_NAME}.json"),
         "config": {k: getattr(cfg, k) for k in ("finetuning_type", "freeze_vision_tower", "learning_rate",
                                                 "max_steps", "per_device_train_batch_size", "cutoff_len")},
     }
-    summary["summary_path"] = str(out / "demo_summary.json")
-    _write_json(out / "demo_summary.json", summary)
-    return summary
+    return write_summary(out, summary)
 
 
 def format_video_summary(s: dict) -> str:
@@ -154,7 +112,6 @@ def format_video_summary(s: dict) -> str:
         return ", ".join(f"{k} {_pct(v)}" for k, v in d.items())
 
     c = s["clip"]
-    fates = ", ".join(f"{k} {v}" for k, v in s["fit_report"].items())
     lines = [
         "",
         f"vlmtune demo --video: a tiny random {s['arch']} fine-tuned ({s['config']['finetuning_type']}) on clips of "
@@ -168,15 +125,4 @@ def format_video_summary(s: dict) -> str:
     ]
     if s["quick"]:
         lines.append("  (--quick: too few steps to learn motion; the full run is `vlmtune demo --video`)")
-    lines += [
-        f"fit report: {s['records']} records -> {s['rows']} training rows at cutoff_len={s['config']['cutoff_len']}: "
-        f"{fates}",
-        f"  one line per record, with the reason: {s['fit_report_path']}",
-        f"loss plot: {s['loss_plot'] or '(nothing logged)'}"
-        + (f"  (loss {s['first_loss']:.2f} -> {s['final_loss']:.2f})" if s["first_loss"] is not None else ""),
-        f"data: {s['data']} (LLaMA-Factory sharegpt with videos, with dataset_info.json)",
-        f"fine-tuned model: {s['output_dir']}",
-        f"time: {s['seconds']:.0f} s ({s['train_seconds']:.0f} s training)",
-        f"summary: {s['summary_path']}",
-    ]
-    return "\n".join(lines)
+    return "\n".join(lines + run_lines(s, None, "LLaMA-Factory sharegpt with videos, with dataset_info.json"))
