@@ -143,7 +143,9 @@ def video_spans(ids: list[int], grids: list[list[int]], spec) -> dict[int, tuple
     `<|vision_end|>` (Qwen3-VL)."""
     spans: dict[int, tuple[int, int]] = {}
     i, k = 0, 0
-    per_patch = spec.model_type == "qwen3_vl"
+    from ..data.collate import frames_apart  # lazily: collate imports torch
+
+    per_patch = frames_apart(spec)
     while i < len(ids) and k < len(grids):
         if ids[i] != spec.video_token_id:
             i += 1

@@ -16,15 +16,10 @@ import torch
 
 from ..errors import SampleError
 from ..models.spec import ModelSpec
-from .encode import IGNORE_INDEX
+from .encode import IGNORE_INDEX, VIDEO_COLUMNS  # rows without videos may lack the video columns
 from .formats import EmbeddedError, image_source
 from .images import open_rgb
 
-# the per-video columns of a row (one entry per video, in order of appearance); rows without videos may lack them
-VIDEO_COLUMNS = (
-    "videos", "video_grid_thw", "video_frames", "video_total_frames", "video_fps", "video_rotation",
-    "video_min_pixels", "video_max_pixels", "video_second_per_grid",
-)
 
 
 def frames_apart(spec) -> bool:

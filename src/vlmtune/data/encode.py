@@ -31,6 +31,12 @@ from .video import VideoFacts, plan_clip
 
 IGNORE_INDEX = -100
 
+# A row's per-video columns (one entry per video, in order of appearance; `video_columns` fills them).
+VIDEO_COLUMNS = (
+    "videos", "video_grid_thw", "video_frames", "video_total_frames", "video_fps", "video_rotation",
+    "video_min_pixels", "video_max_pixels", "video_second_per_grid",
+)
+
 
 @dataclass(frozen=True)
 class ImageRef:

@@ -14,12 +14,12 @@ import os
 
 import numpy as np
 
-# the list columns a pack concatenates. The video columns (the contract's, data/collate.VIDEO_COLUMNS) are
-# optional: packed when the dataset (or any row) has them, a row without them adding [].
+from .encode import VIDEO_COLUMNS
+
+# the list columns a pack concatenates. The video columns (data/encode.VIDEO_COLUMNS) are optional: packed
+# when the dataset (or any row) has them, a row without them adding [].
 PACKED_COLUMNS = (
-    "input_ids", "labels", "images", "image_grid_thw", "image_min_pixels", "image_max_pixels",
-    "videos", "video_grid_thw", "video_frames", "video_total_frames", "video_fps", "video_rotation",
-    "video_min_pixels", "video_max_pixels", "video_second_per_grid",
+    "input_ids", "labels", "images", "image_grid_thw", "image_min_pixels", "image_max_pixels", *VIDEO_COLUMNS,
 )
 _REQUIRED = PACKED_COLUMNS[:6]
 
