@@ -185,8 +185,12 @@ def _video_count(ctx: Context) -> int:
     """Videos in the data: those accounted, and those the data path could not read for want of a decoder."""
     if ctx.data is None:
         return 0
-    unread = sum(1 for p in ctx.data.problems if getattr(p, "kind", None) == "no_video_decoder")
-    return ctx.data.summary.get("videos", 0) + unread
+    return ctx.data.summary.get("videos", 0) + _video_problems(ctx)["no_video_decoder"]
+
+
+def _video_problems(ctx: Context) -> Counter:
+    """The data's video problems by kind: every one the data path reports names the clip first ("video '...' ")."""
+    return Counter(p.kind for p in ctx.data.problems if getattr(p, "what", "").startswith("video "))
 
 
 def _model_type(ctx: Context) -> str | None:
@@ -513,13 +517,12 @@ def check_video(ctx: Context) -> Check:
         return Check("video", "warn", "not checked: the data could not be read (see the data check)",
                      "fix the data check first")
     d, s = ctx.data, ctx.data.summary
-    unread = sum(1 for p in d.problems if getattr(p, "kind", None) == "no_video_decoder")
+    refused = _video_problems(ctx)
+    unread = refused["no_video_decoder"]
     if unread:
         return Check("video", "fail", f"{unread} video(s) in the data cannot be read: no video decoder (PyAV) is "
                      "installed, so their samples are invalid", "pip install av (vlmtune[video])")
     videos = s.get("videos", 0)
-    # every video problem of the data path names the clip first ("video 'clips/a.mp4' ...")
-    refused = Counter(p.kind for p in d.problems if getattr(p, "what", "").startswith("video "))
     unusable = (f"{sum(refused.values())} video problem(s) made their samples invalid "
                 f"({', '.join(f'{k}: {n}' for k, n in sorted(refused.items()))})") if refused else ""
     if not videos:
