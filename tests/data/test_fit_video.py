@@ -15,7 +15,7 @@ from vlmtune.data.encode import IGNORE_INDEX, Encoder, emit
 from vlmtune.data.fit import FitOptions, Fitter
 from vlmtune.data.images import ImageHeader
 from vlmtune.data.types import Conversation, ImagePart, Message, TextPart, VideoPart
-from vlmtune.data.video import VideoFacts
+from vlmtune.data.video import VideoFacts, plan_clip
 from vlmtune.models.load import load_spec
 from vlmtune.models.video_grid import VideoSampleError
 
@@ -27,7 +27,7 @@ def envs(tiny_ckpt):
     out = {}
     for arch in ("qwen2_vl", "qwen3_vl"):
         loaded = load_spec(str(tiny_ckpt(arch)))
-        out[arch] = (loaded, Encoder(loaded.processor, loaded.spec, video=loaded.video))
+        out[arch] = (loaded, Encoder(loaded.processor, loaded.spec))
     return out
 
 
@@ -52,6 +52,11 @@ def conv_of(turns, sid="s"):
                 ps.append(VideoPart(ref=path, path=path))
         msgs.append(Message(role, ps))
     return Conversation(sid, f"data.jsonl:{sid}", msgs), headers, facts
+
+
+def planned(loaded, facts):
+    """The clips as validation hands them to the encoder: read (here: made up) and planned."""
+    return {path: plan_clip(path, loaded.video, f) for path, f in facts.items()}
 
 
 def video_runs(ids, spec):
@@ -79,7 +84,7 @@ def expected_runs(row, arch):
 def test_a_video_is_one_pad_until_emitted_and_then_the_processors_text(envs):
     loaded, enc = envs["qwen3_vl"]
     conv, headers, facts = conv_of([("user", [("vid", 24, 6.0, 64, 48), "Which way?"]), ("assistant", ["left"])])
-    e = enc.encode(conv, headers, videos=facts)
+    e = enc.encode(conv, headers, videos=planned(loaded, facts))
     (v,) = e.videos
     assert v.grid.indices == (0, 3, 7, 10, 13, 16, 20, 23)  # int(24 / 6 * 2) = 8 frames, linspace
     assert v.grid.thw == [4, 4, 4]
@@ -95,7 +100,7 @@ def test_a_video_is_one_pad_until_emitted_and_then_the_processors_text(envs):
 def test_shrink_lowers_the_pixel_budget_before_the_frame_count(envs):
     loaded, enc = envs["qwen2_vl"]
     conv, headers, facts = conv_of([("user", [("vid", 40, 10.0, 448, 448), "Which way?"]), ("assistant", ["up"])])
-    e = enc.encode(conv, headers, videos=facts)
+    e = enc.encode(conv, headers, videos=planned(loaded, facts))
     (v,) = e.videos
     assert (v.frames, v.grid.thw, v.tokens) == (8, [4, 32, 32], 1024)
     # room for half the tokens: the budget falls, the frames stay
@@ -116,7 +121,7 @@ def test_a_clip_at_its_floor_leaves_its_share_to_the_others(envs):
     loaded, enc = envs["qwen2_vl"]
     turns = [("user", [("vid", 40, 10.0, 448, 448), ("vid", 8, 4.0, 56, 56), "Same way?"]), ("assistant", ["no"])]
     conv, headers, facts = conv_of(turns)
-    e = enc.encode(conv, headers, videos=facts)
+    e = enc.encode(conv, headers, videos=planned(loaded, facts))
     assert [v.tokens for v in e.videos] == [1024, 8]  # the short clip is already at its smallest plan
     # room for 40 video tokens: proportional shares 39 and 0; the short clip cannot go below 8, so the long one
     # must take at most 32: 16 (8 frames of 2x2 merged patches; 3x3 would be 36). A proportional split alone left
@@ -133,7 +138,7 @@ def test_truncate_text_and_split_move_whole_videos(envs):
              ("user", ["second " * 30]), ("assistant", ["right"]),
              ("user", [("vid", 8, 4.0, 56, 56), "third"]), ("assistant", ["up"])]
     conv, headers, facts = conv_of(turns)
-    e = enc.encode(conv, headers, videos=facts)
+    e = enc.encode(conv, headers, videos=planned(loaded, facts))
     cut = e.length - 40
     out = Fitter(loaded.spec, FitOptions(cutoff_len=cut, overflow=("truncate_text", "drop")), enc).fit(e)
     assert out.fate == "truncated" and out.reason == "dropped 1 oldest text-only exchange(s)"
@@ -181,7 +186,7 @@ def test_fit_invariants_with_videos(envs, arch, turns, cutoff, overflow, share):
     loaded, enc = envs[arch]
     conv, headers, facts = conv_of(turns)
     try:
-        e = enc.encode(conv, headers, videos=facts)
+        e = enc.encode(conv, headers, videos=planned(loaded, facts))
     except VideoSampleError:  # validation refuses such a clip before encoding (e.g. Qwen3-VL: under 2 frames)
         return
     out = Fitter(loaded.spec, FitOptions(cutoff, overflow, 4, share, True), enc).fit(e)

@@ -27,7 +27,7 @@ from ..models.spec import ModelSpec
 from ..models.video_grid import VideoGrid, VideoSpec
 from .images import ImageHeader
 from .types import Conversation, ImagePart, VideoPart
-from .video import VideoFacts, plan_clip
+from .video import PlannedClip
 
 IGNORE_INDEX = -100
 
@@ -212,11 +212,10 @@ class Row:
 class Encoder:
     """Renders conversations with a checkpoint's chat template and tokenizes them into blocks."""
 
-    def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False, video: VideoSpec | None = None):
+    def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.spec = spec
-        self.video = video
         self.train_on_prompt = train_on_prompt
         self._text_ids: dict[str, tuple[int, ...]] = {}
         template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
@@ -288,7 +287,7 @@ class Encoder:
         headers: dict[str, ImageHeader],
         min_pixels: int | None = None,
         max_pixels: int | None = None,
-        videos: dict[str, VideoFacts] | None = None,
+        videos: dict[str, PlannedClip] | None = None,
     ) -> list[Encoded]:
         """Encode many conversations with one batched tokenizer call (the tokenizer is the hot path)."""
         texts = [self.split_blocks(t) for t in self.render_many(convs)] if convs else []
@@ -348,12 +347,13 @@ class Encoder:
                                   f"turn {turn} renders a video pad outside {s.vision_start_token}…{s.vision_end_token}",
                                   "use a Qwen-VL chat template (it writes <|vision_start|><|video_pad|><|vision_end|>)")
 
-    def video_ref(self, conv, video: VideoPart, facts_by_path: dict[str, VideoFacts]) -> VideoRef:
-        facts = facts_by_path.get(video.path) if video.path else None
-        if facts is None or self.video is None:
-            raise SampleError(conv.id, conv.source, f"video {video.ref!r} has no header facts",
-                              "run validation first; it reports missing and unreadable videos")
-        planned = plan_clip(video.path, self.video, facts)
+    def video_ref(self, conv, video: VideoPart, planned_by_path: dict[str, PlannedClip]) -> VideoRef:
+        """The clip as validation read and planned it (data/video.plan_clip), with its timestamps' ids."""
+        planned = planned_by_path.get(video.path) if video.path else None
+        if planned is None:
+            raise SampleError(conv.id, conv.source, f"video {video.ref!r} was not planned",
+                              "run validation first; it reads and plans every video, and reports the bad ones")
+        facts = planned.facts
         return VideoRef(video.path, facts.frames, facts.fps, facts.height, facts.width, facts.rotation,
                         planned.spec, planned.grid, self._stamp_ids(planned.grid))
 

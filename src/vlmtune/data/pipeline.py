@@ -113,8 +113,7 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["spec"] = loaded.spec
     _WORKER["stages"] = stages
     _WORKER["video"] = loaded.video
-    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt,
-                                           video=loaded.video)
+    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt)
     _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fit is not None else None
 
 

@@ -34,7 +34,7 @@ from ..models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
 from .images import ImageHeader, Source, _fileobj, read_header
 from ..models.video_grid import VideoSampleError, VideoSpec
 from .types import ROLES, Conversation, ImagePart, VideoPart
-from .video import VideoFacts, VideoReadError, plan_clip, read_facts
+from .video import PlannedClip, VideoReadError, plan_clip, read_facts
 
 # Pillow refuses to open images above 2 * Image.MAX_IMAGE_PIXELS (89,478,485 by default) with
 # DecompressionBombError; we use the same number so that whatever passes here also opens later.
@@ -48,7 +48,7 @@ class ValidationResult:
     valid: list[Conversation]
     problems: list[Problem]
     headers: dict[str, ImageHeader]
-    videos: dict[str, VideoFacts] = field(default_factory=dict)  # header facts of the valid videos, by path
+    videos: dict[str, PlannedClip] = field(default_factory=dict)  # the valid videos, read and planned, by path
 
 
 def _q(value: str, limit: int = 80) -> str:
@@ -325,8 +325,8 @@ def validate(
     problems: list[Problem] = []
     headers: dict[str, ImageHeader] = {}
     checked: dict[str, ImageHeader | _Bad | tuple[ImageHeader, _Bad]] = {}
-    clips: dict[str, VideoFacts | _Bad] = {}
-    videos: dict[str, VideoFacts] = {}
+    clips: dict[str, PlannedClip | _Bad] = {}
+    videos: dict[str, PlannedClip] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         if progress and isinstance(conversations, list) and len(conversations) >= 10_000:
@@ -403,21 +403,20 @@ def _video_problem(video: VideoPart, conv: Conversation, spec: VideoSpec | None,
     outcome = clips.get(video.path)
     if outcome is None:
         outcome = clips[video.path] = _check_clip(video.path, spec)
-    if isinstance(outcome, VideoFacts):
+    if isinstance(outcome, PlannedClip):
         return None
     return Problem(source=conv.source, what=f"video {_q(video.ref)} {outcome.detail}", fix=outcome.fix,
                    sample_id=conv.id, kind=outcome.kind)
 
 
-def _check_clip(path: str, spec: VideoSpec) -> VideoFacts | _Bad:
+def _check_clip(path: str, spec: VideoSpec) -> PlannedClip | _Bad:
     try:
         facts = read_facts(path)
     except VideoReadError as e:
         return _Bad(_VIDEO_KINDS.get(e.kind, "bad_video"), f"{e.what} ({path})", e.fix)
     try:
-        plan_clip(path, spec, facts)
+        return plan_clip(path, spec, facts)
     except VideoSampleError as e:
         return _Bad("video_sample", f"({facts.frames} frames at {facts.fps:.3g} fps, {facts.width}x{facts.height}) "
                     f"cannot be sampled by the processor: {e}",
                     "change video_fps / video_maxlen, re-encode the clip, or remove the sample")
-    return facts
