@@ -191,10 +191,7 @@ class _Builder:
             return self._embedded(ref)
         if ref.startswith("data:"):
             return self._data_uri(ref)
-        if ref[:7].lower() == "file://":  # a local path written as a URL
-            local = urllib.parse.unquote(urllib.parse.urlsplit(ref).path)
-            return self._resolved(ref, local)
-        return self._resolved(ref, ref)
+        return ImagePart(ref=ref, path=self._resolved(ref))
 
     def _embedded(self, emb: _Embedded) -> ImagePart:
         if self.origin is not None:  # a reference to the source row: no second copy of the bytes
@@ -221,25 +218,18 @@ class _Builder:
             return ImagePart(ref=ref, path=None)
         return ImagePart(ref=ref, path=ref, data=data)
 
-    def _resolved(self, ref: str, local: str) -> ImagePart:
-        path, problem = resolve_image(
-            local,
-            self.base_dir,
-            allow_paths_outside_media_dir=self.allow_outside,
-            allow_remote_images=self.allow_remote,
-            cache=self.cache,
-        )
-        if problem is not None:
-            self.read_problems.append(problem)
-        return ImagePart(ref=ref, path=path)
-
-    def video(self, ref: str) -> VideoPart:
+    def _resolved(self, ref: str, media: str = "image") -> str | None:
+        """The resolved path of an image or video reference (a `file://` URL is a local path), else None and
+        the reason recorded."""
         local = urllib.parse.unquote(urllib.parse.urlsplit(ref).path) if ref[:7].lower() == "file://" else ref
         path, problem = resolve_image(local, self.base_dir, allow_paths_outside_media_dir=self.allow_outside,
-                                      cache=self.cache, media="video")
+                                      allow_remote_images=self.allow_remote, cache=self.cache, media=media)
         if problem is not None:
             self.read_problems.append(problem)
-        return VideoPart(ref=ref, path=path)
+        return path
+
+    def video(self, ref: str) -> VideoPart:
+        return VideoPart(ref=ref, path=self._resolved(ref, "video"))
 
     def video_placeholder(self, parts: list[Part]) -> None:
         """A `<video>` (or a video part without a path): the next top-level video goes here."""
