@@ -19,6 +19,7 @@ ids are tokenized on their own and the block-by-block tokenization stays exact.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 from ..errors import SampleError
@@ -30,6 +31,12 @@ from .types import Conversation, ImagePart, VideoPart
 from .video import PlannedClip
 
 IGNORE_INDEX = -100
+
+# Thinking blocks (Qwen3.5): what its chat template writes around an answer's reasoning, and writes empty when
+# there is none or thinking is off (docs/thinking.md).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+_THOUGHT = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 # A row's per-video columns (one entry per video, in order of appearance; `video_columns` fills them).
 VIDEO_COLUMNS = (
@@ -212,11 +219,12 @@ class Row:
 class Encoder:
     """Renders conversations with a checkpoint's chat template and tokenizes them into blocks."""
 
-    def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False):
+    def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False, enable_thinking: bool = True):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.spec = spec
         self.train_on_prompt = train_on_prompt
+        self.enable_thinking = enable_thinking
         self._text_ids: dict[str, tuple[int, ...]] = {}
         template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if not template:
@@ -225,6 +233,8 @@ class Encoder:
         self._headers = {
             role: self._ids(f"{spec.im_start_token}{role}\n") for role in ("system", "user", "assistant")
         }
+        # enable_thinking=false: an answer's leading empty thinking block is prompt, not target (docs/thinking.md)
+        self._empty_think = self._ids(EMPTY_THINK) if not enable_thinking and THINK_OPEN in template else None
 
     # -- rendering ---------------------------------------------------------------------------
     def render(self, conv: Conversation) -> str:
@@ -234,14 +244,15 @@ class Encoder:
     def render_many(self, convs: list[Conversation]) -> list[str]:
         """Render many conversations in one call of transformers' template renderer (the same code
         `apply_chat_template` runs, without its per-call overhead)."""
-        chats = [_template_messages(c) for c in convs]
+        chats = [_template_messages(c, keep_thinking=self.enable_thinking) for c in convs]
+        # the template reads enable_thinking as apply_chat_template passes it (Qwen3.5's generation prompt)
         try:
             from transformers.utils.chat_template_utils import render_jinja_template
         except ImportError:  # an older or newer transformers without it: the public path
-            return [self.processor.apply_chat_template(m, chat_template=self.chat_template, tokenize=False)
-                    for m in chats]
+            return [self.processor.apply_chat_template(m, chat_template=self.chat_template, tokenize=False,
+                                                       enable_thinking=self.enable_thinking) for m in chats]
         rendered, _ = render_jinja_template(conversations=chats, chat_template=self.chat_template,
-                                            **self.tokenizer.special_tokens_map)
+                                            enable_thinking=self.enable_thinking, **self.tokenizer.special_tokens_map)
         return rendered
 
     def split_blocks(self, text: str) -> list[str]:
@@ -374,7 +385,10 @@ class Encoder:
         if message_index is not None and conv.messages[message_index].weight == 0:
             trained = False  # OpenAI `weight: 0`: context, not a target
         # Train through <|im_end|> (so the model learns to stop) but not the newline after it.
-        return block.replace(label_start=len(header), label_end=len(ids) - 1) if trained else block
+        start = len(header)
+        if role == "assistant" and self._empty_think and ids[start : start + len(self._empty_think)] == self._empty_think:
+            start += len(self._empty_think)  # enable_thinking=false: the empty thinking block is prompt
+        return block.replace(label_start=start, label_end=len(ids) - 1) if trained else block
 
     def image_ref(self, conv, img: ImagePart, headers, min_pixels=None, max_pixels=None) -> ImageRef:
         lo = self.spec.min_pixels if min_pixels is None else min_pixels
@@ -394,8 +408,17 @@ def _template_part(p) -> dict:
     return {"type": "text", "text": p.text}
 
 
-def _template_messages(conv: Conversation) -> list[dict]:
-    return [{"role": m.role, "content": [_template_part(p) for p in m.parts]} for m in conv.messages]
+def _template_messages(conv: Conversation, keep_thinking: bool = True) -> list[dict]:
+    return [{"role": m.role, "content": [_template_part(p if keep_thinking or m.role != "assistant" else
+                                                         _without_thinking(p)) for p in m.parts]}
+            for m in conv.messages]
+
+
+def _without_thinking(part):
+    """A text part with its `<think>…</think>` reasoning removed (enable_thinking=false, as LLaMA-Factory does)."""
+    if isinstance(part, (ImagePart, VideoPart)) or THINK_CLOSE not in part.text:
+        return part
+    return replace(part, text=_THOUGHT.sub("", part.text).lstrip("\n"))
 
 
 def regrid(img: ImageRef, spec: ModelSpec, max_pixels: int) -> ImageRef:
