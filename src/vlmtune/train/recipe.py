@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import yaml
 
+from ..data.cache import check_folders
 from ..data.collate import Collator
 from ..data.pack import pack_dataset
 from ..data.prepare import Prepared, format_report_summary, prepare, streamed_dataset
@@ -80,6 +81,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     loaded and may raise to stop the run: `vlmtune train` passes the doctor's checks (run_doctor: true)."""
     from transformers import set_seed
 
+    check_folders(cfg)  # before any work: overlapping output / prepared / data folders are refused
     loaded = load_spec_for(cfg)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
