@@ -354,8 +354,8 @@ class TrainArgs:
     bf16: bool = _arg(False, "Train in bfloat16 mixed precision (Ampere or newer GPUs).")
     fp16: bool = _arg(False, "Train in float16 mixed precision (older GPUs); at most one of bf16 and fp16.")
     force_cpu_bf16: bool = _arg(
-        False, "On a CPU, keep bf16: true even where bfloat16 autocast measures slower than float32 there (by "
-        "default `vlmtune train` then trains in float32 and says so)."
+        False, "On a CPU, keep bf16: true even where the CPU lacks AMX-BF16 (by default `vlmtune train` then trains "
+        "in float32 and says so: bfloat16 autocast is slower than float32 there)."
     )
     gradient_checkpointing: bool = _arg(
         True, "Recompute activations in the backward pass to save memory (on by default, as in LLaMA-Factory)."
