@@ -27,17 +27,11 @@ from ..models.grid import Grid
 from ..models.spec import ModelSpec
 from ..models.video_grid import VideoGrid, VideoSpec
 from .images import ImageHeader
+from .schema import Row
 from .types import TOOL_ROLES, Conversation, ImagePart, VideoPart
 from .video import PlannedClip
 
 IGNORE_INDEX = -100
-
-# A row's per-video columns (one entry per video, in order of appearance; `video_columns` fills them).
-VIDEO_COLUMNS = (
-    "videos", "video_grid_thw", "video_frames", "video_total_frames", "video_fps", "video_rotation",
-    "video_min_pixels", "video_max_pixels", "video_second_per_grid",
-)
-
 
 @dataclass(frozen=True)
 class ImageRef:
@@ -183,33 +177,6 @@ class Encoded:
         return Encoded(self.id if id is None else id, self.source, list(blocks))
 
 
-@dataclass
-class Row:
-    """An emitted training sample: what `prepare` stores and the collator consumes."""
-
-    id: str
-    source: str
-    input_ids: list[int]
-    labels: list[int]
-    images: list[str]
-    image_grid_thw: list[list[int]]
-    image_min_pixels: list[int]
-    image_max_pixels: list[int]
-    # one entry per video, in order (docs/video.md: what the collator hands the video processor)
-    videos: list[str] = field(default_factory=list)
-    video_grid_thw: list[list[int]] = field(default_factory=list)
-    video_frames: list[list[int]] = field(default_factory=list)
-    video_total_frames: list[int] = field(default_factory=list)
-    video_fps: list[float] = field(default_factory=list)
-    video_rotation: list[int] = field(default_factory=list)
-    video_min_pixels: list[int] = field(default_factory=list)
-    video_max_pixels: list[int] = field(default_factory=list)
-    video_second_per_grid: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
 class Encoder:
     """Renders conversations with a checkpoint's chat template and tokenizes them into blocks."""
 
@@ -302,8 +269,6 @@ class Encoder:
         self,
         convs: list[Conversation],
         headers: dict[str, ImageHeader],
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
         videos: dict[str, PlannedClip] | None = None,
     ) -> list[Encoded]:
         """Encode many conversations with one batched tokenizer call (the tokenizer is the hot path)."""
@@ -314,13 +279,13 @@ class Encoder:
         for conv, blocks in zip(convs, texts):
             ids = flat_ids[k : k + len(blocks)]
             k += len(blocks)
-            out.append(self._assemble(conv, blocks, ids, headers, min_pixels, max_pixels, videos or {}))
+            out.append(self._assemble(conv, blocks, ids, headers, videos or {}))
         return out
 
-    def encode(self, conv, headers, min_pixels=None, max_pixels=None, videos=None) -> Encoded:
-        return self.encode_many([conv], headers, min_pixels, max_pixels, videos)[0]
+    def encode(self, conv, headers, videos=None) -> Encoded:
+        return self.encode_many([conv], headers, videos)[0]
 
-    def _assemble(self, conv, block_texts, block_ids, headers, min_pixels, max_pixels, videos) -> Encoded:
+    def _assemble(self, conv, block_texts, block_ids, headers, videos) -> Encoded:
         roles = [t[len(self.spec.im_start_token) :].split("\n", 1)[0] for t in block_texts]
         offset = len(roles) - len(conv.messages)
         if offset not in (0, 1) or (offset == 1 and roles[0] != "system"):
@@ -343,7 +308,7 @@ class Encoder:
                     f"turn {i} renders {ids.count(self.spec.image_token_id)} image pads for {len(msg_images)} images",
                     "the chat template must render each image part as one image pad",
                 )
-            images = [self.image_ref(conv, img, headers, min_pixels, max_pixels) for img in msg_images]
+            images = [self.image_ref(conv, img, headers) for img in msg_images]
             msg_videos = conv.messages[mi].videos if mi is not None else []
             self._check_video_pads(conv, i, ids, len(msg_videos))
             block = self._block(conv, role, ids, images, mi, last)
@@ -398,9 +363,9 @@ class Encoder:
         # Train through <|im_end|> (so the model learns to stop) but not the newline after it.
         return block.replace(label_start=len(header), label_end=len(ids) - 1) if trained else block
 
-    def image_ref(self, conv, img: ImagePart, headers, min_pixels=None, max_pixels=None) -> ImageRef:
-        lo = self.spec.min_pixels if min_pixels is None else min_pixels
-        hi = self.spec.max_pixels if max_pixels is None else max_pixels
+    def image_ref(self, conv, img: ImagePart, headers) -> ImageRef:
+        """The image under the spec's pixel bounds (shrink_images lowers them per sample later: `regrid`)."""
+        lo, hi = self.spec.min_pixels, self.spec.max_pixels
         h = headers.get(img.path) if img.path else None
         if h is None:
             raise SampleError(conv.id, conv.source, f"image {img.ref!r} has no readable header",
