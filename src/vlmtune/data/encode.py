@@ -180,12 +180,16 @@ class Encoded:
 class Encoder:
     """Renders conversations with a checkpoint's chat template and tokenizes them into blocks."""
 
-    def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False, mask_history: bool = False):
+    def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False, mask_history: bool = False,
+                 default_system: str | None = None, enable_thinking: bool | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.spec = spec
         self.train_on_prompt = train_on_prompt
         self.mask_history = mask_history  # LLaMA-Factory's: only the last answer is a target
+        self.default_system = default_system  # for samples without a system turn
+        # read by thinking templates (Qwen3-style); other templates ignore the variable
+        self.template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         self._text_ids: dict[str, tuple[int, ...]] = {}
         template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if not template:
@@ -206,24 +210,34 @@ class Encoder:
     def render_many(self, convs: list[Conversation]) -> list[str]:
         """Render many conversations in one call of transformers' template renderer (the same code
         `apply_chat_template` runs, without its per-call overhead)."""
-        chats = [template_messages(c, self.renders_tools) for c in convs]
+        chats = [self._with_default_system(template_messages(c, self.renders_tools)) for c in convs]
         try:
             from transformers.utils.chat_template_utils import render_jinja_template
         except ImportError:  # an older or newer transformers without it: the public path
             return [self.processor.apply_chat_template(m, chat_template=self.chat_template, tokenize=False,
-                                                       **self._tools(c)) for c, m in zip(convs, chats)]
+                                                       **self._tools(c), **self.template_kwargs)
+                    for c, m in zip(convs, chats)]
         out: list[str | None] = [None] * len(convs)
         plain = [i for i, c in enumerate(convs) if not self._tools(c)]
         if plain:
             rendered, _ = render_jinja_template(conversations=[chats[i] for i in plain],
-                                                chat_template=self.chat_template, **self.tokenizer.special_tokens_map)
+                                                chat_template=self.chat_template, **self.template_kwargs,
+                                                **self.tokenizer.special_tokens_map)
             for i, text in zip(plain, rendered):
                 out[i] = text
         for i, c in enumerate(convs):  # each sample's own tools: the renderer takes one list per call
             if out[i] is None:
                 out[i] = render_jinja_template(conversations=[chats[i]], chat_template=self.chat_template,
-                                               **self._tools(c), **self.tokenizer.special_tokens_map)[0][0]
+                                               **self._tools(c), **self.template_kwargs,
+                                               **self.tokenizer.special_tokens_map)[0][0]
         return out
+
+    def _with_default_system(self, chat: list[dict]) -> list[dict]:
+        """default_system for a sample without a system turn: rendered like the template's own default (a system
+        block with no message of its own), so it is never trained."""
+        if not self.default_system or (chat and chat[0]["role"] == "system"):
+            return chat
+        return [{"role": "system", "content": [{"type": "text", "text": self.default_system}]}, *chat]
 
     def _tools(self, conv: Conversation) -> dict:
         return {"tools": conv.tools} if conv.tools and self.renders_tools else {}

@@ -37,6 +37,7 @@ FINGERPRINT_FILE = "vlmtune_fingerprint.json"
 DATA_FILE = "data.arrow"
 SAMPLES_FILE = "samples.arrow"  # per valid sample: tokens before fitting (the doctor's and inspect's numbers)
 PROBLEMS_FILE = "problems.jsonl"
+REPORT_FILE, EVAL_REPORT_FILE = "fit_report.jsonl", "eval_fit_report.jsonl"  # in output_dir
 PIECES_FILE = "pieces.npy"  # (tokens, vision tokens: image + video pads) of each emitted row
 FATES = ("kept", "shrunk", "truncated", "split", "dropped", "invalid")
 # Config keys that change what `prepare` emits; anything else (learning rate, ...) does not.
@@ -45,7 +46,7 @@ DATA_KEYS = (
     "image_min_pixels", "max_samples", "allow_paths_outside_media_dir", "allow_remote_images",
     "on_bad_sample", "train_on_prompt", "overflow", "min_image_tokens", "max_image_token_share",
     "split_keep_context", "remote_image_max_bytes", "video_max_pixels", "video_min_pixels", "video_fps",
-    "video_maxlen",
+    "video_maxlen", "mask_history", "default_system", "enable_thinking", "mix_strategy", "interleave_probs",
 )
 
 
@@ -85,6 +86,13 @@ def fit_options(fit: FitArgs) -> FitOptions:
     )
 
 
+def stages_for(fit: FitArgs, emit: bool = True) -> Stages:
+    """The pipeline's stages for a config's fit section: labels as it asks, fitted, rows emitted."""
+    return Stages(train_on_prompt=fit.train_on_prompt, mask_history=fit.mask_history,
+                  default_system=fit.default_system, enable_thinking=fit.enable_thinking,
+                  fit=fit_options(fit), emit=emit)
+
+
 def remote_options(cfg):
     """data/remote.FetchOptions from the config's remote_image_* keys."""
     from .remote import FetchOptions
@@ -95,19 +103,28 @@ def remote_options(cfg):
 
 def source_of(cfg) -> Source:
     """The read keys of a config, for the pipeline."""
+    probs = tuple(float(p) for p in cfg.interleave_probs.split(",")) if cfg.interleave_probs else None
     return Source(cfg.dataset, cfg.dataset_dir, cfg.media_dir, cfg.allow_paths_outside_media_dir,
                   cfg.allow_remote_images, cfg.max_samples or None,
-                  remote_options(cfg) if cfg.allow_remote_images else None)
+                  remote_options(cfg) if cfg.allow_remote_images else None,
+                  mix_strategy=cfg.mix_strategy, interleave_probs=probs, seed=cfg.seed)
 
 
 def prepared_dir(cfg) -> str:
     return cfg.prepared_dir or os.path.join(cfg.output_dir, "prepared")
 
 
-def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prepared:
+def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True, report_name: str = REPORT_FILE) -> Prepared:
     """Prepare (or load the cached) dataset; stops on the first sample that reaches the 'error' policy,
-    and, with on_bad_sample=error, on invalid samples once the fit report is written."""
-    return _prepare(cfg, loaded, progress, collect=False)[0]
+    and, with on_bad_sample=error, on invalid samples once the fit report is written. `report_name`: the fit
+    report's file in output_dir (eval_dataset's is EVAL_REPORT_FILE)."""
+    return _prepare(cfg, loaded, progress, collect=False, report_name=report_name)[0]
+
+
+def eval_config(cfg):
+    """The config that prepares eval_dataset: the same keys, its datasets, its own prepared folder."""
+    return cfg.replace(dataset=cfg.eval_dataset, eval_dataset=None, val_size=0, mix_strategy="concat",
+                       interleave_probs=None, prepared_dir=prepared_dir(cfg).rstrip("/\\") + "-eval")
 
 
 @dataclass
@@ -131,10 +148,10 @@ def prepare_facts(cfg, loaded: Loaded, *, progress: bool = True) -> Facts:
     return facts if facts is not None else _facts_from_cache(prep)
 
 
-def _prepare(cfg, loaded, progress, collect):
+def _prepare(cfg, loaded, progress, collect, report_name: str = "fit_report.jsonl"):
     loaded = loaded or load_spec_for(cfg)
     out_dir = prepared_dir(cfg)
-    report_path = os.path.join(cfg.output_dir, "fit_report.jsonl")
+    report_path = os.path.join(cfg.output_dir, report_name)
     fp = fingerprint(cfg, loaded, _data_files(cfg))
     cached = load_cached(out_dir, report_path, fp) if not cfg.overwrite_cache else None
     if cached is not None:
@@ -190,7 +207,7 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     from datasets.arrow_writer import ArrowWriter
 
     os.makedirs(tmp_dir)
-    stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True)
+    stages = stages_for(cfg.fit)
     stream = run_pipeline(source_of(cfg), loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                           chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
@@ -429,7 +446,7 @@ class StreamedRows:
         cfg = self.cfg
         self.passes += 1
         first = self.passes == 1
-        stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True)
+        stages = stages_for(cfg.fit)
         stream = run_pipeline(source_of(cfg), self.loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                               chunk=CHUNK, progress=False)
         os.makedirs(cfg.output_dir, exist_ok=True)
