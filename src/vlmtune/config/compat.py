@@ -93,7 +93,8 @@ CLASSIFIED: dict[str, Compat] = {
 
 # Accepted at LLaMA-Factory's default (or `also`), refused for another value: the behaviour is not in vlmtune.
 _DEFAULT_ONLY: list[tuple[str, str, tuple]] = [
-    ("the chat template comes from the model's processor", "template", ("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink")),
+    ("the chat template comes from the model's processor", "template",
+     ("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "qwen3_5", "qwen3_5_nothink")),
     ("vlmtune only does supervised fine-tuning", "stage", ("sft",)),
     ("`vlmtune train` always trains", "do_train", (True,)),
     ("vlmtune saves full checkpoints so that a run can resume", "save_only_model", ()),

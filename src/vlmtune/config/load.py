@@ -206,6 +206,7 @@ def _parse_overrides(overrides: Iterable[str], problems: list[str]) -> tuple[dic
 
 def _build(raw: dict, origin: dict, problems: list[str]) -> Config:
     notes: list[str] = []
+    _nothink_template(raw, origin, problems, notes)
     for key, value in list(raw.items()):
         if key not in _KEYS:
             _foreign_key(key, value, origin[key], problems, notes, raw)
@@ -216,6 +217,22 @@ def _build(raw: dict, origin: dict, problems: list[str]) -> Config:
     derived = _resolve(values)
     notes.extend(_advice(values))
     return _assemble(values, notes, derived)
+
+
+def _nothink_template(raw: dict, origin: dict, problems: list[str], notes: list[str]) -> None:
+    """LLaMA-Factory's `template: *_nothink` (qwen3_5_nothink) is the checkpoint's template with thinking off:
+    enable_thinking=false, which the checkpoint's own chat template then renders (docs/thinking.md)."""
+    template = raw.get("template")
+    if not (isinstance(template, str) and template.endswith("_nothink")):
+        return
+    if raw.get("enable_thinking") is True:
+        problems.append(f"template={template} ({origin['template']}) turns thinking off but enable_thinking=true "
+                        f"({origin['enable_thinking']}); remove one of them")
+    elif "enable_thinking" not in raw:
+        raw["enable_thinking"] = False
+        origin["enable_thinking"] = origin["template"]
+        notes.append(f"template={template}: enable_thinking=false (the answer is trained without a thinking block; "
+                     "the checkpoint's empty one is part of the prompt)")
 
 
 def _foreign_key(key: Any, value: Any, where: str, problems: list[str], notes: list[str], raw: dict) -> None:

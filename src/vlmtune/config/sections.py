@@ -209,8 +209,12 @@ class FitArgs:
         expect="a string such as 'You are a helpful assistant.', or null",
     )
     enable_thinking: bool = _arg(
-        True, "Passed to the chat template (Qwen3-style thinking templates read it); templates without a thinking "
-        "block ignore it.",
+        True,
+        "Thinking checkpoints (Qwen3.5): true trains each answer with its thinking block as the checkpoint's chat "
+        "template writes it (an empty `<think>` block when the data has no reasoning); false drops the data's "
+        "reasoning and makes the empty block part of the prompt, as the template's enable_thinking=false "
+        "generation prompt does. `template: qwen3_5_nothink` sets it to false. No effect on templates without "
+        "thinking blocks. See docs/thinking.md.",
     )
     overflow: list[str] = _arg(
         DEFAULT_OVERFLOW,

@@ -57,7 +57,7 @@ class Stages:
     train_on_prompt: bool = False
     mask_history: bool = False  # only the last answer is trained (LLaMA-Factory's mask_history)
     default_system: str | None = None
-    enable_thinking: bool | None = None
+    enable_thinking: bool = True  # the config's enable_thinking (data/encode.py: thinking blocks)
     fit: FitOptions | None = None
     emit: bool = False
     keep_ids: frozenset = frozenset()  # samples whose Encoded comes back whole (inspect --show)
