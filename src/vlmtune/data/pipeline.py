@@ -113,8 +113,10 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
     """One chunk of samples from validation to (fitted, emitted) rows."""
     w = _WORKER
     spec, stages, fitter = w["spec"], w["stages"], w["fitter"]
-    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
-                       patch_size=spec.patch_size, merge_size=spec.merge_size, video_spec=w["video"])
+    # Rows that will be trained on (emit: prepare, doctor, streaming) have every image decoded here, so that a
+    # pixel that cannot be decoded is a skippable bad sample now, not a crash mid-training (issue 21).
+    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size,
+                       merge_size=spec.merge_size, video_spec=w["video"], verify_images=stages.emit)
     valid = {c.id for c in checked.valid}
     out = ChunkResult(list(checked.problems), [], [c for c in convs if c.id not in valid])
     lines: dict[str, dict] = {}

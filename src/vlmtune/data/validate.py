@@ -4,9 +4,11 @@
 several; each names the sample, its source, what is wrong and the fix) and the image headers it
 read, keyed by resolved path, so that later accounting does not read them again.
 
-Image checks read only the header of each distinct path, once (`read_header`: no pixel decoding).
-A header read cannot see a truncated file: `verify_images=True` also decodes every image fully
-(slow: use it once on a new dataset). Small images are fine: transformers 5.24's Qwen2-VL image
+Image checks read the header of each distinct path, once (`read_header`). A header read cannot see pixel
+data that does not decode (a PNG with garbage compressed data, a truncated file): `verify_images=True`, which
+prepare (and so train and doctor) sets, also decodes every image, as cheaply as its format allows
+(`images.check_decodes`: JPEG at 1/8 scale), so that no image that passes here fails at training time;
+inspect stays header-only. Small images are fine: transformers 5.24's Qwen2-VL image
 processor upsamples any PIL image of at least 1x1 with an aspect ratio up to 200 to `min_pixels`
 (checked for every size up to 11x11, 1x200, 3x600...), so only a zero-sized header is "too small".
 
@@ -31,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import Problem
 from ..models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
-from .images import ImageHeader, Source, _fileobj, read_header
+from .images import ImageHeader, Source, _fileobj, check_decodes, read_header
 from ..models.video_grid import VideoSampleError, VideoSpec
 from .types import ROLES, TOOL_ROLES, Conversation, ImagePart, VideoPart
 from .video import PlannedClip, VideoReadError, plan_clip, read_facts
@@ -181,8 +183,7 @@ class _ImageRules:
                                 _FIX_REEXPORT)
         if self.verify:
             try:
-                with Image.open(_fileobj(source)) as im:
-                    im.load()
+                check_decodes(source)
             except Exception as e:
                 return header, _Bad("corrupt_image", f"is truncated or corrupt ({str(e)[:200]}): {path}", _FIX_REEXPORT)
         return header
