@@ -15,13 +15,14 @@ processor upsamples any PIL image of at least 1x1 with an aspect ratio up to 200
 Problem kinds (`Problem.kind`), read-time ones included (see `sources`):
     placeholder_mismatch, path_outside_media_dir, remote_image, bad_data_uri  (from `Conversation.read_problems`)
     missing_file, not_an_image, unreadable_file, corrupt_image, too_many_pixels, too_small,
-    aspect_ratio, empty_conversation, unknown_role, turn_order, no_assistant, no_trained_turn, empty_turn,
+    aspect_ratio, empty_conversation, control_token, unknown_role, turn_order, no_assistant, no_trained_turn, empty_turn,
     bad_video (with the reader's reason), no_video_decoder, video_sample (the processor would refuse the clip),
     unsupported_media
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -217,6 +218,36 @@ _FIX_ROLE = (
 _ORDER_ROLE = {"function_call": "assistant", "observation": "user"}
 
 
+# The tokens that frame turns and media in Qwen-VL's ChatML. Typed into a message they would be read as the
+# control token (a turn boundary, an image run without an image, an end of text trained as a label), so a sample
+# holding one is a `control_token` problem, unless control_tokens_in_text: text encodes them as plain text
+# (encode.py). Tokens the chat template gives a meaning inside content (<think>, <tool_call>) are not here.
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|endoftext|>")
+_CONTROL_RE = re.compile("|".join(re.escape(t) for t in CONTROL_TOKENS))
+_FIX_CONTROL = ("remove the token from the text, or set control_tokens_in_text: text to train it as plain text "
+                "(docs/datasets.md)")
+
+
+def _control_token_problems(conv: Conversation, as_text: bool) -> list[tuple[str, str, str]]:
+    """Control tokens typed into the conversation: in message text (plain text with control_tokens_in_text:
+    text), and in tool calls and tool definitions (JSON the template writes out as is: always a problem)."""
+    out = []
+    for i, m in enumerate(conv.messages, 1):
+        places = [] if as_text else [("text", m.text)]
+        places += [("tool call", json.dumps(c, ensure_ascii=False)) for c in m.tool_calls or []]
+        for where, text in places:
+            found = sorted(set(_CONTROL_RE.findall(text)))
+            if found:
+                what = f"message {i} ({_q(m.role)}) has the control token(s) {', '.join(found)} in its {where}"
+                out.append(("control_token", what, _FIX_CONTROL))
+    found = sorted(set(_CONTROL_RE.findall(json.dumps(conv.tools or [], ensure_ascii=False))))
+    if found:
+        out.append(("control_token", f"the tool definitions have the control token(s) {', '.join(found)}",
+                    "remove the token from the tool definitions"))
+    return out
+
+
 def _conversation_problems(conv: Conversation) -> list[tuple[str, str, str]]:
     messages = conv.messages
     if not messages:
@@ -306,6 +337,7 @@ def validate(
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     progress: bool = False,
     video_spec: VideoSpec | None = None,
+    control_tokens_as_text: bool = False,
 ) -> ValidationResult:
     """Every problem of every conversation, the valid ones, and the image headers read.
 
@@ -338,7 +370,7 @@ def validate(
             conversations = tqdm(conversations, desc="validating", unit="sample")
         for conv in conversations:
             found: list[Problem] = list(conv.read_problems)
-            for kind, what, fix in _conversation_problems(conv):
+            for kind, what, fix in _conversation_problems(conv) + _control_token_problems(conv, control_tokens_as_text):
                 found.append(Problem(source=conv.source, what=what, fix=fix, sample_id=conv.id, kind=kind))
             if check_images:
                 for img in conv.images:
