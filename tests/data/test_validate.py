@@ -441,3 +441,11 @@ def test_a_jpeg_is_decoded_at_reduced_scale(tmp_path, monkeypatch):
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", load)
     assert run(with_image(str(path)), verify_images=True).problems == []
     assert sizes == [(100, 80)]  # draft: 1/8 scale
+
+
+def test_a_fifo_named_like_an_image_is_refused_without_being_opened(tmp_path):
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes: the test would hang
+    res = run(with_image(str(fifo)), verify_images=True)
+    assert res.problems == [P("not_an_image", f"image 'photo.png' is not a regular file (a FIFO, device or socket): "
+                                              f"{fifo}", "point the path at an image file")]

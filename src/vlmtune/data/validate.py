@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 import warnings
 from dataclasses import dataclass, field, replace
@@ -100,6 +101,15 @@ def _header_ignoring_bomb_limit(path: Source) -> tuple[int, int] | None:
     return None
 
 
+def _special_file(path: str) -> bool:
+    """Whether path exists and is neither a regular file nor a folder (reported as such elsewhere)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def _too_many(claimed: str, limit: int) -> _Bad:
     what = f"{claimed}, above the limit of {limit:,} (a possible decompression bomb); it was not decoded"
     return _Bad("too_many_pixels", what, _FIX_BOMB)
@@ -143,6 +153,9 @@ class _ImageRules:
         """
         if not isinstance(source, str):
             path = "embedded bytes" if path.startswith(("embedded:", "data:")) else path
+        elif _special_file(source):  # a FIFO would block the read forever, a device never end: never opened
+            return _Bad("not_an_image", f"is not a regular file (a FIFO, device or socket): {path}",
+                        "point the path at an image file")
         try:
             header = read_header(source)
         except FileNotFoundError:
@@ -436,6 +449,9 @@ def _video_problem(video: VideoPart, conv: Conversation, spec: VideoSpec | None,
                        fix="use a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint, or remove the video",
                        sample_id=conv.id, kind="unsupported_media")
     outcome = clips.get(video.path)
+    if outcome is None and _special_file(video.path):
+        outcome = clips[video.path] = _Bad("bad_video", f"is not a regular file (a FIFO, device or socket): "
+                                           f"{video.path}", "point the path at a video file")
     if outcome is None:
         outcome = clips[video.path] = _check_clip(video.path, spec)
     if isinstance(outcome, PlannedClip):
