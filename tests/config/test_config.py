@@ -42,6 +42,7 @@ DEFAULTS = {
     "on_bad_sample": "error",
     "control_tokens_in_text": "invalid",
     "train_on_prompt": False,
+    "enable_thinking": True,
     "overflow": ["shrink_images", "truncate_text", "split", "drop"],
     "min_image_tokens": 4,
     "max_image_token_share": 1.0,
@@ -262,7 +263,8 @@ def test_sections_partition_the_keys():
     names = [f.name for cls in C.SECTIONS.values() for f in dataclasses.fields(cls)]
     assert names == list(C.KEYS)
     assert {f.name for f in dataclasses.fields(C.FitArgs)} == {
-        "cutoff_len", "image_max_pixels", "image_min_pixels", "train_on_prompt", "overflow", "min_image_tokens",
+        "cutoff_len", "image_max_pixels", "image_min_pixels", "train_on_prompt", "enable_thinking", "overflow",
+        "min_image_tokens",
         "max_image_token_share", "split_keep_context", "packing", "video_max_pixels", "video_min_pixels", "video_fps",
         "video_maxlen",
     }
@@ -434,7 +436,8 @@ MESSAGES = [
     ("do_train=false", "do_train=False is not supported; `vlmtune train` always trains; remove do_train or set it "
      "to true"),
     ("template=llava", "template='llava' is not supported; the chat template comes from the model's processor; "
-     "remove template or set it to qwen2_vl or qwen3_vl or qwen3_vl_nothink"),
+     "remove template or set it to qwen2_vl or qwen3_vl or qwen3_vl_nothink or qwen3_5 or "
+     "qwen3_5_nothink"),
     ("save_only_model=true", "save_only_model=True is not supported; vlmtune saves full checkpoints so that a run "
      "can resume; remove save_only_model or set it to false"),
     ("image_resolution=512", "image_resolution=512 (in override 'image_resolution=512') is replaced by "

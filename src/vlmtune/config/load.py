@@ -18,7 +18,8 @@ from .values import _INVALID, OVERFLOW_POLICIES, TERMINAL_POLICIES, _Bad, _conve
 LLAMA_FACTORY_IGNORED: dict[str, tuple[tuple | None, str]] = {
     "stage": (("sft",), "vlmtune only does supervised fine-tuning"),
     "do_train": ((True,), "`vlmtune train` always trains"),
-    "template": (("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink"), "the chat template comes from the model's processor"),
+    "template": (("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "qwen3_5", "qwen3_5_nothink"),
+                 "the chat template comes from the model's processor"),
     "overwrite_output_dir": (None, "checkpoints in output_dir are resumed only when resume_from_checkpoint is set"),
     "save_only_model": ((False,), "vlmtune saves full checkpoints so that a run can resume"),
     "do_eval": (None, "vlmtune evaluates whenever val_size > 0"),
@@ -210,6 +211,7 @@ def _parse_overrides(overrides: Iterable[str], problems: list[str]) -> tuple[dic
 
 def _build(raw: dict, origin: dict, problems: list[str]) -> Config:
     notes: list[str] = []
+    _nothink_template(raw, origin, problems, notes)
     for key, value in raw.items():
         if key not in _KEYS:
             _foreign_key(key, value, origin[key], problems, notes)
@@ -220,6 +222,22 @@ def _build(raw: dict, origin: dict, problems: list[str]) -> Config:
     derived = _resolve(values)
     notes.extend(_advice(values))
     return _assemble(values, notes, derived)
+
+
+def _nothink_template(raw: dict, origin: dict, problems: list[str], notes: list[str]) -> None:
+    """LLaMA-Factory's `template: *_nothink` (qwen3_5_nothink) is the checkpoint's template with thinking off:
+    enable_thinking=false, which the checkpoint's own chat template then renders (docs/thinking.md)."""
+    template = raw.get("template")
+    if not (isinstance(template, str) and template.endswith("_nothink")):
+        return
+    if raw.get("enable_thinking") is True:
+        problems.append(f"template={template} ({origin['template']}) turns thinking off but enable_thinking=true "
+                        f"({origin['enable_thinking']}); remove one of them")
+    elif "enable_thinking" not in raw:
+        raw["enable_thinking"] = False
+        origin["enable_thinking"] = origin["template"]
+        notes.append(f"template={template}: enable_thinking=false (the answer is trained without a thinking block; "
+                     "the checkpoint's empty one is part of the prompt)")
 
 
 def _foreign_key(key: Any, value: Any, where: str, problems: list[str], notes: list[str]) -> None:

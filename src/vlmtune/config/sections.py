@@ -188,6 +188,14 @@ class FitArgs:
     train_on_prompt: bool = _arg(
         False, "Compute the loss on every turn; false: on assistant turns only (the prompt is masked)."
     )
+    enable_thinking: bool = _arg(
+        True,
+        "Thinking checkpoints (Qwen3.5): true trains each answer with its thinking block as the checkpoint's chat "
+        "template writes it (an empty `<think>` block when the data has no reasoning); false drops the data's "
+        "reasoning and makes the empty block part of the prompt, as the template's enable_thinking=false "
+        "generation prompt does. `template: qwen3_5_nothink` sets it to false. No effect on templates without "
+        "thinking blocks. See docs/thinking.md.",
+    )
     overflow: list[str] = _arg(
         DEFAULT_OVERFLOW,
         "Policies tried in order on a sample longer than cutoff_len: shrink_images, truncate_text, split, drop, "

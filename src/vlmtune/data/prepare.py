@@ -156,8 +156,8 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     from datasets.arrow_writer import ArrowWriter
 
     cache.make_temp(tmp_dir)
-    stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True,
-                    control_tokens_as_text=cfg.control_tokens_in_text == "text")
+    stages = Stages(train_on_prompt=cfg.train_on_prompt, enable_thinking=cfg.enable_thinking,
+                    fit=fit_options(cfg.fit), emit=True, control_tokens_as_text=cfg.control_tokens_in_text == "text")
     stream = run_pipeline(source_of(cfg), loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                           chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
@@ -323,8 +323,9 @@ class StreamedRows:
         cfg = self.cfg
         self.passes += 1
         first = self.passes == 1
-        stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True,
-                            control_tokens_as_text=cfg.control_tokens_in_text == "text")
+        stages = Stages(train_on_prompt=cfg.train_on_prompt, enable_thinking=cfg.enable_thinking,
+                        fit=fit_options(cfg.fit), emit=True,
+                        control_tokens_as_text=cfg.control_tokens_in_text == "text")
         stream = run_pipeline(source_of(cfg), self.loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                               chunk=CHUNK, progress=False)
         os.makedirs(cfg.output_dir, exist_ok=True)
