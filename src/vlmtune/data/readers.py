@@ -331,6 +331,11 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, split: str | 
         except OSError as e:
             yield file_problem(path, "data_not_found", f"cannot list the folder: {e.strerror or e}", _FIX_FILE)
             return
+        for n in names:  # a FIFO or device named like a data file: reported, never opened
+            full = os.path.join(path, n)
+            if os.path.exists(full) and not os.path.isfile(full) and not os.path.isdir(full):
+                yield file_problem(full, "data_not_found", "is not a regular file (a FIFO, device or socket)",
+                                   "point the dataset at a regular data file")
         names = [n for n in names if os.path.isfile(os.path.join(path, n))]
         if not names:
             yield file_problem(
