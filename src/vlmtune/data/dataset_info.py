@@ -35,13 +35,16 @@ def _format_from_entry(entry: dict, name: str, info_path: str) -> RecordFormat |
         return file_problem(f"{info_path}#{name}", "bad_dataset_info", what, fix)
 
     formatting = entry.get("formatting")
-    if formatting not in (None, "sharegpt"):
+    ranking = entry.get("ranking", False)
+    if not isinstance(ranking, bool):
+        return bad(f"`ranking` of dataset {name!r} is {_type_name(ranking)}, expected true or false",
+                   "fix dataset_info.json")
+    # alpaca is read for ranking (preference) datasets: data/preference_records.py
+    if formatting not in (None, "sharegpt") and not (formatting == "alpaca" and ranking):
         return bad(
             f"dataset {name!r} has formatting {formatting!r}; only sharegpt is supported",
             "convert the data to sharegpt (messages with <image> placeholders and an `images` list)",
         )
-    if entry.get("ranking"):
-        return bad(f"dataset {name!r} is a ranking (preference) dataset", "use a supervised (sharegpt) dataset")
     columns = entry.get("columns") or {}
     tags = entry.get("tags") or {}
     if not isinstance(columns, dict) or not isinstance(tags, dict):
@@ -63,6 +66,13 @@ def _format_from_entry(entry: dict, name: str, info_path: str) -> RecordFormat |
         system_tag=tags.get("system_tag", base.system_tag),
         observation_tag=tags.get("observation_tag", base.observation_tag),
         function_tag=tags.get("function_tag", base.function_tag),
+        formatting=formatting,
+        ranking=ranking,
+        chosen=columns.get("chosen", base.chosen),
+        rejected=columns.get("rejected", base.rejected),
+        kto_tag=columns.get("kto_tag", base.kto_tag),
+        prompt=columns.get("prompt", base.prompt),
+        query=columns.get("query", base.query),
     )
 
 

@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from ..errors import Problem, SampleError
 from ..models.load import Loaded
-from .encode import Encoded, Encoder, emit
+from .encode import Encoded, Encoder
 from .fit import FitOptions, FitOutcome, Fitter
+from .pairs import NOT_KTO, emit_row, encode_samples, fit_sample, stage_problems
 from .readers import iter_samples, layout_notes
 from .types import Conversation
 from .validate import validate
@@ -72,6 +73,8 @@ class Stages:
     fit: FitOptions | None = None
     emit: bool = False
     keep_ids: frozenset = frozenset()  # samples whose Encoded comes back whole (inspect --show)
+    # the run's stage (sft, dpo, kto): a sample of another kind is invalid (data/pairs.stage_problems); None: any
+    stage: str | None = None
 
 
 @dataclass
@@ -130,6 +133,8 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
     """One chunk of samples from validation to (fitted, emitted) rows."""
     w = _WORKER
     spec, stages, fitter = w["spec"], w["stages"], w["fitter"]
+    for conv in convs:
+        conv.read_problems += stage_problems(conv, stages.stage)
     checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
                        patch_size=spec.patch_size, merge_size=spec.merge_size, video_spec=w["video"])
     valid = {c.id for c in checked.valid}
@@ -143,14 +148,14 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
         for c in out.invalid:
             reason = " | ".join(f"{p.what}; {p.fix}" for p in by_id.get(c.id, [])) or "invalid"
             lines[c.id] = invalid_line(c.id, c.source, reason)
-    for enc in w["encoder"].encode_many(checked.valid, checked.headers, videos=checked.videos):
+    for enc in encode_samples(w["encoder"], checked.valid, checked.headers, checked.videos):
         out.stats.append(SampleStats.of(enc))
         if enc.id in stages.keep_ids:
             out.encoded.append(enc)
         if fitter is None:
             continue
         try:
-            fitted = fitter.fit(enc)
+            fitted = fit_sample(fitter, enc)
         except SampleError as e:
             out.errors.append(e)
             continue
@@ -158,7 +163,7 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
         out.pieces += [(p.length, p.image_tokens + sum(v.pad_tokens for v in p.videos)) for p in fitted.pieces]
         out.split_rows += len(fitted.pieces) if fitted.fate == "split" else 0
         if stages.emit:
-            rows += [emit(p, spec).to_dict() for p in fitted.pieces]
+            rows += [emit_row(p, spec) for p in fitted.pieces]
     if fitter is not None:
         out.lines = [lines[c.id] for c in convs if c.id in lines]
     if stages.emit and rows:
@@ -187,6 +192,10 @@ def features():
         "video_min_pixels": Sequence(Value("int64")),
         "video_max_pixels": Sequence(Value("int64")),
         "video_second_per_grid": Sequence(Value("float64")),
+        # preference rows (data/pairs.py): the rejected side of a pair; the KTO tag (1, 0; -1: not KTO)
+        "rejected_input_ids": Sequence(Value("int32")),
+        "rejected_labels": Sequence(Value("int32")),
+        "kto_tag": Value("int8"),
         "length": Value("int32"),
     })
 
@@ -196,7 +205,10 @@ def rows_table(rows: list[dict], feats):
     import pyarrow as pa
 
     for r in rows:
-        r["length"] = len(r["input_ids"])
+        r.setdefault("rejected_input_ids", [])
+        r.setdefault("rejected_labels", [])
+        r.setdefault("kto_tag", NOT_KTO)
+        r["length"] = max(len(r["input_ids"]), len(r["rejected_input_ids"]))  # a pair's longer side
     return pa.table({k: pa.array([r[k] for r in rows], type=feats[k].pa_type) for k in feats})
 
 

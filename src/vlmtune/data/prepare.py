@@ -44,7 +44,7 @@ DATA_KEYS = (
     "image_min_pixels", "max_samples", "allow_paths_outside_media_dir", "allow_remote_images",
     "on_bad_sample", "train_on_prompt", "overflow", "min_image_tokens", "max_image_token_share",
     "split_keep_context", "remote_image_max_bytes", "video_max_pixels", "video_min_pixels", "video_fps",
-    "video_maxlen",
+    "video_maxlen", "stage",
 )
 
 
@@ -189,7 +189,7 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     from datasets.arrow_writer import ArrowWriter
 
     os.makedirs(tmp_dir)
-    stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True)
+    stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True, stage=cfg.stage)
     stream = run_pipeline(source_of(cfg), loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                           chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
@@ -461,7 +461,7 @@ class StreamedRows:
         cfg = self.cfg
         self.passes += 1
         first = self.passes == 1
-        stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True)
+        stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True, stage=cfg.stage)
         stream = run_pipeline(source_of(cfg), self.loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                               chunk=CHUNK, progress=False)
         os.makedirs(cfg.output_dir, exist_ok=True)

@@ -85,6 +85,7 @@ from .records import (
     file_problem,
     record_to_conversation,
 )
+from .preference_records import preference_kind, preference_to_conversation
 from .types import Conversation
 
 _FIX_FILE = "check the path and its permissions"
@@ -533,7 +534,10 @@ def iter_samples(
             if isinstance(item, Problem):
                 yield item
                 continue
-            conv = record_to_conversation(
+            # preference records (ranking pairs, KTO tags) have their own converters: data/preference_records.py
+            convert = (preference_to_conversation if preference_kind(item.value, item.fmt)
+                       else record_to_conversation)
+            conv = convert(
                 item.value,
                 sample_id=plan.next_id(item),
                 source=item.source,

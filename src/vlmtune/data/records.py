@@ -35,6 +35,9 @@ LAYOUTS = {
     "llava": "LLaVA / ShareGPT4V (`image`, `conversations` from/value human/gpt)",
     "cauldron": "the_cauldron (`images`, `texts` of {user, assistant})",
     "openai": "OpenAI chat fine-tuning (`image_url` parts, `data:` URIs, `weight`)",
+    "ranking": "LLaMA-Factory ranking pairs (`ranking: true`, `chosen` / `rejected`)",
+    "trl_preference": "TRL preference pairs (`prompt` / `chosen` / `rejected`, explicit or implicit prompt)",
+    "kto": "KTO answers tagged desirable / undesirable (LLaMA-Factory `kto_tag`, TRL `prompt` / `completion` / `label`)",
 }
 
 _DATA_URI_RE = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),", re.ASCII)
@@ -85,6 +88,15 @@ class RecordFormat:
     system_tag: str = "system"
     observation_tag: str = "observation"
     function_tag: str = "function_call"
+    # preference datasets (data/preference_records.py): LLaMA-Factory `ranking: true` with its chosen /
+    # rejected columns, `kto_tag`, and alpaca's prompt / query columns for ranking alpaca entries
+    formatting: str | None = None
+    ranking: bool = False
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    kto_tag: str | None = None
+    prompt: str = "instruction"
+    query: str = "input"
 
 
 AUTO_FORMAT = RecordFormat()
