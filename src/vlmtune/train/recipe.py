@@ -80,6 +80,9 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     loaded and may raise to stop the run: `vlmtune train` passes the doctor's checks (run_doctor: true)."""
     from transformers import set_seed
 
+    if cfg.stage != "sft":  # the preference trainer is the next step of issue 22: never train pairs as SFT
+        raise ConfigError([f"stage={cfg.stage!r}: `vlmtune prepare` prepares and fits the preference data, but "
+                           "training it is not in this version yet; set stage: sft"])
     loaded = load_spec_for(cfg)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
