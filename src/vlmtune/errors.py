@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
+
+# Problems of this kind are about a whole file (a layout that cannot be trained: every record has it), so an
+# error shows them once per file instead of once per record.
+PER_FILE_KINDS = ("untrainable_layout",)
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,10 @@ class DataError(VlmtuneError):
 
     def __init__(self, problems: list[Problem], header: str | None = None):
         self.problems = list(problems)
-        shown = self.problems[:50]
+        grouped = _per_file(self.problems)
+        shown = grouped[:50]
         lines = "\n".join(f"  - {p}" for p in shown)
-        more = f"\n  ... and {len(self.problems) - len(shown)} more" if len(self.problems) > len(shown) else ""
+        more = f"\n  ... and {len(grouped) - len(shown)} more" if len(grouped) > len(shown) else ""
         head = header or f"{len(self.problems)} problem(s) in the data"
         self.header = header
         super().__init__(f"{head}:\n{lines}{more}")
@@ -67,3 +73,18 @@ class SampleError(VlmtuneError):
 
     def __reduce__(self):
         return (type(self), (self.sample_id, self.source, self.what, self.fix))
+
+
+def _per_file(problems: list[Problem]) -> list:
+    """The lines to show: one per file for PER_FILE_KINDS (with its record count), the other problems as they are."""
+    out: list = []
+    counts: dict[tuple, int] = {}
+    for p in problems:
+        if p.kind not in PER_FILE_KINDS:
+            out.append(p)
+            continue
+        key = (re.sub(r"[:#]\d+$", "", p.source), p.what, p.fix)
+        if key not in counts:
+            out.append(key)
+        counts[key] = counts.get(key, 0) + 1
+    return [x if isinstance(x, Problem) else f"{x[0]} ({counts[x]} record(s)): {x[1]}; {x[2]}" for x in out]

@@ -46,7 +46,7 @@ def test_llama_factory_ranking_sharegpt_and_alpaca(tmp_path, write_image, write_
         "alp": {"file_name": "alp.json", "formatting": "alpaca", "ranking": True,
                 "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
                             "images": "images"}}})
-    got = read_samples("rank,alp", dataset_dir=str(tmp_path))
+    got = read_samples("rank,alp", dataset_dir=str(tmp_path), preference=True)
     assert got.problems == []
     rank, alp = got.conversations
     assert _shape(rank) == [("user", ["ImagePart", "TextPart"], "Colour?"), ("assistant", ["TextPart"], "red")]
@@ -68,11 +68,11 @@ def test_trl_preference_explicit_and_implicit_prompt_and_kto_layouts(tmp_path, w
          "rejected": [*user, {"role": "assistant", "content": "blue"}], "images": ["a.png"]},
         {"prompt": "<image>Colour?", "completion": "blue", "label": False, "images": ["a.png"]},
     ])
-    got = read_samples(str(tmp_path / "trl.jsonl"))
+    got = read_samples(str(tmp_path / "trl.jsonl"), preference=True)
     explicit, implicit, unpaired = got.conversations
     for c in (explicit, implicit):
         assert _shape(c) == [("user", ["ImagePart", "TextPart"], "Colour?"), ("assistant", ["TextPart"], "red")]
-        assert (c.layout, c.preference.rejected.text) == ("trl_preference", "blue")
+        assert (c.layout, c.preference.rejected.text) == ("ranking", "blue")
     assert _shape(unpaired)[-1] == ("assistant", ["TextPart"], "blue")
     assert (unpaired.layout, unpaired.preference) == ("kto", Preference("kto", desirable=False))
 
@@ -84,10 +84,21 @@ def test_trl_preference_explicit_and_implicit_prompt_and_kto_layouts(tmp_path, w
     write_json(tmp_path / "dataset_info.json", {"kto": {"file_name": "kto.json", "formatting": "sharegpt", "columns": {
         "messages": "messages", "kto_tag": "label", "images": "images"}, "tags": {
         "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}})
-    got = read_samples("kto", dataset_dir=str(tmp_path))
+    got = read_samples("kto", dataset_dir=str(tmp_path), preference=True)
     assert [c.preference for c in got.conversations] == [Preference("kto", desirable=True)]
     assert [(p.sample_id, p.kind, p.what) for p in got.problems] == [
         ("kto:1", "missing_side", "`label` is 'yes', expected true (desirable) or false (undesirable)")]
+
+
+def test_ms_swift_pairs_and_sft_runs_refusing_preference_files(tmp_path, write_image, write_jsonl):
+    write_image(tmp_path / "a.png", 56, 56)
+    write_jsonl(tmp_path / "s.jsonl", [{"query": "<image>Colour?", "response": "red", "rejected_response": "blue",
+                                        "images": ["a.png"]}])
+    (conv,) = read_samples(str(tmp_path / "s.jsonl"), preference=True).conversations
+    assert _shape(conv)[-1] == ("assistant", ["TextPart"], "red") and conv.preference.rejected.text == "blue"
+    # without the preference stages the reader refuses the file (records/preference.py): never SFT targets
+    got = read_samples(str(tmp_path / "s.jsonl"))
+    assert got.conversations == [] and [p.kind for p in got.problems] == ["untrainable_layout"]
 
 
 def test_invalid_pairs_are_reported_per_pair(tmp_path, write_image, write_jsonl):
@@ -101,7 +112,7 @@ def test_invalid_pairs_are_reported_per_pair(tmp_path, write_image, write_jsonl)
          "images": ["a.png"]},  # an image in an answer
         {"messages": [q], "chosen": "red", "rejected": "blue", "images": ["a.png", "a.png"]},  # 1 placeholder, 2 images
     ])
-    got = read_samples(str(tmp_path / "p.jsonl"))
+    got = read_samples(str(tmp_path / "p.jsonl"), preference=True)
     assert [(p.sample_id, p.kind) for p in got.problems] == [("p:2", "missing_side")]
     kinds = {c.id: sorted(p.kind for p in c.read_problems) for c in got.conversations}
     assert kinds == {"p:1": ["identical_pair"], "p:3": ["missing_side"],

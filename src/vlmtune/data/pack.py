@@ -14,14 +14,12 @@ import os
 
 import numpy as np
 
-from .encode import VIDEO_COLUMNS
+from .schema import PackedRow, Row, features, packed_columns, required_columns
 
-# the list columns a pack concatenates. The video columns (data/encode.VIDEO_COLUMNS) are optional: packed
-# when the dataset (or any row) has them, a row without them adding [].
-PACKED_COLUMNS = (
-    "input_ids", "labels", "images", "image_grid_thw", "image_min_pixels", "image_max_pixels", *VIDEO_COLUMNS,
-)
-_REQUIRED = PACKED_COLUMNS[:6]
+# the list columns a pack concatenates (declared in data/schema.Row). The optional ones (the video columns) are
+# packed when the dataset (or any row) has them, a row without them adding [].
+PACKED_COLUMNS = packed_columns(Row)
+REQUIRED_COLUMNS = required_columns(Row)
 
 
 def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -60,17 +58,17 @@ def pack_dataset(ds, cutoff_len: int, path: str | None = None, batch: int = 1024
     folder when None), so memory holds one batch of rows, not the dataset."""
     import tempfile
 
-    import pyarrow as pa
-    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
+
+    from .schema import table
 
     lengths = ds.with_format("numpy")["length"] if "length" in ds.column_names else None
     if lengths is None:
         lengths = [len(x) for x in ds["input_ids"]]
     bins = sorted(best_fit([int(n) for n in lengths], cutoff_len), key=lambda b: b[0])
-    columns = tuple(c for c in PACKED_COLUMNS if c in _REQUIRED or c in ds.column_names)
-    feats = Features({**{c: ds.features[c] for c in columns}, "id": Value("string"),
-                      "source": Value("string"), "segments": Sequence(Value("int32")), "length": Value("int32")})
+    columns = tuple(c for c in PACKED_COLUMNS if c in REQUIRED_COLUMNS or c in ds.column_names)
+    feats = features(PackedRow, [*columns, "id", "source", "segments", "length"])
     if path is None:
         path = os.path.join(tempfile.mkdtemp(prefix="vlmtune-packed-"), "packed.arrow")
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -81,7 +79,7 @@ def pack_dataset(ds, cutoff_len: int, path: str | None = None, batch: int = 1024
             rows = ds.select(flat).to_list()
             it = iter(rows)
             packed = pack_rows_in_bins([[next(it) for _ in b] for b in group], columns)
-            writer.write_table(pa.table({c: pa.array([r[c] for r in packed], type=feats[c].pa_type) for c in feats}))
+            writer.write_table(table(packed, feats))
         writer.finalize()
     os.replace(tmp, path)
     return Dataset.from_file(path)
@@ -92,7 +90,7 @@ def pack_rows_in_bins(groups: list[list[dict]], columns: tuple[str, ...] | None 
     (default: PACKED_COLUMNS, the video ones only when any row has them; a row without one adds [])."""
     if columns is None:
         present = {c for g in groups for r in g for c in r}
-        columns = tuple(c for c in PACKED_COLUMNS if c in _REQUIRED or c in present)
+        columns = tuple(c for c in PACKED_COLUMNS if c in REQUIRED_COLUMNS or c in present)
     packed = []
     for group in groups:
         out = {c: [x for r in group for x in (r.get(c) or [])] for c in columns}

@@ -166,6 +166,7 @@ def emit_row(piece, spec: ModelSpec) -> dict:
         row["rejected_input_ids"], row["rejected_labels"] = rejected.input_ids, rejected.labels
     if piece.desirable is not None:
         row["kto_tag"] = int(piece.desirable)
+    row["length"] = max(len(row["input_ids"]), len(row["rejected_input_ids"]))
     return row
 
 

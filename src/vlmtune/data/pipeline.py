@@ -26,30 +26,13 @@ from ..errors import Problem, SampleError
 from ..models.load import Loaded
 from .encode import Encoded, Encoder
 from .fit import FitOptions, FitOutcome, Fitter
-from .pairs import NOT_KTO, emit_row, encode_samples, fit_sample, stage_problems
+from .pairs import emit_row, encode_samples, fit_sample, stage_problems
 from .readers import iter_samples, layout_notes
+from .schema import SampleStats, features, table
 from .types import Conversation
 from .validate import validate
 
 CHUNK = 256
-
-
-@dataclass(frozen=True)
-class SampleStats:
-    id: str
-    source: str
-    tokens: int
-    image_tokens: int
-    text_tokens: int
-    images: int
-    videos: int = 0
-    video_tokens: int = 0
-    longest_video: int = 0  # tokens of the sample's largest video (the doctor's clips over cutoff_len)
-
-    @classmethod
-    def of(cls, enc: Encoded) -> "SampleStats":
-        return cls(enc.id, enc.source, enc.length, enc.image_tokens, enc.text_tokens, len(enc.images),
-                   len(enc.videos), enc.video_tokens, max((v.tokens for v in enc.videos), default=0))
 
 
 @dataclass(frozen=True)
@@ -63,6 +46,7 @@ class Source:
     allow_remote_images: bool = False
     max_samples: int | None = None  # the first n samples of each data file (LLaMA-Factory: per dataset)
     remote_options: Any = None  # data/remote.FetchOptions for allow_remote_images; None: its defaults
+    preference: bool = False  # read ranking / KTO records as preference samples (stage dpo / kto)
 
 
 @dataclass(frozen=True)
@@ -88,7 +72,7 @@ class ChunkResult:
     pieces: list[tuple[int, int]] = field(default_factory=list)  # (tokens, vision tokens) per row (fit only)
     errors: list[SampleError] = field(default_factory=list)  # samples that reached the 'error' policy
     split_rows: int = 0
-    table: object = None  # emitted rows as a pyarrow Table in `features()` (emit only): built in the worker,
+    table: object = None  # emitted rows as a pyarrow Table in schema.features() (emit only): built in the worker,
     # it travels as Arrow buffers, so the main process only writes it
     encoded: list[Encoded] = field(default_factory=list)  # the keep_ids samples
 
@@ -167,49 +151,8 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
     if fitter is not None:
         out.lines = [lines[c.id] for c in convs if c.id in lines]
     if stages.emit and rows:
-        out.table = rows_table(rows, features())
+        out.table = table(rows, features())
     return out
-
-
-def features():
-    from datasets import Features, Sequence, Value
-
-    return Features({
-        "id": Value("string"),
-        "source": Value("string"),
-        "input_ids": Sequence(Value("int32")),
-        "labels": Sequence(Value("int32")),
-        "images": Sequence(Value("string")),
-        "image_grid_thw": Sequence(Sequence(Value("int32"))),
-        "image_min_pixels": Sequence(Value("int64")),
-        "image_max_pixels": Sequence(Value("int64")),
-        "videos": Sequence(Value("string")),
-        "video_grid_thw": Sequence(Sequence(Value("int32"))),
-        "video_frames": Sequence(Sequence(Value("int32"))),
-        "video_total_frames": Sequence(Value("int32")),
-        "video_fps": Sequence(Value("float64")),
-        "video_rotation": Sequence(Value("int32")),
-        "video_min_pixels": Sequence(Value("int64")),
-        "video_max_pixels": Sequence(Value("int64")),
-        "video_second_per_grid": Sequence(Value("float64")),
-        # preference rows (data/pairs.py): the rejected side of a pair; the KTO tag (1, 0; -1: not KTO)
-        "rejected_input_ids": Sequence(Value("int32")),
-        "rejected_labels": Sequence(Value("int32")),
-        "kto_tag": Value("int8"),
-        "length": Value("int32"),
-    })
-
-
-def rows_table(rows: list[dict], feats):
-    """A chunk's rows as one Arrow table: columns straight to Arrow (datasets' per-example encoding is slow)."""
-    import pyarrow as pa
-
-    for r in rows:
-        r.setdefault("rejected_input_ids", [])
-        r.setdefault("rejected_labels", [])
-        r.setdefault("kto_tag", NOT_KTO)
-        r["length"] = max(len(r["input_ids"]), len(r["rejected_input_ids"]))  # a pair's longer side
-    return pa.table({k: pa.array([r[k] for r in rows], type=feats[k].pa_type) for k in feats})
 
 
 def _init_worker(loaded: Loaded, stages: Stages) -> None:
@@ -230,7 +173,8 @@ def _chunks(source: Source, stream: Stream, chunk: int) -> Iterator[list[Convers
     for item in iter_samples(source.data, source.dataset_dir, source.media_dir,
                              allow_paths_outside_media_dir=source.allow_paths_outside_media_dir,
                              allow_remote_images=source.allow_remote_images,
-                             remote_options=source.remote_options, layouts=stream.layouts):
+                             remote_options=source.remote_options, layouts=stream.layouts,
+                             preference=source.preference):
         stream.records += 1
         if isinstance(item, Problem):
             stream.unread.append(item)

@@ -23,7 +23,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import Problem
+from dataclasses import replace
+
 from .records import RecordFormat, record_to_conversation
+from .records.preference import is_kto, is_ranking
 from .types import Conversation, Message, Preference
 
 class _NotAPair(Exception):
@@ -36,17 +39,14 @@ _HINT_PAIR = 'give each pair a prompt and both answers, such as {"prompt": ..., 
 
 
 def preference_kind(record: Any, fmt: RecordFormat) -> str | None:
-    """"pair", "kto" or None (an SFT record), from the dataset_info mapping or, unmapped, the record's keys."""
-    if fmt.ranking:
-        return "pair"
-    if fmt.kto_tag:
-        return "kto"
-    if not isinstance(record, dict) or fmt.messages is not None:
+    """"pair", "kto" or None (an SFT record): the layout detector's preference rules (data/records/preference.py),
+    and one side alone is a pair with a side missing."""
+    if not isinstance(record, dict):
         return None
-    if "chosen" in record or "rejected" in record:  # one side alone is a pair with a side missing
-        return "pair"
-    if "completion" in record and "label" in record:
+    if is_kto(record, fmt):
         return "kto"
+    if is_ranking(record, fmt) or (fmt.formatting is None and ("chosen" in record or "rejected" in record)):
+        return "pair"
     return None
 
 
@@ -72,24 +72,40 @@ def preference_to_conversation(record: Any, *, sample_id: str, source: str, fmt:
 
 
 # -- each layout: the record -> (format, record with the chosen side, record with the rejected side | tag) --------
+# The side records are ordinary SFT records read by data/records (its converters: chat, alpaca, ms-swift), under a
+# format and with keys that no longer mark them as preference data.
+_PREF_KEYS = ("chosen", "rejected", "rejected_response", "label")
+
+
+def _plain(fmt: RecordFormat, **changes) -> RecordFormat:
+    return replace(fmt, ranking=False, chosen=None, rejected=None, kto_tag=None, **changes)
+
+
+def _side(record: dict, fmt: RecordFormat, **values) -> dict:
+    drop = {*_PREF_KEYS, fmt.chosen, fmt.rejected, fmt.kto_tag, "prompt" if "messages" in values else None}
+    return {**{k: v for k, v in record.items() if k not in drop}, **values}
+
+
 def _answer_turn(value: Any, fmt: RecordFormat) -> dict | None:
     """An answer as one turn in the record's own tags: a string, or a turn object as written."""
-    role, content = fmt.role_tag or "role", fmt.content_tag or "content"
     if isinstance(value, dict):
         return value
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
         return value[0]
     if isinstance(value, str):
-        return {role: fmt.assistant_tag if fmt.role_tag else "assistant", content: value}
+        if fmt.role_tag:
+            return {fmt.role_tag: fmt.assistant_tag, fmt.content_tag or "content": value}
+        return {"role": "assistant", "content": value}
     return None
 
 
-def _sides(record: dict, fmt: RecordFormat) -> tuple[Any, Any]:
-    missing = [k for k in (fmt.chosen, fmt.rejected) if record.get(k) in (None, "", [])]
+def _sides(record: dict, fmt: RecordFormat, chosen: str | None = None, rejected: str | None = None) -> tuple:
+    keys = (chosen or fmt.chosen or "chosen", rejected or fmt.rejected or "rejected")
+    missing = [k for k in keys if record.get(k) in (None, "", [])]
     if missing:
         raise _NotAPair(f"the pair has no {' and no '.join(f'`{k}`' for k in missing)} answer",
-                f"give the pair both a `{fmt.chosen}` and a `{fmt.rejected}` answer, or remove it")
-    return record[fmt.chosen], record[fmt.rejected]
+                        f"give the pair both a `{keys[0]}` and a `{keys[1]}` answer, or remove it")
+    return record[keys[0]], record[keys[1]]
 
 
 def _ranking_sharegpt(record: dict, fmt: RecordFormat):
@@ -101,27 +117,22 @@ def _ranking_sharegpt(record: dict, fmt: RecordFormat):
     chosen, rejected = (_answer_turn(s, fmt) for s in sides)
     if chosen is None or rejected is None:
         raise _NotAPair("an answer is neither a string nor one turn object", "write each answer as a string or one turn")
-    pinned = RecordFormat(**{**fmt.__dict__, "messages": column})
-    return pinned, {**record, column: [*turns, chosen]}, {**record, column: [*turns, rejected]}
+    pinned = _plain(fmt, messages=column)
+    return pinned, _side(record, fmt, **{column: [*turns, chosen]}), _side(record, fmt, **{column: [*turns, rejected]})
 
 
 def _ranking_alpaca(record: dict, fmt: RecordFormat):
+    """LLaMA-Factory alpaca ranking: the alpaca converter reads each side with the answer as its `output`."""
     sides = _sides(record, fmt)
-    prompt = record.get(fmt.prompt)
-    if not isinstance(prompt, str) or not prompt:
-        raise _NotAPair(f"the pair has no `{fmt.prompt}` text", f"write the instruction in `{fmt.prompt}`")
-    query = record.get(fmt.query)
-    text = prompt + ("\n" + query if isinstance(query, str) and query else "")  # LLaMA-Factory's join
-    if not all(isinstance(s, str) for s in sides):
+    if not all(isinstance(x, str) for x in sides):
         raise _NotAPair("an alpaca answer is not a string", "write `chosen` and `rejected` as strings")
-    pinned = RecordFormat(messages="messages", images=fmt.images, videos=fmt.videos, system=fmt.system,
-                          role_tag="role", content_tag="content")
+    return _plain(fmt), _side(record, fmt, **{fmt.response: sides[0]}), _side(record, fmt, **{fmt.response: sides[1]})
 
-    def side(answer: str) -> dict:
-        turns = [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
-        return {**record, "messages": turns}
 
-    return pinned, side(sides[0]), side(sides[1])
+def _swift_pair(record: dict, fmt: RecordFormat):
+    """ms-swift: `query`, `response` (chosen), `rejected_response`; the swift converter reads each side."""
+    sides = _sides(record, fmt, "response", "rejected_response")
+    return _plain(fmt), _side(record, fmt, response=sides[0]), _side(record, fmt, response=sides[1])
 
 
 def _as_turns(value: Any, role: str) -> list | None:
@@ -136,9 +147,10 @@ def _as_turns(value: Any, role: str) -> list | None:
 
 def _trl_pair(record: dict, fmt: RecordFormat):
     sides = _sides(record, fmt)
-    chosen, rejected = (_as_turns(s, "assistant") for s in sides)
+    chosen, rejected = (_as_turns(x, "assistant") for x in sides)
     if chosen is None or rejected is None:
-        raise _NotAPair("an answer is neither a string nor a list of turns", "write each answer as a string or a list of turns")
+        raise _NotAPair("an answer is neither a string nor a list of turns",
+                        "write each answer as a string or a list of turns")
     if "prompt" in record:
         prompt = _as_turns(record["prompt"], "user")
         if prompt is None:
@@ -148,38 +160,38 @@ def _trl_pair(record: dict, fmt: RecordFormat):
         while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
             k += 1
         prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
-    pinned = RecordFormat(messages="messages", images=fmt.images, videos=fmt.videos, system=fmt.system)
-    return pinned, {**_without(record, "prompt"), "messages": [*prompt, *chosen]}, \
-        {**_without(record, "prompt"), "messages": [*prompt, *rejected]}
+    pinned = _plain(fmt, messages="messages", formatting=None)
+    return pinned, _side(record, fmt, messages=[*prompt, *chosen]), _side(record, fmt, messages=[*prompt, *rejected])
+
+
+def _tag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise _NotAPair(f"`{key}` is {value!r}, expected true (desirable) or false (undesirable)",
+                        f"tag each sample's answer with `{key}`: true or false")
+    return value
 
 
 def _kto_tagged(record: dict, fmt: RecordFormat):
-    tag = record.get(fmt.kto_tag)
-    if not isinstance(tag, bool):
-        raise _NotAPair(f"`{fmt.kto_tag}` is {tag!r}, expected true (desirable) or false (undesirable)", f"tag each sample's last answer with `{fmt.kto_tag}`: true or false")
-    return fmt, record, tag
+    tag = _tag(record.get(fmt.kto_tag), fmt.kto_tag)
+    return _plain(fmt), _side(record, fmt), tag
 
 
 def _trl_unpaired(record: dict, fmt: RecordFormat):
-    tag = record.get("label")
-    if not isinstance(tag, bool):
-        raise _NotAPair(f"`label` is {tag!r}, expected true (desirable) or false (undesirable)", "tag each completion with `label`: true or false")
+    tag = _tag(record.get("label"), "label")
     prompt, completion = _as_turns(record.get("prompt"), "user"), _as_turns(record.get("completion"), "assistant")
     if not prompt or not completion:
         raise _NotAPair("the sample needs a `prompt` and a `completion`", "write both, as strings or lists of turns")
-    pinned = RecordFormat(messages="messages", images=fmt.images, videos=fmt.videos, system=fmt.system)
-    return pinned, {**_without(record, "prompt", "completion", "label"), "messages": [*prompt, *completion]}, tag
-
-
-def _without(record: dict, *keys: str) -> dict:
-    return {k: v for k, v in record.items() if k not in keys}
+    side = _side(record, fmt, messages=[*prompt, *completion])
+    side.pop("completion", None)
+    return _plain(fmt, messages="messages", formatting=None), side, tag
 
 
 _PAIR_LAYOUTS = (
-    ("ranking", lambda r, f: f.ranking and f.formatting == "alpaca", _ranking_alpaca),
+    ("ranking", lambda r, f: f.formatting == "alpaca", _ranking_alpaca),
+    ("ranking", lambda r, f: "rejected_response" in r, _swift_pair),
     ("ranking", lambda r, f: f.messages is not None or "conversations" in r or ("messages" in r and "prompt" not in r),
      _ranking_sharegpt),
-    ("trl_preference", lambda r, f: True, _trl_pair),
+    ("ranking", lambda r, f: True, _trl_pair),
 )
 _KTO_LAYOUTS = (
     ("kto", lambda r, f: bool(f.kto_tag), _kto_tagged),

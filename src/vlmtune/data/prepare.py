@@ -29,7 +29,8 @@ from ..config import FitArgs
 from ..errors import DataError, Problem, VlmtuneError
 from ..models.load import Loaded, load_spec_for
 from .fit import FitOptions
-from .pipeline import Accounting, SampleStats, Source, Stages, features, run_pipeline, unread_line
+from .pipeline import Accounting, Source, Stages, run_pipeline, unread_line
+from .schema import SampleStats, features, stats_from_columns, stats_table
 
 CHUNK = 256
 FINGERPRINT_FILE = "vlmtune_fingerprint.json"
@@ -96,7 +97,7 @@ def source_of(cfg) -> Source:
     """The read keys of a config, for the pipeline."""
     return Source(cfg.dataset, cfg.dataset_dir, cfg.media_dir, cfg.allow_paths_outside_media_dir,
                   cfg.allow_remote_images, cfg.max_samples or None,
-                  remote_options(cfg) if cfg.allow_remote_images else None)
+                  remote_options(cfg) if cfg.allow_remote_images else None, preference=cfg.stage != "sft")
 
 
 def prepared_dir(cfg) -> str:
@@ -205,7 +206,7 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     # once reading is done) are written first, and the body is appended to them, in blocks.
     with open(tmp_body, "w", encoding="utf-8") as body, \
             ArrowWriter(features=feats, path=os.path.join(tmp_dir, DATA_FILE), writer_batch_size=1000) as writer, \
-            ArrowWriter(features=SAMPLE_FEATURES(), path=os.path.join(tmp_dir, SAMPLES_FILE)) as samples:
+            ArrowWriter(features=features(SampleStats), path=os.path.join(tmp_dir, SAMPLES_FILE)) as samples:
         for res in _closing(stream.chunks):  # closed on an error: the workers stop at once
             if res.errors and not collect:
                 raise res.errors[0]
@@ -218,7 +219,7 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
             if collect:
                 stats += res.stats
             if res.stats:
-                samples.write_table(_stats_table(res.stats))
+                samples.write_table(stats_table(res.stats))
             _tally(table, res.lines)
             body.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in res.lines)
             if res.table is not None:
@@ -284,8 +285,7 @@ def _facts_from_cache(prep: Prepared) -> Facts:
     with open(os.path.join(prep.path, FINGERPRINT_FILE), encoding="utf-8") as f:
         meta = json.load(f)
     cols = Dataset.from_file(os.path.join(prep.path, SAMPLES_FILE)).with_format("arrow")[:]
-    names = [c for c in SAMPLE_COLUMNS if c in cols.column_names]  # a cache from before a column: its default
-    stats = [SampleStats(*t) for t in zip(*(cols[c].to_pylist() for c in names))]
+    stats = stats_from_columns({c: cols[c].to_pylist() for c in cols.column_names})
     with open(os.path.join(prep.path, PROBLEMS_FILE), encoding="utf-8") as f:
         problems = [Problem(**json.loads(line)) for line in f]
     invalid: list[str] = []
@@ -300,24 +300,6 @@ def _facts_from_cache(prep: Prepared) -> Facts:
     rows = [(int(n), int(k)) for n, k in pieces]
     acc = Accounting(meta["read_records"], stats, problems, invalid, notes=meta.get("notes", []))
     return Facts(acc, fates, rows, [], meta["split_rows"], meta["limited"], prep)
-
-
-SAMPLE_COLUMNS = ("id", "source", "tokens", "image_tokens", "text_tokens", "images", "videos", "video_tokens",
-                  "longest_video")
-
-
-def SAMPLE_FEATURES():  # noqa: N802  (a constant, built lazily: datasets is a slow import)
-    from datasets import Features, Value
-
-    return Features({"id": Value("string"), "source": Value("string"), "tokens": Value("int32"),
-                     "image_tokens": Value("int32"), "text_tokens": Value("int32"), "images": Value("int32"),
-                     "videos": Value("int32"), "video_tokens": Value("int32"), "longest_video": Value("int32")})
-
-
-def _stats_table(stats: list[SampleStats]):
-    import pyarrow as pa
-
-    return pa.table({c: [getattr(s, c) for s in stats] for c in SAMPLE_COLUMNS}, schema=SAMPLE_FEATURES().arrow_schema)
 
 
 def _closing(gen):
@@ -361,20 +343,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def first_of_each_file(convs, n: int):
-    """max_samples: the first n samples of each data file (LLaMA-Factory applies it per dataset)."""
-    from .pipeline import _file_key
-
-    seen: Counter = Counter()
-    out = []
-    for c in convs:
-        key = _file_key(c.source)
-        seen[key] += 1
-        if seen[key] <= n:
-            out.append(c)
-    return out
 
 
 def format_report_summary(prep: Prepared) -> str:

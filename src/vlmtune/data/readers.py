@@ -81,7 +81,7 @@ from .paths import PathCache
 from .records import (
     AUTO_FORMAT,
     RecordFormat,
-    _type_name,
+    type_name,
     file_problem,
     record_to_conversation,
 )
@@ -257,7 +257,7 @@ def read_json(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
         yield file_problem(
             path,
             "invalid_json",
-            f"file holds {_type_name(value)}, expected a JSON array of records",
+            f"file holds {type_name(value)}, expected a JSON array of records",
             "write the records as a JSON array: [{\"messages\": [...]}, ...]",
         )
         return
@@ -513,8 +513,12 @@ def iter_samples(
     allow_remote_images: bool = False,
     remote_options=None,
     layouts: Counter | None = None,
+    preference: bool = False,
 ) -> Iterator[Conversation | Problem]:
     """Every record of `data` in input order, as a `Conversation` or the one `Problem` why it yields none.
+
+    `preference` (the dpo and kto stages): ranking and KTO records become preference samples
+    (data/preference_records.py); without it they are refused, so that SFT never trains their answers.
 
     Reads the input twice (three times when own ids repeat): once to plan the ids, then to convert. Memory
     stays bounded by one record (REMOTE_CHUNK records with allow_remote_images) plus 16 bytes per record
@@ -535,7 +539,7 @@ def iter_samples(
                 yield item
                 continue
             # preference records (ranking pairs, KTO tags) have their own converters: data/preference_records.py
-            convert = (preference_to_conversation if preference_kind(item.value, item.fmt)
+            convert = (preference_to_conversation if preference and preference_kind(item.value, item.fmt)
                        else record_to_conversation)
             conv = convert(
                 item.value,
@@ -582,6 +586,7 @@ def read_samples(
     allow_paths_outside_media_dir: bool = False,
     allow_remote_images: bool = False,
     remote_options=None,
+    preference: bool = False,
 ) -> ReadResult:
     """Read every record of `data` into conversations, accounting for each record (a list of `iter_samples`).
 
@@ -598,7 +603,7 @@ def read_samples(
     with _gc_paused():
         for item in iter_samples(data, dataset_dir, media_dir, allow_paths_outside_media_dir=allow_paths_outside_media_dir,
                                  allow_remote_images=allow_remote_images, remote_options=remote_options,
-                                 layouts=layouts):
+                                 layouts=layouts, preference=preference):
             (problems if isinstance(item, Problem) else conversations).append(item)
     return ReadResult(conversations=conversations, problems=problems, records=len(conversations) + len(problems),
                       notes=layout_notes(layouts))
