@@ -323,6 +323,10 @@ def _check_preference(v: dict[str, Any]) -> list[str]:
         if loss in _REFERENCE_FREE:
             for key in ("ref_model", "ref_model_adapters", "precompute_ref_log_probs"):
                 unused(key, f"names a reference, but pref_loss={loss!r} uses none", f"remove {key}")
+    if v["pissa_init"] is True and not v["ref_model"] and not (stage == "dpo" and loss in _REFERENCE_FREE):
+        problems.append(f"pissa_init=true with stage={stage!r}: the reference (the base with the adapter disabled) "
+                        "would be PiSSA's residual, not the starting model; set ref_model to the starting model, "
+                        "or pissa_init: false")
     if _valid(v["ref_model_adapters"], v["ref_model"]) and v["ref_model_adapters"] and not v["ref_model"]:
         problems.append(f"ref_model_adapters={v['ref_model_adapters']!r} needs ref_model (the base the adapter "
                         "applies to); set ref_model, or remove ref_model_adapters")

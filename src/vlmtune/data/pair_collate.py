@@ -30,6 +30,8 @@ class PreferenceCollator:
             self._refuse([r for r, t in zip(rows, tags) if t == NOT_KTO], "has no kto tag")
             batch = self.inner(rows)
             batch["kto_tags"] = torch.tensor(tags, dtype=torch.long)
+            if all("ref_chosen_logps" in r for r in rows):  # precompute_ref_log_probs
+                batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float64)
             return batch
         self._refuse([r for r in rows if not is_pair(r)], "has no rejected side")
         for row in rows:

@@ -38,7 +38,8 @@ from .checkpoints import (
     layout_change,
     resolve_resume,
 )
-from .plot import plot_loss
+from .plot import plot_loss, plot_rewards
+from .preference import preference_trainer
 from .trainer import VlmTrainer
 
 
@@ -80,9 +81,6 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     loaded and may raise to stop the run: `vlmtune train` passes the doctor's checks (run_doctor: true)."""
     from transformers import set_seed
 
-    if cfg.stage != "sft":  # the preference trainer is the next step of issue 22: never train pairs as SFT
-        raise ConfigError([f"stage={cfg.stage!r}: `vlmtune prepare` prepares and fits the preference data, but "
-                           "training it is not in this version yet; set stage: sft"])
     loaded = load_spec_for(cfg)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
@@ -112,19 +110,21 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     trainable = trainable_summary(model)
     say("trainable parameters:\n" + format_trainable(trainable))
 
-    collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len, video=getattr(loaded, "video", None))
-    trainer = VlmTrainer(
-        model=model,
+    common = dict(
         args=args,
-        data_collator=collator,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
         callbacks=[CompleteCheckpointCallback(), GracefulStopCallback()],
         spec=loaded.spec,
         deepspeed=bool(cfg.deepspeed),
         loraplus_lr_ratio=cfg.loraplus_lr_ratio,
         pissa_init_dir=os.path.join(cfg.output_dir, "pissa_init") if cfg.pissa_init else None,
     )
+    if cfg.stage != "sft":  # dpo / kto: pairs or tagged answers, their collator, loss and reference
+        trainer = preference_trainer(cfg, model, loaded, train_ds, eval_ds, model_dtype(cfg), **common)
+    else:
+        collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len,
+                            video=getattr(loaded, "video", None))
+        trainer = VlmTrainer(model=model, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+                             **common)
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     change = layout_change(resume, args) if resume else None
     if change:
@@ -286,6 +286,9 @@ def train(run: Run) -> TrainResult:
             loss_plot = plot_loss(trainer.state.log_history, cfg.output_dir)
             if loss_plot:
                 say(f"loss plot: {loss_plot}")
+            rewards_plot = plot_rewards(trainer.state.log_history, cfg.output_dir) if cfg.stage != "sft" else None
+            if rewards_plot:
+                say(f"rewards plot: {rewards_plot}")
     return TrainResult(cfg.output_dir, run.prepared, run.trainable, list(trainer.state.log_history), loss_plot,
                        trainer.state.global_step, worst, stopped)
 
