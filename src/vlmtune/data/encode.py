@@ -20,6 +20,7 @@ ids are tokenized on their own and the block-by-block tokenization stays exact.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 
 from ..errors import SampleError
@@ -32,6 +33,13 @@ from .types import TOOL_ROLES, Conversation, ImagePart, VideoPart
 from .video import PlannedClip
 
 IGNORE_INDEX = -100
+
+# Thinking blocks (Qwen3.5): what its chat template writes around an answer's reasoning, and writes empty when
+# there is none or thinking is off (docs/thinking.md).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+_THOUGHT = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
 
 @dataclass(frozen=True)
 class ImageRef:
@@ -180,12 +188,14 @@ class Encoded:
 class Encoder:
     """Renders conversations with a checkpoint's chat template and tokenizes them into blocks."""
 
-    def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False, mask_history: bool = False):
+    def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False, mask_history: bool = False,
+                 enable_thinking: bool = True):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.spec = spec
         self.train_on_prompt = train_on_prompt
         self.mask_history = mask_history  # LLaMA-Factory's: only the last answer is a target
+        self.enable_thinking = enable_thinking
         self._text_ids: dict[str, tuple[int, ...]] = {}
         template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if not template:
@@ -197,6 +207,8 @@ class Encoder:
         self._headers = {
             role: self._ids(f"{spec.im_start_token}{role}\n") for role in ("system", "user", "assistant")
         }
+        # enable_thinking=false: an answer's leading empty thinking block is prompt, not target (docs/thinking.md)
+        self._empty_think = self._ids(EMPTY_THINK) if not enable_thinking and THINK_OPEN in template else None
 
     # -- rendering ---------------------------------------------------------------------------
     def render(self, conv: Conversation) -> str:
@@ -206,22 +218,27 @@ class Encoder:
     def render_many(self, convs: list[Conversation]) -> list[str]:
         """Render many conversations in one call of transformers' template renderer (the same code
         `apply_chat_template` runs, without its per-call overhead)."""
+        if not self.enable_thinking:
+            convs = [without_thinking(c) for c in convs]
         chats = [template_messages(c, self.renders_tools) for c in convs]
+        # the template reads enable_thinking as apply_chat_template passes it (Qwen3.5's generation prompt)
+        think = {"enable_thinking": self.enable_thinking}
         try:
             from transformers.utils.chat_template_utils import render_jinja_template
         except ImportError:  # an older or newer transformers without it: the public path
             return [self.processor.apply_chat_template(m, chat_template=self.chat_template, tokenize=False,
-                                                       **self._tools(c)) for c, m in zip(convs, chats)]
+                                                       **think, **self._tools(c)) for c, m in zip(convs, chats)]
         out: list[str | None] = [None] * len(convs)
         plain = [i for i, c in enumerate(convs) if not self._tools(c)]
         if plain:
             rendered, _ = render_jinja_template(conversations=[chats[i] for i in plain],
-                                                chat_template=self.chat_template, **self.tokenizer.special_tokens_map)
+                                                chat_template=self.chat_template, **think,
+                                                **self.tokenizer.special_tokens_map)
             for i, text in zip(plain, rendered):
                 out[i] = text
         for i, c in enumerate(convs):  # each sample's own tools: the renderer takes one list per call
             if out[i] is None:
-                out[i] = render_jinja_template(conversations=[chats[i]], chat_template=self.chat_template,
+                out[i] = render_jinja_template(conversations=[chats[i]], chat_template=self.chat_template, **think,
                                                **self._tools(c), **self.tokenizer.special_tokens_map)[0][0]
         return out
 
@@ -361,7 +378,10 @@ class Encoder:
         if self.mask_history and message_index != last_target:
             trained = False
         # Train through <|im_end|> (so the model learns to stop) but not the newline after it.
-        return block.replace(label_start=len(header), label_end=len(ids) - 1) if trained else block
+        start = len(header)
+        if role == "assistant" and self._empty_think and ids[start : start + len(self._empty_think)] == self._empty_think:
+            start += len(self._empty_think)  # enable_thinking=false: the empty thinking block is prompt
+        return block.replace(label_start=start, label_end=len(ids) - 1) if trained else block
 
     def image_ref(self, conv, img: ImagePart, headers) -> ImageRef:
         """The image under the spec's pixel bounds (shrink_images lowers them per sample later: `regrid`)."""
@@ -428,6 +448,22 @@ def tool_format(conv: Conversation) -> list[dict]:
         else:
             out.insert(0, {"role": "system", "content": [block]})
     return out
+
+
+def without_thinking(conv: Conversation) -> Conversation:
+    """The conversation with `<think>…</think>` reasoning removed from its answers (enable_thinking=false, as
+    LLaMA-Factory does)."""
+    if not any(m.role == "assistant" and THINK_CLOSE in m.text for m in conv.messages):
+        return conv
+    messages = [replace(m, parts=[_without_thought(p) for p in m.parts]) if m.role == "assistant" else m
+                for m in conv.messages]
+    return replace(conv, messages=messages)
+
+
+def _without_thought(part):
+    if isinstance(part, (ImagePart, VideoPart)) or THINK_CLOSE not in part.text:
+        return part
+    return replace(part, text=_THOUGHT.sub("", part.text).lstrip("\n"))
 
 
 def regrid(img: ImageRef, spec: ModelSpec, max_pixels: int) -> ImageRef:

@@ -54,6 +54,7 @@ class Stages:
     """How far each sample goes: encode always; fit when `fit` is given; emit rows when `emit`."""
 
     train_on_prompt: bool = False
+    enable_thinking: bool = True  # the config's enable_thinking (data/encode.py: thinking blocks)
     fit: FitOptions | None = None
     emit: bool = False
     keep_ids: frozenset = frozenset()  # samples whose Encoded comes back whole (inspect --show)
@@ -100,7 +101,8 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["spec"] = loaded.spec
     _WORKER["stages"] = stages
     _WORKER["video"] = loaded.video
-    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt)
+    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt,
+                                              enable_thinking=stages.enable_thinking)
     _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fit is not None else None
 
 
