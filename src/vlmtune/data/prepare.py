@@ -54,6 +54,7 @@ class Prepared:
     records: int
     cached: bool
     table: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    notes: list[str] = field(default_factory=list, repr=False)  # what reading found (layouts, the datasets' mix)
 
     def dataset(self):
         return load_prepared(self.path)
@@ -253,7 +254,7 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
             "limited": stream.limited, "notes": stream.notes}
     cache.write_meta(tmp_dir, meta)
     cache.swap_in(tmp_dir, out_dir)
-    prep = Prepared(out_dir, report_path, rows, fates, records, False, table)
+    prep = Prepared(out_dir, report_path, rows, fates, records, False, table, stream.notes)
     if facts is not None:
         facts.prepared = prep
     return prep, facts
@@ -309,6 +310,7 @@ def format_report_summary(prep: Prepared) -> str:
     head = ("fate", "samples", "rows", "tokens before", "tokens after")
     lines = [f"{head[0]:<9}  {head[1]:>7}  {head[2]:>6}  {head[3]:>13}  {head[4]:>12}"]
     lines += [f"{f:<9}  {n:>7}  {k:>6}  {b:>13}  {a:>12}" for f, n, k, b, a in rows]
+    lines += [n for n in prep.notes if n.startswith("mix_strategy=")]  # records the mix never drew
     lines.append(f"prepared: {prep.path}" + (" (cached)" if prep.cached else ""))
     lines.append(f"fit report: {prep.report_path}")
     return "\n".join(lines)
@@ -320,7 +322,8 @@ def load_cached(out_dir: str, report_path: str, fp: str) -> Prepared | None:
     if meta is None or not os.path.exists(report_path) or not os.path.exists(os.path.join(out_dir, DATA_FILE)):
         return None
     try:
-        return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"])
+        return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"],
+                        meta.get("notes", []))
     except (KeyError, TypeError):
         return None
 
