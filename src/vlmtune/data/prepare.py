@@ -54,6 +54,7 @@ class Prepared:
     records: int
     cached: bool
     table: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    notes: list[str] = field(default_factory=list, repr=False)  # what reading found (layouts, the datasets' mix)
 
     def dataset(self):
         return load_prepared(self.path)
@@ -77,11 +78,13 @@ def fit_options(fit: FitArgs) -> FitOptions:
     )
 
 
-def stages_for(fit: FitArgs, *, control_tokens_as_text: bool = False, emit: bool = True) -> Stages:
-    """The pipeline's stages for a config's fit section: labels as it asks, fitted, rows emitted."""
+def stages_for(fit: FitArgs, *, control_tokens_as_text: bool = False, emit: bool = True,
+               stage: str | None = None) -> Stages:
+    """The pipeline's stages for a config's fit section: labels as it asks, fitted, rows emitted; `stage` (sft,
+    dpo, kto) refuses the samples of another kind (data/pairs.stage_problems)."""
     return Stages(train_on_prompt=fit.train_on_prompt, mask_history=fit.mask_history,
                   default_system=fit.default_system, enable_thinking=fit.enable_thinking,
-                  fit=fit_options(fit), emit=emit, control_tokens_as_text=control_tokens_as_text)
+                  fit=fit_options(fit), emit=emit, control_tokens_as_text=control_tokens_as_text, stage=stage)
 
 
 def remote_options(cfg):
@@ -99,7 +102,8 @@ def source_of(cfg) -> Source:
     return Source(cfg.dataset, cfg.dataset_dir, cfg.media_dir, cfg.allow_paths_outside_media_dir,
                   cfg.allow_remote_images, cfg.max_samples or None,
                   remote_options(cfg) if cfg.allow_remote_images else None,
-                  mix_strategy=cfg.mix_strategy, interleave_probs=probs, seed=cfg.seed)
+                  mix_strategy=cfg.mix_strategy, interleave_probs=probs, seed=cfg.seed,
+                  preference=cfg.stage != "sft")
 
 
 def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True, report_name: str = REPORT_FILE) -> Prepared:
@@ -173,7 +177,8 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     from datasets.arrow_writer import ArrowWriter
 
     cache.make_temp(tmp_dir)
-    stages = stages_for(cfg.fit, control_tokens_as_text=cfg.control_tokens_in_text == "text")
+    stages = stages_for(cfg.fit, control_tokens_as_text=cfg.control_tokens_in_text == "text",
+                        stage=cfg.stage)
     stream = run_pipeline(source_of(cfg), loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                           chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
@@ -249,7 +254,7 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
             "limited": stream.limited, "notes": stream.notes}
     cache.write_meta(tmp_dir, meta)
     cache.swap_in(tmp_dir, out_dir)
-    prep = Prepared(out_dir, report_path, rows, fates, records, False, table)
+    prep = Prepared(out_dir, report_path, rows, fates, records, False, table, stream.notes)
     if facts is not None:
         facts.prepared = prep
     return prep, facts
@@ -305,6 +310,7 @@ def format_report_summary(prep: Prepared) -> str:
     head = ("fate", "samples", "rows", "tokens before", "tokens after")
     lines = [f"{head[0]:<9}  {head[1]:>7}  {head[2]:>6}  {head[3]:>13}  {head[4]:>12}"]
     lines += [f"{f:<9}  {n:>7}  {k:>6}  {b:>13}  {a:>12}" for f, n, k, b, a in rows]
+    lines += [n for n in prep.notes if n.startswith("mix_strategy=")]  # records the mix never drew
     lines.append(f"prepared: {prep.path}" + (" (cached)" if prep.cached else ""))
     lines.append(f"fit report: {prep.report_path}")
     return "\n".join(lines)
@@ -316,7 +322,8 @@ def load_cached(out_dir: str, report_path: str, fp: str) -> Prepared | None:
     if meta is None or not os.path.exists(report_path) or not os.path.exists(os.path.join(out_dir, DATA_FILE)):
         return None
     try:
-        return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"])
+        return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"],
+                        meta.get("notes", []))
     except (KeyError, TypeError):
         return None
 
@@ -339,7 +346,8 @@ class StreamedRows:
         cfg = self.cfg
         self.passes += 1
         first = self.passes == 1
-        stages = stages_for(cfg.fit, control_tokens_as_text=cfg.control_tokens_in_text == "text")
+        stages = stages_for(cfg.fit, control_tokens_as_text=cfg.control_tokens_in_text == "text",
+                            stage=cfg.stage)
         stream = run_pipeline(source_of(cfg), self.loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                               chunk=CHUNK, progress=False)
         os.makedirs(cfg.output_dir, exist_ok=True)
