@@ -19,6 +19,20 @@ _HALF = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
+class Experts:
+    """Where a mixture-of-experts family keeps its experts and routers, as transformers names them inside each
+    decoder layer's `mlp` block (models/load.py reads these; nothing else spells the names)."""
+
+    # The experts' weights, each one 3-D tensor [experts, out, in] (not an nn.Linear per expert): LoRA reaches them
+    # through PEFT's target_parameters, and bitsandbytes, which quantizes nn.Linear layers, leaves them as they are.
+    fused: tuple[str, ...] = ("experts.gate_up_proj", "experts.down_proj")
+    # The modules that route tokens (a top-k softmax router) or gate a shared expert: frozen unless freeze_router
+    # is false, and never LoRA targets of lora_target: all.
+    routers: tuple[str, ...] = ("gate",)
+    block: str = "mlp"  # the decoder layer's attribute that holds the experts and the routers
+
+
+@dataclass(frozen=True)
 class Family:
     """One Qwen-VL family: `model_type` is the value of config.json's model_type."""
 
@@ -39,6 +53,7 @@ class Family:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     chat_template: str  # which of tiny.py's templates: "qwen2_vl" or "qwen3_vl"
+    experts: Experts | None = None  # a mixture-of-experts family: where its experts and routers are
 
     @property
     def factor(self) -> int:
@@ -64,6 +79,18 @@ FAMILIES: dict[str, Family] = {
             "Qwen3VLVideoProcessor", "4.57",
             16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_vl",
         ),
+        Family(
+            "qwen3_vl_moe", "Qwen3-VL-MoE", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeConfig",
+            "Qwen3VLProcessor", "Qwen3VLVideoProcessor", "4.57",
+            16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_vl",
+            experts=Experts(),
+        ),
+        Family(
+            "qwen3_5_moe", "Qwen3.5-MoE", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeConfig",
+            "Qwen3VLProcessor", "Qwen3VLVideoProcessor", "5.2",
+            16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_vl",
+            experts=Experts(routers=("gate", "shared_expert_gate")),
+        ),
     )
 }
 
@@ -77,6 +104,12 @@ def family_of(model_type: str | None) -> Family:
             f"model_type={model_type!r} is not a supported Qwen-VL family; vlmtune supports {', '.join(MODEL_TYPES)}"
         )
     return FAMILIES[model_type]
+
+
+def experts_of(model_type: str | None) -> Experts | None:
+    """The experts of a MoE family; None for a dense family or a model_type vlmtune does not know."""
+    family = FAMILIES.get(model_type)
+    return family.experts if family is not None else None
 
 
 def display_name(model_type: str | None) -> str:

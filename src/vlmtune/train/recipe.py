@@ -32,6 +32,7 @@ from ..models.load import (
     load_spec_for,
     trainable_summary,
 )
+from ..models.quant import experts_note
 from .checkpoints import (
     CompleteCheckpointCallback,
     GracefulStopCallback,
@@ -106,6 +107,9 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
                            f"see {prepared.report_path} for what happened to each sample"])
 
     model = build_model(cfg)
+    note = experts_note(model)  # QLoRA on a MoE: its experts are not quantized
+    if note:
+        say(note)
     trainable = trainable_summary(model)
     say("trainable parameters:\n" + format_trainable(trainable))
 
@@ -121,6 +125,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         deepspeed=bool(cfg.deepspeed),
         loraplus_lr_ratio=cfg.loraplus_lr_ratio,
         pissa_init_dir=os.path.join(cfg.output_dir, "pissa_init") if cfg.pissa_init else None,
+        moe_aux_loss_coef=cfg.moe_aux_loss_coef,
     )
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     change = layout_change(resume, args) if resume else None
