@@ -130,3 +130,33 @@ def test_trainable_summary_counts_every_expert(kind):
     summary = trainable_summary(apply_finetuning(model, cfg(lora_target="all")))
     lora = summary["language_model"]["trainable"]
     assert sum(d["total"] for d in summary.values()) == total + lora
+
+
+def test_qlora_quantizes_the_linear_layers_and_adapts_the_unquantized_experts(tmp_path):
+    """bitsandbytes replaces nn.Linear layers: attention and the shared expert go to 4 bits, the routers are kept
+    out, and the experts' fused tensors stay float32 (said in the train log), with LoRA on them all the same."""
+    pytest.importorskip("bitsandbytes")
+    import warnings
+
+    from vlmtune.models import quant
+    from vlmtune.models.load import load_model
+
+    moe_model("qwen3_5_moe").save_pretrained(tmp_path / "ckpt")
+    c = cfg(model_name_or_path=str(tmp_path / "ckpt"), quantization_bit=4, lora_target="all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(c, dtype=torch.float32)
+    names = quant.quantized_modules(model)
+    layer0 = {n.split("layers.0.", 1)[1] for n in names if ".language_model.layers.0." in n}
+    assert {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+            "linear_attn.in_proj_qkv", "linear_attn.out_proj"} <= layer0
+    assert not any(n.endswith(("mlp.gate", "mlp.shared_expert_gate")) for n in names)
+    experts, total, dtype = quant.unquantized_experts(model)
+    assert experts == LAYERS["qwen3_5_moe"] * EXPERTS * (2 * 16 * 32 + 32 * 16) and dtype == "float32"
+    note = quant.experts_note(model)
+    assert note.startswith(f"quantization_bit=4: the experts' fused weights ({experts:,} of {total:,} parameters")
+    model = apply_finetuning(model, c)
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    expert_grads = [p.grad for n, p in model.named_parameters() if ".mlp.experts." in n and ".lora_" in n]
+    assert len(expert_grads) == 4 * LAYERS["qwen3_5_moe"] and all(g is not None for g in expert_grads)

@@ -7,10 +7,11 @@
    identical graphs on every rank, zero gradient, unchanged loss.
 2. Worst-case first: one forward/backward on the longest batch before the first step, so an
    out-of-memory or a data problem shows up in seconds, not hours.
-3. A mixture-of-experts router's load-balancing loss (moe_aux_loss_coef), added here rather than by the model:
-   transformers adds `router_aux_loss_coef × aux` to each micro-batch's loss after the cross-entropy was already
-   normalised over the whole optimizer step, so with gradient_accumulation_steps=N the model's own term weighs N
-   times the coefficient. Here it is coef × the mean over the step's micro-batches, and logged as `aux_loss`.
+3. A mixture-of-experts router's load-balancing loss (moe_aux_loss_coef) is added here, not by the model (whose own
+   `router_aux_loss_coef` is held at 0 during the forward and never saved changed): coef × the mean over the
+   step's micro-batches whichever way the Trainer scales the loss for gradient accumulation (the Qwen MoE classes
+   set accepts_loss_kwargs = False, so the Trainer divides the whole loss by the steps; a model normalised over
+   the step's tokens is not divided, and its aux term is divided here), and logged as `aux_loss`.
 """
 
 from __future__ import annotations
