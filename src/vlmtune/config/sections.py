@@ -260,8 +260,9 @@ class FinetuningArgs:
     )
     lora_target: list[str] = _arg(
         ["all"],
-        "Modules that get LoRA adapters: all (every linear layer of the parts not frozen) or module names, "
-        "comma-separated or as a list, such as q_proj,v_proj.",
+        "Modules that get LoRA adapters: all (every linear layer of the parts not frozen, and a mixture-of-experts "
+        "model's experts, not its routers) or module names, comma-separated or as a list, such as q_proj,v_proj "
+        "(experts, gate_up_proj or down_proj name a MoE's fused expert weights; docs/moe.md).",
         expect="all or module names such as q_proj,v_proj",
     )
     freeze_trainable_layers: int = _arg(
