@@ -56,3 +56,56 @@ def test_compute_counts_the_routed_experts_only():
                        image_tokens=0)
     # every expert active: the extra is the unrouted half of the experts, forward + input grad + weight grad
     assert dense - base == pytest.approx(2 * 100 * f.expert_weights / 2 * 3)
+
+
+# -- the checks on the tiny MoE checkpoints --------------------------------------------------------
+@pytest.fixture(scope="module")
+def moe_checks(tiny_ckpt, tmp_path_factory):
+    """`moe_checks(arch, *overrides) -> {name: Check}` on a one-sample dataset, on a made-up CPU."""
+    import json
+
+    from vlmtune.commands.doctor import DeviceInfo, GiB, run_checks
+    from vlmtune.config import load_config
+    from vlmtune.models.load import load_spec
+
+    root = tmp_path_factory.mktemp("moe-doctor")
+    (root / "data.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                              {"role": "assistant", "content": "hello"}]}) + "\n")
+    cpu = DeviceInfo("cpu", "Test CPU", 64 * GiB, False, None, 4, 32 * GiB, cpu_flops=10e9)
+    loaded = {}
+
+    def run(arch, *overrides):
+        ckpt = str(tiny_ckpt(arch))
+        loaded.setdefault(arch, load_spec(ckpt))
+        cfg = load_config(None, [f"model_name_or_path={ckpt}", f"dataset={root / 'data.jsonl'}",
+                                 f"output_dir={root / 'out'}", *overrides])
+        return {c.name: c for c in run_checks(cfg, device_info=cpu, loaded=loaded[arch], env={})}
+
+    return run
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_vision_check_counts_expert_tensors_and_routers(moe_checks, arch):
+    from vlmtune.models.families import FAMILIES
+    from vlmtune.models.tiny import HYBRID_LAYER_TYPES, TEXT_LAYERS
+
+    layers = len(HYBRID_LAYER_TYPES) if arch == "qwen3_5_moe" else TEXT_LAYERS
+    routers = layers * len(FAMILIES[arch].experts.routers)
+    c = moe_checks(arch)["vision"]
+    assert c.status == "ok"
+    assert f" and {2 * layers} fused expert tensors); {routers} routers frozen (freeze_router: true)" in c.message
+    c = moe_checks(arch, "lora_target=experts", "freeze_router=false")["vision"]
+    assert c.message.startswith(f"LoRA adapters on the language_model ({2 * layers} fused expert tensors); "
+                                f"{routers} routers trained in full (freeze_router: false)")
+    c = moe_checks(arch, "finetuning_type=full")["vision"]
+    assert f"in full; {routers} routers frozen (freeze_router: true)" in c.message
+
+
+def test_quantization_check_says_the_experts_stay_unquantized(moe_checks):
+    pytest.importorskip("bitsandbytes")
+    checks = moe_checks("qwen3_vl_moe", "quantization_bit=4")
+    c = checks["quantization"]
+    assert c.status == "warn"
+    assert " of the model) are not quantized by quantization_bit=4: bitsandbytes quantizes linear layers" in c.message
+    assert c.fix.startswith("the memory check counts the experts at full size")
+    assert checks["memory"].status == "ok"
