@@ -40,6 +40,7 @@ DEFAULTS = {
     "allow_paths_outside_media_dir": False,
     "allow_remote_images": False,
     "on_bad_sample": "error",
+    "control_tokens_in_text": "invalid",
     "train_on_prompt": False,
     "enable_thinking": True,
     "overflow": ["shrink_images", "truncate_text", "split", "drop"],
@@ -270,7 +271,7 @@ def test_sections_partition_the_keys():
     assert {f.name for f in dataclasses.fields(C.ReadArgs)} == {
         "dataset", "dataset_dir", "media_dir", "max_samples", "val_size", "allow_paths_outside_media_dir",
         "allow_remote_images", "on_bad_sample", "max_skipped_share", "confirm_skipped_share", "remote_image_max_bytes",
-        "remote_image_timeout", "remote_image_deadline", "allow_private_remote_images",
+        "remote_image_timeout", "remote_image_deadline", "allow_private_remote_images", "control_tokens_in_text",
     }
 
 

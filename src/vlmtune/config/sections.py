@@ -95,6 +95,14 @@ class ReadArgs:
         "problem listed; skip leaves it out and records why in the fit report.",
         choices=("error", "skip"),
     )
+    control_tokens_in_text: str = _arg(
+        "invalid",
+        "A message whose text holds a token that frames turns or media (<|im_start|>, <|im_end|>, <|image_pad|>, "
+        "<|video_pad|>, <|vision_start|>, <|vision_end|>, <|endoftext|>): invalid makes it a bad sample (see "
+        "on_bad_sample); text trains it as the plain text it is, never as the control token. Tokens the chat "
+        "template gives a meaning inside content (<think>, <tool_call>) are not affected.",
+        choices=("invalid", "text"),
+    )
     # -- how much bad data a run accepts, and remote images --
     max_skipped_share: float = _arg(
         0.05,

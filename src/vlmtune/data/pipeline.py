@@ -29,7 +29,7 @@ from .fit import FitOptions, FitOutcome, Fitter
 from .readers import iter_samples, layout_notes
 from .schema import SampleStats, features, table
 from .types import Conversation
-from .validate import validate
+from .validate import CONTROL_TOKENS, validate
 
 CHUNK = 256
 
@@ -56,6 +56,7 @@ class Stages:
     fit: FitOptions | None = None
     emit: bool = False
     keep_ids: frozenset = frozenset()  # samples whose Encoded comes back whole (inspect --show)
+    control_tokens_as_text: bool = False  # control_tokens_in_text: text (validate.CONTROL_TOKENS as plain text)
 
 
 @dataclass
@@ -98,7 +99,8 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["stages"] = stages
     _WORKER["video"] = loaded.video
     encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt,
-                                              enable_thinking=stages.enable_thinking)
+                                           enable_thinking=stages.enable_thinking,
+                                           plain_tokens=CONTROL_TOKENS if stages.control_tokens_as_text else ())
     _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fit is not None else None
 
 
@@ -115,8 +117,11 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
     """One chunk of samples from validation to (fitted, emitted) rows."""
     w = _WORKER
     spec, stages, fitter = w["spec"], w["stages"], w["fitter"]
-    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
-                       patch_size=spec.patch_size, merge_size=spec.merge_size, video_spec=w["video"])
+    # Rows that will be trained on (emit: prepare, doctor, streaming) have every image decoded here, so that a
+    # pixel that cannot be decoded is a skippable bad sample now, not a crash mid-training (issue 21).
+    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size,
+                       merge_size=spec.merge_size, video_spec=w["video"], verify_images=stages.emit,
+                       control_tokens_as_text=stages.control_tokens_as_text)
     valid = {c.id for c in checked.valid}
     out = ChunkResult(list(checked.problems), [], [c for c in convs if c.id not in valid])
     lines: dict[str, dict] = {}

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from ..config import FitArgs
-from ..errors import DataError, Problem
+from ..errors import DataError, Problem, disk_full_is_an_error
 from ..models.load import Loaded, load_spec_for
 from . import cache
 from .cache import DATA_KEYS, FINGERPRINT_FILE, data_files, fingerprint, prepared_dir  # noqa: F401  (re-exported)
@@ -143,7 +143,11 @@ def _prepare_locked(cfg, loaded, fp, out_dir, report_path, progress, collect):
     tmp_dir, tmp_report, tmp_body = cache.temp_names(out_dir, report_path)
     cache.remove_stale(out_dir, report_path)
     try:
-        return _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress, collect)
+        with disk_full_is_an_error(f"the prepared dataset into {tmp_dir} and the fit report {tmp_report}",
+                                   "free space there (nothing half-written is kept), or set prepared_dir and "
+                                   "output_dir to a disk with room"):
+            return _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress,
+                                 collect)
     finally:  # whatever happened, nothing half-written stays behind
         cache.discard(tmp_dir, tmp_report, tmp_body)
 
@@ -153,7 +157,7 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
 
     cache.make_temp(tmp_dir)
     stages = Stages(train_on_prompt=cfg.train_on_prompt, enable_thinking=cfg.enable_thinking,
-                    fit=fit_options(cfg.fit), emit=True)
+                    fit=fit_options(cfg.fit), emit=True, control_tokens_as_text=cfg.control_tokens_in_text == "text")
     stream = run_pipeline(source_of(cfg), loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                           chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
@@ -320,7 +324,8 @@ class StreamedRows:
         self.passes += 1
         first = self.passes == 1
         stages = Stages(train_on_prompt=cfg.train_on_prompt, enable_thinking=cfg.enable_thinking,
-                        fit=fit_options(cfg.fit), emit=True)
+                        fit=fit_options(cfg.fit), emit=True,
+                        control_tokens_as_text=cfg.control_tokens_in_text == "text")
         stream = run_pipeline(source_of(cfg), self.loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                               chunk=CHUNK, progress=False)
         os.makedirs(cfg.output_dir, exist_ok=True)

@@ -23,7 +23,7 @@ from ..data.cache import check_folders
 from ..data.collate import Collator
 from ..data.pack import pack_dataset
 from ..data.prepare import Prepared, format_report_summary, prepare, streamed_dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, disk_full_is_an_error
 from ..models.load import (
     Loaded,
     apply_finetuning,
@@ -83,6 +83,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     from transformers import set_seed
 
     check_folders(cfg)  # before any work: overlapping output / prepared / data folders are refused
+    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)  # and a checkpoint that cannot resume
     loaded = load_spec_for(cfg)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
@@ -129,7 +130,6 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         pissa_init_dir=os.path.join(cfg.output_dir, "pissa_init") if cfg.pissa_init else None,
         moe_aux_loss_coef=cfg.moe_aux_loss_coef,
     )
-    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     change = layout_change(resume, args) if resume else None
     if change:
         say(f"WARNING: {change}")
@@ -259,6 +259,11 @@ def split_validation(ds, val_size, seed: int):
 
 
 # -- train -----------------------------------------------------------------------------------
+# A checkpoint cut short by a full disk is never marked complete (checkpoints.py), so resume skips it.
+_DISK_FULL_FIX = ("free space there (or lower save_total_limit), then run again with resume_from_checkpoint: true: "
+                  "it resumes from the last complete checkpoint, never the one cut short")
+
+
 def train(run: Run) -> TrainResult:
     cfg, trainer = run.cfg, run.trainer
     worst = None
@@ -270,14 +275,16 @@ def train(run: Run) -> TrainResult:
             f"at most about {worst['seconds'] * ga:.0f}s)")
     if run.resume:
         say(f"resuming from {run.resume}")
-    trainer.train(resume_from_checkpoint=run.resume)
+    with disk_full_is_an_error(f"a checkpoint or the model into {cfg.output_dir}", _DISK_FULL_FIX):
+        trainer.train(resume_from_checkpoint=run.resume)
     stop = next((c for c in trainer.callback_handler.callbacks if isinstance(c, GracefulStopCallback)), None)
     stopped = bool(stop and stop.stopped_at is not None)
     if stopped:
         say(f"stopped by SIGTERM after step {stop.stopped_at}; checkpoint-{stop.stopped_at} is saved: "
             "resume with resume_from_checkpoint=true")
-    trainer.save_model(cfg.output_dir)
-    trainer.save_state()
+    with disk_full_is_an_error(f"the trained model into {cfg.output_dir}", _DISK_FULL_FIX):
+        trainer.save_model(cfg.output_dir)
+        trainer.save_state()
     if os.environ.get(DEBUG_RANK_HASH_ENV) == "1":
         write_weight_hashes(trainer.model, cfg.output_dir, trainer.args.process_index)
     loss_plot = None
