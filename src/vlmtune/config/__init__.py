@@ -6,10 +6,12 @@
 - values.py: the field helper every key is declared with, the value converters and range checks;
 - sections.py: the typed sections (ModelArgs, ReadArgs, FitArgs, PrepareArgs, FinetuningArgs, TrainArgs) and
   `Config`, which holds one of each and also reads every key flat;
+- compat.py: every LLaMA-Factory key vlmtune does not declare, classified (llamafactory_keys.tsv lists them);
 - load.py: reading the YAML, `key=value` overrides, validation across keys, LLaMA-Factory compatibility, advice.
 """
 
-from .load import LLAMA_FACTORY_IGNORED, LLAMA_FACTORY_REPLACED, load_config
+from .compat import CLASSIFIED, LLAMA_FACTORY_KEYS
+from .load import LLAMA_FACTORY_REPLACED, load_config, read_yaml
 from .sections import (
     KEYS,
     SECTIONS,
@@ -25,7 +27,7 @@ from .sections import (
 from .values import DEFAULT_OVERFLOW, LR_SCHEDULERS, OPTIMIZERS, OVERFLOW_POLICIES, POLICIES, TERMINAL_POLICIES
 
 __all__ = [
-    "DEFAULT_OVERFLOW", "KEYS", "LLAMA_FACTORY_IGNORED", "LLAMA_FACTORY_REPLACED", "LR_SCHEDULERS", "OPTIMIZERS",
+    "CLASSIFIED", "DEFAULT_OVERFLOW", "KEYS", "LLAMA_FACTORY_KEYS", "LLAMA_FACTORY_REPLACED", "LR_SCHEDULERS", "OPTIMIZERS",
     "OVERFLOW_POLICIES", "POLICIES", "SECTIONS", "TERMINAL_POLICIES", "Config", "FinetuningArgs", "FitArgs",
-    "ModelArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of", "load_config",
+    "ModelArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of", "load_config", "read_yaml",
 ]

@@ -75,6 +75,26 @@ class ReadArgs:
         expect="a positive integer such as 1000, or null for all",
         check=_positive,
     )
+    eval_dataset: str | None = _arg(
+        None,
+        "Datasets to evaluate on instead of a val_size split: names or paths, like dataset; prepared and fitted "
+        "the same way, with their own fit report (eval_fit_report.jsonl). Not with val_size.",
+        expect="a name from dataset_info.json or a path, or null",
+        convert=_as_comma_str,
+    )
+    mix_strategy: str = _arg(
+        "concat",
+        "How several datasets mix: concat (one after the other, shuffled by the trainer), interleave_under "
+        "(alternate until the smallest runs out), interleave_over (until the largest runs out, repeating the others).",
+        choices=("concat", "interleave_under", "interleave_over"),
+    )
+    interleave_probs: str | None = _arg(
+        None,
+        "With interleave_*: the chance of drawing each dataset, comma-separated in the order of `dataset`; "
+        "null: alternate evenly.",
+        expect="comma-separated probabilities such as 0.5,0.3,0.2, or null",
+        convert=_as_comma_str,
+    )
     val_size: int | float = _arg(
         0,
         "Samples held out for validation: a fraction below 1 (0.1) or a count (100); 0: none.",
@@ -187,6 +207,14 @@ class FitArgs:
     )
     train_on_prompt: bool = _arg(
         False, "Compute the loss on every turn; false: on assistant turns only (the prompt is masked)."
+    )
+    mask_history: bool = _arg(
+        False, "Compute the loss on the last answer (or function call) of each sample only; earlier answers are "
+        "context, as in LLaMA-Factory.",
+    )
+    default_system: str | None = _arg(
+        None, "System prompt for samples that have none; null: the chat template's own default (if any).",
+        expect="a string such as 'You are a helpful assistant.', or null",
     )
     enable_thinking: bool = _arg(
         True,

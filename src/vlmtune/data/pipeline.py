@@ -26,7 +26,7 @@ from ..errors import Problem, SampleError
 from ..models.load import Loaded
 from .encode import Encoded, Encoder, emit
 from .fit import FitOptions, FitOutcome, Fitter
-from .readers import iter_samples, layout_notes
+from .readers import Mix, iter_samples, layout_notes
 from .schema import SampleStats, features, table
 from .types import Conversation
 from .validate import CONTROL_TOKENS, validate
@@ -45,6 +45,9 @@ class Source:
     allow_remote_images: bool = False
     max_samples: int | None = None  # the first n samples of each data file (LLaMA-Factory: per dataset)
     remote_options: Any = None  # data/remote.FetchOptions for allow_remote_images; None: its defaults
+    mix_strategy: str = "concat"  # how several datasets mix (readers.Mix)
+    interleave_probs: tuple[float, ...] | None = None
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class Stages:
     """How far each sample goes: encode always; fit when `fit` is given; emit rows when `emit`."""
 
     train_on_prompt: bool = False
+    mask_history: bool = False  # only the last answer is trained (LLaMA-Factory's mask_history)
+    default_system: str | None = None
     enable_thinking: bool = True  # the config's enable_thinking (data/encode.py: thinking blocks)
     fit: FitOptions | None = None
     emit: bool = False
@@ -84,10 +89,11 @@ class Stream:
     records: int = 0  # every record read (conversations + unread), before max_samples
     limited: bool = False  # max_samples left some conversations out
     layouts: Counter = field(default_factory=Counter)  # record layouts recognised (readers.layout_notes)
+    mix: Mix | None = None  # the datasets' mix, with what interleave_under left out
 
     @property
     def notes(self) -> list[str]:
-        return layout_notes(self.layouts)
+        return layout_notes(self.layouts) + (self.mix.notes() if self.mix else [])
 
 
 # -- one chunk, in a worker process (or this one) ---------------------------------------------
@@ -99,6 +105,7 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["stages"] = stages
     _WORKER["video"] = loaded.video
     encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt,
+                                           mask_history=stages.mask_history, default_system=stages.default_system,
                                            enable_thinking=stages.enable_thinking,
                                            plain_tokens=CONTROL_TOKENS if stages.control_tokens_as_text else ())
     _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fit is not None else None
@@ -174,7 +181,7 @@ def _chunks(source: Source, stream: Stream, chunk: int) -> Iterator[list[Convers
     for item in iter_samples(source.data, source.dataset_dir, source.media_dir,
                              allow_paths_outside_media_dir=source.allow_paths_outside_media_dir,
                              allow_remote_images=source.allow_remote_images,
-                             remote_options=source.remote_options, layouts=stream.layouts):
+                             remote_options=source.remote_options, layouts=stream.layouts, mix=stream.mix):
         stream.records += 1
         if isinstance(item, Problem):
             stream.unread.append(item)
@@ -210,7 +217,7 @@ def _ordered(fn: Callable, items: Iterable, pool: ProcessPoolExecutor | None, wi
 def run_pipeline(source: Source, loaded: Loaded, stages: Stages, *, workers: int = 1, chunk: int = CHUNK,
                  progress: bool = True, desc: str = "preparing") -> Stream:
     """Stream `source` through the stages; iterate `.chunks` (to the end) to drive it."""
-    stream = Stream(iter(()))
+    stream = Stream(iter(()), mix=Mix(source.mix_strategy, source.interleave_probs, source.seed))
 
     def drive() -> Iterator[ChunkResult]:
         n = max(1, int(workers or 1))
