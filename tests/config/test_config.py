@@ -799,3 +799,6 @@ def test_moe_keys():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["moe_aux_loss_coef=-1"], base=REQUIRED)
     assert e.value.problems[0].startswith("moe_aux_loss_coef=-1")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["moe_aux_loss_coef=0.01", "stage=dpo"], base=REQUIRED)
+    assert e.value.problems[0].startswith("moe_aux_loss_coef=0.01 is not added to the stage 'dpo' loss")
