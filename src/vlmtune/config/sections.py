@@ -247,7 +247,9 @@ class FitArgs:
     split_keep_context: bool = _arg(
         True, "Each part made by split starts with as much of the preceding conversation as still fits."
     )
-    packing: bool = _arg(False, "Pack several samples into each cutoff_len sequence (positions restart per sample).")
+    packing: bool = _arg(False, "Pack several samples into each cutoff_len sequence (positions restart per sample). "
+                         "No attention, and on Qwen3.5 no linear-attention state, crosses from one sample into "
+                         "the next.")
 
 
 @dataclass(frozen=True)

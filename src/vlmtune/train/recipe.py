@@ -24,6 +24,7 @@ from ..data.collate import Collator
 from ..data.pack import pack_dataset
 from ..data.prepare import EVAL_REPORT_FILE, Prepared, eval_config, format_report_summary, prepare, streamed_dataset
 from ..errors import ConfigError, disk_full_is_an_error
+from ..models.hybrid import keep_packed_samples_apart
 from ..models.load import (
     Loaded,
     apply_finetuning,
@@ -143,6 +144,8 @@ def build_model(cfg):
     """The model to train: loaded, frozen / adapted as the config says, checkpointed, and with no gradient into
     frozen parts (bench/bench_real_size.py measures exactly this)."""
     model = load_model(cfg, dtype=model_dtype(cfg))
+    if cfg.packing:  # linear-attention layers keep each packed sample's state to itself, or packing is refused
+        keep_packed_samples_apart(model)
     for c in (model.config, getattr(model.config, "text_config", None)):
         if c is not None:
             c.use_cache = False  # no KV cache in training (and packing needs none)
