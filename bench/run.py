@@ -35,6 +35,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("video_facts", "bench_video_facts"),
     ("qlora_memory", "bench_qlora_memory"),
     ("embedded", "bench_embedded"),
+    ("moe_memory", "bench_moe_memory"),
 ]
 
 
