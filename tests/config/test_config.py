@@ -112,6 +112,17 @@ DEFAULTS = {
     "worst_case_first": True,
     "run_doctor": True,
     "optim": "adamw_torch",
+    "do_predict": False,
+    "predict_with_generate": False,
+    "max_new_tokens": 1024,
+    "do_sample": True,
+    "temperature": 0.95,
+    "top_p": 0.7,
+    "top_k": 50,
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "skip_special_tokens": True,
 }
 
 # LLaMA-Factory's examples/train_lora/qwen2_5vl_lora_sft.yaml, with the keys its users commonly add.
