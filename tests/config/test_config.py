@@ -123,6 +123,17 @@ DEFAULTS = {
     "repetition_penalty": 1.0,
     "length_penalty": 1.0,
     "skip_special_tokens": True,
+    "stage": "sft",
+    "pref_beta": 0.1,
+    "pref_loss": "sigmoid",
+    "pref_ftx": 0.0,
+    "simpo_gamma": 0.5,
+    "dpo_label_smoothing": 0.0,
+    "kto_chosen_weight": 1.0,
+    "kto_rejected_weight": 1.0,
+    "ref_model": None,
+    "ref_model_adapters": None,
+    "precompute_ref_log_probs": False,
 }
 
 # LLaMA-Factory's examples/train_lora/qwen2_5vl_lora_sft.yaml, with the keys its users commonly add.
@@ -448,8 +459,9 @@ MESSAGES = [
     ("overflow=[drop", "override 'overflow=[drop' has a value that is not valid YAML (expected ',' or ']', but got "
      "'<stream end>' at line 1, column 6); quote it"),
     # LLaMA-Factory keys
-    ("stage=dpo", "stage='dpo' is not supported; vlmtune only does supervised fine-tuning; remove stage or set it "
-     "to sft"),
+    ("stage=ppo", "stage='ppo' is not one of 'sft', 'dpo', 'kto'; did you mean 'dpo'?"),
+    ("pref_beta=0.2", "pref_beta=0.2 applies to the preference stages only, but stage='sft'; set stage: dpo (or kto), "
+     "or remove pref_beta"),
     ("do_train=false", "do_train=False is not supported; `vlmtune train` always trains; remove do_train or set it "
      "to true"),
     ("template=llava", "template='llava' is not supported; the chat template comes from the model's processor; "
@@ -517,7 +529,6 @@ def test_all_problems_reported_together(tmp_path):
     assert problems == [
         "override 'bogus' is not key=value; write it like cutoff_len=1024",
         f"unknown key 'cutof_len' (in {path}); did you mean 'cutoff_len'?",
-        "stage='ppo' is not supported; vlmtune only does supervised fine-tuning; remove stage or set it to sft",
         f"image_resolution=448 (in {path}) is replaced by image_max_pixels; set image_max_pixels to "
         "image_resolution**2 = 200704 instead",
         "dataset is required; set dataset to a name from dataset_info.json or a path to a JSON/JSONL file, such as "
@@ -528,6 +539,7 @@ def test_all_problems_reported_together(tmp_path):
         "lora_rank=0 is not positive; set lora_rank to a positive integer such as 8",
         "output_dir is required; set output_dir to a folder such as saves/qwen2_vl-2b/lora/sft",
         "learning_rate='fast' is not a number; set learning_rate to a positive number such as 1.0e-4",
+        "stage='ppo' is not one of 'sft', 'dpo', 'kto'; did you mean 'dpo'?",
         "bf16 and fp16 are both true; set at most one of them (bf16 where the GPU supports it)",
     ]
 
@@ -610,7 +622,6 @@ def test_llama_factory_example_loads(tmp_path):
     }
     assert cfg.to_dict() == expected
     assert cfg.notes == (
-        "ignored stage='sft': vlmtune only does supervised fine-tuning",
         "ignored do_train=True: `vlmtune train` always trains",
         "ignored template='qwen2_vl': the chat template comes from the model's processor",
         "ignored overwrite_output_dir=True: checkpoints in output_dir are resumed only when resume_from_checkpoint "
@@ -658,7 +669,7 @@ def test_every_key_is_documented_with_a_fix():
 
 def test_sections_do_not_shadow_keys():
     assert not {*C.SECTIONS, "notes", "derived", "replace", "to_dict", "fingerprint_dict"} & set(C.KEYS)
-    assert list(C.SECTIONS) == ["model", "read", "fit", "prepare", "finetuning", "training"]
+    assert list(C.SECTIONS) == ["model", "read", "fit", "prepare", "finetuning", "training", "preference"]
 
 
 def test_docs_config_md_is_up_to_date():

@@ -4,7 +4,8 @@
     cfg.cutoff_len, cfg.fit.overflow, cfg.read.dataset, cfg.notes
 
 - values.py: the field helper every key is declared with, the value converters and range checks;
-- sections.py: the typed sections (ModelArgs, ReadArgs, FitArgs, PrepareArgs, FinetuningArgs, TrainArgs) and
+- sections.py: the typed sections (ModelArgs, ReadArgs, FitArgs, PrepareArgs, FinetuningArgs, TrainArgs,
+  PreferenceArgs) and
   `Config`, which holds one of each and also reads every key flat;
 - compat.py: every LLaMA-Factory key vlmtune does not declare, classified (llamafactory_keys.tsv lists them);
 - load.py: reading the YAML, `key=value` overrides, validation across keys, LLaMA-Factory compatibility, advice.
@@ -19,6 +20,7 @@ from .sections import (
     FinetuningArgs,
     FitArgs,
     ModelArgs,
+    PreferenceArgs,
     PrepareArgs,
     ReadArgs,
     TrainArgs,
@@ -29,5 +31,5 @@ from .values import DEFAULT_OVERFLOW, LR_SCHEDULERS, OPTIMIZERS, OVERFLOW_POLICI
 __all__ = [
     "CLASSIFIED", "DEFAULT_OVERFLOW", "KEYS", "LLAMA_FACTORY_KEYS", "LLAMA_FACTORY_REPLACED", "LR_SCHEDULERS", "OPTIMIZERS",
     "OVERFLOW_POLICIES", "POLICIES", "SECTIONS", "TERMINAL_POLICIES", "Config", "FinetuningArgs", "FitArgs",
-    "ModelArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of", "load_config", "read_yaml",
+    "ModelArgs", "PreferenceArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of", "load_config", "read_yaml",
 ]

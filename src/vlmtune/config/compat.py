@@ -49,7 +49,7 @@ def _group(kind: str, why: str, keys: str, **kw) -> dict[str, Compat]:
 
 _SDPA = "the model loads with transformers' default attention (SDPA) and stock kernels"
 _OPT = "vlmtune's optimizers are the transformers Trainer's `optim` choices and LoRA+"
-_RL = "is a preference / RL setting; vlmtune's stage is sft"
+_RL = "is a preference / RL setting vlmtune lacks (its stages are sft, dpo and kto: docs/preference.md)"
 _INFER = "vlmtune generates with transformers (`vlmtune chat`), not an inference engine"
 _EXPORT = "is read by `vlmtune export CONFIG.yaml`, not by training"
 _HUB = "vlmtune never uploads; push the output folder with huggingface-cli"
@@ -95,7 +95,6 @@ CLASSIFIED: dict[str, Compat] = {
 _DEFAULT_ONLY: list[tuple[str, str, tuple]] = [
     ("the chat template comes from the model's processor", "template",
      ("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "qwen3_5", "qwen3_5_nothink")),
-    ("vlmtune only does supervised fine-tuning", "stage", ("sft",)),
     ("`vlmtune train` always trains", "do_train", (True,)),
     ("vlmtune saves full checkpoints so that a run can resume", "save_only_model", ()),
     (_SDPA, "flash_attn", ("auto", "sdpa", "disabled", "eager")),
@@ -134,10 +133,9 @@ _DEFAULT_ONLY: list[tuple[str, str, tuple]] = [
      (False, True)),
     ("OFT is not supported (finetuning_type lora, freeze or full)", "module_dropout oft_rank oft_block_size "
      "oft_target", ()),
-    (f"this {_RL}", "pref_beta pref_ftx pref_bco_weight pref_loss dpo_label_smoothing kto_chosen_weight "
-     "kto_rejected_weight simpo_gamma ppo_buffer_size ppo_epochs ppo_score_norm ppo_target ppo_whiten_rewards "
-     "ref_model ref_model_adapters ref_model_quantization_bit reward_model reward_model_adapters "
-     "reward_model_quantization_bit reward_model_type ld_alpha", ()),
+    (f"this {_RL}", "pref_bco_weight ppo_buffer_size ppo_epochs ppo_score_norm ppo_target ppo_whiten_rewards "
+     "ref_model_quantization_bit reward_model reward_model_adapters reward_model_quantization_bit "
+     "reward_model_type ld_alpha", ()),
     (_OPT, "use_galore galore_target galore_rank galore_update_interval galore_scale galore_proj_type "
      "galore_layerwise use_apollo apollo_target apollo_rank apollo_update_interval apollo_scale apollo_proj "
      "apollo_proj_type apollo_scale_type apollo_layerwise apollo_scale_front use_badam badam_mode "

@@ -469,8 +469,60 @@ class TrainArgs:
     skip_special_tokens: bool = _arg(True, "do_predict: leave special tokens out of the decoded answers.")
 
 
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo", "robust", "sppo_hard", "nca_pair")
+
+
+@dataclass(frozen=True)
+class PreferenceArgs:
+    """Preference training (LLaMA-Factory's `stage: dpo | kto` keys; docs/preference.md)."""
+
+    stage: str = _arg(
+        "sft",
+        "sft: supervised fine-tuning; dpo: pairs (chosen / rejected) with pref_loss (DPO and its variants, ORPO, "
+        "SimPO); kto: single answers tagged desirable or undesirable.",
+        choices=("sft", "dpo", "kto"),
+    )
+    pref_beta: float = _arg(0.1, "beta of the preference loss (how far the policy may move from the reference).",
+                            expect="a positive number such as 0.1", check=_positive)
+    pref_loss: str = _arg(
+        "sigmoid",
+        "stage dpo: the loss. sigmoid (DPO), hinge, ipo, robust, sppo_hard, nca_pair (with a reference); "
+        "orpo, simpo (reference-free, on length-averaged log-probabilities).",
+        choices=PREF_LOSSES,
+    )
+    pref_ftx: float = _arg(0.0, "Weight of an SFT loss on the chosen (kto: desirable) answers added to the "
+                           "preference loss; 0: none.", expect="a non-negative number such as 0.1",
+                           check=_non_negative)
+    simpo_gamma: float = _arg(0.5, "pref_loss simpo: the target reward margin gamma.",
+                              expect="a non-negative number such as 0.5", check=_non_negative)
+    dpo_label_smoothing: float = _arg(
+        0.0, "pref_loss sigmoid / robust: the probability that a pair's labels are flipped (cDPO); in [0, 0.5).",
+        expect="a number in [0, 0.5) such as 0.1",
+        check=lambda v: None if 0 <= v < 0.5 else "is not in [0, 0.5)",
+    )
+    kto_chosen_weight: float = _arg(1.0, "stage kto: weight of the desirable answers' losses.",
+                                    expect="a positive number such as 1.0", check=_positive)
+    kto_rejected_weight: float = _arg(1.0, "stage kto: weight of the undesirable answers' losses.",
+                                      expect="a positive number such as 1.0", check=_positive)
+    ref_model: str | None = _arg(
+        None,
+        "The reference model (a checkpoint folder or Hub id); null: the starting model itself (LoRA: the base "
+        "with the adapter disabled, no second copy; full / freeze: a frozen copy).",
+        expect="a checkpoint folder or Hub id, or null",
+    )
+    ref_model_adapters: str | None = _arg(
+        None, "A LoRA adapter folder applied to ref_model (merged into it); null: none.",
+        expect="an adapter folder, or null",
+    )
+    precompute_ref_log_probs: bool = _arg(
+        False,
+        "Compute the reference's log-probabilities of every row once before training, so that no reference "
+        "model stays in memory during training (full fine-tuning: no frozen copy).",
+    )
+
+
 SECTIONS: dict[str, type] = {"model": ModelArgs, "read": ReadArgs, "fit": FitArgs, "prepare": PrepareArgs,
-                             "finetuning": FinetuningArgs, "training": TrainArgs}
+                             "finetuning": FinetuningArgs, "training": TrainArgs, "preference": PreferenceArgs}
 
 
 def _key_table() -> dict[str, tuple[str, Any, Any]]:
@@ -512,7 +564,7 @@ class Config:
     """A validated configuration: one typed section per concern, and every key also read flat.
 
     Hand a function the section it uses (`cfg.read`, `cfg.fit`, `cfg.prepare`, `cfg.model`, `cfg.finetuning`,
-    `cfg.training`); `cfg.cutoff_len` still reads the key from its section.
+    `cfg.training`, `cfg.preference`); `cfg.cutoff_len` still reads the key from its section.
     Equal when every key is equal (notes aside). Frozen: change keys with `cfg.replace(cutoff_len=1024)`,
     which validates the result again.
     `notes` lists what was accepted but ignored (LLaMA-Factory keys) and other advice that is not an error.
@@ -526,6 +578,7 @@ class Config:
     prepare: PrepareArgs
     finetuning: FinetuningArgs
     training: TrainArgs
+    preference: PreferenceArgs
     notes: tuple[str, ...] = field(default=(), compare=False)
     derived: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 

@@ -35,7 +35,7 @@ DATA_KEYS = (
     "max_image_token_share",
     "split_keep_context", "remote_image_max_bytes", "allow_private_remote_images", "video_max_pixels",
     "video_min_pixels", "video_fps", "video_maxlen", "mask_history", "default_system", "mix_strategy",
-    "interleave_probs",
+    "interleave_probs", "stage",
 )
 
 

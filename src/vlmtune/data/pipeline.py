@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from ..errors import Problem, SampleError
 from ..models.load import Loaded
-from .encode import Encoded, Encoder, emit
+from .encode import Encoded, Encoder
 from .fit import FitOptions, FitOutcome, Fitter
+from .pairs import emit_row, encode_samples, fit_sample, stage_problems
 from .readers import Mix, iter_samples, layout_notes
 from .schema import SampleStats, features, table
 from .types import Conversation
@@ -45,6 +46,7 @@ class Source:
     allow_remote_images: bool = False
     max_samples: int | None = None  # the first n samples of each data file (LLaMA-Factory: per dataset)
     remote_options: Any = None  # data/remote.FetchOptions for allow_remote_images; None: its defaults
+    preference: bool = False  # read ranking / KTO records as preference samples (stage dpo / kto)
     mix_strategy: str = "concat"  # how several datasets mix (readers.Mix)
     interleave_probs: tuple[float, ...] | None = None
     seed: int = 0
@@ -61,6 +63,8 @@ class Stages:
     fit: FitOptions | None = None
     emit: bool = False
     keep_ids: frozenset = frozenset()  # samples whose Encoded comes back whole (inspect --show)
+    # the run's stage (sft, dpo, kto): a sample of another kind is invalid (data/pairs.stage_problems); None: any
+    stage: str | None = None
     control_tokens_as_text: bool = False  # control_tokens_in_text: text (validate.CONTROL_TOKENS as plain text)
 
 
@@ -124,6 +128,8 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
     """One chunk of samples from validation to (fitted, emitted) rows."""
     w = _WORKER
     spec, stages, fitter = w["spec"], w["stages"], w["fitter"]
+    for conv in convs:
+        conv.read_problems += stage_problems(conv, stages.stage)
     # Rows that will be trained on (emit: prepare, doctor, streaming) have every image decoded here, so that a
     # pixel that cannot be decoded is a skippable bad sample now, not a crash mid-training (issue 21).
     checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size,
@@ -140,14 +146,14 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
         for c in out.invalid:
             reason = " | ".join(f"{p.what}; {p.fix}" for p in by_id.get(c.id, [])) or "invalid"
             lines[c.id] = invalid_line(c.id, c.source, reason)
-    for enc in w["encoder"].encode_many(checked.valid, checked.headers, videos=checked.videos):
+    for enc in encode_samples(w["encoder"], checked.valid, checked.headers, checked.videos):
         out.stats.append(SampleStats.of(enc))
         if enc.id in stages.keep_ids:
             out.encoded.append(enc)
         if fitter is None:
             continue
         try:
-            fitted = fitter.fit(enc)
+            fitted = fit_sample(fitter, enc)
         except SampleError as e:
             out.errors.append(e)
             continue
@@ -155,7 +161,7 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
         out.pieces += [(p.length, p.image_tokens + sum(v.pad_tokens for v in p.videos)) for p in fitted.pieces]
         out.split_rows += len(fitted.pieces) if fitted.fate == "split" else 0
         if stages.emit:
-            rows += [emit(p, spec).to_dict() for p in fitted.pieces]
+            rows += [emit_row(p, spec) for p in fitted.pieces]
     if fitter is not None:
         out.lines = [lines[c.id] for c in convs if c.id in lines]
     if stages.emit and rows:
@@ -181,7 +187,8 @@ def _chunks(source: Source, stream: Stream, chunk: int) -> Iterator[list[Convers
     for item in iter_samples(source.data, source.dataset_dir, source.media_dir,
                              allow_paths_outside_media_dir=source.allow_paths_outside_media_dir,
                              allow_remote_images=source.allow_remote_images,
-                             remote_options=source.remote_options, layouts=stream.layouts, mix=stream.mix):
+                             remote_options=source.remote_options, layouts=stream.layouts, mix=stream.mix,
+                             preference=source.preference):
         stream.records += 1
         if isinstance(item, Problem):
             stream.unread.append(item)

@@ -78,11 +78,13 @@ def fit_options(fit: FitArgs) -> FitOptions:
     )
 
 
-def stages_for(fit: FitArgs, *, control_tokens_as_text: bool = False, emit: bool = True) -> Stages:
-    """The pipeline's stages for a config's fit section: labels as it asks, fitted, rows emitted."""
+def stages_for(fit: FitArgs, *, control_tokens_as_text: bool = False, emit: bool = True,
+               stage: str | None = None) -> Stages:
+    """The pipeline's stages for a config's fit section: labels as it asks, fitted, rows emitted; `stage` (sft,
+    dpo, kto) refuses the samples of another kind (data/pairs.stage_problems)."""
     return Stages(train_on_prompt=fit.train_on_prompt, mask_history=fit.mask_history,
                   default_system=fit.default_system, enable_thinking=fit.enable_thinking,
-                  fit=fit_options(fit), emit=emit, control_tokens_as_text=control_tokens_as_text)
+                  fit=fit_options(fit), emit=emit, control_tokens_as_text=control_tokens_as_text, stage=stage)
 
 
 def remote_options(cfg):
@@ -100,7 +102,8 @@ def source_of(cfg) -> Source:
     return Source(cfg.dataset, cfg.dataset_dir, cfg.media_dir, cfg.allow_paths_outside_media_dir,
                   cfg.allow_remote_images, cfg.max_samples or None,
                   remote_options(cfg) if cfg.allow_remote_images else None,
-                  mix_strategy=cfg.mix_strategy, interleave_probs=probs, seed=cfg.seed)
+                  mix_strategy=cfg.mix_strategy, interleave_probs=probs, seed=cfg.seed,
+                  preference=cfg.stage != "sft")
 
 
 def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True, report_name: str = REPORT_FILE) -> Prepared:
@@ -175,7 +178,8 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     from datasets.arrow_writer import ArrowWriter
 
     cache.make_temp(tmp_dir)
-    stages = stages_for(cfg.fit, control_tokens_as_text=cfg.control_tokens_in_text == "text")
+    stages = stages_for(cfg.fit, control_tokens_as_text=cfg.control_tokens_in_text == "text",
+                        stage=cfg.stage)
     stream = run_pipeline(source_of(cfg), loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                           chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
@@ -343,7 +347,8 @@ class StreamedRows:
         cfg = self.cfg
         self.passes += 1
         first = self.passes == 1
-        stages = stages_for(cfg.fit, control_tokens_as_text=cfg.control_tokens_in_text == "text")
+        stages = stages_for(cfg.fit, control_tokens_as_text=cfg.control_tokens_in_text == "text",
+                            stage=cfg.stage)
         stream = run_pipeline(source_of(cfg), self.loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                               chunk=CHUNK, progress=False)
         os.makedirs(cfg.output_dir, exist_ok=True)

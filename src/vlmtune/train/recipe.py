@@ -39,7 +39,8 @@ from .checkpoints import (
     layout_change,
     resolve_resume,
 )
-from .plot import plot_loss
+from .plot import plot_loss, plot_rewards
+from .preference import preference_trainer
 from .trainer import VlmTrainer
 
 
@@ -117,19 +118,21 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     trainable = trainable_summary(model)
     say("trainable parameters:\n" + format_trainable(trainable))
 
-    collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len, video=getattr(loaded, "video", None))
-    trainer = VlmTrainer(
-        model=model,
+    common = dict(
         args=args,
-        data_collator=collator,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
         callbacks=[CompleteCheckpointCallback(), GracefulStopCallback()],
         spec=loaded.spec,
         deepspeed=bool(cfg.deepspeed),
         loraplus_lr_ratio=cfg.loraplus_lr_ratio,
         pissa_init_dir=os.path.join(cfg.output_dir, "pissa_init") if cfg.pissa_init else None,
     )
+    if cfg.stage != "sft":  # dpo / kto: pairs or tagged answers, their collator, loss and reference
+        trainer = preference_trainer(cfg, model, loaded, train_ds, eval_ds, model_dtype(cfg), **common)
+    else:
+        collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len,
+                            video=getattr(loaded, "video", None))
+        trainer = VlmTrainer(model=model, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+                             **common)
     change = layout_change(resume, args) if resume else None
     if change:
         say(f"WARNING: {change}")
@@ -302,6 +305,9 @@ def train(run: Run) -> TrainResult:
         if cfg.plot_loss:
             loss_plot = plot_loss(trainer.state.log_history, cfg.output_dir)
             say(f"loss plot: {loss_plot}" if loss_plot else no_plot_note(trainer.state.global_step, cfg.logging_steps))
+            rewards_plot = plot_rewards(trainer.state.log_history, cfg.output_dir) if cfg.stage != "sft" else None
+            if rewards_plot:
+                say(f"rewards plot: {rewards_plot}")
     return TrainResult(cfg.output_dir, run.prepared, run.trainable, list(trainer.state.log_history), loss_plot,
                        trainer.state.global_step, worst, stopped)
 
