@@ -116,7 +116,6 @@ _DEFAULT_ONLY: list[tuple[str, str, tuple]] = [
      "kt_expert_checkpoint_path kt_use_lora_experts kt_lora_expert_num kt_lora_expert_intermediate_size", ()),
     ("Hub tokens are read from the environment (HF_TOKEN); ModelScope and Modelers are not supported",
      "hf_hub_token ms_hub_token om_hub_token", ()),
-    ("the model's own MoE settings are used", "moe_aux_loss_coef", ()),
     ("vlmtune keeps its default dtype, device map and length handling", "compute_dtype device_map "
      "model_max_length", ()),
     ("vlmtune renders tool calls with the checkpoint's chat template (Qwen's format)", "tool_format", (None, "qwen")),

@@ -431,6 +431,8 @@ def _check_preference(v: dict[str, Any]) -> list[str]:
         return problems
     unused("train_on_prompt", f"has no effect with stage={stage!r}: only the final answer is scored",
            "remove train_on_prompt")
+    unused("moe_aux_loss_coef", f"is not added to the stage {stage!r} loss (the preference trainer computes its own "
+           "loss from the logits and asks for no router logits)", "remove moe_aux_loss_coef, or train with stage: sft")
     if stage == "kto":
         for key in ("pref_loss", "simpo_gamma", "dpo_label_smoothing"):
             unused(key, "applies to stage dpo only, but stage='kto'", f"remove {key}")

@@ -247,7 +247,9 @@ class FitArgs:
     split_keep_context: bool = _arg(
         True, "Each part made by split starts with as much of the preceding conversation as still fits."
     )
-    packing: bool = _arg(False, "Pack several samples into each cutoff_len sequence (positions restart per sample).")
+    packing: bool = _arg(False, "Pack several samples into each cutoff_len sequence (positions restart per sample). "
+                         "No attention, and on Qwen3.5 no linear-attention state, crosses from one sample into "
+                         "the next.")
 
 
 @dataclass(frozen=True)
@@ -296,8 +298,9 @@ class FinetuningArgs:
     )
     lora_target: list[str] = _arg(
         ["all"],
-        "Modules that get LoRA adapters: all (every linear layer of the parts not frozen) or module names, "
-        "comma-separated or as a list, such as q_proj,v_proj.",
+        "Modules that get LoRA adapters: all (every linear layer of the parts not frozen, and a mixture-of-experts "
+        "model's experts, not its routers) or module names, comma-separated or as a list, such as q_proj,v_proj "
+        "(experts, gate_up_proj or down_proj name a MoE's fused expert weights; docs/moe.md).",
         expect="all or module names such as q_proj,v_proj",
     )
     freeze_trainable_layers: int = _arg(
@@ -312,6 +315,19 @@ class FinetuningArgs:
         True, "Keep the projector (merger) between the vision encoder and the language model fixed."
     )
     freeze_language_model: bool = _arg(False, "Keep the language model's weights fixed.")
+    freeze_router: bool = _arg(
+        True,
+        "Mixture-of-experts models: keep the routers (each MoE layer's expert gate, and Qwen3.5-MoE's shared-expert "
+        "gate) fixed; false trains them in full, with LoRA too (they are small). The experts themselves follow "
+        "lora_target and finetuning_type.",
+    )
+    moe_aux_loss_coef: float | None = _arg(
+        None,
+        "Mixture-of-experts models: the router's load-balancing loss, times this coefficient, is added to the "
+        "training loss and logged as aux_loss (0: logged, not added); null: not computed.",
+        expect="a non-negative number such as 0.001, or null",
+        check=_non_negative,
+    )
     additional_target: list[str] | None = _arg(
         None,
         "Modules trained in full besides the adapters, comma-separated or as a list, such as "
