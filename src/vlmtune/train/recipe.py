@@ -305,6 +305,11 @@ def train(run: Run) -> TrainResult:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
         with open(os.path.join(cfg.output_dir, "trainable_parameters.json"), "w", encoding="utf-8") as f:
             json.dump(run.trainable, f, indent=2)
+        if cfg.do_predict:  # LLaMA-Factory's predict: answers generated for eval_dataset, with their scores
+            from .predict import predict
+
+            predict(trainer.model, trainer.data_collator, run.loaded.processor.tokenizer, trainer.eval_dataset, cfg,
+                    cfg.output_dir, log=say)
         if cfg.plot_loss:
             loss_plot = plot_loss(trainer.state.log_history, cfg.output_dir)
             say(f"loss plot: {loss_plot}" if loss_plot else no_plot_note(trainer.state.global_step, cfg.logging_steps))
