@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..errors import SampleError
+from ..models.checkpoint import FileProcessor, render_chats
 from ..models.grid import Grid
 from ..models.spec import ModelSpec
 from ..models.video_grid import VideoGrid, VideoSpec
@@ -213,6 +214,8 @@ class Encoder:
     """Renders conversations with a checkpoint's chat template and tokenizes them into blocks."""
 
     def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False):
+        """`processor`: transformers' processor, or the checkpoint's files read by models/checkpoint.py
+        (`Loaded.data_processor`), which render and tokenize identically without importing torch."""
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.spec = spec
@@ -235,6 +238,8 @@ class Encoder:
         """Render many conversations in one call of transformers' template renderer (the same code
         `apply_chat_template` runs, without its per-call overhead)."""
         chats = [_template_messages(c) for c in convs]
+        if isinstance(self.processor, FileProcessor):  # the checkpoint's files: jinja2 as transformers runs it
+            return render_chats(self.chat_template, chats, self.tokenizer.special_tokens_map)
         try:
             from transformers.utils.chat_template_utils import render_jinja_template
         except ImportError:  # an older or newer transformers without it: the public path

@@ -13,6 +13,7 @@ embeddings out of every quantization).
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Module-name patterns transformers' bitsandbytes integration leaves unquantized (its `llm_int8_skip_modules`,
@@ -21,6 +22,26 @@ import os
 VISION_TOWER_SKIP = r"(.*\.)?visual"
 PROJECTOR_SKIP = (r"(.*\.)?visual\.merger", r"(.*\.)?visual\.deepstack_merger_list")
 OUTPUT_SKIP = "lm_head"
+
+
+class _UnlessQuantizing(logging.Filter):
+    """Drops bitsandbytes' import-time notice about an optional CPU kernel ("Failed to load CPU gemm_4bit_forward
+    from kernels-community") unless a quantized load was asked for: peft imports bitsandbytes whenever it is
+    installed, so every LoRA run, export and doctor printed it to users who asked for no quantization."""
+
+    quantizing = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.quantizing or "gemm_4bit_forward" not in str(record.msg)
+
+
+BITSANDBYTES_NOTICE = _UnlessQuantizing()
+
+
+def quiet_bitsandbytes() -> None:
+    """Keep bitsandbytes' kernel notice out of a command's output until quantization is asked for (the CLI
+    calls this first; `quantization_config`, which every quantized load goes through, lets it through again)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(BITSANDBYTES_NOTICE)  # added once
 
 
 def skip_modules(cfg) -> list[str]:
@@ -37,6 +58,7 @@ def quantization_config(cfg, compute_dtype=None):
     """
     if cfg.quantization_bit is None:
         return None
+    BITSANDBYTES_NOTICE.quantizing = True
     require_bitsandbytes()
     import torch
     from transformers import BitsAndBytesConfig
