@@ -20,12 +20,13 @@ from hypothesis import strategies as st
 from vlmtune.models.checkpoint import (
     IMAGE_DEFAULTS,
     QWEN2_BPE,
-    QWEN2_PIPELINE,
     QWEN2_TOKEN_DEFAULTS,
+    TOKENIZER_REGEX,
     VIDEO_DEFAULTS,
     FileProcessor,
     read_checkpoint,
     render_chats,
+    tokenizer_pipeline,
 )
 from vlmtune.models.families import MODEL_TYPES
 from vlmtune.models.load import load_processor, load_spec
@@ -47,14 +48,16 @@ def _specs(processor, config):
 
 
 # -- the hand-kept constants are transformers' ---------------------------------------------------
-def test_qwen2_tokenizer_pipeline_is_transformers():
-    from transformers import Qwen2Tokenizer
+@pytest.mark.parametrize("name", sorted(TOKENIZER_REGEX))
+def test_tokenizer_pipelines_are_transformers(name):
+    import transformers
 
-    built = json.loads(Qwen2Tokenizer(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]).backend_tokenizer.to_str())
-    assert {k: built[k] for k in QWEN2_PIPELINE} == QWEN2_PIPELINE
+    cls = getattr(transformers, name)
+    built = json.loads(cls(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]).backend_tokenizer.to_str())
+    pipeline = tokenizer_pipeline(TOKENIZER_REGEX[name])
+    assert {k: built[k] for k in pipeline} == pipeline
     assert {k: v for k, v in built["model"].items() if k not in ("vocab", "merges")} == QWEN2_BPE
-    defaults = {k: p.default for k, p in inspect.signature(Qwen2Tokenizer.__init__).parameters.items()
-                if k.endswith("_token")}
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k.endswith("_token")}
     assert {k: v for k, v in defaults.items() if v is not None} == QWEN2_TOKEN_DEFAULTS
 
 
@@ -78,11 +81,11 @@ def test_family_files_equal_the_processor(tiny_ckpt, arch):
 
 @pytest.fixture(scope="module")
 def qwen_pair(tiny_ckpt):
-    return {arch: _both(tiny_ckpt(arch)) for arch in ("qwen2_vl", "qwen3_vl")}
+    return {arch: _both(tiny_ckpt(arch)) for arch in ("qwen2_vl", "qwen3_vl", "qwen3_5")}
 
 
 _TEXT = st.lists(st.sampled_from(list("ab xyz\n\t'\"{}%#<>|_é中😀") + ["<|im_start|>", "<|im_end|>", "<|image_pad|>",
-                                                                    "'s", "  ", "hello", " world"]),
+                                                                    "<think>", "</tool_call>", "'s", "  ", "hello", " world"]),
                  max_size=20).map("".join)
 
 
@@ -104,16 +107,20 @@ _MESSAGE = st.builds(lambda role, parts: {"role": role, "content": parts},
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chats=st.lists(st.lists(_MESSAGE, min_size=1, max_size=4), min_size=1, max_size=3),
-       reasoning=st.booleans())
-def test_chat_template_renders_equal(qwen_pair, chats, reasoning):
+       reasoning=st.booleans(), thinking=st.booleans(), tools=st.booleans())
+def test_chat_template_renders_equal(qwen_pair, chats, reasoning, thinking, tools):
     from transformers.utils.chat_template_utils import render_jinja_template
 
     if reasoning:  # thinking templates read reasoning_content, filled from any of its names
         chats = [[{**m, "reasoning": "why"} if m["role"] == "assistant" else m for m in c] for c in chats]
+    extra = {"enable_thinking": thinking}
+    if tools:
+        extra["tools"] = [{"type": "function", "function": {"name": "f", "description": "d <b>", "parameters": {
+            "type": "object", "properties": {"x": {"type": "integer"}}}}}]
     for (fp, _), (proc, _) in qwen_pair.values():
-        want, _ = render_jinja_template(conversations=chats, chat_template=proc.chat_template,
+        want, _ = render_jinja_template(conversations=chats, chat_template=proc.chat_template, **extra,
                                         **proc.tokenizer.special_tokens_map)
-        assert render_chats(fp.chat_template, chats, fp.tokenizer.special_tokens_map) == want
+        assert render_chats(fp.chat_template, chats, fp.tokenizer.special_tokens_map, **extra) == want
 
 
 # -- layouts of real checkpoints ---------------------------------------------------------------

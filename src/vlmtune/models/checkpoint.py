@@ -27,6 +27,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..errors import VlmtuneError
+from .families import FAMILIES
 
 # The files read here (a hub id downloads only these).
 SMALL_FILES = (
@@ -34,23 +35,32 @@ SMALL_FILES = (
     "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
 )
 
-# What transformers' Qwen2Tokenizer rebuilds around tokenizer.json's vocabulary and merges
-# (transformers/models/qwen2/tokenization_qwen2.py, 5.x); a file with another pipeline is loaded by transformers.
-# tests/models/test_checkpoint.py compares these with the class, so a transformers change fails a test.
-QWEN2_TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+# What transformers' Qwen tokenizer classes rebuild around tokenizer.json's vocabulary and merges
+# (transformers/models/qwen2/tokenization_qwen2.py, qwen3_5/tokenization_qwen3_5.py, 5.x): one pipeline with
+# the class's pre-tokenizer regex. A file with another pipeline is loaded by transformers.
+# tests/models/test_checkpoint.py compares these with the classes, so a transformers change fails a test.
 QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                            r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-QWEN2_PIPELINE = {
-    "normalizer": {"type": "NFC"},
-    "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": QWEN2_PRETOKENIZE_REGEX}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-    ]},
-    "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-}
+QWEN3_5_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}|"""
+                             r""" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+TOKENIZER_REGEX = {"Qwen2Tokenizer": QWEN2_PRETOKENIZE_REGEX, "Qwen2TokenizerFast": QWEN2_PRETOKENIZE_REGEX,
+                   "Qwen3_5Tokenizer": QWEN3_5_PRETOKENIZE_REGEX}
+# the classes' __init__ defaults (the same in both), for tokens tokenizer_config.json leaves out
 QWEN2_TOKEN_DEFAULTS = {"unk_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
 QWEN2_BPE = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
              "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False}
+
+
+def tokenizer_pipeline(regex: str) -> dict:
+    """The normalizer, pre-tokenizer and decoder the classes build, as tokenizer.json writes them."""
+    return {
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+    }
 
 # The processor classes' own defaults (transformers 5.x class attributes), for keys a config file leaves out;
 # tests/models/test_checkpoint.py compares them with the classes.
@@ -80,9 +90,6 @@ _INERT_KEYS = {
 _SETTINGS_KEYS = {"size", "min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size",
                   "min_frames", "max_frames", "do_sample_frames", "cap_pixels_per_frame", "max_video_tokens",
                   "fps", "num_frames"}
-# Which video processor a legacy checkpoint (no video_processor_type) gets: transformers maps its model_type.
-_VIDEO_CLASS_OF_MODEL = {"qwen2_vl": "Qwen2VLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor",
-                         "qwen3_vl": "Qwen3VLVideoProcessor"}
 
 
 def checkpoint_dir(name: str, cache_dir: str | None = None) -> Path:
@@ -173,22 +180,22 @@ def read_tokenizer(folder: Path) -> FileTokenizer | None:
     around it; None otherwise (the caller then loads transformers' tokenizer)."""
     tc = _json(folder, "tokenizer_config.json") or {}
     path = folder / "tokenizer.json"
-    if tc.get("tokenizer_class") not in QWEN2_TOKENIZER_CLASSES or not path.is_file() or tc.get("auto_map"):
+    regex = TOKENIZER_REGEX.get(tc.get("tokenizer_class"))
+    if regex is None or not path.is_file() or tc.get("auto_map"):
         return None
     if tc.get("split_special_tokens") or tc.get("add_prefix_space") or tc.get("clean_up_tokenization_spaces"):
         return None
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
     model = {k: v for k, v in (raw.get("model") or {}).items() if k not in ("vocab", "merges")}
-    if any(raw.get(k) != v for k, v in QWEN2_PIPELINE.items()) or model != QWEN2_BPE:
+    if any(raw.get(k) != v for k, v in tokenizer_pipeline(regex).items()) or model != QWEN2_BPE:
         return None
     named, every = _special_tokens(tc)
     added = {t["content"]: t for t in raw.get("added_tokens") or []}
-    # transformers re-adds the config's special tokens (and drops the file's other added tokens): exact only
-    # when both name the same special tokens, none of them normalized or stripped
-    if not every or set(added) != every or any(
-            not t.get("special") or t.get("normalized") or t.get("lstrip") or t.get("rstrip")
-            or t.get("single_word") for t in added.values()):
+    # transformers keeps the file's added tokens and marks the config's special tokens special: exact when the
+    # file already does, and none of them is normalized or stripped
+    if not every or not every <= set(added) or any(not added[t].get("special") for t in every) or any(
+            t.get("normalized") or t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in added.values()):
         return None
     for i, t in (tc.get("added_tokens_decoder") or {}).items():
         if added.get(t.get("content"), {}).get("id") != int(i):
@@ -291,13 +298,35 @@ def _aliased(chat: list[dict]) -> list[dict]:
     return out
 
 
-def render_chats(template: str, chats: list[list[dict]], special_tokens_map: dict, tools=None,
-                 add_generation_prompt: bool = False) -> list[str]:
-    """What transformers' `render_jinja_template` returns for plain-JSON messages (no continue_final_message,
-    no assistant mask)."""
-    compiled = compile_template(template)
-    return [compiled.render(messages=_aliased(json.loads(json.dumps(c))), tools=tools, documents=None,
-                            add_generation_prompt=add_generation_prompt, **special_tokens_map) for c in chats]
+def _plain(value):
+    """JSON-typed data as transformers' `_plain_template_data` rebuilds it (the data path passes nothing else)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    for t in (str, int, float):
+        if isinstance(value, t):
+            return t(value)
+    return f"<{type(value).__name__}>"
+
+
+def render_template(conversations: list[list[dict]], chat_template: str, tools=None, documents=None,
+                    add_generation_prompt: bool = False, **kwargs) -> tuple[list[str], list]:
+    """transformers' `render_jinja_template` for plain messages, same arguments and result (no
+    continue_final_message, no assistant mask: the data path asks for neither)."""
+    compiled = compile_template(chat_template)
+    tools, documents, kwargs = _plain(tools), _plain(documents), _plain(kwargs)
+    return [compiled.render(messages=_aliased(_plain(c)), tools=tools, documents=documents,
+                            add_generation_prompt=add_generation_prompt, **kwargs) for c in conversations], []
+
+
+def render_chats(template: str, chats: list[list[dict]], special_tokens_map: dict, **kwargs) -> list[str]:
+    """The chats rendered as the Encoder renders them, with the tokenizer's special tokens."""
+    return render_template(chats, template, **kwargs, **special_tokens_map)[0]
 
 
 # -- processor settings ------------------------------------------------------------------------
@@ -342,7 +371,9 @@ def read_processor_settings(folder: Path, model_type: str) -> tuple[SimpleNamesp
         return None
     vp = None
     if video is not None:
-        vcls = _class_name(video, "video_processor_type", _VIDEO_CLASS_OF_MODEL.get(model_type))
+        # a legacy checkpoint (no video_processor_type) gets its family's video processor, as transformers maps it
+        family = FAMILIES.get(model_type)
+        vcls = _class_name(video, "video_processor_type", family.video_processor_class if family else None)
         if video is legacy and "video_processor_type" not in video:
             # a legacy preprocessor_config.json feeds the video processor too; its image-only keys are inert
             video = {k: v for k, v in video.items() if k != "image_processor_type"}
@@ -388,8 +419,10 @@ def read_checkpoint(folder: Path) -> tuple[FileProcessor, FileConfig] | None:
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     if not isinstance(text.get("vocab_size", config.get("vocab_size")), int):
         return None  # the config class's default would apply: transformers knows it
-    if model_type == "qwen2_5_vl" and "tokens_per_second" not in (config.get("vision_config") or {}):
-        return None
+    family = FAMILIES.get(model_type)
+    if family is not None and family.video_absolute_time and "tokens_per_second" not in (
+            config.get("vision_config") or {}):
+        return None  # the vision config class's default applies: transformers knows it
     if "vocab_size" not in text:
         text = {**text, "vocab_size": config["vocab_size"]}
     tokenizer = read_tokenizer(folder)
