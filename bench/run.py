@@ -34,6 +34,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("video_facts", "bench_video_facts"),
     ("qlora_memory", "bench_qlora_memory"),
     ("embedded", "bench_embedded"),
+    ("torch_free", "bench_torch_free"),
 ]
 
 
