@@ -95,6 +95,8 @@ def test_tokenizer_ids_equal(qwen_pair, texts):
     for (fp, _), (proc, _) in qwen_pair.values():
         assert fp.tokenizer(texts)["input_ids"] == proc.tokenizer(texts, add_special_tokens=False)["input_ids"]
         assert fp.tokenizer(texts[0])["input_ids"] == proc.tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+        assert fp.tokenizer(texts[0], split_special_tokens=True)["input_ids"] == proc.tokenizer(
+            texts[0], add_special_tokens=False, split_special_tokens=True)["input_ids"]
         ids = fp.tokenizer(texts[0])["input_ids"]
         assert fp.tokenizer.decode(ids) == proc.tokenizer.decode(ids, skip_special_tokens=False)
 

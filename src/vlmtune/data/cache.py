@@ -31,9 +31,11 @@ OWNER = "vlmtune prepared-dataset cache"  # what MARKER_FILE says: vlmtune's own
 DATA_KEYS = (
     "model_name_or_path", "dataset", "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels",
     "image_min_pixels", "max_samples", "allow_paths_outside_media_dir", "allow_remote_images",
-    "on_bad_sample", "train_on_prompt", "enable_thinking", "overflow", "min_image_tokens", "max_image_token_share",
+    "on_bad_sample", "control_tokens_in_text", "train_on_prompt", "enable_thinking", "overflow", "min_image_tokens",
+    "max_image_token_share",
     "split_keep_context", "remote_image_max_bytes", "allow_private_remote_images", "video_max_pixels",
-    "video_min_pixels", "video_fps", "video_maxlen",
+    "video_min_pixels", "video_fps", "video_maxlen", "mask_history", "default_system", "mix_strategy",
+    "interleave_probs", "stage",
 )
 
 

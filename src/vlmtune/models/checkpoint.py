@@ -139,11 +139,16 @@ class FileTokenizer:
     def __len__(self) -> int:
         return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def __call__(self, text, add_special_tokens: bool = False) -> dict:
-        if isinstance(text, str):
-            return {"input_ids": self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
-        return {"input_ids": [e.ids for e in self.backend_tokenizer.encode_batch_fast(
-            list(text), add_special_tokens=add_special_tokens)]}
+    def __call__(self, text, add_special_tokens: bool = False, split_special_tokens: bool = False) -> dict:
+        backend = self.backend_tokenizer
+        backend.encode_special_tokens = split_special_tokens  # as transformers sets it around one call
+        try:
+            if isinstance(text, str):
+                return {"input_ids": backend.encode(text, add_special_tokens=add_special_tokens).ids}
+            return {"input_ids": [e.ids for e in backend.encode_batch_fast(list(text),
+                                                                          add_special_tokens=add_special_tokens)]}
+        finally:
+            backend.encode_special_tokens = False
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

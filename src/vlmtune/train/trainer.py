@@ -121,7 +121,7 @@ class VlmTrainer(Trainer):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             with self.autocast_smart_context_manager():
-                loss = model(**batch).loss
+                loss = self.compute_loss(model, batch)  # the run's loss (a preference loss for dpo / kto)
             loss.backward()
         seconds = time.perf_counter() - start
         model.zero_grad(set_to_none=True)
