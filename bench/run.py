@@ -36,6 +36,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("qlora_memory", "bench_qlora_memory"),
     ("embedded", "bench_embedded"),
     ("moe_memory", "bench_moe_memory"),
+    ("torch_free", "bench_torch_free"),
 ]
 
 

@@ -813,3 +813,10 @@ def test_moe_keys():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["moe_aux_loss_coef=0.01", "stage=dpo"], base=REQUIRED)
     assert e.value.problems[0].startswith("moe_aux_loss_coef=0.01 is not added to the stage 'dpo' loss")
+
+
+def test_a_huge_value_of_a_llamafactory_key_is_noted_bounded(tmp_path):
+    path = tmp_path / "lf.yaml"
+    path.write_text(f"model_name_or_path: m\ndataset: d\noutput_dir: o\nrun_name: {'r' * 50_000}\n")
+    cfg = load_config(path)
+    assert cfg.notes and all(len(n) < 600 for n in cfg.notes)

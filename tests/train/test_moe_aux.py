@@ -66,3 +66,30 @@ def test_no_coefficient_computes_nothing(tmp_path):
     assert outputs.aux_loss is None and outputs.router_logits is None
     trainer.log({"loss": float(loss)})
     assert "aux_loss" not in trainer.state.log_history[-1]
+
+
+def test_a_ddp_wrapped_model_gets_the_same_aux_term(tmp_path):
+    """Under torchrun the Trainer hands compute_loss the DistributedDataParallel wrapper: the model's own coefficient
+    is still found (through accelerate's unwrap_model) and held at 0."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = apply_finetuning(moe_model("qwen3_vl_moe"), cfg(lora_target="all"))
+    with torch.no_grad():
+        ce = model(input_ids=IDS, labels=IDS).loss
+        aux = model(input_ids=IDS, output_router_logits=True).aux_loss
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model)
+        trainer = _trainer(tmp_path, model, coef=0.5)
+        wrapped.train()
+        with torch.no_grad():
+            loss = trainer.compute_loss(wrapped, {"input_ids": IDS, "labels": IDS})
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(loss, ce + 0.5 * aux, rtol=1e-5, atol=1e-6)

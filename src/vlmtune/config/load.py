@@ -290,7 +290,11 @@ def _did_you_mean(word: str, options: Iterable[str], otherwise: str) -> str:
 
 
 def _yaml_text(v: Any) -> str:
-    return "true" if v is True else "false" if v is False else "null" if v is None else str(v)
+    """A value as YAML writes a scalar; anything long shown bounded (it may be echoed in a note or an error)."""
+    if v is True or v is False or v is None:
+        return "true" if v else "false" if v is False else "null"
+    text = str(v) if isinstance(v, (str, int, float)) else ""
+    return text if text and len(text) <= 120 else shown(v)
 
 
 def _field_value(key: str, value: Any, problems: list[str]) -> Any:

@@ -271,7 +271,7 @@ def fingerprint(cfg, loaded, files: list[str]) -> str:
     h.update(json.dumps(cfg.fingerprint_dict(DATA_KEYS), sort_keys=True, default=str).encode())
     h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(loaded.video.to_dict() if loaded.video else None, sort_keys=True).encode())
-    h.update(str(getattr(loaded.processor, "chat_template", "")).encode())
+    h.update(str(getattr(loaded.data_processor, "chat_template", "")).encode())
     for path in files:
         h.update(path.encode())
         if not os.path.isfile(path):  # a FIFO or device named like a data file is never opened

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import VlmtuneError
+from .checkpoint import FileProcessor, checkpoint_dir, read_checkpoint
 from .families import Experts, experts_of, family_of
 from .spec import ModelSpec
 from .video_grid import VideoSpec
@@ -19,12 +20,45 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?
 
 @dataclass
 class Loaded:
-    processor: object
-    config: object
+    """What a command knows of a checkpoint: the ModelSpec and VideoSpec, and the processor and config the data
+    path reads (`data_processor` / `data_config`: the checkpoint's files through models/checkpoint.py, or
+    transformers' own where those files are not read exactly). `processor` and `config` are transformers'
+    objects, loaded on first use: only what makes tensors (collate, train, chat, the doctor's memory model)
+    asks for them, so the data path never imports torch."""
+
+    data_processor: object
+    data_config: object
     spec: ModelSpec
     # the video processor's settings with the config's video_* keys applied; None for a processor whose
     # video processor vlmtune cannot account for (its samples with videos are then refused)
     video: VideoSpec | None = None
+    source: str = ""
+    trust_remote_code: bool = False
+    cache_dir: str | None = None
+    _real: tuple | None = None  # (processor, config) from transformers, once asked for
+
+    @property
+    def processor(self):
+        return self._transformers()[0]
+
+    @property
+    def config(self):
+        return self._transformers()[1]
+
+    def _transformers(self) -> tuple:
+        if self._real is None:
+            if not isinstance(self.data_processor, FileProcessor):
+                self._real = (self.data_processor, self.data_config)
+            else:
+                self._real = load_processor(str(self.data_processor.folder), trust_remote_code=self.trust_remote_code,
+                                            cache_dir=self.cache_dir)
+        return self._real
+
+    def __getstate__(self):  # a worker process gets the files' reading, never transformers' objects
+        state = dict(self.__dict__)
+        if isinstance(self.data_processor, FileProcessor):
+            state["_real"] = None
+        return state
 
 
 def check_source(name: str, what: str, marker: str, fix: str) -> None:
@@ -141,16 +175,22 @@ def load_spec(
     video_min_pixels: int | None = None,
     video_max_pixels: int | None = None,
 ) -> Loaded:
-    """Processor, config, the ModelSpec with the user's pixel bounds applied, and the VideoSpec with the
-    user's video keys applied."""
-    processor, config = load_processor(model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+    """The ModelSpec with the user's pixel bounds applied and the VideoSpec with the user's video keys applied,
+    from the checkpoint's files (models/checkpoint.py) when they are read exactly, else from transformers'
+    processor and config."""
+    files = None
+    if not trust_remote_code:  # remote code may change anything: transformers runs it
+        files = read_checkpoint(checkpoint_dir(model_name_or_path, cache_dir))
+    processor, config = files or load_processor(model_name_or_path, trust_remote_code=trust_remote_code,
+                                                cache_dir=cache_dir)
     spec = ModelSpec.from_processor(processor, config).with_pixels(image_min_pixels, image_max_pixels)
     try:
         video = VideoSpec.from_processor(processor, config).with_config(
             video_fps, video_maxlen, video_min_pixels, video_max_pixels)
     except ValueError:  # no Qwen-VL video processor: videos are refused, images train as before
         video = None
-    return Loaded(processor=processor, config=config, spec=spec, video=video)
+    return Loaded(data_processor=processor, data_config=config, spec=spec, video=video,
+                  source=model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
 
 
 def load_spec_for(cfg) -> Loaded:

@@ -16,6 +16,7 @@ the run's dtype (`unquantized_experts` counts them; the doctor's memory model do
 
 from __future__ import annotations
 
+import logging
 import os
 
 from .families import FAMILIES
@@ -28,6 +29,26 @@ PROJECTOR_SKIP = (r"(.*\.)?visual\.merger", r"(.*\.)?visual\.deepstack_merger_li
 OUTPUT_SKIP = "lm_head"
 # Every MoE family's routers, as suffixes ("mlp.gate" does not match "mlp.gate_proj"): no dense family has them.
 ROUTER_SKIP = tuple(sorted({f"{e.block}.{r}" for f in FAMILIES.values() if (e := f.experts) for r in e.routers}))
+
+
+class _UnlessQuantizing(logging.Filter):
+    """Drops bitsandbytes' import-time notice about an optional CPU kernel ("Failed to load CPU gemm_4bit_forward
+    from kernels-community") unless a quantized load was asked for: peft imports bitsandbytes whenever it is
+    installed, so every LoRA run, export and doctor printed it to users who asked for no quantization."""
+
+    quantizing = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.quantizing or "gemm_4bit_forward" not in str(record.msg)
+
+
+BITSANDBYTES_NOTICE = _UnlessQuantizing()
+
+
+def quiet_bitsandbytes() -> None:
+    """Keep bitsandbytes' kernel notice out of a command's output until quantization is asked for (the CLI
+    calls this first; `quantization_config`, which every quantized load goes through, lets it through again)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(BITSANDBYTES_NOTICE)  # added once
 
 
 def skip_modules(cfg) -> list[str]:
@@ -44,6 +65,7 @@ def quantization_config(cfg, compute_dtype=None):
     """
     if cfg.quantization_bit is None:
         return None
+    BITSANDBYTES_NOTICE.quantizing = True
     require_bitsandbytes()
     import torch
     from transformers import BitsAndBytesConfig

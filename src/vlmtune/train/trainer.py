@@ -82,7 +82,7 @@ class VlmTrainer(Trainer):
 
     def _loss_with_router_aux(self, model, inputs, return_outputs, num_items_in_batch):
         """The loss plus moe_aux_loss_coef × the router's load-balancing loss (see the module docstring)."""
-        with _model_adds_no_router_loss(model):
+        with _model_adds_no_router_loss(self.accelerator.unwrap_model(model)):  # under DDP / DeepSpeed too
             loss, outputs = super().compute_loss(model, {**inputs, "output_router_logits": True}, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
         aux = outputs["aux_loss"]
