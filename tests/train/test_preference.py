@@ -157,11 +157,13 @@ def test_two_image_pairs_longer_than_cutoff_train_with_every_pair_reported(dpo_c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("keys", [{"finetuning_type": "full"}, {"precompute_ref_log_probs": True}],
-                         ids=["frozen-copy", "precomputed"])
-def test_the_other_references_also_start_at_ln2(dpo_cfg, keys):
+@pytest.mark.parametrize("keys", [{"finetuning_type": "full"}, {"precompute_ref_log_probs": True},
+                                  {"ref_model": "tiny"}], ids=["frozen-copy", "precomputed", "ref_model"])
+def test_the_other_references_also_start_at_ln2(dpo_cfg, tiny_ckpt, keys):
     from vlmtune.train.recipe import setup
 
+    if keys.get("ref_model") == "tiny":  # the starting checkpoint, loaded again as a separate frozen model
+        keys = {"ref_model": str(tiny_ckpt("qwen2_vl"))}
     run = setup(dpo_cfg(**keys), progress=False)
     trainer = run.trainer
     if "precompute_ref_log_probs" in keys:
@@ -229,3 +231,41 @@ def test_kto_trains_and_an_undesirable_answer_is_never_an_sft_target(tmp_path, m
     result = run(cfg, progress=False)
     assert result.global_step == 2
     assert any("rewards/chosen" in h and "kl" in h for h in result.log_history)
+
+
+# -- DDP ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_two_ddp_ranks_train_preference_stages_and_agree(stage, tmp_path, make_image, base_cfg):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from test_recipe import _stop_torchrun, _tail
+
+    from vlmtune.train import recipe
+
+    data = tmp_path / "data"
+    data.mkdir()
+    name = _pairs(data, make_image, n=4) if stage == "dpo" else _kto(data, make_image)
+    out = tmp_path / "out"
+    cfg = base_cfg("qwen2_vl", name, out, dataset_dir=str(data), stage=stage, max_steps=2, learning_rate=1e-3)
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", recipe.DEBUG_RANK_HASH_ENV: "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlmtune",
+           "train", str(path)]
+    log = tmp_path / "ddp.log"
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            _stop_torchrun(proc)
+            pytest.fail(f"the 2-rank {stage} run hung; its output:\n{_tail(log.read_text())}")
+    output = log.read_text()
+    assert proc.returncode == 0, _tail(output)
+    assert "trained 2 step(s)" in output
+    ranks = [(out / f"rank_{r}_weights.sha256").read_text() for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # every parameter bit-identical on both ranks
