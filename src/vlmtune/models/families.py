@@ -39,6 +39,9 @@ class Family:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     chat_template: str  # which of tiny.py's templates: "qwen2_vl" or "qwen3_vl"
+    # What FSDP2 shards as one unit (fully_shard per module) and what the doctor looks for in a loaded model:
+    # the language model's decoder layer class, then the vision tower's block class.
+    wrap_classes: tuple[str, ...] = ()
 
     @property
     def factor(self) -> int:
@@ -53,16 +56,19 @@ FAMILIES: dict[str, Family] = {
             "qwen2_vl", "Qwen2-VL", "Qwen2VLForConditionalGeneration", "Qwen2VLConfig", "Qwen2VLProcessor",
             "Qwen2VLVideoProcessor", "4.45",
             14, 2, 2, 56 * 56, 28 * 28 * 256, _OPENAI_CLIP_MEAN, _OPENAI_CLIP_STD, "qwen2_vl",
+            wrap_classes=("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"),
         ),
         Family(
             "qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
             "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", "4.49",
             14, 2, 2, 56 * 56, 28 * 28 * 256, _OPENAI_CLIP_MEAN, _OPENAI_CLIP_STD, "qwen2_vl",
+            wrap_classes=("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"),
         ),
         Family(
             "qwen3_vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig", "Qwen3VLProcessor",
             "Qwen3VLVideoProcessor", "4.57",
             16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_vl",
+            wrap_classes=("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"),
         ),
     )
 }

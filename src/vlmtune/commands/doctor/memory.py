@@ -68,6 +68,7 @@ class ModelFacts:
     stored_bytes: int = 4  # bytes per weight in the checkpoint's files (config.json's dtype; 2 for the Qwen-VL ones)
     vision_heads: int = 16
     trainable_names: frozenset = frozenset()  # last parts of trainable parameter names ("embed_tokens", ...)
+    module_classes: frozenset = frozenset()  # class names of the model's modules (FSDP's wrap classes must be here)
 
     @property
     def total_params(self) -> int:
@@ -135,6 +136,7 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
         stored_bytes=_stored_bytes(config),
         vision_heads=getattr(vc, "num_heads", None) or getattr(vc, "num_attention_heads", None) or 16,
         trainable_names=frozenset(part for n, p in names if p.requires_grad for part in n.split(".")),
+        module_classes=frozenset(type(m).__name__ for m in model.modules()),
     )
 
 
@@ -288,6 +290,19 @@ def _activations(cfg, f: ModelFacts, batch: int, seq_len: int, image_tokens: int
         return a * kept + largest + attention
     kept += s * layer * f.active_layers + patches * block * f.active_vision_blocks
     return a * kept + logits + attention * f.active_vision_blocks
+
+
+def shard_stage(cfg, environ=None) -> int:
+    """What estimate_memory divides by the shard count: DeepSpeed's ZeRO stage, or the stage FSDP2's memory
+    matches: full_shard (weights, gradients and optimizer states sharded) 3, shard_grad_op 2."""
+    import os
+
+    from ...train.sharding import fsdp_reshards
+
+    fsdp = fsdp_reshards(cfg, os.environ if environ is None else environ)
+    if fsdp is not None:
+        return 3 if fsdp else 2
+    return _zero_stage(cfg)[0]
 
 
 def _zero_stage(cfg) -> tuple[int, str | None]:
