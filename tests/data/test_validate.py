@@ -300,18 +300,25 @@ def test_empty_conversation():
     assert res.problems == [P("empty_conversation", "conversation has no messages", "add a user turn and an assistant turn, or remove the sample")]
 
 
+_FIX_ROLE = ("use one of the roles system, user, assistant, function_call, observation "
+             "(sharegpt: system, human, gpt, function_call, observation; OpenAI: tool)")
+
+
 def test_unknown_role():
-    res = run(C(M("user", "q"), M("assistant", "call"), M("observation", "42"), M("assistant", "done")))
+    res = run(C(M("user", "q"), M("assistant", "call"), M("critic", "42"), M("assistant", "done")))
     assert res.problems == [
-        P(
-            "unknown_role",
-            "message 3 has role 'observation', which is not supported",
-            "use one of the roles system, user, assistant (sharegpt: system, human, gpt); "
-            "tool turns (observation, function_call) are not supported yet",
-        ),
+        P("unknown_role", "message 3 has role 'critic', which is not supported", _FIX_ROLE),
         # the unknown turn is left out of the order check; the two assistant turns then clash
         P("turn_order", "messages 2 and 4 are both assistant turns", "alternate user and assistant turns: merge the two turns into one"),
     ]
+
+
+def test_tool_turns_take_the_answer_and_question_places():
+    call = Message("function_call", [], tool_calls=[{"name": "f", "arguments": {}}])
+    assert run(C(M("user", "q"), call, M("observation", "42"), M("assistant", "done"))).problems == []
+    assert run(C(M("user", "q"), call)).problems == []  # a function call is a target
+    res = run(C(M("user", "q"), M("observation", "42"), M("assistant", "a")))
+    assert [p.what for p in res.problems] == ["messages 1 and 2 are both user turns"]
 
 
 def test_system_not_first():
@@ -378,8 +385,7 @@ def test_several_problems_of_one_sample_and_several_samples(tmp_path, write_imag
         P(
             "unknown_role",
             "message 2 has role 'tool', which is not supported",
-            "use one of the roles system, user, assistant (sharegpt: system, human, gpt); "
-            "tool turns (observation, function_call) are not supported yet",
+            _FIX_ROLE,
             sample_id="b",
             source="d.json#1",
         ),
@@ -392,3 +398,54 @@ def test_several_problems_of_one_sample_and_several_samples(tmp_path, write_imag
             source="d.json#1",
         ),
     ]
+
+
+def _garbage_idat_png(path, w=64, h=48) -> str:
+    """A PNG whose header, CRCs and IEND are intact but whose compressed pixel data is garbage (issue 21)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"\x78\x9c" + bytes(range(256)) * 8)
+                     + chunk(b"IEND", b""))
+    return str(path)
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_pixels_that_do_not_decode_are_found_by_decoding_only(tmp_path, verify):
+    path = _garbage_idat_png(tmp_path / "garbage.png")
+    res = run(with_image(path), verify_images=verify)
+    if not verify:  # the header, the CRCs and the end marker are all fine: a header read cannot tell
+        assert res.problems == []
+        return
+    (got,) = res.problems
+    assert (got.kind, got.sample_id, got.fix) == ("corrupt_image", "s1", FIX_REEXPORT)
+    assert got.what.startswith("image 'garbage.png' is truncated or corrupt (") and got.what.endswith(path)
+
+
+def test_a_jpeg_is_decoded_at_reduced_scale(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    path = tmp_path / "big.jpg"
+    Image.effect_noise((800, 640), 64).convert("RGB").save(path, quality=90)
+    sizes = []
+    real = JpegImagePlugin.JpegImageFile.load
+
+    def load(im):
+        sizes.append(im.size)
+        return real(im)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", load)
+    assert run(with_image(str(path)), verify_images=True).problems == []
+    assert sizes == [(100, 80)]  # draft: 1/8 scale
+
+
+def test_a_fifo_named_like_an_image_is_refused_without_being_opened(tmp_path):
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes: the test would hang
+    res = run(with_image(str(fifo)), verify_images=True)
+    assert res.problems == [P("not_an_image", f"image 'photo.png' is not a regular file (a FIFO, device or socket): "
+                                              f"{fifo}", "point the path at an image file")]

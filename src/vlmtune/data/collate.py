@@ -16,15 +16,16 @@ import torch
 
 from ..errors import SampleError
 from ..models.spec import ModelSpec
-from .encode import IGNORE_INDEX, VIDEO_COLUMNS  # rows without videos may lack the video columns
+from .encode import IGNORE_INDEX
 from .formats import EmbeddedError, image_source
 from .images import open_rgb
+from .schema import VIDEO_COLUMNS, RowView  # rows without videos may lack the video columns
 
 
 
 def frames_apart(spec) -> bool:
     """Whether the family writes a video as one run per temporal patch (Qwen3-VL's timestamps)."""
-    return spec.model_type == "qwen3_vl"
+    return spec.video_timestamps
 
 
 def scan_runs(input_ids: list[int], spec: ModelSpec):
@@ -75,19 +76,16 @@ def find_runs(input_ids: list[int], spec: ModelSpec) -> tuple[list[tuple[int, in
     return image_runs, errors
 
 
-def _column(row: dict, name: str) -> list:
-    return row.get(name) or []
-
-
 def check_row(row: dict, spec: ModelSpec, cutoff_len: int | None) -> list[str]:
     """Every integrity problem of one row (empty list when it is safe to feed to the model)."""
     problems = []
+    r = RowView(row)
     ids, labels = row["input_ids"], row["labels"]
-    segments = row.get("segments")
+    segments = r.segments
     if segments and sum(segments) != len(ids):
         problems.append(f"packed segments {segments} add up to {sum(segments)}, not {len(ids)} tokens")
-    grids = _column(row, "image_grid_thw")
-    images = _column(row, "images")
+    grids = r.image_grid_thw
+    images = r.images
     if cutoff_len is not None and len(ids) > cutoff_len:
         problems.append(f"{len(ids)} tokens exceed cutoff_len={cutoff_len}")
     if len(labels) != len(ids):
@@ -101,16 +99,16 @@ def check_row(row: dict, spec: ModelSpec, cutoff_len: int | None) -> list[str]:
         want = g[0] * g[1] * g[2] // merge2
         if n != want:
             problems.append(f"image {k} has a run of {n} pad tokens but its grid {list(g)} needs {want}")
-    problems += _check_videos(row, video_runs, spec)
+    problems += _check_videos(r, video_runs, spec)
     return problems
 
 
-def _check_videos(row: dict, runs: list[tuple[int, int]], spec: ModelSpec) -> list[str]:
+def _check_videos(row: RowView, runs: list[tuple[int, int]], spec: ModelSpec) -> list[str]:
     problems = []
-    videos = _column(row, "videos")
-    grids = _column(row, "video_grid_thw")
+    videos = row.videos
+    grids = row.video_grid_thw
     for name in VIDEO_COLUMNS[2:]:
-        col = row.get(name)
+        col = getattr(row, name) if row.has(name) else None
         if col is not None and len(col) != len(videos) and (videos or col):
             problems.append(f"{len(col)} entries in {name} for {len(videos)} videos (must be equal)")
     merge2 = spec.merge_size ** 2
@@ -158,11 +156,12 @@ class Collator:
         for row in rows:
             self.guard(row)
         batch = self._pad(rows)
-        if any(r.get("segments") for r in rows):
+        if any(RowView(r).segments for r in rows):
             batch = self._packed(rows, batch)
+        views = [RowView(r) for r in rows]
         pixels, grids = [], []
-        for row in rows:
-            for k, path in enumerate(row.get("images") or []):
+        for row in views:
+            for k, path in enumerate(row.images):
                 pv, grid = self._pixels(row, k, path)
                 pixels.append(pv)
                 grids.append(grid)
@@ -170,8 +169,8 @@ class Collator:
             batch["pixel_values"] = torch.cat(pixels, dim=0)
             batch["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
         vpixels, vgrids, seconds = [], [], []
-        for row in rows:
-            for k, path in enumerate(row.get("videos") or []):
+        for row in views:
+            for k, path in enumerate(row.videos):
                 pv, grid, second = self._video_pixels(row, k, path)
                 vpixels.append(pv)
                 vgrids.append(grid)
@@ -179,7 +178,7 @@ class Collator:
         if vpixels:
             batch["pixel_values_videos"] = torch.cat(vpixels, dim=0)
             batch["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long)
-            if self.spec.model_type == "qwen2_5_vl":
+            if self.spec.video_absolute_time:
                 # float32, as the processor returns it: the model's M-RoPE time axis is
                 # (arange(t) * tokens_per_second * second_per_grid_ts).long(), computed in this dtype
                 batch["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
@@ -193,37 +192,37 @@ class Collator:
                 "this row would crash the model's forward; run `vlmtune prepare` again with overwrite_cache=true",
             )
 
-    def _pixels(self, row: dict, k: int, path: str):
+    def _pixels(self, row: RowView, k: int, path: str):
         shown = path if len(path) <= 300 else path[:297] + "..."
         try:
             im = open_rgb(image_source(path))
         except (OSError, ValueError, EmbeddedError) as e:
-            raise SampleError(str(row.get("id")), str(row.get("source")),
+            raise SampleError(str(row.id), str(row.source),
                               f"image {k} ({shown}) could not be read at training time: {e}",
                               "restore the file, or run `vlmtune prepare` again so the sample is re-validated") from e
-        size = {"shortest_edge": int(row["image_min_pixels"][k]), "longest_edge": int(row["image_max_pixels"][k])}
+        size = {"shortest_edge": int(row.image_min_pixels[k]), "longest_edge": int(row.image_max_pixels[k])}
         out = self.image_processor(images=[im], size=size, return_tensors="pt")
         grid = [int(x) for x in out["image_grid_thw"][0].tolist()]
-        want = [int(x) for x in row["image_grid_thw"][k]]
+        want = [int(x) for x in row.image_grid_thw[k]]
         if grid != want:
-            raise SampleError(str(row.get("id")), str(row.get("source")),
+            raise SampleError(str(row.id), str(row.source),
                               f"image {k} ({shown}) now gives grid {grid} but was prepared as {want}; the file changed",
                               "run `vlmtune prepare` again with overwrite_cache=true")
         return out["pixel_values"], grid
 
-    def _video_pixels(self, row: dict, k: int, path: str):
+    def _video_pixels(self, row: RowView, k: int, path: str):
         """Decode exactly the planned frames and hand them to the video processor unsampled (data/video.clip_inputs)."""
         from .video import VideoReadError, clip_inputs
 
         shown = path if len(path) <= 300 else path[:297] + "..."
-        sample, source = str(row.get("id")), str(row.get("source"))
+        sample, source = str(row.id), str(row.source)
         if self.video_processor is None:
             raise SampleError(sample, source, f"video {k} ({shown}): the processor has no video_processor",
                               "train a Qwen-VL checkpoint whose processor handles videos")
         try:
-            clip = clip_inputs(path, row["video_frames"][k], rotation=int(row["video_rotation"][k]),
-                               total_frames=int(row["video_total_frames"][k]), fps=float(row["video_fps"][k]),
-                               min_pixels=int(row["video_min_pixels"][k]), max_pixels=int(row["video_max_pixels"][k]),
+            clip = clip_inputs(path, row.video_frames[k], rotation=int(row.video_rotation[k]),
+                               total_frames=int(row.video_total_frames[k]), fps=float(row.video_fps[k]),
+                               min_pixels=int(row.video_min_pixels[k]), max_pixels=int(row.video_max_pixels[k]),
                                cap_pixels_per_frame=bool(getattr(self.video_processor, "cap_pixels_per_frame", None)))
         except VideoReadError as e:
             raise SampleError(sample, source, f"video {k} ({shown}) could not be decoded at training time: {e.what}",
@@ -231,16 +230,16 @@ class Collator:
         metadata = clip.metadata
         out = self.video_processor(videos=[clip.frames], video_metadata=[metadata], **clip.kwargs, return_tensors="pt")
         grid = [int(x) for x in out["video_grid_thw"][0].tolist()]
-        want = [int(x) for x in row["video_grid_thw"][k]]
+        want = [int(x) for x in row.video_grid_thw[k]]
         if grid != want:
             raise SampleError(sample, source,
                               f"video {k} ({shown}) now gives grid {grid} but was prepared as {want}; the file changed",
                               "run `vlmtune prepare` again with overwrite_cache=true")
         second = 0.0
-        if self.spec.model_type == "qwen2_5_vl":
+        if self.spec.video_absolute_time:
             # what Qwen2_5_VLProcessor computes (temporal_patch_size / the sampled fps), checked against the row
             second = self.video_processor.temporal_patch_size / metadata.sampled_fps
-            recorded = float((row.get("video_second_per_grid") or [0.0] * (k + 1))[k])
+            recorded = float((row.video_second_per_grid or [0.0] * (k + 1))[k])
             if abs(recorded - second) > 1e-9 * second:
                 raise SampleError(sample, source,
                                   f"video {k} ({shown}) has second_per_grid {recorded} but its frames give {second}",
@@ -256,7 +255,9 @@ class Collator:
         tps = self._tokens_per_second(rows)
         pos = [packed_position_ids(r if r.get("segments") else {**r, "segments": [len(r["input_ids"])]},
                                    self.spec.image_token_id, self.spec.merge_size, length,
-                                   video_token_id=self.spec.video_token_id, model_type=self.spec.model_type,
+                                   video_token_id=self.spec.video_token_id,
+                                   video_timestamps=self.spec.video_timestamps,
+                                   video_absolute_time=self.spec.video_absolute_time,
                                    tokens_per_second=tps) for r in rows]
         batch["position_ids"] = torch.from_numpy(np.stack(pos, axis=1))
         del batch["attention_mask"]
@@ -265,7 +266,7 @@ class Collator:
         return batch
 
     def _tokens_per_second(self, rows: list[dict]) -> float | None:
-        if self.spec.model_type != "qwen2_5_vl" or not any(r.get("videos") for r in rows):
+        if not self.spec.video_absolute_time or not any(r.get("videos") for r in rows):
             return None
         tps = getattr(self.video, "tokens_per_second", None)
         if tps is None:

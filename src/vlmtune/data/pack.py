@@ -14,14 +14,12 @@ import os
 
 import numpy as np
 
-from .encode import VIDEO_COLUMNS
+from .schema import PackedRow, Row, features, packed_columns, required_columns
 
-# the list columns a pack concatenates. The video columns (data/encode.VIDEO_COLUMNS) are optional: packed
-# when the dataset (or any row) has them, a row without them adding [].
-PACKED_COLUMNS = (
-    "input_ids", "labels", "images", "image_grid_thw", "image_min_pixels", "image_max_pixels", *VIDEO_COLUMNS,
-)
-_REQUIRED = PACKED_COLUMNS[:6]
+# the list columns a pack concatenates (declared in data/schema.Row). The optional ones (the video columns) are
+# packed when the dataset (or any row) has them, a row without them adding [].
+PACKED_COLUMNS = packed_columns(Row)
+REQUIRED_COLUMNS = required_columns(Row)
 
 
 def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -60,17 +58,17 @@ def pack_dataset(ds, cutoff_len: int, path: str | None = None, batch: int = 1024
     folder when None), so memory holds one batch of rows, not the dataset."""
     import tempfile
 
-    import pyarrow as pa
-    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
+
+    from .schema import table
 
     lengths = ds.with_format("numpy")["length"] if "length" in ds.column_names else None
     if lengths is None:
         lengths = [len(x) for x in ds["input_ids"]]
     bins = sorted(best_fit([int(n) for n in lengths], cutoff_len), key=lambda b: b[0])
-    columns = tuple(c for c in PACKED_COLUMNS if c in _REQUIRED or c in ds.column_names)
-    feats = Features({**{c: ds.features[c] for c in columns}, "id": Value("string"),
-                      "source": Value("string"), "segments": Sequence(Value("int32")), "length": Value("int32")})
+    columns = tuple(c for c in PACKED_COLUMNS if c in REQUIRED_COLUMNS or c in ds.column_names)
+    feats = features(PackedRow, [*columns, "id", "source", "segments", "length"])
     if path is None:
         path = os.path.join(tempfile.mkdtemp(prefix="vlmtune-packed-"), "packed.arrow")
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -81,7 +79,7 @@ def pack_dataset(ds, cutoff_len: int, path: str | None = None, batch: int = 1024
             rows = ds.select(flat).to_list()
             it = iter(rows)
             packed = pack_rows_in_bins([[next(it) for _ in b] for b in group], columns)
-            writer.write_table(pa.table({c: pa.array([r[c] for r in packed], type=feats[c].pa_type) for c in feats}))
+            writer.write_table(table(packed, feats))
         writer.finalize()
     os.replace(tmp, path)
     return Dataset.from_file(path)
@@ -92,7 +90,7 @@ def pack_rows_in_bins(groups: list[list[dict]], columns: tuple[str, ...] | None 
     (default: PACKED_COLUMNS, the video ones only when any row has them; a row without one adds [])."""
     if columns is None:
         present = {c for g in groups for r in g for c in r}
-        columns = tuple(c for c in PACKED_COLUMNS if c in _REQUIRED or c in present)
+        columns = tuple(c for c in PACKED_COLUMNS if c in REQUIRED_COLUMNS or c in present)
     packed = []
     for group in groups:
         out = {c: [x for r in group for x in (r.get(c) or [])] for c in columns}
@@ -180,19 +178,20 @@ def packed_position_ids(
     length: int,
     *,
     video_token_id: int | None = None,
-    model_type: str | None = None,
+    video_timestamps: bool = False,
+    video_absolute_time: bool = False,
     tokens_per_second: float | None = None,
 ) -> np.ndarray:
     """(4, length): text positions restarting per segment, then the three M-RoPE axes; padding
-    after the last segment forms a segment of its own. With videos, `video_token_id` and `model_type` say
-    how the family positions them (and Qwen2.5-VL needs the config's `tokens_per_second`)."""
+    after the last segment forms a segment of its own. With videos, `video_token_id` and the family's traits
+    (ModelSpec.video_timestamps: one run per temporal patch; video_absolute_time: Qwen2.5-VL's time axis, which
+    needs the config's `tokens_per_second`) say how the family positions them."""
     out = np.zeros((4, length), dtype=np.int64)
     start, g, v = 0, 0, 0
     grids = row["image_grid_thw"]
     vgrids = row.get("video_grid_thw") or []
     seconds = row.get("video_second_per_grid") or []
-    apart = model_type == "qwen3_vl"
-    timed = model_type == "qwen2_5_vl"
+    apart, timed = video_timestamps, video_absolute_time
     ids = row["input_ids"]
     for seg in row["segments"]:
         seg_ids = ids[start : start + seg]
@@ -200,7 +199,7 @@ def packed_position_ids(
         n_vid = 0
         if video_token_id is not None and vgrids:
             runs = _count_runs(seg_ids, video_token_id)
-            if apart:  # a Qwen3-VL video is one run per temporal patch
+            if apart:  # a Qwen3-VL / Qwen3.5 video is one run per temporal patch
                 while runs > 0 and v + n_vid < len(vgrids):
                     runs -= int(vgrids[v + n_vid][0])
                     n_vid += 1

@@ -27,28 +27,11 @@ from ..models.load import Loaded
 from .encode import Encoded, Encoder, emit
 from .fit import FitOptions, FitOutcome, Fitter
 from .readers import iter_samples, layout_notes
+from .schema import SampleStats, features, table
 from .types import Conversation
-from .validate import validate
+from .validate import CONTROL_TOKENS, validate
 
 CHUNK = 256
-
-
-@dataclass(frozen=True)
-class SampleStats:
-    id: str
-    source: str
-    tokens: int
-    image_tokens: int
-    text_tokens: int
-    images: int
-    videos: int = 0
-    video_tokens: int = 0
-    longest_video: int = 0  # tokens of the sample's largest video (the doctor's clips over cutoff_len)
-
-    @classmethod
-    def of(cls, enc: Encoded) -> "SampleStats":
-        return cls(enc.id, enc.source, enc.length, enc.image_tokens, enc.text_tokens, len(enc.images),
-                   len(enc.videos), enc.video_tokens, max((v.tokens for v in enc.videos), default=0))
 
 
 @dataclass(frozen=True)
@@ -69,9 +52,11 @@ class Stages:
     """How far each sample goes: encode always; fit when `fit` is given; emit rows when `emit`."""
 
     train_on_prompt: bool = False
+    enable_thinking: bool = True  # the config's enable_thinking (data/encode.py: thinking blocks)
     fit: FitOptions | None = None
     emit: bool = False
     keep_ids: frozenset = frozenset()  # samples whose Encoded comes back whole (inspect --show)
+    control_tokens_as_text: bool = False  # control_tokens_in_text: text (validate.CONTROL_TOKENS as plain text)
 
 
 @dataclass
@@ -85,7 +70,7 @@ class ChunkResult:
     pieces: list[tuple[int, int]] = field(default_factory=list)  # (tokens, vision tokens) per row (fit only)
     errors: list[SampleError] = field(default_factory=list)  # samples that reached the 'error' policy
     split_rows: int = 0
-    table: object = None  # emitted rows as a pyarrow Table in `features()` (emit only): built in the worker,
+    table: object = None  # emitted rows as a pyarrow Table in schema.features() (emit only): built in the worker,
     # it travels as Arrow buffers, so the main process only writes it
     encoded: list[Encoded] = field(default_factory=list)  # the keep_ids samples
 
@@ -113,7 +98,9 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["spec"] = loaded.spec
     _WORKER["stages"] = stages
     _WORKER["video"] = loaded.video
-    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt)
+    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt,
+                                           enable_thinking=stages.enable_thinking,
+                                           plain_tokens=CONTROL_TOKENS if stages.control_tokens_as_text else ())
     _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fit is not None else None
 
 
@@ -130,8 +117,11 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
     """One chunk of samples from validation to (fitted, emitted) rows."""
     w = _WORKER
     spec, stages, fitter = w["spec"], w["stages"], w["fitter"]
-    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
-                       patch_size=spec.patch_size, merge_size=spec.merge_size, video_spec=w["video"])
+    # Rows that will be trained on (emit: prepare, doctor, streaming) have every image decoded here, so that a
+    # pixel that cannot be decoded is a skippable bad sample now, not a crash mid-training (issue 21).
+    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size,
+                       merge_size=spec.merge_size, video_spec=w["video"], verify_images=stages.emit,
+                       control_tokens_as_text=stages.control_tokens_as_text)
     valid = {c.id for c in checked.valid}
     out = ChunkResult(list(checked.problems), [], [c for c in convs if c.id not in valid])
     lines: dict[str, dict] = {}
@@ -162,42 +152,8 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
     if fitter is not None:
         out.lines = [lines[c.id] for c in convs if c.id in lines]
     if stages.emit and rows:
-        out.table = rows_table(rows, features())
+        out.table = table(rows, features())
     return out
-
-
-def features():
-    from datasets import Features, Sequence, Value
-
-    return Features({
-        "id": Value("string"),
-        "source": Value("string"),
-        "input_ids": Sequence(Value("int32")),
-        "labels": Sequence(Value("int32")),
-        "images": Sequence(Value("string")),
-        "image_grid_thw": Sequence(Sequence(Value("int32"))),
-        "image_min_pixels": Sequence(Value("int64")),
-        "image_max_pixels": Sequence(Value("int64")),
-        "videos": Sequence(Value("string")),
-        "video_grid_thw": Sequence(Sequence(Value("int32"))),
-        "video_frames": Sequence(Sequence(Value("int32"))),
-        "video_total_frames": Sequence(Value("int32")),
-        "video_fps": Sequence(Value("float64")),
-        "video_rotation": Sequence(Value("int32")),
-        "video_min_pixels": Sequence(Value("int64")),
-        "video_max_pixels": Sequence(Value("int64")),
-        "video_second_per_grid": Sequence(Value("float64")),
-        "length": Value("int32"),
-    })
-
-
-def rows_table(rows: list[dict], feats):
-    """A chunk's rows as one Arrow table: columns straight to Arrow (datasets' per-example encoding is slow)."""
-    import pyarrow as pa
-
-    for r in rows:
-        r["length"] = len(r["input_ids"])
-    return pa.table({k: pa.array([r[k] for r in rows], type=feats[k].pa_type) for k in feats})
 
 
 def _init_worker(loaded: Loaded, stages: Stages) -> None:

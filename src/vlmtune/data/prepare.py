@@ -7,13 +7,12 @@ conversation in input order). Both are written next to their targets and swapped
 prepared folder last with its fingerprint inside, so a prepare that is killed never leaves a cache
 that a later run takes as complete. The result is cached by a fingerprint of the data files, the
 data-related config and the model's processor, so a second run with nothing changed loads it instantly.
+The folder's handling on disk (ownership marker, lock, fingerprint, swap, stale cleanup) is data/cache.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
-import hashlib
 import json
 import os
 import shutil
@@ -24,28 +23,21 @@ from typing import Iterator
 
 import numpy as np
 
-from .. import __version__
 from ..config import FitArgs
-from ..errors import DataError, Problem, VlmtuneError
+from ..errors import DataError, Problem, disk_full_is_an_error
 from ..models.load import Loaded, load_spec_for
+from . import cache
+from .cache import DATA_KEYS, FINGERPRINT_FILE, data_files, fingerprint, prepared_dir  # noqa: F401  (re-exported)
 from .fit import FitOptions
-from .pipeline import Accounting, SampleStats, Source, Stages, features, run_pipeline, unread_line
+from .pipeline import Accounting, Source, Stages, run_pipeline, unread_line
+from .schema import SampleStats, features, stats_from_columns, stats_table
 
 CHUNK = 256
-FINGERPRINT_FILE = "vlmtune_fingerprint.json"
 DATA_FILE = "data.arrow"
 SAMPLES_FILE = "samples.arrow"  # per valid sample: tokens before fitting (the doctor's and inspect's numbers)
 PROBLEMS_FILE = "problems.jsonl"
 PIECES_FILE = "pieces.npy"  # (tokens, vision tokens: image + video pads) of each emitted row
 FATES = ("kept", "shrunk", "truncated", "split", "dropped", "invalid")
-# Config keys that change what `prepare` emits; anything else (learning rate, ...) does not.
-DATA_KEYS = (
-    "model_name_or_path", "dataset", "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels",
-    "image_min_pixels", "max_samples", "allow_paths_outside_media_dir", "allow_remote_images",
-    "on_bad_sample", "train_on_prompt", "overflow", "min_image_tokens", "max_image_token_share",
-    "split_keep_context", "remote_image_max_bytes", "video_max_pixels", "video_min_pixels", "video_fps",
-    "video_maxlen",
-)
 
 
 @dataclass
@@ -89,7 +81,8 @@ def remote_options(cfg):
     from .remote import FetchOptions
 
     return FetchOptions(max_bytes=cfg.remote_image_max_bytes, connect_timeout=cfg.remote_image_timeout,
-                        read_timeout=cfg.remote_image_timeout)
+                        read_timeout=cfg.remote_image_timeout, deadline=cfg.remote_image_deadline,
+                        allow_private=cfg.allow_private_remote_images)
 
 
 def source_of(cfg) -> Source:
@@ -97,10 +90,6 @@ def source_of(cfg) -> Source:
     return Source(cfg.dataset, cfg.dataset_dir, cfg.media_dir, cfg.allow_paths_outside_media_dir,
                   cfg.allow_remote_images, cfg.max_samples or None,
                   remote_options(cfg) if cfg.allow_remote_images else None)
-
-
-def prepared_dir(cfg) -> str:
-    return cfg.prepared_dir or os.path.join(cfg.output_dir, "prepared")
 
 
 def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prepared:
@@ -131,16 +120,18 @@ def prepare_facts(cfg, loaded: Loaded, *, progress: bool = True) -> Facts:
 
 
 def _prepare(cfg, loaded, progress, collect):
+    cache.check_folders(cfg)
     loaded = loaded or load_spec_for(cfg)
     out_dir = prepared_dir(cfg)
     report_path = os.path.join(cfg.output_dir, "fit_report.jsonl")
-    fp = fingerprint(cfg, loaded, _data_files(cfg))
+    fp = fingerprint(cfg, loaded, data_files(cfg))
     cached = load_cached(out_dir, report_path, fp) if not cfg.overwrite_cache else None
     if cached is not None:
         return cached, None
+    cache.check_replaceable(out_dir)  # before any work: a folder that is not ours is never replaced
     os.makedirs(cfg.output_dir, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    with _exclusive(out_dir.rstrip("/") + ".lock", cfg.ddp_timeout) as waited:
+    with cache.exclusive(out_dir.rstrip("/") + ".lock", cfg.ddp_timeout) as waited:
         if waited:  # another process (another node on a shared output_dir) held it: its cache may be ours
             cached = load_cached(out_dir, report_path, fp)
             if cached is not None:
@@ -148,48 +139,25 @@ def _prepare(cfg, loaded, progress, collect):
         return _prepare_locked(cfg, loaded, fp, out_dir, report_path, progress, collect)
 
 
-@contextlib.contextmanager
-def _exclusive(path: str, timeout_s: float) -> Iterator[bool]:
-    """An exclusive lock on `path` (filelock: flock, held by one process across the nodes that share the
-    filesystem, released by the kernel if its holder dies), waiting at most timeout_s; yields whether it
-    had to wait."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(path)
-    waited = False
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        waited = True
-        try:
-            lock.acquire(timeout=timeout_s)
-        except Timeout:
-            raise VlmtuneError(f"waited {timeout_s:.0f} s (ddp_timeout) for another process to finish preparing "
-                               f"into {path[:-5]}; raise ddp_timeout, or, if no prepare is running, delete {path}") from None
-    try:
-        yield waited
-    finally:
-        lock.release()
-
-
 def _prepare_locked(cfg, loaded, fp, out_dir, report_path, progress, collect):
-    tag = f".tmp-{os.uname().nodename}-{os.getpid()}"
-    tmp_dir, tmp_report, tmp_body = out_dir.rstrip("/") + tag, report_path + tag, report_path + tag + ".body"
-    _remove_stale(out_dir, report_path)
+    tmp_dir, tmp_report, tmp_body = cache.temp_names(out_dir, report_path)
+    cache.remove_stale(out_dir, report_path)
     try:
-        return _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress, collect)
+        with disk_full_is_an_error(f"the prepared dataset into {tmp_dir} and the fit report {tmp_report}",
+                                   "free space there (nothing half-written is kept), or set prepared_dir and "
+                                   "output_dir to a disk with room"):
+            return _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress,
+                                 collect)
     finally:  # whatever happened, nothing half-written stays behind
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        for p in (tmp_report, tmp_body):
-            if os.path.exists(p):
-                os.remove(p)
+        cache.discard(tmp_dir, tmp_report, tmp_body)
 
 
 def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress, collect):
     from datasets.arrow_writer import ArrowWriter
 
-    os.makedirs(tmp_dir)
-    stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True)
+    cache.make_temp(tmp_dir)
+    stages = Stages(train_on_prompt=cfg.train_on_prompt, enable_thinking=cfg.enable_thinking,
+                    fit=fit_options(cfg.fit), emit=True, control_tokens_as_text=cfg.control_tokens_in_text == "text")
     stream = run_pipeline(source_of(cfg), loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                           chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
@@ -205,7 +173,7 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     # once reading is done) are written first, and the body is appended to them, in blocks.
     with open(tmp_body, "w", encoding="utf-8") as body, \
             ArrowWriter(features=feats, path=os.path.join(tmp_dir, DATA_FILE), writer_batch_size=1000) as writer, \
-            ArrowWriter(features=SAMPLE_FEATURES(), path=os.path.join(tmp_dir, SAMPLES_FILE)) as samples:
+            ArrowWriter(features=features(SampleStats), path=os.path.join(tmp_dir, SAMPLES_FILE)) as samples:
         for res in _closing(stream.chunks):  # closed on an error: the workers stop at once
             if res.errors and not collect:
                 raise res.errors[0]
@@ -218,7 +186,7 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
             if collect:
                 stats += res.stats
             if res.stats:
-                samples.write_table(_stats_table(res.stats))
+                samples.write_table(stats_table(res.stats))
             _tally(table, res.lines)
             body.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in res.lines)
             if res.table is not None:
@@ -263,14 +231,8 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     meta = {"fingerprint": fp, "rows": rows, "records": records, "fates": fates, "table": table,
             "read_records": stream.records, "unread": len(unread), "errors": 0, "split_rows": split_rows,
             "limited": stream.limited, "notes": stream.notes}
-    with open(os.path.join(tmp_dir, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
-        json.dump(meta, f)  # written last: a folder without it is not a cache
-    # Swap the finished folder in: the rename is the commit point.
-    old = out_dir.rstrip("/") + ".old" + tmp_dir[len(out_dir.rstrip("/")):]
-    if os.path.exists(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp_dir, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    cache.write_meta(tmp_dir, meta)
+    cache.swap_in(tmp_dir, out_dir)
     prep = Prepared(out_dir, report_path, rows, fates, records, False, table)
     if facts is not None:
         facts.prepared = prep
@@ -284,8 +246,7 @@ def _facts_from_cache(prep: Prepared) -> Facts:
     with open(os.path.join(prep.path, FINGERPRINT_FILE), encoding="utf-8") as f:
         meta = json.load(f)
     cols = Dataset.from_file(os.path.join(prep.path, SAMPLES_FILE)).with_format("arrow")[:]
-    names = [c for c in SAMPLE_COLUMNS if c in cols.column_names]  # a cache from before a column: its default
-    stats = [SampleStats(*t) for t in zip(*(cols[c].to_pylist() for c in names))]
+    stats = stats_from_columns({c: cols[c].to_pylist() for c in cols.column_names})
     with open(os.path.join(prep.path, PROBLEMS_FILE), encoding="utf-8") as f:
         problems = [Problem(**json.loads(line)) for line in f]
     invalid: list[str] = []
@@ -300,24 +261,6 @@ def _facts_from_cache(prep: Prepared) -> Facts:
     rows = [(int(n), int(k)) for n, k in pieces]
     acc = Accounting(meta["read_records"], stats, problems, invalid, notes=meta.get("notes", []))
     return Facts(acc, fates, rows, [], meta["split_rows"], meta["limited"], prep)
-
-
-SAMPLE_COLUMNS = ("id", "source", "tokens", "image_tokens", "text_tokens", "images", "videos", "video_tokens",
-                  "longest_video")
-
-
-def SAMPLE_FEATURES():  # noqa: N802  (a constant, built lazily: datasets is a slow import)
-    from datasets import Features, Value
-
-    return Features({"id": Value("string"), "source": Value("string"), "tokens": Value("int32"),
-                     "image_tokens": Value("int32"), "text_tokens": Value("int32"), "images": Value("int32"),
-                     "videos": Value("int32"), "video_tokens": Value("int32"), "longest_video": Value("int32")})
-
-
-def _stats_table(stats: list[SampleStats]):
-    import pyarrow as pa
-
-    return pa.table({c: [getattr(s, c) for s in stats] for c in SAMPLE_COLUMNS}, schema=SAMPLE_FEATURES().arrow_schema)
 
 
 def _closing(gen):
@@ -337,46 +280,6 @@ def _tally(table: dict, lines: list[dict]) -> None:
         a[3] += sum(pieces)
 
 
-def _remove_stale(out_dir: str, report_path: str) -> None:
-    """Leftovers of a killed prepare on this node (its pid is gone): never read, removed here."""
-    node = os.uname().nodename
-    for p in glob.glob(glob.escape(out_dir.rstrip("/")) + ".*tmp-*") + glob.glob(glob.escape(report_path) + ".tmp-*"):
-        host_pid = p.rsplit(".tmp-", 1)[1].removesuffix(".body")
-        host, _, pid = host_pid.rpartition("-")
-        if host == node and pid.isdigit() and not _alive(int(pid)):
-            if os.path.isdir(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                try:
-                    os.remove(p)
-                except OSError:
-                    pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def first_of_each_file(convs, n: int):
-    """max_samples: the first n samples of each data file (LLaMA-Factory applies it per dataset)."""
-    from .pipeline import _file_key
-
-    seen: Counter = Counter()
-    out = []
-    for c in convs:
-        key = _file_key(c.source)
-        seen[key] += 1
-        if seen[key] <= n:
-            out.append(c)
-    return out
-
-
 def format_report_summary(prep: Prepared) -> str:
     """The fit report as a table: samples, emitted rows and tokens per fate."""
     agg = {f: list(prep.table.get(f, [0, 0, 0, 0])) for f in FATES}
@@ -391,55 +294,14 @@ def format_report_summary(prep: Prepared) -> str:
     return "\n".join(lines)
 
 
-# -- cache -----------------------------------------------------------------------------------
-def _data_files(cfg) -> list[str]:
-    """The files that `dataset` names (paths, or names in dataset_info.json), for the fingerprint."""
-    root = cfg.dataset_dir or "."
-    info_path = os.path.join(root, "dataset_info.json")
-    try:
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        info = None
-    files: list[str] = [info_path] if info is not None else []
-    for name in (n.strip() for n in str(cfg.dataset).split(",")):
-        candidates = [name, os.path.join(root, name)]
-        entry = info.get(name) if isinstance(info, dict) else None
-        if isinstance(entry, dict) and isinstance(entry.get("file_name"), str):
-            candidates.append(os.path.join(root, entry["file_name"]))
-        for c in candidates:
-            if os.path.isfile(c):
-                files.append(c)
-            elif os.path.isdir(c):
-                files += sorted(os.path.join(r, f) for r, _, fs in os.walk(c) for f in fs)
-    return sorted(set(files))
-
-
-def fingerprint(cfg, loaded: Loaded, files: list[str]) -> str:
-    h = hashlib.sha256()
-    h.update(__version__.encode())
-    h.update(json.dumps(cfg.fingerprint_dict(DATA_KEYS), sort_keys=True, default=str).encode())
-    h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
-    h.update(json.dumps(loaded.video.to_dict() if loaded.video else None, sort_keys=True).encode())
-    h.update(str(getattr(loaded.processor, "chat_template", "")).encode())
-    for path in files:
-        h.update(path.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def load_cached(out_dir: str, report_path: str, fp: str) -> Prepared | None:
     """The cache in out_dir when it is complete and made for fingerprint `fp`, else None."""
+    meta = cache.read_meta(out_dir, fp)
+    if meta is None or not os.path.exists(report_path) or not os.path.exists(os.path.join(out_dir, DATA_FILE)):
+        return None
     try:
-        with open(os.path.join(out_dir, FINGERPRINT_FILE), encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("fingerprint") != fp or not os.path.exists(report_path) \
-                or not os.path.exists(os.path.join(out_dir, DATA_FILE)):
-            return None
         return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
 
 
@@ -461,7 +323,9 @@ class StreamedRows:
         cfg = self.cfg
         self.passes += 1
         first = self.passes == 1
-        stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True)
+        stages = Stages(train_on_prompt=cfg.train_on_prompt, enable_thinking=cfg.enable_thinking,
+                        fit=fit_options(cfg.fit), emit=True,
+                        control_tokens_as_text=cfg.control_tokens_in_text == "text")
         stream = run_pipeline(source_of(cfg), self.loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                               chunk=CHUNK, progress=False)
         os.makedirs(cfg.output_dir, exist_ok=True)

@@ -81,7 +81,7 @@ from .paths import PathCache
 from .records import (
     AUTO_FORMAT,
     RecordFormat,
-    _type_name,
+    type_name,
     file_problem,
     record_to_conversation,
 )
@@ -161,6 +161,11 @@ def _parse_json(text: str) -> Any:
         raise ValueError(str(e)) from None
 
 
+# The longest line of a .jsonl file read as one record (a record with embedded base64 images is a few MB): a
+# longer one (a file that is not JSON Lines, a runaway write) is a bad line, read past in blocks, never held whole.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
 def read_jsonl(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
                ids_only: bool = False) -> Iterator[RawRecord | Problem]:
     """A JSON Lines file, one line at a time."""
@@ -171,19 +176,42 @@ def read_jsonl(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
         return
     with f:
         try:
-            yield from _read_lines(path, base_dir, fmt, f)
+            yield from _read_lines(path, base_dir, fmt, _bounded_lines(f, path))
         except OSError as e:
             yield file_problem(path, "data_not_found", f"cannot read the file: {e.strerror or e}", _FIX_FILE)
+
+
+class _LongLine(bytes):
+    """Stands for a line longer than MAX_LINE_BYTES (its length so far is not kept)."""
+
+
+def _bounded_lines(f, path: str) -> Iterator[bytes]:
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while True:  # skip the rest of the line in blocks
+                rest = f.readline(1 << 20)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield _LongLine()
+            continue
+        yield line
 
 
 def _read_lines(path: str, base_dir: str, fmt: RecordFormat, lines: Iterable[bytes]) -> Iterator[RawRecord | Problem]:
     stem = Path(path).stem
     for lineno, raw in enumerate(lines, 1):
+        source = f"{path}:{lineno}"
+        if isinstance(raw, _LongLine):
+            yield file_problem(source, "invalid_json", f"line is longer than {MAX_LINE_BYTES:,} bytes",
+                               "a .jsonl file holds one JSON object per line; check that this is one")
+            continue
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         if not raw.strip():
             continue
-        source = f"{path}:{lineno}"
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -256,7 +284,7 @@ def read_json(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
         yield file_problem(
             path,
             "invalid_json",
-            f"file holds {_type_name(value)}, expected a JSON array of records",
+            f"file holds {type_name(value)}, expected a JSON array of records",
             "write the records as a JSON array: [{\"messages\": [...]}, ...]",
         )
         return
@@ -316,6 +344,10 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, split: str | 
             yield from _read_path(os.path.join(path, n), base_dir or path, fmt, ids_only=ids_only)
         return
     folder = base_dir or os.path.dirname(path) or "."
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO, a device (/dev/zero), a socket: never opened
+        yield file_problem(path, "data_not_found", "is not a regular file (a FIFO, device or socket)",
+                           "point the dataset at a regular data file")
+        return
     reader = _reader_for(path)
     if reader is None:
         yield file_problem(

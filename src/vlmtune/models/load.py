@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import VlmtuneError
+from .families import family_of
 from .spec import ModelSpec
 from .video_grid import VideoSpec
 
@@ -48,6 +49,7 @@ def check_adapter(adapter: str) -> None:
         "pass the directory a LoRA training run saved its adapter to "
         "(it holds adapter_config.json and adapter_model.safetensors)",
     )
+    refuse_pickled_weights(adapter, "adapter")
 
 
 def check_model(model: str) -> None:
@@ -57,6 +59,30 @@ def check_model(model: str) -> None:
         "config.json",
         "pass a hub id or a local checkpoint directory (it holds config.json and the weights)",
     )
+    refuse_pickled_weights(model, "model")
+
+
+# Weight files that are Python pickles: loading one can run any code it carries, so vlmtune never does.
+_PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def refuse_pickled_weights(name: str, what: str) -> None:
+    """A local folder whose weights are only pickles (adapter_model.bin, pytorch_model.bin) is refused with the
+    way to convert them, instead of failing inside the loader (or, worse, unpickling them)."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return
+    files = [f.name for f in path.iterdir() if f.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(_PICKLED_WEIGHTS) and "model" in f)
+    if pickles:
+        raise VlmtuneError(
+            f"{what} {name} holds its weights as {', '.join(pickles)}, a Python pickle, which vlmtune does not load "
+            "(unpickling can run code the file carries); convert it to safetensors where you trust the file, e.g. "
+            "`python -c \"import torch; from safetensors.torch import save_file; "
+            f"save_file(torch.load('{pickles[0]}', weights_only=True), "
+            f"'{pickles[0].rsplit('.', 1)[0].replace('pytorch_model', 'model')}.safetensors')\"` in that folder")
 
 
 def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None):
@@ -65,14 +91,42 @@ def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False, 
 
     kwargs = {"trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
     try:
-        return (AutoProcessor.from_pretrained(model_name_or_path, **kwargs),
-                AutoConfig.from_pretrained(model_name_or_path, **kwargs))
+        config = load_config(model_name_or_path, **kwargs)
+        return AutoProcessor.from_pretrained(model_name_or_path, **kwargs), config
     except OSError as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
         raise VlmtuneError(
             f"cannot load the processor of {model_name_or_path}: {first}; pass a local checkpoint directory, or a "
             "hub id that is cached or reachable (check HF_HUB_OFFLINE and the network)"
         ) from e
+
+
+def load_config(model_name_or_path: str, **kwargs):
+    """The checkpoint's config, checked to be of a supported family before anything else is loaded: a model type
+    vlmtune does not support (or transformers does not know) is one line naming the supported families."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
+    except ValueError as e:  # transformers' "does not recognize this architecture"
+        model_type = _config_model_type(model_name_or_path)
+        if model_type is None:
+            raise
+        family_of(model_type)  # raises UnsupportedFamily
+        raise
+    family_of(getattr(config, "model_type", None))
+    return config
+
+
+def _config_model_type(model_name_or_path: str) -> str | None:
+    """config.json's model_type of a local checkpoint, read without transformers."""
+    import json
+
+    path = Path(model_name_or_path).expanduser() / "config.json"
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_spec(

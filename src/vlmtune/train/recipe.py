@@ -19,10 +19,11 @@ from typing import Callable
 import torch
 import yaml
 
+from ..data.cache import check_folders
 from ..data.collate import Collator
 from ..data.pack import pack_dataset
 from ..data.prepare import Prepared, format_report_summary, prepare, streamed_dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, disk_full_is_an_error
 from ..models.load import (
     Loaded,
     apply_finetuning,
@@ -81,6 +82,8 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     loaded and may raise to stop the run: `vlmtune train` passes the doctor's checks (run_doctor: true)."""
     from transformers import set_seed
 
+    check_folders(cfg)  # before any work: overlapping output / prepared / data folders are refused
+    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)  # and a checkpoint that cannot resume
     loaded = load_spec_for(cfg)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
@@ -126,7 +129,6 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         loraplus_lr_ratio=cfg.loraplus_lr_ratio,
         pissa_init_dir=os.path.join(cfg.output_dir, "pissa_init") if cfg.pissa_init else None,
     )
-    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     change = layout_change(resume, args) if resume else None
     if change:
         say(f"WARNING: {change}")
@@ -224,18 +226,19 @@ def training_arguments(cfg, progress: bool = True, model_type: str | None = None
     )
 
 
-def cpu_precision(cfg, slowdown: Callable[[], float] | None = None):
-    """bf16 on a CPU where bfloat16 autocast measures slower than float32 (train/speed.py): float32 instead,
-    said in the log, unless force_cpu_bf16 is set. Every other case is returned unchanged."""
+def cpu_precision(cfg, decision=None):
+    """bf16 on a CPU that `speed.cpu_bf16` (the one place that decides, from the CPU's bf16 instructions, never
+    a timing) says not to keep: float32 instead, said in the log, unless force_cpu_bf16 is set. Every other case
+    is returned unchanged."""
     if not cfg.bf16 or torch.cuda.is_available() or cfg.force_cpu_bf16:
         return cfg
-    from .speed import BF16_SLOWDOWN_FALLBACK, cpu_bf16_slowdown
+    from .speed import cpu_bf16
 
-    factor = (slowdown or cpu_bf16_slowdown)()
-    if factor <= BF16_SLOWDOWN_FALLBACK:
+    decision = decision or cpu_bf16()
+    if decision.keep:
         return cfg
-    say(f"bf16=true on a CPU where bfloat16 autocast measured {factor:.1f}x slower than float32: training in "
-        "float32 instead (set force_cpu_bf16: true to keep bf16)")
+    say(f"bf16=true on a CPU without fast bf16 ({decision.why}): training in float32 instead (set "
+        "force_cpu_bf16: true to keep bf16; `vlmtune doctor` measures the difference)")
     return cfg.replace(bf16=False)
 
 
@@ -263,6 +266,11 @@ def split_validation(ds, val_size, seed: int):
 
 
 # -- train -----------------------------------------------------------------------------------
+# A checkpoint cut short by a full disk is never marked complete (checkpoints.py), so resume skips it.
+_DISK_FULL_FIX = ("free space there (or lower save_total_limit), then run again with resume_from_checkpoint: true: "
+                  "it resumes from the last complete checkpoint, never the one cut short")
+
+
 def train(run: Run) -> TrainResult:
     cfg, trainer = run.cfg, run.trainer
     worst = None
@@ -278,14 +286,16 @@ def train(run: Run) -> TrainResult:
             f"at most about {worst['seconds'] * ga:.0f}s)")
     if run.resume:
         say(f"resuming from {run.resume}")
-    trainer.train(resume_from_checkpoint=run.resume)
+    with disk_full_is_an_error(f"a checkpoint or the model into {cfg.output_dir}", _DISK_FULL_FIX):
+        trainer.train(resume_from_checkpoint=run.resume)
     stop = next((c for c in trainer.callback_handler.callbacks if isinstance(c, GracefulStopCallback)), None)
     stopped = bool(stop and stop.stopped_at is not None)
     if stopped:
         say(f"stopped by SIGTERM after step {stop.stopped_at}; checkpoint-{stop.stopped_at} is saved: "
             "resume with resume_from_checkpoint=true")
-    trainer.save_model(cfg.output_dir)
-    trainer.save_state()
+    with disk_full_is_an_error(f"the trained model into {cfg.output_dir}", _DISK_FULL_FIX):
+        trainer.save_model(cfg.output_dir)
+        trainer.save_state()
     if os.environ.get(DEBUG_RANK_HASH_ENV) == "1":
         write_weight_hashes(trainer.model, cfg.output_dir, trainer.args.process_index)
     loss_plot = None
