@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -221,6 +222,7 @@ def test_fsdp2_first_loss_equals_ddp_with_ranks_of_different_modalities(tmp_path
     keys = _keys(tiny_ckpt, data, tmp_path / "ddp", finetuning_type=finetuning_type)
     ddp = _run(tmp_path, keys, "ddp")
     fsdp = _run(tmp_path, {**keys, "output_dir": str(tmp_path / "fsdp"), "fsdp": "full_shard auto_wrap"}, "fsdp")
+    assert (ddp[0]["engine"], fsdp[0]["engine"], fsdp[1]["engine"]) == ("ddp", "fsdp", "fsdp")
     assert ddp[0]["seen"] == fsdp[0]["seen"] == ["t", "i", "t", "i"]
     assert ddp[1]["seen"] == fsdp[1]["seen"] == ["iv", "v", "iv", "v"]
     assert fsdp[0]["step"] == fsdp[1]["step"] == 4 and len(fsdp[0]["losses"]) == 4
@@ -242,6 +244,18 @@ def test_fsdp2_text_only_rank_and_image_or_video_only_rank_finish(tmp_path, tiny
                "fsdp", timeout=300)
     assert res[0]["seen"] == ["t"] * 3 and res[1]["seen"] == [other] * 3
     assert res[0]["step"] == res[1]["step"] == 3
+
+
+@pytest.mark.slow
+def test_a_corrupt_row_on_one_rank_stops_the_fsdp2_run_naming_the_sample(tmp_path, tiny_ckpt, make_image):
+    """The guard still names the sample under sharding, and the other rank does not wait for it until
+    ddp_timeout: the failing rank exits and torchrun stops the other."""
+    data = write_mixed(tmp_path / "data", ["t", "i", "t", "i"], make_image)
+    keys = _keys(tiny_ckpt, data, tmp_path / "out", fsdp="full_shard auto_wrap", ddp_timeout=600)
+    r = torchrun(tmp_path, keys, name="bad", timeout=300,
+                 env={"VLMTUNE_TEST_SEQUENTIAL": "1", "VLMTUNE_TEST_CUT_RUN": "data:4"})
+    assert r["rc"] not in (0, None), r["log"][-3000:]  # failed, and well before ddp_timeout (600 s)
+    assert "data:4" in r["log"] and "data.jsonl" in r["log"] and r["results"] == {}
 
 
 @pytest.mark.slow
@@ -275,5 +289,33 @@ def test_deepspeed_zero_on_cpu_ranks_matches_ddp_with_mixed_modalities(tmp_path,
                               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
                               "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage}}))
     zero = _run(tmp_path, {**keys, "output_dir": str(tmp_path / "zero"), "deepspeed": str(ds)}, "zero", timeout=900)
+    assert zero[0]["engine"] == zero[1]["engine"] == "deepspeed"
     assert zero[0]["seen"] == ["t", "i"] and zero[1]["seen"] == ["iv", "v"] and zero[0]["step"] == 2
     assert math.isclose(zero[0]["losses"][0], ddp[0]["losses"][0], rel_tol=1e-3)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_an_fsdp2_config(tmp_path, tiny_ckpt, make_image):
+    """`accelerate launch --config_file` (examples/accelerate/fsdp2.yaml, on 2 CPU processes): FSDP2 with the
+    family's wrap classes filled in, the same losses as DDP."""
+    import sys
+
+    import yaml
+
+    from _ranks import free_port
+
+    conf = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "accelerate",
+                                            "fsdp2.yaml"), encoding="utf-8"))
+    conf.update(num_processes=2, use_cpu=True, mixed_precision="no")
+    (tmp_path / "acc.yaml").write_text(yaml.safe_dump(conf))
+    data = write_mixed(tmp_path / "data", ["t", "iv", "i", "v"], make_image)
+    keys = _keys(tiny_ckpt, data, tmp_path / "ddp", finetuning_type="full", max_steps=2)
+    ddp = _run(tmp_path, keys, "ddp")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "acc.yaml"),
+                "--main_process_port", str(free_port())]
+    r = torchrun(tmp_path, {**keys, "output_dir": str(tmp_path / "acc")}, name="acc", timeout=420,
+                 env={"VLMTUNE_TEST_SEQUENTIAL": "1"}, launcher=launcher)
+    assert r["rc"] == 0 and sorted(r["results"]) == [0, 1], r["log"][-5000:]
+    assert "fsdp_transformer_layer_cls_to_wrap=Qwen2VLDecoderLayer,Qwen2VLVisionBlock" in r["log"]
+    assert r["results"][0]["engine"] == "fsdp" and r["results"][1]["seen"] == ["iv", "v"]
+    assert r["results"][0]["losses"] == pytest.approx(ddp[0]["losses"], rel=1e-3)
