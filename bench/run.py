@@ -29,6 +29,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("inspect", "bench_inspect"),
     ("prepare", "bench_prepare"),
     ("pack", "bench_pack"),
+    ("pack_hybrid", "bench_pack_hybrid"),
     ("doctor_memory", "bench_doctor_memory"),
     ("config_import", "bench_config_import"),
     ("video_facts", "bench_video_facts"),

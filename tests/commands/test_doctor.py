@@ -93,8 +93,8 @@ def check(config, loaded):
 
     def run(name: str, device: DeviceInfo, *overrides: str, env: dict | None = None, **kwargs) -> Check:
         checks = run_checks(config(*overrides), device_info=device, loaded=loaded, env=env or {}, **kwargs)
-        assert [c.name for c in checks] == ["versions", "precision", "workers", "model", "quantization", "vision",
-                                            "data", "video", "memory", "distributed", "sharding"]
+        assert [c.name for c in checks] == ["versions", "precision", "workers", "model", "quantization",
+                                            "linear_attention", "vision", "data", "video", "memory", "distributed", "sharding"]
         return {c.name: c for c in checks}[name]
 
     return run
@@ -405,7 +405,8 @@ TWO_RANKS = {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}
 
 
 @pytest.mark.parametrize("timeout, status, what", [
-    (180000000, "fail", "ddp_timeout=180000000 s lets a stuck rank hang the job for over a day (86400 s fails)"),
+    # LLaMA-Factory's examples' value: a warning, never a failure that stops `train`
+    (180000000, "warn", "ddp_timeout=180000000 s lets a stuck rank hang the job for over a day"),
     (10800, "warn", "ddp_timeout=10800 s lets a stuck rank hang the job for over 2 h"),
 ])
 def test_long_ddp_timeouts(check, timeout, status, what):
@@ -499,7 +500,8 @@ def test_a_missing_model_fails_and_the_other_checks_still_run(config, tmp_path):
     assert checks["model"].status == "fail"
     assert checks["model"].message.startswith(f"cannot load model_name_or_path={str(tmp_path / 'nothing')!r}: ")
     assert [(n, c.status) for n, c in checks.items() if n != "model"] == [
-        ("versions", "ok"), ("precision", "ok"), ("workers", "ok"), ("quantization", "ok"), ("vision", "warn"),
+        ("versions", "ok"), ("precision", "ok"), ("workers", "ok"), ("quantization", "ok"),
+        ("linear_attention", "ok"), ("vision", "warn"),
         ("data", "warn"), ("video", "warn"),
         ("memory", "warn"), ("distributed", "ok"), ("sharding", "ok")]
 
@@ -519,8 +521,8 @@ def test_cli_exit_status_and_json(ckpt, data, tmp_path, monkeypatch, capsys):
     path = _yaml(tmp_path, ckpt, data, fp16=True)
     assert main(["doctor", path, "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
-    assert [c["name"] for c in out] == ["versions", "precision", "workers", "model", "quantization", "vision", "data",
-                                        "video", "memory", "distributed", "sharding"]
+    assert [c["name"] for c in out] == ["versions", "precision", "workers", "model", "quantization",
+                                        "linear_attention", "vision", "data", "video", "memory", "distributed", "sharding"]
     assert all(set(c) == {"name", "status", "message", "fix"} for c in out)
     assert out[1]["status"] == "fail"
     assert main(["doctor", path, "fp16=false"]) == 0
@@ -800,3 +802,59 @@ def test_unusable_videos_are_counted_by_kind(config, loaded, tmp_path):
         "video", "warn", "no usable video: 2 video problem(s) made their samples invalid (bad_video: 1, missing_file: 1)",
         "fix the clips (`vlmtune inspect` lists every problem), or remove those samples")
 
+
+# -- Qwen3.5's linear-attention layers -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen3_5(tiny_ckpt):
+    from vlmtune.models.load import load_spec
+
+    path = str(tiny_ckpt("qwen3_5"))
+    return path, load_spec(path)
+
+
+@pytest.mark.parametrize("kernels", [(False, False), (True, False), (True, True)])
+def test_linear_attention_kernels_on_a_gpu(qwen3_5, data, tmp_path, monkeypatch, kernels):
+    from vlmtune.models import hybrid
+
+    path, loaded = qwen3_5
+    monkeypatch.setattr(hybrid, "kernels_installed", lambda: dict(zip(("flash-linear-attention", "causal-conv1d"),
+                                                                      kernels)))
+    cfg = load_config(None, [f"model_name_or_path={path}", f"dataset={data}", f"output_dir={tmp_path / 'out'}",
+                             "bf16=true", "packing=true"])
+    c = {c.name: c for c in run_checks(cfg, device_info=A100, loaded=loaded, env={})}["linear_attention"]
+    if all(kernels):
+        assert c.status == "ok" and c.message.startswith("3 gated-delta linear-attention layers run the "
+                                                         "flash-linear-attention and causal-conv1d kernels.")
+        return
+    missing = "causal-conv1d" if kernels[0] else "flash-linear-attention and causal-conv1d"
+    assert c.status == "warn"
+    assert c.message.startswith(f"{missing} not installed: the 3 gated-delta linear-attention layers of Qwen3.5 "
+                                "(qwen3_5) fall back to transformers' PyTorch reference, correct but slower "
+                                "(documented: 1.7x per step")
+    assert "packing keeps each sample's recurrent and convolution state to itself" in c.message
+    assert c.fix.startswith(f"pip install {missing.replace(' and ', ' ')}")
+
+
+def test_linear_attention_on_the_cpu_and_other_families(qwen3_5, check, data, tmp_path):
+    path, loaded = qwen3_5
+    cfg = load_config(None, [f"model_name_or_path={path}", f"dataset={data}", f"output_dir={tmp_path / 'out'}"])
+    c = {c.name: c for c in run_checks(cfg, device_info=CPU, loaded=loaded, env={})}["linear_attention"]
+    assert (c.status, c.message) == ("ok", "3 gated-delta linear-attention layers run transformers' PyTorch "
+                                           "reference on the cpu (the kernels need a GPU).")
+    assert check("linear_attention", A100).message == "no linear-attention layers"
+
+
+def test_doctor_refuses_overlapping_folders_before_any_work(tmp_path, monkeypatch, capsys):
+    import json as _json
+
+    from vlmtune.commands.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    monkeypatch.setattr(doctor_checks, "_load", lambda *a, **k: pytest.fail("the model loaded first"))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model_name_or_path: {tmp_path / 'm'}\ndataset: {data}\noutput_dir: {tmp_path / 'out'}\n")
+    rc = main(["doctor", str(cfg), "--json", f"prepared_dir={tmp_path / 'out'}"])
+    out = _json.loads(capsys.readouterr().out)
+    assert rc == 2 and [(c["name"], c["status"]) for c in out] == [("config", "fail")]
+    assert out[0]["message"].startswith(f"prepared_dir={str(tmp_path / 'out')!r} is output_dir")

@@ -35,6 +35,9 @@ DEFAULTS = {
     "video_fps": None,
     "video_maxlen": None,
     "preprocessing_num_workers": 1,
+    "eval_dataset": None,
+    "mix_strategy": "concat",
+    "interleave_probs": None,
     "val_size": 0,
     "max_samples": None,
     "allow_paths_outside_media_dir": False,
@@ -42,6 +45,8 @@ DEFAULTS = {
     "on_bad_sample": "error",
     "control_tokens_in_text": "invalid",
     "train_on_prompt": False,
+    "mask_history": False,
+    "default_system": None,
     "enable_thinking": True,
     "overflow": ["shrink_images", "truncate_text", "split", "drop"],
     "min_image_tokens": 4,
@@ -109,6 +114,17 @@ DEFAULTS = {
     "worst_case_first": True,
     "run_doctor": True,
     "optim": "adamw_torch",
+    "stage": "sft",
+    "pref_beta": 0.1,
+    "pref_loss": "sigmoid",
+    "pref_ftx": 0.0,
+    "simpo_gamma": 0.5,
+    "dpo_label_smoothing": 0.0,
+    "kto_chosen_weight": 1.0,
+    "kto_rejected_weight": 1.0,
+    "ref_model": None,
+    "ref_model_adapters": None,
+    "precompute_ref_log_probs": False,
 }
 
 # LLaMA-Factory's examples/train_lora/qwen2_5vl_lora_sft.yaml, with the keys its users commonly add.
@@ -268,12 +284,13 @@ def test_sections_partition_the_keys():
         "cutoff_len", "image_max_pixels", "image_min_pixels", "train_on_prompt", "enable_thinking", "overflow",
         "min_image_tokens",
         "max_image_token_share", "split_keep_context", "packing", "video_max_pixels", "video_min_pixels", "video_fps",
-        "video_maxlen",
+        "video_maxlen", "mask_history", "default_system", "enable_thinking",
     }
     assert {f.name for f in dataclasses.fields(C.ReadArgs)} == {
         "dataset", "dataset_dir", "media_dir", "max_samples", "val_size", "allow_paths_outside_media_dir",
         "allow_remote_images", "on_bad_sample", "max_skipped_share", "confirm_skipped_share", "remote_image_max_bytes",
-        "remote_image_timeout", "remote_image_deadline", "allow_private_remote_images", "control_tokens_in_text",
+        "remote_image_timeout", "remote_image_deadline", "allow_private_remote_images", "control_tokens_in_text", "eval_dataset",
+        "mix_strategy", "interleave_probs",
     }
 
 
@@ -433,8 +450,9 @@ MESSAGES = [
     ("overflow=[drop", "override 'overflow=[drop' has a value that is not valid YAML (expected ',' or ']', but got "
      "'<stream end>' at line 1, column 6); quote it"),
     # LLaMA-Factory keys
-    ("stage=dpo", "stage='dpo' is not supported; vlmtune only does supervised fine-tuning; remove stage or set it "
-     "to sft"),
+    ("stage=ppo", "stage='ppo' is not one of 'sft', 'dpo', 'kto'; did you mean 'dpo'?"),
+    ("pref_beta=0.2", "pref_beta=0.2 applies to the preference stages only, but stage='sft'; set stage: dpo (or kto), "
+     "or remove pref_beta"),
     ("do_train=false", "do_train=False is not supported; `vlmtune train` always trains; remove do_train or set it "
      "to true"),
     ("template=llava", "template='llava' is not supported; the chat template comes from the model's processor; "
@@ -502,7 +520,6 @@ def test_all_problems_reported_together(tmp_path):
     assert problems == [
         "override 'bogus' is not key=value; write it like cutoff_len=1024",
         f"unknown key 'cutof_len' (in {path}); did you mean 'cutoff_len'?",
-        "stage='ppo' is not supported; vlmtune only does supervised fine-tuning; remove stage or set it to sft",
         f"image_resolution=448 (in {path}) is replaced by image_max_pixels; set image_max_pixels to "
         "image_resolution**2 = 200704 instead",
         "dataset is required; set dataset to a name from dataset_info.json or a path to a JSON/JSONL file, such as "
@@ -513,6 +530,7 @@ def test_all_problems_reported_together(tmp_path):
         "lora_rank=0 is not positive; set lora_rank to a positive integer such as 8",
         "output_dir is required; set output_dir to a folder such as saves/qwen2_vl-2b/lora/sft",
         "learning_rate='fast' is not a number; set learning_rate to a positive number such as 1.0e-4",
+        "stage='ppo' is not one of 'sft', 'dpo', 'kto'; did you mean 'dpo'?",
         "bf16 and fp16 are both true; set at most one of them (bf16 where the GPU supports it)",
     ]
 
@@ -595,7 +613,6 @@ def test_llama_factory_example_loads(tmp_path):
     }
     assert cfg.to_dict() == expected
     assert cfg.notes == (
-        "ignored stage='sft': vlmtune only does supervised fine-tuning",
         "ignored do_train=True: `vlmtune train` always trains",
         "ignored template='qwen2_vl': the chat template comes from the model's processor",
         "ignored overwrite_output_dir=True: checkpoints in output_dir are resumed only when resume_from_checkpoint "
@@ -643,7 +660,7 @@ def test_every_key_is_documented_with_a_fix():
 
 def test_sections_do_not_shadow_keys():
     assert not {*C.SECTIONS, "notes", "derived", "replace", "to_dict", "fingerprint_dict"} & set(C.KEYS)
-    assert list(C.SECTIONS) == ["model", "read", "fit", "prepare", "finetuning", "training"]
+    assert list(C.SECTIONS) == ["model", "read", "fit", "prepare", "finetuning", "training", "preference"]
 
 
 def test_docs_config_md_is_up_to_date():

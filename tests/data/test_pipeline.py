@@ -21,7 +21,10 @@ def test_prepare_reproduces_the_golden_rows_and_report(tmp_path, tiny_ckpt, make
     # image-only data: the video columns (added after the golden was made) are empty in every row
     video_columns = {k for k in got["rows"][0] if k.startswith("video")}
     assert len(video_columns) == 9 and all(r[k] == [] for r in got["rows"] for k in video_columns)
-    assert [{k: v for k, v in r.items() if k not in video_columns} for r in got["rows"]] == want["rows"]
+    # SFT rows: the preference columns (added later too) are empty, the KTO tag is -1 (not KTO)
+    pref = {"rejected_input_ids": [], "rejected_labels": [], "kto_tag": -1}
+    assert all(r[k] == v for r in got["rows"] for k, v in pref.items())
+    assert [{k: v for k, v in r.items() if k not in video_columns | set(pref)} for r in got["rows"]] == want["rows"]
 
 
 def test_inspect_doctor_and_prepare_give_the_same_fates_and_token_counts(tmp_path, tiny_ckpt, make_image):

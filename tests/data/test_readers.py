@@ -983,6 +983,13 @@ def test_a_device_or_fifo_named_like_a_data_file_is_refused_unopened(tmp_path):
         assert res.conversations == []
         assert [(p.kind, p.what) for p in res.problems] == [
             ("data_not_found", "is not a regular file (a FIFO, device or socket)")]
+    rec = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    (tmp_path / "ok.jsonl").write_text(json.dumps(rec) + "\n")
+    res = read_samples(str(tmp_path))  # the folder read whole: the regular file is read, the others reported
+    assert len(res.conversations) == 1
+    assert sorted((p.source, p.what) for p in res.problems) == [
+        (str(fifo), "is not a regular file (a FIFO, device or socket)"),
+        (str(zero), "is not a regular file (a FIFO, device or socket)")]
 
 
 def test_a_line_longer_than_the_bound_is_one_bad_line(tmp_path, monkeypatch):

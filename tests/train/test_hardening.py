@@ -84,3 +84,26 @@ def test_other_errors_while_training_pass_through(tmp_path):
     run = recipe.Run(cfg, None, None, _FullDiskTrainer(OSError(errno.EACCES, "denied")), {}, None)
     with pytest.raises(OSError):
         recipe.train(run)
+
+
+def test_train_with_skip_runs_past_pixels_that_do_not_decode(make_config, write_dataset, tmp_path):
+    """The bad image is found by prepare (a corrupt_image line in the fit report), so training never meets it."""
+    import zlib
+
+    path = write_dataset(["one", "one", "text"])
+    folder = os.path.dirname(path)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", 56, 56, 8, 2, 0, 0, 0)  # header, CRCs and IEND intact: only a decode can tell
+    with open(os.path.join(folder, "img1_0.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"\x78\x9c" + bytes(range(256)) * 4)
+                + chunk(b"IEND", b""))
+    cfg = make_config("qwen2_vl", path, tmp_path / "out", max_steps=2, on_bad_sample="skip",
+                      confirm_skipped_share=True, run_doctor=False, worst_case_first=False)
+    result = recipe.run(cfg, progress=False)
+    assert result.global_step == 2
+    lines = [json.loads(x) for x in open(result.prepared.report_path)]
+    assert [r["fate"] for r in lines] == ["kept", "invalid", "kept"]
+    assert "img1_0.png' is truncated or corrupt (" in lines[1]["reason"]

@@ -4,12 +4,15 @@
     cfg.cutoff_len, cfg.fit.overflow, cfg.read.dataset, cfg.notes
 
 - values.py: the field helper every key is declared with, the value converters and range checks;
-- sections.py: the typed sections (ModelArgs, ReadArgs, FitArgs, PrepareArgs, FinetuningArgs, TrainArgs) and
+- sections.py: the typed sections (ModelArgs, ReadArgs, FitArgs, PrepareArgs, FinetuningArgs, TrainArgs,
+  PreferenceArgs) and
   `Config`, which holds one of each and also reads every key flat;
+- compat.py: every LLaMA-Factory key vlmtune does not declare, classified (llamafactory_keys.tsv lists them);
 - load.py: reading the YAML, `key=value` overrides, validation across keys, LLaMA-Factory compatibility, advice.
 """
 
-from .load import LLAMA_FACTORY_IGNORED, LLAMA_FACTORY_REPLACED, load_config
+from .compat import CLASSIFIED, LLAMA_FACTORY_KEYS
+from .load import LLAMA_FACTORY_REPLACED, load_config, read_yaml
 from .sections import (
     KEYS,
     SECTIONS,
@@ -17,6 +20,7 @@ from .sections import (
     FinetuningArgs,
     FitArgs,
     ModelArgs,
+    PreferenceArgs,
     PrepareArgs,
     ReadArgs,
     TrainArgs,
@@ -25,7 +29,7 @@ from .sections import (
 from .values import DEFAULT_OVERFLOW, LR_SCHEDULERS, OPTIMIZERS, OVERFLOW_POLICIES, POLICIES, TERMINAL_POLICIES
 
 __all__ = [
-    "DEFAULT_OVERFLOW", "KEYS", "LLAMA_FACTORY_IGNORED", "LLAMA_FACTORY_REPLACED", "LR_SCHEDULERS", "OPTIMIZERS",
+    "CLASSIFIED", "DEFAULT_OVERFLOW", "KEYS", "LLAMA_FACTORY_KEYS", "LLAMA_FACTORY_REPLACED", "LR_SCHEDULERS", "OPTIMIZERS",
     "OVERFLOW_POLICIES", "POLICIES", "SECTIONS", "TERMINAL_POLICIES", "Config", "FinetuningArgs", "FitArgs",
-    "ModelArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of", "load_config",
+    "ModelArgs", "PreferenceArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of", "load_config", "read_yaml",
 ]

@@ -77,6 +77,26 @@ class ReadArgs:
         expect="a positive integer such as 1000, or null for all",
         check=_positive,
     )
+    eval_dataset: str | None = _arg(
+        None,
+        "Datasets to evaluate on instead of a val_size split: names or paths, like dataset; prepared and fitted "
+        "the same way, with their own fit report (eval_fit_report.jsonl). Not with val_size.",
+        expect="a name from dataset_info.json or a path, or null",
+        convert=_as_comma_str,
+    )
+    mix_strategy: str = _arg(
+        "concat",
+        "How several datasets mix: concat (one after the other, shuffled by the trainer), interleave_under "
+        "(alternate until the smallest runs out), interleave_over (until the largest runs out, repeating the others).",
+        choices=("concat", "interleave_under", "interleave_over"),
+    )
+    interleave_probs: str | None = _arg(
+        None,
+        "With interleave_*: the chance of drawing each dataset, comma-separated in the order of `dataset`; "
+        "null: alternate evenly.",
+        expect="comma-separated probabilities such as 0.5,0.3,0.2, or null",
+        convert=_as_comma_str,
+    )
     val_size: int | float = _arg(
         0,
         "Samples held out for validation: a fraction below 1 (0.1) or a count (100); 0: none.",
@@ -190,6 +210,14 @@ class FitArgs:
     train_on_prompt: bool = _arg(
         False, "Compute the loss on every turn; false: on assistant turns only (the prompt is masked)."
     )
+    mask_history: bool = _arg(
+        False, "Compute the loss on the last answer (or function call) of each sample only; earlier answers are "
+        "context, as in LLaMA-Factory.",
+    )
+    default_system: str | None = _arg(
+        None, "System prompt for samples that have none; null: the chat template's own default (if any).",
+        expect="a string such as 'You are a helpful assistant.', or null",
+    )
     enable_thinking: bool = _arg(
         True,
         "Thinking checkpoints (Qwen3.5): true trains each answer with its thinking block as the checkpoint's chat "
@@ -221,7 +249,9 @@ class FitArgs:
     split_keep_context: bool = _arg(
         True, "Each part made by split starts with as much of the preceding conversation as still fits."
     )
-    packing: bool = _arg(False, "Pack several samples into each cutoff_len sequence (positions restart per sample).")
+    packing: bool = _arg(False, "Pack several samples into each cutoff_len sequence (positions restart per sample). "
+                         "No attention, and on Qwen3.5 no linear-attention state, crosses from one sample into "
+                         "the next.")
 
 
 @dataclass(frozen=True)
@@ -434,8 +464,60 @@ class TrainArgs:
                       choices_what="a transformers optimizer name")
 
 
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo", "robust", "sppo_hard", "nca_pair")
+
+
+@dataclass(frozen=True)
+class PreferenceArgs:
+    """Preference training (LLaMA-Factory's `stage: dpo | kto` keys; docs/preference.md)."""
+
+    stage: str = _arg(
+        "sft",
+        "sft: supervised fine-tuning; dpo: pairs (chosen / rejected) with pref_loss (DPO and its variants, ORPO, "
+        "SimPO); kto: single answers tagged desirable or undesirable.",
+        choices=("sft", "dpo", "kto"),
+    )
+    pref_beta: float = _arg(0.1, "beta of the preference loss (how far the policy may move from the reference).",
+                            expect="a positive number such as 0.1", check=_positive)
+    pref_loss: str = _arg(
+        "sigmoid",
+        "stage dpo: the loss. sigmoid (DPO), hinge, ipo, robust, sppo_hard, nca_pair (with a reference); "
+        "orpo, simpo (reference-free, on length-averaged log-probabilities).",
+        choices=PREF_LOSSES,
+    )
+    pref_ftx: float = _arg(0.0, "Weight of an SFT loss on the chosen (kto: desirable) answers added to the "
+                           "preference loss; 0: none.", expect="a non-negative number such as 0.1",
+                           check=_non_negative)
+    simpo_gamma: float = _arg(0.5, "pref_loss simpo: the target reward margin gamma.",
+                              expect="a non-negative number such as 0.5", check=_non_negative)
+    dpo_label_smoothing: float = _arg(
+        0.0, "pref_loss sigmoid / robust: the probability that a pair's labels are flipped (cDPO); in [0, 0.5).",
+        expect="a number in [0, 0.5) such as 0.1",
+        check=lambda v: None if 0 <= v < 0.5 else "is not in [0, 0.5)",
+    )
+    kto_chosen_weight: float = _arg(1.0, "stage kto: weight of the desirable answers' losses.",
+                                    expect="a positive number such as 1.0", check=_positive)
+    kto_rejected_weight: float = _arg(1.0, "stage kto: weight of the undesirable answers' losses.",
+                                      expect="a positive number such as 1.0", check=_positive)
+    ref_model: str | None = _arg(
+        None,
+        "The reference model (a checkpoint folder or Hub id); null: the starting model itself (LoRA: the base "
+        "with the adapter disabled, no second copy; full / freeze: a frozen copy).",
+        expect="a checkpoint folder or Hub id, or null",
+    )
+    ref_model_adapters: str | None = _arg(
+        None, "A LoRA adapter folder applied to ref_model (merged into it); null: none.",
+        expect="an adapter folder, or null",
+    )
+    precompute_ref_log_probs: bool = _arg(
+        False,
+        "Compute the reference's log-probabilities of every row once before training, so that no reference "
+        "model stays in memory during training (full fine-tuning: no frozen copy).",
+    )
+
+
 SECTIONS: dict[str, type] = {"model": ModelArgs, "read": ReadArgs, "fit": FitArgs, "prepare": PrepareArgs,
-                             "finetuning": FinetuningArgs, "training": TrainArgs}
+                             "finetuning": FinetuningArgs, "training": TrainArgs, "preference": PreferenceArgs}
 
 
 def _key_table() -> dict[str, tuple[str, Any, Any]]:
@@ -477,7 +559,7 @@ class Config:
     """A validated configuration: one typed section per concern, and every key also read flat.
 
     Hand a function the section it uses (`cfg.read`, `cfg.fit`, `cfg.prepare`, `cfg.model`, `cfg.finetuning`,
-    `cfg.training`); `cfg.cutoff_len` still reads the key from its section.
+    `cfg.training`, `cfg.preference`); `cfg.cutoff_len` still reads the key from its section.
     Equal when every key is equal (notes aside). Frozen: change keys with `cfg.replace(cutoff_len=1024)`,
     which validates the result again.
     `notes` lists what was accepted but ignored (LLaMA-Factory keys) and other advice that is not an error.
@@ -491,6 +573,7 @@ class Config:
     prepare: PrepareArgs
     finetuning: FinetuningArgs
     training: TrainArgs
+    preference: PreferenceArgs
     notes: tuple[str, ...] = field(default=(), compare=False)
     derived: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 

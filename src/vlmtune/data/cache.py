@@ -34,7 +34,8 @@ DATA_KEYS = (
     "on_bad_sample", "control_tokens_in_text", "train_on_prompt", "enable_thinking", "overflow", "min_image_tokens",
     "max_image_token_share",
     "split_keep_context", "remote_image_max_bytes", "allow_private_remote_images", "video_max_pixels",
-    "video_min_pixels", "video_fps", "video_maxlen",
+    "video_min_pixels", "video_fps", "video_maxlen", "mask_history", "default_system", "mix_strategy",
+    "interleave_probs", "stage",
 )
 
 

@@ -191,12 +191,14 @@ class Encoder:
     """Renders conversations with a checkpoint's chat template and tokenizes them into blocks."""
 
     def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False, mask_history: bool = False,
-                 enable_thinking: bool = True, plain_tokens: tuple[str, ...] = ()):
+                 default_system: str | None = None, enable_thinking: bool = True,
+                 plain_tokens: tuple[str, ...] = ()):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.spec = spec
         self.train_on_prompt = train_on_prompt
         self.mask_history = mask_history  # LLaMA-Factory's: only the last answer is a target
+        self.default_system = default_system  # for samples without a system turn
         self.enable_thinking = enable_thinking
         self._text_ids: dict[str, tuple[int, ...]] = {}
         template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
@@ -229,7 +231,7 @@ class Encoder:
         `apply_chat_template` runs, without its per-call overhead)."""
         if not self.enable_thinking:
             convs = [without_thinking(c) for c in convs]
-        chats = [template_messages(c, self.renders_tools) for c in convs]
+        chats = [self._with_default_system(template_messages(c, self.renders_tools)) for c in convs]
         if self._plain_re is not None:
             chats = [[self._escape(m) for m in chat] for chat in chats]
         # the template reads enable_thinking as apply_chat_template passes it (Qwen3.5's generation prompt)
@@ -252,6 +254,13 @@ class Encoder:
                 out[i] = render_jinja_template(conversations=[chats[i]], chat_template=self.chat_template, **think,
                                                **self._tools(c), **self.tokenizer.special_tokens_map)[0][0]
         return out
+
+    def _with_default_system(self, chat: list[dict]) -> list[dict]:
+        """default_system for a sample without a system turn: rendered like the template's own default (a system
+        block with no message of its own), so it is never trained."""
+        if not self.default_system or (chat and chat[0]["role"] == "system"):
+            return chat
+        return [{"role": "system", "content": [{"type": "text", "text": self.default_system}]}, *chat]
 
     def _escape(self, message: dict) -> dict:
         """A template message with the plain-text tokens in its text swapped for their private-use characters."""

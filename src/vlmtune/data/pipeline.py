@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from ..errors import Problem, SampleError
 from ..models.load import Loaded
-from .encode import Encoded, Encoder, emit
+from .encode import Encoded, Encoder
 from .fit import FitOptions, FitOutcome, Fitter
-from .readers import iter_samples, layout_notes
+from .pairs import emit_row, encode_samples, fit_sample, stage_problems
+from .readers import Mix, iter_samples, layout_notes
 from .schema import SampleStats, features, table
 from .types import Conversation
 from .validate import CONTROL_TOKENS, validate
@@ -45,6 +46,10 @@ class Source:
     allow_remote_images: bool = False
     max_samples: int | None = None  # the first n samples of each data file (LLaMA-Factory: per dataset)
     remote_options: Any = None  # data/remote.FetchOptions for allow_remote_images; None: its defaults
+    preference: bool = False  # read ranking / KTO records as preference samples (stage dpo / kto)
+    mix_strategy: str = "concat"  # how several datasets mix (readers.Mix)
+    interleave_probs: tuple[float, ...] | None = None
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,14 @@ class Stages:
     """How far each sample goes: encode always; fit when `fit` is given; emit rows when `emit`."""
 
     train_on_prompt: bool = False
+    mask_history: bool = False  # only the last answer is trained (LLaMA-Factory's mask_history)
+    default_system: str | None = None
     enable_thinking: bool = True  # the config's enable_thinking (data/encode.py: thinking blocks)
     fit: FitOptions | None = None
     emit: bool = False
     keep_ids: frozenset = frozenset()  # samples whose Encoded comes back whole (inspect --show)
+    # the run's stage (sft, dpo, kto): a sample of another kind is invalid (data/pairs.stage_problems); None: any
+    stage: str | None = None
     control_tokens_as_text: bool = False  # control_tokens_in_text: text (validate.CONTROL_TOKENS as plain text)
 
 
@@ -84,10 +93,11 @@ class Stream:
     records: int = 0  # every record read (conversations + unread), before max_samples
     limited: bool = False  # max_samples left some conversations out
     layouts: Counter = field(default_factory=Counter)  # record layouts recognised (readers.layout_notes)
+    mix: Mix | None = None  # the datasets' mix, with what interleave_under left out
 
     @property
     def notes(self) -> list[str]:
-        return layout_notes(self.layouts)
+        return layout_notes(self.layouts) + (self.mix.notes() if self.mix else [])
 
 
 # -- one chunk, in a worker process (or this one) ---------------------------------------------
@@ -99,6 +109,7 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["stages"] = stages
     _WORKER["video"] = loaded.video
     encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt,
+                                           mask_history=stages.mask_history, default_system=stages.default_system,
                                            enable_thinking=stages.enable_thinking,
                                            plain_tokens=CONTROL_TOKENS if stages.control_tokens_as_text else ())
     _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fit is not None else None
@@ -117,6 +128,8 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
     """One chunk of samples from validation to (fitted, emitted) rows."""
     w = _WORKER
     spec, stages, fitter = w["spec"], w["stages"], w["fitter"]
+    for conv in convs:
+        conv.read_problems += stage_problems(conv, stages.stage)
     # Rows that will be trained on (emit: prepare, doctor, streaming) have every image decoded here, so that a
     # pixel that cannot be decoded is a skippable bad sample now, not a crash mid-training (issue 21).
     checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size,
@@ -133,14 +146,14 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
         for c in out.invalid:
             reason = " | ".join(f"{p.what}; {p.fix}" for p in by_id.get(c.id, [])) or "invalid"
             lines[c.id] = invalid_line(c.id, c.source, reason)
-    for enc in w["encoder"].encode_many(checked.valid, checked.headers, videos=checked.videos):
+    for enc in encode_samples(w["encoder"], checked.valid, checked.headers, checked.videos):
         out.stats.append(SampleStats.of(enc))
         if enc.id in stages.keep_ids:
             out.encoded.append(enc)
         if fitter is None:
             continue
         try:
-            fitted = fitter.fit(enc)
+            fitted = fit_sample(fitter, enc)
         except SampleError as e:
             out.errors.append(e)
             continue
@@ -148,7 +161,7 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
         out.pieces += [(p.length, p.image_tokens + sum(v.pad_tokens for v in p.videos)) for p in fitted.pieces]
         out.split_rows += len(fitted.pieces) if fitted.fate == "split" else 0
         if stages.emit:
-            rows += [emit(p, spec).to_dict() for p in fitted.pieces]
+            rows += [emit_row(p, spec) for p in fitted.pieces]
     if fitter is not None:
         out.lines = [lines[c.id] for c in convs if c.id in lines]
     if stages.emit and rows:
@@ -174,7 +187,8 @@ def _chunks(source: Source, stream: Stream, chunk: int) -> Iterator[list[Convers
     for item in iter_samples(source.data, source.dataset_dir, source.media_dir,
                              allow_paths_outside_media_dir=source.allow_paths_outside_media_dir,
                              allow_remote_images=source.allow_remote_images,
-                             remote_options=source.remote_options, layouts=stream.layouts):
+                             remote_options=source.remote_options, layouts=stream.layouts, mix=stream.mix,
+                             preference=source.preference):
         stream.records += 1
         if isinstance(item, Problem):
             stream.unread.append(item)
@@ -210,7 +224,7 @@ def _ordered(fn: Callable, items: Iterable, pool: ProcessPoolExecutor | None, wi
 def run_pipeline(source: Source, loaded: Loaded, stages: Stages, *, workers: int = 1, chunk: int = CHUNK,
                  progress: bool = True, desc: str = "preparing") -> Stream:
     """Stream `source` through the stages; iterate `.chunks` (to the end) to drive it."""
-    stream = Stream(iter(()))
+    stream = Stream(iter(()), mix=Mix(source.mix_strategy, source.interleave_probs, source.seed))
 
     def drive() -> Iterator[ChunkResult]:
         n = max(1, int(workers or 1))

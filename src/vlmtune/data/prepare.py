@@ -36,6 +36,7 @@ CHUNK = 256
 DATA_FILE = "data.arrow"
 SAMPLES_FILE = "samples.arrow"  # per valid sample: tokens before fitting (the doctor's and inspect's numbers)
 PROBLEMS_FILE = "problems.jsonl"
+REPORT_FILE, EVAL_REPORT_FILE = "fit_report.jsonl", "eval_fit_report.jsonl"  # in output_dir
 PIECES_FILE = "pieces.npy"  # (tokens, vision tokens: image + video pads) of each emitted row
 FATES = ("kept", "shrunk", "truncated", "split", "dropped", "invalid")
 
@@ -53,6 +54,7 @@ class Prepared:
     records: int
     cached: bool
     table: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    notes: list[str] = field(default_factory=list, repr=False)  # what reading found (layouts, the datasets' mix)
 
     def dataset(self):
         return load_prepared(self.path)
@@ -76,6 +78,15 @@ def fit_options(fit: FitArgs) -> FitOptions:
     )
 
 
+def stages_for(fit: FitArgs, *, control_tokens_as_text: bool = False, emit: bool = True,
+               stage: str | None = None) -> Stages:
+    """The pipeline's stages for a config's fit section: labels as it asks, fitted, rows emitted; `stage` (sft,
+    dpo, kto) refuses the samples of another kind (data/pairs.stage_problems)."""
+    return Stages(train_on_prompt=fit.train_on_prompt, mask_history=fit.mask_history,
+                  default_system=fit.default_system, enable_thinking=fit.enable_thinking,
+                  fit=fit_options(fit), emit=emit, control_tokens_as_text=control_tokens_as_text, stage=stage)
+
+
 def remote_options(cfg):
     """data/remote.FetchOptions from the config's remote_image_* keys."""
     from .remote import FetchOptions
@@ -87,15 +98,25 @@ def remote_options(cfg):
 
 def source_of(cfg) -> Source:
     """The read keys of a config, for the pipeline."""
+    probs = tuple(float(p) for p in cfg.interleave_probs.split(",")) if cfg.interleave_probs else None
     return Source(cfg.dataset, cfg.dataset_dir, cfg.media_dir, cfg.allow_paths_outside_media_dir,
                   cfg.allow_remote_images, cfg.max_samples or None,
-                  remote_options(cfg) if cfg.allow_remote_images else None)
+                  remote_options(cfg) if cfg.allow_remote_images else None,
+                  mix_strategy=cfg.mix_strategy, interleave_probs=probs, seed=cfg.seed,
+                  preference=cfg.stage != "sft")
 
 
-def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prepared:
+def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True, report_name: str = REPORT_FILE) -> Prepared:
     """Prepare (or load the cached) dataset; stops on the first sample that reaches the 'error' policy,
-    and, with on_bad_sample=error, on invalid samples once the fit report is written."""
-    return _prepare(cfg, loaded, progress, collect=False)[0]
+    and, with on_bad_sample=error, on invalid samples once the fit report is written. `report_name`: the fit
+    report's file in output_dir (eval_dataset's is EVAL_REPORT_FILE)."""
+    return _prepare(cfg, loaded, progress, collect=False, report_name=report_name)[0]
+
+
+def eval_config(cfg):
+    """The config that prepares eval_dataset: the same keys, its datasets, its own prepared folder."""
+    return cfg.replace(dataset=cfg.eval_dataset, eval_dataset=None, val_size=0, mix_strategy="concat",
+                       interleave_probs=None, prepared_dir=prepared_dir(cfg).rstrip("/\\") + "-eval")
 
 
 @dataclass
@@ -119,11 +140,11 @@ def prepare_facts(cfg, loaded: Loaded, *, progress: bool = True) -> Facts:
     return facts if facts is not None else _facts_from_cache(prep)
 
 
-def _prepare(cfg, loaded, progress, collect):
+def _prepare(cfg, loaded, progress, collect, report_name: str = REPORT_FILE):
     cache.check_folders(cfg)
     loaded = loaded or load_spec_for(cfg)
     out_dir = prepared_dir(cfg)
-    report_path = os.path.join(cfg.output_dir, "fit_report.jsonl")
+    report_path = os.path.join(cfg.output_dir, report_name)
     fp = fingerprint(cfg, loaded, data_files(cfg))
     cached = load_cached(out_dir, report_path, fp) if not cfg.overwrite_cache else None
     if cached is not None:
@@ -156,8 +177,8 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     from datasets.arrow_writer import ArrowWriter
 
     cache.make_temp(tmp_dir)
-    stages = Stages(train_on_prompt=cfg.train_on_prompt, enable_thinking=cfg.enable_thinking,
-                    fit=fit_options(cfg.fit), emit=True, control_tokens_as_text=cfg.control_tokens_in_text == "text")
+    stages = stages_for(cfg.fit, control_tokens_as_text=cfg.control_tokens_in_text == "text",
+                        stage=cfg.stage)
     stream = run_pipeline(source_of(cfg), loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                           chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
@@ -233,7 +254,7 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
             "limited": stream.limited, "notes": stream.notes}
     cache.write_meta(tmp_dir, meta)
     cache.swap_in(tmp_dir, out_dir)
-    prep = Prepared(out_dir, report_path, rows, fates, records, False, table)
+    prep = Prepared(out_dir, report_path, rows, fates, records, False, table, stream.notes)
     if facts is not None:
         facts.prepared = prep
     return prep, facts
@@ -289,6 +310,7 @@ def format_report_summary(prep: Prepared) -> str:
     head = ("fate", "samples", "rows", "tokens before", "tokens after")
     lines = [f"{head[0]:<9}  {head[1]:>7}  {head[2]:>6}  {head[3]:>13}  {head[4]:>12}"]
     lines += [f"{f:<9}  {n:>7}  {k:>6}  {b:>13}  {a:>12}" for f, n, k, b, a in rows]
+    lines += [n for n in prep.notes if n.startswith("mix_strategy=")]  # records the mix never drew
     lines.append(f"prepared: {prep.path}" + (" (cached)" if prep.cached else ""))
     lines.append(f"fit report: {prep.report_path}")
     return "\n".join(lines)
@@ -300,7 +322,8 @@ def load_cached(out_dir: str, report_path: str, fp: str) -> Prepared | None:
     if meta is None or not os.path.exists(report_path) or not os.path.exists(os.path.join(out_dir, DATA_FILE)):
         return None
     try:
-        return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"])
+        return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"],
+                        meta.get("notes", []))
     except (KeyError, TypeError):
         return None
 
@@ -323,9 +346,8 @@ class StreamedRows:
         cfg = self.cfg
         self.passes += 1
         first = self.passes == 1
-        stages = Stages(train_on_prompt=cfg.train_on_prompt, enable_thinking=cfg.enable_thinking,
-                        fit=fit_options(cfg.fit), emit=True,
-                        control_tokens_as_text=cfg.control_tokens_in_text == "text")
+        stages = stages_for(cfg.fit, control_tokens_as_text=cfg.control_tokens_in_text == "text",
+                            stage=cfg.stage)
         stream = run_pipeline(source_of(cfg), self.loaded, stages, workers=cfg.preprocessing_num_workers or 1,
                               chunk=CHUNK, progress=False)
         os.makedirs(cfg.output_dir, exist_ok=True)

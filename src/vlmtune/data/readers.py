@@ -85,6 +85,7 @@ from .records import (
     file_problem,
     record_to_conversation,
 )
+from .preference_records import preference_kind, preference_to_conversation
 from .types import Conversation
 
 _FIX_FILE = "check the path and its permissions"
@@ -331,6 +332,11 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, split: str | 
         except OSError as e:
             yield file_problem(path, "data_not_found", f"cannot list the folder: {e.strerror or e}", _FIX_FILE)
             return
+        for n in names:  # a FIFO or device named like a data file: reported, never opened
+            full = os.path.join(path, n)
+            if os.path.exists(full) and not os.path.isfile(full) and not os.path.isdir(full):
+                yield file_problem(full, "data_not_found", "is not a regular file (a FIFO, device or socket)",
+                                   "point the dataset at a regular data file")
         names = [n for n in names if os.path.isfile(os.path.join(path, n))]
         if not names:
             yield file_problem(
@@ -361,24 +367,43 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, split: str | 
     yield from reader(path, folder, fmt, ids_only=ids_only)
 
 
+@dataclass
+class Mix:
+    """LLaMA-Factory's mix_strategy over several datasets: `concat` reads them one after the other;
+    `interleave_under` draws from them in turn (or at random with `probs`, seeded) until the first runs out,
+    `interleave_over` until each has run out once, reading the others again (a repeat is its own record).
+    `left_out` counts, per dataset, the records interleave_under never drew (for the run's notes)."""
+
+    strategy: str = "concat"
+    probs: tuple[float, ...] | None = None
+    seed: int = 0
+    left_out: Counter = field(default_factory=Counter)
+
+    def notes(self) -> list[str]:
+        return [f"mix_strategy={self.strategy}: {n} record(s) of {name} were not drawn (the first dataset to run "
+                "out ends the mix; interleave_over repeats the smaller ones instead)"
+                for name, n in self.left_out.items() if n]
+
+
 def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = None, *,
-             ids_only: bool = False) -> Iterator[RawRecord | Problem]:
-    """Every record of `data`, in input order, as a RawRecord or the Problem of an unreadable record or input.
+             ids_only: bool = False, mix: Mix | None = None) -> Iterator[RawRecord | Problem]:
+    """Every record of `data`, in input order (or as `mix` interleaves the datasets), as a RawRecord or the
+    Problem of an unreadable record or input.
 
     `ids_only`: the same records, whose values may hold only their own "id" (the id plan's pass)."""
     if os.path.exists(data):
         yield from _read_given_path(data, dataset_dir, media_dir, ids_only)
         return
     items = [x.strip() for x in data.split(",") if x.strip()]
+    sources: list[tuple[str, Callable[[], Iterator]]] = []
     if items and all(os.path.exists(x) for x in items):
-        for x in items:
-            yield from _read_given_path(x, dataset_dir, media_dir, ids_only)
+        sources = [(x, lambda x=x: _read_given_path(x, dataset_dir, media_dir, ids_only)) for x in items]
     elif items and (dataset_dir is not None or all(_looks_like_hub_id(x) for x in items)):
-        for entry in dataset_entries(items, dataset_dir or ".", media_dir, hub_ids=True):
+        for name, entry in zip(items, dataset_entries(items, dataset_dir or ".", media_dir, hub_ids=True)):
             if isinstance(entry, Problem):
                 yield entry
             else:
-                yield from _read_entry(entry, ids_only)
+                sources.append((name, lambda e=entry: _read_entry(e, ids_only)))
     else:
         yield file_problem(
             data,
@@ -388,6 +413,46 @@ def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = 
             "point `data` at a .json/.jsonl file, a folder of them or a `save_to_disk` folder, "
             "or give dataset names with dataset_dir",
         )
+    if mix is None or mix.strategy == "concat" or len(sources) < 2:
+        for _, read in sources:
+            yield from read()
+    else:
+        yield from _interleave(sources, mix, count_left_out=not ids_only)
+
+
+def _interleave(sources: list[tuple[str, Callable[[], Iterator]]], mix: Mix,
+                count_left_out: bool) -> Iterator[RawRecord | Problem]:
+    """The datasets' records drawn in turn (or at random by `mix.probs`); see Mix. Unreadable inputs' problems
+    pass straight through and draw nothing. Deterministic: every pass over the data draws the same records."""
+    rng = np.random.default_rng(mix.seed)
+    its = [read() for _, read in sources]
+    done = [False] * len(its)  # has run out at least once
+    k = 0
+    while True:
+        i = k % len(its) if mix.probs is None else int(rng.choice(len(its), p=mix.probs))
+        k += 1
+        item = next(its[i], None)
+        while isinstance(item, Problem):
+            yield item
+            item = next(its[i], None)
+        if item is not None:
+            yield copy.copy(item) if done[i] else item
+            continue
+        done[i] = True
+        if mix.strategy == "interleave_under" or all(done):
+            break
+        its[i] = sources[i][1]()  # interleave_over: read it again
+        item = next((x for x in its[i] if not isinstance(x, Problem)), None)
+        if item is None:
+            break  # an empty dataset cannot be repeated
+        yield copy.copy(item)
+    if mix.strategy == "interleave_under":
+        for (name, _), it in zip(sources, its):
+            for item in it:
+                if isinstance(item, Problem):
+                    yield item  # an input that cannot be read is still reported
+                elif count_left_out:
+                    mix.left_out[name] += 1
 
 
 def _read_given_path(path: str, dataset_dir: str | None, media_dir: str | None,
@@ -544,15 +609,20 @@ def iter_samples(
     allow_remote_images: bool = False,
     remote_options=None,
     layouts: Counter | None = None,
+    preference: bool = False,
+    mix: Mix | None = None,
 ) -> Iterator[Conversation | Problem]:
     """Every record of `data` in input order, as a `Conversation` or the one `Problem` why it yields none.
+
+    `preference` (the dpo and kto stages): ranking and KTO records become preference samples
+    (data/preference_records.py); without it they are refused, so that SFT never trains their answers.
 
     Reads the input twice (three times when own ids repeat): once to plan the ids, then to convert. Memory
     stays bounded by one record (REMOTE_CHUNK records with allow_remote_images) plus 16 bytes per record
     for the id plan. `layouts`, when given, counts the record layouts recognised (for `layout_notes`).
     """
     def raws(ids_only: bool = False) -> Iterator[RawRecord | Problem]:
-        return iter_raw(data, dataset_dir, media_dir, ids_only=ids_only)
+        return iter_raw(data, dataset_dir, media_dir, ids_only=ids_only, mix=mix)
 
     def ids() -> Iterator[RawRecord | Problem]:
         return raws(ids_only=True)
@@ -565,7 +635,10 @@ def iter_samples(
             if isinstance(item, Problem):
                 yield item
                 continue
-            conv = record_to_conversation(
+            # preference records (ranking pairs, KTO tags) have their own converters: data/preference_records.py
+            convert = (preference_to_conversation if preference and preference_kind(item.value, item.fmt)
+                       else record_to_conversation)
+            conv = convert(
                 item.value,
                 sample_id=plan.next_id(item),
                 source=item.source,
@@ -610,6 +683,7 @@ def read_samples(
     allow_paths_outside_media_dir: bool = False,
     allow_remote_images: bool = False,
     remote_options=None,
+    preference: bool = False,
 ) -> ReadResult:
     """Read every record of `data` into conversations, accounting for each record (a list of `iter_samples`).
 
@@ -626,7 +700,7 @@ def read_samples(
     with _gc_paused():
         for item in iter_samples(data, dataset_dir, media_dir, allow_paths_outside_media_dir=allow_paths_outside_media_dir,
                                  allow_remote_images=allow_remote_images, remote_options=remote_options,
-                                 layouts=layouts):
+                                 layouts=layouts, preference=preference):
             (problems if isinstance(item, Problem) else conversations).append(item)
     return ReadResult(conversations=conversations, problems=problems, records=len(conversations) + len(problems),
                       notes=layout_notes(layouts))

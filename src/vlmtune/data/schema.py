@@ -53,11 +53,16 @@ class Row:
     video_min_pixels: list[int] = column("[int64]", packed=True, optional=True, video=True)
     video_max_pixels: list[int] = column("[int64]", packed=True, optional=True, video=True)
     video_second_per_grid: list[float] = column("[float64]", packed=True, optional=True, video=True)
-    # len(input_ids): the Trainer's group_by_length and packing plan from this column alone
+    # preference rows (data/pairs.py): a pair's rejected side (its chosen side is input_ids / labels; both share
+    # the images), and a KTO row's tag (1 desirable, 0 undesirable; -1: not a KTO row). Never packed.
+    rejected_input_ids: list[int] = column("[int32]", optional=True)
+    rejected_labels: list[int] = column("[int32]", optional=True)
+    kto_tag: int = field(default=-1, metadata={"arrow": "int8", "packed": False, "optional": True, "video": False})
+    # len(input_ids) (a pair: its longer side): the Trainer's group_by_length and packing plan from this column alone
     length: int = field(default=0, metadata={"arrow": "int32", "packed": False, "optional": False, "video": False})
 
     def __post_init__(self) -> None:
-        self.length = len(self.input_ids)
+        self.length = max(len(self.input_ids), len(self.rejected_input_ids))
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -80,6 +80,19 @@ class Message:
 
 
 @dataclass
+class Preference:
+    """What makes a conversation a preference sample (data/preference_records.py).
+
+    pair (stage dpo): the conversation's messages are the prompt and the chosen answer (its last message);
+    `rejected` is the other answer to the same prompt. kto (stage kto): the last message is the completion,
+    `desirable` its tag. Answers hold text only: the images belong to the shared prompt."""
+
+    kind: Literal["pair", "kto"]
+    rejected: Message | None = None
+    desirable: bool | None = None
+
+
+@dataclass
 class Conversation:
     """One input sample. `id` is stable across runs; `source` is `file:line` or `file#row`."""
 
@@ -92,6 +105,8 @@ class Conversation:
     layout: str = field(default="sharegpt", compare=False)
     # the tools the sample may call (JSON schemas, as the record gave them), rendered by the chat template
     tools: list | None = None
+    # set for preference samples (ranking pairs, KTO-tagged answers); None for SFT samples
+    preference: Preference | None = None
 
     @property
     def images(self) -> list[ImagePart]:

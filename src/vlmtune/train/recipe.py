@@ -22,8 +22,9 @@ import yaml
 from ..data.cache import check_folders
 from ..data.collate import Collator
 from ..data.pack import pack_dataset
-from ..data.prepare import Prepared, format_report_summary, prepare, streamed_dataset
+from ..data.prepare import EVAL_REPORT_FILE, Prepared, eval_config, format_report_summary, prepare, streamed_dataset
 from ..errors import ConfigError, disk_full_is_an_error
+from ..models.hybrid import keep_packed_samples_apart
 from ..models.load import (
     Loaded,
     apply_finetuning,
@@ -39,7 +40,8 @@ from .checkpoints import (
     layout_change,
     resolve_resume,
 )
-from .plot import plot_loss
+from .plot import plot_loss, plot_rewards
+from .preference import preference_trainer
 from .sharding import dataset_modalities, fill_accelerate_env, fsdp_arguments, sharding_of, zero_stage
 from .trainer import VlmTrainer
 
@@ -102,6 +104,11 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         prepared = prepare_once(cfg, loaded, args, progress)
         say(format_report_summary(prepared))
         train_ds, eval_ds = split_validation(prepared.dataset(), cfg.val_size, cfg.seed)
+        if cfg.eval_dataset:  # prepared and fitted like the training data, with its own fit report
+            with args.main_process_first(desc="prepare eval_dataset"):
+                eval_prep = prepare(eval_config(cfg), loaded, progress=progress, report_name=EVAL_REPORT_FILE)
+            say("eval_dataset:\n" + format_report_summary(eval_prep))
+            eval_ds = eval_prep.dataset()
     if cfg.packing:
         before = len(train_ds)
         train_ds = pack_dataset(train_ds, cfg.cutoff_len,
@@ -115,13 +122,8 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     trainable = trainable_summary(model)
     say("trainable parameters:\n" + format_trainable(trainable))
 
-    collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len, video=getattr(loaded, "video", None))
-    trainer = VlmTrainer(
-        model=model,
+    common = dict(
         args=args,
-        data_collator=collator,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
         callbacks=[CompleteCheckpointCallback(), GracefulStopCallback()],
         spec=loaded.spec,
         sharded=sharding_of(cfg),
@@ -129,6 +131,13 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         loraplus_lr_ratio=cfg.loraplus_lr_ratio,
         pissa_init_dir=os.path.join(cfg.output_dir, "pissa_init") if cfg.pissa_init else None,
     )
+    if cfg.stage != "sft":  # dpo / kto: pairs or tagged answers, their collator, loss and reference
+        trainer = preference_trainer(cfg, model, loaded, train_ds, eval_ds, model_dtype(cfg), **common)
+    else:
+        collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len,
+                            video=getattr(loaded, "video", None))
+        trainer = VlmTrainer(model=model, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+                             **common)
     change = layout_change(resume, args) if resume else None
     if change:
         say(f"WARNING: {change}")
@@ -139,6 +148,8 @@ def build_model(cfg):
     """The model to train: loaded, frozen / adapted as the config says, checkpointed, and with no gradient into
     frozen parts (bench/bench_real_size.py measures exactly this)."""
     model = load_model(cfg, dtype=model_dtype(cfg))
+    if cfg.packing:  # linear-attention layers keep each packed sample's state to itself, or packing is refused
+        keep_packed_samples_apart(model)
     for c in (model.config, getattr(model.config, "text_config", None)):
         if c is not None:
             c.use_cache = False  # no KV cache in training (and packing needs none)
@@ -181,7 +192,7 @@ def training_arguments(cfg, progress: bool = True, model_type: str | None = None
     classes come from the family table."""
     from transformers import TrainingArguments
 
-    has_eval = bool(cfg.val_size)
+    has_eval = bool(cfg.val_size or cfg.eval_dataset)
     eval_strategy = "no" if not has_eval else ("steps" if cfg.eval_steps else "epoch")
     return TrainingArguments(
         output_dir=cfg.output_dir,
@@ -307,10 +318,18 @@ def train(run: Run) -> TrainResult:
             json.dump(run.trainable, f, indent=2)
         if cfg.plot_loss:
             loss_plot = plot_loss(trainer.state.log_history, cfg.output_dir)
-            if loss_plot:
-                say(f"loss plot: {loss_plot}")
+            say(f"loss plot: {loss_plot}" if loss_plot else no_plot_note(trainer.state.global_step, cfg.logging_steps))
+            rewards_plot = plot_rewards(trainer.state.log_history, cfg.output_dir) if cfg.stage != "sft" else None
+            if rewards_plot:
+                say(f"rewards plot: {rewards_plot}")
     return TrainResult(cfg.output_dir, run.prepared, run.trainable, list(trainer.state.log_history), loss_plot,
                        trainer.state.global_step, worst, stopped)
+
+
+def no_plot_note(steps: int, logging_steps: int) -> str:
+    """plot_loss: true with no loss logged: said, not a missing file found later."""
+    return (f"plot_loss: no loss was logged in {steps} step(s) (logging_steps={logging_steps}), so no loss plot was "
+            f"written; set logging_steps to at most {max(1, steps)} to get one")
 
 
 def weight_hash(t: torch.Tensor) -> str:

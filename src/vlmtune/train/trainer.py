@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 
@@ -106,21 +107,27 @@ class VlmTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._pending, self._zero_terms = self._missing(inputs), []
-        try:
+        with self.vision_passes(inputs) as zero:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
+        if zero:
+            result = (result[0] + sum(zero), result[1]) if return_outputs else result + sum(zero)
+        return result
+
+    @contextlib.contextmanager
+    def vision_passes(self, inputs):
+        """Around one forward of `inputs`: the vision passes this micro-batch owes run inside it (just before the
+        language model); yields the list their zero-weight terms are put in, for the caller to add to its loss."""
+        self._pending, self._zero_terms = self._missing(inputs), []
+        terms = self._zero_terms
+        try:
+            yield terms
             if self._pending:
                 # Better an error now than ranks waiting for each other's gathers until ddp_timeout.
                 raise RuntimeError(f"the dummy vision pass for {', '.join(self._pending)} did not run: the model's "
                                    "language model was not called through the hooked module")
         finally:
             self._pending = ()
-        if self._zero_terms:
-            zero = sum(self._zero_terms)
-            self._zero_terms = []
-            result = (result[0] + zero, result[1]) if return_outputs else result + zero
-        return result
 
     def _before_language_model(self, module, args):
         """Runs the vision passes this micro-batch owes, after its real ones and before the language model."""
@@ -181,7 +188,7 @@ class VlmTrainer(Trainer):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             with self.autocast_smart_context_manager():
-                loss = model(**batch).loss
+                loss = self.compute_loss(model, batch)  # the run's loss (a preference loss for dpo / kto)
             loss.backward()
         seconds = time.perf_counter() - start
         model.zero_grad(set_to_none=True)

@@ -7,7 +7,8 @@ stops on any fail.
     checks = run_checks(cfg)                          # this machine, the model's config, the data
     checks = run_checks(cfg, device_info=DeviceInfo(kind="cuda", name="Tesla T4", ...))   # another machine
 
-The checks, in order: versions, precision, workers, model, quantization, vision, data, video, memory, distributed. Everything that
+The checks, in order: versions, precision, workers, model, quantization, linear_attention, vision, data, video,
+memory, distributed. Everything that
 needs the model's module tree uses a copy built on the meta device from its config, so no weight is loaded;
 everything about the data uses the header-only accounting of `inspect` and the real fitting policies.
 All facts about the hardware come from `probe_device()`, so each check can be tested with a made-up device.
@@ -29,6 +30,7 @@ from .checks import (
     _read_data,
     check_data,
     check_distributed,
+    check_linear_attention,
     check_memory,
     check_model,
     check_precision,
@@ -60,6 +62,7 @@ def run_checks(cfg, *, device_info: DeviceInfo | None = None, loaded=None, model
         check_workers(ctx),
         check_model(ctx),
         check_quantization(ctx),
+        check_linear_attention(ctx),
         check_vision(ctx),
         check_data(ctx),
         check_video(ctx),
