@@ -122,7 +122,6 @@ _DEFAULT_ONLY: list[tuple[str, str, tuple]] = [
     ("vlmtune renders tool calls with the checkpoint's chat template (Qwen's format)", "tool_format", (None, "qwen")),
     ("vlmtune evaluates the validation data as one set", "eval_on_each_dataset", ()),
     ("thinking blocks are kept as the checkpoint's chat template renders them", "preserve_thinking", ()),
-    ("FSDP is not wired in: use deepspeed (ZeRO-2 / ZeRO-3) for sharded training", "fsdp fsdp_config", (None, "")),
     ("generation over a dataset (LLaMA-Factory's predict) is not in vlmtune; generate with `vlmtune chat`",
      "do_predict predict_with_generate do_sample temperature top_p top_k num_beams max_length max_new_tokens "
      "repetition_penalty length_penalty skip_special_tokens generation_max_length generation_num_beams "
