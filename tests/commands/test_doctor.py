@@ -116,7 +116,7 @@ def test_a_good_config_is_all_ok(config, loaded):
                                          "synchronise")
     text = doctor.format_checks(checks)
     assert text.splitlines()[0] == "status  check        message"
-    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 11 ok"
+    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 12 ok"
 
 
 # -- precision ---------------------------------------------------------------------------------
@@ -482,14 +482,14 @@ def test_accelerate_launch_fsdp_is_checked_like_the_keys(check):
     assert c.status == "fail" and "NoSuchBlock" in c.message and "shard_grad_op (ZeRO-2-like) from accelerate" in c.message
 
 
-def test_ddp_timeout_of_llamafactory_examples_fails_the_doctor_with_deepspeed_or_fsdp_as_documented(check, tmp_path,
-                                                                                                     monkeypatch):
+def test_ddp_timeout_of_llamafactory_examples_warns_with_deepspeed_or_fsdp_as_documented(check, tmp_path, monkeypatch):
+    """docs/migrating-from-llamafactory.md: a long ddp_timeout warns, never fails, sharded or not."""
     ds = tmp_path / "z2.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     monkeypatch.setattr(doctor_checks, "_installed", lambda module: True)
     for keys in ([f"deepspeed={ds}"], ["fsdp=full_shard auto_wrap"]):
         c = check("distributed", A100, "bf16=true", "ddp_timeout=180000000", *keys, env={})
-        assert c.status == "fail" and "ddp_timeout=180000000 s lets a stuck rank hang the job for over a day" in c.message
+        assert c.status == "warn" and "ddp_timeout=180000000 s lets a stuck rank hang the job for over a day" in c.message
         assert c.fix == "set ddp_timeout: 1800 (the default) or at most 7200"
 
 
@@ -528,7 +528,7 @@ def test_cli_exit_status_and_json(ckpt, data, tmp_path, monkeypatch, capsys):
     assert main(["doctor", path, "fp16=false"]) == 0
     text = capsys.readouterr().out
     assert "ok      precision    float32 on the CPU (Test CPU); no GPU found" in text
-    assert text.rstrip().endswith("0 failed, 0 warning(s), 11 ok")
+    assert text.rstrip().endswith("0 failed, 0 warning(s), 12 ok")
 
 
 def test_train_stops_on_failed_checks_unless_run_doctor_is_false(config, monkeypatch):

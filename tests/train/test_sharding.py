@@ -282,7 +282,8 @@ def test_deepspeed_zero_on_cpu_ranks_matches_ddp_with_mixed_modalities(tmp_path,
     """DeepSpeed's CPU accelerator over gloo (its first use compiles a small op, minutes; cached afterwards)."""
     pytest.importorskip("deepspeed")
     data = write_mixed(tmp_path / "data", ["t", "iv", "i", "v"], make_image)
-    keys = _keys(tiny_ckpt, data, tmp_path / "ddp", finetuning_type="full", max_steps=2)
+    # LLaMA-Factory's ddp_timeout: accepted by gloo and DeepSpeed alike (the doctor only warns about it)
+    keys = _keys(tiny_ckpt, data, tmp_path / "ddp", finetuning_type="full", max_steps=2, ddp_timeout=180000000)
     ddp = _run(tmp_path, keys, "ddp")
     ds = tmp_path / f"z{stage}.json"
     ds.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
