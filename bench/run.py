@@ -35,6 +35,8 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("video_facts", "bench_video_facts"),
     ("qlora_memory", "bench_qlora_memory"),
     ("embedded", "bench_embedded"),
+    ("moe_memory", "bench_moe_memory"),
+    ("torch_free", "bench_torch_free"),
 ]
 
 

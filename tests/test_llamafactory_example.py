@@ -132,7 +132,8 @@ def test_eval_dataset_and_interleaving(lf_data, tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     text = EXAMPLE.format(model=tiny_ckpt("qwen2_vl"), data=lf_data, out=out).replace(
         "dataset: mllm_demo,identity,alpaca_en_demo",
-        "dataset: mllm_demo,alpaca_en_demo\nmix_strategy: interleave_under\neval_dataset: identity\neval_steps: 1")
+        "dataset: mllm_demo,alpaca_en_demo\nmix_strategy: interleave_under\neval_dataset: identity\neval_steps: 1\n"
+        "do_predict: true\npredict_with_generate: true\nmax_new_tokens: 4\ndo_sample: false")
     (tmp_path / "c.yaml").write_text(text)
     assert main(["train", str(tmp_path / "c.yaml")]) == 0
     printed = capsys.readouterr().out
@@ -146,3 +147,10 @@ def test_eval_dataset_and_interleaving(lf_data, tiny_ckpt, tmp_path, capsys):
     assert any("eval_loss" in h for h in state["log_history"])
     assert ("mix_strategy=interleave_under: 1 record(s) of alpaca_en_demo were not drawn (the first dataset to run "
             "out ends the mix; interleave_over repeats the smaller ones instead)") in printed
+    # LLaMA-Factory's predict: one line per eval row, with the answer as its label, and the scores
+    predictions = [json.loads(x) for x in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    assert [p["label"] for p in predictions] == [r["output"] for r in IDENTITY]
+    assert all(p["prompt"].endswith("<|im_start|>assistant\n") for p in predictions)
+    results = json.loads((out / "predict_results.json").read_text())
+    assert {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l"} <= set(results)
+    assert results["predict_samples"] == 2 and results["predict_skipped"] == 0

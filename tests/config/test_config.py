@@ -71,6 +71,8 @@ DEFAULTS = {
     "freeze_vision_tower": True,
     "freeze_multi_modal_projector": True,
     "freeze_language_model": False,
+    "freeze_router": True,
+    "moe_aux_loss_coef": None,
     "additional_target": None,
     "quantization_bit": None,
     "quantization_type": "nf4",
@@ -114,6 +116,17 @@ DEFAULTS = {
     "worst_case_first": True,
     "run_doctor": True,
     "optim": "adamw_torch",
+    "do_predict": False,
+    "predict_with_generate": False,
+    "max_new_tokens": 1024,
+    "do_sample": True,
+    "temperature": 0.95,
+    "top_p": 0.7,
+    "top_k": 50,
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "skip_special_tokens": True,
     "stage": "sft",
     "pref_beta": 0.1,
     "pref_loss": "sigmoid",
@@ -790,3 +803,22 @@ def test_a_config_that_is_not_a_regular_file_is_not_opened(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(fifo)
     assert err.value.problems[0] == f"cannot read config file {fifo}: it is not a regular file; check the path"
+
+
+def test_moe_keys():
+    cfg = load_config(None, ["freeze_router=false", "moe_aux_loss_coef=0.001"], base=REQUIRED)
+    assert (cfg.freeze_router, cfg.moe_aux_loss_coef) == (False, 0.001)
+    assert cfg.finetuning.moe_aux_loss_coef == 0.001
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["moe_aux_loss_coef=-1"], base=REQUIRED)
+    assert e.value.problems[0].startswith("moe_aux_loss_coef=-1")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["moe_aux_loss_coef=0.01", "stage=dpo"], base=REQUIRED)
+    assert e.value.problems[0].startswith("moe_aux_loss_coef=0.01 is not added to the stage 'dpo' loss")
+
+
+def test_a_huge_value_of_a_llamafactory_key_is_noted_bounded(tmp_path):
+    path = tmp_path / "lf.yaml"
+    path.write_text(f"model_name_or_path: m\ndataset: d\noutput_dir: o\nrun_name: {'r' * 50_000}\n")
+    cfg = load_config(path)
+    assert cfg.notes and all(len(n) < 600 for n in cfg.notes)

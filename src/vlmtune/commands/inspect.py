@@ -198,7 +198,7 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int
         from ..data.encode import Encoder
 
         opts = FitOptions(cutoff_len=cutoff_len) if overflow is None else FitOptions(cutoff_len, tuple(overflow))
-        encoder = Encoder(loaded.processor, loaded.spec) if enc.videos else None
+        encoder = Encoder(loaded.data_processor, loaded.spec) if enc.videos else None
         out = Fitter(loaded.spec, opts, encoder).fit(enc)
         head.append(f"fit to cutoff_len={cutoff_len}: {out.fate} ({out.reason}); tokens after: {out.tokens_after}")
         pieces = out.pieces
@@ -208,5 +208,5 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int
     for p in pieces:
         row = emit(p, loaded.spec)
         body.append(f"--- {row.id}: {len(row.input_ids)} tokens ---\n" + render_row(row, loaded.spec,
-                                                                                    loaded.processor.tokenizer, color))
+                                                                                    loaded.data_processor.tokenizer, color))
     return "\n".join(head + body)

@@ -116,16 +116,13 @@ _DEFAULT_ONLY: list[tuple[str, str, tuple]] = [
      "kt_expert_checkpoint_path kt_use_lora_experts kt_lora_expert_num kt_lora_expert_intermediate_size", ()),
     ("Hub tokens are read from the environment (HF_TOKEN); ModelScope and Modelers are not supported",
      "hf_hub_token ms_hub_token om_hub_token", ()),
-    ("the model's own MoE settings are used", "moe_aux_loss_coef", ()),
     ("vlmtune keeps its default dtype, device map and length handling", "compute_dtype device_map "
      "model_max_length", ()),
     ("vlmtune renders tool calls with the checkpoint's chat template (Qwen's format)", "tool_format", (None, "qwen")),
     ("vlmtune evaluates the validation data as one set", "eval_on_each_dataset", ()),
     ("thinking blocks are kept as the checkpoint's chat template renders them", "preserve_thinking", ()),
-    ("generation over a dataset (LLaMA-Factory's predict) is not in vlmtune; generate with `vlmtune chat`",
-     "do_predict predict_with_generate do_sample temperature top_p top_k num_beams max_length max_new_tokens "
-     "repetition_penalty length_penalty skip_special_tokens generation_max_length generation_num_beams "
-     "generation_config", ()),
+    ("do_predict generates with max_new_tokens and num_beams (the sampling keys); no other length or "
+     "generation config", "max_length generation_max_length generation_num_beams generation_config", ()),
     ("LLaMA-Factory's evaluation benchmarks (task, n_shot) are not part of vlmtune", "eval_num_beams", ()),
     ("freeze tuning trains whole decoder layers in vlmtune", "freeze_trainable_modules freeze_extra_modules",
      ("all",)),

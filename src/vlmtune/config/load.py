@@ -290,7 +290,11 @@ def _did_you_mean(word: str, options: Iterable[str], otherwise: str) -> str:
 
 
 def _yaml_text(v: Any) -> str:
-    return "true" if v is True else "false" if v is False else "null" if v is None else str(v)
+    """A value as YAML writes a scalar; anything long shown bounded (it may be echoed in a note or an error)."""
+    if v is True or v is False or v is None:
+        return "true" if v else "false" if v is False else "null"
+    text = str(v) if isinstance(v, (str, int, float)) else ""
+    return text if text and len(text) <= 120 else shown(v)
 
 
 def _field_value(key: str, value: Any, problems: list[str]) -> Any:
@@ -398,6 +402,7 @@ def _check_together(v: dict[str, Any]) -> list[str]:
                         "interleave_over (concat reads every dataset whole); set mix_strategy or remove "
                         "interleave_probs")
     problems.extend(_check_probs(v))
+    problems.extend(_check_predict(v))
     if v["bf16"] is True and v["fp16"] is True:
         problems.append("bf16 and fp16 are both true; set at most one of them (bf16 where the GPU supports it)")
     problems.extend(_check_trainable(v))
@@ -481,6 +486,8 @@ def _check_preference(v: dict[str, Any]) -> list[str]:
         return problems
     unused("train_on_prompt", f"has no effect with stage={stage!r}: only the final answer is scored",
            "remove train_on_prompt")
+    unused("moe_aux_loss_coef", f"is not added to the stage {stage!r} loss (the preference trainer computes its own "
+           "loss from the logits and asks for no router logits)", "remove moe_aux_loss_coef, or train with stage: sft")
     if stage == "kto":
         for key in ("pref_loss", "simpo_gamma", "dpo_label_smoothing"):
             unused(key, "applies to stage dpo only, but stage='kto'", f"remove {key}")
@@ -509,6 +516,19 @@ def _check_preference(v: dict[str, Any]) -> list[str]:
         problems.append(f"streaming: true with stage={stage!r} is not supported (preference rows are prepared and "
                         "checked as pairs first); set streaming: false")
     return problems
+
+
+def _check_predict(v: dict[str, Any]) -> list[str]:
+    """do_predict generates over eval_dataset (as in LLaMA-Factory), with predict_with_generate."""
+    if not _valid(v["do_predict"], v["predict_with_generate"], v["eval_dataset"]):
+        return []
+    if v["do_predict"] and not v["eval_dataset"]:
+        return ["do_predict=true needs eval_dataset: the datasets to generate answers for; set eval_dataset"]
+    if v["do_predict"] != v["predict_with_generate"]:
+        return [f"do_predict={_yaml_text(v['do_predict'])} with predict_with_generate="
+                f"{_yaml_text(v['predict_with_generate'])}: vlmtune predicts by generating (eval_dataset already "
+                "reports eval_loss); set both to true, or both to false"]
+    return []
 
 
 def _check_probs(v: dict[str, Any]) -> list[str]:

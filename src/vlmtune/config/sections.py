@@ -300,8 +300,9 @@ class FinetuningArgs:
     )
     lora_target: list[str] = _arg(
         ["all"],
-        "Modules that get LoRA adapters: all (every linear layer of the parts not frozen) or module names, "
-        "comma-separated or as a list, such as q_proj,v_proj.",
+        "Modules that get LoRA adapters: all (every linear layer of the parts not frozen, and a mixture-of-experts "
+        "model's experts, not its routers) or module names, comma-separated or as a list, such as q_proj,v_proj "
+        "(experts, gate_up_proj or down_proj name a MoE's fused expert weights; docs/moe.md).",
         expect="all or module names such as q_proj,v_proj",
     )
     freeze_trainable_layers: int = _arg(
@@ -316,6 +317,19 @@ class FinetuningArgs:
         True, "Keep the projector (merger) between the vision encoder and the language model fixed."
     )
     freeze_language_model: bool = _arg(False, "Keep the language model's weights fixed.")
+    freeze_router: bool = _arg(
+        True,
+        "Mixture-of-experts models: keep the routers (each MoE layer's expert gate, and Qwen3.5-MoE's shared-expert "
+        "gate) fixed; false trains them in full, with LoRA too (they are small). The experts themselves follow "
+        "lora_target and finetuning_type.",
+    )
+    moe_aux_loss_coef: float | None = _arg(
+        None,
+        "Mixture-of-experts models: the router's load-balancing loss, times this coefficient, is added to the "
+        "training loss and logged as aux_loss (0: logged, not added); null: not computed.",
+        expect="a non-negative number such as 0.001, or null",
+        check=_non_negative,
+    )
     additional_target: list[str] | None = _arg(
         None,
         "Modules trained in full besides the adapters, comma-separated or as a list, such as "
@@ -462,6 +476,28 @@ class TrainArgs:
     run_doctor: bool = _arg(True, "`vlmtune train` runs the doctor's checks before it starts.")
     optim: str = _arg("adamw_torch", "Optimizer (a transformers OptimizerNames value).", choices=OPTIMIZERS,
                       choices_what="a transformers optimizer name")
+    # -- generation over eval_dataset after training (LLaMA-Factory's do_predict), its GeneratingArguments --
+    do_predict: bool = _arg(
+        False, "After training, generate an answer for every sample of eval_dataset and write "
+        "generated_predictions.jsonl (prompt, predict, label) and predict_results.json (BLEU-4, ROUGE-1/2/L), "
+        "as LLaMA-Factory does. Needs eval_dataset and predict_with_generate: true.",
+    )
+    predict_with_generate: bool = _arg(False, "With do_predict: generate the answers (LLaMA-Factory's switch).")
+    max_new_tokens: int = _arg(1024, "do_predict: most tokens generated per answer.",
+                               expect="a positive integer such as 512", check=_positive)
+    do_sample: bool = _arg(True, "do_predict: sample (with temperature, top_p, top_k); false: greedy or beams.")
+    temperature: float = _arg(0.95, "do_predict: sampling temperature.", expect="a positive number such as 0.95",
+                              check=_positive)
+    top_p: float = _arg(0.7, "do_predict: nucleus sampling's probability mass.", expect="a number in (0, 1] such as 0.7",
+                        check=_share)
+    top_k: int = _arg(50, "do_predict: sample among this many most likely tokens.", expect="a positive integer such as 50",
+                      check=_positive)
+    num_beams: int = _arg(1, "do_predict: beams of beam search; 1: none.", expect="a positive integer such as 1",
+                          check=_positive)
+    repetition_penalty: float = _arg(1.0, "do_predict: penalty on repeated tokens; 1.0: none.",
+                                     expect="a positive number such as 1.0", check=_positive)
+    length_penalty: float = _arg(1.0, "do_predict: beam search's length penalty.", expect="a number such as 1.0")
+    skip_special_tokens: bool = _arg(True, "do_predict: leave special tokens out of the decoded answers.")
 
 
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo", "robust", "sppo_hard", "nca_pair")

@@ -102,9 +102,30 @@ def data_locations(cfg) -> tuple[list[str], list[str]]:
 def check_folders(cfg) -> None:
     """Refuse, before any work, output_dir / prepared_dir / data that overlap: the prepared folder is replaced
     on a re-prepare (so it must not be, or hold, the output or the data), and neither written folder may be a
-    data folder or lie inside a folder read whole as data (the run would read its own output)."""
-    out, prep = os.path.realpath(cfg.output_dir), os.path.realpath(prepared_dir(cfg))
+    data folder or lie inside a folder read whole as data (the run would read its own output). With
+    `streaming: true` no prepared folder is written, so only output_dir's rules apply."""
+    out = os.path.realpath(cfg.output_dir)
     places, whole = data_locations(cfg)
+    problems = []
+    for p in places:
+        folder = p if os.path.isdir(p) else os.path.dirname(p)
+        if folder == out:
+            problems.append(f"output_dir={cfg.output_dir!r} is the data folder {folder!r}: the run would write its "
+                            "checkpoints, README and reports among the data; set output_dir to a folder of its own")
+    written = [("output_dir", out)]
+    if not getattr(cfg, "streaming", False):
+        prep = os.path.realpath(prepared_dir(cfg))
+        problems += _prepared_problems(cfg, out, prep, places)
+        written.append(("prepared_dir", prep))
+    problems += [f"{key}={mine!r} is inside {w!r}, which is read whole as data: the run would read its own output "
+                 f"as data; set {key} to a folder outside it" for w in whole for key, mine in written if _inside(mine, w)]
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
+    if not getattr(cfg, "streaming", False):
+        check_replaceable(prepared_dir(cfg))  # never a cache, so never replaced: refused now, not after the model loads
+
+
+def _prepared_problems(cfg, out: str, prep: str, places: list[str]) -> list[str]:
     problems = []
     if prep == out:
         problems.append(f"prepared_dir={cfg.prepared_dir!r} is output_dir: a new prepare would replace the adapter, "
@@ -117,18 +138,7 @@ def check_folders(cfg) -> None:
         if p == prep or _inside(p, prep):
             problems.append(f"prepared_dir={prepared_dir(cfg)!r} is or holds the data at {p!r}: a new prepare would "
                             "replace it; set prepared_dir to a folder of its own (or null for <output_dir>/prepared)")
-        folder = p if os.path.isdir(p) else os.path.dirname(p)
-        if folder == out:
-            problems.append(f"output_dir={cfg.output_dir!r} is the data folder {folder!r}: the run would write its "
-                            "checkpoints, README and reports among the data; set output_dir to a folder of its own")
-    for w in whole:
-        for key, mine in (("output_dir", out), ("prepared_dir", prep)):
-            if _inside(mine, w):
-                problems.append(f"{key}={mine!r} is inside {w!r}, which is read whole as data: the run would read "
-                                f"its own output as data; set {key} to a folder outside it")
-    if problems:
-        raise ConfigError(list(dict.fromkeys(problems)))
-    check_replaceable(prepared_dir(cfg))  # never a cache, so never replaced: refused now, not after the model loads
+    return problems
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -261,7 +271,7 @@ def fingerprint(cfg, loaded, files: list[str]) -> str:
     h.update(json.dumps(cfg.fingerprint_dict(DATA_KEYS), sort_keys=True, default=str).encode())
     h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(loaded.video.to_dict() if loaded.video else None, sort_keys=True).encode())
-    h.update(str(getattr(loaded.processor, "chat_template", "")).encode())
+    h.update(str(getattr(loaded.data_processor, "chat_template", "")).encode())
     for path in files:
         h.update(path.encode())
         if not os.path.isfile(path):  # a FIFO or device named like a data file is never opened

@@ -14,7 +14,9 @@ keep only per-sample numbers (`SampleStats`, fates, row lengths).
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -108,10 +110,10 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["spec"] = loaded.spec
     _WORKER["stages"] = stages
     _WORKER["video"] = loaded.video
-    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt,
-                                           mask_history=stages.mask_history, default_system=stages.default_system,
-                                           enable_thinking=stages.enable_thinking,
-                                           plain_tokens=CONTROL_TOKENS if stages.control_tokens_as_text else ())
+    encoder = _WORKER["encoder"] = Encoder(loaded.data_processor, loaded.spec, train_on_prompt=stages.train_on_prompt,
+                                                mask_history=stages.mask_history, default_system=stages.default_system,
+                                                enable_thinking=stages.enable_thinking,
+                                                plain_tokens=CONTROL_TOKENS if stages.control_tokens_as_text else ())
     _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fit is not None else None
 
 
@@ -170,10 +172,27 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
 
 
 def _init_worker(loaded: Loaded, stages: Stages) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # a worker is one core's worth of work
+    # a worker is one core's worth of work: no thread pool of the Rust tokenizer (read at each batch call),
+    # nor of torch where a transformers processor (models/checkpoint.py's fallback) brought it in
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
     _set_worker(loaded, stages)
+
+
+def worker_pool(workers: int, loaded: Loaded, stages: Stages) -> ProcessPoolExecutor:
+    """`workers` processes forked from a fresh server process that has imported only this module.
+
+    Not forked from this process, which may hold torch and a model (`train` prepares before it trains) and
+    whose Rust tokenizer may have started threads; not spawned, which would import everything again per
+    worker. Each worker gets the Loaded once (the checkpoint's files, a few MB) and then only chunks."""
+    import multiprocessing as mp
+
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload([__name__])  # not __main__: the CLI's entry module would run again
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(loaded, stages))
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -233,7 +252,7 @@ def run_pipeline(source: Source, loaded: Loaded, stages: Stages, *, workers: int
         if n == 1:
             _set_worker(loaded, stages)
         else:
-            pool = ProcessPoolExecutor(n, initializer=_init_worker, initargs=(loaded, stages))
+            pool = worker_pool(n, loaded, stages)
         try:
             for res in _ordered(process_chunk, _chunks(source, stream, chunk), pool, 2 * n):
                 bar.update(len(res.stats) + len(res.invalid))

@@ -115,7 +115,8 @@ def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True, report_
 
 def eval_config(cfg):
     """The config that prepares eval_dataset: the same keys, its datasets, its own prepared folder."""
-    return cfg.replace(dataset=cfg.eval_dataset, eval_dataset=None, val_size=0, mix_strategy="concat",
+    return cfg.replace(dataset=cfg.eval_dataset, eval_dataset=None, do_predict=False, predict_with_generate=False,
+                       val_size=0, mix_strategy="concat",
                        interleave_probs=None, prepared_dir=prepared_dir(cfg).rstrip("/\\") + "-eval")
 
 

@@ -39,7 +39,14 @@ class ImagePart:
     ref: str
     path: str | None
     type: Literal["image"] = "image"
-    data: bytes | None = field(default=None, compare=False, repr=False)
+    # bytes, or a memoryview into a memory-mapped table (data/formats.rows_of)
+    data: bytes | memoryview | None = field(default=None, compare=False, repr=False)
+
+    def __getstate__(self):  # to a worker process: a view cannot be pickled, its bytes can
+        state = dict(self.__dict__)
+        if isinstance(state.get("data"), memoryview):
+            state["data"] = bytes(state["data"])
+        return state
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from ..models.load import (
     load_spec_for,
     trainable_summary,
 )
+from ..models.quant import experts_note
 from .checkpoints import (
     CompleteCheckpointCallback,
     GracefulStopCallback,
@@ -119,6 +120,9 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
                            f"see {prepared.report_path} for what happened to each sample"])
 
     model = build_model(cfg)
+    note = experts_note(model)  # QLoRA on a MoE: its experts are not quantized
+    if note:
+        say(note)
     trainable = trainable_summary(model)
     say("trainable parameters:\n" + format_trainable(trainable))
 
@@ -130,6 +134,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         modalities=dataset_modalities(train_ds),
         loraplus_lr_ratio=cfg.loraplus_lr_ratio,
         pissa_init_dir=os.path.join(cfg.output_dir, "pissa_init") if cfg.pissa_init else None,
+        moe_aux_loss_coef=cfg.moe_aux_loss_coef,
     )
     if cfg.stage != "sft":  # dpo / kto: pairs or tagged answers, their collator, loss and reference
         trainer = preference_trainer(cfg, model, loaded, train_ds, eval_ds, model_dtype(cfg), **common)
@@ -316,6 +321,11 @@ def train(run: Run) -> TrainResult:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
         with open(os.path.join(cfg.output_dir, "trainable_parameters.json"), "w", encoding="utf-8") as f:
             json.dump(run.trainable, f, indent=2)
+        if cfg.do_predict:  # LLaMA-Factory's predict: answers generated for eval_dataset, with their scores
+            from .predict import predict
+
+            predict(trainer.model, trainer.data_collator, run.loaded.processor.tokenizer, trainer.eval_dataset, cfg,
+                    cfg.output_dir, log=say)
         if cfg.plot_loss:
             loss_plot = plot_loss(trainer.state.log_history, cfg.output_dir)
             say(f"loss plot: {loss_plot}" if loss_plot else no_plot_note(trainer.state.global_step, cfg.logging_steps))

@@ -334,7 +334,7 @@ def check_vision(ctx: Context) -> Check:
     if ctx.model is None:
         return Check("vision", "warn", "not checked: the model could not be loaded (see the model check)",
                      "fix the model check first")
-    from ...models.load import frozen_components, linear_modules, lora_targets
+    from ...models.load import expert_parameters, frozen_components, linear_modules, lora_parameters, lora_targets
 
     linears = linear_modules(ctx.model)
     frozen = frozen_components(cfg)
@@ -342,9 +342,12 @@ def check_vision(ctx: Context) -> Check:
     if cfg.finetuning_type != "lora":
         return _vision_without_lora(ctx, frozen)
     targets = lora_targets(ctx.model, cfg)
-    if not targets:
+    fused = lora_parameters(ctx.model, cfg)  # a MoE's experts: fused tensors, adapted through target_parameters
+    if not targets and not fused:
+        experts = _leaf_names(expert_parameters(ctx.model))
+        also = f", its experts' fused weights {_names(experts)} (or experts for both)" if experts else ""
         return Check("vision", "fail", f"lora_target={_names(cfg.lora_target)} matches no linear layer of the "
-                     f"model; its linear layers are named {_names(_leaf_names(linears))}",
+                     f"model; its linear layers are named {_names(_leaf_names(linears))}{also}",
                      "set lora_target: all, or to names from that list")
     by_part = Counter(linears[t] for t in targets)
     if "vision_tower" not in frozen and not by_part["vision_tower"]:
@@ -355,7 +358,7 @@ def check_vision(ctx: Context) -> Check:
                      f"set lora_target: all (adapters on every linear layer of the parts not frozen), or add "
                      f"the vision tower's layers: lora_target: {','.join(wanted)}")
     against = sorted(c for c in by_part if c in frozen)
-    summary = _adapter_summary(ctx, by_part, frozen)
+    summary = _adapter_summary(ctx, by_part, frozen, len(fused))
     if against and cfg.lora_target != ["all"]:
         hits = {c: _leaf_names(t for t in targets if linears[t] == c) for c in against}
         what = "; ".join(f"{by_part[c]} layers of the {c} ({', '.join(hits[c])}) although freeze_{_flag(c)} is "
@@ -365,6 +368,12 @@ def check_vision(ctx: Context) -> Check:
                      "to keep those parts frozen set lora_target: all (it follows the freeze_* keys) or name only "
                      "layers of the parts that train; to train them on purpose set " +
                      " and ".join(f"freeze_{_flag(c)}: false" for c in against))
+    if fused and _zero_stage(cfg)[0] == 3:
+        return Check("vision", "warn", f"{summary}; LoRA on fused expert tensors under DeepSpeed ZeRO-3 "
+                     f"({cfg.deepspeed}) is not verified: PEFT's parameter LoRA re-parametrizes each expert tensor "
+                     "around the forward, which ZeRO-3 partitions and gathers per module (PEFT issue #2916)",
+                     "name lora_target without the experts (such as q_proj,k_proj,v_proj,o_proj), or use ZeRO-2 "
+                     "(examples/deepspeed/ds_z2.json) if every GPU can hold the whole model")
     return Check("vision", "ok", summary)
 
 
@@ -381,19 +390,34 @@ def _names(names) -> str:
     return "[" + ", ".join(names) + "]"
 
 
-def _adapter_summary(ctx: Context, by_part: Counter, frozen: set[str]) -> str:
+def _adapter_summary(ctx: Context, by_part: Counter, frozen: set[str], fused: int = 0) -> str:
     order = ("language_model", "vision_tower", "projector")
-    parts = [f"{c} ({by_part[c]} linear layers)" for c in order if by_part[c]]
-    text = "LoRA adapters on the " + " and the ".join(parts)
+    counts = {c: [f"{by_part[c]} linear layers"] if by_part[c] else [] for c in order}
+    if fused:  # a MoE's experts are in the language model
+        counts["language_model"].append(f"{fused} fused expert tensors")
+    parts = [f"{c} ({' and '.join(counts[c])})" for c in order if counts[c]]
+    text = "LoRA adapters on the " + " and the ".join(parts) + _router_text(ctx)
     if "projector" not in frozen:
         text += "; the projector trains in full"
     idle = [c for c in order if not by_part[c] and c in frozen]
     if idle:
         text += "; frozen: " + ", ".join(idle)
-    missing = [c for c in order if not by_part[c] and c not in frozen and c != "projector"]
+    missing = [c for c in order if not by_part[c] and c not in frozen and c != "projector"
+               and not (c == "language_model" and fused)]
     if missing:
         text += "; no adapters on the " + " and the ".join(missing) + " (lora_target names none of its layers)"
     return text + _trainable_text(ctx)
+
+
+def _router_text(ctx: Context) -> str:
+    """A MoE's routers: frozen (the default) or trained in full."""
+    from ...models.load import router_modules
+
+    routers = router_modules(ctx.model)
+    if not routers:
+        return ""
+    how = "frozen (freeze_router: true)" if ctx.cfg.freeze_router else "trained in full (freeze_router: false)"
+    return f"; {len(routers)} routers {how}"
 
 
 def _trainable_text(ctx: Context) -> str:
@@ -410,6 +434,8 @@ def _vision_without_lora(ctx: Context, frozen: set[str]) -> Check:
     how = "in full" if cfg.finetuning_type == "full" else \
         f"(of the language_model only freeze_trainable_layers={cfg.freeze_trainable_layers} decoder layers)"
     text = f"finetuning_type={cfg.finetuning_type} trains the {' and the '.join(trains)} {how}"
+    if "language_model" in trains:
+        text += _router_text(ctx)
     if frozen:
         text += "; frozen: " + ", ".join(c for c in order if c in frozen)
     return Check("vision", "ok", text + _trainable_text(ctx))
