@@ -368,10 +368,11 @@ def check_vision(ctx: Context) -> Check:
                      "to keep those parts frozen set lora_target: all (it follows the freeze_* keys) or name only "
                      "layers of the parts that train; to train them on purpose set " +
                      " and ".join(f"freeze_{_flag(c)}: false" for c in against))
-    if fused and _zero_stage(cfg)[0] == 3:
-        return Check("vision", "warn", f"{summary}; LoRA on fused expert tensors under DeepSpeed ZeRO-3 "
-                     f"({cfg.deepspeed}) is not verified: PEFT's parameter LoRA re-parametrizes each expert tensor "
-                     "around the forward, which ZeRO-3 partitions and gathers per module (PEFT issue #2916)",
+    if fused and shard_stage(cfg, ctx.env) == 3:  # FSDP2 full_shard gathers per unit as ZeRO-3 does
+        engine = f"DeepSpeed ZeRO-3 ({cfg.deepspeed})" if cfg.deepspeed else "FSDP2 full_shard (fsdp)"
+        return Check("vision", "warn", f"{summary}; LoRA on fused expert tensors under {engine} is not verified: "
+                     "PEFT's parameter LoRA re-parametrizes each expert tensor around the forward, which "
+                     f"{'ZeRO-3' if cfg.deepspeed else 'FSDP2'} partitions and gathers per module (PEFT issue #2916)",
                      "name lora_target without the experts (such as q_proj,k_proj,v_proj,o_proj), or use ZeRO-2 "
                      "(examples/deepspeed/ds_z2.json) if every GPU can hold the whole model")
     return Check("vision", "ok", summary)
