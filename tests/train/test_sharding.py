@@ -137,7 +137,7 @@ def _trainer(model, spec, sharded, modalities, world_size=2):
     t.args = SimpleNamespace(world_size=world_size, device=torch.device("cpu"), average_tokens_across_devices=False,
                              past_index=-1)
     t.accelerator, t.label_smoother, t.compute_loss_func, t.model_accepts_loss_kwargs = None, None, None, False
-    t._dummy_vision, t._pending, t._zero_terms = True, (), []
+    t._dummy_vision, t._pending, t._zero_terms, t.moe_aux_loss_coef = True, (), [], None
     t._visual = _find_visual(model)
     _find_language_model(model).register_forward_pre_hook(t._before_language_model)
     return t
