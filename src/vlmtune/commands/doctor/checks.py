@@ -633,6 +633,10 @@ def check_memory(ctx: Context) -> Check:
         f"{_gib(budget)} of free RAM (no GPU: training runs on the CPU)"
     source = _worst_batch(ctx, b)[2]
     parts = ", ".join(f"{k} {_size(v)}" for k, v in est.parts.items() if v)
+    if getattr(cfg, "stage", "sft") == "dpo":
+        parts += "; stage dpo: both sides of each pair in one forward (2 sequences per row)"
+    if est.parts.get("reference"):
+        parts += "; the reference model (a frozen copy, or ref_model) is counted in weights: LoRA needs none"
     if dev.kind == "cpu":
         parts += "; " + _cpu_step_time(ctx, est)
     if est.load_peak > est.train_peak:
