@@ -36,7 +36,8 @@ class ModelArgs:
     """Which checkpoint to start from."""
 
     model_name_or_path: str = _arg(
-        help="Hugging Face model id or local folder of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint.",
+        help="Hugging Face model id or local folder of a Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 or "
+        "Qwen3.5-MoE checkpoint.",
         expect="a Hugging Face model id or a local folder such as Qwen/Qwen2-VL-2B-Instruct",
         required=True,
     )

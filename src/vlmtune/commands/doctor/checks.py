@@ -302,8 +302,8 @@ def check_model(ctx: Context) -> Check:
     cfg = ctx.cfg
     if ctx.model_error:
         return Check("model", "fail", f"cannot load model_name_or_path={cfg.model_name_or_path!r}: "
-                     f"{ctx.model_error}", "set model_name_or_path to a Qwen2-VL, Qwen2.5-VL or Qwen3-VL "
-                     "checkpoint folder or hub id (the hub needs network access)")
+                     f"{ctx.model_error}", "set model_name_or_path to a Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE) or "
+                     "Qwen3.5(-MoE) checkpoint folder or hub id (the hub needs network access)")
     if ctx.facts is None:
         return Check("model", "ok", f"{_family(ctx)} from {cfg.model_name_or_path}")
     f = ctx.facts
