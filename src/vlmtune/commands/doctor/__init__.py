@@ -35,6 +35,7 @@ from .checks import (
     check_model,
     check_precision,
     check_quantization,
+    check_sharding,
     check_versions,
     check_video,
     check_vision,
@@ -67,6 +68,7 @@ def run_checks(cfg, *, device_info: DeviceInfo | None = None, loaded=None, model
         check_video(ctx),
         check_memory(ctx),
         check_distributed(ctx),
+        check_sharding(ctx),
     ]
 
 
