@@ -353,8 +353,10 @@ class ChatModel:
 
     def inputs(self, messages: list[dict]):
         """The processor batch (on the model's device) for a conversation ending in a user turn."""
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                  enable_thinking=self.enable_thinking)
+        # only a template that reads enable_thinking gets it: transformers warns about a kwarg no template reads
+        think = {"enable_thinking": self.enable_thinking} if "enable_thinking" in (
+            self.processor.chat_template or "") else {}
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **think)
         images = [
             load_image(part["image"])
             for msg in messages

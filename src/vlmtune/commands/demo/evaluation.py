@@ -88,7 +88,8 @@ def _prompt(processor, question: str) -> str:
     then ends with the empty thinking block that precedes each trained answer (the demo's data has no reasoning,
     docs/thinking.md); other templates ignore enable_thinking."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    think = {"enable_thinking": False} if "enable_thinking" in (processor.chat_template or "") else {}
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **think)
 
 
 def chance(questions: list[dict]) -> float:
