@@ -40,8 +40,8 @@ def test_inspect_doctor_and_prepare_give_the_same_fates_and_token_counts(tmp_pat
     loaded = load_spec(str(ckpt))
     inspected = account(str(data), loaded, progress=False)
     doctor_cfg = load_config(None, config_args(root, data, ckpt, "default", f"output_dir={root / 'doc'}"))
-    doctor = prepare_facts(doctor_cfg, loaded, progress=False)  # no cache yet: runs the driver
-    prep = prepare(load_config(None, config_args(root, data, ckpt, "default")), loaded, progress=False)
+    doctor = prepare_facts(doctor_cfg.for_data(), loaded, progress=False)  # no cache yet: runs the driver
+    prep = prepare(load_config(None, config_args(root, data, ckpt, "default")).for_data(), loaded, progress=False)
     report = [json.loads(line) for line in open(prep.report_path)]
 
     tokens = {r["id"]: r["tokens_before"] for r in report if r["fate"] != "invalid"}
@@ -60,7 +60,7 @@ def test_inspect_doctor_and_prepare_give_the_same_fates_and_token_counts(tmp_pat
     assert [p.to_dict() for p in doctor.accounting.problems] == [p.to_dict() for p in inspected.problems]
     assert sorted(doctor.accounting.invalid_ids) == sorted(inspected.invalid_ids)
     # and the doctor run after prepare reads prepare's cache instead of fitting again
-    again = prepare_facts(load_config(None, config_args(root, data, ckpt, "default")), loaded, progress=False)
+    again = prepare_facts(load_config(None, config_args(root, data, ckpt, "default")).for_data(), loaded, progress=False)
     assert again.prepared.cached is True
     assert (again.fates, again.rows, again.split_rows) == (doctor.fates, doctor.rows, doctor.split_rows)
     assert again.accounting.stats == doctor.accounting.stats

@@ -9,11 +9,13 @@
 - load.py: reading the YAML, `key=value` overrides, validation across keys, LLaMA-Factory compatibility, advice.
 """
 
-from .load import LLAMA_FACTORY_IGNORED, LLAMA_FACTORY_REPLACED, load_config
+from .load import LLAMA_FACTORY_IGNORED, LLAMA_FACTORY_REPLACED, load_config, load_sections
 from .sections import (
     KEYS,
+    PREPARED_KEYS,
     SECTIONS,
     Config,
+    DataSections,
     FinetuningArgs,
     FitArgs,
     ModelArgs,
@@ -21,11 +23,13 @@ from .sections import (
     ReadArgs,
     TrainArgs,
     default_of,
+    prepared_values,
 )
 from .values import DEFAULT_OVERFLOW, LR_SCHEDULERS, OPTIMIZERS, OVERFLOW_POLICIES, POLICIES, TERMINAL_POLICIES
 
 __all__ = [
     "DEFAULT_OVERFLOW", "KEYS", "LLAMA_FACTORY_IGNORED", "LLAMA_FACTORY_REPLACED", "LR_SCHEDULERS", "OPTIMIZERS",
-    "OVERFLOW_POLICIES", "POLICIES", "SECTIONS", "TERMINAL_POLICIES", "Config", "FinetuningArgs", "FitArgs",
-    "ModelArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of", "load_config",
+    "OVERFLOW_POLICIES", "POLICIES", "PREPARED_KEYS", "SECTIONS", "TERMINAL_POLICIES", "Config", "DataSections",
+    "FinetuningArgs", "FitArgs", "ModelArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of", "load_config", "load_sections",
+    "prepared_values",
 ]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import difflib
 import os
 import typing
+from dataclasses import fields
 from typing import Any, Callable, Iterable
 
 import yaml
 
 from ..errors import ConfigError
-from .sections import _KEYS, KEYS, Config, _assemble, default_of
+from .sections import _KEYS, KEYS, SECTIONS, Config, _assemble, default_of
 from .values import _INVALID, OVERFLOW_POLICIES, TERMINAL_POLICIES, _Bad, _converter, _without_none
 
 # LLaMA-Factory keys that have no effect in vlmtune but fill its example configs: accepted with a note in
@@ -59,6 +60,20 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), b
     parsed, texts = _parse_overrides(overrides, problems)
     _merge(raw, origin, parsed, lambda k: f"in override {texts[k]!r}")
     return _build(raw, origin, problems)
+
+
+def load_sections(values: dict[str, Any], *names: str) -> tuple:
+    """Some sections alone (`names`: keys of SECTIONS), from flat key values such as a command's flags, each key
+    converted and checked as in a config file; keys not given take their defaults, a key of another section is
+    an error. Every problem is raised together in one ConfigError. `vlmtune inspect` builds its model, read,
+    fit and prepare sections this way, with no output_dir to require."""
+    classes = [SECTIONS[n] for n in names]
+    keys = [f.name for cls in classes for f in fields(cls)]
+    problems = [f"{k} is not a key of the {', '.join(names)} sections" for k in values if k not in keys]
+    converted = {k: _field_value(k, values[k] if k in values else default_of(k), problems) for k in keys}
+    if problems:
+        raise ConfigError(problems)
+    return tuple(cls(**{f.name: converted[f.name] for f in fields(cls)}) for cls in classes)
 
 
 def _merge(raw: dict, origin: dict, new: dict, where: Callable[[str], str]) -> None:

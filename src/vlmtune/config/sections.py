@@ -37,6 +37,7 @@ class ModelArgs:
         help="Hugging Face model id or local folder of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint.",
         expect="a Hugging Face model id or a local folder such as Qwen/Qwen2-VL-2B-Instruct",
         required=True,
+        prepared=True,
     )
     trust_remote_code: bool = _arg(
         False,
@@ -60,20 +61,27 @@ class ReadArgs:
         expect="a name from dataset_info.json or a path to a JSON/JSONL file, such as mllm_demo",
         convert=_as_comma_str,
         required=True,
+        prepared=True,
     )
-    dataset_dir: str = _arg("data", "Folder holding dataset_info.json and the data files it names.",
-                            expect="a folder such as data")
+    dataset_dir: str | None = _arg(
+        "data",
+        "Folder holding dataset_info.json and the data files it names; null: none (only paths and Hub ids are read, "
+        "as `vlmtune inspect` does without --dataset-dir).",
+        expect="a folder such as data", prepared=True,
+    )
     media_dir: str | None = _arg(
         None,
         "Folder that relative image paths are resolved against; null: each data file's own folder "
         "(dataset_dir for names from dataset_info.json), as in LLaMA-Factory.",
         expect="a folder such as data, or null for each data file's folder",
+        prepared=True,
     )
     max_samples: int | None = _arg(
         None,
         "Use at most this many samples of each dataset; null: all.",
         expect="a positive integer such as 1000, or null for all",
         check=_positive,
+        prepared=True,
     )
     val_size: int | float = _arg(
         0,
@@ -85,15 +93,18 @@ class ReadArgs:
         False,
         "Allow image paths that resolve outside media_dir (absolute paths, `..`). Off so that a data file "
         "cannot make training read arbitrary files.",
+        prepared=True,
     )
     allow_remote_images: bool = _arg(
-        False, "Allow http(s) image URLs. Off so that preparing data never touches the network."
+        False, "Allow http(s) image URLs. Off so that preparing data never touches the network.",
+        prepared=True,
     )
     on_bad_sample: str = _arg(
         "error",
         "A sample that fails validation (missing image, bad roles, placeholder count): error stops with every "
         "problem listed; skip leaves it out and records why in the fit report.",
         choices=("error", "skip"),
+        prepared=True,
     )
     # -- how much bad data a run accepts, and remote images --
     max_skipped_share: float = _arg(
@@ -109,6 +120,7 @@ class ReadArgs:
     remote_image_max_bytes: int = _arg(
         50 * 1024 * 1024, "With allow_remote_images: the largest image fetched, in bytes; larger ones are bad samples.",
         expect="a positive integer such as 52428800", check=_positive,
+        prepared=True,
     )
     remote_image_timeout: float = _arg(
         30.0, "With allow_remote_images: seconds to wait for a connection, and for each read, per attempt.",
@@ -125,6 +137,7 @@ class FitArgs:
         "Longest sample in tokens, image tokens included. Longer samples go through the overflow policies.",
         expect="a positive integer such as 2048",
         check=_positive,
+        prepared=True,
     )
     image_max_pixels: int | None = _arg(
         None,
@@ -132,12 +145,14 @@ class FitArgs:
         "Replaces LLaMA-Factory's image_resolution: use its square.",
         expect="a positive integer such as 1003520, or null for the processor's",
         check=_positive,
+        prepared=True,
     )
     image_min_pixels: int | None = _arg(
         None,
         "Fewest pixels of one image; null: the processor's min_pixels. shrink_images never goes below it.",
         expect="a positive integer such as 3136, or null for the processor's",
         check=_positive,
+        prepared=True,
     )
     video_max_pixels: int | None = _arg(
         None,
@@ -146,6 +161,7 @@ class FitArgs:
         "sampled clip, and this key caps it at video_max_pixels × frames).",
         expect="a positive integer such as 65536, or null for the processor's",
         check=_positive,
+        prepared=True,
     )
     video_min_pixels: int | None = _arg(
         None,
@@ -153,12 +169,14 @@ class FitArgs:
         "shrink_images never goes below it.",
         expect="a positive integer such as 3136, or null for the processor's",
         check=_positive,
+        prepared=True,
     )
     video_fps: float | None = _arg(
         None,
         "Frames sampled per second of video; null: the video processor's fps, else 2.0 (qwen-vl-utils' default).",
         expect="a positive number such as 2.0, or null",
         check=_positive,
+        prepared=True,
     )
     video_maxlen: int | None = _arg(
         None,
@@ -166,9 +184,11 @@ class FitArgs:
         "is 128.",
         expect="a positive integer such as 128, or null for the processor's",
         check=_positive,
+        prepared=True,
     )
     train_on_prompt: bool = _arg(
-        False, "Compute the loss on every turn; false: on assistant turns only (the prompt is masked)."
+        False, "Compute the loss on every turn; false: on assistant turns only (the prompt is masked).",
+        prepared=True,
     )
     overflow: list[str] = _arg(
         DEFAULT_OVERFLOW,
@@ -176,12 +196,14 @@ class FitArgs:
         "error. drop and error end the search, so only the last policy may be one of them. A comma-separated "
         "string is accepted.",
         expect="a list of policies such as [shrink_images, truncate_text, split, drop]",
+        prepared=True,
     )
     min_image_tokens: int = _arg(
         4,
         "shrink_images never makes an image smaller than this many tokens, nor smaller than image_min_pixels.",
         expect="a positive integer such as 4",
         check=_positive,
+        prepared=True,
     )
     max_image_token_share: float = _arg(
         1.0,
@@ -189,9 +211,11 @@ class FitArgs:
         "In (0, 1].",
         expect="a number in (0, 1] such as 0.75",
         check=_share,
+        prepared=True,
     )
     split_keep_context: bool = _arg(
-        True, "Each part made by split starts with as much of the preceding conversation as still fits."
+        True, "Each part made by split starts with as much of the preceding conversation as still fits.",
+        prepared=True,
     )
     packing: bool = _arg(False, "Pack several samples into each cutoff_len sequence (positions restart per sample).")
 
@@ -420,6 +444,15 @@ def _check_declarations() -> None:
 _check_declarations()
 
 
+PREPARED_KEYS: tuple[str, ...] = tuple(k for k, (_, f, _) in _KEYS.items() if f.metadata["prepared"])
+
+
+def prepared_values(*sections: Any) -> dict[str, Any]:
+    """The values of the keys declared `prepared=True` in these sections: what decides a prepared dataset's
+    content (its fingerprint), read from the declarations instead of a hand-kept list."""
+    return {f.name: _copy(getattr(s, f.name)) for s in sections for f in fields(s) if f.metadata["prepared"]}
+
+
 def default_of(key: str) -> Any:
     """The declared default of a key (None for required keys), as a fresh object."""
     f = _KEYS[key][1]
@@ -428,6 +461,21 @@ def default_of(key: str) -> Any:
 
 
 # --- the Config object --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSections:
+    """What the data layer reads of a config (prepare, streaming, the doctor's data check): the model, read,
+    fit and prepare sections, and the two training keys it needs. The commands and the recipe hand this down
+    (`cfg.for_data()`) instead of the whole Config."""
+
+    model: ModelArgs
+    read: ReadArgs
+    fit: FitArgs
+    prepare: PrepareArgs
+    output_dir: str  # the fit report is written here
+    wait_s: float  # ddp_timeout: how long a process waits for another one preparing the same folder
+
 
 
 @dataclass(frozen=True)
@@ -460,6 +508,11 @@ class Config:
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(KEYS))
+
+    def for_data(self) -> DataSections:
+        """The sections the data layer reads."""
+        return DataSections(self.model, self.read, self.fit, self.prepare, self.training.output_dir,
+                            self.training.ddp_timeout)
 
     def to_dict(self) -> dict[str, Any]:
         """Every key, flat, in declaration order; plain YAML types, so `yaml.safe_dump` writes it."""

@@ -61,13 +61,16 @@ def _arg(
     choices_what: str | None = None,
     convert: Callable[[Any], Any] | None = None,
     required: bool = False,
+    prepared: bool = False,
 ) -> Any:
     """A dataclass field whose metadata documents it (help) and validates it (expect, check, choices, convert).
 
     `expect` completes "set KEY to ..." in error messages; `check` returns what is wrong with a well-typed value.
+    `prepared`: the key changes what `prepare` emits, so it is part of the prepared dataset's fingerprint
+    (sections.prepared_values); a key that does not (learning_rate, the skip thresholds) leaves the cache valid.
     """
     meta = {"help": help, "expect": expect, "check": check, "choices": choices, "choices_what": choices_what,
-            "convert": convert, "required": required}
+            "convert": convert, "required": required, "prepared": prepared}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=None if required else default, metadata=meta)

@@ -18,14 +18,15 @@ import re
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
+from ..config import FitArgs, ReadArgs
 from ..errors import Problem, SampleError
 from ..models.load import Loaded
 from .encode import Encoded, Encoder, emit
-from .fit import FitOptions, FitOutcome, Fitter
+from .fit import FitOutcome, Fitter
 from .readers import iter_samples, layout_notes
 from .schema import SampleStats, features, table
 from .types import Conversation
@@ -35,26 +36,14 @@ CHUNK = 256
 
 
 @dataclass(frozen=True)
-class Source:
-    """What to read, and how (the read keys of the config)."""
-
-    data: str
-    dataset_dir: str | None = None
-    media_dir: str | None = None
-    allow_paths_outside_media_dir: bool = False
-    allow_remote_images: bool = False
-    max_samples: int | None = None  # the first n samples of each data file (LLaMA-Factory: per dataset)
-    remote_options: Any = None  # data/remote.FetchOptions for allow_remote_images; None: its defaults
-
-
-@dataclass(frozen=True)
 class Stages:
-    """How far each sample goes: encode always; fit when `fit` is given; emit rows when `emit`."""
+    """How far each sample goes: encode always (labels as `fit.train_on_prompt` says); fit to `fit.cutoff_len`
+    with its policies when `fitting`; emit rows when `emit`."""
 
-    train_on_prompt: bool = False
-    fit: FitOptions | None = None
+    fit: FitArgs = field(default_factory=FitArgs)
+    fitting: bool = False
     emit: bool = False
-    keep_ids: frozenset = frozenset()  # samples whose Encoded comes back whole (inspect --show)
+    keep_ids: frozenset = frozenset()  # samples whose Encoded (and fit) comes back whole (inspect --show)
 
 
 @dataclass
@@ -71,6 +60,7 @@ class ChunkResult:
     table: object = None  # emitted rows as a pyarrow Table in schema.features() (emit only): built in the worker,
     # it travels as Arrow buffers, so the main process only writes it
     encoded: list[Encoded] = field(default_factory=list)  # the keep_ids samples
+    fitted: list[FitOutcome | SampleError] = field(default_factory=list)  # the keep_ids samples' fits (fitting)
 
 
 @dataclass
@@ -96,8 +86,8 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["spec"] = loaded.spec
     _WORKER["stages"] = stages
     _WORKER["video"] = loaded.video
-    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.train_on_prompt)
-    _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fit is not None else None
+    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.fit.train_on_prompt)
+    _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fitting else None
 
 
 def invalid_line(sample_id: str, source: str, reason: str) -> dict:
@@ -136,7 +126,11 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
             fitted = fitter.fit(enc)
         except SampleError as e:
             out.errors.append(e)
+            if enc.id in stages.keep_ids:
+                out.fitted.append(e)
             continue
+        if enc.id in stages.keep_ids:
+            out.fitted.append(fitted)
         lines[enc.id] = fitted.report()
         out.pieces += [(p.length, p.image_tokens + sum(v.pad_tokens for v in p.videos)) for p in fitted.pieces]
         out.split_rows += len(fitted.pieces) if fitted.fate == "split" else 0
@@ -161,21 +155,30 @@ def _file_key(source: str) -> str:
     return re.sub(r"[:#]\d+$", "", source)
 
 
-def _chunks(source: Source, stream: Stream, chunk: int) -> Iterator[list[Conversation]]:
+def remote_options(read: ReadArgs):
+    """data/remote.FetchOptions from the read section's remote_image_* keys."""
+    from .remote import FetchOptions
+
+    return FetchOptions(max_bytes=read.remote_image_max_bytes, connect_timeout=read.remote_image_timeout,
+                        read_timeout=read.remote_image_timeout)
+
+
+def _chunks(read: ReadArgs, stream: Stream, chunk: int) -> Iterator[list[Conversation]]:
     seen: Counter = Counter()
     buf: list[Conversation] = []
-    for item in iter_samples(source.data, source.dataset_dir, source.media_dir,
-                             allow_paths_outside_media_dir=source.allow_paths_outside_media_dir,
-                             allow_remote_images=source.allow_remote_images,
-                             remote_options=source.remote_options, layouts=stream.layouts):
+    for item in iter_samples(read.dataset, read.dataset_dir, read.media_dir,
+                             allow_paths_outside_media_dir=read.allow_paths_outside_media_dir,
+                             allow_remote_images=read.allow_remote_images,
+                             remote_options=remote_options(read) if read.allow_remote_images else None,
+                             layouts=stream.layouts):
         stream.records += 1
         if isinstance(item, Problem):
             stream.unread.append(item)
             continue
-        if source.max_samples:
+        if read.max_samples:  # the first n samples of each data file (LLaMA-Factory: per dataset)
             key = _file_key(item.source)
             seen[key] += 1
-            if seen[key] > source.max_samples:
+            if seen[key] > read.max_samples:
                 stream.limited = True
                 continue
         buf.append(item)
@@ -200,9 +203,9 @@ def _ordered(fn: Callable, items: Iterable, pool: ProcessPoolExecutor | None, wi
         yield pending.popleft().result()
 
 
-def run_pipeline(source: Source, loaded: Loaded, stages: Stages, *, workers: int = 1, chunk: int = CHUNK,
+def run_pipeline(read: ReadArgs, loaded: Loaded, stages: Stages, *, workers: int = 1, chunk: int = CHUNK,
                  progress: bool = True, desc: str = "preparing") -> Stream:
-    """Stream `source` through the stages; iterate `.chunks` (to the end) to drive it."""
+    """Stream what the read section names through the stages; iterate `.chunks` (to the end) to drive it."""
     stream = Stream(iter(()))
 
     def drive() -> Iterator[ChunkResult]:
@@ -214,7 +217,7 @@ def run_pipeline(source: Source, loaded: Loaded, stages: Stages, *, workers: int
         else:
             pool = ProcessPoolExecutor(n, initializer=_init_worker, initargs=(loaded, stages))
         try:
-            for res in _ordered(process_chunk, _chunks(source, stream, chunk), pool, 2 * n):
+            for res in _ordered(process_chunk, _chunks(read, stream, chunk), pool, 2 * n):
                 bar.update(len(res.stats) + len(res.invalid))
                 yield res
         finally:
@@ -238,36 +241,39 @@ class Accounting:
     invalid_ids: list[str] = field(default_factory=list)
     encoded: list[Encoded] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # the record layouts recognised
+    fitted: list[FitOutcome | SampleError] = field(default_factory=list)  # the kept samples' fits (fitting)
 
 
 def account(
-    data: str,
+    read: ReadArgs | str,
     loaded: Loaded,
+    fit: FitArgs | None = None,
     *,
-    dataset_dir: str | None = None,
-    media_dir: str | None = None,
-    train_on_prompt: bool = False,
+    fitting: bool = False,
     progress: bool = True,
     workers: int = 1,
     keep_ids: Iterable[str] = (),
-    **read_kwargs,
 ) -> Accounting:
-    """Read, validate and encode a dataset with header-only image sizes."""
-    stream = run_pipeline(Source(data, dataset_dir, media_dir, **read_kwargs), loaded,
-                          Stages(train_on_prompt=train_on_prompt, keep_ids=frozenset(keep_ids)),
-                          workers=workers, progress=progress, desc="accounting")
+    """Read, validate and encode a dataset with header-only image sizes (a bare path: ReadArgs' defaults
+    otherwise); `fitting`: the samples in `keep_ids` come back fitted too (inspect --show --cutoff-len)."""
+    read = ReadArgs(dataset=read, dataset_dir=None) if isinstance(read, str) else read
+    stages = Stages(fit or FitArgs(), fitting=fitting, keep_ids=frozenset(keep_ids))
+    stream = run_pipeline(read, loaded, stages, workers=workers, progress=progress, desc="accounting")
     stats: list[SampleStats] = []
     problems: list[Problem] = []
     invalid: list[str] = []
     encoded: list[Encoded] = []
+    fitted: list[FitOutcome | SampleError] = []
     for res in stream.chunks:
         stats += res.stats
         problems += res.problems
         invalid += [c.id for c in res.invalid]
         encoded += res.encoded
+        fitted += res.fitted
     # Records rejected while reading are invalid samples too (records == valid + invalid).
     unread = [p.sample_id or p.source for p in stream.unread]
-    return Accounting(stream.records, stats, stream.unread + problems, unread + invalid, encoded, stream.notes)
+    return Accounting(stream.records, stats, stream.unread + problems, unread + invalid, encoded, stream.notes,
+                      fitted)
 
 
 def nearest_rank(sorted_values: list[int], q: float) -> int:

@@ -25,11 +25,10 @@ from typing import Iterator
 import numpy as np
 
 from .. import __version__
-from ..config import FitArgs
+from ..config import DataSections, ReadArgs, prepared_values
 from ..errors import DataError, Problem, VlmtuneError
-from ..models.load import Loaded, load_spec_for
-from .fit import FitOptions
-from .pipeline import Accounting, Source, Stages, run_pipeline, unread_line
+from ..models.load import Loaded, load_spec
+from .pipeline import Accounting, Stages, run_pipeline, unread_line
 from .schema import SampleStats, features, stats_from_columns, stats_table
 
 CHUNK = 256
@@ -39,14 +38,6 @@ SAMPLES_FILE = "samples.arrow"  # per valid sample: tokens before fitting (the d
 PROBLEMS_FILE = "problems.jsonl"
 PIECES_FILE = "pieces.npy"  # (tokens, vision tokens: image + video pads) of each emitted row
 FATES = ("kept", "shrunk", "truncated", "split", "dropped", "invalid")
-# Config keys that change what `prepare` emits; anything else (learning rate, ...) does not.
-DATA_KEYS = (
-    "model_name_or_path", "dataset", "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels",
-    "image_min_pixels", "max_samples", "allow_paths_outside_media_dir", "allow_remote_images",
-    "on_bad_sample", "train_on_prompt", "overflow", "min_image_tokens", "max_image_token_share",
-    "split_keep_context", "remote_image_max_bytes", "video_max_pixels", "video_min_pixels", "video_fps",
-    "video_maxlen",
-)
 
 
 @dataclass
@@ -74,40 +65,41 @@ def load_prepared(path: str):
     return Dataset.from_file(os.path.join(path, DATA_FILE))
 
 
-def fit_options(fit: FitArgs) -> FitOptions:
-    """The Fitter's options from the config's fit section (`cfg.fit`)."""
-    return FitOptions(
-        cutoff_len=fit.cutoff_len,
-        overflow=tuple(fit.overflow),
-        min_image_tokens=fit.min_image_tokens,
-        max_image_token_share=fit.max_image_token_share,
-        split_keep_context=fit.split_keep_context,
-    )
+@dataclass(frozen=True)
+class Verdict:
+    """Why the invalid samples stop a run before training (prepare raises it; the doctor's data check reports it).
+
+    kind: "invalid" (on_bad_sample=error and some sample is invalid) or "skipped_share" (on_bad_sample=skip
+    would leave out more than max_skipped_share of the records, not confirmed)."""
+
+    kind: str
+    what: str
 
 
-def remote_options(cfg):
-    """data/remote.FetchOptions from the config's remote_image_* keys."""
-    from .remote import FetchOptions
-
-    return FetchOptions(max_bytes=cfg.remote_image_max_bytes, connect_timeout=cfg.remote_image_timeout,
-                        read_timeout=cfg.remote_image_timeout)
-
-
-def source_of(cfg) -> Source:
-    """The read keys of a config, for the pipeline."""
-    return Source(cfg.dataset, cfg.dataset_dir, cfg.media_dir, cfg.allow_paths_outside_media_dir,
-                  cfg.allow_remote_images, cfg.max_samples or None,
-                  remote_options(cfg) if cfg.allow_remote_images else None)
+def verdict(read: ReadArgs, invalid: int, records: int) -> Verdict | None:
+    """The one decision on invalid samples: `invalid` of `records` read (unreadable records included)."""
+    if invalid and read.on_bad_sample == "error":
+        return Verdict("invalid", f"{invalid} invalid sample(s) stop prepare because on_bad_sample=error")
+    if invalid > read.max_skipped_share * records and not read.confirm_skipped_share:
+        return Verdict("skipped_share", (
+            f"on_bad_sample=skip would leave out {invalid} of {records} records "
+            f"({100 * invalid / max(1, records):.1f}%) as invalid, more than max_skipped_share="
+            f"{read.max_skipped_share:g}"))
+    return None
 
 
-def prepared_dir(cfg) -> str:
-    return cfg.prepared_dir or os.path.join(cfg.output_dir, "prepared")
+def prepared_dir(data: DataSections) -> str:
+    return data.prepare.prepared_dir or os.path.join(data.output_dir, "prepared")
 
 
-def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True) -> Prepared:
+def report_path_of(data: DataSections) -> str:
+    return os.path.join(data.output_dir, "fit_report.jsonl")
+
+
+def prepare(data: DataSections, loaded: Loaded | None = None, *, progress: bool = True) -> Prepared:
     """Prepare (or load the cached) dataset; stops on the first sample that reaches the 'error' policy,
     and, with on_bad_sample=error, on invalid samples once the fit report is written."""
-    return _prepare(cfg, loaded, progress, collect=False)[0]
+    return _prepare(data, loaded, progress, collect=False)[0]
 
 
 @dataclass
@@ -123,30 +115,30 @@ class Facts:
     prepared: Prepared | None  # the cache written or found (None when errors kept it from being written)
 
 
-def prepare_facts(cfg, loaded: Loaded, *, progress: bool = True) -> Facts:
+def prepare_facts(data: DataSections, loaded: Loaded, *, progress: bool = True) -> Facts:
     """The doctor's view: a complete, matching cache is read instead of fitting again; else the data goes
     through prepare's driver, every 'error'-policy sample is counted instead of stopping at the first, and
     the cache is written when nothing would stop prepare (so the `train` that follows loads it)."""
-    prep, facts = _prepare(cfg, loaded, progress, collect=True)
+    prep, facts = _prepare(data, loaded, progress, collect=True)
     return facts if facts is not None else _facts_from_cache(prep)
 
 
-def _prepare(cfg, loaded, progress, collect):
-    loaded = loaded or load_spec_for(cfg)
-    out_dir = prepared_dir(cfg)
-    report_path = os.path.join(cfg.output_dir, "fit_report.jsonl")
-    fp = fingerprint(cfg, loaded, _data_files(cfg))
-    cached = load_cached(out_dir, report_path, fp) if not cfg.overwrite_cache else None
+def _prepare(data: DataSections, loaded: Loaded | None, progress: bool, collect: bool):
+    loaded = loaded or load_spec(data.model, data.fit)
+    out_dir = prepared_dir(data)
+    report_path = report_path_of(data)
+    fp = fingerprint(data, loaded, _data_files(data.read))
+    cached = load_cached(out_dir, report_path, fp) if not data.prepare.overwrite_cache else None
     if cached is not None:
         return cached, None
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    os.makedirs(data.output_dir, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    with _exclusive(out_dir.rstrip("/") + ".lock", cfg.ddp_timeout) as waited:
+    with _exclusive(out_dir.rstrip("/") + ".lock", data.wait_s) as waited:
         if waited:  # another process (another node on a shared output_dir) held it: its cache may be ours
             cached = load_cached(out_dir, report_path, fp)
             if cached is not None:
                 return cached, None
-        return _prepare_locked(cfg, loaded, fp, out_dir, report_path, progress, collect)
+        return _prepare_locked(data, loaded, fp, out_dir, report_path, progress, collect)
 
 
 @contextlib.contextmanager
@@ -173,12 +165,12 @@ def _exclusive(path: str, timeout_s: float) -> Iterator[bool]:
         lock.release()
 
 
-def _prepare_locked(cfg, loaded, fp, out_dir, report_path, progress, collect):
+def _prepare_locked(data: DataSections, loaded: Loaded, fp, out_dir, report_path, progress, collect):
     tag = f".tmp-{os.uname().nodename}-{os.getpid()}"
     tmp_dir, tmp_report, tmp_body = out_dir.rstrip("/") + tag, report_path + tag, report_path + tag + ".body"
     _remove_stale(out_dir, report_path)
     try:
-        return _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress, collect)
+        return _prepare_into(data, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress, collect)
     finally:  # whatever happened, nothing half-written stays behind
         shutil.rmtree(tmp_dir, ignore_errors=True)
         for p in (tmp_report, tmp_body):
@@ -186,13 +178,13 @@ def _prepare_locked(cfg, loaded, fp, out_dir, report_path, progress, collect):
                 os.remove(p)
 
 
-def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress, collect):
+def _prepare_into(data: DataSections, loaded: Loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body,
+                  progress, collect):
     from datasets.arrow_writer import ArrowWriter
 
     os.makedirs(tmp_dir)
-    stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True)
-    stream = run_pipeline(source_of(cfg), loaded, stages, workers=cfg.preprocessing_num_workers or 1,
-                          chunk=CHUNK, progress=progress)
+    stream = run_pipeline(data.read, loaded, Stages(data.fit, fitting=True, emit=True),
+                          workers=data.prepare.preprocessing_num_workers or 1, chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
     problems: list[Problem] = []
     errors: list[str] = []
@@ -237,6 +229,7 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     bad = list(stream.unread) + problems
     fates = {f: table[f][0] for f in FATES if table[f][0]}
     records = sum(a[0] for a in table.values())
+    stop = verdict(data.read, table["invalid"][0], records)
     facts = None
     if collect:
         counted = Counter({f: table[f][0] - (len(unread) if f == "invalid" else 0) for f in FATES})
@@ -244,20 +237,14 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
         unread_ids = [p.sample_id or p.source for p in stream.unread]  # invalid too: records == valid + invalid
         acc = Accounting(stream.records, stats, bad, unread_ids + invalid, notes=stream.notes)
         facts = Facts(acc, counted, list(zip(pieces[::2], pieces[1::2])), errors, split_rows, stream.limited, None)
-        if errors or (bad and cfg.on_bad_sample == "error"):
+        if errors or stop is not None:
             return None, facts  # prepare would stop here: no cache
-    elif bad and cfg.on_bad_sample == "error":
+    elif stop is not None and stop.kind == "invalid":
         raise DataError(bad, header=f"{len(bad)} problem(s) in the data (the fit report is in {report_path}); "
                                     "fix them, or set on_bad_sample: skip to leave those samples out")
-    skipped = table["invalid"][0]
-    if skipped > cfg.max_skipped_share * records and not cfg.confirm_skipped_share:
-        if collect:
-            return None, facts  # prepare would stop here: no cache
-        raise DataError(bad, header=(
-            f"on_bad_sample=skip would leave out {skipped} of {records} records "
-            f"({100 * skipped / max(1, records):.1f}%) as invalid, more than max_skipped_share="
-            f"{cfg.max_skipped_share:g} (the fit report is in {report_path}); fix them, or set "
-            "confirm_skipped_share: true to train on the rest"))
+    elif stop is not None:
+        raise DataError(bad, header=f"{stop.what} (the fit report is in {report_path}); fix them, or set "
+                                    "confirm_skipped_share: true to train on the rest")
     with open(os.path.join(tmp_dir, PROBLEMS_FILE), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in bad)
     np.save(os.path.join(tmp_dir, PIECES_FILE), np.frombuffer(pieces, dtype=np.int32).reshape(-1, 2))
@@ -360,9 +347,9 @@ def format_report_summary(prep: Prepared) -> str:
 
 
 # -- cache -----------------------------------------------------------------------------------
-def _data_files(cfg) -> list[str]:
+def _data_files(read: ReadArgs) -> list[str]:
     """The files that `dataset` names (paths, or names in dataset_info.json), for the fingerprint."""
-    root = cfg.dataset_dir or "."
+    root = read.dataset_dir or "."
     info_path = os.path.join(root, "dataset_info.json")
     try:
         with open(info_path, encoding="utf-8") as f:
@@ -370,7 +357,7 @@ def _data_files(cfg) -> list[str]:
     except (OSError, ValueError):
         info = None
     files: list[str] = [info_path] if info is not None else []
-    for name in (n.strip() for n in str(cfg.dataset).split(",")):
+    for name in (n.strip() for n in str(read.dataset).split(",")):
         candidates = [name, os.path.join(root, name)]
         entry = info.get(name) if isinstance(info, dict) else None
         if isinstance(entry, dict) and isinstance(entry.get("file_name"), str):
@@ -383,10 +370,13 @@ def _data_files(cfg) -> list[str]:
     return sorted(set(files))
 
 
-def fingerprint(cfg, loaded: Loaded, files: list[str]) -> str:
+def fingerprint(data: DataSections, loaded: Loaded, files: list[str]) -> str:
+    """What decides the prepared rows: vlmtune's version, the keys declared `prepared=True`, the model's specs
+    and chat template, and the data files' bytes."""
     h = hashlib.sha256()
     h.update(__version__.encode())
-    h.update(json.dumps(cfg.fingerprint_dict(DATA_KEYS), sort_keys=True, default=str).encode())
+    keys = prepared_values(data.model, data.read, data.fit)
+    h.update(json.dumps(keys, sort_keys=True, default=str).encode())
     h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(loaded.video.to_dict() if loaded.video else None, sort_keys=True).encode())
     h.update(str(getattr(loaded.processor, "chat_template", "")).encode())
@@ -419,20 +409,19 @@ class StreamedRows:
     flushed after every chunk, so a run stopped by max_steps has a report of exactly the records it read.
     Later passes (epochs) read the data again without rewriting the report."""
 
-    def __init__(self, cfg, loaded: Loaded):
-        self.cfg, self.loaded = cfg, loaded
-        self.report_path = os.path.join(cfg.output_dir, "fit_report.jsonl")
+    def __init__(self, data: DataSections, loaded: Loaded):
+        self.data, self.loaded = data, loaded
+        self.report_path = report_path_of(data)
         self.passes = 0
         self.table = {f: [0, 0, 0, 0] for f in FATES}
 
     def __iter__(self):
-        cfg = self.cfg
+        data = self.data
         self.passes += 1
         first = self.passes == 1
-        stages = Stages(train_on_prompt=cfg.train_on_prompt, fit=fit_options(cfg.fit), emit=True)
-        stream = run_pipeline(source_of(cfg), self.loaded, stages, workers=cfg.preprocessing_num_workers or 1,
-                              chunk=CHUNK, progress=False)
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        stream = run_pipeline(data.read, self.loaded, Stages(data.fit, fitting=True, emit=True),
+                              workers=data.prepare.preprocessing_num_workers or 1, chunk=CHUNK, progress=False)
+        os.makedirs(data.output_dir, exist_ok=True)
         report = open(self.report_path, "w", encoding="utf-8") if first else None
         written = 0
         try:
@@ -456,11 +445,11 @@ class StreamedRows:
                 report.close()
 
 
-def streamed_dataset(cfg, loaded: Loaded):
+def streamed_dataset(data: DataSections, loaded: Loaded):
     """A torch IterableDataset over StreamedRows (the Trainer needs max_steps with it)."""
     import torch.utils.data
 
-    rows = StreamedRows(cfg, loaded)
+    rows = StreamedRows(data, loaded)
 
     class _Iterable(torch.utils.data.IterableDataset):
         stream = rows

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import FinetuningArgs, FitArgs, ModelArgs
 from ..errors import VlmtuneError
 from .spec import ModelSpec
 from .video_grid import VideoSpec
@@ -18,6 +19,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?
 
 @dataclass
 class Loaded:
+    """A checkpoint's processor and config, read into the specs the data path uses (no weights)."""
+
     processor: object
     config: object
     spec: ModelSpec
@@ -75,37 +78,21 @@ def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False, 
         ) from e
 
 
-def load_spec(
-    model_name_or_path: str,
-    *,
-    image_min_pixels: int | None = None,
-    image_max_pixels: int | None = None,
-    trust_remote_code: bool = False,
-    cache_dir: str | None = None,
-    video_fps: float | None = None,
-    video_maxlen: int | None = None,
-    video_min_pixels: int | None = None,
-    video_max_pixels: int | None = None,
-) -> Loaded:
-    """Processor, config, the ModelSpec with the user's pixel bounds applied, and the VideoSpec with the
-    user's video keys applied."""
-    processor, config = load_processor(model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
-    spec = ModelSpec.from_processor(processor, config).with_pixels(image_min_pixels, image_max_pixels)
+def load_spec(model: ModelArgs | str, fit: FitArgs | None = None) -> Loaded:
+    """Processor, config, the ModelSpec with the fit section's pixel bounds applied, and the VideoSpec with its
+    video keys applied. `model` may be a bare path or hub id (its defaults otherwise); no `fit`: the processor's
+    own bounds."""
+    model = ModelArgs(model) if isinstance(model, str) else model
+    fit = fit or FitArgs()
+    processor, config = load_processor(model.model_name_or_path, trust_remote_code=model.trust_remote_code,
+                                       cache_dir=model.cache_dir)
+    spec = ModelSpec.from_processor(processor, config).with_pixels(fit.image_min_pixels, fit.image_max_pixels)
     try:
         video = VideoSpec.from_processor(processor, config).with_config(
-            video_fps, video_maxlen, video_min_pixels, video_max_pixels)
+            fit.video_fps, fit.video_maxlen, fit.video_min_pixels, fit.video_max_pixels)
     except ValueError:  # no Qwen-VL video processor: videos are refused, images train as before
         video = None
     return Loaded(processor=processor, config=config, spec=spec, video=video)
-
-
-def load_spec_for(cfg) -> Loaded:
-    """`load_spec` with a config's model, pixel and video keys."""
-    return load_spec(
-        cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels,
-        trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir, video_fps=cfg.video_fps,
-        video_maxlen=cfg.video_maxlen, video_min_pixels=cfg.video_min_pixels, video_max_pixels=cfg.video_max_pixels,
-    )
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -122,27 +109,27 @@ def component_of(name: str) -> str:
     return "language_model"
 
 
-def load_model(cfg, dtype=None):
+def load_model(model: ModelArgs, finetuning: FinetuningArgs, dtype=None):
     """The *ForConditionalGeneration model from a hub id or local path (safetensors only)."""
     from transformers import AutoModelForImageTextToText
 
     from .quant import load_kwargs
 
     return AutoModelForImageTextToText.from_pretrained(
-        cfg.model_name_or_path,
+        model.model_name_or_path,
         dtype=dtype,
-        trust_remote_code=cfg.trust_remote_code,
-        cache_dir=cfg.cache_dir,
+        trust_remote_code=model.trust_remote_code,
+        cache_dir=model.cache_dir,
         use_safetensors=True,
-        **load_kwargs(cfg, dtype),  # quantization_bit: the BitsAndBytesConfig (models/quant.py)
+        **load_kwargs(finetuning, dtype),  # quantization_bit: the BitsAndBytesConfig (models/quant.py)
     )
 
 
-def frozen_components(cfg) -> set[str]:
+def frozen_components(ft: FinetuningArgs) -> set[str]:
     flags = {
-        "language_model": cfg.freeze_language_model,
-        "vision_tower": cfg.freeze_vision_tower,
-        "projector": cfg.freeze_multi_modal_projector,
+        "language_model": ft.freeze_language_model,
+        "vision_tower": ft.freeze_vision_tower,
+        "projector": ft.freeze_multi_modal_projector,
     }
     return {c for c, frozen in flags.items() if frozen}
 
@@ -158,34 +145,34 @@ def linear_modules(model) -> dict[str, str]:
     }
 
 
-def lora_targets(model, cfg) -> list[str]:
+def lora_targets(model, ft: FinetuningArgs) -> list[str]:
     """Full names of the linear layers that get adapters.
 
     `all` covers the linear layers of every component that is not frozen, so unfreezing the
     vision tower puts adapters on it too. Named targets match a module name's last parts.
     """
-    frozen = frozen_components(cfg)
+    frozen = frozen_components(ft)
     linears = linear_modules(model)
-    if cfg.lora_target == ["all"]:
+    if ft.lora_target == ["all"]:
         # A trainable projector is trained in full (modules_to_save), as users of LLaMA-Factory expect.
         return [n for n, c in linears.items() if c not in frozen and c != "projector"]
-    wanted = list(cfg.lora_target)
+    wanted = list(ft.lora_target)
     return [n for n in linears if any(n == w or n.endswith("." + w) for w in wanted)]
 
 
-def apply_finetuning(model, cfg):
-    """Freeze, add LoRA adapters or unfreeze layers as the config says; returns the model to train."""
-    frozen = frozen_components(cfg)
-    if cfg.finetuning_type == "lora":
+def apply_finetuning(model, ft: FinetuningArgs):
+    """Freeze, add LoRA adapters or unfreeze layers as the finetuning section says; returns the model to train."""
+    frozen = frozen_components(ft)
+    if ft.finetuning_type == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets = lora_targets(model, cfg)
+        targets = lora_targets(model, ft)
         if not targets:
             from ..errors import ConfigError
 
-            raise ConfigError([f"lora_target={cfg.lora_target} matches no linear layer of the model; names found: "
+            raise ConfigError([f"lora_target={ft.lora_target} matches no linear layer of the model; names found: "
                                f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in linear_modules(model)}))}"])
-        to_save = list(cfg.additional_target or [])
+        to_save = list(ft.additional_target or [])
         if "projector" not in frozen:
             to_save += _projector_roots(model)
         from .quant import check_trainable_in_full, is_quantized, prepare_kbit
@@ -194,32 +181,32 @@ def apply_finetuning(model, cfg):
             check_trainable_in_full(model, to_save)
             prepare_kbit(model)
         peft_cfg = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
+            r=ft.lora_rank,
+            lora_alpha=ft.lora_alpha,
+            lora_dropout=ft.lora_dropout,
             target_modules=targets,
             modules_to_save=to_save or None,
             task_type="CAUSAL_LM",
-            **lora_variant_kwargs(cfg),
+            **lora_variant_kwargs(ft),
         )
         model = get_peft_model(model, peft_cfg)
         return model
     for name, p in model.named_parameters():
         p.requires_grad = component_of(name) not in frozen
-    if cfg.finetuning_type == "freeze":
-        _train_only_layers(model, cfg.freeze_trainable_layers, frozen)
+    if ft.finetuning_type == "freeze":
+        _train_only_layers(model, ft.freeze_trainable_layers, frozen)
     for name, p in model.named_parameters():
-        if cfg.additional_target and any(f".{t}." in f".{name}" for t in cfg.additional_target):
+        if ft.additional_target and any(f".{t}." in f".{name}" for t in ft.additional_target):
             p.requires_grad = True
     return model
 
 
-def lora_variant_kwargs(cfg) -> dict:
+def lora_variant_kwargs(ft: FinetuningArgs) -> dict:
     """PEFT's LoraConfig arguments for the variants: DoRA, rsLoRA, PiSSA initialisation (LoRA+ is the optimizer's,
     train/trainer.py)."""
-    kwargs = {"use_dora": cfg.use_dora, "use_rslora": cfg.use_rslora}
-    if cfg.pissa_init:
-        kwargs["init_lora_weights"] = "pissa" if cfg.pissa_iter == -1 else f"pissa_niter_{cfg.pissa_iter}"
+    kwargs = {"use_dora": ft.use_dora, "use_rslora": ft.use_rslora}
+    if ft.pissa_init:
+        kwargs["init_lora_weights"] = "pissa" if ft.pissa_iter == -1 else f"pissa_niter_{ft.pissa_iter}"
     return kwargs
 
 

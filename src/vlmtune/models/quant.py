@@ -6,7 +6,7 @@ rounding error reaches every image token the language model reads (quantize_visi
 tower's blocks too; the projector never is). lm_head stays unquantized as well (transformers keeps the output
 embeddings out of every quantization).
 
-    qcfg = quantization_config(cfg, compute_dtype=torch.bfloat16)   # None without quantization_bit
+    qcfg = quantization_config(cfg.finetuning, compute_dtype=torch.bfloat16)   # None without quantization_bit
     model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=qcfg, ...)
     prepare_kbit(model)                                             # once, before the adapters go on
 """
@@ -14,6 +14,8 @@ embeddings out of every quantization).
 from __future__ import annotations
 
 import os
+
+from ..config import FinetuningArgs
 
 # Module-name patterns transformers' bitsandbytes integration leaves unquantized (its `llm_int8_skip_modules`,
 # matched from the start of a full module name as a regex, or as a suffix). `(.*\.)?` covers both layouts
@@ -23,43 +25,44 @@ PROJECTOR_SKIP = (r"(.*\.)?visual\.merger", r"(.*\.)?visual\.deepstack_merger_li
 OUTPUT_SKIP = "lm_head"
 
 
-def skip_modules(cfg) -> list[str]:
+def skip_modules(ft: FinetuningArgs) -> list[str]:
     """The module patterns that stay unquantized for this run (see the module docstring for why)."""
-    vision = list(PROJECTOR_SKIP) if cfg.quantize_vision_tower else [VISION_TOWER_SKIP]
+    vision = list(PROJECTOR_SKIP) if ft.quantize_vision_tower else [VISION_TOWER_SKIP]
     return [*vision, OUTPUT_SKIP]
 
 
-def quantization_config(cfg, compute_dtype=None):
-    """transformers' BitsAndBytesConfig for cfg.quantization_bit (4 or 8), or None when it is null.
+def quantization_config(ft: FinetuningArgs, compute_dtype=None):
+    """transformers' BitsAndBytesConfig for quantization_bit (4 or 8), or None when it is null.
 
     compute_dtype: the dtype the dequantized 4-bit weights are multiplied in (the run's: bf16 on a GPU with
     bf16, else float32).
     """
-    if cfg.quantization_bit is None:
+    if ft.quantization_bit is None:
         return None
     require_bitsandbytes()
     import torch
     from transformers import BitsAndBytesConfig
 
-    skip = skip_modules(cfg)
-    if cfg.quantization_bit == 8:
+    skip = skip_modules(ft)
+    if ft.quantization_bit == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.quantization_type,
-        bnb_4bit_use_double_quant=cfg.double_quantization,
+        bnb_4bit_quant_type=ft.quantization_type,
+        bnb_4bit_use_double_quant=ft.double_quantization,
         bnb_4bit_compute_dtype=compute_dtype or torch.float32,
         llm_int8_skip_modules=skip,
     )
 
 
-def load_kwargs(cfg, dtype=None) -> dict:
-    """The from_pretrained arguments that quantize the model as cfg says ({} without quantization_bit).
+def load_kwargs(ft: FinetuningArgs, dtype=None) -> dict:
+    """The from_pretrained arguments that quantize the model as the finetuning section says ({} without
+    quantization_bit).
 
     A quantized model is placed on its device while it loads (bitsandbytes quantizes as the weights move there),
     on this process's GPU under torchrun, so the Trainer does not move it afterwards.
     """
-    qcfg = quantization_config(cfg, compute_dtype=dtype)
+    qcfg = quantization_config(ft, compute_dtype=dtype)
     if qcfg is None:
         return {}
     import torch

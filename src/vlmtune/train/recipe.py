@@ -29,7 +29,7 @@ from ..models.load import (
     format_trainable,
     keep_frozen_out_of_backward,
     load_model,
-    load_spec_for,
+    load_spec,
     trainable_summary,
 )
 from .checkpoints import (
@@ -80,7 +80,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     loaded and may raise to stop the run: `vlmtune train` passes the doctor's checks (run_doctor: true)."""
     from transformers import set_seed
 
-    loaded = load_spec_for(cfg)
+    loaded = load_spec(cfg.model, cfg.fit)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
     cfg = cpu_precision(cfg)
@@ -88,7 +88,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     init_cpu_distributed(cfg.ddp_timeout)
     args = training_arguments(cfg, progress)
     if cfg.streaming:  # no prepared copy: rows are fitted on the fly, the report written as samples are read
-        train_ds, eval_ds = streamed_dataset(cfg, loaded), None
+        train_ds, eval_ds = streamed_dataset(cfg.for_data(), loaded), None
         prepared = Prepared("(streaming: no prepared copy)", os.path.join(cfg.output_dir, "fit_report.jsonl"),
                             0, {}, 0, False)
         say(f"streaming: samples are fitted as they are read; fit report: {prepared.report_path}")
@@ -132,12 +132,12 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
 def build_model(cfg):
     """The model to train: loaded, frozen / adapted as the config says, checkpointed, and with no gradient into
     frozen parts (bench/bench_real_size.py measures exactly this)."""
-    model = load_model(cfg, dtype=model_dtype(cfg))
+    model = load_model(cfg.model, cfg.finetuning, dtype=model_dtype(cfg))
     for c in (model.config, getattr(model.config, "text_config", None)):
         if c is not None:
             c.use_cache = False  # no KV cache in training (and packing needs none)
     # Adapters first, then checkpointing: PEFT adds its own input-embedding hooks to a model already checkpointed.
-    model = apply_finetuning(model, cfg)
+    model = apply_finetuning(model, cfg.finetuning)
     if cfg.gradient_checkpointing:
         # Non-reentrant: a checkpointed layer's recompute needs no input that requires grad, so no
         # input-embedding hook is needed (see keep_frozen_out_of_backward).
@@ -152,7 +152,7 @@ def prepare_once(cfg, loaded, args, progress: bool = True) -> Prepared:
     Nodes that share output_dir meet at prepare's lock: exactly one prepares, the others wait (bounded by
     ddp_timeout) and load its cache; nodes without a shared filesystem each prepare once."""
     with args.main_process_first(desc="prepare"):
-        return prepare(cfg, loaded, progress=progress)
+        return prepare(cfg.for_data(), loaded, progress=progress)
 
 
 def init_cpu_distributed(timeout_s: int) -> None:

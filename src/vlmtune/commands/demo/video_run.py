@@ -46,9 +46,9 @@ def video_demo_config(model_dir: str, data_dir: str, output_dir: str, *, size: V
 
 def video_spec(cfg):
     """The VideoSpec the data path plans the training clips with: the processor's, with the config's video keys."""
-    from ...models.load import load_spec_for
+    from ...models.load import load_spec
 
-    return load_spec_for(cfg).video
+    return load_spec(cfg.model, cfg.fit).video
 
 
 def run_video_demo(out: str | os.PathLike = "vlmtune-demo-video", *, steps: int | None = None, quick: bool = False,

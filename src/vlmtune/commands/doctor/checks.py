@@ -97,9 +97,9 @@ def _load(ctx: Context, loaded, model) -> None:
     cfg = ctx.cfg
     try:
         if loaded is None:
-            from ...models.load import load_spec_for
+            from ...models.load import load_spec
 
-            loaded = load_spec_for(cfg)
+            loaded = load_spec(cfg.model, cfg.fit)
         ctx.loaded = loaded
         ctx.model = model if model is not None else meta_model(loaded.config, cfg.trust_remote_code)
     except Exception as e:  # any failure to load is reported by check_model, the other checks go on
@@ -332,11 +332,11 @@ def check_vision(ctx: Context) -> Check:
     from ...models.load import frozen_components, linear_modules, lora_targets
 
     linears = linear_modules(ctx.model)
-    frozen = frozen_components(cfg)
+    frozen = frozen_components(cfg.finetuning)
     vision_names = _leaf_names(n for n, c in linears.items() if c == "vision_tower")
     if cfg.finetuning_type != "lora":
         return _vision_without_lora(ctx, frozen)
-    targets = lora_targets(ctx.model, cfg)
+    targets = lora_targets(ctx.model, cfg.finetuning)
     if not targets:
         return Check("vision", "fail", f"lora_target={_names(cfg.lora_target)} matches no linear layer of the "
                      f"model; its linear layers are named {_names(_leaf_names(linears))}",
@@ -420,7 +420,7 @@ def _read_data(ctx: Context, progress: bool) -> None:
     from ...data.prepare import prepare_facts
 
     try:
-        f = prepare_facts(cfg, ctx.loaded, progress=progress)
+        f = prepare_facts(cfg.for_data(), ctx.loaded, progress=progress)
     except (VlmtuneError, OSError, ValueError) as e:
         ctx.data_error = f"{type(e).__name__}: {e}"
         return
@@ -474,18 +474,16 @@ def check_data(ctx: Context) -> Check:
         shown = ", ".join(d.errors[:5]) + (f" and {len(d.errors) - 5} more" if len(d.errors) > 5 else "")
         return Check("data", "fail", f"{len(d.errors)} sample(s) would reach the 'error' policy ({shown}); "
                      f"{message}", f"{raise_to}, or end overflow with drop")
-    if d.invalid and cfg.on_bad_sample == "error":
+    from ...data.prepare import verdict
+
+    stop = verdict(cfg.read, d.invalid, s["records"])  # the decision prepare takes on the same counts
+    if stop is not None and stop.kind == "invalid":
         first = str(d.problems[0]) if d.problems else ""
-        return Check("data", "fail", f"{d.invalid} invalid sample(s) stop prepare because on_bad_sample=error "
-                     f"(first: {first}); {message}", "fix the samples (`vlmtune inspect` lists every problem), "
-                     "or set on_bad_sample: skip")
-    records = s["records"]
-    if d.invalid and cfg.on_bad_sample == "skip" and d.invalid > cfg.max_skipped_share * records:
-        share = f"{d.invalid} of {records} records ({100 * d.invalid / records:.1f}%)"
-        if not cfg.confirm_skipped_share:
-            return Check("data", "warn", f"on_bad_sample=skip would leave out {share} as invalid, more than "
-                         f"max_skipped_share={cfg.max_skipped_share:g}; train stops there; {message}",
-                         "fix the samples (`vlmtune inspect` lists every problem), or set confirm_skipped_share: true")
+        return Check("data", "fail", f"{stop.what} (first: {first}); {message}",
+                     "fix the samples (`vlmtune inspect` lists every problem), or set on_bad_sample: skip")
+    if stop is not None:
+        return Check("data", "warn", f"{stop.what}; train stops there; {message}",
+                     "fix the samples (`vlmtune inspect` lists every problem), or set confirm_skipped_share: true")
     if not d.rows:
         return Check("data", "fail", f"no training row would be emitted; {message}",
                      f"{raise_to}, or put shrink_images, truncate_text or split before drop in overflow")

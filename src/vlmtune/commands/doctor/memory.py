@@ -86,7 +86,7 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
 
     with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x
         warnings.simplefilter("ignore", FutureWarning)
-        model = apply_finetuning(meta_model(config, trust_remote_code), cfg)
+        model = apply_finetuning(meta_model(config, trust_remote_code), cfg.finetuning)
     summary = trainable_summary(model)
     tc, vc = config.text_config, config.vision_config
     heads = tc.num_attention_heads
