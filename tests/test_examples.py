@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
 from vlmtune.config import ReadArgs, load_config
 from vlmtune.data.readers import read_samples
+from vlmtune.models.families import FAMILIES as FAMILY_TABLE
 from vlmtune.models.families import MODEL_TYPES, display_name
 
 ROOT = Path(__file__).parent.parent
@@ -20,7 +22,8 @@ DATA = ROOT / "examples" / "data"
 
 # File-name prefix -> tiny-model arch; longest prefix first (qwen2_5vl before qwen2vl would not clash,
 # but the order keeps the lookup obviously unambiguous).
-FAMILIES = (("qwen2_5vl_", "qwen2_5_vl"), ("qwen2vl_", "qwen2_vl"), ("qwen3vl_", "qwen3_vl"))
+FAMILIES = (("qwen2_5vl_", "qwen2_5_vl"), ("qwen2vl_", "qwen2_vl"), ("qwen3vl_", "qwen3_vl"),
+            ("qwen3vlmoe_", "qwen3_vl_moe"), ("qwen3_5_", "qwen3_5"), ("qwen3_5moe_", "qwen3_5_moe"))
 # The DeepSpeed keys the transformers Trainer fills in from TrainingArguments; a number here would
 # silently disagree with the YAML's batch size, accumulation, clipping or precision.
 DS_AUTO_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -54,8 +57,11 @@ def test_example_loads(path):
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_names_its_family(path):
     cfg = load_config(str(path))
-    # a hub id spells the family as people write it: Qwen/Qwen2.5-VL-7B-Instruct
-    assert f"/{display_name(family_of(path))}-" in cfg.model_name_or_path
+    # a hub id spells the family as people write it: Qwen/Qwen2.5-VL-7B-Instruct; a MoE checkpoint by its
+    # dense family's name and its active parameters: Qwen/Qwen3.5-35B-A3B
+    family = family_of(path)
+    assert f"/{display_name(family).removesuffix('-MoE')}-" in cfg.model_name_or_path
+    assert bool(re.search(r"-\d+B-A\d+B", cfg.model_name_or_path)) == FAMILY_TABLE[family].moe
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])

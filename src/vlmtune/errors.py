@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
+
+# The longest line an error prints for one problem: a value echoed back (a 4 MB string in a config, a line of a
+# data file) is cut here, whatever the message was built from.
+MAX_LINE = 2000
+
+
+def bounded(text: str, limit: int = MAX_LINE) -> str:
+    """text, or its start and end around a note of how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit // 2]} ... [{len(text) - limit:,} characters cut] ... {text[-limit // 2:]}"
+
+
+# Problems of this kind are about a whole file (a layout that cannot be trained: every record has it), so an
+# error shows them once per file instead of once per record.
+PER_FILE_KINDS = ("untrainable_layout",)
 
 
 @dataclass(frozen=True)
@@ -35,8 +52,10 @@ class ConfigError(VlmtuneError):
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}")
+        shown = self.problems[:50]
+        lines = "\n".join(f"  - {bounded(p)}" for p in shown)
+        more = f"\n  ... and {len(self.problems) - len(shown)} more" if len(self.problems) > len(shown) else ""
+        super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}{more}")
 
     def __reduce__(self):  # survive pickling across worker processes
         return (type(self), (self.problems,))
@@ -47,9 +66,10 @@ class DataError(VlmtuneError):
 
     def __init__(self, problems: list[Problem], header: str | None = None):
         self.problems = list(problems)
-        shown = self.problems[:50]
-        lines = "\n".join(f"  - {p}" for p in shown)
-        more = f"\n  ... and {len(self.problems) - len(shown)} more" if len(self.problems) > len(shown) else ""
+        grouped = _per_file(self.problems)
+        shown = grouped[:50]
+        lines = "\n".join(f"  - {bounded(str(p))}" for p in shown)
+        more = f"\n  ... and {len(grouped) - len(shown)} more" if len(grouped) > len(shown) else ""
         head = header or f"{len(self.problems)} problem(s) in the data"
         self.header = header
         super().__init__(f"{head}:\n{lines}{more}")
@@ -63,7 +83,22 @@ class SampleError(VlmtuneError):
 
     def __init__(self, sample_id: str, source: str, what: str, fix: str):
         self.sample_id, self.source, self.what, self.fix = sample_id, source, what, fix
-        super().__init__(f"sample {sample_id} ({source}): {what}; {fix}")
+        super().__init__(bounded(f"sample {sample_id} ({source}): {what}; {fix}"))
 
     def __reduce__(self):
         return (type(self), (self.sample_id, self.source, self.what, self.fix))
+
+
+def _per_file(problems: list[Problem]) -> list:
+    """The lines to show: one per file for PER_FILE_KINDS (with its record count), the other problems as they are."""
+    out: list = []
+    counts: dict[tuple, int] = {}
+    for p in problems:
+        if p.kind not in PER_FILE_KINDS:
+            out.append(p)
+            continue
+        key = (re.sub(r"[:#]\d+$", "", p.source), p.what, p.fix)
+        if key not in counts:
+            out.append(key)
+        counts[key] = counts.get(key, 0) + 1
+    return [x if isinstance(x, Problem) else f"{x[0]} ({counts[x]} record(s)): {x[1]}; {x[2]}" for x in out]

@@ -256,19 +256,20 @@ def test_chat_loads_the_quantized_base_the_adapter_was_trained_on(tiny_ckpt, tmp
     assert quantized_bits(ChatModel(ckpt, adapter, device="cpu", quantization_bit=8).model) == 8
     with pytest.raises(VlmtuneError, match=r"^quantization_bit=3 is not supported"):
         ChatModel(ckpt, adapter, device="cpu", quantization_bit=3)
-@pytest.mark.parametrize("stored, slowdown, expected", [
-    ("bfloat16", 0.9, "bfloat16"),  # bf16 checkpoint, bf16 at speed here: no float32 copy
-    ("bfloat16", 23.1, "float32"),  # bf16 measured slow on this CPU: float32
-    ("float32", 0.9, "float32"),
-    (None, 0.9, "float32"),
+@pytest.mark.parametrize("stored, keep, expected", [
+    ("bfloat16", True, "bfloat16"),  # bf16 checkpoint on a CPU that keeps bf16 (AMX-BF16): no float32 copy
+    ("bfloat16", False, "float32"),  # a CPU without fast bf16: float32
+    ("float32", True, "float32"),
+    (None, True, "float32"),
 ])
-def test_chat_keeps_a_bf16_checkpoint_bf16_on_a_cpu_where_bf16_is_fast(stored, slowdown, expected, monkeypatch):
+def test_chat_keeps_a_bf16_checkpoint_bf16_on_a_cpu_where_bf16_is_fast(stored, keep, expected, monkeypatch):
     import torch
 
     from vlmtune.commands import chat as chat_mod
     from vlmtune.train import speed
 
-    monkeypatch.setattr(speed, "cpu_bf16_slowdown", lambda: slowdown)
+    flags = frozenset({"amx_bf16"} if keep else {"avx512_bf16"})
+    monkeypatch.setattr(speed, "cpu_bf16", lambda: speed.CpuBf16(keep, flags))
     device, dtype = chat_mod.pick_device_dtype("cpu", None, stored=stored)
     assert (device.type, dtype) == ("cpu", getattr(torch, expected))
     assert chat_mod.pick_device_dtype("cpu", "float16", stored=stored)[1] == torch.float16  # asked for: kept

@@ -35,7 +35,33 @@ def test_arch_choices_are_the_families():
     for command in (["tiny-model", "out"], ["demo"]):
         action = next(a for a in build_parser()._subparsers._group_actions[0].choices[command[0]]._actions
                       if a.dest == "arch")
-        assert tuple(action.choices) == MODEL_TYPES == ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+        assert tuple(action.choices) == MODEL_TYPES == (
+            "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "not_a_model_type"])
+@pytest.mark.parametrize("command", ["inspect", "chat", "export"])
+def test_an_unsupported_model_type_is_one_line_naming_the_families(tmp_path, capsys, model_type, command):
+    """A text-only Qwen2 (which transformers knows) and a model type transformers does not know: one line on
+    stderr, no traceback, whatever the command."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": model_type}))
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    argv = {"inspect": ["inspect", "--model", str(model), "--data", str(data)],
+            "chat": ["chat", "--model", str(model), "hello"],
+            "export": ["export", "--model", str(model), "--out", str(tmp_path / "out")]}[command]
+    if command == "export":
+        adapter = tmp_path / "a"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text("{}")
+        argv += ["--adapter", str(adapter)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: model_type='{model_type}' is not a supported Qwen-VL family; vlmtune supports "
+                   "Qwen2-VL (qwen2_vl), Qwen2.5-VL (qwen2_5_vl), Qwen3-VL (qwen3_vl), Qwen3-VL-MoE (qwen3_vl_moe), "
+                   "Qwen3.5 (qwen3_5), Qwen3.5-MoE (qwen3_5_moe)\n")
 
 
 def test_doctor_json_reports_an_invalid_config_as_json(tmp_path, capsys):

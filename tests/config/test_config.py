@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import pickle
 from pathlib import Path
 
@@ -40,6 +41,7 @@ DEFAULTS = {
     "allow_remote_images": False,
     "on_bad_sample": "error",
     "train_on_prompt": False,
+    "enable_thinking": True,
     "overflow": ["shrink_images", "truncate_text", "split", "drop"],
     "min_image_tokens": 4,
     "max_image_token_share": 1.0,
@@ -52,6 +54,8 @@ DEFAULTS = {
     "confirm_skipped_share": False,
     "remote_image_max_bytes": 52428800,
     "remote_image_timeout": 30.0,
+    "remote_image_deadline": 120.0,
+    "allow_private_remote_images": False,
     "finetuning_type": "lora",
     "lora_rank": 8,
     "lora_alpha": 16,
@@ -241,16 +245,18 @@ def test_fingerprint_dict():
 def test_the_keys_that_change_the_prepared_dataset_are_flagged_where_declared():
     assert C.PREPARED_KEYS == (
         "model_name_or_path", "dataset", "dataset_dir", "media_dir", "max_samples", "allow_paths_outside_media_dir",
-        "allow_remote_images", "on_bad_sample", "remote_image_max_bytes", "cutoff_len", "image_max_pixels",
-        "image_min_pixels", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "train_on_prompt",
-        "overflow", "min_image_tokens", "max_image_token_share", "split_keep_context",
+        "allow_remote_images", "on_bad_sample", "remote_image_max_bytes", "allow_private_remote_images", "cutoff_len",
+        "image_max_pixels", "image_min_pixels", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen",
+        "train_on_prompt", "enable_thinking", "overflow", "min_image_tokens", "max_image_token_share",
+        "split_keep_context",
     )
     cfg = load_config(None, base=REQUIRED)
     values = C.prepared_values(cfg.model, cfg.read, cfg.fit)
     assert values == cfg.fingerprint_dict(C.PREPARED_KEYS)
     assert values["media_dir"] is None and values["overflow"] == ["shrink_images", "truncate_text", "split", "drop"]
     # a key that does not change the rows (a threshold, the packing) is not in the fingerprint
-    assert not {"max_skipped_share", "confirm_skipped_share", "val_size", "packing", "remote_image_timeout"} & set(values)
+    assert not {"max_skipped_share", "confirm_skipped_share", "val_size", "packing", "remote_image_timeout",
+                "remote_image_deadline"} & set(values)
 
 
 def test_sections_load_alone_with_every_problem_at_once():
@@ -272,14 +278,15 @@ def test_sections_partition_the_keys():
     names = [f.name for cls in C.SECTIONS.values() for f in dataclasses.fields(cls)]
     assert names == list(C.KEYS)
     assert {f.name for f in dataclasses.fields(C.FitArgs)} == {
-        "cutoff_len", "image_max_pixels", "image_min_pixels", "train_on_prompt", "overflow", "min_image_tokens",
+        "cutoff_len", "image_max_pixels", "image_min_pixels", "train_on_prompt", "enable_thinking", "overflow",
+        "min_image_tokens",
         "max_image_token_share", "split_keep_context", "packing", "video_max_pixels", "video_min_pixels", "video_fps",
         "video_maxlen",
     }
     assert {f.name for f in dataclasses.fields(C.ReadArgs)} == {
         "dataset", "dataset_dir", "media_dir", "max_samples", "val_size", "allow_paths_outside_media_dir",
         "allow_remote_images", "on_bad_sample", "max_skipped_share", "confirm_skipped_share", "remote_image_max_bytes",
-        "remote_image_timeout",
+        "remote_image_timeout", "remote_image_deadline", "allow_private_remote_images",
     }
 
 
@@ -444,7 +451,8 @@ MESSAGES = [
     ("do_train=false", "do_train=False is not supported; `vlmtune train` always trains; remove do_train or set it "
      "to true"),
     ("template=llava", "template='llava' is not supported; the chat template comes from the model's processor; "
-     "remove template or set it to qwen2_vl or qwen3_vl or qwen3_vl_nothink"),
+     "remove template or set it to qwen2_vl or qwen3_vl or qwen3_vl_nothink or qwen3_5 or "
+     "qwen3_5_nothink"),
     ("save_only_model=true", "save_only_model=True is not supported; vlmtune saves full checkpoints so that a run "
      "can resume; remove save_only_model or set it to false"),
     ("image_resolution=512", "image_resolution=512 (in override 'image_resolution=512') is replaced by "
@@ -721,3 +729,60 @@ def test_pissa_refuses_quantization():
 def test_quantization_type_is_4bit_only():
     problems = problems_of(["quantization_bit=8", "quantization_type=fp4"])
     assert len(problems) == 1 and problems[0].startswith("quantization_type='fp4' applies to 4-bit only")
+
+
+# -- hostile YAML (issue 21): alias bombs refused fast, values bounded when echoed, merge keys work -------------
+def _alias_bomb(levels: int) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for k in range(1, levels):
+        lines.append(f"a{k}: &a{k} [{', '.join(f'*a{k - 1}' for _ in range(9))}]")
+    lines.append(f"dataset: *a{levels - 1}")
+    return "\n".join(lines) + "\nmodel_name_or_path: m\noutput_dir: out\n"
+
+
+def test_an_alias_bomb_is_refused_before_it_is_built_with_a_short_message(tmp_path, capsys):
+    from vlmtune.commands.cli import main
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(9))  # 9**9 strings once expanded
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems[0] == (f"{path} expands, through its aliases (*name), to more than 100,000 values; "
+                                     "write the values out instead of nesting aliases")
+    assert main(["doctor", str(path)]) == 2
+    out = capsys.readouterr()
+    assert "expands, through its aliases" in out.err and len(out.err) + len(out.out) < 1000
+
+
+def test_an_alias_bomb_in_an_override_is_refused_too():
+    bomb = "[" + ", ".join(["&a [x, x, x, x, x, x, x, x, x, x]"] + ["*a"] * 9200) + "]"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"dataset={bomb}"], base=REQUIRED)
+    assert "override 'dataset' expands, through its aliases" in err.value.problems[0]
+
+
+def test_a_huge_value_is_echoed_bounded(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text(f"cutoff_len: {'9x' * 20_000}\nlora_target: [{', '.join(['all'] * 5_000)}]\n"
+                    f"{'k' * 1000}: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, base=REQUIRED)
+    assert sorted(p.split("=")[0].split(" ")[0] for p in err.value.problems) == ["cutoff_len", "lora_target", "unknown"]
+    assert all(len(p) < 600 for p in err.value.problems), [len(p) for p in err.value.problems]
+    assert len(str(err.value)) < 2000
+
+
+def test_merge_keys_work_and_the_mappings_own_keys_win(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("<<: &base {cutoff_len: 512, lora_rank: 4, output_dir: saves/a}\n"
+                    "model_name_or_path: m\ndataset: d\ncutoff_len: 1024\n")
+    cfg = load_config(path)
+    assert (cfg.cutoff_len, cfg.lora_rank, cfg.output_dir) == (1024, 4, "saves/a")
+
+
+def test_a_config_that_is_not_a_regular_file_is_not_opened(tmp_path):
+    fifo = tmp_path / "cfg.yaml"
+    os.mkfifo(fifo)  # opening it would block forever
+    with pytest.raises(ConfigError) as err:
+        load_config(fifo)
+    assert err.value.problems[0] == f"cannot read config file {fifo}: it is not a regular file; check the path"

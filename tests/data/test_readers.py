@@ -384,13 +384,21 @@ def test_directory_of_files(tmp_path, write_json, write_jsonl):
     ]
 
 
-def test_unknown_roles_are_kept_for_validate(tmp_path):
-    rec = {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "f()"}, {"from": "observation", "value": "1"}, {"from": "tool", "value": "2"}]}
+def test_tool_roles_become_function_calls_and_observations(tmp_path):
+    call = '{"name": "f", "arguments": {"x": 1}}'
+    rec = {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": call},
+                             {"from": "observation", "value": "1"}, {"from": "tool", "value": "2"},
+                             {"from": "weird", "value": "3"}]}
     c = conv(rec, tmp_path)
-    assert [m.role for m in c.messages] == ["user", "function_call", "observation", "tool"]
+    # tool results that follow each other are one observation turn, as the chat template groups them
+    assert [m.role for m in c.messages] == ["user", "function_call", "observation", "weird"]
+    assert c.messages[1].tool_calls == [{"name": "f", "arguments": {"x": 1}}]
+    assert c.messages[2].text == "1\n2"
     fmt = RecordFormat(role_tag="r", content_tag="c", user_tag="u", assistant_tag="a", observation_tag="obs", function_tag="fn")
-    rec = {"messages": [{"r": "u", "c": "q"}, {"r": "fn", "c": "f()"}, {"r": "obs", "c": "1"}, {"r": "a", "c": "x"}]}
+    rec = {"messages": [{"r": "u", "c": "q"}, {"r": "fn", "c": call}, {"r": "obs", "c": "1"}, {"r": "a", "c": "x"}]}
     assert [m.role for m in conv(rec, tmp_path, fmt=fmt).messages] == ["user", "function_call", "observation", "assistant"]
+    bad = conv({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "f()"}]}, tmp_path)
+    assert (bad.kind, bad.what) == ("bad_record", "the function call of message 2 is not JSON")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,7 +630,9 @@ def _bad(what, fix, source="f.jsonl:1"):
     "record, what, fix",
     [
         ([1, 2], "record is a list, expected an object with a `messages` list", 'write each record as {"messages": [...], "images": [...]}'),
-        ({"text": "x"}, "record has no `messages` (or `conversations`) list", 'add the turns as a `messages` list of {"role", "content"} objects'),
+        ({"text": "x"}, "record has no `messages` (or `conversations`) list, nor the columns of another layout "
+                        "vlmtune reads (its keys: text)",
+         'add the turns as a `messages` list of {"role", "content"} objects (docs/datasets.md lists every layout read)'),
         ({"messages": "hi"}, "`messages` is a string, expected a list of turns", 'write `messages` as a list of {"role", "content"} objects'),
         ({"messages": [5]}, "message 1 is a number, expected an object with a role and a content", 'write each turn as {"role": ..., "content": ...}'),
         ({"messages": [{"content": "x"}]}, "message 1 has neither `role` nor `from`", "give each turn a `role` and a `content`"),
@@ -791,7 +801,7 @@ def test_missing_data_and_unknown_dataset_names(tmp_path, write_json):
         )
     ]
     assert res.records == 1 and accounted(res)
-    write_json(tmp_path / "dataset_info.json", {"a": {"file_name": "a.json", "formatting": "sharegpt"}, "hub": {"script_url": "x/y"}, "alp": {"file_name": "a.json", "formatting": "alpaca"}})
+    write_json(tmp_path / "dataset_info.json", {"a": {"file_name": "a.json", "formatting": "sharegpt"}, "hub": {"script_url": "x/y"}, "alp": {"file_name": "a.json", "formatting": "xml"}})
     write_json(tmp_path / "a.json", [])
     res = read_samples("a,b,hub,alp", dataset_dir=str(tmp_path))
     info = os.path.join(str(tmp_path), "dataset_info.json")
@@ -813,8 +823,8 @@ def test_missing_data_and_unknown_dataset_names(tmp_path, write_json):
         ),
         Problem(
             source=f"{info}#alp",
-            what="dataset 'alp' has formatting 'alpaca'; only sharegpt is supported",
-            fix="convert the data to sharegpt (messages with <image> placeholders and an `images` list)",
+            what="dataset 'alp' has formatting 'xml'; vlmtune reads sharegpt, alpaca, openai",
+            fix="set formatting to sharegpt, alpaca or openai (or leave it out: each record's layout is detected)",
             sample_id=None,
             kind="bad_dataset_info",
         ),

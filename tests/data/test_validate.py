@@ -300,18 +300,25 @@ def test_empty_conversation():
     assert res.problems == [P("empty_conversation", "conversation has no messages", "add a user turn and an assistant turn, or remove the sample")]
 
 
+_FIX_ROLE = ("use one of the roles system, user, assistant, function_call, observation "
+             "(sharegpt: system, human, gpt, function_call, observation; OpenAI: tool)")
+
+
 def test_unknown_role():
-    res = run(C(M("user", "q"), M("assistant", "call"), M("observation", "42"), M("assistant", "done")))
+    res = run(C(M("user", "q"), M("assistant", "call"), M("critic", "42"), M("assistant", "done")))
     assert res.problems == [
-        P(
-            "unknown_role",
-            "message 3 has role 'observation', which is not supported",
-            "use one of the roles system, user, assistant (sharegpt: system, human, gpt); "
-            "tool turns (observation, function_call) are not supported yet",
-        ),
+        P("unknown_role", "message 3 has role 'critic', which is not supported", _FIX_ROLE),
         # the unknown turn is left out of the order check; the two assistant turns then clash
         P("turn_order", "messages 2 and 4 are both assistant turns", "alternate user and assistant turns: merge the two turns into one"),
     ]
+
+
+def test_tool_turns_take_the_answer_and_question_places():
+    call = Message("function_call", [], tool_calls=[{"name": "f", "arguments": {}}])
+    assert run(C(M("user", "q"), call, M("observation", "42"), M("assistant", "done"))).problems == []
+    assert run(C(M("user", "q"), call)).problems == []  # a function call is a target
+    res = run(C(M("user", "q"), M("observation", "42"), M("assistant", "a")))
+    assert [p.what for p in res.problems] == ["messages 1 and 2 are both user turns"]
 
 
 def test_system_not_first():
@@ -378,8 +385,7 @@ def test_several_problems_of_one_sample_and_several_samples(tmp_path, write_imag
         P(
             "unknown_role",
             "message 2 has role 'tool', which is not supported",
-            "use one of the roles system, user, assistant (sharegpt: system, human, gpt); "
-            "tool turns (observation, function_call) are not supported yet",
+            _FIX_ROLE,
             sample_id="b",
             source="d.json#1",
         ),

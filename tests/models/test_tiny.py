@@ -10,13 +10,17 @@ from PIL import Image
 
 from vlmtune.models.grid import grid_for
 from vlmtune.models.spec import ModelSpec
-from vlmtune.models.tiny import ARCHS, SPECIAL_TOKENS, build_tiny_checkpoint
+from vlmtune.models.tiny import ARCHS, QWEN3_5_ADDED_TOKENS, SPECIAL_TOKENS, build_tiny_checkpoint
 
 FAMILY_CLASS = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor"),
+    "qwen3_5": ("Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor"),
+    "qwen3_5_moe": ("Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor"),
 }
+TOKENIZER_CLASS = {a: "Qwen3_5Tokenizer" if a.startswith("qwen3_5") else "Qwen2Tokenizer" for a in FAMILY_CLASS}
 
 
 def test_archs_and_classes_come_from_the_family_table():
@@ -73,9 +77,9 @@ def test_loads_like_a_hub_checkpoint(arch, tiny_ckpt):
     path = tiny_ckpt(arch)
     processor = AutoProcessor.from_pretrained(path)
     assert type(processor).__name__ == FAMILY_CLASS[arch][1]
-    assert type(processor.tokenizer).__name__ == "Qwen2Tokenizer"
+    assert type(processor.tokenizer).__name__ == TOKENIZER_CLASS[arch]
     assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessor"
-    assert type(AutoTokenizer.from_pretrained(path)).__name__ == "Qwen2Tokenizer"
+    assert type(AutoTokenizer.from_pretrained(path)).__name__ == TOKENIZER_CLASS[arch]
     assert AutoConfig.from_pretrained(path).model_type == arch
 
     auto = _load_model(path, arch, auto=True)
@@ -102,7 +106,8 @@ def test_special_tokens_are_single_ids(arch, tiny_processor, tiny_ckpt):
     tok = tiny_processor(arch).tokenizer
     config = json.loads((tiny_ckpt(arch) / "config.json").read_text())
     vocab_size = config["text_config"]["vocab_size"]
-    assert len(tok) == 1514 and vocab_size == 1536
+    qwen3_5 = arch.startswith("qwen3_5")
+    assert len(tok) == (1526 if qwen3_5 else 1514) and vocab_size == 1536
     ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
     assert ids == list(range(1500, 1514))
     for token, i in zip(SPECIAL_TOKENS, ids):
@@ -122,6 +127,11 @@ def test_special_tokens_are_single_ids(arch, tiny_processor, tiny_ckpt):
     assert config["video_token_id"] == 1513
     assert config["vision_start_token_id"] == 1509
     assert config["vision_end_token_id"] == 1510
+    if qwen3_5:  # Qwen3.5's added tokens follow, single ids that decoding keeps (they are not special)
+        added = [tok.convert_tokens_to_ids(t) for t in QWEN3_5_ADDED_TOKENS]
+        assert added == list(range(1514, 1526))
+        assert tok("<think>\n\n</think>", add_special_tokens=False)["input_ids"][::3] == [1524, 1525]
+        assert tok.decode([1524, 1502], skip_special_tokens=True) == "<think>"
 
 
 def test_tokenizer_is_byte_level_bpe(tiny_processor):
@@ -135,13 +145,44 @@ def test_tokenizer_is_byte_level_bpe(tiny_processor):
     assert tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text, add_special_tokens=False)
 
 
-@pytest.mark.parametrize("arch, expected", [("qwen2_vl", QWEN2_RENDERED), ("qwen2_5_vl", QWEN2_RENDERED), ("qwen3_vl", QWEN3_RENDERED)])
+# Qwen3.5 renders the assistant turn after the last user query with its thinking block (empty here), and the
+# earlier one without; its generation prompt opens a thinking block.
+QWEN3_5_RENDERED = QWEN3_RENDERED.replace("assistant\nRed.", "assistant\n<think>\n\n</think>\n\nRed.")
+
+
+@pytest.mark.parametrize("arch, expected", [("qwen2_vl", QWEN2_RENDERED), ("qwen2_5_vl", QWEN2_RENDERED),
+                                            ("qwen3_vl", QWEN3_RENDERED), ("qwen3_vl_moe", QWEN3_RENDERED),
+                                            ("qwen3_5", QWEN3_5_RENDERED), ("qwen3_5_moe", QWEN3_5_RENDERED)])
 def test_chat_template_renders_the_family_format(arch, expected, tiny_processor):
     processor = tiny_processor(arch)
     assert processor.apply_chat_template(TWO_TURNS, tokenize=False) == expected
     assert processor.tokenizer.apply_chat_template(TWO_TURNS, tokenize=False) == expected
     prompt = processor.apply_chat_template(TWO_TURNS[:1], tokenize=False, add_generation_prompt=True)
-    assert prompt.endswith("What shape is this?<|im_end|>\n<|im_start|>assistant\n")
+    opened = "<think>\n" if arch.startswith("qwen3_5") else ""
+    assert prompt.endswith("What shape is this?<|im_end|>\n<|im_start|>assistant\n" + opened)
+
+
+def test_qwen3_5_template_thinking_blocks(tiny_processor):
+    """What the Qwen3.5 template does with reasoning, as its real template does (docs/thinking.md)."""
+    processor = tiny_processor("qwen3_5")
+
+    def render(messages, **kw):
+        return processor.apply_chat_template(messages, tokenize=False, **kw)
+
+    ask = [{"role": "user", "content": "Hi"}]
+    assert render(ask, add_generation_prompt=True) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert render(ask, add_generation_prompt=True, enable_thinking=False) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # reasoning written inline, or as reasoning_content: the same block
+    inline = ask + [{"role": "assistant", "content": "<think>\nSay hello.\n</think>\n\nHello."}]
+    field = ask + [{"role": "assistant", "content": "Hello.", "reasoning_content": "Say hello."}]
+    want = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\nSay hello.\n</think>\n\nHello.<|im_end|>\n"
+    assert render(inline) == render(field) == want
+    # an earlier turn's reasoning is dropped; the reasoning of turns after the last user query is kept
+    two = inline + [{"role": "user", "content": "Again"}, {"role": "assistant", "content": "<think>x</think>Hi."}]
+    assert render(two) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+        "<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n<think>\nx\n</think>\n\nHi.<|im_end|>\n")
 
 
 def test_chat_template_details(tiny_processor):
@@ -175,6 +216,9 @@ EXPECTED_GRIDS = {
     "qwen2_vl": [[1, 6, 8], [1, 10, 4]],
     "qwen2_5_vl": [[1, 6, 8], [1, 10, 4]],
     "qwen3_vl": [[1, 4, 6], [1, 8, 4]],
+    "qwen3_vl_moe": [[1, 4, 6], [1, 8, 4]],
+    "qwen3_5": [[1, 4, 6], [1, 8, 4]],
+    "qwen3_5_moe": [[1, 4, 6], [1, 8, 4]],
 }
 
 
@@ -220,7 +264,8 @@ def test_processor_and_model_forward_backward(arch, tiny_ckpt, tiny_processor, m
     out.loss.backward()
     # The gradient reaches the patch embedding: the image features really flow into the LLM.
     patch_grad = model.model.visual.patch_embed.proj.weight.grad
-    q_grad = model.model.language_model.layers[0].self_attn.q_proj.weight.grad
+    layer0 = model.model.language_model.layers[0]  # Qwen3.5's first layer is a linear-attention layer
+    q_grad = (layer0.linear_attn.in_proj_qkv if hasattr(layer0, "linear_attn") else layer0.self_attn.q_proj).weight.grad
     assert patch_grad is not None and patch_grad.abs().sum() > 0
     assert q_grad is not None and q_grad.abs().sum() > 0
 
@@ -230,6 +275,8 @@ EXPECTED_SPEC = {
     "qwen2_5_vl": dict(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 256),
     "qwen3_vl": dict(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=64 * 64, max_pixels=32 * 32 * 256),
 }
+for _arch in ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):
+    EXPECTED_SPEC[_arch] = EXPECTED_SPEC["qwen3_vl"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -257,7 +304,7 @@ def test_model_spec_from_tiny_checkpoint(arch, tiny_ckpt, tiny_processor):
         vocab_size=1536,
         **EXPECTED_SPEC[arch],
     )
-    assert spec.factor == (32 if arch == "qwen3_vl" else 28)
+    assert spec.factor == (28 if arch in ("qwen2_vl", "qwen2_5_vl") else 32)
     assert spec.max_pixels // spec.factor**2 == 256
     side = 16 * spec.factor
     assert grid_for(side, side, spec.patch_size, spec.merge_size, spec.min_pixels, spec.max_pixels).tokens == 256
@@ -271,15 +318,28 @@ def test_module_names_match_the_spec_prefixes(tiny_ckpt):
         "qwen2_5_vl": {"attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
         "qwen3_vl": {"attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"},
     }
-    llm_linears = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
-    llm_linears |= {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    for arch in ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):
+        expected_vision_linears[arch] = expected_vision_linears["qwen3_vl"]
+    attention = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    linear_attention = {f"linear_attn.{n}" for n in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")}
+    mlp = {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    # MoE: the experts are fused parameters (mlp.experts.gate_up_proj / down_proj) and the router is no nn.Linear
+    shared = {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+              "mlp.shared_expert_gate"}
+    llm_linears = {  # layer 0 and the last layer (Qwen3.5: linear attention, then full attention)
+        "qwen3_vl_moe": (attention, attention),
+        "qwen3_5": (linear_attention | mlp, attention | mlp),
+        "qwen3_5_moe": (linear_attention | shared, attention | shared),
+    }
     for arch in ARCHS:
         model = _load_model(tiny_ckpt(arch), arch)
         linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         block0 = {n.removeprefix("model.visual.blocks.0.") for n in linears if n.startswith("model.visual.blocks.0.")}
         assert block0 == expected_vision_linears[arch], arch
-        layer0 = "model.language_model.layers.0."
-        assert {n.removeprefix(layer0) for n in linears if n.startswith(layer0)} == llm_linears, arch
+        last = len(model.model.language_model.layers) - 1
+        for layer, want in zip((0, last), llm_linears.get(arch, (attention | mlp, attention | mlp))):
+            prefix = f"model.language_model.layers.{layer}."
+            assert {n.removeprefix(prefix) for n in linears if n.startswith(prefix)} == want, (arch, layer)
         assert any(n.startswith("model.visual.merger.") for n in linears), arch
         assert "lm_head" in linears
         assert all(n.startswith(("model.visual.", "model.language_model.", "lm_head")) for n in linears), arch

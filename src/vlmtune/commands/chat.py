@@ -124,7 +124,7 @@ def check_videos(paths: Iterable) -> list:
 
 def pick_device_dtype(device=None, dtype=None, stored=None):
     """(device, dtype). Without a dtype: the checkpoint's `stored` dtype where the device computes in it at
-    speed (a bf16 checkpoint on a bf16 GPU, or on a CPU where bf16 measures no slower than float32), so no
+    speed (a bf16 checkpoint on a bf16 GPU, or on a CPU that train.speed.cpu_bf16 keeps bf16 on), so no
     float32 copy is made; otherwise bf16 on a GPU that supports it, else float32."""
     import torch
 
@@ -148,9 +148,9 @@ def pick_device_dtype(device=None, dtype=None, stored=None):
 
 
 def _cpu_bf16_is_fast() -> bool:
-    from ..train.speed import BF16_SLOWDOWN_FALLBACK, cpu_bf16_slowdown
+    from ..train.speed import cpu_bf16
 
-    return cpu_bf16_slowdown() <= BF16_SLOWDOWN_FALLBACK
+    return cpu_bf16().keep
 
 
 def load_image(image):

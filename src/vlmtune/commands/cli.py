@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import ConfigError, VlmtuneError
+from ..errors import ConfigError, VlmtuneError, bounded
 from ..models.families import MODEL_TYPES
 
 
@@ -120,7 +120,7 @@ def _error_checks(e: VlmtuneError, check: type) -> list:
     if not isinstance(e, ConfigError):
         return [check("doctor", "fail", str(e), "")]
     out = []
-    for p in e.problems:
+    for p in map(bounded, e.problems):
         what, sep, fix = p.rpartition("; ")
         out.append(check("config", "fail", what if sep else p, fix if sep else "fix the configuration"))
     return out

@@ -12,14 +12,15 @@ import yaml
 
 from ..errors import ConfigError
 from .sections import _KEYS, KEYS, SECTIONS, Config, _assemble, default_of
-from .values import _INVALID, OVERFLOW_POLICIES, TERMINAL_POLICIES, _Bad, _converter, _without_none
+from .values import _INVALID, OVERFLOW_POLICIES, TERMINAL_POLICIES, _Bad, _converter, _without_none, shown
 
 # LLaMA-Factory keys that have no effect in vlmtune but fill its example configs: accepted with a note in
 # Config.notes so that a config moves over unchanged. key -> (the values accepted, None for any; why).
 LLAMA_FACTORY_IGNORED: dict[str, tuple[tuple | None, str]] = {
     "stage": (("sft",), "vlmtune only does supervised fine-tuning"),
     "do_train": ((True,), "`vlmtune train` always trains"),
-    "template": (("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink"), "the chat template comes from the model's processor"),
+    "template": (("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "qwen3_5", "qwen3_5_nothink"),
+                 "the chat template comes from the model's processor"),
     "overwrite_output_dir": (None, "checkpoints in output_dir are resumed only when resume_from_checkpoint is set"),
     "save_only_model": ((False,), "vlmtune saves full checkpoints so that a run can resume"),
     "do_eval": (None, "vlmtune evaluates whenever val_size > 0"),
@@ -58,7 +59,7 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), b
         where = os.fspath(path)
         _merge(raw, origin, _read_yaml(where, problems), lambda k: f"in {where}")
     parsed, texts = _parse_overrides(overrides, problems)
-    _merge(raw, origin, parsed, lambda k: f"in override {texts[k]!r}")
+    _merge(raw, origin, parsed, lambda k: f"in override {shown(texts[k])}")
     return _build(raw, origin, problems)
 
 
@@ -82,8 +83,17 @@ def _merge(raw: dict, origin: dict, new: dict, where: Callable[[str], str]) -> N
         origin[key] = where(key)
 
 
+# A config has a few hundred YAML nodes; aliases may repeat a node any number of times without costing memory
+# while parsing, but anything that walks the value (conversion, an error message) pays for every repetition, so
+# a document whose aliases expand beyond this many nodes (a "billion laughs") is refused before it is built.
+MAX_YAML_NODES = 100_000
+# The longest text of one file read as a config: far above any real config, far below what would hurt to read.
+MAX_YAML_BYTES = 4 * 1024 * 1024
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that reports a repeated key instead of silently keeping the last value."""
+    """SafeLoader that reports a repeated key instead of silently keeping the last value, understands merge keys
+    (`<<: *base`) and refuses a document whose aliases expand beyond MAX_YAML_NODES nodes."""
 
     def __init__(self, stream: str):
         super().__init__(stream)
@@ -93,35 +103,93 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *base`: its keys are defaults that the mapping's own keys override, not repeats
         key = loader.construct_object(key_node, deep=deep)
         line = key_node.start_mark.line + 1
         if not isinstance(key, typing.Hashable):
             continue  # construct_mapping below reports it
         if key in seen:
-            loader.repeated.append(f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one")
+            loader.repeated.append(f"key {shown(key)} appears twice (lines {seen[key]} and {line}); keep one")
         seen.setdefault(key, line)
+    loader.flatten_mapping(node)  # merge keys, as SafeConstructor.construct_mapping does before building
     return loader.construct_mapping(node, deep=deep)
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _read_yaml(path: str, problems: list[str]) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as e:
-        problems.append(f"cannot read config file {path}: {e.strerror}; check the path")
-        return {}
+class _TooBig(Exception):
+    pass
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """How many nodes the document has with every alias expanded, counted on the composed graph (each distinct
+    node once, memoized), stopping as soon as the count passes `limit`."""
+    sizes: dict[int, int] = {}
+    order, stack = [], [root]
+    while stack:  # post-order without recursion: a deep document cannot overflow Python's stack
+        node = stack.pop()
+        if id(node) in sizes:
+            continue
+        sizes[id(node)] = -1
+        order.append(node)
+        stack.extend(_children(node))
+    for node in reversed(order):
+        total = 1 + sum(sizes[id(c)] for c in _children(node))
+        if total > limit:
+            raise _TooBig
+        sizes[id(node)] = total
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _safe_yaml(text: str, where: str) -> Any:
+    """YAML text -> its value, with the bounds above; raises yaml.YAMLError, or ValueError saying which bound."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ValueError(f"{where} is {len(text):,} characters, more than a config can be ({MAX_YAML_BYTES:,})")
     loader = _UniqueKeyLoader(text)
     try:
-        data = loader.get_single_data()
+        node = loader.get_single_node()
+        if node is None:
+            return None, loader.repeated
+        try:
+            _expanded_size(node, MAX_YAML_NODES)
+        except _TooBig:
+            raise ValueError(f"{where} expands, through its aliases (*name), to more than {MAX_YAML_NODES:,} values; "
+                             "write the values out instead of nesting aliases") from None
+        return loader.construct_document(node), loader.repeated
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(path: str, problems: list[str]) -> dict:
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or a device is never opened
+        problems.append(f"cannot read config file {path}: it is not a regular file; check the path")
+        return {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read(MAX_YAML_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "it is not UTF-8 text"
+        problems.append(f"cannot read config file {path}: {why}; check the path")
+        return {}
+    try:
+        data, repeated = _safe_yaml(text, path)
     except yaml.YAMLError as e:
         problems.append(f"{path} is not valid YAML: {_yaml_error(e)}; fix the syntax there")
         return {}
-    finally:
-        loader.dispose()
-    problems.extend(f"{path}: {r}" for r in loader.repeated)
+    except ValueError as e:
+        problems.append(str(e))
+        return {}
+    problems.extend(f"{path}: {r}" for r in repeated)
     if not isinstance(data, dict):
         what = "empty" if data is None else f"a {type(data).__name__}, not a mapping"
         problems.append(f"{path} is {what}; write one `key: value` per line, such as `cutoff_len: 2048`")
@@ -142,12 +210,15 @@ def _parse_overrides(overrides: Iterable[str], problems: list[str]) -> tuple[dic
         key, eq, value = text.partition("=")
         key = key.strip()
         if not eq or not key:
-            problems.append(f"override {text!r} is not key=value; write it like cutoff_len=1024")
+            problems.append(f"override {shown(text)} is not key=value; write it like cutoff_len=1024")
             continue
         try:
-            parsed[key] = yaml.safe_load(value) if value.strip() else None
+            parsed[key] = _safe_yaml(value, f"override {shown(key)}")[0] if value.strip() else None
         except yaml.YAMLError as e:
-            problems.append(f"override {text!r} has a value that is not valid YAML ({_yaml_error(e)}); quote it")
+            problems.append(f"override {shown(text)} has a value that is not valid YAML ({_yaml_error(e)}); quote it")
+            continue
+        except ValueError as e:
+            problems.append(str(e))
             continue
         texts[key] = text
     return parsed, texts
@@ -155,6 +226,7 @@ def _parse_overrides(overrides: Iterable[str], problems: list[str]) -> tuple[dic
 
 def _build(raw: dict, origin: dict, problems: list[str]) -> Config:
     notes: list[str] = []
+    _nothink_template(raw, origin, problems, notes)
     for key, value in raw.items():
         if key not in _KEYS:
             _foreign_key(key, value, origin[key], problems, notes)
@@ -167,15 +239,31 @@ def _build(raw: dict, origin: dict, problems: list[str]) -> Config:
     return _assemble(values, notes, derived)
 
 
+def _nothink_template(raw: dict, origin: dict, problems: list[str], notes: list[str]) -> None:
+    """LLaMA-Factory's `template: *_nothink` (qwen3_5_nothink) is the checkpoint's template with thinking off:
+    enable_thinking=false, which the checkpoint's own chat template then renders (docs/thinking.md)."""
+    template = raw.get("template")
+    if not (isinstance(template, str) and template.endswith("_nothink")):
+        return
+    if raw.get("enable_thinking") is True:
+        problems.append(f"template={template} ({origin['template']}) turns thinking off but enable_thinking=true "
+                        f"({origin['enable_thinking']}); remove one of them")
+    elif "enable_thinking" not in raw:
+        raw["enable_thinking"] = False
+        origin["enable_thinking"] = origin["template"]
+        notes.append(f"template={template}: enable_thinking=false (the answer is trained without a thinking block; "
+                     "the checkpoint's empty one is part of the prompt)")
+
+
 def _foreign_key(key: Any, value: Any, where: str, problems: list[str], notes: list[str]) -> None:
     """A key that is not ours: an ignored or replaced LLaMA-Factory key, or a mistake."""
     if key in LLAMA_FACTORY_IGNORED:
         accepted, why = LLAMA_FACTORY_IGNORED[key]
         if accepted is None or value in accepted and type(value) in {type(a) for a in accepted}:
-            notes.append(f"ignored {key}={value!r}: {why}")
+            notes.append(f"ignored {key}={shown(value)}: {why}")
         else:
             allowed = " or ".join(_yaml_text(a) for a in accepted)
-            problems.append(f"{key}={value!r} is not supported; {why}; remove {key} or set it to {allowed}")
+            problems.append(f"{key}={shown(value)} is not supported; {why}; remove {key} or set it to {allowed}")
     elif key == "image_resolution" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
         problems.append(
             f"image_resolution={value} ({where}) is replaced by image_max_pixels; "
@@ -184,11 +272,13 @@ def _foreign_key(key: Any, value: Any, where: str, problems: list[str], notes: l
     elif key in LLAMA_FACTORY_REPLACED:
         problems.append(f"{key} ({where}) is not supported; {LLAMA_FACTORY_REPLACED[key]}")
     else:
-        problems.append(f"unknown key {key!r} ({where}); {_did_you_mean(str(key), KEYS, 'see docs/config.md')}")
+        problems.append(f"unknown key {shown(key)} ({where}); {_did_you_mean(str(key), KEYS, 'see docs/config.md')}")
 
 
 def _did_you_mean(word: str, options: Iterable[str], otherwise: str) -> str:
     options = list(options)
+    if len(word) > 64:  # no key is this long, and difflib's time grows with it
+        return otherwise
     # A prefix is usually a shortened name ("adamw" for adamw_torch); difflib alone would pick grokadamw.
     close = [o for o in options if word and o.startswith(word)][:1] or difflib.get_close_matches(word, options, n=1)
     return f"did you mean {close[0]!r}?" if close else otherwise
@@ -212,7 +302,7 @@ def _field_value(key: str, value: Any, problems: list[str]) -> Any:
         converted = _converter(f, hint)(value)
     except _Bad as e:
         fix = _choices_fix(key, meta) if meta["choices"] else f"set {key} to {expect}"
-        problems.append(f"{key}={value!r} {e}; {fix}")
+        problems.append(f"{key}={shown(value)} {e}; {fix}")
         return _INVALID
     problem = _check_value(key, converted, value, meta)
     if problem:
@@ -225,10 +315,10 @@ def _check_value(key: str, value: Any, given: Any, meta: dict) -> str | None:
     """What is wrong with a well-typed value, if anything; messages show the value as `given`."""
     if meta["choices"] and value not in meta["choices"]:
         what = meta["choices_what"] or "one of " + ", ".join(map(repr, meta["choices"]))
-        return f"{key}={value!r} is not {what}; {_did_you_mean(value, meta['choices'], _choices_fix(key, meta))}"
+        return f"{key}={shown(value)} is not {what}; {_did_you_mean(value, meta['choices'], _choices_fix(key, meta))}"
     wrong = meta["check"](value) if meta["check"] else None
     if wrong:
-        return f"{key}={given!r} {wrong}; set {key} to {meta['expect']}"
+        return f"{key}={shown(given)} {wrong}; set {key} to {meta['expect']}"
     return _check_names(key, value)
 
 
@@ -243,11 +333,11 @@ def _check_names(key: str, value: Any) -> str | None:
     if key == "overflow":
         return _check_overflow(value)
     if key == "lora_target" and not value:
-        return f"lora_target={value!r} is empty; set lora_target to all or module names such as q_proj,v_proj"
+        return f"lora_target={shown(value)} is empty; set lora_target to all or module names such as q_proj,v_proj"
     if key == "lora_target" and "all" in value and len(value) > 1:
-        return f"lora_target={value!r} mixes all with module names; set lora_target to all or to module names"
+        return f"lora_target={shown(value)} mixes all with module names; set lora_target to all or to module names"
     if key == "additional_target" and not value:
-        return f"additional_target={value!r} is empty; set additional_target to module names or null"
+        return f"additional_target={shown(value)} is empty; set additional_target to module names or null"
     return None
 
 
@@ -256,16 +346,16 @@ def _check_overflow(policies: list[str]) -> str | None:
         if p not in OVERFLOW_POLICIES:
             known = ", ".join(map(repr, OVERFLOW_POLICIES))
             hint = _did_you_mean(p, OVERFLOW_POLICIES, "use only these")
-            return f"overflow policy {p!r} is not one of {known}; {hint}"
+            return f"overflow policy {shown(p)} is not one of {known}; {hint}"
     if not policies:
         return "overflow=[] is empty; set overflow to policies such as [shrink_images, truncate_text, split, drop]"
     repeated = [p for i, p in enumerate(policies) if p in policies[:i]]
     if repeated:
-        return f"overflow={policies!r} lists {repeated[0]!r} twice; list each policy once"
+        return f"overflow={shown(policies)} lists {shown(repeated[0])} twice; list each policy once"
     for i, p in enumerate(policies[:-1]):
         if p in TERMINAL_POLICIES:
             return (
-                f"overflow={policies!r} has {policies[i + 1]!r} after {p!r}, which ends the search, so it would "
+                f"overflow={shown(policies)} has {policies[i + 1]!r} after {p!r}, which ends the search, so it would "
                 f"never run; make {p!r} the last policy"
             )
     return None
@@ -314,7 +404,7 @@ def _check_quant_variants(v: dict[str, Any]) -> list[str]:
             if _valid(v[key]) and v[key] != off:
                 why = (" (the quantized weights cannot be trained; QLoRA trains adapters on top of them)"
                        if key == "quantization_bit" else "")
-                problems.append(f"{key}={v[key]!r} needs finetuning_type='lora', but finetuning_type={kind!r}{why}; "
+                problems.append(f"{key}={shown(v[key])} needs finetuning_type='lora', but finetuning_type={kind!r}{why}; "
                                 f"set finetuning_type: lora or remove {key}")
     bits, pissa = v["quantization_bit"], v["pissa_init"]
     if _valid(bits, pissa) and bits is not None and pissa:

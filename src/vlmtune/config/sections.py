@@ -126,6 +126,17 @@ class ReadArgs:
         30.0, "With allow_remote_images: seconds to wait for a connection, and for each read, per attempt.",
         expect="a positive number of seconds such as 30", check=_positive,
     )
+    remote_image_deadline: float = _arg(
+        120.0, "With allow_remote_images: seconds one image's whole fetch may take (attempts, redirects and reads "
+        "together), however slowly the server sends.",
+        expect="a positive number of seconds such as 120", check=_positive,
+    )
+    allow_private_remote_images: bool = _arg(
+        False, "With allow_remote_images: also fetch from loopback, private, link-local and multicast addresses "
+        "(checked after resolving the host, and at each redirect). Off so that a data file cannot make vlmtune "
+        "reach services inside your network (docs/security.md).",
+        prepared=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -190,6 +201,15 @@ class FitArgs:
         False, "Compute the loss on every turn; false: on assistant turns only (the prompt is masked).",
         prepared=True,
     )
+    enable_thinking: bool = _arg(
+        True,
+        "Thinking checkpoints (Qwen3.5): true trains each answer with its thinking block as the checkpoint's chat "
+        "template writes it (an empty `<think>` block when the data has no reasoning); false drops the data's "
+        "reasoning and makes the empty block part of the prompt, as the template's enable_thinking=false "
+        "generation prompt does. `template: qwen3_5_nothink` sets it to false. No effect on templates without "
+        "thinking blocks. See docs/thinking.md.",
+        prepared=True,
+    )
     overflow: list[str] = _arg(
         DEFAULT_OVERFLOW,
         "Policies tried in order on a sample longer than cutoff_len: shrink_images, truncate_text, split, drop, "
@@ -232,7 +252,8 @@ class PrepareArgs:
     )
     prepared_dir: str | None = _arg(
         None,
-        "Where the prepared dataset is cached; null: `<output_dir>/prepared`.",
+        "Where the prepared dataset is cached; null: `<output_dir>/prepared`. vlmtune replaces it only when it made "
+        "it (it holds `.vlmtune-owned`); it may not be output_dir or hold the data (docs/security.md).",
         expect="a folder such as saves/run1/prepared, or null for <output_dir>/prepared",
     )
     overwrite_cache: bool = _arg(False, "Prepare the dataset again even if prepared_dir holds a matching one.")
@@ -367,8 +388,8 @@ class TrainArgs:
     bf16: bool = _arg(False, "Train in bfloat16 mixed precision (Ampere or newer GPUs).")
     fp16: bool = _arg(False, "Train in float16 mixed precision (older GPUs); at most one of bf16 and fp16.")
     force_cpu_bf16: bool = _arg(
-        False, "On a CPU, keep bf16: true even where bfloat16 autocast measures slower than float32 there (by "
-        "default `vlmtune train` then trains in float32 and says so)."
+        False, "On a CPU, keep bf16: true even where the CPU lacks AMX-BF16 (by default `vlmtune train` then trains "
+        "in float32 and says so: bfloat16 autocast is slower than float32 there)."
     )
     gradient_checkpointing: bool = _arg(
         True, "Recompute activations in the backward pass to save memory (on by default, as in LLaMA-Factory)."

@@ -10,6 +10,7 @@ import functools
 import math
 import operator
 import os
+import reprlib
 import types
 import typing
 from dataclasses import MISSING, field
@@ -39,6 +40,19 @@ OPTIMIZERS = (
     "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
     "stable_adamw",
 )
+
+# How a config value is shown in a message: bounded, whatever its size (a long string, a list of a million
+# items, an alias-nested structure), so that an error never echoes megabytes back.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 120
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 8
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """repr(value), at most a few hundred characters."""
+    return _SHOWN.repr(value)
+
 
 # Stands for the value of a key that already has a problem, so that checks across keys skip it.
 _INVALID = object()

@@ -25,7 +25,7 @@ from .schema import VIDEO_COLUMNS, RowView  # rows without videos may lack the v
 
 def frames_apart(spec) -> bool:
     """Whether the family writes a video as one run per temporal patch (Qwen3-VL's timestamps)."""
-    return spec.model_type == "qwen3_vl"
+    return spec.video_timestamps
 
 
 def scan_runs(input_ids: list[int], spec: ModelSpec):
@@ -178,7 +178,7 @@ class Collator:
         if vpixels:
             batch["pixel_values_videos"] = torch.cat(vpixels, dim=0)
             batch["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long)
-            if self.spec.model_type == "qwen2_5_vl":
+            if self.spec.video_absolute_time:
                 # float32, as the processor returns it: the model's M-RoPE time axis is
                 # (arange(t) * tokens_per_second * second_per_grid_ts).long(), computed in this dtype
                 batch["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
@@ -236,7 +236,7 @@ class Collator:
                               f"video {k} ({shown}) now gives grid {grid} but was prepared as {want}; the file changed",
                               "run `vlmtune prepare` again with overwrite_cache=true")
         second = 0.0
-        if self.spec.model_type == "qwen2_5_vl":
+        if self.spec.video_absolute_time:
             # what Qwen2_5_VLProcessor computes (temporal_patch_size / the sampled fps), checked against the row
             second = self.video_processor.temporal_patch_size / metadata.sampled_fps
             recorded = float((row.video_second_per_grid or [0.0] * (k + 1))[k])
@@ -255,7 +255,9 @@ class Collator:
         tps = self._tokens_per_second(rows)
         pos = [packed_position_ids(r if r.get("segments") else {**r, "segments": [len(r["input_ids"])]},
                                    self.spec.image_token_id, self.spec.merge_size, length,
-                                   video_token_id=self.spec.video_token_id, model_type=self.spec.model_type,
+                                   video_token_id=self.spec.video_token_id,
+                                   video_timestamps=self.spec.video_timestamps,
+                                   video_absolute_time=self.spec.video_absolute_time,
                                    tokens_per_second=tps) for r in rows]
         batch["position_ids"] = torch.from_numpy(np.stack(pos, axis=1))
         del batch["attention_mask"]
@@ -264,7 +266,7 @@ class Collator:
         return batch
 
     def _tokens_per_second(self, rows: list[dict]) -> float | None:
-        if self.spec.model_type != "qwen2_5_vl" or not any(r.get("videos") for r in rows):
+        if not self.spec.video_absolute_time or not any(r.get("videos") for r in rows):
             return None
         tps = getattr(self.video, "tokens_per_second", None)
         if tps is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import Problem
 from .paths import _short
@@ -12,7 +12,7 @@ from .records import (
     AUTO_FORMAT,
     SHAREGPT_DEFAULTS,
     RecordFormat,
-    _type_name,
+    type_name,
     file_problem,
 )
 
@@ -30,40 +30,46 @@ class DatasetEntry:
     num_samples: int | None = None
 
 
+# dataset_info.json `columns` and `tags` keys vlmtune reads (LLaMA-Factory's), and what each names.
+_COLUMNS = ("messages", "images", "videos", "system", "tools", "prompt", "query", "response", "history",
+            "kto_tag", "chosen", "rejected")
+_TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag", "observation_tag", "function_tag")
+_FORMATTINGS = ("sharegpt", "alpaca", "openai")
+
+
 def _format_from_entry(entry: dict, name: str, info_path: str) -> RecordFormat | Problem:
+    """The entry's record format; a mapped column or tag vlmtune cannot use is a Problem, never ignored."""
     def bad(what: str, fix: str) -> Problem:
         return file_problem(f"{info_path}#{name}", "bad_dataset_info", what, fix)
 
     formatting = entry.get("formatting")
-    if formatting not in (None, "sharegpt"):
-        return bad(
-            f"dataset {name!r} has formatting {formatting!r}; only sharegpt is supported",
-            "convert the data to sharegpt (messages with <image> placeholders and an `images` list)",
-        )
-    if entry.get("ranking"):
-        return bad(f"dataset {name!r} is a ranking (preference) dataset", "use a supervised (sharegpt) dataset")
+    if formatting is not None and formatting not in _FORMATTINGS:
+        return bad(f"dataset {name!r} has formatting {formatting!r}; vlmtune reads " + ", ".join(_FORMATTINGS),
+                   "set formatting to sharegpt, alpaca or openai (or leave it out: each record's layout is detected)")
     columns = entry.get("columns") or {}
     tags = entry.get("tags") or {}
     if not isinstance(columns, dict) or not isinstance(tags, dict):
         return bad(f"`columns` and `tags` of dataset {name!r} must be objects", "fix dataset_info.json")
     for key, value in [*columns.items(), *tags.items()]:
         if not isinstance(value, str):
-            what = f"`{key}` of dataset {name!r} is {_type_name(value)}, expected a string"
+            what = f"`{key}` of dataset {name!r} is {type_name(value)}, expected a string"
             return bad(what, "fix dataset_info.json")
+    unknown = [f"columns.{k}" for k in columns if k not in _COLUMNS] + [f"tags.{k}" for k in tags if k not in _TAGS]
+    if unknown:
+        audio = any(u.startswith("columns.audio") for u in unknown)
+        return bad(f"dataset {name!r} maps {', '.join(unknown)}, which vlmtune cannot use"
+                   + (" (audio is not supported)" if audio else ""),
+                   "remove the mapping (vlmtune reads columns " + ", ".join(_COLUMNS) + ")")
+    ranking = entry.get("ranking", False)
+    if not isinstance(ranking, bool):
+        return bad(f"`ranking` of dataset {name!r} is {type_name(ranking)}, expected true or false",
+                   "fix dataset_info.json")
+    # LLaMA-Factory's sharegpt and openai entries default to its sharegpt column and tag names
     base = SHAREGPT_DEFAULTS if formatting == "sharegpt" else AUTO_FORMAT
-    return RecordFormat(
-        messages=columns.get("messages", base.messages),
-        images=columns.get("images", base.images),
-        videos=columns.get("videos", base.videos),
-        system=columns.get("system", base.system),
-        role_tag=tags.get("role_tag", base.role_tag),
-        content_tag=tags.get("content_tag", base.content_tag),
-        user_tag=tags.get("user_tag", base.user_tag),
-        assistant_tag=tags.get("assistant_tag", base.assistant_tag),
-        system_tag=tags.get("system_tag", base.system_tag),
-        observation_tag=tags.get("observation_tag", base.observation_tag),
-        function_tag=tags.get("function_tag", base.function_tag),
-    )
+    if formatting == "openai":
+        base = RecordFormat(messages="messages", role_tag="role", content_tag="content", formatting="openai")
+    fields = {**{k: columns[k] for k in _COLUMNS if k in columns}, **{k: tags[k] for k in _TAGS if k in tags}}
+    return replace(base, **fields, formatting=formatting, ranking=ranking)
 
 
 def _load_info(info_path: str, names: list[str], out: list) -> dict | None:
@@ -97,7 +103,7 @@ def _entry_extras(entry: dict, name: str, info_path: str) -> tuple[str | None, s
     for key, value in (("split", split), ("subset", subset)):
         if value is not None and not isinstance(value, str):
             return file_problem(f"{info_path}#{name}", "bad_dataset_info",
-                                f"`{key}` of dataset {name!r} is {_type_name(value)}, expected a string",
+                                f"`{key}` of dataset {name!r} is {type_name(value)}, expected a string",
                                 "fix dataset_info.json")
     if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
         return file_problem(f"{info_path}#{name}", "bad_dataset_info",

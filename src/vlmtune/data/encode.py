@@ -19,6 +19,8 @@ ids are tokenized on their own and the block-by-block tokenization stays exact.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field, replace
 
 from ..errors import SampleError
@@ -27,10 +29,17 @@ from ..models.spec import ModelSpec
 from ..models.video_grid import VideoGrid, VideoSpec
 from .images import ImageHeader
 from .schema import Row
-from .types import Conversation, ImagePart, VideoPart
+from .types import TOOL_ROLES, Conversation, ImagePart, VideoPart
 from .video import PlannedClip
 
 IGNORE_INDEX = -100
+
+# Thinking blocks (Qwen3.5): what its chat template writes around an answer's reasoning, and writes empty when
+# there is none or thinking is off (docs/thinking.md).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+_THOUGHT = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
 
 @dataclass(frozen=True)
 class ImageRef:
@@ -179,19 +188,27 @@ class Encoded:
 class Encoder:
     """Renders conversations with a checkpoint's chat template and tokenizes them into blocks."""
 
-    def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False):
+    def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False, mask_history: bool = False,
+                 enable_thinking: bool = True):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.spec = spec
         self.train_on_prompt = train_on_prompt
+        self.mask_history = mask_history  # LLaMA-Factory's: only the last answer is a target
+        self.enable_thinking = enable_thinking
         self._text_ids: dict[str, tuple[int, ...]] = {}
         template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise ValueError("the processor has no chat template; vlmtune renders samples with the checkpoint's own")
         self.chat_template = template
+        # Qwen3-VL's template renders `tools` and tool turns itself; older ones (Qwen2/2.5-VL) do not, and get
+        # Qwen's own tool format written out (tool_format).
+        self.renders_tools = "tool_call" in template and "tools" in template
         self._headers = {
             role: self._ids(f"{spec.im_start_token}{role}\n") for role in ("system", "user", "assistant")
         }
+        # enable_thinking=false: an answer's leading empty thinking block is prompt, not target (docs/thinking.md)
+        self._empty_think = self._ids(EMPTY_THINK) if not enable_thinking and THINK_OPEN in template else None
 
     # -- rendering ---------------------------------------------------------------------------
     def render(self, conv: Conversation) -> str:
@@ -201,15 +218,32 @@ class Encoder:
     def render_many(self, convs: list[Conversation]) -> list[str]:
         """Render many conversations in one call of transformers' template renderer (the same code
         `apply_chat_template` runs, without its per-call overhead)."""
-        chats = [_template_messages(c) for c in convs]
+        if not self.enable_thinking:
+            convs = [without_thinking(c) for c in convs]
+        chats = [template_messages(c, self.renders_tools) for c in convs]
+        # the template reads enable_thinking as apply_chat_template passes it (Qwen3.5's generation prompt)
+        think = {"enable_thinking": self.enable_thinking}
         try:
             from transformers.utils.chat_template_utils import render_jinja_template
         except ImportError:  # an older or newer transformers without it: the public path
-            return [self.processor.apply_chat_template(m, chat_template=self.chat_template, tokenize=False)
-                    for m in chats]
-        rendered, _ = render_jinja_template(conversations=chats, chat_template=self.chat_template,
-                                            **self.tokenizer.special_tokens_map)
-        return rendered
+            return [self.processor.apply_chat_template(m, chat_template=self.chat_template, tokenize=False,
+                                                       **think, **self._tools(c)) for c, m in zip(convs, chats)]
+        out: list[str | None] = [None] * len(convs)
+        plain = [i for i, c in enumerate(convs) if not self._tools(c)]
+        if plain:
+            rendered, _ = render_jinja_template(conversations=[chats[i] for i in plain],
+                                                chat_template=self.chat_template, **think,
+                                                **self.tokenizer.special_tokens_map)
+            for i, text in zip(plain, rendered):
+                out[i] = text
+        for i, c in enumerate(convs):  # each sample's own tools: the renderer takes one list per call
+            if out[i] is None:
+                out[i] = render_jinja_template(conversations=[chats[i]], chat_template=self.chat_template, **think,
+                                               **self._tools(c), **self.tokenizer.special_tokens_map)[0][0]
+        return out
+
+    def _tools(self, conv: Conversation) -> dict:
+        return {"tools": conv.tools} if conv.tools and self.renders_tools else {}
 
     def split_blocks(self, text: str) -> list[str]:
         start = self.spec.im_start_token
@@ -279,6 +313,8 @@ class Encoder:
                 "use a Qwen-VL checkpoint whose chat template renders one ChatML turn per message",
             )
         blocks = []
+        targets = [k for k, m in enumerate(conv.messages) if m.role in ("assistant", "function_call")]
+        last = targets[-1] if targets else None
         for i, (role, ids) in enumerate(zip(roles, block_ids)):
             mi = i - offset if i >= offset else None
             msg_images = conv.messages[mi].images if mi is not None else []
@@ -292,7 +328,7 @@ class Encoder:
             images = [self.image_ref(conv, img, headers) for img in msg_images]
             msg_videos = conv.messages[mi].videos if mi is not None else []
             self._check_video_pads(conv, i, ids, len(msg_videos))
-            block = self._block(conv, role, ids, images, mi)
+            block = self._block(conv, role, ids, images, mi, last)
             if msg_videos:
                 block.videos = [self.video_ref(conv, v, videos) for v in msg_videos]
             blocks.append(block)
@@ -329,7 +365,8 @@ class Encoder:
     def _stamp_ids(self, grid: VideoGrid) -> tuple[tuple[int, ...], ...] | None:
         return tuple(self.text_ids(t) for t in grid.timestamp_texts()) if grid.timestamps is not None else None
 
-    def _block(self, conv, role: str, ids: list[int], images, message_index: int | None) -> Block:
+    def _block(self, conv, role: str, ids: list[int], images, message_index: int | None,
+               last_target: int | None = None) -> Block:
         header = self._headers.get(role) or self._ids(f"{self.spec.im_start_token}{role}\n")
         if ids[: len(header)] != header or ids[-2:-1] != [self.spec.im_end_token_id]:
             raise SampleError(conv.id, conv.source, f"the {role} turn is not a ChatML turn (<|im_start|>{role}\\n…<|im_end|>\\n)",
@@ -337,9 +374,14 @@ class Encoder:
         block = Block(role, ids, images, header_len=len(header), message_index=message_index)
         trained = role == "assistant" or (self.train_on_prompt and role != "system")
         if message_index is not None and conv.messages[message_index].weight == 0:
-            trained = False  # OpenAI `weight: 0`: context, not a target
+            trained = False  # a per-message loss flag (OpenAI `weight`, ms-swift `loss`): context, not a target
+        if self.mask_history and message_index != last_target:
+            trained = False
         # Train through <|im_end|> (so the model learns to stop) but not the newline after it.
-        return block.replace(label_start=len(header), label_end=len(ids) - 1) if trained else block
+        start = len(header)
+        if role == "assistant" and self._empty_think and ids[start : start + len(self._empty_think)] == self._empty_think:
+            start += len(self._empty_think)  # enable_thinking=false: the empty thinking block is prompt
+        return block.replace(label_start=start, label_end=len(ids) - 1) if trained else block
 
     def image_ref(self, conv, img: ImagePart, headers) -> ImageRef:
         """The image under the spec's pixel bounds (shrink_images lowers them per sample later: `regrid`)."""
@@ -359,8 +401,69 @@ def _template_part(p) -> dict:
     return {"type": "text", "text": p.text}
 
 
-def _template_messages(conv: Conversation) -> list[dict]:
-    return [{"role": m.role, "content": [_template_part(p) for p in m.parts]} for m in conv.messages]
+def template_messages(conv: Conversation, renders_tools: bool = True) -> list[dict]:
+    """The conversation as the chat template reads it. Tool turns are OpenAI-style (an assistant turn with
+    `tool_calls`, a `tool` turn); for a template that cannot render them, Qwen's tool format is written out."""
+    if not renders_tools and (conv.tools or any(m.role in TOOL_ROLES for m in conv.messages)):
+        return tool_format(conv)
+    out = []
+    for m in conv.messages:
+        if m.role == "function_call":
+            calls = [{"type": "function", "function": c} for c in m.tool_calls or []]
+            out.append({"role": "assistant", "content": "", "tool_calls": calls})
+        elif m.role == "observation":
+            out.append({"role": "tool", "content": m.text if not m.images and not m.videos
+                        else [_template_part(p) for p in m.parts]})
+        else:
+            out.append({"role": m.role, "content": [_template_part(p) for p in m.parts]})
+    return out
+
+
+# Qwen's tool format (what the Qwen2.5 / Qwen3 chat templates write), for templates without tool support.
+_TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                 "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+_TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                 "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+                 "\"arguments\": <args-json-object>}\n</tool_call>")
+
+
+def tool_format(conv: Conversation) -> list[dict]:
+    """Tools in the system turn, calls as `<tool_call>` blocks, results as `<tool_response>` user turns."""
+    out = []
+    for m in conv.messages:
+        if m.role == "function_call":
+            text = "\n".join(f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>" for c in m.tool_calls or [])
+            out.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        elif m.role == "observation":
+            parts = [_template_part(p) for p in m.parts]
+            out.append({"role": "user", "content": [{"type": "text", "text": "<tool_response>\n"}, *parts,
+                                                    {"type": "text", "text": "\n</tool_response>"}]})
+        else:
+            out.append({"role": m.role, "content": [_template_part(p) for p in m.parts]})
+    if conv.tools:
+        tools = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in conv.tools)
+        block = {"type": "text", "text": _TOOLS_HEADER + tools + _TOOLS_FOOTER}
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": [*out[0]["content"], {"type": "text", "text": "\n\n"}, block]}
+        else:
+            out.insert(0, {"role": "system", "content": [block]})
+    return out
+
+
+def without_thinking(conv: Conversation) -> Conversation:
+    """The conversation with `<think>…</think>` reasoning removed from its answers (enable_thinking=false, as
+    LLaMA-Factory does)."""
+    if not any(m.role == "assistant" and THINK_CLOSE in m.text for m in conv.messages):
+        return conv
+    messages = [replace(m, parts=[_without_thought(p) for p in m.parts]) if m.role == "assistant" else m
+                for m in conv.messages]
+    return replace(conv, messages=messages)
+
+
+def _without_thought(part):
+    if isinstance(part, (ImagePart, VideoPart)) or THINK_CLOSE not in part.text:
+        return part
+    return replace(part, text=_THOUGHT.sub("", part.text).lstrip("\n"))
 
 
 def regrid(img: ImageRef, spec: ModelSpec, max_pixels: int) -> ImageRef:

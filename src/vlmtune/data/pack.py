@@ -178,19 +178,20 @@ def packed_position_ids(
     length: int,
     *,
     video_token_id: int | None = None,
-    model_type: str | None = None,
+    video_timestamps: bool = False,
+    video_absolute_time: bool = False,
     tokens_per_second: float | None = None,
 ) -> np.ndarray:
     """(4, length): text positions restarting per segment, then the three M-RoPE axes; padding
-    after the last segment forms a segment of its own. With videos, `video_token_id` and `model_type` say
-    how the family positions them (and Qwen2.5-VL needs the config's `tokens_per_second`)."""
+    after the last segment forms a segment of its own. With videos, `video_token_id` and the family's traits
+    (ModelSpec.video_timestamps: one run per temporal patch; video_absolute_time: Qwen2.5-VL's time axis, which
+    needs the config's `tokens_per_second`) say how the family positions them."""
     out = np.zeros((4, length), dtype=np.int64)
     start, g, v = 0, 0, 0
     grids = row["image_grid_thw"]
     vgrids = row.get("video_grid_thw") or []
     seconds = row.get("video_second_per_grid") or []
-    apart = model_type == "qwen3_vl"
-    timed = model_type == "qwen2_5_vl"
+    apart, timed = video_timestamps, video_absolute_time
     ids = row["input_ids"]
     for seg in row["segments"]:
         seg_ids = ids[start : start + seg]
@@ -198,7 +199,7 @@ def packed_position_ids(
         n_vid = 0
         if video_token_id is not None and vgrids:
             runs = _count_runs(seg_ids, video_token_id)
-            if apart:  # a Qwen3-VL video is one run per temporal patch
+            if apart:  # a Qwen3-VL / Qwen3.5 video is one run per temporal patch
                 while runs > 0 and v + n_vid < len(vgrids):
                     runs -= int(vgrids[v + n_vid][0])
                     n_vid += 1

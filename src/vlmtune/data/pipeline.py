@@ -86,7 +86,8 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["spec"] = loaded.spec
     _WORKER["stages"] = stages
     _WORKER["video"] = loaded.video
-    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.fit.train_on_prompt)
+    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.fit.train_on_prompt,
+                                           enable_thinking=stages.fit.enable_thinking)
     _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fitting else None
 
 
@@ -160,7 +161,8 @@ def remote_options(read: ReadArgs):
     from .remote import FetchOptions
 
     return FetchOptions(max_bytes=read.remote_image_max_bytes, connect_timeout=read.remote_image_timeout,
-                        read_timeout=read.remote_image_timeout)
+                        read_timeout=read.remote_image_timeout, deadline=read.remote_image_deadline,
+                        allow_private=read.allow_private_remote_images)
 
 
 def _chunks(read: ReadArgs, stream: Stream, chunk: int) -> Iterator[list[Conversation]]:

@@ -7,13 +7,12 @@ conversation in input order). Both are written next to their targets and swapped
 prepared folder last with its fingerprint inside, so a prepare that is killed never leaves a cache
 that a later run takes as complete. The result is cached by a fingerprint of the data files, the
 data-related config and the model's processor, so a second run with nothing changed loads it instantly.
+The folder's handling on disk (ownership marker, lock, fingerprint, swap, stale cleanup) is data/cache.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
-import hashlib
 import json
 import os
 import shutil
@@ -24,15 +23,15 @@ from typing import Iterator
 
 import numpy as np
 
-from .. import __version__
-from ..config import DataSections, ReadArgs, prepared_values
-from ..errors import DataError, Problem, VlmtuneError
+from ..config import DataSections, ReadArgs
+from ..errors import DataError, Problem
 from ..models.load import Loaded, load_spec
+from . import cache
+from .cache import FINGERPRINT_FILE, data_files, fingerprint, prepared_dir  # noqa: F401  (re-exported)
 from .pipeline import Accounting, Stages, run_pipeline, unread_line
 from .schema import SampleStats, features, stats_from_columns, stats_table
 
 CHUNK = 256
-FINGERPRINT_FILE = "vlmtune_fingerprint.json"
 DATA_FILE = "data.arrow"
 SAMPLES_FILE = "samples.arrow"  # per valid sample: tokens before fitting (the doctor's and inspect's numbers)
 PROBLEMS_FILE = "problems.jsonl"
@@ -88,10 +87,6 @@ def verdict(read: ReadArgs, invalid: int, records: int) -> Verdict | None:
     return None
 
 
-def prepared_dir(data: DataSections) -> str:
-    return data.prepare.prepared_dir or os.path.join(data.output_dir, "prepared")
-
-
 def report_path_of(data: DataSections) -> str:
     return os.path.join(data.output_dir, "fit_report.jsonl")
 
@@ -124,16 +119,18 @@ def prepare_facts(data: DataSections, loaded: Loaded, *, progress: bool = True) 
 
 
 def _prepare(data: DataSections, loaded: Loaded | None, progress: bool, collect: bool):
+    cache.check_folders(data)
     loaded = loaded or load_spec(data.model, data.fit)
     out_dir = prepared_dir(data)
     report_path = report_path_of(data)
-    fp = fingerprint(data, loaded, _data_files(data.read))
+    fp = fingerprint(data, loaded, data_files(data.read))
     cached = load_cached(out_dir, report_path, fp) if not data.prepare.overwrite_cache else None
     if cached is not None:
         return cached, None
+    cache.check_replaceable(out_dir)  # before any work: a folder that is not ours is never replaced
     os.makedirs(data.output_dir, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    with _exclusive(out_dir.rstrip("/") + ".lock", data.wait_s) as waited:
+    with cache.exclusive(out_dir.rstrip("/") + ".lock", data.wait_s) as waited:
         if waited:  # another process (another node on a shared output_dir) held it: its cache may be ours
             cached = load_cached(out_dir, report_path, fp)
             if cached is not None:
@@ -141,48 +138,20 @@ def _prepare(data: DataSections, loaded: Loaded | None, progress: bool, collect:
         return _prepare_locked(data, loaded, fp, out_dir, report_path, progress, collect)
 
 
-@contextlib.contextmanager
-def _exclusive(path: str, timeout_s: float) -> Iterator[bool]:
-    """An exclusive lock on `path` (filelock: flock, held by one process across the nodes that share the
-    filesystem, released by the kernel if its holder dies), waiting at most timeout_s; yields whether it
-    had to wait."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(path)
-    waited = False
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        waited = True
-        try:
-            lock.acquire(timeout=timeout_s)
-        except Timeout:
-            raise VlmtuneError(f"waited {timeout_s:.0f} s (ddp_timeout) for another process to finish preparing "
-                               f"into {path[:-5]}; raise ddp_timeout, or, if no prepare is running, delete {path}") from None
-    try:
-        yield waited
-    finally:
-        lock.release()
-
-
 def _prepare_locked(data: DataSections, loaded: Loaded, fp, out_dir, report_path, progress, collect):
-    tag = f".tmp-{os.uname().nodename}-{os.getpid()}"
-    tmp_dir, tmp_report, tmp_body = out_dir.rstrip("/") + tag, report_path + tag, report_path + tag + ".body"
-    _remove_stale(out_dir, report_path)
+    tmp_dir, tmp_report, tmp_body = cache.temp_names(out_dir, report_path)
+    cache.remove_stale(out_dir, report_path)
     try:
         return _prepare_into(data, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress, collect)
     finally:  # whatever happened, nothing half-written stays behind
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        for p in (tmp_report, tmp_body):
-            if os.path.exists(p):
-                os.remove(p)
+        cache.discard(tmp_dir, tmp_report, tmp_body)
 
 
 def _prepare_into(data: DataSections, loaded: Loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body,
                   progress, collect):
     from datasets.arrow_writer import ArrowWriter
 
-    os.makedirs(tmp_dir)
+    cache.make_temp(tmp_dir)
     stream = run_pipeline(data.read, loaded, Stages(data.fit, fitting=True, emit=True),
                           workers=data.prepare.preprocessing_num_workers or 1, chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
@@ -251,14 +220,8 @@ def _prepare_into(data: DataSections, loaded: Loaded, fp, out_dir, report_path, 
     meta = {"fingerprint": fp, "rows": rows, "records": records, "fates": fates, "table": table,
             "read_records": stream.records, "unread": len(unread), "errors": 0, "split_rows": split_rows,
             "limited": stream.limited, "notes": stream.notes}
-    with open(os.path.join(tmp_dir, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
-        json.dump(meta, f)  # written last: a folder without it is not a cache
-    # Swap the finished folder in: the rename is the commit point.
-    old = out_dir.rstrip("/") + ".old" + tmp_dir[len(out_dir.rstrip("/")):]
-    if os.path.exists(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp_dir, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    cache.write_meta(tmp_dir, meta)
+    cache.swap_in(tmp_dir, out_dir)
     prep = Prepared(out_dir, report_path, rows, fates, records, False, table)
     if facts is not None:
         facts.prepared = prep
@@ -306,32 +269,6 @@ def _tally(table: dict, lines: list[dict]) -> None:
         a[3] += sum(pieces)
 
 
-def _remove_stale(out_dir: str, report_path: str) -> None:
-    """Leftovers of a killed prepare on this node (its pid is gone): never read, removed here."""
-    node = os.uname().nodename
-    for p in glob.glob(glob.escape(out_dir.rstrip("/")) + ".*tmp-*") + glob.glob(glob.escape(report_path) + ".tmp-*"):
-        host_pid = p.rsplit(".tmp-", 1)[1].removesuffix(".body")
-        host, _, pid = host_pid.rpartition("-")
-        if host == node and pid.isdigit() and not _alive(int(pid)):
-            if os.path.isdir(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                try:
-                    os.remove(p)
-                except OSError:
-                    pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def format_report_summary(prep: Prepared) -> str:
     """The fit report as a table: samples, emitted rows and tokens per fate."""
     agg = {f: list(prep.table.get(f, [0, 0, 0, 0])) for f in FATES}
@@ -346,58 +283,14 @@ def format_report_summary(prep: Prepared) -> str:
     return "\n".join(lines)
 
 
-# -- cache -----------------------------------------------------------------------------------
-def _data_files(read: ReadArgs) -> list[str]:
-    """The files that `dataset` names (paths, or names in dataset_info.json), for the fingerprint."""
-    root = read.dataset_dir or "."
-    info_path = os.path.join(root, "dataset_info.json")
-    try:
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        info = None
-    files: list[str] = [info_path] if info is not None else []
-    for name in (n.strip() for n in str(read.dataset).split(",")):
-        candidates = [name, os.path.join(root, name)]
-        entry = info.get(name) if isinstance(info, dict) else None
-        if isinstance(entry, dict) and isinstance(entry.get("file_name"), str):
-            candidates.append(os.path.join(root, entry["file_name"]))
-        for c in candidates:
-            if os.path.isfile(c):
-                files.append(c)
-            elif os.path.isdir(c):
-                files += sorted(os.path.join(r, f) for r, _, fs in os.walk(c) for f in fs)
-    return sorted(set(files))
-
-
-def fingerprint(data: DataSections, loaded: Loaded, files: list[str]) -> str:
-    """What decides the prepared rows: vlmtune's version, the keys declared `prepared=True`, the model's specs
-    and chat template, and the data files' bytes."""
-    h = hashlib.sha256()
-    h.update(__version__.encode())
-    keys = prepared_values(data.model, data.read, data.fit)
-    h.update(json.dumps(keys, sort_keys=True, default=str).encode())
-    h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
-    h.update(json.dumps(loaded.video.to_dict() if loaded.video else None, sort_keys=True).encode())
-    h.update(str(getattr(loaded.processor, "chat_template", "")).encode())
-    for path in files:
-        h.update(path.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def load_cached(out_dir: str, report_path: str, fp: str) -> Prepared | None:
     """The cache in out_dir when it is complete and made for fingerprint `fp`, else None."""
+    meta = cache.read_meta(out_dir, fp)
+    if meta is None or not os.path.exists(report_path) or not os.path.exists(os.path.join(out_dir, DATA_FILE)):
+        return None
     try:
-        with open(os.path.join(out_dir, FINGERPRINT_FILE), encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("fingerprint") != fp or not os.path.exists(report_path) \
-                or not os.path.exists(os.path.join(out_dir, DATA_FILE)):
-            return None
         return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
 
 

@@ -81,7 +81,7 @@ from .paths import PathCache
 from .records import (
     AUTO_FORMAT,
     RecordFormat,
-    _type_name,
+    type_name,
     file_problem,
     record_to_conversation,
 )
@@ -256,7 +256,7 @@ def read_json(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
         yield file_problem(
             path,
             "invalid_json",
-            f"file holds {_type_name(value)}, expected a JSON array of records",
+            f"file holds {type_name(value)}, expected a JSON array of records",
             "write the records as a JSON array: [{\"messages\": [...]}, ...]",
         )
         return

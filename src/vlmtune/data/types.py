@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 ROLES = ("system", "user", "assistant")
+# Tool turns (LLaMA-Factory's sharegpt tags): a `function_call` is an assistant turn that calls tools (trained,
+# like an answer), an `observation` holds the tools' results (context, like a user turn).
+TOOL_ROLES = ("function_call", "observation")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class Message:
     parts: list[Part]
     # OpenAI fine-tuning `weight`: 0 masks an assistant turn from the loss (it stays in the context).
     weight: int = 1
+    # a `function_call` turn's calls: [{"name": str, "arguments": dict | str}, ...], rendered by the chat template
+    tool_calls: list | None = None
 
     @property
     def images(self) -> list[ImagePart]:
@@ -85,6 +90,8 @@ class Conversation:
     read_problems: list = field(default_factory=list)
     # the record layout it was read from (a key of data/records.LAYOUTS), for the reader's note.
     layout: str = field(default="sharegpt", compare=False)
+    # the tools the sample may call (JSON schemas, as the record gave them), rendered by the chat template
+    tools: list | None = None
 
     @property
     def images(self) -> list[ImagePart]:

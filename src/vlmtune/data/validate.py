@@ -33,7 +33,7 @@ from ..errors import Problem
 from ..models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
 from .images import ImageHeader, Source, _fileobj, read_header
 from ..models.video_grid import VideoSampleError, VideoSpec
-from .types import ROLES, Conversation, ImagePart, VideoPart
+from .types import ROLES, TOOL_ROLES, Conversation, ImagePart, VideoPart
 from .video import PlannedClip, VideoReadError, plan_clip, read_facts
 
 # Pillow refuses to open images above 2 * Image.MAX_IMAGE_PIXELS (89,478,485 by default) with
@@ -209,9 +209,11 @@ class _ImageRules:
 # Conversations
 
 _FIX_ROLE = (
-    "use one of the roles system, user, assistant (sharegpt: system, human, gpt); "
-    "tool turns (observation, function_call) are not supported yet"
+    "use one of the roles system, user, assistant, function_call, observation "
+    "(sharegpt: system, human, gpt, function_call, observation; OpenAI: tool)"
 )
+# For the turn order a function call is an answer and a tool result a question (LLaMA-Factory's rule).
+_ORDER_ROLE = {"function_call": "assistant", "observation": "user"}
 
 
 def _conversation_problems(conv: Conversation) -> list[tuple[str, str, str]]:
@@ -227,17 +229,17 @@ def _conversation_problems(conv: Conversation) -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
     known: list[tuple[int, str]] = []
     for i, m in enumerate(messages, 1):
-        if m.role not in ROLES:
+        if m.role not in ROLES and m.role not in TOOL_ROLES:
             out.append(("unknown_role", f"message {i} has role {_q(m.role)}, which is not supported", _FIX_ROLE))
         else:
-            known.append((i, m.role))
-        if not m.images and not m.videos and not m.text.strip():
+            known.append((i, _ORDER_ROLE.get(m.role, m.role)))
+        if not m.images and not m.videos and not m.text.strip() and not m.tool_calls:
             what = f"message {i} ({_q(m.role)}) is empty"
             out.append(("empty_turn", what, "write the turn's text, or remove the turn"))
     order = _order_problem(known)
     if order is not None:
         out.append(order)
-    assistants = [m for m in messages if m.role == "assistant"]
+    assistants = [m for m in messages if m.role in ("assistant", "function_call")]
     if assistants and all(m.weight == 0 for m in assistants):
         out.append(
             (

@@ -5,13 +5,15 @@ version check, the CLI's --arch choices) reads it from here. What a *loaded* che
 patch and merge sizes, pixel bounds) still comes from its processor and config (models/spec.py); the sizes
 below only build the tiny random checkpoints.
 
-Importing this module imports nothing else, so the CLI can build its parser from it without loading
-transformers.
+Importing this module imports nothing but vlmtune.errors, so the CLI can build its parser from it without
+loading transformers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..errors import VlmtuneError
 
 _OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -38,7 +40,19 @@ class Family:
     tiny_max_pixels: int
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
-    chat_template: str  # which of tiny.py's templates: "qwen2_vl" or "qwen3_vl"
+    chat_template: str  # which of tiny.py's templates: "qwen2_vl", "qwen3_vl" or "qwen3_5" (thinking blocks)
+    tokenizer_class: str = "Qwen2Tokenizer"
+    # Traits: how the family differs, for the code that must know (instead of comparing model_type strings).
+    # Its video processor writes each video as one run per temporal patch, after a `<T seconds>` timestamp
+    # (the Qwen3-VL video processor); otherwise a video is one run.
+    video_timestamps: bool = False
+    # Its M-RoPE time axis of a video is absolute (second_per_grid_ts × tokens_per_second: Qwen2.5-VL).
+    video_absolute_time: bool = False
+    # Some of its decoder layers are gated-delta linear attention with a causal conv1d (Qwen3.5): recurrent and
+    # convolution state that packing must keep inside each sample (models/hybrid.py).
+    linear_attention: bool = False
+    # Its MLPs are mixtures of experts with a router.
+    moe: bool = False
 
     @property
     def factor(self) -> int:
@@ -58,11 +72,29 @@ FAMILIES: dict[str, Family] = {
             "qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
             "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", "4.49",
             14, 2, 2, 56 * 56, 28 * 28 * 256, _OPENAI_CLIP_MEAN, _OPENAI_CLIP_STD, "qwen2_vl",
+            video_absolute_time=True,
         ),
         Family(
             "qwen3_vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig", "Qwen3VLProcessor",
             "Qwen3VLVideoProcessor", "4.57",
-            16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_vl",
+            16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_vl", video_timestamps=True,
+        ),
+        Family(
+            "qwen3_vl_moe", "Qwen3-VL-MoE", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeConfig",
+            "Qwen3VLProcessor", "Qwen3VLVideoProcessor", "4.57",
+            16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_vl", video_timestamps=True, moe=True,
+        ),
+        Family(
+            "qwen3_5", "Qwen3.5", "Qwen3_5ForConditionalGeneration", "Qwen3_5Config", "Qwen3VLProcessor",
+            "Qwen3VLVideoProcessor", "5.2",
+            16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_5", tokenizer_class="Qwen3_5Tokenizer",
+            video_timestamps=True, linear_attention=True,
+        ),
+        Family(
+            "qwen3_5_moe", "Qwen3.5-MoE", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeConfig",
+            "Qwen3VLProcessor", "Qwen3VLVideoProcessor", "5.2",
+            16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_5", tokenizer_class="Qwen3_5Tokenizer",
+            video_timestamps=True, linear_attention=True, moe=True,
         ),
     )
 }
@@ -70,11 +102,20 @@ FAMILIES: dict[str, Family] = {
 MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
 
 
+class UnsupportedFamily(VlmtuneError, ValueError):
+    """A checkpoint whose model_type is not in the table: one line that names the supported families."""
+
+
+def supported() -> str:
+    """The supported families as a user reads them: "Qwen2-VL (qwen2_vl), ..."."""
+    return ", ".join(f"{f.name} ({t})" for t, f in FAMILIES.items())
+
+
 def family_of(model_type: str | None) -> Family:
-    """The family of a config's model_type; ValueError naming the supported ones otherwise."""
+    """The family of a config's model_type; UnsupportedFamily naming the supported ones otherwise."""
     if model_type not in FAMILIES:
-        raise ValueError(
-            f"model_type={model_type!r} is not a supported Qwen-VL family; vlmtune supports {', '.join(MODEL_TYPES)}"
+        raise UnsupportedFamily(
+            f"model_type={model_type!r} is not a supported Qwen-VL family; vlmtune supports {supported()}"
         )
     return FAMILIES[model_type]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import FinetuningArgs, FitArgs, ModelArgs
 from ..errors import VlmtuneError
+from .families import family_of
 from .spec import ModelSpec
 from .video_grid import VideoSpec
 
@@ -68,14 +69,42 @@ def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False, 
 
     kwargs = {"trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
     try:
-        return (AutoProcessor.from_pretrained(model_name_or_path, **kwargs),
-                AutoConfig.from_pretrained(model_name_or_path, **kwargs))
+        config = load_config(model_name_or_path, **kwargs)
+        return AutoProcessor.from_pretrained(model_name_or_path, **kwargs), config
     except OSError as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
         raise VlmtuneError(
             f"cannot load the processor of {model_name_or_path}: {first}; pass a local checkpoint directory, or a "
             "hub id that is cached or reachable (check HF_HUB_OFFLINE and the network)"
         ) from e
+
+
+def load_config(model_name_or_path: str, **kwargs):
+    """The checkpoint's config, checked to be of a supported family before anything else is loaded: a model type
+    vlmtune does not support (or transformers does not know) is one line naming the supported families."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
+    except ValueError as e:  # transformers' "does not recognize this architecture"
+        model_type = _config_model_type(model_name_or_path)
+        if model_type is None:
+            raise
+        family_of(model_type)  # raises UnsupportedFamily
+        raise
+    family_of(getattr(config, "model_type", None))
+    return config
+
+
+def _config_model_type(model_name_or_path: str) -> str | None:
+    """config.json's model_type of a local checkpoint, read without transformers."""
+    import json
+
+    path = Path(model_name_or_path).expanduser() / "config.json"
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_spec(model: ModelArgs | str, fit: FitArgs | None = None) -> Loaded:

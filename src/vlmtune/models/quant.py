@@ -107,9 +107,7 @@ def trained_quantization(adapter) -> dict:
 
 def inference_kwargs(keys: dict, dtype=None) -> dict:
     """load_kwargs for chat: the from_pretrained arguments that quantize a base as `keys` (QUANT_KEYS) say."""
-    from types import SimpleNamespace
-
-    return load_kwargs(SimpleNamespace(**{**QUANT_KEYS, **keys}), dtype)
+    return load_kwargs(FinetuningArgs(**{**QUANT_KEYS, **keys}), dtype)
 
 
 def bitsandbytes_version() -> str | None:

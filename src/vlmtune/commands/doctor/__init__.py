@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from ...data.cache import check_folders
 from .checks import (
     Context,
     _load,
@@ -48,6 +49,7 @@ def run_checks(cfg, *, device_info: DeviceInfo | None = None, loaded=None, model
     """Every check of a config. `loaded`: the processor/config/spec (default: loaded from model_name_or_path);
     `model`: the *ForConditionalGeneration, on any device, read only (default: built on the meta device);
     `env`: the environment variables to read (WORLD_SIZE, LOCAL_RANK, ...; default: os.environ)."""
+    check_folders(cfg.for_data())  # overlapping output / prepared / data folders: refused before any work
     ctx = Context(cfg, device_info or probe_device(), env=dict(os.environ if env is None else env))
     _load(ctx, loaded, model)
     _read_data(ctx, progress)

@@ -224,22 +224,27 @@ def check_precision(ctx: Context) -> Check:
 
 
 def _cpu_bf16(cfg, dev: DeviceInfo) -> Check:
-    """bf16 on the CPU, judged by a measured slowdown (train/speed.py), not by the CPU's flags alone."""
-    from ...train.speed import BF16_SLOWDOWN_FALLBACK, cpu_bf16_slowdown
+    """bf16 on the CPU: decided as `vlmtune train` decides it (train.speed.cpu_bf16, from the CPU's bf16
+    instructions); the measured slowdown is shown as advice only."""
+    from ...train.speed import BF16_SLOWDOWN_FALLBACK, cpu_bf16, cpu_bf16_slowdown
 
+    flags = dev.bf16_flags if dev.bf16_flags is not None else frozenset({"amx_bf16"} if dev.bf16 else ())
+    decision = cpu_bf16(flags)
     factor = dev.bf16_slowdown if dev.bf16_slowdown is not None else cpu_bf16_slowdown()
-    native = "has" if dev.bf16 else "has no"
     measured = (f"bf16 autocast measured {factor:.1f}x the float32 time of a decoder-like block on {dev.name} "
-                f"(which {native} AVX512-BF16 or AMX); no GPU found")
-    if factor <= BF16_SLOWDOWN_FALLBACK:
-        return Check("precision", "ok", f"bf16=true: {measured}")
+                "(advice only: the choice follows the CPU's instructions); no GPU found")
+    slower = factor > BF16_SLOWDOWN_FALLBACK
+    if decision.keep:
+        if slower and not cfg.force_cpu_bf16:
+            return Check("precision", "warn", f"bf16=true: kept, since {decision.why}, but {measured}",
+                         "set bf16: false if float32 is faster in your runs")
+        return Check("precision", "ok", f"bf16=true: kept, since {decision.why}; {measured}")
     if cfg.force_cpu_bf16:
         return Check("precision", "warn", f"bf16=true and force_cpu_bf16=true: training keeps bfloat16 autocast "
-                     f"although it is {factor:.1f}x SLOWER than float32 here: {measured}",
-                     "set bf16: false and force_cpu_bf16: false (float32 is faster on this CPU)")
-    return Check("precision", "warn", f"bf16=true but bfloat16 autocast is {factor:.1f}x SLOWER than float32 here, "
-                 f"so `vlmtune train` will train in float32 instead: {measured}",
-                 "set bf16: false (or force_cpu_bf16: true to keep bf16 anyway)")
+                     f"although {decision.why}: {measured}",
+                     "set bf16: false and force_cpu_bf16: false (float32 is faster on such CPUs)")
+    return Check("precision", "warn", f"bf16=true but {decision.why}, so `vlmtune train` will train in float32 "
+                 f"instead: {measured}", "set bf16: false (or force_cpu_bf16: true to keep bf16 anyway)")
 
 
 def _local_processes(ctx: Context) -> int:

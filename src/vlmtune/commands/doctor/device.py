@@ -12,8 +12,7 @@ class DeviceInfo:
     """What the checks know about the hardware; `probe_device()` reads it, tests make it up.
 
     total_memory is the GPU's memory on "cuda" and the machine's RAM on "cpu"; bf16 is whether the device
-    computes in bfloat16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX). A CPU flag is not a measurement:
-    see bf16_slowdown.
+    computes in bfloat16 natively at speed (Ampere+ GPUs; CPUs that train.speed.cpu_bf16 keeps bf16 on: AMX-BF16).
     """
 
     kind: str  # "cuda" | "cpu"
@@ -27,6 +26,8 @@ class DeviceInfo:
     # precision check when bf16 is set; None: not measured yet. Tests set it.
     bf16_slowdown: float | None = None
     cpu_flops: float | None = None  # CPU only: measured float32 FLOP/s (train/speed.py) for the time per step
+    # CPU only: its bf16 instruction sets (train.speed.cpu_bf16_flags); None: {"amx_bf16"} if bf16 else none.
+    bf16_flags: frozenset[str] | None = None
 
 
 def probe_device() -> DeviceInfo:
@@ -40,7 +41,10 @@ def probe_device() -> DeviceInfo:
         cc = (props.major, props.minor)
         return DeviceInfo("cuda", props.name, int(props.total_memory), bool(torch.cuda.is_bf16_supported()), cc,
                           cpus, free_ram)
-    return DeviceInfo("cpu", _cpu_name(), total_ram, _cpu_has_bf16(), None, cpus, free_ram)
+    from ...train.speed import cpu_bf16, cpu_bf16_flags
+
+    flags = cpu_bf16_flags()
+    return DeviceInfo("cpu", _cpu_name(), total_ram, cpu_bf16(flags).keep, None, cpus, free_ram, bf16_flags=flags)
 
 
 def _cpu_count() -> int:
@@ -80,7 +84,3 @@ def _cpu_name() -> str:
 
     return m.group(1).strip() if m else (platform.processor() or "CPU")
 
-
-def _cpu_has_bf16() -> bool:
-    m = re.search(r"^flags\s*:\s*(.+)$", _cpu_info(), re.M)
-    return bool(m and {"avx512_bf16", "amx_bf16"} & set(m.group(1).split()))
