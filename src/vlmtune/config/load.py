@@ -11,8 +11,14 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from ..errors import ConfigError
-from .sections import _KEYS, KEYS, SECTIONS, Config, _assemble, default_of
-from .values import _INVALID, OVERFLOW_POLICIES, TERMINAL_POLICIES, _Bad, _converter, _without_none, shown
+from .sections import KEY_TABLE as _KEYS
+from .sections import KEYS, SECTIONS, Config, default_of
+from .sections import assemble as _assemble
+from .values import INVALID as _INVALID
+from .values import OVERFLOW_POLICIES, TERMINAL_POLICIES, shown
+from .values import BadValue as _Bad
+from .values import converter as _converter
+from .values import without_none as _without_none
 
 # LLaMA-Factory keys that have no effect in vlmtune but fill its example configs: accepted with a note in
 # Config.notes so that a config moves over unchanged. key -> (the values accepted, None for any; why).

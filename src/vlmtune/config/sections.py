@@ -16,16 +16,16 @@ from .values import (
     DEFAULT_OVERFLOW,
     LR_SCHEDULERS,
     OPTIMIZERS,
-    _arg,
-    _as_comma_str,
-    _converter,
-    _dropout,
-    _max_steps,
-    _non_negative,
-    _positive,
-    _ratio,
-    _share,
-    _val_size,
+    arg as _arg,
+    as_comma_str as _as_comma_str,
+    converter as _converter,
+    dropout as _dropout,
+    max_steps as _max_steps,
+    non_negative as _non_negative,
+    positive as _positive,
+    ratio as _ratio,
+    share as _share,
+    val_size as _val_size,
 )
 
 
@@ -452,20 +452,20 @@ def _key_table() -> dict[str, tuple[str, Any, Any]]:
     return table
 
 
-_KEYS = _key_table()
-KEYS: tuple[str, ...] = tuple(_KEYS)
+KEY_TABLE = _key_table()
+KEYS: tuple[str, ...] = tuple(KEY_TABLE)
 
 
 def _check_declarations() -> None:
     """Every declared type needs a converter: fail at import, not when some user's config sets the key."""
-    for _, f, hint in _KEYS.values():
+    for _, f, hint in KEY_TABLE.values():
         _converter(f, hint)
 
 
 _check_declarations()
 
 
-PREPARED_KEYS: tuple[str, ...] = tuple(k for k, (_, f, _) in _KEYS.items() if f.metadata["prepared"])
+PREPARED_KEYS: tuple[str, ...] = tuple(k for k, (_, f, _) in KEY_TABLE.items() if f.metadata["prepared"])
 
 
 def prepared_values(*sections: Any) -> dict[str, Any]:
@@ -476,7 +476,7 @@ def prepared_values(*sections: Any) -> dict[str, Any]:
 
 def default_of(key: str) -> Any:
     """The declared default of a key (None for required keys), as a fresh object."""
-    f = _KEYS[key][1]
+    f = KEY_TABLE[key][1]
     return f.default_factory() if f.default is MISSING else f.default
 
 
@@ -523,9 +523,9 @@ class Config:
 
     def __getattr__(self, name: str) -> Any:
         # Called only when normal lookup fails, i.e. for the flat keys that live in a section.
-        if name not in _KEYS:
+        if name not in KEY_TABLE:
             raise AttributeError(f"Config has no key {name!r}")
-        return getattr(object.__getattribute__(self, _KEYS[name][0]), name)
+        return getattr(object.__getattribute__(self, KEY_TABLE[name][0]), name)
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(KEYS))
@@ -545,7 +545,7 @@ class Config:
         Strict: a name that is not a declared key raises KeyError, so a typo cannot hash silently as None.
         """
         keys = list(keys)
-        unknown = [k for k in keys if k not in _KEYS]
+        unknown = [k for k in keys if k not in KEY_TABLE]
         if unknown:
             raise KeyError(f"not config keys: {unknown}")
         return {k: _copy(getattr(self, k)) for k in keys}
@@ -564,7 +564,7 @@ def _copy(v: Any) -> Any:
     return list(v) if isinstance(v, list) else v
 
 
-def _assemble(values: dict[str, Any], notes: list[str], derived: frozenset[str]) -> Config:
+def assemble(values: dict[str, Any], notes: list[str], derived: frozenset[str]) -> Config:
     sections = {name: cls(**{f.name: values[f.name] for f in fields(cls)}) for name, cls in SECTIONS.items()}
     return Config(**sections, notes=tuple(dict.fromkeys(notes)), derived=derived)
 

@@ -1,6 +1,6 @@
 """What a config value may be: the field helper that declares a key, its converters and range checks.
 
-Every key of the YAML is declared with `_arg` in sections.py; load.py converts and checks a raw value with
+Every key of the YAML is declared with `arg` in sections.py; load.py converts and checks a raw value with
 the helpers here. Nothing here knows a key by name.
 """
 
@@ -55,17 +55,17 @@ def shown(value: Any) -> str:
 
 
 # Stands for the value of a key that already has a problem, so that checks across keys skip it.
-_INVALID = object()
+INVALID = object()
 
 
-class _Bad(ValueError):
+class BadValue(ValueError):
     """A value of the wrong type; the message completes "key=value ...", e.g. "is not an integer"."""
 
 
 # --- field declarations -------------------------------------------------------------------------------------
 
 
-def _arg(
+def arg(
     default: Any = MISSING,
     help: str = "",
     *,
@@ -90,31 +90,31 @@ def _arg(
     return field(default=None if required else default, metadata=meta)
 
 
-def _positive(v: float) -> str | None:
+def positive(v: float) -> str | None:
     return "is not positive" if v <= 0 else None
 
 
-def _non_negative(v: float) -> str | None:
+def non_negative(v: float) -> str | None:
     return "is negative" if v < 0 else None
 
 
-def _share(v: float) -> str | None:
+def share(v: float) -> str | None:
     return None if 0 < v <= 1 else "is not in (0, 1]"
 
 
-def _ratio(v: float) -> str | None:
+def ratio(v: float) -> str | None:
     return None if 0 <= v <= 1 else "is not in [0, 1]"
 
 
-def _dropout(v: float) -> str | None:
+def dropout(v: float) -> str | None:
     return None if 0 <= v < 1 else "is not in [0, 1)"
 
 
-def _max_steps(v: int) -> str | None:
+def max_steps(v: int) -> str | None:
     return None if v == -1 or v > 0 else "is neither -1 nor positive"
 
 
-def _val_size(v: int | float) -> str | None:
+def val_size(v: int | float) -> str | None:
     if v < 0:
         return "is negative"
     # LLaMA-Factory reads a float as a fraction; 1.0 or more of the data cannot be held out.
@@ -124,13 +124,13 @@ def _val_size(v: int | float) -> str | None:
 def _as_bool(v: Any) -> bool:
     if isinstance(v, bool):
         return v
-    raise _Bad("is not true or false")
+    raise BadValue("is not true or false")
 
 
 def _as_int(v: Any) -> int:
     if isinstance(v, int) and not isinstance(v, bool):
         return v
-    raise _Bad("is not an integer")
+    raise BadValue("is not an integer")
 
 
 def _as_float(v: Any) -> float:
@@ -146,32 +146,32 @@ def _as_float(v: Any) -> float:
 def _as_number(v: Any) -> int | float:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         if not math.isfinite(v):  # YAML's .inf and .nan pass every range check
-            raise _Bad("is not a finite number")
+            raise BadValue("is not a finite number")
         return v
-    raise _Bad("is not a number")
+    raise BadValue("is not a number")
 
 
 def _as_str(v: Any) -> str:
     if isinstance(v, (str, os.PathLike)):
         return os.fspath(v)
-    raise _Bad("is not a string")
+    raise BadValue("is not a string")
 
 
 def _as_str_list(v: Any) -> list[str]:
     """A list of names, from a YAML list or from a comma-separated string (LLaMA-Factory's form)."""
     items = v.split(",") if isinstance(v, str) else v
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise _Bad("is not a string or a list of strings")
+        raise BadValue("is not a string or a list of strings")
     return [s.strip() for s in items if s.strip()]
 
 
-def _as_comma_str(v: Any) -> str:
+def as_comma_str(v: Any) -> str:
     """A comma-separated string; a YAML list is joined so both spellings mean the same."""
     if isinstance(v, list) and all(isinstance(s, str) for s in v):
         return ",".join(s.strip() for s in v)
     if isinstance(v, (str, os.PathLike)):
         return os.fspath(v)
-    raise _Bad("is not a string or a list of strings")
+    raise BadValue("is not a string or a list of strings")
 
 
 def _as_checkpoint(v: Any) -> str | bool | None:
@@ -179,7 +179,7 @@ def _as_checkpoint(v: Any) -> str | bool | None:
         return None
     if v is True or isinstance(v, (str, os.PathLike)):
         return os.fspath(v) if isinstance(v, os.PathLike) else v
-    raise _Bad("is not true, false or a path")
+    raise BadValue("is not true, false or a path")
 
 
 _CONVERTERS: dict[Any, Callable[[Any], Any]] = {
@@ -193,7 +193,7 @@ _CONVERTERS: dict[Any, Callable[[Any], Any]] = {
 }
 
 
-def _without_none(hint: Any) -> tuple[Any, bool]:
+def without_none(hint: Any) -> tuple[Any, bool]:
     """(the hint with None removed, whether None is allowed)."""
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
     if type(None) not in args:
@@ -202,6 +202,6 @@ def _without_none(hint: Any) -> tuple[Any, bool]:
     return functools.reduce(operator.or_, rest), True
 
 
-def _converter(f: Any, hint: Any) -> Callable[[Any], Any]:
-    return f.metadata["convert"] or _CONVERTERS[_without_none(hint)[0]]
+def converter(f: Any, hint: Any) -> Callable[[Any], Any]:
+    return f.metadata["convert"] or _CONVERTERS[without_none(hint)[0]]
 

@@ -326,7 +326,10 @@ def exchanges_of(enc: Encoded) -> tuple[list[Block], list[list[Block]]]:
 
 
 def _join(enc: Encoded, system: list[Block], exchanges: list[list[Block]], id: str | None = None) -> Encoded:
-    return enc.with_blocks(list(system) + [b for ex in exchanges for b in ex], id=id)
+    joined = enc.with_blocks(list(system) + [b for ex in exchanges for b in ex], id=id)
+    if id is not None:  # a piece: it keeps its input sample's id as data (recipe.split_validation groups by it)
+        joined.sample_id = enc.sample
+    return joined
 
 
 def _with_context(piece: Encoded, n_system: int, earlier: list[list[Block]], cut: int) -> Encoded:

@@ -37,7 +37,7 @@ class ImageHeader:
 Source = Union[str, bytes]
 
 
-def _fileobj(source: Source):
+def fileobj(source: Source):
     return io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
 
 
@@ -55,7 +55,7 @@ def read_header(source: Source) -> ImageHeader:
 
 def _pillow_header(source: Source) -> ImageHeader:
     """read_header through Pillow: any format, every corner case (the reference for the fast path)."""
-    with Image.open(_fileobj(source)) as im:
+    with Image.open(fileobj(source)) as im:
         width, height = _stored_size(im)
         fmt = im.format
         orientation = _exif_orientation(im)
@@ -384,6 +384,6 @@ def open_rgb(source: Source) -> Image.Image:
 
     Raises OSError / ValueError (PIL.UnidentifiedImageError is an OSError) for unreadable files.
     """
-    with Image.open(_fileobj(source)) as im:
+    with Image.open(fileobj(source)) as im:
         im.load()
         return to_rgb(im)

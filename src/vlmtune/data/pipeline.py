@@ -14,7 +14,6 @@ keep only per-sample numbers (`SampleStats`, fates, row lengths).
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -152,10 +151,6 @@ def _init_worker(loaded: Loaded, stages: Stages) -> None:
 
 
 # -- the driver --------------------------------------------------------------------------------
-def _file_key(source: str) -> str:
-    return re.sub(r"[:#]\d+$", "", source)
-
-
 def remote_options(read: ReadArgs):
     """data/remote.FetchOptions from the read section's remote_image_* keys."""
     from .remote import FetchOptions
@@ -178,7 +173,7 @@ def _chunks(read: ReadArgs, stream: Stream, chunk: int) -> Iterator[list[Convers
             stream.unread.append(item)
             continue
         if read.max_samples:  # the first n samples of each data file (LLaMA-Factory: per dataset)
-            key = _file_key(item.source)
+            key = item.origin.file
             seen[key] += 1
             if seen[key] > read.max_samples:
                 stream.limited = True

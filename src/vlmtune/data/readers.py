@@ -63,10 +63,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import hashlib
 import json
 import os
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +74,9 @@ import numpy as np
 
 from ..errors import Problem
 from . import formats
-from .dataset_info import DatasetEntry, _looks_like_hub_id, dataset_entries, entry_for_path
+from .dataset_info import DatasetEntry, dataset_entries, entry_for_path
+from .dataset_info import looks_like_hub_id as _looks_like_hub_id
+from .ids import IdPlan
 from .paths import PathCache
 from .records import (
     AUTO_FORMAT,
@@ -85,7 +85,7 @@ from .records import (
     file_problem,
     record_to_conversation,
 )
-from .types import Conversation
+from .types import Conversation, Origin
 
 _FIX_FILE = "check the path and its permissions"
 
@@ -117,6 +117,8 @@ class RawRecord:
     base_dir: str
     fmt: RecordFormat
     origin: list | None = None  # the row's locator for embedded images (data/formats.py)
+    file: str = ""  # the data file (table: its path or shown name) and the record's index there: types.Origin
+    index: int = 0
 
 
 # A file reader: (path, base_dir, fmt) -> the file's records in order, each a RawRecord or the Problem
@@ -135,7 +137,7 @@ def _table(rows: Iterator, base_dir: str, fmt: RecordFormat) -> Iterator[RawReco
     """data/formats.py's rows (Parquet, Arrow, datasets folders, Hub ids) as RawRecords."""
     for item in rows:
         yield item if isinstance(item, Problem) else \
-            RawRecord(item.value, item.source, item.fallback_id, base_dir, fmt, item.origin)
+            RawRecord(item.value, item.source, item.fallback_id, base_dir, fmt, item.origin, item.file, item.index)
 
 
 def read_parquet(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
@@ -204,7 +206,7 @@ def _read_lines(path: str, base_dir: str, fmt: RecordFormat, lines: Iterable[byt
                 "fix the JSON on this line (a .jsonl file holds one JSON object per line)",
             )
             continue
-        yield RawRecord(value, source, f"{stem}:{lineno}", base_dir, fmt)
+        yield RawRecord(value, source, f"{stem}:{lineno}", base_dir, fmt, file=path, index=lineno)
 
 
 def read_json(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
@@ -264,7 +266,7 @@ def read_json(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
     value.reverse()  # pop from the end: each record is released once it has been read
     i = 0
     while value:
-        yield RawRecord(value.pop(), f"{path}#{i}", f"{stem}:{i}", base_dir, fmt)
+        yield RawRecord(value.pop(), f"{path}#{i}", f"{stem}:{i}", base_dir, fmt, file=path, index=i)
         i += 1
 
 
@@ -410,96 +412,6 @@ def layout_notes(layouts: Counter) -> list[str]:
     return [f"recognised {LAYOUTS.get(k, k)}: {n} record(s)" for k, n in counts.most_common()]
 
 
-# -- ids: a record's own id when unique across everything read, else its fallback id -----------------
-def _own_id(value: Any) -> str | None:
-    own = value.get("id") if isinstance(value, dict) else None
-    if isinstance(own, bool) or not isinstance(own, (str, int)):
-        return None
-    text = str(own)
-    return text if text.strip() and len(text) <= 200 else None
-
-
-def _h(text: str) -> int:
-    """A 64-bit hash of an id, never 0 (0 marks "no own id")."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") or 1
-
-
-class IdPlan:
-    """Assigns ids in one pass over the records after a first pass has counted them.
-
-    Uniqueness is global, so every record's id must be known before the first sample is emitted. The
-    first pass keeps 8-byte hashes in numpy arrays (16 bytes per record, not the records); exact strings
-    are kept only for the rare ids whose hashes repeat, so a hash collision never merges two ids. Results
-    equal the whole-list rule: own id if unique, else the fallback, then `~2`, `~3`... on a clash.
-    """
-
-    def __init__(self, raws: Iterable[RawRecord | Problem], recount: Callable[[], Iterable[RawRecord | Problem]]):
-        own_h, fb_h = array("Q"), array("Q")
-        for raw in raws:
-            if isinstance(raw, RawRecord):
-                own = _own_id(raw.value)
-                own_h.append(0 if own is None else _h(own))
-                fb_h.append(_h(raw.fallback_id))
-        own = np.frombuffer(own_h, dtype=np.uint64) if own_h else np.zeros(0, np.uint64)
-        fb = np.frombuffer(fb_h, dtype=np.uint64) if fb_h else np.zeros(0, np.uint64)
-        self.records = len(own)
-        vals, counts = np.unique(own[own != 0], return_counts=True)
-        dup_h = set(vals[counts > 1].tolist())
-        # Exact counts for the own ids whose hashes repeat (a second pass over the records, when any).
-        self._own_counts: Counter = Counter()
-        if dup_h:
-            for raw in recount():
-                if isinstance(raw, RawRecord):
-                    mine = _own_id(raw.value)
-                    if mine is not None and _h(mine) in dup_h:
-                        self._own_counts[mine] += 1
-        self._dup_h = dup_h
-        dup = np.fromiter(dup_h, np.uint64, len(dup_h))
-        in_dup = np.isin(own, dup)
-        first = np.where((own != 0) & ~in_dup, own, fb)  # the first choice of each record (see below)
-        vals, counts = np.unique(first, return_counts=True)
-        # Ids that take the exact path (strings, `_used`): first choices that repeat, and, for records whose
-        # own id's hash repeats, both candidates (their first choice needs the exact counts).
-        self._contested = set(vals[counts > 1].tolist()) | dup_h | set(fb[in_dup].tolist())
-        order = np.argsort(first, kind="stable")
-        self._sorted, self._order = first[order], order
-        self._used: set[str] = set()  # final ids of records that took the exact path, and generated suffixes
-        self._generated: set[str] = set()
-        self._i = 0
-
-    def _first_choice(self, raw: RawRecord) -> str:
-        mine = _own_id(raw.value)
-        if mine is None:
-            return raw.fallback_id
-        if _h(mine) in self._dup_h and self._own_counts[mine] != 1:
-            return raw.fallback_id
-        return mine
-
-    def _earlier(self, sid: str, i: int) -> bool:
-        """Whether a record before i has taken `sid` as its id without the exact path."""
-        h = _h(sid)
-        if h in self._contested:
-            return False  # every record with this first choice takes the exact path: it is in _used
-        k = int(np.searchsorted(self._sorted, h))
-        return k < len(self._sorted) and int(self._sorted[k]) == h and int(self._order[k]) < i
-
-    def next_id(self, raw: RawRecord) -> str:
-        i = self._i
-        self._i += 1
-        sid = self._first_choice(raw)
-        if _h(sid) not in self._contested and sid not in self._generated:
-            return sid  # unique among the first choices, and no suffix took it: final
-        base = sid
-        if sid in self._used or self._earlier(sid, i):
-            k = 2
-            while f"{base}~{k}" in self._used or self._earlier(f"{base}~{k}", i):
-                k += 1
-            sid = f"{base}~{k}"
-            self._generated.add(sid)
-        self._used.add(sid)
-        return sid
-
-
 REMOTE_CHUNK = 256  # conversations whose http(s) images are fetched together (in parallel)
 
 
@@ -544,8 +456,10 @@ def iter_samples(
                 cache=cache,
                 origin=item.origin,
             )
-            if layouts is not None and isinstance(conv, Conversation):
-                layouts[conv.layout] += 1
+            if isinstance(conv, Conversation):
+                conv.origin = Origin(item.file, item.index)
+                if layouts is not None:
+                    layouts[conv.layout] += 1
             yield conv
 
     if not allow_remote_images:

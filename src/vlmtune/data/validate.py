@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import Problem
 from ..models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
-from .images import ImageHeader, Source, _fileobj, read_header
+from .images import ImageHeader, Source, fileobj as _fileobj, read_header
 from ..models.video_grid import VideoSampleError, VideoSpec
 from .types import ROLES, TOOL_ROLES, Conversation, ImagePart, VideoPart
 from .video import PlannedClip, VideoReadError, plan_clip, read_facts

@@ -239,10 +239,11 @@ def model_dtype(cfg):
 
 
 def split_validation(ds, val_size, seed: int):
-    """Hold out val_size of the *samples* (split pieces stay on one side), or None when 0."""
+    """Hold out val_size of the *samples* (split pieces, which share their sample_id, stay on one side), or None
+    when 0."""
     if not val_size:
         return ds, None
-    base = [i.split("#", 1)[0] for i in ds["id"]]
+    base = ds["sample_id"]
     ids = sorted(set(base))
     n_val = int(val_size) if val_size >= 1 else max(1, round(len(ids) * float(val_size)))
     rng = random.Random(seed)

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from .run import _pct, load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
+from .run import pct as _pct, load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
 from .video_data import FPS, FRAMES, SIDE_PATCHES, VIDEO_DATASET_NAME, VIDEO_FULL, VIDEO_QUICK, VideoDemoSize, \
     write_video_dataset
 from .video_eval import evaluate_video, video_chance

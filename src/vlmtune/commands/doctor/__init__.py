@@ -25,20 +25,18 @@ from typing import Callable
 from ...data.cache import check_folders
 from .checks import (
     Context,
-    _load,
-    _read_data,
-    check_data,
     check_distributed,
     check_memory,
     check_model,
     check_precision,
     check_quantization,
     check_versions,
-    check_video,
     check_vision,
     check_workers,
+    load_context,
     suggest_batch,
 )
+from .data import check_data, check_video, read_data
 from .device import DeviceInfo, probe_device
 from .memory import MemoryEstimate, ModelFacts, estimate_memory, model_facts
 from .report import Check, DoctorError, GiB, failures, format_checks, to_json
@@ -51,8 +49,8 @@ def run_checks(cfg, *, device_info: DeviceInfo | None = None, loaded=None, model
     `env`: the environment variables to read (WORLD_SIZE, LOCAL_RANK, ...; default: os.environ)."""
     check_folders(cfg.for_data())  # overlapping output / prepared / data folders: refused before any work
     ctx = Context(cfg, device_info or probe_device(), env=dict(os.environ if env is None else env))
-    _load(ctx, loaded, model)
-    _read_data(ctx, progress)
+    load_context(ctx, loaded, model)
+    read_data(ctx, progress)
     return [
         check_versions(ctx),
         check_precision(ctx),

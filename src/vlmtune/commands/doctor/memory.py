@@ -290,7 +290,7 @@ def _activations(cfg, f: ModelFacts, batch: int, seq_len: int, image_tokens: int
     return a * kept + logits + attention * f.active_vision_blocks
 
 
-def _zero_stage(cfg) -> tuple[int, str | None]:
+def zero_stage(cfg) -> tuple[int, str | None]:
     """(ZeRO stage of the DeepSpeed config, a problem reading it)."""
     if not cfg.deepspeed:
         return 0, None
