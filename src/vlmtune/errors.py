@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import re
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 # The longest line an error prints for one problem: a value echoed back (a 4 MB string in a config, a line of a
 # data file) is cut here, whatever the message was built from.
@@ -102,3 +105,26 @@ def _per_file(problems: list[Problem]) -> list:
             out.append(key)
         counts[key] = counts.get(key, 0) + 1
     return [x if isinstance(x, Problem) else f"{x[0]} ({counts[x]} record(s)): {x[1]}; {x[2]}" for x in out]
+
+
+# What torch's zip writer raises when a write fails part-way (a full disk under torch.save): the OSError is lost.
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILURES)
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(writing: str, fix: str) -> Iterator[None]:
+    """Turn a full disk (or quota) met while `writing` into a VlmtuneError that says what was being written and
+    `fix`, instead of an OSError or torch's "unexpected pos" from deep inside a save."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not _is_disk_full(e):
+            raise
+        raise VlmtuneError(f"no space left on the device while writing {writing} ({type(e).__name__}: "
+                           f"{str(e)[:200]}); {fix}") from None

@@ -399,3 +399,52 @@ def test_interactive_video(tiny_ckpt, clip):
     out = io.StringIO()
     assert interactive(cm, io.StringIO(f"{VIDEO_QUESTION}\n"), out, videos=[clip]) == 1  # --video in a terminal
     assert f"> {cm.ask(VIDEO_QUESTION, videos=[clip])}\n" in out.getvalue()
+
+
+# -- hostile inputs (issue 21): a clear error naming the file and the fix, before the model loads ----------------
+def _png_claiming(path, width: int, height: int):
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["bomb", "strip", "fifo"])
+def test_chat_refuses_a_hostile_image_before_loading_the_model(kind, tmp_path, capsys, monkeypatch):
+    import os
+
+    path = tmp_path / "img.png"
+    if kind == "bomb":
+        _png_claiming(path, 30000, 30000)  # 900 M pixels: Pillow's DecompressionBombError
+    elif kind == "strip":
+        Image.new("RGB", (5000, 1)).save(path)
+    else:
+        os.mkfifo(path)
+    monkeypatch.setattr(chat_mod, "ChatModel", lambda *a, **k: pytest.fail("the model loaded"))
+    rc = main(["chat", "--model", str(tmp_path), "--image", str(path), "what is it?"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and str(path) in err and len(err) < 1000
+    assert {"bomb": "(a possible decompression bomb); downscale it",
+            "strip": "is 5000x1, an aspect ratio above the processor's limit of 200; crop or pad it",
+            "fifo": "not a regular file: a FIFO, device or socket"}[kind] in err
+
+
+def test_an_adapter_of_pickles_is_refused_with_the_conversion(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(chat_mod.VlmtuneError) as err:
+        chat_mod.check_adapter(str(adapter))
+    msg = str(err.value)
+    assert msg.startswith(f"adapter {adapter} holds its weights as adapter_model.bin, a Python pickle, which vlmtune "
+                          "does not load")
+    assert "convert it to safetensors" in msg and "'adapter_model.safetensors'" in msg
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    chat_mod.check_adapter(str(adapter))  # safetensors next to it: the pickle is never read

@@ -404,7 +404,8 @@ TWO_RANKS = {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}
 
 
 @pytest.mark.parametrize("timeout, status, what", [
-    (180000000, "fail", "ddp_timeout=180000000 s lets a stuck rank hang the job for over a day (86400 s fails)"),
+    # LLaMA-Factory's examples' value: a warning, never a failure that stops `train`
+    (180000000, "warn", "ddp_timeout=180000000 s lets a stuck rank hang the job for over a day"),
     (10800, "warn", "ddp_timeout=10800 s lets a stuck rank hang the job for over 2 h"),
 ])
 def test_long_ddp_timeouts(check, timeout, status, what):
@@ -745,3 +746,19 @@ def test_unusable_videos_are_counted_by_kind(config, loaded, tmp_path):
         "video", "warn", "no usable video: 2 video problem(s) made their samples invalid (bad_video: 1, missing_file: 1)",
         "fix the clips (`vlmtune inspect` lists every problem), or remove those samples")
 
+
+
+def test_doctor_refuses_overlapping_folders_before_any_work(tmp_path, monkeypatch, capsys):
+    import json as _json
+
+    from vlmtune.commands.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    monkeypatch.setattr(doctor_checks, "_load", lambda *a, **k: pytest.fail("the model loaded first"))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model_name_or_path: {tmp_path / 'm'}\ndataset: {data}\noutput_dir: {tmp_path / 'out'}\n")
+    rc = main(["doctor", str(cfg), "--json", f"prepared_dir={tmp_path / 'out'}"])
+    out = _json.loads(capsys.readouterr().out)
+    assert rc == 2 and [(c["name"], c["status"]) for c in out] == [("config", "fail")]
+    assert out[0]["message"].startswith(f"prepared_dir={str(tmp_path / 'out')!r} is output_dir")

@@ -277,3 +277,47 @@ def test_the_export_keeps_the_video_keys_training_used(tiny_ckpt, tmp_path, arch
     else:  # per-clip bounds: left as the base's
         assert (exported.min_pixels, exported.max_pixels) == (base.min_pixels, base.max_pixels)
 
+
+
+# -- LLaMA-Factory's merge YAML (issue 24) ----------------------------------------------------------------------------
+def test_export_merge_yaml_exports_and_the_result_loads(tiny_ckpt, tmp_path, capsys, make_image):
+    ckpt = tiny_ckpt("qwen2_vl")
+    adapter = make_adapter(ckpt, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    (tmp_path / "merge.yaml").write_text(
+        f"### model\nmodel_name_or_path: {ckpt}\nadapter_name_or_path: {adapter}\ntemplate: qwen2_vl\n"
+        "trust_remote_code: false\n\n### export\n"
+        f"export_dir: {out}\nexport_size: 5\nexport_device: cpu\nexport_legacy_format: false\n")
+    assert main(["export", str(tmp_path / "merge.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("note: ignored template=qwen2_vl: the chat template comes from the checkpoint's "
+                              f"processor\nwrote a merged checkpoint to {out}:\n")
+    img = make_image(tmp_path / "red.png", 100, 80, (255, 0, 0))
+    batch = image_batch(AutoProcessor.from_pretrained(out), img)
+    base = AutoModelForImageTextToText.from_pretrained(ckpt)
+    expected = logits(PeftModel.from_pretrained(base, adapter), batch)
+    got = logits(AutoModelForImageTextToText.from_pretrained(out), batch)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_export_merge_yaml_problems_are_reported_together(tmp_path, capsys):
+    (tmp_path / "merge.yaml").write_text("model_name_or_path: m\nexport_legacy_format: true\nexport_size: 0\n"
+                                         "export_hub_model_id: me/x\nlearning_rate: 1\n")
+    assert main(["export", str(tmp_path / "merge.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate is not a key of a merge config" in err
+    assert "export_dir is required" in err
+    assert "export_legacy_format=True is not supported: vlmtune writes safetensors only; remove it" in err
+    assert "export_hub_model_id='me/x' is not supported" in err
+    assert "export_size=0 is not a positive number of GB" in err
+
+
+def test_a_full_fine_tune_exports_without_an_adapter(tiny_ckpt, tmp_path, capsys):
+    ckpt = tiny_ckpt("qwen2_vl")
+    out = tmp_path / "full"
+    assert main(["export", "--model", str(ckpt), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"note: no --adapter: {ckpt} is exported as it is (a full fine-tune "
+                                              "needs no merge)\nwrote a merged checkpoint to")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    want = logits(AutoModelForImageTextToText.from_pretrained(ckpt), {"input_ids": ids})
+    assert torch.equal(logits(AutoModelForImageTextToText.from_pretrained(out), {"input_ids": ids}), want)

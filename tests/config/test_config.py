@@ -35,12 +35,18 @@ DEFAULTS = {
     "video_fps": None,
     "video_maxlen": None,
     "preprocessing_num_workers": 1,
+    "eval_dataset": None,
+    "mix_strategy": "concat",
+    "interleave_probs": None,
     "val_size": 0,
     "max_samples": None,
     "allow_paths_outside_media_dir": False,
     "allow_remote_images": False,
     "on_bad_sample": "error",
+    "control_tokens_in_text": "invalid",
     "train_on_prompt": False,
+    "mask_history": False,
+    "default_system": None,
     "enable_thinking": True,
     "overflow": ["shrink_images", "truncate_text", "split", "drop"],
     "min_image_tokens": 4,
@@ -281,12 +287,13 @@ def test_sections_partition_the_keys():
         "cutoff_len", "image_max_pixels", "image_min_pixels", "train_on_prompt", "enable_thinking", "overflow",
         "min_image_tokens",
         "max_image_token_share", "split_keep_context", "packing", "video_max_pixels", "video_min_pixels", "video_fps",
-        "video_maxlen",
+        "video_maxlen", "mask_history", "default_system", "enable_thinking",
     }
     assert {f.name for f in dataclasses.fields(C.ReadArgs)} == {
         "dataset", "dataset_dir", "media_dir", "max_samples", "val_size", "allow_paths_outside_media_dir",
         "allow_remote_images", "on_bad_sample", "max_skipped_share", "confirm_skipped_share", "remote_image_max_bytes",
-        "remote_image_timeout", "remote_image_deadline", "allow_private_remote_images",
+        "remote_image_timeout", "remote_image_deadline", "allow_private_remote_images", "control_tokens_in_text", "eval_dataset",
+        "mix_strategy", "interleave_probs",
     }
 
 

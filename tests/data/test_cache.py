@@ -125,3 +125,24 @@ def test_stale_cleanup_removes_only_marked_leftovers_of_dead_processes(tmp_path)
     cache.make_temp(str(alive))
     cache.remove_stale(str(out), str(report))
     assert not ours.exists() and (theirs / "x").exists() and alive.exists()
+
+
+def test_a_full_disk_during_prepare_is_a_clear_error_and_leaves_the_old_cache(tiny_ckpt, data, tmp_path, monkeypatch):
+    import errno
+
+    from datasets.arrow_writer import ArrowWriter
+
+    from vlmtune.errors import VlmtuneError
+
+    old = prepare(cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out").for_data(), progress=False)
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ArrowWriter, "write_table", full)
+    with pytest.raises(VlmtuneError) as err:
+        prepare(cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out", "overwrite_cache=true").for_data(), progress=False)
+    assert str(err.value).startswith("no space left on the device while writing the prepared dataset into ")
+    assert "set prepared_dir and output_dir to a disk with room" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fit_report.jsonl", "prepared", "prepared.lock"]
+    assert cache.is_ours(old.path) and (tmp_path / "out" / "prepared" / "data.arrow").exists()

@@ -207,3 +207,39 @@ def test_skipping_more_than_max_skipped_share_stops_unless_confirmed(tiny_ckpt, 
     assert "confirm_skipped_share: true" in str(err.value)
     assert prepare(load_config(None, [*base, "max_skipped_share=0.4"]).for_data(), progress=False).rows > 0
     assert prepare(load_config(None, [*base, "confirm_skipped_share=true"]).for_data(), progress=False).rows > 0
+
+
+# -- pixels that do not decode (issue 21): a skippable bad sample, found before training --------------------------
+def _undecodable_dataset(tmp_path, make_image):
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    d = tmp_path / "bad-pixels"
+    make_image(d / "good.png", 64, 64)
+    good = (d / "good.png").read_bytes()
+    ihdr = struct.pack(">IIBBBBB", 96, 64, 8, 2, 0, 0, 0)  # header, CRCs and IEND intact; IDAT garbage
+    (d / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                                    + chunk(b"IDAT", b"\x78\x9c" + bytes(range(256)) * 4) + chunk(b"IEND", b""))
+    (d / "cut.png").write_bytes(good[: len(good) // 2] + good[-12:])  # truncated, its end marker put back
+    recs = [{"messages": [{"role": "user", "content": "<image>colour?"}, {"role": "assistant", "content": "red"}],
+             "images": [name]} for name in ("good.png", "garbage.png", "cut.png")]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return d / "data.jsonl"
+
+
+def test_undecodable_pixels_are_skipped_with_a_reason_or_stop_prepare(tiny_ckpt, tmp_path, make_image):
+    data = _undecodable_dataset(tmp_path, make_image)
+    base = [f"model_name_or_path={tiny_ckpt('qwen2_vl')}", f"dataset={data}", f"output_dir={tmp_path / 'out'}",
+            "cutoff_len=256"]
+    with pytest.raises(DataError) as err:  # on_bad_sample: error (the default): stopped before any training
+        prepare(load_config(None, base).for_data(), progress=False)
+    assert [(p.kind, p.sample_id) for p in err.value.problems] == [("corrupt_image", "data:2"), ("corrupt_image", "data:3")]
+    prep = prepare(load_config(None, [*base, "on_bad_sample=skip", "confirm_skipped_share=true"]).for_data(), progress=False)
+    assert prep.rows == 1 and prep.fates == {"kept": 1, "invalid": 2}
+    lines = [json.loads(x) for x in open(prep.report_path)]
+    assert [(r["id"], r["fate"]) for r in lines] == [("data:1", "kept"), ("data:2", "invalid"), ("data:3", "invalid")]
+    assert "garbage.png' is truncated or corrupt (" in lines[1]["reason"]
+    assert "cut.png' is truncated or corrupt (" in lines[2]["reason"]

@@ -75,7 +75,8 @@ def test_fitted_video_rows_train_and_plain_truncation_crashes(data, tiny_ckpt, a
         loss.backward()
         assert torch.isfinite(loss)
     # the same long sample, expanded unfitted and cut at cutoff_len as other trainers do
-    stream = run_pipeline(ReadArgs(dataset=str(data / "d.jsonl"), dataset_dir=None), loaded, Stages(keep_ids=frozenset({"d:1"})), progress=False)
+    stream = run_pipeline(ReadArgs(dataset=str(data / "d.jsonl"), dataset_dir=None), loaded,
+                          Stages(keep_ids=frozenset({"d:1"})), progress=False)
     (enc,) = [e for res in stream.chunks for e in res.encoded]
     assert enc.length > CUTOFF
     full = emit(enc, loaded.spec).to_dict()

@@ -970,3 +970,36 @@ def test_iter_raw_is_lazy(tmp_path):
     second = next(it)
     assert isinstance(second, Problem) and second.kind == "data_not_found" and second.source == str(tmp_path / "b.jsonl")
     assert next(it, None) is None
+
+
+# -- files that are not data (issue 21) ------------------------------------------------------------------------
+def test_a_device_or_fifo_named_like_a_data_file_is_refused_unopened(tmp_path):
+    zero = tmp_path / "zero.jsonl"
+    os.symlink("/dev/zero", zero)  # read as lines it never ends: MemoryError before issue 21
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    for path in (zero, fifo):
+        res = read_samples(str(path))
+        assert res.conversations == []
+        assert [(p.kind, p.what) for p in res.problems] == [
+            ("data_not_found", "is not a regular file (a FIFO, device or socket)")]
+    rec = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    (tmp_path / "ok.jsonl").write_text(json.dumps(rec) + "\n")
+    res = read_samples(str(tmp_path))  # the folder read whole: the regular file is read, the others reported
+    assert len(res.conversations) == 1
+    assert sorted((p.source, p.what) for p in res.problems) == [
+        (str(fifo), "is not a regular file (a FIFO, device or socket)"),
+        (str(zero), "is not a regular file (a FIFO, device or socket)")]
+
+
+def test_a_line_longer_than_the_bound_is_one_bad_line(tmp_path, monkeypatch):
+    from vlmtune.data import readers
+
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 1000)
+    rec = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(rec).encode() + b"\n" + b"x" * 5000 + b"\n" + json.dumps(rec).encode() + b"\n")
+    res = read_samples(str(path))
+    assert [c.source for c in res.conversations] == [f"{path}:1", f"{path}:3"]
+    assert [(p.source, p.kind, p.what) for p in res.problems] == [
+        (f"{path}:2", "invalid_json", "line is longer than 1,000 bytes")]

@@ -398,3 +398,54 @@ def test_several_problems_of_one_sample_and_several_samples(tmp_path, write_imag
             source="d.json#1",
         ),
     ]
+
+
+def _garbage_idat_png(path, w=64, h=48) -> str:
+    """A PNG whose header, CRCs and IEND are intact but whose compressed pixel data is garbage (issue 21)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"\x78\x9c" + bytes(range(256)) * 8)
+                     + chunk(b"IEND", b""))
+    return str(path)
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_pixels_that_do_not_decode_are_found_by_decoding_only(tmp_path, verify):
+    path = _garbage_idat_png(tmp_path / "garbage.png")
+    res = run(with_image(path), verify_images=verify)
+    if not verify:  # the header, the CRCs and the end marker are all fine: a header read cannot tell
+        assert res.problems == []
+        return
+    (got,) = res.problems
+    assert (got.kind, got.sample_id, got.fix) == ("corrupt_image", "s1", FIX_REEXPORT)
+    assert got.what.startswith("image 'garbage.png' is truncated or corrupt (") and got.what.endswith(path)
+
+
+def test_a_jpeg_is_decoded_at_reduced_scale(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    path = tmp_path / "big.jpg"
+    Image.effect_noise((800, 640), 64).convert("RGB").save(path, quality=90)
+    sizes = []
+    real = JpegImagePlugin.JpegImageFile.load
+
+    def load(im):
+        sizes.append(im.size)
+        return real(im)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", load)
+    assert run(with_image(str(path)), verify_images=True).problems == []
+    assert sizes == [(100, 80)]  # draft: 1/8 scale
+
+
+def test_a_fifo_named_like_an_image_is_refused_without_being_opened(tmp_path):
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes: the test would hang
+    res = run(with_image(str(fifo)), verify_images=True)
+    assert res.problems == [P("not_an_image", f"image 'photo.png' is not a regular file (a FIFO, device or socket): "
+                                              f"{fifo}", "point the path at an image file")]

@@ -213,7 +213,7 @@ def test_resume_refuses_incomplete_or_missing_checkpoints(tmp_path):
         resolve_resume(True, str(out))
     for step in (3, 10, 20):
         (out / f"checkpoint-{step}").mkdir(parents=True)
-        (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
     (out / "checkpoint-3" / MARKER).write_text("3\n")
     (out / "checkpoint-10" / MARKER).write_text("10\n")
     (out / "checkpoint-x").mkdir()

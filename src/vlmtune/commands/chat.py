@@ -51,23 +51,44 @@ def check_images(paths: Iterable) -> list[Path]:
     """
     from PIL import Image, UnidentifiedImageError
 
+    from ..data.images import read_header
+    from ..models.grid import MAX_ASPECT_RATIO
+
     missing: list[str] = []
     unreadable: list[str] = []
+    refused: list[str] = []
     out: list[Path] = []
     for p in paths:
         if isinstance(p, Image.Image):
             continue
         path = Path(p).expanduser()
+        if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO or device: never opened
+            unreadable.append(f"{p} (not a regular file: a FIFO, device or socket)")
+            continue
         if not path.is_file():
             missing.append(str(p))
             continue
         try:
-            with Image.open(path):
-                pass
-        except (UnidentifiedImageError, OSError) as e:
-            unreadable.append(f"{p} ({e})")
+            header = read_header(str(path))  # the header only: a decompression bomb is never decoded
+        except Image.DecompressionBombError:
+            refused.append(f"{p} has more pixels than Pillow's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0):,} (a "
+                           "possible decompression bomb); downscale it")
+            continue
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            unreadable.append(f"{p} ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        w, h = header.width, header.height
+        if w <= 0 or h <= 0 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+            refused.append(f"{p} is {w}x{h}, an aspect ratio above the processor's limit of {MAX_ASPECT_RATIO}; crop "
+                           "or pad it")
+            continue
+        if (Image.MAX_IMAGE_PIXELS or 0) and w * h > Image.MAX_IMAGE_PIXELS:
+            refused.append(f"{p} is {w}x{h} = {w * h:,} pixels, above Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} "
+                           "(a possible decompression bomb); downscale it")
             continue
         out.append(path)
+    if refused:
+        raise VlmtuneError("cannot use as an image: " + "; ".join(refused))
     if missing:
         if len(missing) == 1:
             raise VlmtuneError(

@@ -104,13 +104,17 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import Check, failures, format_checks, run_checks, to_json
 
     try:
-        checks = run_checks(_load_cfg(args), progress=False)
+        cfg = _load_cfg(args)
+        checks = run_checks(cfg, progress=False)
     except VlmtuneError as e:
         if not args.json:
             raise
         # --json promises JSON on stdout: a config that does not load gives one failed check per problem
         print(to_json(_error_checks(e, Check)))
         return 2
+    if not args.json:  # the same notes `train` prints: keys accepted without effect, advice
+        for note in cfg.notes:
+            print(f"note: {note}")
     print(to_json(checks) if args.json else format_checks(checks))
     return 1 if failures(checks) else 0
 
@@ -185,8 +189,21 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import describe_export, export
+    from .export import describe_export, export, merge_job
 
+    if args.config is not None:  # LLaMA-Factory's merge YAML
+        if args.model or args.adapter or args.out:
+            raise VlmtuneError("give either a merge CONFIG.yaml or --model/--adapter/--out, not both")
+        job, notes = merge_job(args.config)
+        for note in notes:
+            print(f"note: {note}")
+        out = export(dtype=args.dtype, force=args.force, **job)
+        print(describe_export(out, adapter=job["adapter"][-1] if job["adapter"] else None))
+        return 0
+    if not args.model or not args.out:
+        raise VlmtuneError("vlmtune export needs a merge CONFIG.yaml, or --model and --out (and --adapter for LoRA)")
+    if not args.adapter:
+        print(f"note: no --adapter: {args.model} is exported as it is (a full fine-tune needs no merge)")
     out = export(
         args.model, args.adapter, args.out, dtype=args.dtype, force=args.force, trust_remote_code=args.trust_remote_code
     )
@@ -214,9 +231,11 @@ def _add_chat_export_parsers(sub) -> None:
     c.set_defaults(func=_cmd_chat)
 
     e = sub.add_parser("export", help="merge a LoRA adapter into its base model and save a standalone checkpoint")
-    e.add_argument("--model", required=True, help="hub id or local path of the base checkpoint")
-    e.add_argument("--adapter", required=True, help="the LoRA adapter directory")
-    e.add_argument("--out", required=True, help="output directory (must be new or empty, unless --force)")
+    e.add_argument("config", nargs="?", default=None,
+                   help="a LLaMA-Factory merge YAML (model_name_or_path, adapter_name_or_path, export_dir, ...)")
+    e.add_argument("--model", default=None, help="hub id or local path of the base checkpoint")
+    e.add_argument("--adapter", default=None, help="the LoRA adapter directory (none for a full fine-tune)")
+    e.add_argument("--out", default=None, help="output directory (must be new or empty, unless --force)")
     e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="dtype of the merged weights (default auto: the base checkpoint's)")
     e.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")

@@ -187,20 +187,26 @@ def apply_pixel_bounds(processor, bounds: dict[str, float]) -> None:
 
 def export(
     model: str,
-    adapter: str,
+    adapter: str | list[str] | None,
     out,
     dtype: str = "auto",
     force: bool = False,
     *,
     trust_remote_code: bool = False,
+    max_shard_size: str | None = None,
+    device: str = "cpu",
 ) -> Path:
-    """Merge `adapter` into `model` and save a standalone `dtype` checkpoint in `out` (auto: the base's dtype)."""
+    """Merge `adapter` (or several, in order) into `model` and save a standalone `dtype` checkpoint in `out` (auto:
+    the base's dtype). Without an adapter (a full or freeze fine-tune) the checkpoint is written again as a
+    standalone export: safetensors in `max_shard_size` shards, with its processor."""
     if dtype not in DTYPES:
         raise VlmtuneError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    model, adapter, out = str(model), str(adapter), Path(out).expanduser()
+    adapters = [str(a) for a in adapter] if isinstance(adapter, (list, tuple)) else [] if adapter is None else [str(adapter)]
+    model, out = str(model), Path(out).expanduser()
     check_model(model)
-    check_adapter(adapter)
-    _check_out(out, force, [model, adapter])
+    for a in adapters:
+        check_adapter(a)
+    _check_out(out, force, [model, *adapters])
 
     import torch
     from peft import PeftModel
@@ -208,26 +214,29 @@ def export(
 
     # The base model's processor (the adapter directory may hold a copy saved by training).
     processor, config = load_processor(model, trust_remote_code=trust_remote_code)
-    apply_pixel_bounds(processor, training_pixel_bounds(adapter))
+    apply_pixel_bounds(processor, training_pixel_bounds(adapters[-1] if adapters else model))
     stored = stored_dtype(config)
     dtype = stored if dtype == "auto" else dtype
     load_dtype = dtype if dtype == stored else "float32"
-    base = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, load_dtype),
+    on = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu"
+    base = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, load_dtype), device_map=on,
                                                        trust_remote_code=trust_remote_code, use_safetensors=True)
     from ..models.quant import is_quantized
 
     if is_quantized(base):  # a checkpoint saved quantized: merge into its dequantized weights, not the integers
         base = base.dequantize().to(getattr(torch, load_dtype))
-    was_tied = untie_embeddings(base)
-    merged = PeftModel.from_pretrained(base, adapter, autocast_adapter_dtype=True).merge_and_unload()
+    was_tied = untie_embeddings(base) if adapters else False
+    merged = base
+    for a in adapters:  # LLaMA-Factory merges a list of adapters one after the other
+        merged = PeftModel.from_pretrained(merged, a, autocast_adapter_dtype=True).merge_and_unload()
     if was_tied:
         retie_if_equal(merged)
-    merged = merged.to(getattr(torch, dtype)).eval()
+    merged = merged.to("cpu").to(getattr(torch, dtype)).eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        merged.save_pretrained(tmp)
+        merged.save_pretrained(tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
         processor.save_pretrained(tmp)
         check_export(tmp)
         if out.exists():
@@ -302,3 +311,51 @@ def _apply_video_keys(processor, keys: dict[str, float]) -> None:
         size.update({edge: int(keys[k]) for k, edge in (("video_min_pixels", "shortest_edge"),
                                                           ("video_max_pixels", "longest_edge")) if k in keys})
         vp.size = size
+
+
+# LLaMA-Factory's merge YAML (examples/merge_lora/*.yaml): the keys `vlmtune export CONFIG.yaml` reads.
+MERGE_KEYS = ("model_name_or_path", "adapter_name_or_path", "template", "finetuning_type", "trust_remote_code",
+              "export_dir", "export_size", "export_device", "export_legacy_format", "export_hub_model_id",
+              "export_quantization_bit", "cache_dir", "infer_dtype")
+
+
+def merge_job(path: str) -> tuple[dict, list[str]]:
+    """The export's arguments from a LLaMA-Factory merge YAML, and notes; every problem raised together."""
+    from ..config import read_yaml
+    from ..errors import ConfigError
+
+    raw = read_yaml(path)
+    problems, notes = [], []
+    for key in raw:
+        if key not in MERGE_KEYS:
+            problems.append(f"{key} is not a key of a merge config ({path}); it takes " + ", ".join(MERGE_KEYS))
+    model, out = raw.get("model_name_or_path"), raw.get("export_dir")
+    for key, value in (("model_name_or_path", model), ("export_dir", out)):
+        if not isinstance(value, str) or not value:
+            problems.append(f"{key} is required in {path}; set it to a path")
+    refused = {"export_legacy_format": (False, "vlmtune writes safetensors only"),
+               "export_hub_model_id": (None, "vlmtune never uploads; push export_dir with huggingface-cli"),
+               "export_quantization_bit": (None, "vlmtune exports unquantized merged weights"),
+               "infer_dtype": ("auto", "export keeps the base checkpoint's dtype")}
+    for key, (ok, why) in refused.items():
+        if raw.get(key, ok) != ok:
+            problems.append(f"{key}={raw[key]!r} is not supported: {why}; remove it")
+    size = raw.get("export_size", 5)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        problems.append(f"export_size={size!r} is not a positive number of GB; set it such as 5")
+    device = raw.get("export_device", "cpu")
+    if device not in ("cpu", "auto"):
+        problems.append(f"export_device={device!r} is not cpu or auto; set it to cpu or auto")
+    adapters = raw.get("adapter_name_or_path")
+    kind = raw.get("finetuning_type", "lora")
+    if kind not in ("lora", "full", "freeze"):
+        problems.append(f"finetuning_type={kind!r} is not lora, full or freeze")
+    if problems:
+        raise ConfigError(problems)
+    if "template" in raw:
+        notes.append(f"ignored template={raw['template']}: the chat template comes from the checkpoint's processor")
+    adapters = [a.strip() for a in str(adapters).split(",") if a.strip()] if adapters else []
+    if not adapters:
+        notes.append(f"no adapter_name_or_path: {model} is exported as it is (a {kind} fine-tune needs no merge)")
+    return ({"model": model, "adapter": adapters, "out": out, "max_shard_size": f"{size}GB", "device": device,
+             "trust_remote_code": bool(raw.get("trust_remote_code", False))}, notes)

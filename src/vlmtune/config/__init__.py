@@ -4,18 +4,21 @@
     cfg.cutoff_len, cfg.fit.overflow, cfg.read.dataset, cfg.notes
 
 - values.py: the field helper every key is declared with, the value converters and range checks;
-- sections.py: the typed sections (ModelArgs, ReadArgs, FitArgs, PrepareArgs, FinetuningArgs, TrainArgs) and
-  `Config`, which holds one of each and also reads every key flat;
+- sections.py: the typed sections (ModelArgs, ReadArgs, FitArgs, PrepareArgs, FinetuningArgs, TrainArgs); a key
+  declared `prepared=True` decides the prepared dataset (PREPARED_KEYS, `prepared_values`);
+- bundle.py: `Config`, which holds one of each section and also reads every key flat, and `DataSections`
+  (`cfg.for_data()`), the part the data layer is handed;
+- compat.py: every LLaMA-Factory key vlmtune does not declare, classified (llamafactory_keys.tsv lists them);
 - load.py: reading the YAML, `key=value` overrides, validation across keys, LLaMA-Factory compatibility, advice.
 """
 
-from .load import LLAMA_FACTORY_IGNORED, LLAMA_FACTORY_REPLACED, load_config, load_sections
+from .bundle import Config, DataSections
+from .compat import CLASSIFIED, LLAMA_FACTORY_KEYS
+from .load import LLAMA_FACTORY_REPLACED, load_config, load_sections, read_yaml
 from .sections import (
     KEYS,
     PREPARED_KEYS,
     SECTIONS,
-    Config,
-    DataSections,
     FinetuningArgs,
     FitArgs,
     ModelArgs,
@@ -28,8 +31,8 @@ from .sections import (
 from .values import DEFAULT_OVERFLOW, LR_SCHEDULERS, OPTIMIZERS, OVERFLOW_POLICIES, POLICIES, TERMINAL_POLICIES
 
 __all__ = [
-    "DEFAULT_OVERFLOW", "KEYS", "LLAMA_FACTORY_IGNORED", "LLAMA_FACTORY_REPLACED", "LR_SCHEDULERS", "OPTIMIZERS",
+    "CLASSIFIED", "DEFAULT_OVERFLOW", "KEYS", "LLAMA_FACTORY_KEYS", "LLAMA_FACTORY_REPLACED", "LR_SCHEDULERS", "OPTIMIZERS",
     "OVERFLOW_POLICIES", "POLICIES", "PREPARED_KEYS", "SECTIONS", "TERMINAL_POLICIES", "Config", "DataSections",
-    "FinetuningArgs", "FitArgs", "ModelArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of", "load_config", "load_sections",
-    "prepared_values",
+    "FinetuningArgs", "FitArgs", "ModelArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of", "load_config",
+    "load_sections", "prepared_values", "read_yaml",
 ]

@@ -11,38 +11,25 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from ..errors import ConfigError
+from .compat import CLASSIFIED, LLAMA_FACTORY_KEYS, accepts, allowed
+from .bundle import Config
+from .bundle import assemble as _assemble
 from .sections import KEY_TABLE as _KEYS
-from .sections import KEYS, SECTIONS, Config, default_of
-from .sections import assemble as _assemble
+from .sections import KEYS, SECTIONS, default_of
 from .values import INVALID as _INVALID
 from .values import OVERFLOW_POLICIES, TERMINAL_POLICIES, shown
 from .values import BadValue as _Bad
 from .values import converter as _converter
 from .values import without_none as _without_none
 
-# LLaMA-Factory keys that have no effect in vlmtune but fill its example configs: accepted with a note in
-# Config.notes so that a config moves over unchanged. key -> (the values accepted, None for any; why).
-LLAMA_FACTORY_IGNORED: dict[str, tuple[tuple | None, str]] = {
-    "stage": (("sft",), "vlmtune only does supervised fine-tuning"),
-    "do_train": ((True,), "`vlmtune train` always trains"),
-    "template": (("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "qwen3_5", "qwen3_5_nothink"),
-                 "the chat template comes from the model's processor"),
-    "overwrite_output_dir": (None, "checkpoints in output_dir are resumed only when resume_from_checkpoint is set"),
-    "save_only_model": ((False,), "vlmtune saves full checkpoints so that a run can resume"),
-    "do_eval": (None, "vlmtune evaluates whenever val_size > 0"),
-    "eval_strategy": (None, "vlmtune evaluates every eval_steps steps, or at each epoch's end, when val_size > 0"),
-    "visual_inputs": (None, "Qwen-VL models always read their images"),
-}
-
-# Keys of LLaMA-Factory (or other trainers) that vlmtune rejects with a specific fix instead of "unknown key".
+# Keys of older LLaMA-Factory versions (or other trainers) that vlmtune rejects with a specific fix instead of
+# "unknown key". The current LLaMA-Factory keys are classified in compat.py.
 LLAMA_FACTORY_REPLACED: dict[str, str] = {
     "image_resolution": "set image_max_pixels to image_resolution**2 instead (262144 for 512)",
     "video_resolution": "set video_max_pixels to video_resolution**2 instead (65536 for 256)",
     "vision_tower": "the vision tower comes with model_name_or_path; use freeze_vision_tower to train or freeze it",
     "train_mm_proj_only": "set finetuning_type: full with freeze_language_model: true, freeze_vision_tower: true "
     "and freeze_multi_modal_projector: false to train only the projector",
-    "disable_gradient_checkpointing": "use gradient_checkpointing: false (vlmtune's key has the opposite sense; "
-    "it is on by default, as in LLaMA-Factory)",
 }
 
 # A ddp_timeout above this (LLaMA-Factory's examples use 180000000) lets a stuck rank hang the job for days.
@@ -123,6 +110,15 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str) -> dict:
+    """A YAML mapping file (duplicate keys refused), for commands that read their own YAML (`vlmtune export`)."""
+    problems: list[str] = []
+    data = _read_yaml(path, problems)
+    if problems:
+        raise ConfigError(problems)
+    return data
 
 
 class _TooBig(Exception):
@@ -233,9 +229,9 @@ def _parse_overrides(overrides: Iterable[str], problems: list[str]) -> tuple[dic
 def _build(raw: dict, origin: dict, problems: list[str]) -> Config:
     notes: list[str] = []
     _nothink_template(raw, origin, problems, notes)
-    for key, value in raw.items():
+    for key, value in list(raw.items()):
         if key not in _KEYS:
-            _foreign_key(key, value, origin[key], problems, notes)
+            _foreign_key(key, value, origin[key], problems, notes, raw)
     values = {key: _field_value(key, raw.get(key, default_of(key)), problems) for key in KEYS}
     problems.extend(_check_together(values))
     if problems:
@@ -261,16 +257,33 @@ def _nothink_template(raw: dict, origin: dict, problems: list[str], notes: list[
                      "the checkpoint's empty one is part of the prompt)")
 
 
-def _foreign_key(key: Any, value: Any, where: str, problems: list[str], notes: list[str]) -> None:
-    """A key that is not ours: an ignored or replaced LLaMA-Factory key, or a mistake."""
-    if key in LLAMA_FACTORY_IGNORED:
-        accepted, why = LLAMA_FACTORY_IGNORED[key]
-        if accepted is None or value in accepted and type(value) in {type(a) for a in accepted}:
-            notes.append(f"ignored {key}={shown(value)}: {why}")
+def _foreign_key(key: Any, value: Any, where: str, problems: list[str], notes: list[str], raw: dict) -> None:
+    """A key that is not ours: a LLaMA-Factory key (compat.CLASSIFIED), a replaced one, or a mistake."""
+    c = CLASSIFIED.get(key) if isinstance(key, str) else None
+    text = _yaml_text(value)
+    if c is None:
+        _other_key(key, value, where, problems)
+    elif c.kind in ("noop", "command"):
+        notes.append(f"ignored {key}={shown(value)}: {c.why}")
+    elif c.kind == "alias":
+        converted = c.convert(value) if c.convert else value
+        if converted is not None and c.to not in raw:
+            raw[c.to] = converted
+            notes.append(f"{key}={text} is read as {c.to}={_yaml_text(converted)}: {c.why}")
+        elif c.to in raw and converted is not None and raw[c.to] != converted:
+            problems.append(f"{key}={text} ({where}) contradicts {c.to}={_yaml_text(raw[c.to])}; {c.why}: "
+                            f"remove {key}")
         else:
-            allowed = " or ".join(_yaml_text(a) for a in accepted)
-            problems.append(f"{key}={shown(value)} is not supported; {why}; remove {key} or set it to {allowed}")
-    elif key == "image_resolution" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            notes.append(f"ignored {key}={shown(value)}: {c.why}")
+    elif accepts(key, value):
+        notes.append(f"ignored {key}={shown(value)}: {c.why}")
+    else:
+        values = " or ".join(_yaml_text(a) for a in allowed(key))
+        problems.append(f"{key}={shown(value)} is not supported; {c.why}; remove {key} or set it to {values}")
+
+
+def _other_key(key: Any, value: Any, where: str, problems: list[str]) -> None:
+    if key == "image_resolution" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
         problems.append(
             f"image_resolution={value} ({where}) is replaced by image_max_pixels; "
             f"set image_max_pixels to image_resolution**2 = {value * value} instead"
@@ -278,7 +291,15 @@ def _foreign_key(key: Any, value: Any, where: str, problems: list[str], notes: l
     elif key in LLAMA_FACTORY_REPLACED:
         problems.append(f"{key} ({where}) is not supported; {LLAMA_FACTORY_REPLACED[key]}")
     else:
-        problems.append(f"unknown key {shown(key)} ({where}); {_did_you_mean(str(key), KEYS, 'see docs/config.md')}")
+        hint = _close_key(str(key))
+        problems.append(f"unknown key {shown(key)} ({where}); {hint or 'see docs/config.md'}")
+
+
+def _close_key(word: str) -> str | None:
+    """A "did you mean" only for a close spelling (a typo), never for a merely related name."""
+    known = list(KEYS) + [k for k in LLAMA_FACTORY_KEYS if k not in KEYS]
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.85)
+    return f"did you mean {close[0]!r}?" if close else None
 
 
 def _did_you_mean(word: str, options: Iterable[str], otherwise: str) -> str:
@@ -389,11 +410,37 @@ def _check_together(v: dict[str, Any]) -> list[str]:
             problems.append("streaming: true cannot pack (packing plans over all rows); set packing: false")
         if _valid(v["val_size"]) and v["val_size"]:
             problems.append(f"streaming: true takes no val_size (got {v['val_size']}); set val_size: 0")
+    if _valid(v["eval_dataset"], v["val_size"]) and v["eval_dataset"] and v["val_size"]:
+        problems.append(f"eval_dataset={v['eval_dataset']!r} and val_size={v['val_size']} both name validation "
+                        "data; set one of them (val_size: 0 to evaluate on eval_dataset)")
+    if v["streaming"] is True and _valid(v["eval_dataset"]) and v["eval_dataset"]:
+        problems.append("streaming: true takes no eval_dataset (it prepares nothing); set eval_dataset: null")
+    if _valid(v["mix_strategy"], v["interleave_probs"]) and v["interleave_probs"] and v["mix_strategy"] == "concat":
+        problems.append(f"interleave_probs={v['interleave_probs']!r} needs mix_strategy interleave_under or "
+                        "interleave_over (concat reads every dataset whole); set mix_strategy or remove "
+                        "interleave_probs")
+    problems.extend(_check_probs(v))
     if v["bf16"] is True and v["fp16"] is True:
         problems.append("bf16 and fp16 are both true; set at most one of them (bf16 where the GPU supports it)")
     problems.extend(_check_trainable(v))
     problems.extend(_check_quant_variants(v))
     return problems
+
+
+def _check_probs(v: dict[str, Any]) -> list[str]:
+    """interleave_probs: one probability per dataset, summing to 1."""
+    probs, datasets = v["interleave_probs"], v["dataset"]
+    if not _valid(probs, datasets) or not probs:
+        return []
+    n = len([d for d in str(datasets).split(",") if d.strip()])
+    try:
+        values = [float(p) for p in probs.split(",")]
+    except ValueError:
+        return [f"interleave_probs={probs!r} is not comma-separated numbers; set it such as 0.5,0.5"]
+    if len(values) != n or any(not 0 <= p <= 1 for p in values) or abs(sum(values) - 1) > 1e-6:
+        return [f"interleave_probs={probs!r} must give each of the {n} dataset(s) a probability in [0, 1], "
+                "summing to 1; set it such as " + ",".join([f"{1 / n:.3g}"] * n)]
+    return []
 
 
 # Keys that only mean something with LoRA adapters (finetuning_type lora), with the value that leaves them off.

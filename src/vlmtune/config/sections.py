@@ -83,6 +83,28 @@ class ReadArgs:
         check=_positive,
         prepared=True,
     )
+    eval_dataset: str | None = _arg(
+        None,
+        "Datasets to evaluate on instead of a val_size split: names or paths, like dataset; prepared and fitted "
+        "the same way, with their own fit report (eval_fit_report.jsonl). Not with val_size.",
+        expect="a name from dataset_info.json or a path, or null",
+        convert=_as_comma_str,
+    )
+    mix_strategy: str = _arg(
+        "concat",
+        "How several datasets mix: concat (one after the other, shuffled by the trainer), interleave_under "
+        "(alternate until the smallest runs out), interleave_over (until the largest runs out, repeating the others).",
+        choices=("concat", "interleave_under", "interleave_over"),
+        prepared=True,
+    )
+    interleave_probs: str | None = _arg(
+        None,
+        "With interleave_*: the chance of drawing each dataset, comma-separated in the order of `dataset`; "
+        "null: alternate evenly.",
+        expect="comma-separated probabilities such as 0.5,0.3,0.2, or null",
+        convert=_as_comma_str,
+        prepared=True,
+    )
     val_size: int | float = _arg(
         0,
         "Samples held out for validation: a fraction below 1 (0.1) or a count (100); 0: none.",
@@ -104,6 +126,15 @@ class ReadArgs:
         "A sample that fails validation (missing image, bad roles, placeholder count): error stops with every "
         "problem listed; skip leaves it out and records why in the fit report.",
         choices=("error", "skip"),
+        prepared=True,
+    )
+    control_tokens_in_text: str = _arg(
+        "invalid",
+        "A message whose text holds a token that frames turns or media (<|im_start|>, <|im_end|>, <|image_pad|>, "
+        "<|video_pad|>, <|vision_start|>, <|vision_end|>, <|endoftext|>): invalid makes it a bad sample (see "
+        "on_bad_sample); text trains it as the plain text it is, never as the control token. Tokens the chat "
+        "template gives a meaning inside content (<think>, <tool_call>) are not affected.",
+        choices=("invalid", "text"),
         prepared=True,
     )
     # -- how much bad data a run accepts, and remote images --
@@ -199,6 +230,16 @@ class FitArgs:
     )
     train_on_prompt: bool = _arg(
         False, "Compute the loss on every turn; false: on assistant turns only (the prompt is masked).",
+        prepared=True,
+    )
+    mask_history: bool = _arg(
+        False, "Compute the loss on the last answer (or function call) of each sample only; earlier answers are "
+        "context, as in LLaMA-Factory.",
+        prepared=True,
+    )
+    default_system: str | None = _arg(
+        None, "System prompt for samples that have none; null: the chat template's own default (if any).",
+        expect="a string such as 'You are a helpful assistant.', or null",
         prepared=True,
     )
     enable_thinking: bool = _arg(
@@ -471,100 +512,15 @@ PREPARED_KEYS: tuple[str, ...] = tuple(k for k, (_, f, _) in KEY_TABLE.items() i
 def prepared_values(*sections: Any) -> dict[str, Any]:
     """The values of the keys declared `prepared=True` in these sections: what decides a prepared dataset's
     content (its fingerprint), read from the declarations instead of a hand-kept list."""
-    return {f.name: _copy(getattr(s, f.name)) for s in sections for f in fields(s) if f.metadata["prepared"]}
+    return {f.name: copy_value(getattr(s, f.name)) for s in sections for f in fields(s) if f.metadata["prepared"]}
+
+
+def copy_value(v: Any) -> Any:
+    """A key's value that a caller may change: lists are copied."""
+    return list(v) if isinstance(v, list) else v
 
 
 def default_of(key: str) -> Any:
     """The declared default of a key (None for required keys), as a fresh object."""
     f = KEY_TABLE[key][1]
     return f.default_factory() if f.default is MISSING else f.default
-
-
-
-# --- the Config object --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DataSections:
-    """What the data layer reads of a config (prepare, streaming, the doctor's data check): the model, read,
-    fit and prepare sections, and the two training keys it needs. The commands and the recipe hand this down
-    (`cfg.for_data()`) instead of the whole Config."""
-
-    model: ModelArgs
-    read: ReadArgs
-    fit: FitArgs
-    prepare: PrepareArgs
-    output_dir: str  # the fit report is written here
-    wait_s: float  # ddp_timeout: how long a process waits for another one preparing the same folder
-
-
-
-@dataclass(frozen=True)
-class Config:
-    """A validated configuration: one typed section per concern, and every key also read flat.
-
-    Hand a function the section it uses (`cfg.read`, `cfg.fit`, `cfg.prepare`, `cfg.model`, `cfg.finetuning`,
-    `cfg.training`); `cfg.cutoff_len` still reads the key from its section.
-    Equal when every key is equal (notes aside). Frozen: change keys with `cfg.replace(cutoff_len=1024)`,
-    which validates the result again.
-    `notes` lists what was accepted but ignored (LLaMA-Factory keys) and other advice that is not an error.
-    Keys whose null default depends on another key (lora_alpha, preprocessing_num_workers, prepared_dir) hold
-    the effective value; `derived` names those that were filled in that way.
-    """
-
-    model: ModelArgs
-    read: ReadArgs
-    fit: FitArgs
-    prepare: PrepareArgs
-    finetuning: FinetuningArgs
-    training: TrainArgs
-    notes: tuple[str, ...] = field(default=(), compare=False)
-    derived: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
-
-    def __getattr__(self, name: str) -> Any:
-        # Called only when normal lookup fails, i.e. for the flat keys that live in a section.
-        if name not in KEY_TABLE:
-            raise AttributeError(f"Config has no key {name!r}")
-        return getattr(object.__getattribute__(self, KEY_TABLE[name][0]), name)
-
-    def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | set(KEYS))
-
-    def for_data(self) -> DataSections:
-        """The sections the data layer reads."""
-        return DataSections(self.model, self.read, self.fit, self.prepare, self.training.output_dir,
-                            self.training.ddp_timeout)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every key, flat, in declaration order; plain YAML types, so `yaml.safe_dump` writes it."""
-        return {k: _copy(getattr(self, k)) for k in KEYS}
-
-    def fingerprint_dict(self, keys: Iterable[str]) -> dict[str, Any]:
-        """The values of the given keys, e.g. those that decide a prepared dataset's content.
-
-        Strict: a name that is not a declared key raises KeyError, so a typo cannot hash silently as None.
-        """
-        keys = list(keys)
-        unknown = [k for k in keys if k not in KEY_TABLE]
-        if unknown:
-            raise KeyError(f"not config keys: {unknown}")
-        return {k: _copy(getattr(self, k)) for k in keys}
-
-    def replace(self, **changes: Any) -> Config:
-        """A new Config with some keys changed, validated like a loaded one; raises ConfigError."""
-        # Derived keys go back to null so that they follow their source: replace(lora_rank=16) doubles lora_alpha.
-        given = {k: None if k in self.derived else v for k, v in self.to_dict().items()}
-        from .load import load_config  # load.py builds Configs, so it imports this module, not the reverse
-
-        new = load_config(None, base={**given, **changes})
-        return dataclasses.replace(new, notes=tuple(dict.fromkeys((*self.notes, *new.notes))))
-
-
-def _copy(v: Any) -> Any:
-    return list(v) if isinstance(v, list) else v
-
-
-def assemble(values: dict[str, Any], notes: list[str], derived: frozenset[str]) -> Config:
-    sections = {name: cls(**{f.name: values[f.name] for f in fields(cls)}) for name, cls in SECTIONS.items()}
-    return Config(**sections, notes=tuple(dict.fromkeys(notes)), derived=derived)
-

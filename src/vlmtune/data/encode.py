@@ -33,6 +33,8 @@ from .types import TOOL_ROLES, Conversation, ImagePart, VideoPart
 from .video import PlannedClip
 
 IGNORE_INDEX = -100
+# First of the private-use characters (Unicode plane 15) that stand for control tokens typed as plain text.
+_SENTINEL_BASE = 0xF0100
 
 # Thinking blocks (Qwen3.5): what its chat template writes around an answer's reasoning, and writes empty when
 # there is none or thinking is off (docs/thinking.md).
@@ -196,12 +198,14 @@ class Encoder:
     """Renders conversations with a checkpoint's chat template and tokenizes them into blocks."""
 
     def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False, mask_history: bool = False,
-                 enable_thinking: bool = True):
+                 default_system: str | None = None, enable_thinking: bool = True,
+                 plain_tokens: tuple[str, ...] = ()):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.spec = spec
         self.train_on_prompt = train_on_prompt
         self.mask_history = mask_history  # LLaMA-Factory's: only the last answer is a target
+        self.default_system = default_system  # for samples without a system turn
         self.enable_thinking = enable_thinking
         self._text_ids: dict[str, tuple[int, ...]] = {}
         template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
@@ -214,6 +218,13 @@ class Encoder:
         self._headers = {
             role: self._ids(f"{spec.im_start_token}{role}\n") for role in ("system", "user", "assistant")
         }
+        # control_tokens_in_text: text. Each of these tokens typed in a message's text is swapped for a private-use
+        # character before rendering (so the template and the block split never see it), and that character is
+        # tokenized as the token's text with special tokens split (so it never becomes the control id).
+        self._to_sentinel = {t: chr(_SENTINEL_BASE + k) for k, t in enumerate(plain_tokens)}
+        self._from_sentinel = {c: t for t, c in self._to_sentinel.items()}
+        self._plain_re = re.compile("|".join(map(re.escape, plain_tokens))) if plain_tokens else None
+        self._sentinel_re = re.compile("([" + "".join(self._from_sentinel) + "])") if plain_tokens else None
         # enable_thinking=false: an answer's leading empty thinking block is prompt, not target (docs/thinking.md)
         self._empty_think = self._ids(EMPTY_THINK) if not enable_thinking and THINK_OPEN in template else None
 
@@ -227,7 +238,9 @@ class Encoder:
         `apply_chat_template` runs, without its per-call overhead)."""
         if not self.enable_thinking:
             convs = [without_thinking(c) for c in convs]
-        chats = [template_messages(c, self.renders_tools) for c in convs]
+        chats = [self._with_default_system(template_messages(c, self.renders_tools)) for c in convs]
+        if self._plain_re is not None:
+            chats = [[self._escape(m) for m in chat] for chat in chats]
         # the template reads enable_thinking as apply_chat_template passes it (Qwen3.5's generation prompt)
         think = {"enable_thinking": self.enable_thinking}
         try:
@@ -248,6 +261,38 @@ class Encoder:
                 out[i] = render_jinja_template(conversations=[chats[i]], chat_template=self.chat_template, **think,
                                                **self._tools(c), **self.tokenizer.special_tokens_map)[0][0]
         return out
+
+    def _with_default_system(self, chat: list[dict]) -> list[dict]:
+        """default_system for a sample without a system turn: rendered like the template's own default (a system
+        block with no message of its own), so it is never trained."""
+        if not self.default_system or (chat and chat[0]["role"] == "system"):
+            return chat
+        return [{"role": "system", "content": [{"type": "text", "text": self.default_system}]}, *chat]
+
+    def _escape(self, message: dict) -> dict:
+        """A template message with the plain-text tokens in its text swapped for their private-use characters."""
+        sub = lambda text: self._plain_re.sub(lambda m: self._to_sentinel[m.group(0)], text)  # noqa: E731
+        content = message.get("content")
+        if isinstance(content, str):
+            return {**message, "content": sub(content)}
+        if isinstance(content, list):
+            return {**message, "content": [{**p, "text": sub(p["text"])} if p.get("type") == "text" else p
+                                           for p in content]}
+        return message
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """Ids of a block holding private-use characters: the text around them as usual, each of them as its
+        token's text with special tokens split (plain characters, never the control id)."""
+        ids: list[int] = []
+        for k, piece in enumerate(self._sentinel_re.split(text)):
+            if not piece:
+                continue
+            if k % 2:
+                ids += self.tokenizer(self._from_sentinel[piece], add_special_tokens=False,
+                                      split_special_tokens=True)["input_ids"]
+            else:
+                ids += self._ids(piece)
+        return ids
 
     def _tools(self, conv: Conversation) -> dict:
         return {"tools": conv.tools} if conv.tools and self.renders_tools else {}
@@ -273,6 +318,8 @@ class Encoder:
         else:
             ids = self.tokenizer(unique, add_special_tokens=False)["input_ids"]
         by_text = dict(zip(unique, ids))
+        if self._sentinel_re is not None:
+            by_text.update((t, self._plain_ids(t)) for t in unique if self._sentinel_re.search(t))
         return [by_text[t] for t in texts]
 
     def _ids(self, text: str) -> list[int]:

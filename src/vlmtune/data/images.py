@@ -379,6 +379,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def check_decodes(source: Source) -> None:
+    """Decode the image's pixels as cheaply as its format allows, raising what the decode at training time
+    would raise (a PNG whose compressed data is garbage, a truncated file): a JPEG at 1/8 scale (libjpeg's DCT
+    scaling still reads every entropy-coded block, so truncation and broken markers are found; the inverse DCT
+    shrinks 64-fold), every other format fully (Pillow has no reduced decoding for them)."""
+    with Image.open(fileobj(source)) as im:
+        if im.format == "JPEG":
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+        im.load()
+
+
 def open_rgb(source: Source) -> Image.Image:
     """The decoded image as the processor should see it (see `to_rgb`), from a path or bytes.
 

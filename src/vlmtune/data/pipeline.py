@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
@@ -26,23 +26,26 @@ from ..errors import Problem, SampleError
 from ..models.load import Loaded
 from .encode import Encoded, Encoder, emit
 from .fit import FitOutcome, Fitter
+from .mix import Mix
 from .readers import iter_samples, layout_notes
 from .schema import SampleStats, features, table
 from .types import Conversation
-from .validate import validate
+from .validate import CONTROL_TOKENS, validate
 
 CHUNK = 256
 
 
 @dataclass(frozen=True)
 class Stages:
-    """How far each sample goes: encode always (labels as `fit.train_on_prompt` says); fit to `fit.cutoff_len`
-    with its policies when `fitting`; emit rows when `emit`."""
+    """How far each sample goes: encode always (labels, system prompt and thinking blocks as the fit section says);
+    fit to `fit.cutoff_len` with its policies when `fitting`; emit rows when `emit`."""
 
     fit: FitArgs = field(default_factory=FitArgs)
     fitting: bool = False
     emit: bool = False
     keep_ids: frozenset = frozenset()  # samples whose Encoded (and fit) comes back whole (inspect --show)
+    # control_tokens_in_text: text (validate.CONTROL_TOKENS as plain text); run_pipeline sets it from the read section
+    control_tokens_as_text: bool = False
 
 
 @dataclass
@@ -71,10 +74,11 @@ class Stream:
     records: int = 0  # every record read (conversations + unread), before max_samples
     limited: bool = False  # max_samples left some conversations out
     layouts: Counter = field(default_factory=Counter)  # record layouts recognised (readers.layout_notes)
+    mix: Mix | None = None  # the datasets' mix, with what interleave_under left out
 
     @property
     def notes(self) -> list[str]:
-        return layout_notes(self.layouts)
+        return layout_notes(self.layouts) + (self.mix.notes() if self.mix else [])
 
 
 # -- one chunk, in a worker process (or this one) ---------------------------------------------
@@ -85,9 +89,12 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["spec"] = loaded.spec
     _WORKER["stages"] = stages
     _WORKER["video"] = loaded.video
-    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=stages.fit.train_on_prompt,
-                                           enable_thinking=stages.fit.enable_thinking)
-    _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fitting else None
+    fit = stages.fit
+    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=fit.train_on_prompt,
+                                           mask_history=fit.mask_history, default_system=fit.default_system,
+                                           enable_thinking=fit.enable_thinking,
+                                           plain_tokens=CONTROL_TOKENS if stages.control_tokens_as_text else ())
+    _WORKER["fitter"] = Fitter(loaded.spec, fit, encoder) if stages.fitting else None
 
 
 def invalid_line(sample_id: str, source: str, reason: str) -> dict:
@@ -103,8 +110,11 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
     """One chunk of samples from validation to (fitted, emitted) rows."""
     w = _WORKER
     spec, stages, fitter = w["spec"], w["stages"], w["fitter"]
-    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
-                       patch_size=spec.patch_size, merge_size=spec.merge_size, video_spec=w["video"])
+    # Rows that will be trained on (emit: prepare, doctor, streaming) have every image decoded here, so that a
+    # pixel that cannot be decoded is a skippable bad sample now, not a crash mid-training (issue 21).
+    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size,
+                       merge_size=spec.merge_size, video_spec=w["video"], verify_images=stages.emit,
+                       control_tokens_as_text=stages.control_tokens_as_text)
     valid = {c.id for c in checked.valid}
     out = ChunkResult(list(checked.problems), [], [c for c in convs if c.id not in valid])
     lines: dict[str, dict] = {}
@@ -160,6 +170,12 @@ def remote_options(read: ReadArgs):
                         allow_private=read.allow_private_remote_images)
 
 
+def mix_of(read: ReadArgs, seed: int) -> Mix:
+    """How the read section's datasets mix (mix_strategy, interleave_probs), with the run's seed."""
+    probs = tuple(float(p) for p in read.interleave_probs.split(",")) if read.interleave_probs else None
+    return Mix(read.mix_strategy, probs, seed)
+
+
 def _chunks(read: ReadArgs, stream: Stream, chunk: int) -> Iterator[list[Conversation]]:
     seen: Counter = Counter()
     buf: list[Conversation] = []
@@ -167,7 +183,7 @@ def _chunks(read: ReadArgs, stream: Stream, chunk: int) -> Iterator[list[Convers
                              allow_paths_outside_media_dir=read.allow_paths_outside_media_dir,
                              allow_remote_images=read.allow_remote_images,
                              remote_options=remote_options(read) if read.allow_remote_images else None,
-                             layouts=stream.layouts):
+                             layouts=stream.layouts, mix=stream.mix):
         stream.records += 1
         if isinstance(item, Problem):
             stream.unread.append(item)
@@ -200,10 +216,12 @@ def _ordered(fn: Callable, items: Iterable, pool: ProcessPoolExecutor | None, wi
         yield pending.popleft().result()
 
 
-def run_pipeline(read: ReadArgs, loaded: Loaded, stages: Stages, *, workers: int = 1, chunk: int = CHUNK,
-                 progress: bool = True, desc: str = "preparing") -> Stream:
-    """Stream what the read section names through the stages; iterate `.chunks` (to the end) to drive it."""
-    stream = Stream(iter(()))
+def run_pipeline(read: ReadArgs, loaded: Loaded, stages: Stages, *, seed: int = 0, workers: int = 1,
+                 chunk: int = CHUNK, progress: bool = True, desc: str = "preparing") -> Stream:
+    """Stream what the read section names through the stages (`seed`: the run's, for interleaved datasets);
+    iterate `.chunks` (to the end) to drive it."""
+    stream = Stream(iter(()), mix=mix_of(read, seed))
+    stages = replace(stages, control_tokens_as_text=read.control_tokens_in_text == "text")
 
     def drive() -> Iterator[ChunkResult]:
         n = max(1, int(workers or 1))
@@ -252,7 +270,8 @@ def account(
     keep_ids: Iterable[str] = (),
 ) -> Accounting:
     """Read, validate and encode a dataset with header-only image sizes (a bare path: ReadArgs' defaults
-    otherwise); `fitting`: the samples in `keep_ids` come back fitted too (inspect --show --cutoff-len)."""
+    otherwise, no dataset_dir); `fitting`: the samples in `keep_ids` come back fitted too (inspect --show
+    --cutoff-len)."""
     read = ReadArgs(dataset=read, dataset_dir=None) if isinstance(read, str) else read
     stages = Stages(fit or FitArgs(), fitting=fitting, keep_ids=frozenset(keep_ids))
     stream = run_pipeline(read, loaded, stages, workers=workers, progress=progress, desc="accounting")

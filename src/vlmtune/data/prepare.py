@@ -13,6 +13,7 @@ The folder's handling on disk (ownership marker, lock, fingerprint, swap, stale 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from ..config import DataSections, ReadArgs
-from ..errors import DataError, Problem
+from ..errors import DataError, Problem, disk_full_is_an_error
 from ..models.load import Loaded, load_spec
 from . import cache
 from .cache import FINGERPRINT_FILE, data_files, fingerprint, prepared_dir  # noqa: F401  (re-exported)
@@ -35,6 +36,7 @@ CHUNK = 256
 DATA_FILE = "data.arrow"
 SAMPLES_FILE = "samples.arrow"  # per valid sample: tokens before fitting (the doctor's and inspect's numbers)
 PROBLEMS_FILE = "problems.jsonl"
+REPORT_FILE, EVAL_REPORT_FILE = "fit_report.jsonl", "eval_fit_report.jsonl"  # in output_dir
 PIECES_FILE = "pieces.npy"  # (tokens, vision tokens: image + video pads) of each emitted row
 FATES = ("kept", "shrunk", "truncated", "split", "dropped", "invalid")
 
@@ -87,14 +89,20 @@ def verdict(read: ReadArgs, invalid: int, records: int) -> Verdict | None:
     return None
 
 
-def report_path_of(data: DataSections) -> str:
-    return os.path.join(data.output_dir, "fit_report.jsonl")
-
-
-def prepare(data: DataSections, loaded: Loaded | None = None, *, progress: bool = True) -> Prepared:
+def prepare(data: DataSections, loaded: Loaded | None = None, *, progress: bool = True,
+            report_name: str = REPORT_FILE) -> Prepared:
     """Prepare (or load the cached) dataset; stops on the first sample that reaches the 'error' policy,
-    and, with on_bad_sample=error, on invalid samples once the fit report is written."""
-    return _prepare(data, loaded, progress, collect=False)[0]
+    and, with on_bad_sample=error, on invalid samples once the fit report is written. `report_name`: the fit
+    report's file in output_dir (eval_dataset's is EVAL_REPORT_FILE)."""
+    return _prepare(data, loaded, progress, collect=False, report_name=report_name)[0]
+
+
+def eval_config(data: DataSections) -> DataSections:
+    """The sections that prepare eval_dataset: the same keys, its datasets, its own prepared folder."""
+    read = dataclasses.replace(data.read, dataset=data.read.eval_dataset, eval_dataset=None, val_size=0,
+                               mix_strategy="concat", interleave_probs=None)
+    prep = dataclasses.replace(data.prepare, prepared_dir=prepared_dir(data).rstrip("/\\") + "-eval")
+    return dataclasses.replace(data, read=read, prepare=prep)
 
 
 @dataclass
@@ -118,11 +126,12 @@ def prepare_facts(data: DataSections, loaded: Loaded, *, progress: bool = True) 
     return facts if facts is not None else _facts_from_cache(prep)
 
 
-def _prepare(data: DataSections, loaded: Loaded | None, progress: bool, collect: bool):
+def _prepare(data: DataSections, loaded: Loaded | None, progress: bool, collect: bool,
+             report_name: str = REPORT_FILE):
     cache.check_folders(data)
     loaded = loaded or load_spec(data.model, data.fit)
     out_dir = prepared_dir(data)
-    report_path = report_path_of(data)
+    report_path = os.path.join(data.output_dir, report_name)
     fp = fingerprint(data, loaded, data_files(data.read))
     cached = load_cached(out_dir, report_path, fp) if not data.prepare.overwrite_cache else None
     if cached is not None:
@@ -142,7 +151,11 @@ def _prepare_locked(data: DataSections, loaded: Loaded, fp, out_dir, report_path
     tmp_dir, tmp_report, tmp_body = cache.temp_names(out_dir, report_path)
     cache.remove_stale(out_dir, report_path)
     try:
-        return _prepare_into(data, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress, collect)
+        with disk_full_is_an_error(f"the prepared dataset into {tmp_dir} and the fit report {tmp_report}",
+                                   "free space there (nothing half-written is kept), or set prepared_dir and "
+                                   "output_dir to a disk with room"):
+            return _prepare_into(data, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress,
+                                 collect)
     finally:  # whatever happened, nothing half-written stays behind
         cache.discard(tmp_dir, tmp_report, tmp_body)
 
@@ -152,7 +165,7 @@ def _prepare_into(data: DataSections, loaded: Loaded, fp, out_dir, report_path, 
     from datasets.arrow_writer import ArrowWriter
 
     cache.make_temp(tmp_dir)
-    stream = run_pipeline(data.read, loaded, Stages(data.fit, fitting=True, emit=True),
+    stream = run_pipeline(data.read, loaded, Stages(data.fit, fitting=True, emit=True), seed=data.seed,
                           workers=data.prepare.preprocessing_num_workers or 1, chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
     problems: list[Problem] = []
@@ -304,7 +317,7 @@ class StreamedRows:
 
     def __init__(self, data: DataSections, loaded: Loaded):
         self.data, self.loaded = data, loaded
-        self.report_path = report_path_of(data)
+        self.report_path = os.path.join(data.output_dir, REPORT_FILE)
         self.passes = 0
         self.table = {f: [0, 0, 0, 0] for f in FATES}
 
@@ -312,8 +325,9 @@ class StreamedRows:
         data = self.data
         self.passes += 1
         first = self.passes == 1
-        stream = run_pipeline(data.read, self.loaded, Stages(data.fit, fitting=True, emit=True),
-                              workers=data.prepare.preprocessing_num_workers or 1, chunk=CHUNK, progress=False)
+        stream = run_pipeline(data.read, self.loaded, Stages(data.fit, fitting=True, emit=True), seed=data.seed,
+                              workers=data.prepare.preprocessing_num_workers or 1,
+                              chunk=CHUNK, progress=False)
         os.makedirs(data.output_dir, exist_ok=True)
         report = open(self.report_path, "w", encoding="utf-8") if first else None
         written = 0

@@ -77,6 +77,7 @@ from . import formats
 from .dataset_info import DatasetEntry, dataset_entries, entry_for_path
 from .dataset_info import looks_like_hub_id as _looks_like_hub_id
 from .ids import IdPlan
+from .mix import Mix, interleave
 from .paths import PathCache
 from .records import (
     AUTO_FORMAT,
@@ -163,6 +164,11 @@ def _parse_json(text: str) -> Any:
         raise ValueError(str(e)) from None
 
 
+# The longest line of a .jsonl file read as one record (a record with embedded base64 images is a few MB): a
+# longer one (a file that is not JSON Lines, a runaway write) is a bad line, read past in blocks, never held whole.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
 def read_jsonl(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
                ids_only: bool = False) -> Iterator[RawRecord | Problem]:
     """A JSON Lines file, one line at a time."""
@@ -173,19 +179,42 @@ def read_jsonl(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
         return
     with f:
         try:
-            yield from _read_lines(path, base_dir, fmt, f)
+            yield from _read_lines(path, base_dir, fmt, _bounded_lines(f, path))
         except OSError as e:
             yield file_problem(path, "data_not_found", f"cannot read the file: {e.strerror or e}", _FIX_FILE)
+
+
+class _LongLine(bytes):
+    """Stands for a line longer than MAX_LINE_BYTES (its length so far is not kept)."""
+
+
+def _bounded_lines(f, path: str) -> Iterator[bytes]:
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while True:  # skip the rest of the line in blocks
+                rest = f.readline(1 << 20)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield _LongLine()
+            continue
+        yield line
 
 
 def _read_lines(path: str, base_dir: str, fmt: RecordFormat, lines: Iterable[bytes]) -> Iterator[RawRecord | Problem]:
     stem = Path(path).stem
     for lineno, raw in enumerate(lines, 1):
+        source = f"{path}:{lineno}"
+        if isinstance(raw, _LongLine):
+            yield file_problem(source, "invalid_json", f"line is longer than {MAX_LINE_BYTES:,} bytes",
+                               "a .jsonl file holds one JSON object per line; check that this is one")
+            continue
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         if not raw.strip():
             continue
-        source = f"{path}:{lineno}"
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -305,6 +334,11 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, split: str | 
         except OSError as e:
             yield file_problem(path, "data_not_found", f"cannot list the folder: {e.strerror or e}", _FIX_FILE)
             return
+        for n in names:  # a FIFO or device named like a data file: reported, never opened
+            full = os.path.join(path, n)
+            if os.path.exists(full) and not os.path.isfile(full) and not os.path.isdir(full):
+                yield file_problem(full, "data_not_found", "is not a regular file (a FIFO, device or socket)",
+                                   "point the dataset at a regular data file")
         names = [n for n in names if os.path.isfile(os.path.join(path, n))]
         if not names:
             yield file_problem(
@@ -318,6 +352,10 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, split: str | 
             yield from _read_path(os.path.join(path, n), base_dir or path, fmt, ids_only=ids_only)
         return
     folder = base_dir or os.path.dirname(path) or "."
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO, a device (/dev/zero), a socket: never opened
+        yield file_problem(path, "data_not_found", "is not a regular file (a FIFO, device or socket)",
+                           "point the dataset at a regular data file")
+        return
     reader = _reader_for(path)
     if reader is None:
         yield file_problem(
@@ -332,23 +370,24 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, split: str | 
 
 
 def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = None, *,
-             ids_only: bool = False) -> Iterator[RawRecord | Problem]:
-    """Every record of `data`, in input order, as a RawRecord or the Problem of an unreadable record or input.
+             ids_only: bool = False, mix: Mix | None = None) -> Iterator[RawRecord | Problem]:
+    """Every record of `data`, in input order (or as `mix` interleaves the datasets), as a RawRecord or the
+    Problem of an unreadable record or input.
 
     `ids_only`: the same records, whose values may hold only their own "id" (the id plan's pass)."""
     if os.path.exists(data):
         yield from _read_given_path(data, dataset_dir, media_dir, ids_only)
         return
     items = [x.strip() for x in data.split(",") if x.strip()]
+    sources: list[tuple[str, Callable[[], Iterator]]] = []
     if items and all(os.path.exists(x) for x in items):
-        for x in items:
-            yield from _read_given_path(x, dataset_dir, media_dir, ids_only)
+        sources = [(x, lambda x=x: _read_given_path(x, dataset_dir, media_dir, ids_only)) for x in items]
     elif items and (dataset_dir is not None or all(_looks_like_hub_id(x) for x in items)):
-        for entry in dataset_entries(items, dataset_dir or ".", media_dir, hub_ids=True):
+        for name, entry in zip(items, dataset_entries(items, dataset_dir or ".", media_dir, hub_ids=True)):
             if isinstance(entry, Problem):
                 yield entry
             else:
-                yield from _read_entry(entry, ids_only)
+                sources.append((name, lambda e=entry: _read_entry(e, ids_only)))
     else:
         yield file_problem(
             data,
@@ -358,6 +397,11 @@ def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = 
             "point `data` at a .json/.jsonl file, a folder of them or a `save_to_disk` folder, "
             "or give dataset names with dataset_dir",
         )
+    if mix is None or mix.strategy == "concat" or len(sources) < 2:
+        for _, read in sources:
+            yield from read()
+    else:
+        yield from interleave(sources, mix, count_left_out=not ids_only)
 
 
 def _read_given_path(path: str, dataset_dir: str | None, media_dir: str | None,
@@ -424,6 +468,7 @@ def iter_samples(
     allow_remote_images: bool = False,
     remote_options=None,
     layouts: Counter | None = None,
+    mix: Mix | None = None,
 ) -> Iterator[Conversation | Problem]:
     """Every record of `data` in input order, as a `Conversation` or the one `Problem` why it yields none.
 
@@ -432,7 +477,7 @@ def iter_samples(
     for the id plan. `layouts`, when given, counts the record layouts recognised (for `layout_notes`).
     """
     def raws(ids_only: bool = False) -> Iterator[RawRecord | Problem]:
-        return iter_raw(data, dataset_dir, media_dir, ids_only=ids_only)
+        return iter_raw(data, dataset_dir, media_dir, ids_only=ids_only, mix=mix)
 
     def ids() -> Iterator[RawRecord | Problem]:
         return raws(ids_only=True)

@@ -4,24 +4,28 @@
 several; each names the sample, its source, what is wrong and the fix) and the image headers it
 read, keyed by resolved path, so that later accounting does not read them again.
 
-Image checks read only the header of each distinct path, once (`read_header`: no pixel decoding).
-A header read cannot see a truncated file: `verify_images=True` also decodes every image fully
-(slow: use it once on a new dataset). Small images are fine: transformers 5.24's Qwen2-VL image
+Image checks read the header of each distinct path, once (`read_header`). A header read cannot see pixel
+data that does not decode (a PNG with garbage compressed data, a truncated file): `verify_images=True`, which
+prepare (and so train and doctor) sets, also decodes every image, as cheaply as its format allows
+(`images.check_decodes`: JPEG at 1/8 scale), so that no image that passes here fails at training time;
+inspect stays header-only. Small images are fine: transformers 5.24's Qwen2-VL image
 processor upsamples any PIL image of at least 1x1 with an aspect ratio up to 200 to `min_pixels`
 (checked for every size up to 11x11, 1x200, 3x600...), so only a zero-sized header is "too small".
 
 Problem kinds (`Problem.kind`), read-time ones included (see `sources`):
     placeholder_mismatch, path_outside_media_dir, remote_image, bad_data_uri  (from `Conversation.read_problems`)
     missing_file, not_an_image, unreadable_file, corrupt_image, too_many_pixels, too_small,
-    aspect_ratio, empty_conversation, unknown_role, turn_order, no_assistant, no_trained_turn, empty_turn,
+    aspect_ratio, empty_conversation, control_token, unknown_role, turn_order, no_assistant, no_trained_turn, empty_turn,
     bad_video (with the reader's reason), no_video_decoder, video_sample (the processor would refuse the clip),
     unsupported_media
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import stat
 import struct
 import warnings
 from dataclasses import dataclass, field, replace
@@ -31,7 +35,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import Problem
 from ..models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
-from .images import ImageHeader, Source, fileobj as _fileobj, read_header
+from .images import ImageHeader, Source, check_decodes, read_header
+from .images import fileobj as _fileobj
 from ..models.video_grid import VideoSampleError, VideoSpec
 from .types import ROLES, TOOL_ROLES, Conversation, ImagePart, VideoPart
 from .video import PlannedClip, VideoReadError, plan_clip, read_facts
@@ -97,6 +102,15 @@ def _header_ignoring_bomb_limit(path: Source) -> tuple[int, int] | None:
     return None
 
 
+def _special_file(path: str) -> bool:
+    """Whether path exists and is neither a regular file nor a folder (reported as such elsewhere)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def _too_many(claimed: str, limit: int) -> _Bad:
     what = f"{claimed}, above the limit of {limit:,} (a possible decompression bomb); it was not decoded"
     return _Bad("too_many_pixels", what, _FIX_BOMB)
@@ -140,6 +154,9 @@ class _ImageRules:
         """
         if not isinstance(source, str):
             path = "embedded bytes" if path.startswith(("embedded:", "data:")) else path
+        elif _special_file(source):  # a FIFO would block the read forever, a device never end: never opened
+            return _Bad("not_an_image", f"is not a regular file (a FIFO, device or socket): {path}",
+                        "point the path at an image file")
         try:
             header = read_header(source)
         except FileNotFoundError:
@@ -181,8 +198,7 @@ class _ImageRules:
                                 _FIX_REEXPORT)
         if self.verify:
             try:
-                with Image.open(_fileobj(source)) as im:
-                    im.load()
+                check_decodes(source)
             except Exception as e:
                 return header, _Bad("corrupt_image", f"is truncated or corrupt ({str(e)[:200]}): {path}", _FIX_REEXPORT)
         return header
@@ -214,6 +230,36 @@ _FIX_ROLE = (
 )
 # For the turn order a function call is an answer and a tool result a question (LLaMA-Factory's rule).
 _ORDER_ROLE = {"function_call": "assistant", "observation": "user"}
+
+
+# The tokens that frame turns and media in Qwen-VL's ChatML. Typed into a message they would be read as the
+# control token (a turn boundary, an image run without an image, an end of text trained as a label), so a sample
+# holding one is a `control_token` problem, unless control_tokens_in_text: text encodes them as plain text
+# (encode.py). Tokens the chat template gives a meaning inside content (<think>, <tool_call>) are not here.
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|endoftext|>")
+_CONTROL_RE = re.compile("|".join(re.escape(t) for t in CONTROL_TOKENS))
+_FIX_CONTROL = ("remove the token from the text, or set control_tokens_in_text: text to train it as plain text "
+                "(docs/datasets.md)")
+
+
+def _control_token_problems(conv: Conversation, as_text: bool) -> list[tuple[str, str, str]]:
+    """Control tokens typed into the conversation: in message text (plain text with control_tokens_in_text:
+    text), and in tool calls and tool definitions (JSON the template writes out as is: always a problem)."""
+    out = []
+    for i, m in enumerate(conv.messages, 1):
+        places = [] if as_text else [("text", m.text)]
+        places += [("tool call", json.dumps(c, ensure_ascii=False)) for c in m.tool_calls or []]
+        for where, text in places:
+            found = sorted(set(_CONTROL_RE.findall(text)))
+            if found:
+                what = f"message {i} ({_q(m.role)}) has the control token(s) {', '.join(found)} in its {where}"
+                out.append(("control_token", what, _FIX_CONTROL))
+    found = sorted(set(_CONTROL_RE.findall(json.dumps(conv.tools or [], ensure_ascii=False))))
+    if found:
+        out.append(("control_token", f"the tool definitions have the control token(s) {', '.join(found)}",
+                    "remove the token from the tool definitions"))
+    return out
 
 
 def _conversation_problems(conv: Conversation) -> list[tuple[str, str, str]]:
@@ -305,6 +351,7 @@ def validate(
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     progress: bool = False,
     video_spec: VideoSpec | None = None,
+    control_tokens_as_text: bool = False,
 ) -> ValidationResult:
     """Every problem of every conversation, the valid ones, and the image headers read.
 
@@ -337,7 +384,7 @@ def validate(
             conversations = tqdm(conversations, desc="validating", unit="sample")
         for conv in conversations:
             found: list[Problem] = list(conv.read_problems)
-            for kind, what, fix in _conversation_problems(conv):
+            for kind, what, fix in _conversation_problems(conv) + _control_token_problems(conv, control_tokens_as_text):
                 found.append(Problem(source=conv.source, what=what, fix=fix, sample_id=conv.id, kind=kind))
             if check_images:
                 for img in conv.images:
@@ -403,6 +450,9 @@ def _video_problem(video: VideoPart, conv: Conversation, spec: VideoSpec | None,
                        fix="use a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint, or remove the video",
                        sample_id=conv.id, kind="unsupported_media")
     outcome = clips.get(video.path)
+    if outcome is None and _special_file(video.path):
+        outcome = clips[video.path] = _Bad("bad_video", f"is not a regular file (a FIFO, device or socket): "
+                                           f"{video.path}", "point the path at a video file")
     if outcome is None:
         outcome = clips[video.path] = _check_clip(video.path, spec)
     if isinstance(outcome, PlannedClip):

@@ -52,6 +52,7 @@ def check_adapter(adapter: str) -> None:
         "pass the directory a LoRA training run saved its adapter to "
         "(it holds adapter_config.json and adapter_model.safetensors)",
     )
+    refuse_pickled_weights(adapter, "adapter")
 
 
 def check_model(model: str) -> None:
@@ -61,6 +62,30 @@ def check_model(model: str) -> None:
         "config.json",
         "pass a hub id or a local checkpoint directory (it holds config.json and the weights)",
     )
+    refuse_pickled_weights(model, "model")
+
+
+# Weight files that are Python pickles: loading one can run any code it carries, so vlmtune never does.
+_PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def refuse_pickled_weights(name: str, what: str) -> None:
+    """A local folder whose weights are only pickles (adapter_model.bin, pytorch_model.bin) is refused with the
+    way to convert them, instead of failing inside the loader (or, worse, unpickling them)."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return
+    files = [f.name for f in path.iterdir() if f.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(_PICKLED_WEIGHTS) and "model" in f)
+    if pickles:
+        raise VlmtuneError(
+            f"{what} {name} holds its weights as {', '.join(pickles)}, a Python pickle, which vlmtune does not load "
+            "(unpickling can run code the file carries); convert it to safetensors where you trust the file, e.g. "
+            "`python -c \"import torch; from safetensors.torch import save_file; "
+            f"save_file(torch.load('{pickles[0]}', weights_only=True), "
+            f"'{pickles[0].rsplit('.', 1)[0].replace('pytorch_model', 'model')}.safetensors')\"` in that folder")
 
 
 def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None):

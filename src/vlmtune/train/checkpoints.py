@@ -113,6 +113,7 @@ def resolve_resume(value, output_dir: str) -> str | None:
         if path is None:
             raise ConfigError([f"resume_from_checkpoint=true but {output_dir} holds no complete checkpoint; "
                                "remove resume_from_checkpoint to start from scratch"])
+        check_checkpoint(path)
         return path
     if not os.path.isdir(value):
         raise ConfigError([f"resume_from_checkpoint={value!r} is not a folder; set it to a checkpoint-N folder "
@@ -120,6 +121,7 @@ def resolve_resume(value, output_dir: str) -> str | None:
     if not is_complete(value):
         raise ConfigError([f"resume_from_checkpoint={value!r} is an incomplete checkpoint (interrupted while "
                            "saving); set resume_from_checkpoint to true to take the last complete one"])
+    check_checkpoint(value)
     return value
 
 
@@ -136,3 +138,59 @@ def layout_change(checkpoint: str, args) -> str | None:
         return None
     return (f"resuming {checkpoint} with a different layout ({', '.join(diffs)}): the global batch, the data "
             "order and the meaning of global_step change, so the run will not continue as it would have")
+
+
+def check_checkpoint(path: str) -> None:
+    """Refuse (ConfigError naming each bad file) a checkpoint whose files cannot be what the Trainer reads back,
+    before the model loads and the data is prepared: trainer_state.json must be a JSON object with a global_step;
+    each .safetensors file a complete header with its data; each torch.save file (optimizer.pt, scheduler.pt,
+    rng_state.pth, training_args.bin) a complete zip archive. Cheap: headers and zip directories, not the data."""
+    problems = []
+    fix = ("set resume_from_checkpoint to an earlier checkpoint-N folder, or remove this checkpoint and set "
+           "resume_from_checkpoint: true for the last complete one before it")
+    state = os.path.join(path, "trainer_state.json")
+    try:
+        with open(state, encoding="utf-8") as f:
+            data = json.loads(f.read(64 * 1024 * 1024))
+        if not isinstance(data, dict) or not isinstance(data.get("global_step"), int):
+            raise ValueError("it has no integer global_step")
+    except (OSError, ValueError) as e:
+        problems.append(f"resume_from_checkpoint: {state} is not a trainer state ({_short(e)}); {fix}")
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        why = _weights_problem(full) if os.path.isfile(full) else None
+        if why:
+            problems.append(f"resume_from_checkpoint: {full} {why}; {fix}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _short(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def _weights_problem(path: str) -> str | None:
+    """What is wrong with a weights or state file, or None (other files are not checked)."""
+    import struct
+    import zipfile
+
+    if path.endswith(".safetensors"):
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    return f"is truncated (a {n:,}-byte header in {size:,} bytes)"
+                header = json.loads(f.read(n))
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+            if 8 + n + max(ends, default=0) > size:
+                return f"is truncated ({size:,} bytes, its tensors need {8 + n + max(ends):,})"
+        except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as e:
+            return f"is not a safetensors file ({_short(e)})"
+    elif path.endswith((".pt", ".pth", ".bin")):
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.namelist()
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"is not a complete torch.save archive ({_short(e)})"
+    return None

@@ -22,8 +22,8 @@ import yaml
 from ..data.cache import check_folders
 from ..data.collate import Collator
 from ..data.pack import pack_dataset
-from ..data.prepare import Prepared, format_report_summary, prepare, streamed_dataset
-from ..errors import ConfigError
+from ..data.prepare import EVAL_REPORT_FILE, Prepared, eval_config, format_report_summary, prepare, streamed_dataset
+from ..errors import ConfigError, disk_full_is_an_error
 from ..models.load import (
     Loaded,
     apply_finetuning,
@@ -82,6 +82,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     from transformers import set_seed
 
     check_folders(cfg.for_data())  # before any work: overlapping output / prepared / data folders are refused
+    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)  # and a checkpoint that cannot resume
     loaded = load_spec(cfg.model, cfg.fit)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
@@ -98,6 +99,11 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         prepared = prepare_once(cfg, loaded, args, progress)
         say(format_report_summary(prepared))
         train_ds, eval_ds = split_validation(prepared.dataset(), cfg.val_size, cfg.seed)
+        if cfg.eval_dataset:  # prepared and fitted like the training data, with its own fit report
+            with args.main_process_first(desc="prepare eval_dataset"):
+                eval_prep = prepare(eval_config(cfg.for_data()), loaded, progress=progress, report_name=EVAL_REPORT_FILE)
+            say("eval_dataset:\n" + format_report_summary(eval_prep))
+            eval_ds = eval_prep.dataset()
     if cfg.packing:
         before = len(train_ds)
         train_ds = pack_dataset(train_ds, cfg.cutoff_len,
@@ -124,7 +130,6 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         loraplus_lr_ratio=cfg.loraplus_lr_ratio,
         pissa_init_dir=os.path.join(cfg.output_dir, "pissa_init") if cfg.pissa_init else None,
     )
-    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     change = layout_change(resume, args) if resume else None
     if change:
         say(f"WARNING: {change}")
@@ -170,7 +175,7 @@ def init_cpu_distributed(timeout_s: int) -> None:
 def training_arguments(cfg, progress: bool = True):
     from transformers import TrainingArguments
 
-    has_eval = bool(cfg.val_size)
+    has_eval = bool(cfg.val_size or cfg.eval_dataset)
     eval_strategy = "no" if not has_eval else ("steps" if cfg.eval_steps else "epoch")
     return TrainingArguments(
         output_dir=cfg.output_dir,
@@ -255,6 +260,11 @@ def split_validation(ds, val_size, seed: int):
 
 
 # -- train -----------------------------------------------------------------------------------
+# A checkpoint cut short by a full disk is never marked complete (checkpoints.py), so resume skips it.
+_DISK_FULL_FIX = ("free space there (or lower save_total_limit), then run again with resume_from_checkpoint: true: "
+                  "it resumes from the last complete checkpoint, never the one cut short")
+
+
 def train(run: Run) -> TrainResult:
     cfg, trainer = run.cfg, run.trainer
     worst = None
@@ -266,14 +276,16 @@ def train(run: Run) -> TrainResult:
             f"at most about {worst['seconds'] * ga:.0f}s)")
     if run.resume:
         say(f"resuming from {run.resume}")
-    trainer.train(resume_from_checkpoint=run.resume)
+    with disk_full_is_an_error(f"a checkpoint or the model into {cfg.output_dir}", _DISK_FULL_FIX):
+        trainer.train(resume_from_checkpoint=run.resume)
     stop = next((c for c in trainer.callback_handler.callbacks if isinstance(c, GracefulStopCallback)), None)
     stopped = bool(stop and stop.stopped_at is not None)
     if stopped:
         say(f"stopped by SIGTERM after step {stop.stopped_at}; checkpoint-{stop.stopped_at} is saved: "
             "resume with resume_from_checkpoint=true")
-    trainer.save_model(cfg.output_dir)
-    trainer.save_state()
+    with disk_full_is_an_error(f"the trained model into {cfg.output_dir}", _DISK_FULL_FIX):
+        trainer.save_model(cfg.output_dir)
+        trainer.save_state()
     if os.environ.get(DEBUG_RANK_HASH_ENV) == "1":
         write_weight_hashes(trainer.model, cfg.output_dir, trainer.args.process_index)
     loss_plot = None
@@ -285,10 +297,15 @@ def train(run: Run) -> TrainResult:
             json.dump(run.trainable, f, indent=2)
         if cfg.plot_loss:
             loss_plot = plot_loss(trainer.state.log_history, cfg.output_dir)
-            if loss_plot:
-                say(f"loss plot: {loss_plot}")
+            say(f"loss plot: {loss_plot}" if loss_plot else no_plot_note(trainer.state.global_step, cfg.logging_steps))
     return TrainResult(cfg.output_dir, run.prepared, run.trainable, list(trainer.state.log_history), loss_plot,
                        trainer.state.global_step, worst, stopped)
+
+
+def no_plot_note(steps: int, logging_steps: int) -> str:
+    """plot_loss: true with no loss logged: said, not a missing file found later."""
+    return (f"plot_loss: no loss was logged in {steps} step(s) (logging_steps={logging_steps}), so no loss plot was "
+            f"written; set logging_steps to at most {max(1, steps)} to get one")
 
 
 def weight_hash(t: torch.Tensor) -> str:
