@@ -246,7 +246,8 @@ def run_pipeline(read: ReadArgs, loaded: Loaded, stages: Stages, *, seed: int = 
 
 @dataclass
 class Accounting:
-    """Everything `inspect` knows about a dataset: per-sample numbers and every problem.
+    """One pass over a dataset, counted: per-sample numbers and every problem (inspect's `account`), and, when
+    the pass fitted every sample (prepare's driver for the doctor, `prepare_facts`), the fates and rows.
 
     `encoded` holds the whole Encoded of the samples asked for (`keep_ids`), not of every sample."""
 
@@ -257,6 +258,13 @@ class Accounting:
     encoded: list[Encoded] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # the record layouts recognised
     fitted: list[FitOutcome | SampleError] = field(default_factory=list)  # the kept samples' fits (fitting)
+    # -- when every sample was fitted (prepare_facts) --
+    fates: Counter = field(default_factory=Counter)  # samples per fate, 'error' (the policy) included
+    rows: list[tuple[int, int]] = field(default_factory=list)  # (tokens, vision tokens) of each emitted row
+    errors: list[str] = field(default_factory=list)  # ids of samples that reach the 'error' policy
+    split_rows: int = 0
+    limited: bool = False  # max_samples left some samples out
+    prepared: object = None  # data/prepare.Prepared: the cache written or found (None when prepare would stop)
 
 
 def account(

@@ -105,20 +105,7 @@ def eval_config(data: DataSections) -> DataSections:
     return dataclasses.replace(data, read=read, prepare=prep)
 
 
-@dataclass
-class Facts:
-    """What the doctor's data check needs, from the same driver as prepare (or from its cache)."""
-
-    accounting: Accounting
-    fates: Counter
-    rows: list[tuple[int, int]]  # (tokens, vision tokens: image + video pads) of each emitted row
-    errors: list[str]  # ids of samples that reach the 'error' policy
-    split_rows: int
-    limited: bool
-    prepared: Prepared | None  # the cache written or found (None when errors kept it from being written)
-
-
-def prepare_facts(data: DataSections, loaded: Loaded, *, progress: bool = True) -> Facts:
+def prepare_facts(data: DataSections, loaded: Loaded, *, progress: bool = True) -> Accounting:
     """The doctor's view: a complete, matching cache is read instead of fitting again; else the data goes
     through prepare's driver, every 'error'-policy sample is counted instead of stopping at the first, and
     the cache is written when nothing would stop prepare (so the `train` that follows loads it)."""
@@ -217,8 +204,9 @@ def _prepare_into(data: DataSections, loaded: Loaded, fp, out_dir, report_path, 
         counted = Counter({f: table[f][0] - (len(unread) if f == "invalid" else 0) for f in FATES})
         counted["error"] = len(errors)
         unread_ids = [p.sample_id or p.source for p in stream.unread]  # invalid too: records == valid + invalid
-        acc = Accounting(stream.records, stats, bad, unread_ids + invalid, notes=stream.notes)
-        facts = Facts(acc, counted, list(zip(pieces[::2], pieces[1::2])), errors, split_rows, stream.limited, None)
+        facts = Accounting(stream.records, stats, bad, unread_ids + invalid, notes=stream.notes, fates=counted,
+                           rows=list(zip(pieces[::2], pieces[1::2])), errors=errors, split_rows=split_rows,
+                           limited=stream.limited)
         if errors or stop is not None:
             return None, facts  # prepare would stop here: no cache
     elif stop is not None and stop.kind == "invalid":
@@ -241,8 +229,8 @@ def _prepare_into(data: DataSections, loaded: Loaded, fp, out_dir, report_path, 
     return prep, facts
 
 
-def _facts_from_cache(prep: Prepared) -> Facts:
-    """Facts of a complete cache: its per-sample numbers, problems, row sizes and the report's fates."""
+def _facts_from_cache(prep: Prepared) -> Accounting:
+    """The accounting of a complete cache: its per-sample numbers, problems, row sizes and the report's fates."""
     from datasets import Dataset
 
     with open(os.path.join(prep.path, FINGERPRINT_FILE), encoding="utf-8") as f:
@@ -261,8 +249,8 @@ def _facts_from_cache(prep: Prepared) -> Facts:
     fates["error"] = 0
     pieces = np.load(os.path.join(prep.path, PIECES_FILE))
     rows = [(int(n), int(k)) for n, k in pieces]
-    acc = Accounting(meta["read_records"], stats, problems, invalid, notes=meta.get("notes", []))
-    return Facts(acc, fates, rows, [], meta["split_rows"], meta["limited"], prep)
+    return Accounting(meta["read_records"], stats, problems, invalid, notes=meta.get("notes", []), fates=fates,
+                      rows=rows, errors=[], split_rows=meta["split_rows"], limited=meta["limited"], prepared=prep)
 
 
 def _closing(gen):

@@ -55,13 +55,12 @@ def read_data(ctx: Context, progress: bool) -> None:
     from ...data.prepare import prepare_facts
 
     try:
-        f = prepare_facts(cfg.for_data(), ctx.loaded, progress=progress)
+        acc = prepare_facts(cfg.for_data(), ctx.loaded, progress=progress)
     except (VlmtuneError, OSError, ValueError) as e:
         ctx.data_error = f"{type(e).__name__}: {e}"
         return
-    acc = f.accounting
     ctx.data = DataFacts(len(acc.stats), len(acc.invalid_ids), acc.problems, summarize(acc, cfg.cutoff_len),
-                         f.fates, f.rows, f.errors, f.split_rows, f.limited, acc.stats)
+                         acc.fates, acc.rows, acc.errors, acc.split_rows, acc.limited, acc.stats)
 
 def check_data(ctx: Context) -> Check:
     """cutoff_len against the data.
