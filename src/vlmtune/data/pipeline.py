@@ -14,6 +14,7 @@ keep only per-sample numbers (`SampleStats`, fates, row lengths).
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -268,7 +269,7 @@ class Accounting:
 
 
 def account(
-    read: ReadArgs | str,
+    read: ReadArgs | str | os.PathLike,
     loaded: Loaded,
     fit: FitArgs | None = None,
     *,
@@ -280,7 +281,7 @@ def account(
     """Read, validate and encode a dataset with header-only image sizes (a bare path: ReadArgs' defaults
     otherwise, no dataset_dir); `fitting`: the samples in `keep_ids` come back fitted too (inspect --show
     --cutoff-len)."""
-    read = ReadArgs(dataset=read, dataset_dir=None) if isinstance(read, str) else read
+    read = read if isinstance(read, ReadArgs) else ReadArgs(dataset=os.fspath(read), dataset_dir=None)
     stages = Stages(fit or FitArgs(), fitting=fitting, keep_ids=frozenset(keep_ids))
     stream = run_pipeline(read, loaded, stages, workers=workers, progress=progress, desc="accounting")
     stats: list[SampleStats] = []

@@ -5,6 +5,7 @@ trust_remote_code is never turned on here: it is passed through only when the us
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,11 +133,11 @@ def _config_model_type(model_name_or_path: str) -> str | None:
         return None
 
 
-def load_spec(model: ModelArgs | str, fit: FitArgs | None = None) -> Loaded:
+def load_spec(model: ModelArgs | str | os.PathLike, fit: FitArgs | None = None) -> Loaded:
     """Processor, config, the ModelSpec with the fit section's pixel bounds applied, and the VideoSpec with its
     video keys applied. `model` may be a bare path or hub id (its defaults otherwise); no `fit`: the processor's
     own bounds."""
-    model = ModelArgs(model) if isinstance(model, str) else model
+    model = model if isinstance(model, ModelArgs) else ModelArgs(os.fspath(model))
     fit = fit or FitArgs()
     processor, config = load_processor(model.model_name_or_path, trust_remote_code=model.trust_remote_code,
                                        cache_dir=model.cache_dir)
