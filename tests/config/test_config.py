@@ -250,10 +250,11 @@ def test_fingerprint_dict():
 
 def test_the_keys_that_change_the_prepared_dataset_are_flagged_where_declared():
     assert C.PREPARED_KEYS == (
-        "model_name_or_path", "dataset", "dataset_dir", "media_dir", "max_samples", "allow_paths_outside_media_dir",
-        "allow_remote_images", "on_bad_sample", "remote_image_max_bytes", "allow_private_remote_images", "cutoff_len",
-        "image_max_pixels", "image_min_pixels", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen",
-        "train_on_prompt", "enable_thinking", "overflow", "min_image_tokens", "max_image_token_share",
+        "model_name_or_path", "dataset", "dataset_dir", "media_dir", "max_samples", "mix_strategy", "interleave_probs",
+        "allow_paths_outside_media_dir", "allow_remote_images", "on_bad_sample", "control_tokens_in_text",
+        "remote_image_max_bytes", "allow_private_remote_images", "cutoff_len", "image_max_pixels", "image_min_pixels",
+        "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "train_on_prompt", "mask_history",
+        "default_system", "enable_thinking", "overflow", "min_image_tokens", "max_image_token_share",
         "split_keep_context",
     )
     cfg = load_config(None, base=REQUIRED)
@@ -262,7 +263,7 @@ def test_the_keys_that_change_the_prepared_dataset_are_flagged_where_declared():
     assert values["media_dir"] is None and values["overflow"] == ["shrink_images", "truncate_text", "split", "drop"]
     # a key that does not change the rows (a threshold, the packing) is not in the fingerprint
     assert not {"max_skipped_share", "confirm_skipped_share", "val_size", "packing", "remote_image_timeout",
-                "remote_image_deadline"} & set(values)
+                "remote_image_deadline", "eval_dataset"} & set(values)
 
 
 def test_sections_load_alone_with_every_problem_at_once():
