@@ -32,13 +32,13 @@ def _images(root):
         im.save(root / f"im{k}.png")
 
 
-def _rows(n: int, seed: int = 0):
+def _rows(n: int, seed: int = 0, arch: str = "qwen2_vl"):
     from vlmtune.data.encode import Encoder, emit
     from vlmtune.data.images import read_header
     from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
     from vlmtune.models.load import load_spec
 
-    model = tiny_checkpoint("qwen2_vl")
+    model = tiny_checkpoint(arch)
     img_dir = cached_dir("pack-images-v1", _images)
     loaded = load_spec(str(model))
     paths = [str(img_dir / f"im{k}.png") for k in range(4)]

@@ -94,6 +94,11 @@ def one(what: str, data_path: str, n: int, workers: int, short: bool) -> dict:
         s = summarize(account(data_path, loaded, progress=False, workers=workers))
         result = {"samples": s["samples"], "tokens": s["tokens"], "records": s["records"]}
     wall, cpu = time.perf_counter() - t, time.process_time() - c
+    # workers are the forkserver's children (data/pipeline.worker_pool): stop it so that its usage and its
+    # reaped workers' are counted in this process's RUSAGE_CHILDREN
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {**result, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
             "cpu_children_s": round(kids.ru_utime + kids.ru_stime, 1),

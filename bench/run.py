@@ -29,11 +29,14 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("inspect", "bench_inspect"),
     ("prepare", "bench_prepare"),
     ("pack", "bench_pack"),
+    ("pack_hybrid", "bench_pack_hybrid"),
     ("doctor_memory", "bench_doctor_memory"),
     ("config_import", "bench_config_import"),
     ("video_facts", "bench_video_facts"),
     ("qlora_memory", "bench_qlora_memory"),
     ("embedded", "bench_embedded"),
+    ("moe_memory", "bench_moe_memory"),
+    ("torch_free", "bench_torch_free"),
 ]
 
 

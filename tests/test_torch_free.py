@@ -56,3 +56,78 @@ def heavy_modules_after(code: str, env: dict | None = None) -> list[str]:
 @pytest.mark.parametrize("module", DATA_PATH_MODULES)
 def test_data_path_modules_import_no_torch(module):
     assert heavy_modules_after(f"import {module}") == []
+
+
+def _small_dataset(folder, make_image) -> str:
+    make_image(folder / "a.png", 120, 80)
+    make_image(folder / "b.jpg", 300, 500)
+    rows = [
+        {"id": "s0", "messages": [{"role": "user", "content": "<image>What is it?"},
+                                  {"role": "assistant", "content": "A red box."}], "images": ["a.png"]},
+        {"id": "s1", "messages": [{"role": "user", "content": "<image><image>Compare."},
+                                  {"role": "assistant", "content": "Same colour."}], "images": ["a.png", "b.jpg"]},
+        {"id": "s2", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    ]
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_inspect_runs_without_torch(tiny_ckpt, tmp_path, make_image):
+    """`vlmtune inspect` end to end in a fresh interpreter: the summary is right, torch was never imported,
+    and nothing but the summary is printed (no import notices of optional libraries)."""
+    data = _small_dataset(tmp_path, make_image)
+    code = ("import contextlib, io, sys\nfrom vlmtune.commands.cli import main\nout = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n"
+            f"    rc = main(['inspect', '--model', {str(tiny_ckpt('qwen2_vl'))!r}, '--data', {data!r}, '--json'])\n"
+            "assert rc == 0, rc\nprint('SUMMARY=' + out.getvalue().replace(chr(10), ' '))\n")
+    out = subprocess.run([sys.executable, "-c", code + "import json\nprint('HEAVY=' + json.dumps("
+                          f"[m for m in {HEAVY!r} if m in sys.modules]))"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.split("SUMMARY=", 1)[1].split("\nHEAVY=")[0])
+    assert (summary["samples"], summary["images"], summary["invalid_samples"]) == (3, 3, 0)
+    assert json.loads(out.stdout.rsplit("HEAVY=", 1)[1]) == []
+    assert out.stderr == ""
+
+
+def test_prepare_workers_start_without_torch(tiny_ckpt):
+    """prepare's and inspect's worker processes fork from a server that imported only the data path, even
+    when the process asking for them holds torch (as `train` does)."""
+    import torch  # noqa: F401  (the parent has torch; the workers must not inherit it)
+
+    from vlmtune.data.pipeline import Stages, worker_pool
+    from vlmtune.models.load import load_spec
+
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
+    with worker_pool(2, loaded, Stages()) as pool:
+        found = [pool.submit(eval, f"[m for m in {HEAVY!r} if m in __import__('sys').modules]").result()
+                 for _ in range(4)]
+    assert found == [[]] * 4
+
+
+def test_bitsandbytes_notice_only_when_quantizing():
+    """peft imports bitsandbytes whenever it is installed, and bitsandbytes logs a CPU-kernel notice at import:
+    the CLI keeps it out of commands that asked for no quantization, and lets it through for those that did."""
+    pytest.importorskip("bitsandbytes")
+    code = ("import logging\nfrom vlmtune.models.quant import quiet_bitsandbytes, BITSANDBYTES_NOTICE\n"
+            "quiet_bitsandbytes()\nimport peft\n"
+            "rec = logging.LogRecord('bitsandbytes.backends.cpu.ops', logging.WARNING, 'x', 1, "
+            "'Failed to load CPU gemm_4bit_forward from kernels-community: %s', ('x',), None)\n"
+            "assert not BITSANDBYTES_NOTICE.filter(rec)\nBITSANDBYTES_NOTICE.quantizing = True\n"
+            "assert BITSANDBYTES_NOTICE.filter(rec)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "gemm_4bit" not in out.stderr
+
+
+@pytest.mark.slow
+def test_doctor_prints_no_bitsandbytes_notice(tiny_ckpt, tmp_path, make_image):
+    data = _small_dataset(tmp_path, make_image)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_ckpt('qwen2_vl')}\ndataset: {data}\noutput_dir: {tmp_path / 'out'}\n"
+                   "cutoff_len: 512\nbf16: false\n")
+    out = subprocess.run([sys.executable, "-m", "vlmtune", "doctor", str(cfg)], capture_output=True, text=True,
+                         timeout=600)
+    assert "data" in out.stdout and out.returncode in (0, 1), out.stderr[-3000:]
+    assert "gemm_4bit" not in out.stdout + out.stderr

@@ -302,7 +302,7 @@ def reference_batch(processor, question, clip_path, fps):
                      input_data_format="channels_last", return_tensors="pt")
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
 def test_chat_about_a_video_feeds_the_planned_clip(tiny_ckpt, clip, arch):
     from vlmtune.data.video import read_facts
     from vlmtune.models.load import load_spec

@@ -92,8 +92,8 @@ def check(config, loaded):
 
     def run(name: str, device: DeviceInfo, *overrides: str, env: dict | None = None, **kwargs) -> Check:
         checks = run_checks(config(*overrides), device_info=device, loaded=loaded, env=env or {}, **kwargs)
-        assert [c.name for c in checks] == ["versions", "precision", "workers", "model", "quantization", "vision",
-                                            "data", "video", "memory", "distributed"]
+        assert [c.name for c in checks] == ["versions", "precision", "workers", "model", "quantization",
+                                            "linear_attention", "vision", "data", "video", "memory", "distributed"]
         return {c.name: c for c in checks}[name]
 
     return run
@@ -115,7 +115,7 @@ def test_a_good_config_is_all_ok(config, loaded):
                                          "synchronise")
     text = doctor.format_checks(checks)
     assert text.splitlines()[0] == "status  check        message"
-    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 10 ok"
+    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 11 ok"
 
 
 # -- precision ---------------------------------------------------------------------------------
@@ -445,7 +445,8 @@ def test_a_missing_model_fails_and_the_other_checks_still_run(config, tmp_path):
     assert checks["model"].status == "fail"
     assert checks["model"].message.startswith(f"cannot load model_name_or_path={str(tmp_path / 'nothing')!r}: ")
     assert [(n, c.status) for n, c in checks.items() if n != "model"] == [
-        ("versions", "ok"), ("precision", "ok"), ("workers", "ok"), ("quantization", "ok"), ("vision", "warn"),
+        ("versions", "ok"), ("precision", "ok"), ("workers", "ok"), ("quantization", "ok"),
+        ("linear_attention", "ok"), ("vision", "warn"),
         ("data", "warn"), ("video", "warn"),
         ("memory", "warn"), ("distributed", "ok")]
 
@@ -465,14 +466,14 @@ def test_cli_exit_status_and_json(ckpt, data, tmp_path, monkeypatch, capsys):
     path = _yaml(tmp_path, ckpt, data, fp16=True)
     assert main(["doctor", path, "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
-    assert [c["name"] for c in out] == ["versions", "precision", "workers", "model", "quantization", "vision", "data",
-                                        "video", "memory", "distributed"]
+    assert [c["name"] for c in out] == ["versions", "precision", "workers", "model", "quantization",
+                                        "linear_attention", "vision", "data", "video", "memory", "distributed"]
     assert all(set(c) == {"name", "status", "message", "fix"} for c in out)
     assert out[1]["status"] == "fail"
     assert main(["doctor", path, "fp16=false"]) == 0
     text = capsys.readouterr().out
     assert "ok      precision    float32 on the CPU (Test CPU); no GPU found" in text
-    assert text.rstrip().endswith("0 failed, 0 warning(s), 10 ok")
+    assert text.rstrip().endswith("0 failed, 0 warning(s), 11 ok")
 
 
 def test_train_stops_on_failed_checks_unless_run_doctor_is_false(config, monkeypatch):
@@ -746,6 +747,46 @@ def test_unusable_videos_are_counted_by_kind(config, loaded, tmp_path):
         "video", "warn", "no usable video: 2 video problem(s) made their samples invalid (bad_video: 1, missing_file: 1)",
         "fix the clips (`vlmtune inspect` lists every problem), or remove those samples")
 
+
+# -- Qwen3.5's linear-attention layers -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen3_5(tiny_ckpt):
+    from vlmtune.models.load import load_spec
+
+    path = str(tiny_ckpt("qwen3_5"))
+    return path, load_spec(path)
+
+
+@pytest.mark.parametrize("kernels", [(False, False), (True, False), (True, True)])
+def test_linear_attention_kernels_on_a_gpu(qwen3_5, data, tmp_path, monkeypatch, kernels):
+    from vlmtune.models import hybrid
+
+    path, loaded = qwen3_5
+    monkeypatch.setattr(hybrid, "kernels_installed", lambda: dict(zip(("flash-linear-attention", "causal-conv1d"),
+                                                                      kernels)))
+    cfg = load_config(None, [f"model_name_or_path={path}", f"dataset={data}", f"output_dir={tmp_path / 'out'}",
+                             "bf16=true", "packing=true"])
+    c = {c.name: c for c in run_checks(cfg, device_info=A100, loaded=loaded, env={})}["linear_attention"]
+    if all(kernels):
+        assert c.status == "ok" and c.message.startswith("3 gated-delta linear-attention layers run the "
+                                                         "flash-linear-attention and causal-conv1d kernels.")
+        return
+    missing = "causal-conv1d" if kernels[0] else "flash-linear-attention and causal-conv1d"
+    assert c.status == "warn"
+    assert c.message.startswith(f"{missing} not installed: the 3 gated-delta linear-attention layers of Qwen3.5 "
+                                "(qwen3_5) fall back to transformers' PyTorch reference, correct but slower "
+                                "(documented: 1.7x per step")
+    assert "packing keeps each sample's recurrent and convolution state to itself" in c.message
+    assert c.fix.startswith(f"pip install {missing.replace(' and ', ' ')}")
+
+
+def test_linear_attention_on_the_cpu_and_other_families(qwen3_5, check, data, tmp_path):
+    path, loaded = qwen3_5
+    cfg = load_config(None, [f"model_name_or_path={path}", f"dataset={data}", f"output_dir={tmp_path / 'out'}"])
+    c = {c.name: c for c in run_checks(cfg, device_info=CPU, loaded=loaded, env={})}["linear_attention"]
+    assert (c.status, c.message) == ("ok", "3 gated-delta linear-attention layers run transformers' PyTorch "
+                                           "reference on the cpu (the kernels need a GPU).")
+    assert check("linear_attention", A100).message == "no linear-attention layers"
 
 
 def test_doctor_refuses_overlapping_folders_before_any_work(tmp_path, monkeypatch, capsys):

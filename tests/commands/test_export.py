@@ -40,7 +40,7 @@ def logits(model, batch):
     return model.eval()(**batch).logits
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
 def test_export_matches_base_plus_adapter(arch, tiny_ckpt, tmp_path, make_image):
     ckpt = tiny_ckpt(arch)
     adapter = make_adapter(ckpt, tmp_path / "adapter")

@@ -26,7 +26,7 @@ def test_a_key_whose_behaviour_is_missing_is_accepted_at_its_default(key):
 
 
 @pytest.mark.parametrize("key,value", [("use_unsloth", True), ("enable_liger_kernel", True), ("use_galore", True),
-                                       ("pref_beta", 0.2), ("do_predict", True), ("flash_attn", "fa3"),
+                                       ("pref_bco_weight", 0.2), ("generation_num_beams", 4), ("flash_attn", "fa3"),
                                        ("compute_accuracy", True)])
 def test_and_refused_with_its_reason_otherwise(key, value):
     with pytest.raises(ConfigError) as e:

@@ -71,6 +71,8 @@ DEFAULTS = {
     "freeze_vision_tower": True,
     "freeze_multi_modal_projector": True,
     "freeze_language_model": False,
+    "freeze_router": True,
+    "moe_aux_loss_coef": None,
     "additional_target": None,
     "quantization_bit": None,
     "quantization_type": "nf4",
@@ -112,6 +114,28 @@ DEFAULTS = {
     "worst_case_first": True,
     "run_doctor": True,
     "optim": "adamw_torch",
+    "do_predict": False,
+    "predict_with_generate": False,
+    "max_new_tokens": 1024,
+    "do_sample": True,
+    "temperature": 0.95,
+    "top_p": 0.7,
+    "top_k": 50,
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "skip_special_tokens": True,
+    "stage": "sft",
+    "pref_beta": 0.1,
+    "pref_loss": "sigmoid",
+    "pref_ftx": 0.0,
+    "simpo_gamma": 0.5,
+    "dpo_label_smoothing": 0.0,
+    "kto_chosen_weight": 1.0,
+    "kto_rejected_weight": 1.0,
+    "ref_model": None,
+    "ref_model_adapters": None,
+    "precompute_ref_log_probs": False,
 }
 
 # LLaMA-Factory's examples/train_lora/qwen2_5vl_lora_sft.yaml, with the keys its users commonly add.
@@ -454,8 +478,9 @@ MESSAGES = [
     ("overflow=[drop", "override 'overflow=[drop' has a value that is not valid YAML (expected ',' or ']', but got "
      "'<stream end>' at line 1, column 6); quote it"),
     # LLaMA-Factory keys
-    ("stage=dpo", "stage='dpo' is not supported; vlmtune only does supervised fine-tuning; remove stage or set it "
-     "to sft"),
+    ("stage=ppo", "stage='ppo' is not one of 'sft', 'dpo', 'kto'; did you mean 'dpo'?"),
+    ("pref_beta=0.2", "pref_beta=0.2 applies to the preference stages only, but stage='sft'; set stage: dpo (or kto), "
+     "or remove pref_beta"),
     ("do_train=false", "do_train=False is not supported; `vlmtune train` always trains; remove do_train or set it "
      "to true"),
     ("template=llava", "template='llava' is not supported; the chat template comes from the model's processor; "
@@ -523,7 +548,6 @@ def test_all_problems_reported_together(tmp_path):
     assert problems == [
         "override 'bogus' is not key=value; write it like cutoff_len=1024",
         f"unknown key 'cutof_len' (in {path}); did you mean 'cutoff_len'?",
-        "stage='ppo' is not supported; vlmtune only does supervised fine-tuning; remove stage or set it to sft",
         f"image_resolution=448 (in {path}) is replaced by image_max_pixels; set image_max_pixels to "
         "image_resolution**2 = 200704 instead",
         "dataset is required; set dataset to a name from dataset_info.json or a path to a JSON/JSONL file, such as "
@@ -534,6 +558,7 @@ def test_all_problems_reported_together(tmp_path):
         "lora_rank=0 is not positive; set lora_rank to a positive integer such as 8",
         "output_dir is required; set output_dir to a folder such as saves/qwen2_vl-2b/lora/sft",
         "learning_rate='fast' is not a number; set learning_rate to a positive number such as 1.0e-4",
+        "stage='ppo' is not one of 'sft', 'dpo', 'kto'; did you mean 'dpo'?",
         "bf16 and fp16 are both true; set at most one of them (bf16 where the GPU supports it)",
     ]
 
@@ -616,7 +641,6 @@ def test_llama_factory_example_loads(tmp_path):
     }
     assert cfg.to_dict() == expected
     assert cfg.notes == (
-        "ignored stage='sft': vlmtune only does supervised fine-tuning",
         "ignored do_train=True: `vlmtune train` always trains",
         "ignored template='qwen2_vl': the chat template comes from the model's processor",
         "ignored overwrite_output_dir=True: checkpoints in output_dir are resumed only when resume_from_checkpoint "
@@ -664,7 +688,7 @@ def test_every_key_is_documented_with_a_fix():
 
 def test_sections_do_not_shadow_keys():
     assert not {*C.SECTIONS, "notes", "derived", "replace", "to_dict", "fingerprint_dict"} & set(C.KEYS)
-    assert list(C.SECTIONS) == ["model", "read", "fit", "prepare", "finetuning", "training"]
+    assert list(C.SECTIONS) == ["model", "read", "fit", "prepare", "finetuning", "training", "preference"]
 
 
 def test_docs_config_md_is_up_to_date():
@@ -794,3 +818,22 @@ def test_a_config_that_is_not_a_regular_file_is_not_opened(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(fifo)
     assert err.value.problems[0] == f"cannot read config file {fifo}: it is not a regular file; check the path"
+
+
+def test_moe_keys():
+    cfg = load_config(None, ["freeze_router=false", "moe_aux_loss_coef=0.001"], base=REQUIRED)
+    assert (cfg.freeze_router, cfg.moe_aux_loss_coef) == (False, 0.001)
+    assert cfg.finetuning.moe_aux_loss_coef == 0.001
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["moe_aux_loss_coef=-1"], base=REQUIRED)
+    assert e.value.problems[0].startswith("moe_aux_loss_coef=-1")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["moe_aux_loss_coef=0.01", "stage=dpo"], base=REQUIRED)
+    assert e.value.problems[0].startswith("moe_aux_loss_coef=0.01 is not added to the stage 'dpo' loss")
+
+
+def test_a_huge_value_of_a_llamafactory_key_is_noted_bounded(tmp_path):
+    path = tmp_path / "lf.yaml"
+    path.write_text(f"model_name_or_path: m\ndataset: d\noutput_dir: o\nrun_name: {'r' * 50_000}\n")
+    cfg = load_config(path)
+    assert cfg.notes and all(len(n) < 600 for n in cfg.notes)

@@ -146,3 +146,12 @@ def test_a_full_disk_during_prepare_is_a_clear_error_and_leaves_the_old_cache(ti
     assert "set prepared_dir and output_dir to a disk with room" in str(err.value)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fit_report.jsonl", "prepared", "prepared.lock"]
     assert cache.is_ours(old.path) and (tmp_path / "out" / "prepared" / "data.arrow").exists()
+
+
+def test_streaming_writes_no_prepared_folder_so_a_users_one_is_left_alone(tmp_path, data):
+    mine = tmp_path / "out" / "prepared"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine\n")
+    cache.check_folders(cfg("m", data / "data.jsonl", tmp_path / "out", "streaming=true", "max_steps=5").for_data())
+    with pytest.raises(ConfigError):  # output_dir's own rules still hold
+        cache.check_folders(cfg("m", data, data / "run", "streaming=true", "max_steps=5").for_data())

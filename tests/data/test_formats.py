@@ -13,6 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from vlmtune.commands import cli
@@ -366,3 +368,45 @@ def test_the_id_pass_reads_no_image_column(tmp_path):
                                                                       ({}, "no_id:2", 2)]
     # s0 repeats, so those records take their fallback ids; s1 is unique and kept
     assert [c.id for c in read_samples(str(with_id)).conversations] == ["with_id:0", "s1", "with_id:2"]
+
+
+# -- embedded bytes are read in place (issue 26) -------------------------------------------------------------
+_BIN = st.one_of(st.none(), st.binary(max_size=6))
+_IMAGE = st.one_of(st.none(), st.fixed_dictionaries({"bytes": _BIN, "path": st.one_of(st.none(), st.text(max_size=3))}))
+
+
+def _plain(v):
+    if isinstance(v, memoryview):
+        return bytes(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.fixed_dictionaries({"images": st.one_of(st.none(), st.lists(_IMAGE, max_size=3)),
+                                            "image": _IMAGE, "raw": _BIN, "n": st.integers(0, 9)}),
+                     min_size=1, max_size=8),
+       cut=st.tuples(st.integers(0, 7), st.integers(0, 8)))
+def test_rows_of_is_to_pylist_with_binary_cells_as_views(rows, cut):
+    """rows_of gives to_pylist's rows (of any slice: batches are slices of the file's pages), every binary
+    cell a memoryview of the batch's own buffer instead of a copy."""
+    from vlmtune.data.formats import rows_of
+
+    table = pa.Table.from_pylist(rows).slice(*cut)
+    got = rows_of(table)
+    assert _plain(got) == table.to_pylist()
+    views = [r["raw"] for r in got if r["raw"] is not None]
+    assert all(isinstance(v, memoryview) and v.format == "B" and v == bytes(v) for v in views)
+
+
+def test_embedded_parquet_images_are_views_of_the_mapped_file(tmp_path):
+    from vlmtune.data.formats import iter_parquet
+
+    png = _png(40, 30)
+    pq.write_table(pa.table({"images": [[{"bytes": png, "path": "a.png"}]], "text": ["hi"]}), tmp_path / "t.parquet")
+    (row,) = list(iter_parquet(str(tmp_path / "t.parquet")))
+    data = row.value["images"][0]["bytes"]
+    assert isinstance(data, memoryview) and bytes(data) == png

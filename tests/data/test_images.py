@@ -731,6 +731,7 @@ def test_png_header_equals_pillow(scratch, data):
     path = scratch / "x.png"
     path.write_bytes(data)
     assert _outcome(read_header, str(path)) == _reference_outcome(str(path))
+    assert _outcome(read_header, memoryview(data)) == _outcome(read_header, data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -959,6 +960,7 @@ def test_header_from_bytes_equals_header_from_the_file(tmp_path, w, h, fmt, orie
     im.save(path, format=fmt, **kwargs)
     data = path.read_bytes()
     assert read_header(data) == read_header(str(path))
+    assert read_header(memoryview(data)) == read_header(data)  # a view into a mapped Parquet file, read in place
     assert open_rgb(data).size == (read_header(data).width, read_header(data).height)
     assert np.array_equal(np.asarray(open_rgb(data)), np.asarray(open_rgb(str(path))))
 

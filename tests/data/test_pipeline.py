@@ -21,10 +21,13 @@ def test_prepare_reproduces_the_golden_rows_and_report(tmp_path, tiny_ckpt, make
     # image-only data: the video columns (added after the golden was made) are empty in every row
     video_columns = {k for k in got["rows"][0] if k.startswith("video")}
     assert len(video_columns) == 9 and all(r[k] == [] for r in got["rows"] for k in video_columns)
+    # SFT rows: the preference columns (added later too) are empty, the KTO tag is -1 (not KTO)
+    pref = {"rejected_input_ids": [], "rejected_labels": [], "kto_tag": -1}
+    assert all(r[k] == v for r in got["rows"] for k, v in pref.items())
     # sample_id (added after the golden was made): the input sample's id, shared by the pieces split cuts from it
     # (no own id in this data holds a '#', so it is the piece id up to its '#')
     assert [r["sample_id"] for r in got["rows"]] == [r["id"].split("#")[0] for r in want["rows"]]
-    added = video_columns | {"sample_id"}
+    added = video_columns | set(pref) | {"sample_id"}
     assert [{k: v for k, v in r.items() if k not in added} for r in got["rows"]] == want["rows"]
 
 

@@ -155,3 +155,51 @@ def test_alpaca_columns_from_dataset_info(tmp_path):
     (conv,) = res.conversations
     assert conv.layout == "alpaca" and [(m.role, m.text) for m in conv.messages] == [
         ("system", "S"), ("user", "Who?"), ("assistant", "Me.")]
+
+
+# A chat template that renders tools itself, as Qwen3-VL's does (tools in the system turn, calls as <tool_call>
+# blocks, tool results as <tool_response> in a user turn), written here in that shape.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content[0].text }}\n\n"
+    "{% endif %}# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{% elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content[0].text }}<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages %}{% if m.role == 'system' %}{% elif m.role == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for p in m.content %}{{ p.text }}{% endfor %}{% endif %}"
+    "{% for c in m.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+    "{{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n{% endif %}{% endfor %}")
+
+
+def _trained_and_context(encoder, conv, spec, tok):
+    from vlmtune.data.encode import emit
+
+    row = emit(encoder.encode(conv, {}), spec)
+    trained = tok.decode([t for t in row.labels if t != -100])
+    return tok.decode(row.input_ids), trained
+
+
+@pytest.mark.parametrize("own_template", [True, False])
+def test_tool_calls_are_trained_and_tool_results_are_context(own_template, tiny_ckpt, tmp_path):
+    from vlmtune.data.encode import Encoder
+    from vlmtune.models.load import load_spec
+
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")))  # its own processor: the template may be changed
+    processor, spec = loaded.processor, loaded.spec
+    if own_template:
+        processor.chat_template = TOOL_TEMPLATE
+    encoder = Encoder(processor, spec)
+    assert encoder.renders_tools is own_template
+    rec = {"conversations": [{"from": "human", "value": "Weather in Paris?"},
+                             {"from": "function_call", "value": json.dumps(CALL)},
+                             {"from": "observation", "value": "21 C"}, {"from": "gpt", "value": "It is 21 C."}],
+           "tools": json.dumps(TOOLS)}
+    text, trained = _trained_and_context(encoder, _conv(rec, tmp_path), spec, processor.tokenizer)
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+    assert trained == call + "It is 21 C.<|im_end|>"  # the call and the answer; never the tool's result
+    assert '"name": "get_weather", "description": "the weather"' in text  # the tools are in the prompt
+    assert "<tool_response>\n21 C\n</tool_response>" in text
+    # mask_history: only the last answer is a target
+    masked = Encoder(processor, spec, mask_history=True)
+    assert _trained_and_context(masked, _conv(rec, tmp_path), spec, processor.tokenizer)[1] == "It is 21 C.<|im_end|>"

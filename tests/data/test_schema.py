@@ -50,11 +50,13 @@ def test_a_declared_column_reaches_the_arrow_schema_the_packed_columns_and_the_a
 def test_the_row_declaration_gives_the_prepared_schema_in_order():
     feats = features(Row)
     assert list(feats) == ["id", "source", "input_ids", "labels", "images", "image_grid_thw", "image_min_pixels",
-                           "image_max_pixels", *VIDEO_COLUMNS, "sample_id", "length"]
+                           "image_max_pixels", *VIDEO_COLUMNS, "rejected_input_ids", "rejected_labels", "kto_tag",
+                           "sample_id", "length"]
     arrow = feats.arrow_schema
     assert str(arrow.field("image_grid_thw").type) == "list<item: list<item: int32>>"
     assert str(arrow.field("image_min_pixels").type) == "list<item: int64>"
     assert str(arrow.field("length").type) == "int32"
+    assert str(arrow.field("kto_tag").type) == "int8"  # preference rows: data/pairs.py
     assert VIDEO_COLUMNS == ("videos", "video_grid_thw", "video_frames", "video_total_frames", "video_fps",
                              "video_rotation", "video_min_pixels", "video_max_pixels", "video_second_per_grid")
     assert list(features(PackedRow))[-1] == "segments"

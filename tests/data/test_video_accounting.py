@@ -1,5 +1,5 @@
-"""`inspect --per-sample` token counts for samples with 0–2 videos and 0–2 images == len(input_ids) from the real
-processor of each family, given the whole decoded clips and left to sample the frames itself.
+"""`inspect --per-sample` token counts for samples with 0–2 videos and 0–2 images (0–3 on the current
+generation: Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE) == len(input_ids) from the real processor of each family, given the whole decoded clips and left to sample the frames itself.
 
 The clips are real MP4 files (PyAV), read header-only by vlmtune; the processor gets every decoded frame and
 its own `do_sample_frames=True` at the same fps, so the frame sampling, the resize, the grid, Qwen3-VL's
@@ -27,15 +27,13 @@ CLIPS = [(12, Fraction(6), 64, 48), (30, Fraction(25), 40, 72), (9, Fraction(3),
 IMAGES = [(50, 40), (120, 33), (28, 90)]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("videos")
+def _write_dataset(root, max_images: int):
     for k, (n, rate, w, h) in enumerate(CLIPS):
         write_clip(root / f"c{k}.mp4", n, w, h, rate=rate)
     for k, (w, h) in enumerate(IMAGES):
         Image.new("RGB", (w, h), (40 * k, 120, 200)).save(root / f"i{k}.png")
     records = []
-    for s, (nv, ni) in enumerate(itertools.product(range(3), range(3))):
+    for s, (nv, ni) in enumerate(itertools.product(range(3), range(max_images + 1))):
         vids = [f"c{(s + j) % len(CLIPS)}.mp4" for j in range(nv)]
         imgs = [f"i{(s + j) % len(IMAGES)}.png" for j in range(ni)]
         text = "".join("<image>" for _ in imgs) + "Describe" + "".join(f" clip {j}: <video>" for j in range(nv))
@@ -43,6 +41,16 @@ def dataset(tmp_path_factory):
                                      {"role": "assistant", "content": f"answer {s}"}], "images": imgs, "videos": vids})
     (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return root, records
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return _write_dataset(tmp_path_factory.mktemp("videos"), 2)
+
+
+@pytest.fixture(scope="module")
+def dataset3(tmp_path_factory):
+    return _write_dataset(tmp_path_factory.mktemp("videos3"), 3)
 
 
 def processor_length(processor, fps, root, record) -> int:
@@ -74,14 +82,25 @@ def processor_length(processor, fps, root, record) -> int:
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_inspect_per_sample_equals_processor_input_ids(tmp_path, tiny_ckpt, dataset, arch):
+    _check_family(tmp_path, tiny_ckpt, dataset, arch)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
+def test_inspect_per_sample_equals_processor_input_ids_current_generation(tmp_path, tiny_ckpt, dataset3, arch):
+    # Qwen3.5's template also writes the (empty) thinking block of each answer: counted like any text
+    _check_family(tmp_path, tiny_ckpt, dataset3, arch)
+
+
+def _check_family(tmp_path, tiny_ckpt, dataset, arch):
     root, records = dataset
     ckpt = str(tiny_ckpt(arch))
     out = tmp_path / "per_sample.jsonl"
     assert cli.main(["inspect", "--model", ckpt, "--data", str(root / "data.jsonl"), "--per-sample", str(out)]) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(got) == len(records) == 9
+    assert len(got) == len(records) == len({(len(r["images"]), len(r["videos"])) for r in records})
     loaded = load_spec(ckpt)
     want = [processor_length(loaded.processor, loaded.video.fps, root, r) for r in records]
     assert [g["tokens"] for g in got] == want
     assert [g["videos"] for g in got] == [len(r["videos"]) for r in records]
+    assert [g["images"] for g in got] == [len(r["images"]) for r in records]
     assert all(g["tokens"] == g["text_tokens"] + g["image_tokens"] + g["video_tokens"] for g in got)

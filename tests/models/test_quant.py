@@ -33,7 +33,7 @@ def test_4bit_config_follows_the_keys(tiny_ckpt, tmp_path):
     assert (q.load_in_4bit, q.load_in_8bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant) == \
         (True, False, "fp4", False)
     assert q.bnb_4bit_compute_dtype == torch.bfloat16
-    assert q.llm_int8_skip_modules == [quant.VISION_TOWER_SKIP, "lm_head"]
+    assert q.llm_int8_skip_modules == [quant.VISION_TOWER_SKIP, "lm_head", "mlp.gate", "mlp.shared_expert_gate"]
     assert quant.load_kwargs(cfg.finetuning)["device_map"] == {"": "cpu"}
 
 

@@ -458,3 +458,16 @@ def test_config_pixel_keys_are_per_frame_for_every_family(base):
     assert len(clip.plan(40, 10.0, 480, 640).indices) == 4
     assert (clip.min_pixels, clip.max_pixels) == (16_000, 200_000)
     assert clip.frame_max_pixels is None and clip.frame_min_pixels is None
+
+
+def test_float32_arange_ints_is_torchs():
+    """Qwen2-VL's frame picks without torch equal `torch.arange(0, total, total / n).int()` (float32)."""
+    import torch
+
+    from vlmtune.models.video_grid import float32_arange_ints
+
+    cases = [(total, n) for total in range(1, 2400, 13) for n in range(2, min(total, 300) + 1, 2)]
+    cases += [(10, 3), (7, 3), (1000, 999), (99991, 768), (3001, 600)]
+    for total, n in cases:
+        want = tuple(int(i) for i in torch.arange(0, total, total / n).int().tolist())
+        assert float32_arange_ints(total, total / n) == want, (total, n)

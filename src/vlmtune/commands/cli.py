@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..models.quant import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # a command prints what it was asked for, not an optional library's import notices
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

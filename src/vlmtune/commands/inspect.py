@@ -229,5 +229,5 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, fit: FitArgs | 
     for p in pieces:
         row = emit(p, loaded.spec)
         body.append(f"--- {row.id}: {len(row.input_ids)} tokens ---\n" + render_row(row, loaded.spec,
-                                                                                    loaded.processor.tokenizer, color))
+                                                                                    loaded.data_processor.tokenizer, color))
     return "\n".join(head + body)

@@ -4,8 +4,9 @@
     cfg.cutoff_len, cfg.fit.overflow, cfg.read.dataset, cfg.notes
 
 - values.py: the field helper every key is declared with, the value converters and range checks;
-- sections.py: the typed sections (ModelArgs, ReadArgs, FitArgs, PrepareArgs, FinetuningArgs, TrainArgs); a key
-  declared `prepared=True` decides the prepared dataset (PREPARED_KEYS, `prepared_values`);
+- sections.py: the typed sections (ModelArgs, ReadArgs, FitArgs, PrepareArgs, FinetuningArgs, TrainArgs,
+  PreferenceArgs); a key declared `prepared=True` decides the prepared dataset (PREPARED_KEYS, `prepared_values`);
+- keys.py: the flat key table over the sections, each key's default, PREPARED_KEYS;
 - bundle.py: `Config`, which holds one of each section and also reads every key flat, and `DataSections`
   (`cfg.for_data()`), the part the data layer is handed;
 - compat.py: every LLaMA-Factory key vlmtune does not declare, classified (llamafactory_keys.tsv lists them);
@@ -15,24 +16,22 @@
 from .bundle import Config, DataSections
 from .compat import CLASSIFIED, LLAMA_FACTORY_KEYS
 from .load import LLAMA_FACTORY_REPLACED, load_config, load_sections, read_yaml
+from .keys import KEYS, PREPARED_KEYS, default_of, prepared_values
 from .sections import (
-    KEYS,
-    PREPARED_KEYS,
     SECTIONS,
     FinetuningArgs,
     FitArgs,
     ModelArgs,
+    PreferenceArgs,
     PrepareArgs,
     ReadArgs,
     TrainArgs,
-    default_of,
-    prepared_values,
 )
 from .values import DEFAULT_OVERFLOW, LR_SCHEDULERS, OPTIMIZERS, OVERFLOW_POLICIES, POLICIES, TERMINAL_POLICIES
 
 __all__ = [
     "CLASSIFIED", "DEFAULT_OVERFLOW", "KEYS", "LLAMA_FACTORY_KEYS", "LLAMA_FACTORY_REPLACED", "LR_SCHEDULERS", "OPTIMIZERS",
     "OVERFLOW_POLICIES", "POLICIES", "PREPARED_KEYS", "SECTIONS", "TERMINAL_POLICIES", "Config", "DataSections",
-    "FinetuningArgs", "FitArgs", "ModelArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of", "load_config",
-    "load_sections", "prepared_values", "read_yaml",
+    "FinetuningArgs", "FitArgs", "ModelArgs", "PreferenceArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of",
+    "load_config", "load_sections", "prepared_values", "read_yaml",
 ]

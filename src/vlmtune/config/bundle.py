@@ -7,17 +7,16 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
+from .keys import KEY_TABLE, KEYS, copy_value
 from .sections import (
-    KEY_TABLE,
-    KEYS,
     SECTIONS,
     FinetuningArgs,
     FitArgs,
     ModelArgs,
+    PreferenceArgs,
     PrepareArgs,
     ReadArgs,
     TrainArgs,
-    copy_value,
 )
 
 
@@ -27,7 +26,7 @@ from .sections import (
 @dataclass(frozen=True)
 class DataSections:
     """What the data layer reads of a config (prepare, streaming, the doctor's data check): the model, read,
-    fit and prepare sections, and the two training keys it needs. The commands and the recipe hand this down
+    fit, prepare and preference sections, and the three training keys it needs. The commands and the recipe hand this down
     (`cfg.for_data()`) instead of the whole Config."""
 
     model: ModelArgs
@@ -37,6 +36,7 @@ class DataSections:
     output_dir: str  # the fit report is written here
     wait_s: float  # ddp_timeout: how long a process waits for another one preparing the same folder
     seed: int = 0  # the run's seed: the order of interleaved datasets (mix_strategy)
+    preference: PreferenceArgs = field(default_factory=PreferenceArgs)  # its stage: which samples are read
 
 
 
@@ -45,7 +45,7 @@ class Config:
     """A validated configuration: one typed section per concern, and every key also read flat.
 
     Hand a function the section it uses (`cfg.read`, `cfg.fit`, `cfg.prepare`, `cfg.model`, `cfg.finetuning`,
-    `cfg.training`); `cfg.cutoff_len` still reads the key from its section.
+    `cfg.training`, `cfg.preference`); `cfg.cutoff_len` still reads the key from its section.
     Equal when every key is equal (notes aside). Frozen: change keys with `cfg.replace(cutoff_len=1024)`,
     which validates the result again.
     `notes` lists what was accepted but ignored (LLaMA-Factory keys) and other advice that is not an error.
@@ -59,6 +59,7 @@ class Config:
     prepare: PrepareArgs
     finetuning: FinetuningArgs
     training: TrainArgs
+    preference: PreferenceArgs
     notes: tuple[str, ...] = field(default=(), compare=False)
     derived: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
@@ -74,7 +75,7 @@ class Config:
     def for_data(self) -> DataSections:
         """The sections the data layer reads."""
         return DataSections(self.model, self.read, self.fit, self.prepare, self.training.output_dir,
-                            self.training.ddp_timeout, self.training.seed)
+                            self.training.ddp_timeout, self.training.seed, self.preference)
 
     def to_dict(self) -> dict[str, Any]:
         """Every key, flat, in declaration order; plain YAML types, so `yaml.safe_dump` writes it."""

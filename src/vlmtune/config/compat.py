@@ -49,7 +49,7 @@ def _group(kind: str, why: str, keys: str, **kw) -> dict[str, Compat]:
 
 _SDPA = "the model loads with transformers' default attention (SDPA) and stock kernels"
 _OPT = "vlmtune's optimizers are the transformers Trainer's `optim` choices and LoRA+"
-_RL = "is a preference / RL setting; vlmtune's stage is sft"
+_RL = "is a preference / RL setting vlmtune lacks (its stages are sft, dpo and kto: docs/preference.md)"
 _INFER = "vlmtune generates with transformers (`vlmtune chat`), not an inference engine"
 _EXPORT = "is read by `vlmtune export CONFIG.yaml`, not by training"
 _HUB = "vlmtune never uploads; push the output folder with huggingface-cli"
@@ -95,7 +95,6 @@ CLASSIFIED: dict[str, Compat] = {
 _DEFAULT_ONLY: list[tuple[str, str, tuple]] = [
     ("the chat template comes from the model's processor", "template",
      ("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "qwen3_5", "qwen3_5_nothink")),
-    ("vlmtune only does supervised fine-tuning", "stage", ("sft",)),
     ("`vlmtune train` always trains", "do_train", (True,)),
     ("vlmtune saves full checkpoints so that a run can resume", "save_only_model", ()),
     (_SDPA, "flash_attn", ("auto", "sdpa", "disabled", "eager")),
@@ -117,17 +116,14 @@ _DEFAULT_ONLY: list[tuple[str, str, tuple]] = [
      "kt_expert_checkpoint_path kt_use_lora_experts kt_lora_expert_num kt_lora_expert_intermediate_size", ()),
     ("Hub tokens are read from the environment (HF_TOKEN); ModelScope and Modelers are not supported",
      "hf_hub_token ms_hub_token om_hub_token", ()),
-    ("the model's own MoE settings are used", "moe_aux_loss_coef", ()),
     ("vlmtune keeps its default dtype, device map and length handling", "compute_dtype device_map "
      "model_max_length", ()),
     ("vlmtune renders tool calls with the checkpoint's chat template (Qwen's format)", "tool_format", (None, "qwen")),
     ("vlmtune evaluates the validation data as one set", "eval_on_each_dataset", ()),
     ("thinking blocks are kept as the checkpoint's chat template renders them", "preserve_thinking", ()),
     ("FSDP is not wired in: use deepspeed (ZeRO-2 / ZeRO-3) for sharded training", "fsdp fsdp_config", (None, "")),
-    ("generation over a dataset (LLaMA-Factory's predict) is not in vlmtune; generate with `vlmtune chat`",
-     "do_predict predict_with_generate do_sample temperature top_p top_k num_beams max_length max_new_tokens "
-     "repetition_penalty length_penalty skip_special_tokens generation_max_length generation_num_beams "
-     "generation_config", ()),
+    ("do_predict generates with max_new_tokens and num_beams (the sampling keys); no other length or "
+     "generation config", "max_length generation_max_length generation_num_beams generation_config", ()),
     ("LLaMA-Factory's evaluation benchmarks (task, n_shot) are not part of vlmtune", "eval_num_beams", ()),
     ("freeze tuning trains whole decoder layers in vlmtune", "freeze_trainable_modules freeze_extra_modules",
      ("all",)),
@@ -136,10 +132,9 @@ _DEFAULT_ONLY: list[tuple[str, str, tuple]] = [
      (False, True)),
     ("OFT is not supported (finetuning_type lora, freeze or full)", "module_dropout oft_rank oft_block_size "
      "oft_target", ()),
-    (f"this {_RL}", "pref_beta pref_ftx pref_bco_weight pref_loss dpo_label_smoothing kto_chosen_weight "
-     "kto_rejected_weight simpo_gamma ppo_buffer_size ppo_epochs ppo_score_norm ppo_target ppo_whiten_rewards "
-     "ref_model ref_model_adapters ref_model_quantization_bit reward_model reward_model_adapters "
-     "reward_model_quantization_bit reward_model_type ld_alpha", ()),
+    (f"this {_RL}", "pref_bco_weight ppo_buffer_size ppo_epochs ppo_score_norm ppo_target ppo_whiten_rewards "
+     "ref_model_quantization_bit reward_model reward_model_adapters reward_model_quantization_bit "
+     "reward_model_type ld_alpha", ()),
     (_OPT, "use_galore galore_target galore_rank galore_update_interval galore_scale galore_proj_type "
      "galore_layerwise use_apollo apollo_target apollo_rank apollo_update_interval apollo_scale apollo_proj "
      "apollo_proj_type apollo_scale_type apollo_layerwise apollo_scale_front use_badam badam_mode "

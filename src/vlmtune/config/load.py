@@ -14,8 +14,9 @@ from ..errors import ConfigError
 from .compat import CLASSIFIED, LLAMA_FACTORY_KEYS, accepts, allowed
 from .bundle import Config
 from .bundle import assemble as _assemble
-from .sections import KEY_TABLE as _KEYS
-from .sections import KEYS, SECTIONS, default_of
+from .keys import KEY_TABLE as _KEYS
+from .keys import KEYS, default_of
+from .sections import SECTIONS
 from .values import INVALID as _INVALID
 from .values import OVERFLOW_POLICIES, TERMINAL_POLICIES, shown
 from .values import BadValue as _Bad
@@ -312,7 +313,11 @@ def _did_you_mean(word: str, options: Iterable[str], otherwise: str) -> str:
 
 
 def _yaml_text(v: Any) -> str:
-    return "true" if v is True else "false" if v is False else "null" if v is None else str(v)
+    """A value as YAML writes a scalar; anything long shown bounded (it may be echoed in a note or an error)."""
+    if v is True or v is False or v is None:
+        return "true" if v else "false" if v is False else "null"
+    text = str(v) if isinstance(v, (str, int, float)) else ""
+    return text if text and len(text) <= 120 else shown(v)
 
 
 def _field_value(key: str, value: Any, problems: list[str]) -> Any:
@@ -420,11 +425,82 @@ def _check_together(v: dict[str, Any]) -> list[str]:
                         "interleave_over (concat reads every dataset whole); set mix_strategy or remove "
                         "interleave_probs")
     problems.extend(_check_probs(v))
+    problems.extend(_check_predict(v))
     if v["bf16"] is True and v["fp16"] is True:
         problems.append("bf16 and fp16 are both true; set at most one of them (bf16 where the GPU supports it)")
     problems.extend(_check_trainable(v))
     problems.extend(_check_quant_variants(v))
+    problems.extend(_check_preference(v))
     return problems
+
+
+# Preference keys, each with the stages (and dpo losses) it means something for: set elsewhere it is an error,
+# never ignored.
+_REFERENCE_FREE = ("orpo", "simpo")
+
+
+def _check_preference(v: dict[str, Any]) -> list[str]:
+    """The preference keys against stage and pref_loss (docs/preference.md)."""
+    stage, loss = v["stage"], v["pref_loss"]
+    if not _valid(stage, loss):
+        return []
+    problems = []
+
+    def unused(key: str, why: str, fix: str) -> None:
+        if _valid(v[key]) and v[key] != default_of(key):
+            problems.append(f"{key}={v[key]!r} {why}; {fix}")
+
+    if stage == "sft":
+        for key in ("pref_beta", "pref_loss", "pref_ftx", "simpo_gamma", "dpo_label_smoothing", "kto_chosen_weight",
+                    "kto_rejected_weight", "ref_model", "ref_model_adapters", "precompute_ref_log_probs"):
+            unused(key, "applies to the preference stages only, but stage='sft'", f"set stage: dpo (or kto), or "
+                   f"remove {key}")
+        return problems
+    unused("train_on_prompt", f"has no effect with stage={stage!r}: only the final answer is scored",
+           "remove train_on_prompt")
+    unused("moe_aux_loss_coef", f"is not added to the stage {stage!r} loss (the preference trainer computes its own "
+           "loss from the logits and asks for no router logits)", "remove moe_aux_loss_coef, or train with stage: sft")
+    if stage == "kto":
+        for key in ("pref_loss", "simpo_gamma", "dpo_label_smoothing"):
+            unused(key, "applies to stage dpo only, but stage='kto'", f"remove {key}")
+    if stage == "dpo":
+        for key in ("kto_chosen_weight", "kto_rejected_weight"):
+            unused(key, "applies to stage kto only, but stage='dpo'", f"remove {key}")
+        if loss != "simpo":
+            unused("simpo_gamma", f"applies to pref_loss simpo only, but pref_loss={loss!r}", "remove simpo_gamma")
+        if loss not in ("sigmoid", "robust"):
+            unused("dpo_label_smoothing", f"applies to pref_loss sigmoid or robust only, but pref_loss={loss!r}",
+                   "remove dpo_label_smoothing")
+        if loss in _REFERENCE_FREE:
+            for key in ("ref_model", "ref_model_adapters", "precompute_ref_log_probs"):
+                unused(key, f"names a reference, but pref_loss={loss!r} uses none", f"remove {key}")
+    if v["pissa_init"] is True and not v["ref_model"] and not (stage == "dpo" and loss in _REFERENCE_FREE):
+        problems.append(f"pissa_init=true with stage={stage!r}: the reference (the base with the adapter disabled) "
+                        "would be PiSSA's residual, not the starting model; set ref_model to the starting model, "
+                        "or pissa_init: false")
+    if _valid(v["ref_model_adapters"], v["ref_model"]) and v["ref_model_adapters"] and not v["ref_model"]:
+        problems.append(f"ref_model_adapters={v['ref_model_adapters']!r} needs ref_model (the base the adapter "
+                        "applies to); set ref_model, or remove ref_model_adapters")
+    if v["packing"] is True:
+        problems.append(f"packing: true with stage={stage!r}: a pair's chosen and rejected sides (and a KTO batch) "
+                        "are scored as whole sequences, which packing would mix; set packing: false")
+    if v["streaming"] is True:
+        problems.append(f"streaming: true with stage={stage!r} is not supported (preference rows are prepared and "
+                        "checked as pairs first); set streaming: false")
+    return problems
+
+
+def _check_predict(v: dict[str, Any]) -> list[str]:
+    """do_predict generates over eval_dataset (as in LLaMA-Factory), with predict_with_generate."""
+    if not _valid(v["do_predict"], v["predict_with_generate"], v["eval_dataset"]):
+        return []
+    if v["do_predict"] and not v["eval_dataset"]:
+        return ["do_predict=true needs eval_dataset: the datasets to generate answers for; set eval_dataset"]
+    if v["do_predict"] != v["predict_with_generate"]:
+        return [f"do_predict={_yaml_text(v['do_predict'])} with predict_with_generate="
+                f"{_yaml_text(v['predict_with_generate'])}: vlmtune predicts by generating (eval_dataset already "
+                "reports eval_loss); set both to true, or both to false"]
+    return []
 
 
 def _check_probs(v: dict[str, Any]) -> list[str]:

@@ -7,10 +7,7 @@ writes docs/config.md from these declarations.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Iterable
+from dataclasses import dataclass
 
 from .values import (
     DEFAULT_OVERFLOW,
@@ -18,7 +15,6 @@ from .values import (
     OPTIMIZERS,
     arg as _arg,
     as_comma_str as _as_comma_str,
-    converter as _converter,
     dropout as _dropout,
     max_steps as _max_steps,
     non_negative as _non_negative,
@@ -278,7 +274,9 @@ class FitArgs:
         True, "Each part made by split starts with as much of the preceding conversation as still fits.",
         prepared=True,
     )
-    packing: bool = _arg(False, "Pack several samples into each cutoff_len sequence (positions restart per sample).")
+    packing: bool = _arg(False, "Pack several samples into each cutoff_len sequence (positions restart per sample). "
+                         "No attention, and on Qwen3.5 no linear-attention state, crosses from one sample into "
+                         "the next.")
 
 
 @dataclass(frozen=True)
@@ -327,8 +325,9 @@ class FinetuningArgs:
     )
     lora_target: list[str] = _arg(
         ["all"],
-        "Modules that get LoRA adapters: all (every linear layer of the parts not frozen) or module names, "
-        "comma-separated or as a list, such as q_proj,v_proj.",
+        "Modules that get LoRA adapters: all (every linear layer of the parts not frozen, and a mixture-of-experts "
+        "model's experts, not its routers) or module names, comma-separated or as a list, such as q_proj,v_proj "
+        "(experts, gate_up_proj or down_proj name a MoE's fused expert weights; docs/moe.md).",
         expect="all or module names such as q_proj,v_proj",
     )
     freeze_trainable_layers: int = _arg(
@@ -343,6 +342,19 @@ class FinetuningArgs:
         True, "Keep the projector (merger) between the vision encoder and the language model fixed."
     )
     freeze_language_model: bool = _arg(False, "Keep the language model's weights fixed.")
+    freeze_router: bool = _arg(
+        True,
+        "Mixture-of-experts models: keep the routers (each MoE layer's expert gate, and Qwen3.5-MoE's shared-expert "
+        "gate) fixed; false trains them in full, with LoRA too (they are small). The experts themselves follow "
+        "lora_target and finetuning_type.",
+    )
+    moe_aux_loss_coef: float | None = _arg(
+        None,
+        "Mixture-of-experts models: the router's load-balancing loss, times this coefficient, is added to the "
+        "training loss and logged as aux_loss (0: logged, not added); null: not computed.",
+        expect="a non-negative number such as 0.001, or null",
+        check=_non_negative,
+    )
     additional_target: list[str] | None = _arg(
         None,
         "Modules trained in full besides the adapters, comma-separated or as a list, such as "
@@ -476,51 +488,81 @@ class TrainArgs:
     run_doctor: bool = _arg(True, "`vlmtune train` runs the doctor's checks before it starts.")
     optim: str = _arg("adamw_torch", "Optimizer (a transformers OptimizerNames value).", choices=OPTIMIZERS,
                       choices_what="a transformers optimizer name")
+    # -- generation over eval_dataset after training (LLaMA-Factory's do_predict), its GeneratingArguments --
+    do_predict: bool = _arg(
+        False, "After training, generate an answer for every sample of eval_dataset and write "
+        "generated_predictions.jsonl (prompt, predict, label) and predict_results.json (BLEU-4, ROUGE-1/2/L), "
+        "as LLaMA-Factory does. Needs eval_dataset and predict_with_generate: true.",
+    )
+    predict_with_generate: bool = _arg(False, "With do_predict: generate the answers (LLaMA-Factory's switch).")
+    max_new_tokens: int = _arg(1024, "do_predict: most tokens generated per answer.",
+                               expect="a positive integer such as 512", check=_positive)
+    do_sample: bool = _arg(True, "do_predict: sample (with temperature, top_p, top_k); false: greedy or beams.")
+    temperature: float = _arg(0.95, "do_predict: sampling temperature.", expect="a positive number such as 0.95",
+                              check=_positive)
+    top_p: float = _arg(0.7, "do_predict: nucleus sampling's probability mass.", expect="a number in (0, 1] such as 0.7",
+                        check=_share)
+    top_k: int = _arg(50, "do_predict: sample among this many most likely tokens.", expect="a positive integer such as 50",
+                      check=_positive)
+    num_beams: int = _arg(1, "do_predict: beams of beam search; 1: none.", expect="a positive integer such as 1",
+                          check=_positive)
+    repetition_penalty: float = _arg(1.0, "do_predict: penalty on repeated tokens; 1.0: none.",
+                                     expect="a positive number such as 1.0", check=_positive)
+    length_penalty: float = _arg(1.0, "do_predict: beam search's length penalty.", expect="a number such as 1.0")
+    skip_special_tokens: bool = _arg(True, "do_predict: leave special tokens out of the decoded answers.")
+
+
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo", "robust", "sppo_hard", "nca_pair")
+
+
+@dataclass(frozen=True)
+class PreferenceArgs:
+    """Preference training (LLaMA-Factory's `stage: dpo | kto` keys; docs/preference.md)."""
+
+    stage: str = _arg(
+        "sft",
+        "sft: supervised fine-tuning; dpo: pairs (chosen / rejected) with pref_loss (DPO and its variants, ORPO, "
+        "SimPO); kto: single answers tagged desirable or undesirable.",
+        choices=("sft", "dpo", "kto"), prepared=True,
+    )
+    pref_beta: float = _arg(0.1, "beta of the preference loss (how far the policy may move from the reference).",
+                            expect="a positive number such as 0.1", check=_positive)
+    pref_loss: str = _arg(
+        "sigmoid",
+        "stage dpo: the loss. sigmoid (DPO), hinge, ipo, robust, sppo_hard, nca_pair (with a reference); "
+        "orpo, simpo (reference-free, on length-averaged log-probabilities).",
+        choices=PREF_LOSSES,
+    )
+    pref_ftx: float = _arg(0.0, "Weight of an SFT loss on the chosen (kto: desirable) answers added to the "
+                           "preference loss; 0: none.", expect="a non-negative number such as 0.1",
+                           check=_non_negative)
+    simpo_gamma: float = _arg(0.5, "pref_loss simpo: the target reward margin gamma.",
+                              expect="a non-negative number such as 0.5", check=_non_negative)
+    dpo_label_smoothing: float = _arg(
+        0.0, "pref_loss sigmoid / robust: the probability that a pair's labels are flipped (cDPO); in [0, 0.5).",
+        expect="a number in [0, 0.5) such as 0.1",
+        check=lambda v: None if 0 <= v < 0.5 else "is not in [0, 0.5)",
+    )
+    kto_chosen_weight: float = _arg(1.0, "stage kto: weight of the desirable answers' losses.",
+                                    expect="a positive number such as 1.0", check=_positive)
+    kto_rejected_weight: float = _arg(1.0, "stage kto: weight of the undesirable answers' losses.",
+                                      expect="a positive number such as 1.0", check=_positive)
+    ref_model: str | None = _arg(
+        None,
+        "The reference model (a checkpoint folder or Hub id); null: the starting model itself (LoRA: the base "
+        "with the adapter disabled, no second copy; full / freeze: a frozen copy).",
+        expect="a checkpoint folder or Hub id, or null",
+    )
+    ref_model_adapters: str | None = _arg(
+        None, "A LoRA adapter folder applied to ref_model (merged into it); null: none.",
+        expect="an adapter folder, or null",
+    )
+    precompute_ref_log_probs: bool = _arg(
+        False,
+        "Compute the reference's log-probabilities of every row once before training, so that no reference "
+        "model stays in memory during training (full fine-tuning: no frozen copy).",
+    )
 
 
 SECTIONS: dict[str, type] = {"model": ModelArgs, "read": ReadArgs, "fit": FitArgs, "prepare": PrepareArgs,
-                             "finetuning": FinetuningArgs, "training": TrainArgs}
-
-
-def _key_table() -> dict[str, tuple[str, Any, Any]]:
-    """key -> (section, dataclass Field, resolved type hint), in declaration order."""
-    table = {}
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            assert f.name not in table, f"key {f.name} is declared twice; the YAML is flat, keys must be unique"
-            table[f.name] = (section, f, hints[f.name])
-    return table
-
-
-KEY_TABLE = _key_table()
-KEYS: tuple[str, ...] = tuple(KEY_TABLE)
-
-
-def _check_declarations() -> None:
-    """Every declared type needs a converter: fail at import, not when some user's config sets the key."""
-    for _, f, hint in KEY_TABLE.values():
-        _converter(f, hint)
-
-
-_check_declarations()
-
-
-PREPARED_KEYS: tuple[str, ...] = tuple(k for k, (_, f, _) in KEY_TABLE.items() if f.metadata["prepared"])
-
-
-def prepared_values(*sections: Any) -> dict[str, Any]:
-    """The values of the keys declared `prepared=True` in these sections: what decides a prepared dataset's
-    content (its fingerprint), read from the declarations instead of a hand-kept list."""
-    return {f.name: copy_value(getattr(s, f.name)) for s in sections for f in fields(s) if f.metadata["prepared"]}
-
-
-def copy_value(v: Any) -> Any:
-    """A key's value that a caller may change: lists are copied."""
-    return list(v) if isinstance(v, list) else v
-
-
-def default_of(key: str) -> Any:
-    """The declared default of a key (None for required keys), as a fresh object."""
-    f = KEY_TABLE[key][1]
-    return f.default_factory() if f.default is MISSING else f.default
+                             "finetuning": FinetuningArgs, "training": TrainArgs, "preference": PreferenceArgs}

@@ -98,9 +98,30 @@ def data_locations(read: ReadArgs) -> tuple[list[str], list[str]]:
 def check_folders(data: DataSections) -> None:
     """Refuse, before any work, output_dir / prepared_dir / data that overlap: the prepared folder is replaced
     on a re-prepare (so it must not be, or hold, the output or the data), and neither written folder may be a
-    data folder or lie inside a folder read whole as data (the run would read its own output)."""
-    out, prep = os.path.realpath(data.output_dir), os.path.realpath(prepared_dir(data))
+    data folder or lie inside a folder read whole as data (the run would read its own output). With
+    `streaming: true` no prepared folder is written, so only output_dir's rules apply."""
+    out = os.path.realpath(data.output_dir)
     places, whole = data_locations(data.read)
+    problems = []
+    for p in places:
+        folder = p if os.path.isdir(p) else os.path.dirname(p)
+        if folder == out:
+            problems.append(f"output_dir={data.output_dir!r} is the data folder {folder!r}: the run would write its "
+                            "checkpoints, README and reports among the data; set output_dir to a folder of its own")
+    written = [("output_dir", out)]
+    if not data.prepare.streaming:
+        prep = os.path.realpath(prepared_dir(data))
+        problems += _prepared_problems(data, out, prep, places)
+        written.append(("prepared_dir", prep))
+    problems += [f"{key}={mine!r} is inside {w!r}, which is read whole as data: the run would read its own output "
+                 f"as data; set {key} to a folder outside it" for w in whole for key, mine in written if _inside(mine, w)]
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
+    if not data.prepare.streaming:
+        check_replaceable(prepared_dir(data))  # never a cache, so never replaced: refused now, not after the model loads
+
+
+def _prepared_problems(data: DataSections, out: str, prep: str, places: list[str]) -> list[str]:
     given = data.prepare.prepared_dir
     problems = []
     if prep == out:
@@ -114,18 +135,7 @@ def check_folders(data: DataSections) -> None:
         if p == prep or _inside(p, prep):
             problems.append(f"prepared_dir={prepared_dir(data)!r} is or holds the data at {p!r}: a new prepare would "
                             "replace it; set prepared_dir to a folder of its own (or null for <output_dir>/prepared)")
-        folder = p if os.path.isdir(p) else os.path.dirname(p)
-        if folder == out:
-            problems.append(f"output_dir={data.output_dir!r} is the data folder {folder!r}: the run would write its "
-                            "checkpoints, README and reports among the data; set output_dir to a folder of its own")
-    for w in whole:
-        for key, mine in (("output_dir", out), ("prepared_dir", prep)):
-            if _inside(mine, w):
-                problems.append(f"{key}={mine!r} is inside {w!r}, which is read whole as data: the run would read "
-                                f"its own output as data; set {key} to a folder outside it")
-    if problems:
-        raise ConfigError(list(dict.fromkeys(problems)))
-    check_replaceable(prepared_dir(data))  # never a cache, so never replaced: refused now, not after the model loads
+    return problems
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -244,11 +254,12 @@ def fingerprint(data: DataSections, loaded, files: list[str]) -> str:
 
     h = hashlib.sha256()
     h.update(__version__.encode())
-    h.update(json.dumps(prepared_values(data.model, data.read, data.fit), sort_keys=True, default=str).encode())
+    keys = prepared_values(data.model, data.read, data.fit, data.preference)
+    h.update(json.dumps(keys, sort_keys=True, default=str).encode())
     h.update(json.dumps(columns(Row)).encode())  # a cache written before a column was declared is stale
     h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(loaded.video.to_dict() if loaded.video else None, sort_keys=True).encode())
-    h.update(str(getattr(loaded.processor, "chat_template", "")).encode())
+    h.update(str(getattr(loaded.data_processor, "chat_template", "")).encode())
     for path in files:
         h.update(path.encode())
         if not os.path.isfile(path):  # a FIFO or device named like a data file is never opened

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from ..errors import SampleError
+from ..models.checkpoint import FileProcessor, render_template
 from ..models.grid import Grid
 from ..models.spec import ModelSpec
 from ..models.video_grid import VideoGrid, VideoSpec
@@ -200,6 +201,8 @@ class Encoder:
     def __init__(self, processor, spec: ModelSpec, train_on_prompt: bool = False, mask_history: bool = False,
                  default_system: str | None = None, enable_thinking: bool = True,
                  plain_tokens: tuple[str, ...] = ()):
+        """`processor`: transformers' processor, or the checkpoint's files read by models/checkpoint.py
+        (`Loaded.data_processor`), which render and tokenize identically without importing torch."""
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.spec = spec
@@ -243,11 +246,14 @@ class Encoder:
             chats = [[self._escape(m) for m in chat] for chat in chats]
         # the template reads enable_thinking as apply_chat_template passes it (Qwen3.5's generation prompt)
         think = {"enable_thinking": self.enable_thinking}
-        try:
-            from transformers.utils.chat_template_utils import render_jinja_template
-        except ImportError:  # an older or newer transformers without it: the public path
-            return [self.processor.apply_chat_template(m, chat_template=self.chat_template, tokenize=False,
-                                                       **think, **self._tools(c)) for c, m in zip(convs, chats)]
+        if isinstance(self.processor, FileProcessor):  # the checkpoint's files: jinja2 as transformers runs it
+            render_jinja_template = render_template
+        else:
+            try:
+                from transformers.utils.chat_template_utils import render_jinja_template
+            except ImportError:  # an older or newer transformers without it: the public path
+                return [self.processor.apply_chat_template(m, chat_template=self.chat_template, tokenize=False,
+                                                           **think, **self._tools(c)) for c, m in zip(convs, chats)]
         out: list[str | None] = [None] * len(convs)
         plain = [i for i, c in enumerate(convs) if not self._tools(c)]
         if plain:

@@ -96,6 +96,58 @@ def _pick_split(splits, split: str | None) -> str | None:
 # -- readers --------------------------------------------------------------------------------------
 
 
+def rows_of(batch) -> list[dict]:
+    """A record batch (or table) as Python rows, `to_pylist` but with binary cells (embedded image bytes) left
+    as memoryviews of the batch's buffers: a memory-mapped file's image pages are then never copied, nor even
+    read, beyond the few kilobytes of each image's header (data/images.read_header)."""
+    import pyarrow as pa
+
+    if not any(_has_binary(f.type) for f in batch.schema):
+        return batch.to_pylist()
+    batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
+    rows: list[dict] = []
+    for b in batches:
+        columns = {name: _values(b.column(i)) for i, name in enumerate(b.schema.names)}
+        rows += [{k: v[i] for k, v in columns.items()} for i in range(b.num_rows)]
+    return rows
+
+
+def _has_binary(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return True
+    if pa.types.is_struct(t):
+        return any(_has_binary(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _has_binary(t.value_type)
+    return False
+
+
+def _values(arr) -> list:
+    """`arr.to_pylist()`, binary leaves as memoryviews (see rows_of); other leaves through pyarrow."""
+    import numpy as np
+    import pyarrow as pa
+
+    t = arr.type
+    if not _has_binary(t):
+        return arr.to_pylist()
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        _, offsets_buf, data_buf = arr.buffers()
+        wide = np.int64 if pa.types.is_large_binary(t) else np.int32
+        offsets = np.frombuffer(offsets_buf, dtype=wide)[arr.offset: arr.offset + len(arr) + 1].tolist()
+        data = memoryview(data_buf).cast("B") if data_buf is not None else memoryview(b"")  # bytes, not signed
+        return [data[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(arr))]
+    if pa.types.is_struct(t):
+        children = {t.field(j).name: _values(child) for j, child in enumerate(arr.flatten())}
+        return [{k: v[i] for k, v in children.items()} if valid[i] else None for i in range(len(arr))]
+    flat = _values(arr.flatten())  # a list array: flatten() starts at this (sliced) array's first value
+    offsets = arr.offsets.to_numpy().tolist()
+    base = offsets[0]
+    return [flat[offsets[i] - base:offsets[i + 1] - base] if valid[i] else None for i in range(len(arr))]
+
+
 def iter_parquet(path: str, *, ids_only: bool = False) -> Iterator[TableRow | Problem]:
     """`ids_only`: the rows with only their "id" column (or none), for the id plan: no image page is read."""
     import pyarrow.parquet as pq
@@ -111,7 +163,7 @@ def iter_parquet(path: str, *, ids_only: bool = False) -> Iterator[TableRow | Pr
             return
         columns = ["id"] if ids_only else None
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False):
-            for value in batch.to_pylist():
+            for value in rows_of(batch):
                 yield TableRow(value, f"{path}#{row}", f"{stem}:{row}", ["parquet", real, row], path, row)
                 row += 1
     except Exception as e:  # a broken file is reported (after the rows read so far), not a crash
@@ -181,7 +233,7 @@ def _iter_dataset(ds, shown: str, stem: str, origin: list, ids_only: bool = Fals
     try:
         # Arrow rows: Image features are not decoded (they come back as {"bytes", "path"}).
         for batch in ds.with_format("arrow").iter(batch_size=BATCH_ROWS):
-            for value in batch.to_pylist():
+            for value in rows_of(batch):
                 yield TableRow(value, f"{shown}#{row}", f"{stem}:{row}", [*origin, row], shown, row)
                 row += 1
     except Exception as e:

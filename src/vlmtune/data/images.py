@@ -34,11 +34,45 @@ class ImageHeader:
 
 
 # An image to open: a file path or its bytes (an embedded `datasets.Image` value, a `data:` URI).
-Source = Union[str, bytes]
+Source = Union[str, bytes, memoryview]
+
+
+class _ViewFile(io.RawIOBase):
+    """A file over a memoryview that copies only what is read: io.BytesIO would copy (and so page in) the
+    whole image, and pyarrow's BufferReader refuses the seeks past the end that Pillow's format probes make."""
+
+    def __init__(self, view: memoryview):
+        super().__init__()
+        self._view, self._pos = view.cast("B"), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        chunk = self._view[self._pos:self._pos + len(b)]
+        n = len(chunk)
+        b[:n] = chunk
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + offset < 0:
+            raise OSError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 def fileobj(source: Source):
-    return io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    if isinstance(source, memoryview):  # a view into a memory-mapped table: read in place
+        return io.BufferedReader(_ViewFile(source), buffer_size=4096)
+    return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
 
 
 def read_header(source: Source) -> ImageHeader:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -25,9 +26,10 @@ from tqdm.auto import tqdm
 from ..config import FitArgs, ReadArgs
 from ..errors import Problem, SampleError
 from ..models.load import Loaded
-from .encode import Encoded, Encoder, emit
+from .encode import Encoded, Encoder
 from .fit import FitOutcome, Fitter
 from .mix import Mix
+from .pairs import emit_row, encode_samples, fit_sample, stage_problems
 from .readers import iter_samples, layout_notes
 from .schema import SampleStats, features, table
 from .types import Conversation
@@ -45,6 +47,8 @@ class Stages:
     fitting: bool = False
     emit: bool = False
     keep_ids: frozenset = frozenset()  # samples whose Encoded (and fit) comes back whole (inspect --show)
+    # the run's stage (sft, dpo, kto): a sample of another kind is invalid (data/pairs.stage_problems); None: any
+    stage: str | None = None
     # control_tokens_in_text: text (validate.CONTROL_TOKENS as plain text); run_pipeline sets it from the read section
     control_tokens_as_text: bool = False
 
@@ -91,7 +95,7 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["stages"] = stages
     _WORKER["video"] = loaded.video
     fit = stages.fit
-    encoder = _WORKER["encoder"] = Encoder(loaded.processor, loaded.spec, train_on_prompt=fit.train_on_prompt,
+    encoder = _WORKER["encoder"] = Encoder(loaded.data_processor, loaded.spec, train_on_prompt=fit.train_on_prompt,
                                            mask_history=fit.mask_history, default_system=fit.default_system,
                                            enable_thinking=fit.enable_thinking,
                                            plain_tokens=CONTROL_TOKENS if stages.control_tokens_as_text else ())
@@ -111,6 +115,8 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
     """One chunk of samples from validation to (fitted, emitted) rows."""
     w = _WORKER
     spec, stages, fitter = w["spec"], w["stages"], w["fitter"]
+    for conv in convs:
+        conv.read_problems += stage_problems(conv, stages.stage)
     # Rows that will be trained on (emit: prepare, doctor, streaming) have every image decoded here, so that a
     # pixel that cannot be decoded is a skippable bad sample now, not a crash mid-training (issue 21).
     checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size,
@@ -127,14 +133,14 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
         for c in out.invalid:
             reason = " | ".join(f"{p.what}; {p.fix}" for p in by_id.get(c.id, [])) or "invalid"
             lines[c.id] = invalid_line(c.id, c.source, reason)
-    for enc in w["encoder"].encode_many(checked.valid, checked.headers, videos=checked.videos):
+    for enc in encode_samples(w["encoder"], checked.valid, checked.headers, checked.videos):
         out.stats.append(SampleStats.of(enc))
         if enc.id in stages.keep_ids:
             out.encoded.append(enc)
         if fitter is None:
             continue
         try:
-            fitted = fitter.fit(enc)
+            fitted = fit_sample(fitter, enc)
         except SampleError as e:
             out.errors.append(e)
             if enc.id in stages.keep_ids:
@@ -146,7 +152,7 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
         out.pieces += [(p.length, p.image_tokens + sum(v.pad_tokens for v in p.videos)) for p in fitted.pieces]
         out.split_rows += len(fitted.pieces) if fitted.fate == "split" else 0
         if stages.emit:
-            rows += [emit(p, spec).to_dict() for p in fitted.pieces]
+            rows += [emit_row(p, spec) for p in fitted.pieces]
     if fitter is not None:
         out.lines = [lines[c.id] for c in convs if c.id in lines]
     if stages.emit and rows:
@@ -155,10 +161,27 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
 
 
 def _init_worker(loaded: Loaded, stages: Stages) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # a worker is one core's worth of work
+    # a worker is one core's worth of work: no thread pool of the Rust tokenizer (read at each batch call),
+    # nor of torch where a transformers processor (models/checkpoint.py's fallback) brought it in
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
     _set_worker(loaded, stages)
+
+
+def worker_pool(workers: int, loaded: Loaded, stages: Stages) -> ProcessPoolExecutor:
+    """`workers` processes forked from a fresh server process that has imported only this module.
+
+    Not forked from this process, which may hold torch and a model (`train` prepares before it trains) and
+    whose Rust tokenizer may have started threads; not spawned, which would import everything again per
+    worker. Each worker gets the Loaded once (the checkpoint's files, a few MB) and then only chunks."""
+    import multiprocessing as mp
+
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload([__name__])  # not __main__: the CLI's entry module would run again
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(loaded, stages))
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -177,14 +200,14 @@ def mix_of(read: ReadArgs, seed: int) -> Mix:
     return Mix(read.mix_strategy, probs, seed)
 
 
-def _chunks(read: ReadArgs, stream: Stream, chunk: int) -> Iterator[list[Conversation]]:
+def _chunks(read: ReadArgs, stream: Stream, chunk: int, preference: bool) -> Iterator[list[Conversation]]:
     seen: Counter = Counter()
     buf: list[Conversation] = []
     for item in iter_samples(read.dataset, read.dataset_dir, read.media_dir,
                              allow_paths_outside_media_dir=read.allow_paths_outside_media_dir,
                              allow_remote_images=read.allow_remote_images,
                              remote_options=remote_options(read) if read.allow_remote_images else None,
-                             layouts=stream.layouts, mix=stream.mix):
+                             layouts=stream.layouts, mix=stream.mix, preference=preference):
         stream.records += 1
         if isinstance(item, Problem):
             stream.unread.append(item)
@@ -220,9 +243,11 @@ def _ordered(fn: Callable, items: Iterable, pool: ProcessPoolExecutor | None, wi
 def run_pipeline(read: ReadArgs, loaded: Loaded, stages: Stages, *, seed: int = 0, workers: int = 1,
                  chunk: int = CHUNK, progress: bool = True, desc: str = "preparing") -> Stream:
     """Stream what the read section names through the stages (`seed`: the run's, for interleaved datasets);
-    iterate `.chunks` (to the end) to drive it."""
+    iterate `.chunks` (to the end) to drive it. A preference stage (dpo, kto) reads ranking / KTO records as
+    preference samples."""
     stream = Stream(iter(()), mix=mix_of(read, seed))
     stages = replace(stages, control_tokens_as_text=read.control_tokens_in_text == "text")
+    preference = stages.stage not in (None, "sft")
 
     def drive() -> Iterator[ChunkResult]:
         n = max(1, int(workers or 1))
@@ -231,9 +256,9 @@ def run_pipeline(read: ReadArgs, loaded: Loaded, stages: Stages, *, seed: int = 
         if n == 1:
             _set_worker(loaded, stages)
         else:
-            pool = ProcessPoolExecutor(n, initializer=_init_worker, initargs=(loaded, stages))
+            pool = worker_pool(n, loaded, stages)
         try:
-            for res in _ordered(process_chunk, _chunks(read, stream, chunk), pool, 2 * n):
+            for res in _ordered(process_chunk, _chunks(read, stream, chunk, preference), pool, 2 * n):
                 bar.update(len(res.stats) + len(res.invalid))
                 yield res
         finally:

@@ -54,6 +54,7 @@ class Prepared:
     records: int
     cached: bool
     table: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    notes: list[str] = field(default_factory=list, repr=False)  # what reading found (layouts, the datasets' mix)
 
     def dataset(self):
         return load_prepared(self.path)
@@ -87,6 +88,12 @@ def verdict(read: ReadArgs, invalid: int, records: int) -> Verdict | None:
             f"({100 * invalid / max(1, records):.1f}%) as invalid, more than max_skipped_share="
             f"{read.max_skipped_share:g}"))
     return None
+
+
+def _stages(data: DataSections) -> Stages:
+    """Prepare's stages: labels as the fit section asks, fitted, rows emitted; the run's stage (sft, dpo, kto)
+    refuses the samples of another kind (data/pairs.stage_problems)."""
+    return Stages(data.fit, fitting=True, emit=True, stage=data.preference.stage)
 
 
 def prepare(data: DataSections, loaded: Loaded | None = None, *, progress: bool = True,
@@ -152,7 +159,7 @@ def _prepare_into(data: DataSections, loaded: Loaded, fp, out_dir, report_path, 
     from datasets.arrow_writer import ArrowWriter
 
     cache.make_temp(tmp_dir)
-    stream = run_pipeline(data.read, loaded, Stages(data.fit, fitting=True, emit=True), seed=data.seed,
+    stream = run_pipeline(data.read, loaded, _stages(data), seed=data.seed,
                           workers=data.prepare.preprocessing_num_workers or 1, chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
     problems: list[Problem] = []
@@ -223,7 +230,7 @@ def _prepare_into(data: DataSections, loaded: Loaded, fp, out_dir, report_path, 
             "limited": stream.limited, "notes": stream.notes}
     cache.write_meta(tmp_dir, meta)
     cache.swap_in(tmp_dir, out_dir)
-    prep = Prepared(out_dir, report_path, rows, fates, records, False, table)
+    prep = Prepared(out_dir, report_path, rows, fates, records, False, table, stream.notes)
     if facts is not None:
         facts.prepared = prep
     return prep, facts
@@ -279,6 +286,7 @@ def format_report_summary(prep: Prepared) -> str:
     head = ("fate", "samples", "rows", "tokens before", "tokens after")
     lines = [f"{head[0]:<9}  {head[1]:>7}  {head[2]:>6}  {head[3]:>13}  {head[4]:>12}"]
     lines += [f"{f:<9}  {n:>7}  {k:>6}  {b:>13}  {a:>12}" for f, n, k, b, a in rows]
+    lines += [n for n in prep.notes if n.startswith("mix_strategy=")]  # records the mix never drew
     lines.append(f"prepared: {prep.path}" + (" (cached)" if prep.cached else ""))
     lines.append(f"fit report: {prep.report_path}")
     return "\n".join(lines)
@@ -290,7 +298,8 @@ def load_cached(out_dir: str, report_path: str, fp: str) -> Prepared | None:
     if meta is None or not os.path.exists(report_path) or not os.path.exists(os.path.join(out_dir, DATA_FILE)):
         return None
     try:
-        return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"])
+        return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"],
+                        meta.get("notes", []))
     except (KeyError, TypeError):
         return None
 
@@ -313,7 +322,7 @@ class StreamedRows:
         data = self.data
         self.passes += 1
         first = self.passes == 1
-        stream = run_pipeline(data.read, self.loaded, Stages(data.fit, fitting=True, emit=True), seed=data.seed,
+        stream = run_pipeline(data.read, self.loaded, _stages(data), seed=data.seed,
                               workers=data.prepare.preprocessing_num_workers or 1,
                               chunk=CHUNK, progress=False)
         os.makedirs(data.output_dir, exist_ok=True)

@@ -86,6 +86,7 @@ from .records import (
     file_problem,
     record_to_conversation,
 )
+from .preference_records import preference_kind, preference_to_conversation
 from .types import Conversation, Origin
 
 _FIX_FILE = "check the path and its permissions"
@@ -468,9 +469,13 @@ def iter_samples(
     allow_remote_images: bool = False,
     remote_options=None,
     layouts: Counter | None = None,
+    preference: bool = False,
     mix: Mix | None = None,
 ) -> Iterator[Conversation | Problem]:
     """Every record of `data` in input order, as a `Conversation` or the one `Problem` why it yields none.
+
+    `preference` (the dpo and kto stages): ranking and KTO records become preference samples
+    (data/preference_records.py); without it they are refused, so that SFT never trains their answers.
 
     Reads the input twice (three times when own ids repeat): once to plan the ids, then to convert. Memory
     stays bounded by one record (REMOTE_CHUNK records with allow_remote_images) plus 16 bytes per record
@@ -490,7 +495,10 @@ def iter_samples(
             if isinstance(item, Problem):
                 yield item
                 continue
-            conv = record_to_conversation(
+            # preference records (ranking pairs, KTO tags) have their own converters: data/preference_records.py
+            convert = (preference_to_conversation if preference and preference_kind(item.value, item.fmt)
+                       else record_to_conversation)
+            conv = convert(
                 item.value,
                 sample_id=plan.next_id(item),
                 source=item.source,
@@ -537,6 +545,7 @@ def read_samples(
     allow_paths_outside_media_dir: bool = False,
     allow_remote_images: bool = False,
     remote_options=None,
+    preference: bool = False,
 ) -> ReadResult:
     """Read every record of `data` into conversations, accounting for each record (a list of `iter_samples`).
 
@@ -553,7 +562,7 @@ def read_samples(
     with _gc_paused():
         for item in iter_samples(data, dataset_dir, media_dir, allow_paths_outside_media_dir=allow_paths_outside_media_dir,
                                  allow_remote_images=allow_remote_images, remote_options=remote_options,
-                                 layouts=layouts):
+                                 layouts=layouts, preference=preference):
             (problems if isinstance(item, Problem) else conversations).append(item)
     return ReadResult(conversations=conversations, problems=problems, records=len(conversations) + len(problems),
                       notes=layout_notes(layouts))

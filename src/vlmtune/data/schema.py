@@ -54,13 +54,18 @@ class Row:
     video_min_pixels: list[int] = column("[int64]", packed=True, optional=True, video=True)
     video_max_pixels: list[int] = column("[int64]", packed=True, optional=True, video=True)
     video_second_per_grid: list[float] = column("[float64]", packed=True, optional=True, video=True)
+    # preference rows (data/pairs.py): a pair's rejected side (its chosen side is input_ids / labels; both share
+    # the images), and a KTO row's tag (1 desirable, 0 undesirable; -1: not a KTO row). Never packed.
+    rejected_input_ids: list[int] = column("[int32]", optional=True)
+    rejected_labels: list[int] = column("[int32]", optional=True)
+    kto_tag: int = column("int8", optional=True, default=-1)
     # the input sample's id, shared by the pieces split cuts from it (the validation split keeps them together)
     sample_id: str = column("string", optional=True, default="")
-    # len(input_ids): the Trainer's group_by_length and packing plan from this column alone
+    # len(input_ids) (a pair: its longer side): the Trainer's group_by_length and packing plan from this column alone
     length: int = column("int32", default=0)
 
     def __post_init__(self) -> None:
-        self.length = len(self.input_ids)
+        self.length = max(len(self.input_ids), len(self.rejected_input_ids))
         self.sample_id = self.sample_id or self.id
 
     def to_dict(self) -> dict:

@@ -39,7 +39,14 @@ class ImagePart:
     ref: str
     path: str | None
     type: Literal["image"] = "image"
-    data: bytes | None = field(default=None, compare=False, repr=False)
+    # bytes, or a memoryview into a memory-mapped table (data/formats.rows_of)
+    data: bytes | memoryview | None = field(default=None, compare=False, repr=False)
+
+    def __getstate__(self):  # to a worker process: a view cannot be pickled, its bytes can
+        state = dict(self.__dict__)
+        if isinstance(state.get("data"), memoryview):
+            state["data"] = bytes(state["data"])
+        return state
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,19 @@ class Origin:
 
 
 @dataclass
+class Preference:
+    """What makes a conversation a preference sample (data/preference_records.py).
+
+    pair (stage dpo): the conversation's messages are the prompt and the chosen answer (its last message);
+    `rejected` is the other answer to the same prompt. kto (stage kto): the last message is the completion,
+    `desirable` its tag. Answers hold text only: the images belong to the shared prompt."""
+
+    kind: Literal["pair", "kto"]
+    rejected: Message | None = None
+    desirable: bool | None = None
+
+
+@dataclass
 class Conversation:
     """One input sample. `id` is stable across runs; `source` is `file:line` or `file#row`, `origin` the same
     as data (set by the reader)."""
@@ -104,6 +124,8 @@ class Conversation:
     origin: Origin | None = field(default=None, compare=False)
     # the tools the sample may call (JSON schemas, as the record gave them), rendered by the chat template
     tools: list | None = None
+    # set for preference samples (ranking pairs, KTO-tagged answers); None for SFT samples
+    preference: Preference | None = None
 
     @property
     def images(self) -> list[ImagePart]:

@@ -126,7 +126,7 @@ def _tail_ok(path: Source, fmt: str | None) -> bool:
     if not markers:
         return True
     if not isinstance(path, str):
-        return any(m in path[-16:] for m in markers)
+        return any(m in bytes(path[-16:]) for m in markers)  # bytes, or a memoryview (no `in` on views)
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)

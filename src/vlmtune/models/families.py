@@ -21,6 +21,20 @@ _HALF = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
+class Experts:
+    """Where a mixture-of-experts family keeps its experts and routers, as transformers names them inside each
+    decoder layer's `mlp` block (models/load.py reads these; nothing else spells the names)."""
+
+    # The experts' weights, each one 3-D tensor [experts, out, in] (not an nn.Linear per expert): LoRA reaches them
+    # through PEFT's target_parameters, and bitsandbytes, which quantizes nn.Linear layers, leaves them as they are.
+    fused: tuple[str, ...] = ("experts.gate_up_proj", "experts.down_proj")
+    # The modules that route tokens (a top-k softmax router) or gate a shared expert: frozen unless freeze_router
+    # is false, and never LoRA targets of lora_target: all.
+    routers: tuple[str, ...] = ("gate",)
+    block: str = "mlp"  # the decoder layer's attribute that holds the experts and the routers
+
+
+@dataclass(frozen=True)
 class Family:
     """One Qwen-VL family: `model_type` is the value of config.json's model_type."""
 
@@ -51,8 +65,13 @@ class Family:
     # Some of its decoder layers are gated-delta linear attention with a causal conv1d (Qwen3.5): recurrent and
     # convolution state that packing must keep inside each sample (models/hybrid.py).
     linear_attention: bool = False
-    # Its MLPs are mixtures of experts with a router.
-    moe: bool = False
+    # Its MLPs are mixtures of experts with a router: where its experts and routers are (None: dense MLPs).
+    experts: Experts | None = None
+
+    @property
+    def moe(self) -> bool:
+        """Its MLPs are mixtures of experts with a router."""
+        return self.experts is not None
 
     @property
     def factor(self) -> int:
@@ -82,7 +101,8 @@ FAMILIES: dict[str, Family] = {
         Family(
             "qwen3_vl_moe", "Qwen3-VL-MoE", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeConfig",
             "Qwen3VLProcessor", "Qwen3VLVideoProcessor", "4.57",
-            16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_vl", video_timestamps=True, moe=True,
+            16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_vl", video_timestamps=True,
+            experts=Experts(),
         ),
         Family(
             "qwen3_5", "Qwen3.5", "Qwen3_5ForConditionalGeneration", "Qwen3_5Config", "Qwen3VLProcessor",
@@ -94,7 +114,7 @@ FAMILIES: dict[str, Family] = {
             "qwen3_5_moe", "Qwen3.5-MoE", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeConfig",
             "Qwen3VLProcessor", "Qwen3VLVideoProcessor", "5.2",
             16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_5", tokenizer_class="Qwen3_5Tokenizer",
-            video_timestamps=True, linear_attention=True, moe=True,
+            video_timestamps=True, linear_attention=True, experts=Experts(routers=("gate", "shared_expert_gate")),
         ),
     )
 }
@@ -118,6 +138,12 @@ def family_of(model_type: str | None) -> Family:
             f"model_type={model_type!r} is not a supported Qwen-VL family; vlmtune supports {supported()}"
         )
     return FAMILIES[model_type]
+
+
+def experts_of(model_type: str | None) -> Experts | None:
+    """The experts of a MoE family; None for a dense family or a model_type vlmtune does not know."""
+    family = FAMILIES.get(model_type)
+    return family.experts if family is not None else None
 
 
 def display_name(model_type: str | None) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..config import FinetuningArgs, FitArgs, ModelArgs
 from ..errors import VlmtuneError
-from .families import family_of
+from .checkpoint import FileProcessor, checkpoint_dir, read_checkpoint
+from .families import Experts, experts_of, family_of
 from .spec import ModelSpec
 from .video_grid import VideoSpec
 
@@ -21,14 +22,45 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?
 
 @dataclass
 class Loaded:
-    """A checkpoint's processor and config, read into the specs the data path uses (no weights)."""
+    """What a command knows of a checkpoint: the ModelSpec and VideoSpec, and the processor and config the data
+    path reads (`data_processor` / `data_config`: the checkpoint's files through models/checkpoint.py, or
+    transformers' own where those files are not read exactly). `processor` and `config` are transformers'
+    objects, loaded on first use: only what makes tensors (collate, train, chat, the doctor's memory model)
+    asks for them, so the data path never imports torch."""
 
-    processor: object
-    config: object
+    data_processor: object
+    data_config: object
     spec: ModelSpec
     # the video processor's settings with the config's video_* keys applied; None for a processor whose
     # video processor vlmtune cannot account for (its samples with videos are then refused)
     video: VideoSpec | None = None
+    source: str = ""
+    trust_remote_code: bool = False
+    cache_dir: str | None = None
+    _real: tuple | None = None  # (processor, config) from transformers, once asked for
+
+    @property
+    def processor(self):
+        return self._transformers()[0]
+
+    @property
+    def config(self):
+        return self._transformers()[1]
+
+    def _transformers(self) -> tuple:
+        if self._real is None:
+            if not isinstance(self.data_processor, FileProcessor):
+                self._real = (self.data_processor, self.data_config)
+            else:
+                self._real = load_processor(str(self.data_processor.folder), trust_remote_code=self.trust_remote_code,
+                                            cache_dir=self.cache_dir)
+        return self._real
+
+    def __getstate__(self):  # a worker process gets the files' reading, never transformers' objects
+        state = dict(self.__dict__)
+        if isinstance(self.data_processor, FileProcessor):
+            state["_real"] = None
+        return state
 
 
 def check_source(name: str, what: str, marker: str, fix: str) -> None:
@@ -134,20 +166,25 @@ def _config_model_type(model_name_or_path: str) -> str | None:
 
 
 def load_spec(model: ModelArgs | str | os.PathLike, fit: FitArgs | None = None) -> Loaded:
-    """Processor, config, the ModelSpec with the fit section's pixel bounds applied, and the VideoSpec with its
-    video keys applied. `model` may be a bare path or hub id (its defaults otherwise); no `fit`: the processor's
-    own bounds."""
+    """The ModelSpec with the fit section's pixel bounds applied and the VideoSpec with its video keys applied,
+    from the checkpoint's files (models/checkpoint.py) when they are read exactly, else from transformers'
+    processor and config. `model` may be a bare path or hub id (its defaults otherwise); no `fit`: the
+    processor's own bounds."""
     model = model if isinstance(model, ModelArgs) else ModelArgs(os.fspath(model))
     fit = fit or FitArgs()
-    processor, config = load_processor(model.model_name_or_path, trust_remote_code=model.trust_remote_code,
-                                       cache_dir=model.cache_dir)
+    name, trust, cache_dir = model.model_name_or_path, model.trust_remote_code, model.cache_dir
+    files = None
+    if not trust:  # remote code may change anything: transformers runs it
+        files = read_checkpoint(checkpoint_dir(name, cache_dir))
+    processor, config = files or load_processor(name, trust_remote_code=trust, cache_dir=cache_dir)
     spec = ModelSpec.from_processor(processor, config).with_pixels(fit.image_min_pixels, fit.image_max_pixels)
     try:
         video = VideoSpec.from_processor(processor, config).with_config(
             fit.video_fps, fit.video_maxlen, fit.video_min_pixels, fit.video_max_pixels)
     except ValueError:  # no Qwen-VL video processor: videos are refused, images train as before
         video = None
-    return Loaded(processor=processor, config=config, spec=spec, video=video)
+    return Loaded(data_processor=processor, data_config=config, spec=spec, video=video,
+                  source=name, trust_remote_code=trust, cache_dir=cache_dir)
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -204,32 +241,110 @@ def lora_targets(model, ft: FinetuningArgs) -> list[str]:
     """Full names of the linear layers that get adapters.
 
     `all` covers the linear layers of every component that is not frozen, so unfreezing the
-    vision tower puts adapters on it too. Named targets match a module name's last parts.
+    vision tower puts adapters on it too; a MoE's routers are left out (freeze_router decides whether they
+    train, in full). Named targets match a module name's last parts. The experts' fused weights are not
+    linear layers: `lora_parameters` picks those.
     """
     frozen = frozen_components(ft)
     linears = linear_modules(model)
     if ft.lora_target == ["all"]:
+        routers = set(router_modules(model))
         # A trainable projector is trained in full (modules_to_save), as users of LLaMA-Factory expect.
-        return [n for n, c in linears.items() if c not in frozen and c != "projector"]
+        return [n for n, c in linears.items() if c not in frozen and c != "projector" and n not in routers]
     wanted = list(ft.lora_target)
     return [n for n in linears if any(n == w or n.endswith("." + w) for w in wanted)]
 
 
+# -- mixture of experts ---------------------------------------------------------------------------
+def model_experts(model) -> Experts | None:
+    """The family table's Experts for this model (plain or wrapped by PEFT); None for a dense model."""
+    return experts_of(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def expert_parameters(model) -> dict[str, str]:
+    """Every fused expert tensor (3-D: experts × out × in) by full parameter name → its component. Under PEFT's
+    adapters the tensor's name gains a `.base_layer` per adapted tensor of its module; it still counts."""
+    experts = model_experts(model)
+    if experts is None:
+        return {}
+    ends = tuple(f".{experts.block}.{name}" for name in experts.fused)
+    return {n: component_of(n) for n, _ in model.named_parameters() if n.replace(".base_layer", "").endswith(ends)}
+
+
+def router_modules(model) -> list[str]:
+    """Full names of a MoE's routers (and shared-expert gates); [] for a dense model."""
+    experts = model_experts(model)
+    if experts is None:
+        return []
+    ends = tuple(f".{experts.block}.{name}" for name in experts.routers)
+    return [n for n, _ in model.named_modules() if n.endswith(ends)]
+
+
+def lora_parameters(model, ft: FinetuningArgs) -> list[str]:
+    """Full names of the fused expert tensors that get adapters (PEFT's target_parameters).
+
+    `all` covers the experts of the language model unless it is frozen, as it covers every linear layer; a named
+    target takes the tensors it ends with (gate_up_proj, down_proj, experts.down_proj) or the module that holds
+    them (experts)."""
+    fused = expert_parameters(model)
+    if ft.lora_target == ["all"]:
+        frozen = frozen_components(ft)
+        return [n for n, c in fused.items() if c not in frozen]
+    return [n for n in fused if any(n.endswith("." + w) or w in n.split(".")[:-1] for w in ft.lora_target)]
+
+
+# PEFT's LoRA on a parameter (ParamWrapper) adds B·A to the whole tensor before the forward, so it has no input of
+# its own to drop out, and no DoRA or PiSSA variant: these keys cannot apply to the experts.
+_NOT_ON_FUSED = {"lora_dropout": 0.0, "use_dora": False, "pissa_init": False}
+
+
+def check_expert_lora(ft: FinetuningArgs, params: list[str]) -> list[str]:
+    """The keys that PEFT cannot apply to adapters on fused expert tensors, as problems naming the fix."""
+    if not params:
+        return []
+    where = sorted({n.rsplit(".", 1)[-1] for n in params})
+    return [f"{key}={getattr(ft, key)!r} cannot apply to LoRA on the experts' fused weights ({', '.join(where)}; "
+            f"{len(params)} tensors, adapted through PEFT's target_parameters, which supports no {key}); set "
+            f"{key}: {str(off).lower()}, or name lora_target without the experts (such as q_proj,k_proj,v_proj,o_proj)"
+            for key, off in _NOT_ON_FUSED.items() if getattr(ft, key) != off]
+
+
+def check_moe_keys(model, ft: FinetuningArgs) -> list[str]:
+    """freeze_router and moe_aux_loss_coef on a model without experts would do nothing: problems, not silence."""
+    if model_experts(model) is not None:
+        return []
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    problems = []
+    if not ft.freeze_router:
+        problems.append(f"freeze_router=false but {kind} has no mixture-of-experts router; remove freeze_router")
+    if ft.moe_aux_loss_coef is not None:
+        problems.append(f"moe_aux_loss_coef={ft.moe_aux_loss_coef} but {kind} has no mixture-of-experts router, "
+                        "so there is no auxiliary loss; remove moe_aux_loss_coef")
+    return problems
+
+
 def apply_finetuning(model, ft: FinetuningArgs):
     """Freeze, add LoRA adapters or unfreeze layers as the finetuning section says; returns the model to train."""
+    from ..errors import ConfigError
+
     frozen = frozen_components(ft)
+    problems = check_moe_keys(model, ft)
+    routers = [] if ft.freeze_router else router_modules(model)
     if ft.finetuning_type == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets = lora_targets(model, ft)
-        if not targets:
-            from ..errors import ConfigError
-
-            raise ConfigError([f"lora_target={ft.lora_target} matches no linear layer of the model; names found: "
-                               f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in linear_modules(model)}))}"])
+        targets, params = lora_targets(model, ft), lora_parameters(model, ft)
+        if not targets and not params:
+            names = {n.rsplit('.', 1)[-1] for n in [*linear_modules(model), *expert_parameters(model)]}
+            problems.append(f"lora_target={ft.lora_target} matches no linear layer of the model; names found: "
+                            f"{', '.join(sorted(names))}")
+        problems += check_expert_lora(ft, params)
+        if problems:
+            raise ConfigError(problems)
         to_save = list(ft.additional_target or [])
         if "projector" not in frozen:
             to_save += _projector_roots(model)
+        to_save += routers  # small (experts × hidden per layer): trained in full, not through adapters
         from .quant import check_trainable_in_full, is_quantized, prepare_kbit
 
         if is_quantized(model):
@@ -239,21 +354,34 @@ def apply_finetuning(model, ft: FinetuningArgs):
             r=ft.lora_rank,
             lora_alpha=ft.lora_alpha,
             lora_dropout=ft.lora_dropout,
-            target_modules=targets,
+            target_modules=targets or None,
+            target_parameters=params or None,
             modules_to_save=to_save or None,
             task_type="CAUSAL_LM",
             **lora_variant_kwargs(ft),
         )
         model = get_peft_model(model, peft_cfg)
         return model
+    if problems:
+        raise ConfigError(problems)
     for name, p in model.named_parameters():
         p.requires_grad = component_of(name) not in frozen
     if ft.finetuning_type == "freeze":
         _train_only_layers(model, ft.freeze_trainable_layers, frozen)
+    _set_routers_trainable(model, not ft.freeze_router)
     for name, p in model.named_parameters():
         if ft.additional_target and any(f".{t}." in f".{name}" for t in ft.additional_target):
             p.requires_grad = True
     return model
+
+
+def _set_routers_trainable(model, trainable: bool) -> None:
+    """Full and freeze fine-tuning: the routers train only with freeze_router: false (and then only where their
+    layer trains: not in a frozen language model, under finetuning_type freeze only in the trained layers)."""
+    modules = dict(model.named_modules())
+    for name in router_modules(model):
+        for p in modules[name].parameters():
+            p.requires_grad = p.requires_grad and trainable
 
 
 def lora_variant_kwargs(ft: FinetuningArgs) -> dict:
@@ -304,14 +432,14 @@ def trainable_summary(model) -> dict[str, dict[str, int]]:
         if ".original_module." in f".{name}.":
             continue
         c = component_of(name)
-        n = _numel(p)
+        n = numel(p)
         out[c]["total"] += n
         if p.requires_grad:
             out[c]["trainable"] += n
     return out
 
 
-def _numel(p) -> int:
+def numel(p) -> int:
     """Elements of a parameter as the model sees them: a bitsandbytes 4-bit weight packs two into each byte and
     keeps its real shape in quant_state."""
     state = getattr(p, "quant_state", None)

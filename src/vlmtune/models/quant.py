@@ -4,7 +4,10 @@ Only the language model's linear layers are quantized by default. The vision tow
 16/32 bits: they are a small share of a Qwen-VL model's weights (0.68 B of 8.3 B for Qwen2.5-VL-7B) and their
 rounding error reaches every image token the language model reads (quantize_vision_tower: true quantizes the
 tower's blocks too; the projector never is). lm_head stays unquantized as well (transformers keeps the output
-embeddings out of every quantization).
+embeddings out of every quantization). A mixture-of-experts model's routers stay unquantized too (their
+rounding would move tokens between experts), and its experts cannot be quantized: bitsandbytes replaces nn.Linear
+layers, and transformers keeps each MoE layer's experts as fused 3-D tensors, not linear layers, so they load in
+the run's dtype (`unquantized_experts` counts them; the doctor's memory model does too).
 
     qcfg = quantization_config(cfg.finetuning, compute_dtype=torch.bfloat16)   # None without quantization_bit
     model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=qcfg, ...)
@@ -13,9 +16,11 @@ embeddings out of every quantization).
 
 from __future__ import annotations
 
+import logging
 import os
 
 from ..config import FinetuningArgs
+from .families import FAMILIES
 
 # Module-name patterns transformers' bitsandbytes integration leaves unquantized (its `llm_int8_skip_modules`,
 # matched from the start of a full module name as a regex, or as a suffix). `(.*\.)?` covers both layouts
@@ -23,12 +28,34 @@ from ..config import FinetuningArgs
 VISION_TOWER_SKIP = r"(.*\.)?visual"
 PROJECTOR_SKIP = (r"(.*\.)?visual\.merger", r"(.*\.)?visual\.deepstack_merger_list")
 OUTPUT_SKIP = "lm_head"
+# Every MoE family's routers, as suffixes ("mlp.gate" does not match "mlp.gate_proj"): no dense family has them.
+ROUTER_SKIP = tuple(sorted({f"{e.block}.{r}" for f in FAMILIES.values() if (e := f.experts) for r in e.routers}))
+
+
+class _UnlessQuantizing(logging.Filter):
+    """Drops bitsandbytes' import-time notice about an optional CPU kernel ("Failed to load CPU gemm_4bit_forward
+    from kernels-community") unless a quantized load was asked for: peft imports bitsandbytes whenever it is
+    installed, so every LoRA run, export and doctor printed it to users who asked for no quantization."""
+
+    quantizing = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.quantizing or "gemm_4bit_forward" not in str(record.msg)
+
+
+BITSANDBYTES_NOTICE = _UnlessQuantizing()
+
+
+def quiet_bitsandbytes() -> None:
+    """Keep bitsandbytes' kernel notice out of a command's output until quantization is asked for (the CLI
+    calls this first; `quantization_config`, which every quantized load goes through, lets it through again)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(BITSANDBYTES_NOTICE)  # added once
 
 
 def skip_modules(ft: FinetuningArgs) -> list[str]:
     """The module patterns that stay unquantized for this run (see the module docstring for why)."""
     vision = list(PROJECTOR_SKIP) if ft.quantize_vision_tower else [VISION_TOWER_SKIP]
-    return [*vision, OUTPUT_SKIP]
+    return [*vision, OUTPUT_SKIP, *ROUTER_SKIP]
 
 
 def quantization_config(ft: FinetuningArgs, compute_dtype=None):
@@ -39,6 +66,7 @@ def quantization_config(ft: FinetuningArgs, compute_dtype=None):
     """
     if ft.quantization_bit is None:
         return None
+    BITSANDBYTES_NOTICE.quantizing = True
     require_bitsandbytes()
     import torch
     from transformers import BitsAndBytesConfig
@@ -140,6 +168,37 @@ def quantized_bits(model) -> int | None:
     """4 or 8 for a model loaded through a BitsAndBytesConfig, else None."""
     bits = set(quantized_modules(model).values())
     return max(bits) if bits else None
+
+
+def unquantized_experts(model) -> tuple[int, int, str]:
+    """(elements of a quantized MoE's fused expert tensors, elements of all its weights, the experts' dtype): what
+    bitsandbytes left in the run's dtype because it quantizes nn.Linear layers only. (0, total, "") when dense."""
+    from .load import expert_parameters
+    from .load import numel as _numel
+
+    fused = set(expert_parameters(model))
+    total = experts = 0
+    dtype = ""
+    for name, p in model.named_parameters():
+        n = _numel(p)
+        total += n
+        if name in fused:
+            experts += n
+            dtype = str(p.dtype).removeprefix("torch.")
+    return experts, total, dtype
+
+
+def experts_note(model) -> str | None:
+    """For a quantized MoE: a line saying that its experts are not quantized, and how much of it they are."""
+    if not is_quantized(model):
+        return None
+    experts, total, dtype = unquantized_experts(model)
+    if not experts:
+        return None
+    return (f"quantization_bit={quantized_bits(model)}: the experts' fused weights ({experts:,} of {total:,} "
+            f"parameters, {100 * experts / total:.0f}%) stay in {dtype}: bitsandbytes "
+            "quantizes nn.Linear layers, and transformers keeps each MoE layer's experts as one 3-D tensor; the "
+            "attention, shared-expert and dense layers are quantized, and LoRA adapts the experts either way")
 
 
 def is_quantized(model) -> bool:

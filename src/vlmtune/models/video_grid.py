@@ -154,12 +154,14 @@ class VideoSpec:
     @classmethod
     def from_processor(cls, processor, config=None) -> "VideoSpec":
         """Read the settings from a loaded processor (its `video_processor`) and, for M-RoPE, the config."""
-        from transformers import Qwen2VLVideoProcessor, Qwen3VLVideoProcessor
-
         vp = getattr(processor, "video_processor", None)
-        if isinstance(vp, Qwen3VLVideoProcessor):
+        # by class name (the class or a subclass), so that the settings read from the checkpoint's files
+        # (models/checkpoint.py) are recognised without importing transformers
+        names = [n for c in type(vp).__mro__ for n in (c.__name__, c.__name__.removesuffix("Fast"))]
+        names.insert(0, getattr(vp, "type_name", ""))
+        if "Qwen3VLVideoProcessor" in names:
             rule = QWEN3_RULE
-        elif isinstance(vp, Qwen2VLVideoProcessor):
+        elif "Qwen2VLVideoProcessor" in names:
             rule = QWEN2_RULE
         else:
             raise ValueError(
@@ -291,16 +293,36 @@ def _qwen2_indices(total: int, clip_fps: float, spec: VideoSpec) -> tuple[int, .
             f"max_frames={spec.max_frames} is less than one temporal patch of {tps} frames (the processor's "
             "sampler fails on it); raise video_maxlen"
         )
-    import torch
-
-    # the processor picks frames with a float32 arange; only the same call gives the same indices everywhere
-    indices = tuple(int(i) for i in torch.arange(0, total, total / n).int().tolist())
+    indices = float32_arange_ints(total, total / n)
     if indices[-1] >= total:  # the arange's rounding can add a step past the end: the processor's own sampler fails
         raise VideoSampleError(
             f"the processor's sampler would pick frame {indices[-1]} of a clip of {total} frames (a rounding edge "
             f"of its arange for {n} frames); change video_fps or video_maxlen by one step"
         )
     return indices
+
+
+def float32_arange_ints(end: int, step: float) -> tuple[int, ...]:
+    """`torch.arange(0, end, step).int()` (float32), as the Qwen2-VL processor picks frames, without torch.
+
+    torch computes each value in float32, partly in SIMD lanes (base + lane * step), so its last bits can differ
+    from the exact product. They cannot change the truncation when every product is exact in float32, or when
+    no value lies within a few float32 steps of an integer; only the rare remaining case asks torch itself
+    (tests/models/test_video_grid.py compares with torch over many steps)."""
+    import numpy as np
+
+    size = math.ceil(end / step)  # torch sizes a float arange in double
+    exact = [i * step for i in range(size)]
+    as32 = np.asarray(exact, dtype=np.float32)
+    if float(np.float32(step)) == step and all(float(a) == e for a, e in zip(as32, exact)):
+        return tuple(int(e) for e in exact)
+    values = np.asarray(exact)
+    margin = 8 * np.spacing(np.maximum(np.abs(values), 1).astype(np.float32)).astype(np.float64)
+    if bool(np.all(np.abs(values[1:] - np.round(values[1:])) > margin[1:])):
+        return tuple(int(e) for e in exact)
+    import torch  # a value within rounding of an integer: only torch's own arithmetic gives its answer
+
+    return tuple(int(i) for i in torch.arange(0, end, step).int().tolist())
 
 
 def _qwen3_indices(total: int, clip_fps: float, spec: VideoSpec) -> tuple[int, ...]:

@@ -45,3 +45,37 @@ def plot_loss(log_history: list[dict], output_dir: str, name: str = "training_lo
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl")
+
+
+def plot_rewards(log_history: list[dict], output_dir: str, name: str = "training_rewards.png") -> str | None:
+    """Preference runs: the logged rewards (chosen, rejected, margins; KTO's kl) and the pair accuracy, per step;
+    None if none was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {k: [(h["step"], h[k]) for h in log_history if k in h and "step" in h and "loss" in h]
+              for k in REWARD_KEYS}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for k, points in series.items():
+        steps, values = zip(*points)
+        (right if k == "rewards/accuracies" else left).plot(steps, values, label=k)
+    left.set_xlabel("step")
+    left.set_ylabel("reward")
+    left.legend()
+    right.set_xlabel("step")
+    right.set_ylabel("share of pairs with chosen reward > rejected")
+    right.set_ylim(-0.05, 1.05)
+    fig.suptitle(f"Preference rewards — {os.path.basename(os.path.abspath(output_dir))}")
+    fig.tight_layout()
+    path = os.path.join(output_dir, name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -24,6 +24,7 @@ from ..data.collate import Collator
 from ..data.pack import pack_dataset
 from ..data.prepare import EVAL_REPORT_FILE, Prepared, eval_config, format_report_summary, prepare, streamed_dataset
 from ..errors import ConfigError, disk_full_is_an_error
+from ..models.hybrid import keep_packed_samples_apart
 from ..models.load import (
     Loaded,
     apply_finetuning,
@@ -33,13 +34,15 @@ from ..models.load import (
     load_spec,
     trainable_summary,
 )
+from ..models.quant import experts_note
 from .checkpoints import (
     CompleteCheckpointCallback,
     GracefulStopCallback,
     layout_change,
     resolve_resume,
 )
-from .plot import plot_loss
+from .plot import plot_loss, plot_rewards
+from .preference import preference_trainer
 from .trainer import VlmTrainer
 
 
@@ -114,22 +117,28 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
                            f"see {prepared.report_path} for what happened to each sample"])
 
     model = build_model(cfg)
+    note = experts_note(model)  # QLoRA on a MoE: its experts are not quantized
+    if note:
+        say(note)
     trainable = trainable_summary(model)
     say("trainable parameters:\n" + format_trainable(trainable))
 
-    collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len, video=getattr(loaded, "video", None))
-    trainer = VlmTrainer(
-        model=model,
+    common = dict(
         args=args,
-        data_collator=collator,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
         callbacks=[CompleteCheckpointCallback(), GracefulStopCallback()],
         spec=loaded.spec,
         deepspeed=bool(cfg.deepspeed),
         loraplus_lr_ratio=cfg.loraplus_lr_ratio,
         pissa_init_dir=os.path.join(cfg.output_dir, "pissa_init") if cfg.pissa_init else None,
+        moe_aux_loss_coef=cfg.moe_aux_loss_coef,
     )
+    if cfg.stage != "sft":  # dpo / kto: pairs or tagged answers, their collator, loss and reference
+        trainer = preference_trainer(cfg, model, loaded, train_ds, eval_ds, model_dtype(cfg), **common)
+    else:
+        collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len,
+                            video=getattr(loaded, "video", None))
+        trainer = VlmTrainer(model=model, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+                             **common)
     change = layout_change(resume, args) if resume else None
     if change:
         say(f"WARNING: {change}")
@@ -140,6 +149,8 @@ def build_model(cfg):
     """The model to train: loaded, frozen / adapted as the config says, checkpointed, and with no gradient into
     frozen parts (bench/bench_real_size.py measures exactly this)."""
     model = load_model(cfg.model, cfg.finetuning, dtype=model_dtype(cfg))
+    if cfg.packing:  # linear-attention layers keep each packed sample's state to itself, or packing is refused
+        keep_packed_samples_apart(model)
     for c in (model.config, getattr(model.config, "text_config", None)):
         if c is not None:
             c.use_cache = False  # no KV cache in training (and packing needs none)
@@ -295,9 +306,17 @@ def train(run: Run) -> TrainResult:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
         with open(os.path.join(cfg.output_dir, "trainable_parameters.json"), "w", encoding="utf-8") as f:
             json.dump(run.trainable, f, indent=2)
+        if cfg.do_predict:  # LLaMA-Factory's predict: answers generated for eval_dataset, with their scores
+            from .predict import predict
+
+            predict(trainer.model, trainer.data_collator, run.loaded.processor.tokenizer, trainer.eval_dataset, cfg,
+                    cfg.output_dir, log=say)
         if cfg.plot_loss:
             loss_plot = plot_loss(trainer.state.log_history, cfg.output_dir)
             say(f"loss plot: {loss_plot}" if loss_plot else no_plot_note(trainer.state.global_step, cfg.logging_steps))
+            rewards_plot = plot_rewards(trainer.state.log_history, cfg.output_dir) if cfg.stage != "sft" else None
+            if rewards_plot:
+                say(f"rewards plot: {rewards_plot}")
     return TrainResult(cfg.output_dir, run.prepared, run.trainable, list(trainer.state.log_history), loss_plot,
                        trainer.state.global_step, worst, stopped)
 

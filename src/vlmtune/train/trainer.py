@@ -7,10 +7,16 @@
    identical graphs on every rank, zero gradient, unchanged loss.
 2. Worst-case first: one forward/backward on the longest batch before the first step, so an
    out-of-memory or a data problem shows up in seconds, not hours.
+3. A mixture-of-experts router's load-balancing loss (moe_aux_loss_coef) is added here, not by the model (whose own
+   `router_aux_loss_coef` is held at 0 during the forward and never saved changed): coef × the mean over the
+   step's micro-batches whichever way the Trainer scales the loss for gradient accumulation (the Qwen MoE classes
+   set accepts_loss_kwargs = False, so the Trainer divides the whole loss by the steps; a model normalised over
+   the step's tokens is not divided, and its aux term is divided here), and logged as `aux_loss`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 
@@ -26,9 +32,11 @@ class VlmTrainer(Trainer):
     initial adapter is kept, so that the final adapter is saved converted to apply to the original base model."""
 
     def __init__(self, *args, spec: ModelSpec, deepspeed: bool = False, loraplus_lr_ratio: float | None = None,
-                 pissa_init_dir: str | None = None, **kwargs):
+                 pissa_init_dir: str | None = None, moe_aux_loss_coef: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.spec = spec
+        self.moe_aux_loss_coef = moe_aux_loss_coef
+        self._aux_sum, self._aux_count = 0.0, 0  # training micro-batches' aux losses since the last log
         self.loraplus_lr_ratio = loraplus_lr_ratio
         self.pissa_init_dir = pissa_init_dir
         if pissa_init_dir and self.is_world_process_zero():
@@ -59,8 +67,11 @@ class VlmTrainer(Trainer):
                                        path_initial_model_for_weight_conversion=self.pissa_init_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
+        if self.moe_aux_loss_coef is None:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        else:
+            result = self._loss_with_router_aux(model, inputs, return_outputs, num_items_in_batch)
         if self._needs_dummy(inputs):
             zero = self._dummy_vision_pass(model)
             if return_outputs:
@@ -68,6 +79,32 @@ class VlmTrainer(Trainer):
             else:
                 result = result + zero
         return result
+
+    def _loss_with_router_aux(self, model, inputs, return_outputs, num_items_in_batch):
+        """The loss plus moe_aux_loss_coef × the router's load-balancing loss (see the module docstring)."""
+        with _model_adds_no_router_loss(self.accelerator.unwrap_model(model)):  # under DDP / DeepSpeed too
+            loss, outputs = super().compute_loss(model, {**inputs, "output_router_logits": True}, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+        aux = outputs["aux_loss"]
+        share = 1.0
+        if model.training:
+            self._aux_sum = self._aux_sum + aux.detach().float()  # a tensor: no device sync per micro-batch
+            self._aux_count += 1
+            scaled = self.loss_is_scaled_for_ga
+            if scaled is None:  # the Trainer's own test (training_step): it divides an unscaled loss by itself
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+                    self.compute_loss_func is not None
+            share = 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
+        loss = loss + self.moe_aux_loss_coef * share * aux.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """The training logs get `aux_loss`: the mean router load-balancing loss of this rank's micro-batches since
+        the last log (with moe_aux_loss_coef set), before the coefficient."""
+        if self._aux_count and "loss" in logs:
+            logs = {**logs, "aux_loss": round(float(self._aux_sum) / self._aux_count, 6)}
+            self._aux_sum, self._aux_count = 0.0, 0
+        super().log(logs, *args, **kwargs)
 
     def _prepare_input(self, data):
         """As the Trainer's, except that Qwen2.5-VL's `second_per_grid_ts` stays float32: DeepSpeed casts every
@@ -121,7 +158,7 @@ class VlmTrainer(Trainer):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             with self.autocast_smart_context_manager():
-                loss = model(**batch).loss
+                loss = self.compute_loss(model, batch)  # the run's loss (a preference loss for dpo / kto)
             loss.backward()
         seconds = time.perf_counter() - start
         model.zero_grad(set_to_none=True)
@@ -129,6 +166,23 @@ class VlmTrainer(Trainer):
         return {"tokens": sum(len(r["input_ids"]) for r in rows), "images": sum(len(r["images"]) for r in rows),
                 "videos": sum(len(r.get("videos") or []) for r in rows),
                 "seconds": seconds, "peak_gpu_bytes": peak, "ids": [r["id"] for r in rows]}
+
+
+@contextlib.contextmanager
+def _model_adds_no_router_loss(model):
+    """While the forward runs, the model's own `router_aux_loss_coef` is 0, so it returns aux_loss without adding it
+    to the loss (VlmTrainer adds it, scaled for gradient accumulation). Restored afterwards: nothing of it is saved."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    configs = [c for c in (base.config, getattr(base.config, "text_config", None))
+               if c is not None and hasattr(c, "router_aux_loss_coef")]
+    saved = [c.router_aux_loss_coef for c in configs]
+    for c in configs:
+        c.router_aux_loss_coef = 0.0
+    try:
+        yield
+    finally:
+        for c, v in zip(configs, saved):
+            c.router_aux_loss_coef = v
 
 
 def _find_visual(model):

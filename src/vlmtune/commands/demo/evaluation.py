@@ -84,8 +84,11 @@ def answer_scores(model, processor, full, answers: list[str]) -> list[float]:
 
 
 def _prompt(processor, question: str) -> str:
+    """The generation prompt the answer follows. A thinking template (Qwen3.5) is asked with thinking off: its prompt
+    then ends with the empty thinking block that precedes each trained answer (the demo's data has no reasoning,
+    docs/thinking.md); other templates ignore enable_thinking."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
 
 
 def chance(questions: list[dict]) -> float:

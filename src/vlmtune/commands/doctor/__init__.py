@@ -7,7 +7,8 @@ stops on any fail.
     checks = run_checks(cfg)                          # this machine, the model's config, the data
     checks = run_checks(cfg, device_info=DeviceInfo(kind="cuda", name="Tesla T4", ...))   # another machine
 
-The checks, in order: versions, precision, workers, model, quantization, vision, data, video, memory, distributed. Everything that
+The checks, in order: versions, precision, workers, model, quantization, linear_attention, vision, data, video,
+memory, distributed. Everything that
 needs the model's module tree uses a copy built on the meta device from its config, so no weight is loaded;
 everything about the data uses the header-only accounting of `inspect` and the real fitting policies.
 All facts about the hardware come from `probe_device()`, so each check can be tested with a made-up device.
@@ -26,9 +27,9 @@ from ...data.cache import check_folders
 from .checks import (
     Context,
     check_distributed,
+    check_linear_attention,
     check_memory,
     check_model,
-    check_precision,
     check_quantization,
     check_versions,
     check_vision,
@@ -37,6 +38,7 @@ from .checks import (
     suggest_batch,
 )
 from .data import check_data, check_video, read_data
+from .precision import check_precision
 from .device import DeviceInfo, probe_device
 from .memory import MemoryEstimate, ModelFacts, estimate_memory, model_facts
 from .report import Check, DoctorError, GiB, failures, format_checks, to_json
@@ -57,6 +59,7 @@ def run_checks(cfg, *, device_info: DeviceInfo | None = None, loaded=None, model
         check_workers(ctx),
         check_model(ctx),
         check_quantization(ctx),
+        check_linear_attention(ctx),
         check_vision(ctx),
         check_data(ctx),
         check_video(ctx),

@@ -165,56 +165,6 @@ def _model_type(ctx: Context) -> str | None:
     return getattr(ctx.loaded.config, "model_type", None) if ctx.loaded is not None else None
 
 
-def check_precision(ctx: Context) -> Check:
-    cfg, dev = ctx.cfg, ctx.device
-    cc = f"compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]}" \
-        if dev.compute_capability else "compute capability unknown"
-    if dev.kind == "cpu":
-        if cfg.fp16:
-            return Check("precision", "fail", f"fp16=true but there is no GPU ({dev.name}): float16 mixed "
-                         "precision needs CUDA", "set fp16: false (float32), or bf16: true on a CPU with bfloat16")
-        if cfg.bf16:
-            return _cpu_bf16(cfg, dev)
-        return Check("precision", "ok", f"float32 on the CPU ({dev.name}); no GPU found")
-    if cfg.bf16 and not dev.bf16:
-        return Check("precision", "fail", f"bf16=true but {dev.name} ({cc}) has no bfloat16 support (it needs "
-                     "8.0 or newer: Ampere, Ada, Hopper)", "set bf16: false and fp16: true")
-    if cfg.bf16:
-        return Check("precision", "ok", f"bf16 on {dev.name} ({cc}): bfloat16 weights and activations")
-    if cfg.fp16:
-        better = "; bf16 has float32's range and needs no loss scaling on this GPU" if dev.bf16 else ""
-        return Check("precision", "ok", f"fp16 mixed precision on {dev.name} ({cc}){better}")
-    if dev.bf16:
-        return Check("precision", "warn", f"neither bf16 nor fp16 is set: float32 on {dev.name} ({cc}), which "
-                     "supports bfloat16: twice the weight and activation memory, and slower", "set bf16: true")
-    return Check("precision", "warn", f"neither bf16 nor fp16 is set: float32 on {dev.name} ({cc}): twice the "
-                 "weight and activation memory of fp16, and slower", "set fp16: true")
-
-
-def _cpu_bf16(cfg, dev: DeviceInfo) -> Check:
-    """bf16 on the CPU: decided as `vlmtune train` decides it (train.speed.cpu_bf16, from the CPU's bf16
-    instructions); the measured slowdown is shown as advice only."""
-    from ...train.speed import BF16_SLOWDOWN_FALLBACK, cpu_bf16, cpu_bf16_slowdown
-
-    flags = dev.bf16_flags if dev.bf16_flags is not None else frozenset({"amx_bf16"} if dev.bf16 else ())
-    decision = cpu_bf16(flags)
-    factor = dev.bf16_slowdown if dev.bf16_slowdown is not None else cpu_bf16_slowdown()
-    measured = (f"bf16 autocast measured {factor:.1f}x the float32 time of a decoder-like block on {dev.name} "
-                "(advice only: the choice follows the CPU's instructions); no GPU found")
-    slower = factor > BF16_SLOWDOWN_FALLBACK
-    if decision.keep:
-        if slower and not cfg.force_cpu_bf16:
-            return Check("precision", "warn", f"bf16=true: kept, since {decision.why}, but {measured}",
-                         "set bf16: false if float32 is faster in your runs")
-        return Check("precision", "ok", f"bf16=true: kept, since {decision.why}; {measured}")
-    if cfg.force_cpu_bf16:
-        return Check("precision", "warn", f"bf16=true and force_cpu_bf16=true: training keeps bfloat16 autocast "
-                     f"although {decision.why}: {measured}",
-                     "set bf16: false and force_cpu_bf16: false (float32 is faster on such CPUs)")
-    return Check("precision", "warn", f"bf16=true but {decision.why}, so `vlmtune train` will train in float32 "
-                 f"instead: {measured}", "set bf16: false (or force_cpu_bf16: true to keep bf16 anyway)")
-
-
 def _local_processes(ctx: Context) -> int:
     env = ctx.env
     for key in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
@@ -302,7 +252,7 @@ def check_vision(ctx: Context) -> Check:
     if ctx.model is None:
         return Check("vision", "warn", "not checked: the model could not be loaded (see the model check)",
                      "fix the model check first")
-    from ...models.load import frozen_components, linear_modules, lora_targets
+    from ...models.load import expert_parameters, frozen_components, linear_modules, lora_parameters, lora_targets
 
     linears = linear_modules(ctx.model)
     frozen = frozen_components(cfg.finetuning)
@@ -310,9 +260,12 @@ def check_vision(ctx: Context) -> Check:
     if cfg.finetuning_type != "lora":
         return _vision_without_lora(ctx, frozen)
     targets = lora_targets(ctx.model, cfg.finetuning)
-    if not targets:
+    fused = lora_parameters(ctx.model, cfg.finetuning)  # a MoE's experts: fused tensors, adapted through target_parameters
+    if not targets and not fused:
+        experts = _leaf_names(expert_parameters(ctx.model))
+        also = f", its experts' fused weights {_names(experts)} (or experts for both)" if experts else ""
         return Check("vision", "fail", f"lora_target={_names(cfg.lora_target)} matches no linear layer of the "
-                     f"model; its linear layers are named {_names(_leaf_names(linears))}",
+                     f"model; its linear layers are named {_names(_leaf_names(linears))}{also}",
                      "set lora_target: all, or to names from that list")
     by_part = Counter(linears[t] for t in targets)
     if "vision_tower" not in frozen and not by_part["vision_tower"]:
@@ -323,7 +276,7 @@ def check_vision(ctx: Context) -> Check:
                      f"set lora_target: all (adapters on every linear layer of the parts not frozen), or add "
                      f"the vision tower's layers: lora_target: {','.join(wanted)}")
     against = sorted(c for c in by_part if c in frozen)
-    summary = _adapter_summary(ctx, by_part, frozen)
+    summary = _adapter_summary(ctx, by_part, frozen, len(fused))
     if against and cfg.lora_target != ["all"]:
         hits = {c: _leaf_names(t for t in targets if linears[t] == c) for c in against}
         what = "; ".join(f"{by_part[c]} layers of the {c} ({', '.join(hits[c])}) although freeze_{_flag(c)} is "
@@ -341,19 +294,34 @@ def _flag(component: str) -> str:
             "language_model": "language_model"}[component]
 
 
-def _adapter_summary(ctx: Context, by_part: Counter, frozen: set[str]) -> str:
+def _adapter_summary(ctx: Context, by_part: Counter, frozen: set[str], fused: int = 0) -> str:
     order = ("language_model", "vision_tower", "projector")
-    parts = [f"{c} ({by_part[c]} linear layers)" for c in order if by_part[c]]
-    text = "LoRA adapters on the " + " and the ".join(parts)
+    counts = {c: [f"{by_part[c]} linear layers"] if by_part[c] else [] for c in order}
+    if fused:  # a MoE's experts are in the language model
+        counts["language_model"].append(f"{fused} fused expert tensors")
+    parts = [f"{c} ({' and '.join(counts[c])})" for c in order if counts[c]]
+    text = "LoRA adapters on the " + " and the ".join(parts) + _router_text(ctx)
     if "projector" not in frozen:
         text += "; the projector trains in full"
     idle = [c for c in order if not by_part[c] and c in frozen]
     if idle:
         text += "; frozen: " + ", ".join(idle)
-    missing = [c for c in order if not by_part[c] and c not in frozen and c != "projector"]
+    missing = [c for c in order if not by_part[c] and c not in frozen and c != "projector"
+               and not (c == "language_model" and fused)]
     if missing:
         text += "; no adapters on the " + " and the ".join(missing) + " (lora_target names none of its layers)"
     return text + _trainable_text(ctx)
+
+
+def _router_text(ctx: Context) -> str:
+    """A MoE's routers: frozen (the default) or trained in full."""
+    from ...models.load import router_modules
+
+    routers = router_modules(ctx.model)
+    if not routers:
+        return ""
+    how = "frozen (freeze_router: true)" if ctx.cfg.freeze_router else "trained in full (freeze_router: false)"
+    return f"; {len(routers)} routers {how}"
 
 
 def _trainable_text(ctx: Context) -> str:
@@ -370,6 +338,8 @@ def _vision_without_lora(ctx: Context, frozen: set[str]) -> Check:
     how = "in full" if cfg.finetuning_type == "full" else \
         f"(of the language_model only freeze_trainable_layers={cfg.freeze_trainable_layers} decoder layers)"
     text = f"finetuning_type={cfg.finetuning_type} trains the {' and the '.join(trains)} {how}"
+    if "language_model" in trains:
+        text += _router_text(ctx)
     if frozen:
         text += "; frozen: " + ", ".join(c for c in order if c in frozen)
     return Check("vision", "ok", text + _trainable_text(ctx))
@@ -555,6 +525,36 @@ def check_quantization(ctx: Context) -> Check:
 
     here = ctx.device.kind == "cpu" or torch.cuda.is_available()  # a made-up GPU cannot be probed from a CPU
     return check(ctx, version=bitsandbytes_version(), zero_stage=_zero_stage(ctx.cfg)[0], probe_here=here)
+
+
+# transformers#48718: Qwen3.5-9B full fine-tuning on 8 x B200, 1.22 s per step with the gated-delta layers on
+# transformers' PyTorch reference vs 0.70 s with flash-linear-attention (the layers took about half the step).
+LINEAR_ATTENTION_SLOWDOWN = "1.7x per step (Qwen3.5-9B on B200, transformers#48718: 1.22 s vs 0.70 s)"
+
+
+def check_linear_attention(ctx: Context) -> Check:
+    """Qwen3.5's gated-delta linear-attention layers: the kernels that make them fast on a GPU, and packing."""
+    from ...models.hybrid import kernels_installed
+
+    if ctx.loaded is None or not ctx.loaded.spec.linear_attention:
+        return Check("linear_attention", "ok", "no linear-attention layers")
+    text = getattr(ctx.loaded.config, "text_config", ctx.loaded.config)
+    n = sum(t == "linear_attention" for t in getattr(text, "layer_types", None) or ())
+    packing = (" packing keeps each sample's recurrent and convolution state to itself "
+               "(the kernels get the boundaries; without them each layer runs once per packed sample)."
+               if ctx.cfg.packing else "")
+    if ctx.device.kind != "cuda":
+        return Check("linear_attention", "ok", f"{n} gated-delta linear-attention layers run transformers' PyTorch "
+                     f"reference on the {ctx.device.kind} (the kernels need a GPU).{packing}")
+    missing = [name for name, ok in kernels_installed().items() if not ok]
+    if not missing:
+        return Check("linear_attention", "ok", f"{n} gated-delta linear-attention layers run the "
+                     f"flash-linear-attention and causal-conv1d kernels.{packing}")
+    return Check("linear_attention", "warn",
+                 f"{' and '.join(missing)} not installed: the {n} gated-delta linear-attention layers of "
+                 f"{_family(ctx)} fall back to transformers' PyTorch reference, correct but slower (documented: "
+                 f"{LINEAR_ATTENTION_SLOWDOWN}).{packing}",
+                 f"pip install {' '.join(missing)} (causal-conv1d compiles against your torch and CUDA)")
 
 
 def _vision_trains(ctx: Context) -> bool:

@@ -68,6 +68,13 @@ class ModelFacts:
     stored_bytes: int = 4  # bytes per weight in the checkpoint's files (config.json's dtype; 2 for the Qwen-VL ones)
     vision_heads: int = 16
     trainable_names: frozenset = frozenset()  # last parts of trainable parameter names ("embed_tokens", ...)
+    # Mixture of experts (0 for a dense model). `intermediate` is then the MLP width one token runs through:
+    # top-k × the experts' width + the shared expert's.
+    experts: int = 0  # experts per MoE layer
+    active_experts: int = 0  # experts each token is routed to (top-k)
+    expert_weights: int = 0  # elements of every expert of every layer (fused 3-D tensors, not linear layers)
+    router_weights: int = 0  # elements of the routers (experts × hidden per layer)
+    adapted_expert_weights: int = 0  # elements of the fused expert tensors that carry LoRA adapters
 
     @property
     def total_params(self) -> int:
@@ -82,7 +89,7 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
     """Build `config`'s model on the meta device, apply the run's finetuning to it and read the sizes."""
     import torch.nn as nn
 
-    from ...models.load import apply_finetuning, component_of, trainable_summary
+    from ...models.load import apply_finetuning, component_of, expert_parameters, router_modules, trainable_summary
 
     with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x
         warnings.simplefilter("ignore", FutureWarning)
@@ -92,7 +99,9 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
     heads = tc.num_attention_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
     names = [(n, p) for n, p in model.named_parameters()]
-    lora = [n for n, _ in names if ".lora_A." in n]
+    fused = expert_parameters(model)
+    # adapters on a fused expert tensor change its weight, not an activation: they are not per-token LoRA layers
+    lora = [n for n, _ in names if ".lora_A." in n and not _on_fused(n, fused)]
     linears = Counter()
     for n, m in model.named_modules():
         if isinstance(m, nn.Linear) and "lora_" not in n:
@@ -103,6 +112,10 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
     layer_re, block_re = re.compile(r"language_model\.layers\.(\d+)\."), re.compile(r"visual\.blocks\.(\d+)\.")
     pre_lm = any(p.requires_grad and (component_of(n) != "language_model" or "embed_tokens" in n) for n, p in names)
     pre_vision = any(p.requires_grad and "patch_embed" in n for n, p in names)
+    sizes = dict(names)
+    modules = dict(model.named_modules())
+    experts = int(getattr(tc, "num_experts", 0) or 0) if fused else 0
+    top_k = int(getattr(tc, "num_experts_per_tok", 0) or 0) if fused else 0
     return ModelFacts(
         model_type=config.model_type,
         params={c: d["total"] for c, d in summary.items()},
@@ -112,7 +125,7 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
         layer_linear_weights=linears["layer"],
         block_linear_weights=linears["block"],
         hidden=tc.hidden_size,
-        intermediate=tc.intermediate_size,
+        intermediate=_token_mlp_width(tc, top_k),
         layers=tc.num_hidden_layers,
         q_dim=heads * head_dim,
         kv_dim=tc.num_key_value_heads * head_dim,
@@ -130,12 +143,33 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
         patch_size=vc.patch_size,
         temporal_patch_size=vc.temporal_patch_size,
         merge_size=vc.spatial_merge_size,
-        lora_out_per_layer=sum(p.shape[0] for n, p in names if ".lora_B." in n
+        lora_out_per_layer=sum(p.shape[0] for n, p in names if ".lora_B." in n and not _on_fused(n, fused)
                                and component_of(n) == "language_model") / tc.num_hidden_layers,
         stored_bytes=_stored_bytes(config),
         vision_heads=getattr(vc, "num_heads", None) or getattr(vc, "num_attention_heads", None) or 16,
         trainable_names=frozenset(part for n, p in names if p.requires_grad for part in n.split(".")),
+        experts=experts,
+        active_experts=top_k,
+        expert_weights=sum(sizes[n].numel() for n in fused),
+        router_weights=sum(p.numel() for r in router_modules(model) for pn, p in modules[r].named_parameters()
+                           if "original_module" not in pn),  # a router trained beside LoRA: its copy once
+        adapted_expert_weights=sum(m.get_param().numel() for m in modules.values()
+                                   if type(m).__name__ == "ParamWrapper"),
     )
+
+
+def _on_fused(name: str, fused: dict) -> bool:
+    """An adapter parameter of a fused expert tensor (PEFT's ParamWrapper lives on the experts module)."""
+    owner = name.split(".lora_", 1)[0].replace(".base_layer", "")
+    return any(f.replace(".base_layer", "").rsplit(".", 1)[0] == owner for f in fused)
+
+
+def _token_mlp_width(tc, top_k: int) -> int:
+    """The MLP width one token's activations go through: the dense MLP's, or for a MoE the top-k experts' plus
+    the shared expert's."""
+    if not top_k:
+        return tc.intermediate_size
+    return top_k * tc.moe_intermediate_size + int(getattr(tc, "shared_expert_intermediate_size", 0) or 0)
 
 
 def _stored_bytes(config) -> int:
@@ -193,6 +227,13 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
     activations) replaces their sum. The AdamW step (foreach, on a GPU) makes one temporary copy of the
     trainable parameters. ZeRO stage 1/2/3 divides the states / gradients / weights by world_size.
     quantization_bit (4/8-bit weights), 8-bit bitsandbytes optimizers and DoRA: the terms of quantization.py.
+    Mixture of experts: the weights, gradients and states count every expert (they are parameters like any
+    other); a token's activations go through its top-k experts only, so i is top-k × the experts' width + the
+    shared expert's, and each MoE layer keeps 2kh + 2E more per token (the routed copies of its input and output,
+    the router's logits and probabilities). LoRA on the fused expert tensors (PEFT's parameter LoRA) builds each
+    adapted tensor whole, W + BA, once per forward, and the graph keeps it for the backward: w bytes × the adapted
+    expert weights of every layer the backward runs through (of one layer under gradient checkpointing), plus
+    one layer's worth for its gradient in the backward.
     On the CPU, loading a 16-bit checkpoint into float32 holds both copies for a moment (load_peak); the
     estimate is the larger of that and the training peak. Also on the CPU, activations get CPU_ALLOCATOR_SLACK
     (glibc keeps freed buffers). A trainable vision tower adds its attention probabilities and their gradients
@@ -221,6 +262,7 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
         weights //= world_size
     acts = _activations(cfg, f, batch, seq_len, image_tokens, a)
     acts += dora_activation_bytes(cfg, f, batch, seq_len, a, w)
+    acts += _expert_copies(cfg, f, w)
     if not gpu:
         acts *= 1 + CPU_ALLOCATOR_SLACK
     if batch > 1:  # padded batches carry a boolean attention mask of s² per row
@@ -247,6 +289,16 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
                           int(load_peak), int(train_peak))
 
 
+def _expert_copies(cfg, f: ModelFacts, w: int) -> float:
+    """Bytes of the W + BA tensors PEFT builds for LoRA on fused experts, kept for the backward (see
+    estimate_memory), and one layer's gradient of them."""
+    if not f.adapted_expert_weights:
+        return 0
+    per_layer = f.adapted_expert_weights / max(1, f.layers)
+    kept = per_layer if cfg.gradient_checkpointing else per_layer * f.active_layers
+    return (kept + per_layer) * w
+
+
 def _autocast_copies(cfg, f: ModelFacts) -> float:
     """Elements of the 16-bit weight copies autocast makes and the graph keeps for the backward: those of every
     linear layer the backward runs through, outside checkpointed layers (those are cast again when recomputed)."""
@@ -266,6 +318,8 @@ def _activations(cfg, f: ModelFacts, batch: int, seq_len: int, image_tokens: int
         layer = 4 * h + 2 * q + 2 * kv + 4 * i + rank * f.lora_per_layer
     else:
         layer = 7 * h + 2 * q + 2 * kv + 4 * i
+    if f.experts:  # routed copies of each token's input and output, the router's logits and probabilities
+        layer += 2 * f.active_experts * h + 2 * f.experts
     patches = image_tokens * f.merge_size**2
     d, iv = f.vision_dim, f.vision_intermediate
     block = 10 * d + (4 if f.vision_gated else 3) * iv + rank * f.lora_per_block
@@ -309,15 +363,21 @@ def step_flops(cfg, f: ModelFacts, *, batch: int, seq_len: int, image_tokens: in
     Per micro-batch, with N the linear weights a part runs through and T its tokens (decoder: batch × seq_len;
     vision: image patches): forward 2·N·T; the backward's input gradients 2·N·T where the backward runs through
     (all of the decoder and lm_head; the vision tower when it trains); weight gradients 2·N·T for weights trained
-    in full; checkpointed layers run their forward twice. Attention's T² terms and the merger are left out."""
+    in full; checkpointed layers run their forward twice. Attention's T² terms and the merger are left out.
+    A MoE layer's N is its linear layers, its router and the top-k of its experts a token is routed to (k / E of
+    the expert weights); LoRA on fused experts adds 2 · rank · the adapted expert weights per forward (building
+    W + BA), twice that in the backward, whatever the tokens."""
     s = batch * seq_len
     patches = image_tokens * f.merge_size**2
     full = cfg.finetuning_type != "lora"
-    lm = f.layer_linear_weights * f.active_layers / max(1, f.layers)
+    routed = f.expert_weights * f.active_experts / f.experts if f.experts else 0
+    lm = (f.layer_linear_weights + f.router_weights + routed) * f.active_layers / max(1, f.layers)
     head = f.vocab * f.hidden
     recompute = 1 if cfg.gradient_checkpointing else 0
     lm_flops = 2 * s * (head * 2 + lm * (2 + recompute) + (lm + head) * (1 if full else 0))
-    lm_flops += 2 * s * f.layer_linear_weights * (1 - f.active_layers / max(1, f.layers))  # forward only
+    lm_flops += 2 * s * (f.layer_linear_weights + f.router_weights + routed) * \
+        (1 - f.active_layers / max(1, f.layers))  # forward only
+    lm_flops += 2 * cfg.lora_rank * f.adapted_expert_weights * (3 + recompute)  # W + BA: forward, its backward
     vision = f.block_linear_weights
     trains = f.active_vision_blocks > 0
     v_flops = 2 * patches * vision * (1 + (1 + recompute) * trains + (1 if full and trains else 0))

@@ -84,6 +84,18 @@ def probe_bitsandbytes(kind: str) -> str | None:
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
 
 
+def _unquantized_experts(cfg, facts) -> str | None:
+    """quantization_bit on a mixture-of-experts model: its fused experts are not linear layers, so bitsandbytes
+    leaves them (most of the weights) in the run's dtype."""
+    if cfg.quantization_bit is None or facts is None or not facts.expert_weights:
+        return None
+    share = facts.expert_weights / max(1, facts.total_params - facts.lora_params)
+    return (f"the experts' fused weights ({facts.expert_weights:,} parameters, {share:.0%} of the model) are not "
+            f"quantized by quantization_bit={cfg.quantization_bit}: bitsandbytes quantizes linear layers, and "
+            "transformers keeps each MoE layer's experts as one 3-D tensor, so they stay in the run's dtype "
+            "(LoRA still adapts them)")
+
+
 def check_quantization(ctx, *, version: str | None, zero_stage: int, probe_here: bool = True) -> Check:
     """bitsandbytes for quantization_bit (and its optimizers): installed, version, backend on this device; ZeRO-3
     refused. `probe_here`: the device is this machine's (a made-up device cannot be probed)."""
@@ -131,6 +143,9 @@ def check_quantization(ctx, *, version: str | None, zero_stage: int, probe_here:
         kept = "the projector" if cfg.quantize_vision_tower else "the vision tower and projector"
         notes.append(f"{kind}: {parts} linear layers are quantized; {kept}, embeddings and lm_head stay in "
                      f"{'bf16' if dev.kind == 'cuda' and cfg.bf16 else 'float32'}")
+    experts = _unquantized_experts(cfg, getattr(ctx, "facts", None))
+    if experts:
+        warns.append(experts)
     message = "; ".join(fails + warns + notes)
     if fails:
         fix = []
@@ -142,5 +157,9 @@ def check_quantization(ctx, *, version: str | None, zero_stage: int, probe_here:
                        f"{needs[0].split('=')[0]}")
         return Check("quantization", "fail", message, "; ".join(fix))
     if warns:
-        return Check("quantization", "warn", message, f"if something breaks, pip install bitsandbytes=={BNB_TESTED}.*")
+        fix = [] if not experts else ["the memory check counts the experts at full size: read its estimate, and "
+                                      "compare LoRA without quantization_bit, which costs little more here"]
+        if any(w.startswith("bitsandbytes") for w in warns):
+            fix.append(f"if something breaks, pip install bitsandbytes=={BNB_TESTED}.*")
+        return Check("quantization", "warn", message, "; ".join(fix))
     return Check("quantization", "ok", message)

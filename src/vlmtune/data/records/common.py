@@ -140,16 +140,22 @@ def check_text(text: str, where: str) -> None:
         )
 
 
+def _kept(data):
+    """The bytes as they are when they are a view into a memory-mapped table (data/formats.rows_of): copying
+    them would read every page of every image; `bytes` otherwise."""
+    return data if isinstance(data, memoryview) else bytes(data)
+
+
 def image_value(value: Any, where: str, pointer: tuple) -> str | Embedded:
     """A path string, or the bytes of an embedded image (a `datasets` Image value, a PIL image)."""
     if isinstance(value, dict) and value.get("bytes") is not None:  # a `datasets` Image value
         data = value["bytes"]
-        if not isinstance(data, (bytes, bytearray)):
+        if not isinstance(data, (bytes, bytearray, memoryview)):
             raise BadRecord(f"the `bytes` of {where} are {type_name(data)}", "store the image file's bytes")
         name = value.get("path") if isinstance(value.get("path"), str) else None
-        return Embedded(bytes(data), name or f"<embedded image, {len(data):,} bytes>", (*pointer, "bytes"))
-    if isinstance(value, (bytes, bytearray)):
-        return Embedded(bytes(value), f"<embedded image, {len(value):,} bytes>", pointer)
+        return Embedded(_kept(data), name or f"<embedded image, {len(data):,} bytes>", (*pointer, "bytes"))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Embedded(_kept(value), f"<embedded image, {len(value):,} bytes>", pointer)
     if hasattr(value, "getbands") and hasattr(value, "save"):  # a decoded PIL image
         buf = io.BytesIO()
         value.save(buf, format="PNG")  # lossless: the pixels, and so the size, are the same
