@@ -279,10 +279,10 @@ def test_the_keys_that_change_the_prepared_dataset_are_flagged_where_declared():
         "remote_image_max_bytes", "allow_private_remote_images", "cutoff_len", "image_max_pixels", "image_min_pixels",
         "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "train_on_prompt", "mask_history",
         "default_system", "enable_thinking", "overflow", "min_image_tokens", "max_image_token_share",
-        "split_keep_context",
+        "split_keep_context", "stage",
     )
     cfg = load_config(None, base=REQUIRED)
-    values = C.prepared_values(cfg.model, cfg.read, cfg.fit)
+    values = C.prepared_values(cfg.model, cfg.read, cfg.fit, cfg.preference)
     assert values == cfg.fingerprint_dict(C.PREPARED_KEYS)
     assert values["media_dir"] is None and values["overflow"] == ["shrink_images", "truncate_text", "split", "drop"]
     # a key that does not change the rows (a threshold, the packing) is not in the fingerprint
