@@ -803,3 +803,25 @@ def test_doctor_refuses_overlapping_folders_before_any_work(tmp_path, monkeypatc
     out = _json.loads(capsys.readouterr().out)
     assert rc == 2 and [(c["name"], c["status"]) for c in out] == [("config", "fail")]
     assert out[0]["message"].startswith(f"prepared_dir={str(tmp_path / 'out')!r} is output_dir")
+
+
+def test_memory_of_a_dpo_run_counts_both_sides_of_each_pair_and_the_reference(config, qwen2_vl_2b):
+    def est(*keys, batch=2, images=589):
+        cfg = config("bf16=true", *keys)
+        facts = doctor.model_facts(qwen2_vl_2b.config, cfg)
+        return facts, doctor.estimate_memory(cfg, facts, "cuda", batch=batch, seq_len=546, image_tokens=images)
+
+    _, sft = est(batch=4, images=2 * 589)  # each side carries the pair's images
+    _, lora = est("stage=dpo")
+    # a dpo batch of 2 pairs is 4 sequences: the policy's activations and batch of an sft batch of 4, plus the
+    # reference's logits (the adapter is disabled: no weights added)
+    assert lora.parts["reference"] == 0 and lora.parts["weights"] == sft.parts["weights"]
+    assert lora.parts["batch"] == sft.parts["batch"]
+    assert lora.parts["activations"] == sft.parts["activations"] + 4 * 546 * 151936 * (2 + 4)
+    assert (lora.batch, lora.image_tokens) == (2, 589)  # reported per row, as configured
+    facts, full = est("stage=dpo", "finetuning_type=full")
+    assert full.parts["reference"] == facts.total_params * 2  # a frozen bf16 copy
+    _, pre = est("stage=dpo", "finetuning_type=full", "precompute_ref_log_probs=true")
+    _, simpo = est("stage=dpo", "pref_loss=simpo")
+    assert pre.parts["reference"] == simpo.parts["reference"] == 0
+    assert simpo.parts["activations"] == sft.parts["activations"]

@@ -109,3 +109,16 @@ def test_quantization_check_says_the_experts_stay_unquantized(moe_checks):
     assert " of the model) are not quantized by quantization_bit=4: bitsandbytes quantizes linear layers" in c.message
     assert c.fix.startswith("the memory check counts the experts at full size")
     assert checks["memory"].status == "ok"
+
+
+def test_expert_lora_under_zero3_warns(moe_checks, tmp_path):
+    import json
+
+    z3 = tmp_path / "z3.json"
+    z3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    c = moe_checks("qwen3_vl_moe", f"deepspeed={z3}")["vision"]
+    assert c.status == "warn"
+    assert "; LoRA on fused expert tensors under DeepSpeed ZeRO-3 (" in c.message
+    assert c.fix.startswith("name lora_target without the experts")
+    c = moe_checks("qwen3_vl_moe", f"deepspeed={z3}", "lora_target=q_proj,k_proj,v_proj,o_proj")["vision"]
+    assert c.status == "ok"

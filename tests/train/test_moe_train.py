@@ -48,7 +48,7 @@ def _routers(state: dict) -> dict:
     return {k: v for k, v in state.items() if k.endswith(("mlp.gate.weight", "mlp.shared_expert_gate.weight"))}
 
 
-@pytest.mark.parametrize("arch", ["qwen3_vl_moe", pytest.param("qwen3_5_moe", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_lora_on_experts_trains_exports_and_reloads_as_base_plus_adapter(arch, tiny_ckpt, base_cfg, write_dataset,
                                                                           make_image, tmp_path, capsys):
     ckpt = tiny_ckpt(arch)
@@ -82,7 +82,6 @@ def test_lora_on_experts_trains_exports_and_reloads_as_base_plus_adapter(arch, t
     assert any(not torch.equal(trained[k], original[k]) for k in trained)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_full_fine_tuning_trains_the_experts_not_the_routers(arch, tiny_ckpt, base_cfg, write_dataset, make_image,
                                                              tmp_path):
@@ -99,7 +98,6 @@ def test_full_fine_tuning_trains_the_experts_not_the_routers(arch, tiny_ckpt, ba
     assert torch.isfinite(_logits(trained_model, batch)).all()
 
 
-@pytest.mark.slow
 def test_qlora_trains_and_exports_into_the_unquantized_base(tiny_ckpt, base_cfg, write_dataset, tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
     ckpt = tiny_ckpt("qwen3_vl_moe")

@@ -229,3 +229,41 @@ def test_kto_trains_and_an_undesirable_answer_is_never_an_sft_target(tmp_path, m
     result = run(cfg, progress=False)
     assert result.global_step == 2
     assert any("rewards/chosen" in h and "kl" in h for h in result.log_history)
+
+
+# -- DDP ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_two_ddp_ranks_train_preference_stages_and_agree(stage, tmp_path, make_image, base_cfg):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from test_recipe import _stop_torchrun, _tail
+
+    from vlmtune.train import recipe
+
+    data = tmp_path / "data"
+    data.mkdir()
+    name = _pairs(data, make_image, n=4) if stage == "dpo" else _kto(data, make_image)
+    out = tmp_path / "out"
+    cfg = base_cfg("qwen2_vl", name, out, dataset_dir=str(data), stage=stage, max_steps=2, learning_rate=1e-3)
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", recipe.DEBUG_RANK_HASH_ENV: "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlmtune",
+           "train", str(path)]
+    log = tmp_path / "ddp.log"
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            _stop_torchrun(proc)
+            pytest.fail(f"the 2-rank {stage} run hung; its output:\n{_tail(log.read_text())}")
+    output = log.read_text()
+    assert proc.returncode == 0, _tail(output)
+    assert "trained 2 step(s)" in output
+    ranks = [(out / f"rank_{r}_weights.sha256").read_text() for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # every parameter bit-identical on both ranks

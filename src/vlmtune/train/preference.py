@@ -201,6 +201,12 @@ class PreferenceTrainer(VlmTrainer):
                 logits = unwrapped(**inputs).logits
         return answer_logps(logits, labels)[0]
 
+    def worst_case_step(self, log=None) -> dict:
+        """The base's worst-case batch (both sides of its pairs, the reference too); its metrics are not logged."""
+        out = super().worst_case_step(log)
+        self._metrics["train"].clear()
+        return out
+
     # evaluation and logging ---------------------------------------------------------------------------------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

@@ -10,6 +10,9 @@
 4. fine-tuning through the same recipe as `vlmtune train` (config built in `demo_config`);
 5. accuracy after training, a summary on stdout and `<out>/demo_summary.json`.
 
+`vlmtune demo --dpo` trains with DPO instead, on right-vs-wrong answer pairs about the same pictures, and reports
+held-out preference accuracy before and after (preference.py).
+
 `vlmtune demo --video` does the same with clips: MP4s of one shape moving left, right, up or down
 (video_data.py), scored among the four directions (video_eval.py), run by video_run.py.
 
@@ -22,6 +25,7 @@ summarises (4-5).
 from .data import COLOURS, DATASET_NAME, FULL, QUICK, SHAPES, DemoSize, write_dataset
 from .evaluation import chance, evaluate
 from .run import demo_config, format_summary, run_demo
+from .preference import PREF_FULL, PREF_QUICK, format_pref_summary, pref_demo_config, run_pref_demo
 from .video_data import DIRECTIONS, VIDEO_DATASET_NAME, VIDEO_FULL, VIDEO_QUICK, VideoDemoSize, write_video_dataset
 from .video_eval import evaluate_video
 from .video_run import format_video_summary, run_video_demo, video_demo_config
@@ -29,6 +33,7 @@ from .video_run import format_video_summary, run_video_demo, video_demo_config
 __all__ = [
     "COLOURS", "DATASET_NAME", "DIRECTIONS", "FULL", "QUICK", "SHAPES", "VIDEO_DATASET_NAME", "VIDEO_FULL",
     "VIDEO_QUICK", "DemoSize", "VideoDemoSize", "chance", "demo_config", "evaluate", "evaluate_video",
+    "PREF_FULL", "PREF_QUICK", "format_pref_summary", "pref_demo_config", "run_pref_demo",
     "format_summary", "format_video_summary", "run_demo", "run_video_demo", "video_demo_config", "write_dataset",
     "write_video_dataset",
 ]

@@ -94,3 +94,32 @@ def _prompt(processor, question: str) -> str:
 def chance(questions: list[dict]) -> float:
     """Expected accuracy of guessing uniformly among each question's candidates."""
     return sum(1 / len(candidates_for(q["kind"])) for q in questions) / len(questions)
+
+
+def score_answers(model, processor, questions: list[dict], candidates: list[tuple[str, ...]], data_dir: str, *,
+                  min_pixels: int, max_pixels: int, batch_size: int = 32) -> list[list[float]]:
+    """For each question ({"image", "question"}), the score (`answer_scores`) of each of its candidate answers."""
+    import torch
+    from PIL import Image
+
+    images = {}
+    for q in questions:
+        if q["image"] not in images:
+            with Image.open(os.path.join(data_dir, q["image"])) as im:
+                images[q["image"]] = im.convert("RGB")
+    flat = [(i, c) for i, cands in enumerate(candidates) for c in cands]
+    end = processor.tokenizer.eos_token
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    got: list[float] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start : start + batch_size]
+            texts = [_prompt(processor, questions[i]["question"]) + c + end for i, c in chunk]
+            full = processor(text=texts, images=[images[questions[i]["image"]] for i, _ in chunk], size=size,
+                             padding=True, padding_side="right", return_tensors="pt")
+            got += answer_scores(model, processor, full, [c for _, c in chunk])
+    model.train(was_training)
+    it = iter(got)
+    return [[next(it) for _ in cands] for cands in candidates]

@@ -286,6 +286,12 @@ def check_vision(ctx: Context) -> Check:
                      "to keep those parts frozen set lora_target: all (it follows the freeze_* keys) or name only "
                      "layers of the parts that train; to train them on purpose set " +
                      " and ".join(f"freeze_{_flag(c)}: false" for c in against))
+    if fused and _zero_stage(cfg)[0] == 3:
+        return Check("vision", "warn", f"{summary}; LoRA on fused expert tensors under DeepSpeed ZeRO-3 "
+                     f"({cfg.deepspeed}) is not verified: PEFT's parameter LoRA re-parametrizes each expert tensor "
+                     "around the forward, which ZeRO-3 partitions and gathers per module (PEFT issue #2916)",
+                     "name lora_target without the experts (such as q_proj,k_proj,v_proj,o_proj), or use ZeRO-2 "
+                     "(examples/deepspeed/ds_z2.json) if every GPU can hold the whole model")
     return Check("vision", "ok", summary)
 
 
@@ -392,6 +398,10 @@ def check_memory(ctx: Context) -> Check:
         f"{_gib(budget)} of free RAM (no GPU: training runs on the CPU)"
     source = _worst_batch(ctx, b)[2]
     parts = ", ".join(f"{k} {_size(v)}" for k, v in est.parts.items() if v)
+    if getattr(cfg, "stage", "sft") == "dpo":
+        parts += "; stage dpo: both sides of each pair in one forward (2 sequences per row)"
+    if est.parts.get("reference"):
+        parts += "; the reference model (a frozen copy, or ref_model) is counted in weights: LoRA needs none"
     if dev.kind == "cpu":
         parts += "; " + _cpu_step_time(ctx, est)
     if est.load_peak > est.train_peak:

@@ -234,6 +234,8 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
     adapted tensor whole, W + BA, once per forward, and the graph keeps it for the backward: w bytes × the adapted
     expert weights of every layer the backward runs through (of one layer under gradient checkpointing), plus
     one layer's worth for its gradient in the backward.
+    Preference stages: dpo runs 2 × batch sequences (both sides of each pair, with their images), and a reference
+    adds its weights and logits (reference_bytes).
     On the CPU, loading a 16-bit checkpoint into float32 holds both copies for a moment (load_peak); the
     estimate is the larger of that and the training peak. Also on the CPU, activations get CPU_ALLOCATOR_SLACK
     (glibc keeps freed buffers). A trainable vision tower adds its attention probabilities and their gradients
@@ -241,6 +243,8 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
     gradient. Measured at Qwen2-VL-2B widths by bench/bench_real_size.py (docs/benchmarks.md).
     """
     f = facts
+    rows = batch
+    batch, image_tokens = batch * pair_factor(cfg), image_tokens * pair_factor(cfg)  # dpo: both sides of each pair
     gpu = device_kind == "cuda"
     half = cfg.bf16 or cfg.fp16
     w = 2 if gpu and cfg.bf16 else 4
@@ -271,6 +275,9 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
         # The embedding matrix's gradient arrives as a new dense tensor (tied: from lm_head and from the
         # embedding, summed) before autograd adds it to .grad: one more vocab × hidden in the backward.
         acts += f.vocab * f.hidden * w
+    reference, ref_acts = reference_bytes(cfg, f, batch * seq_len, w, a)
+    weights += reference
+    acts += ref_acts
     if cfg.gradient_accumulation_steps > 1:
         live = max(grads + acts, grads + step)
     else:
@@ -279,14 +286,32 @@ def estimate_memory(cfg, facts: ModelFacts, device_kind: str, *, batch: int, seq
     batch_bytes = 4 * batch * seq_len * 8 + pixels
     runtime = RUNTIME_BYTES["cuda" if gpu else "cpu"]
     parts = {"weights": weights, "gradients": grads, "optimizer": states, "activations": acts, "step": step,
-             "batch": batch_bytes, "runtime": runtime}
+             "batch": batch_bytes, "runtime": runtime, "reference": reference}
     train_peak = weights + states + live + batch_bytes + runtime
     load_peak = 0
     if not gpu and f.stored_bytes != w:  # on a GPU the converting copy is in host RAM, not device memory
         load_peak = (f.total_params - lora) * w + (f.total_params - lora) * f.stored_bytes + runtime
     total = max(train_peak, load_peak)
-    return MemoryEstimate(int(total), {k: int(v) for k, v in parts.items()}, batch, seq_len, image_tokens,
-                          int(load_peak), int(train_peak))
+    return MemoryEstimate(int(total), {k: int(v) for k, v in parts.items()}, rows, seq_len,
+                          image_tokens // pair_factor(cfg), int(load_peak), int(train_peak))
+
+
+def pair_factor(cfg) -> int:
+    """Sequences per row: 2 for stage dpo (a pair's chosen and rejected sides go through one forward)."""
+    return 2 if getattr(cfg, "stage", "sft") == "dpo" else 1
+
+
+def reference_bytes(cfg, f: ModelFacts, s: int, w: int, a: int) -> tuple[float, float]:
+    """(weights, activations) the preference stages' reference adds (train/preference.py): a frozen copy of the
+    model for full / freeze fine-tuning, or `ref_model` (counted at the model's size); none for LoRA (the adapter is
+    disabled), precomputed log-probabilities, orpo and simpo. Its forward runs without a graph while the policy's
+    activations are held, so its logits (s × V, and their float32 log-softmax) add to the peak."""
+    stage = getattr(cfg, "stage", "sft")
+    if stage == "sft" or (stage == "dpo" and cfg.pref_loss in ("orpo", "simpo")) or cfg.precompute_ref_log_probs:
+        return 0.0, 0.0
+    copy = cfg.ref_model is not None or cfg.finetuning_type != "lora"
+    weights = (f.total_params - f.lora_params) * w if copy else 0.0
+    return float(weights), float(s * f.vocab * (a + 4))
 
 
 def _expert_copies(cfg, f: ModelFacts, w: int) -> float:
@@ -367,8 +392,8 @@ def step_flops(cfg, f: ModelFacts, *, batch: int, seq_len: int, image_tokens: in
     A MoE layer's N is its linear layers, its router and the top-k of its experts a token is routed to (k / E of
     the expert weights); LoRA on fused experts adds 2 · rank · the adapted expert weights per forward (building
     W + BA), twice that in the backward, whatever the tokens."""
-    s = batch * seq_len
-    patches = image_tokens * f.merge_size**2
+    s = batch * seq_len * pair_factor(cfg)
+    patches = image_tokens * f.merge_size**2 * pair_factor(cfg)
     full = cfg.finetuning_type != "lora"
     routed = f.expert_weights * f.active_experts / f.experts if f.experts else 0
     lm = (f.layer_linear_weights + f.router_weights + routed) * f.active_layers / max(1, f.layers)
