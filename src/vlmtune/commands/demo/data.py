@@ -89,7 +89,7 @@ def draw_picture(rng: random.Random, shape: str, colour: str, size: tuple[int, i
     return im
 
 
-def _pictures(rng: random.Random, folder: Path, prefix: str, n: int, big: bool = False) -> list[Picture]:
+def pictures(rng: random.Random, folder: Path, prefix: str, n: int, big: bool = False) -> list[Picture]:
     """n pictures whose shape and colour cycle through every combination, in a shuffled order."""
     combos = [(s, c) for s in SHAPES for c in COLOURS]
     out = []
@@ -198,11 +198,11 @@ def write_dataset(data_dir: str | os.PathLike, size: DemoSize, seed: int) -> dic
     images = data / "images"
     images.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    train = _pictures(rng, images, "train", size.train_images)
-    big = _pictures(rng, images, "big", 12, big=True)
+    train = pictures(rng, images, "train", size.train_images)
+    big = pictures(rng, images, "big", 12, big=True)
     records = training_records(rng, train, big)
     # Its own stream, so that the held-out pictures do not change what is trained on.
-    held_out = _pictures(random.Random(f"eval-{seed}"), images, "eval", size.eval_images)
+    held_out = pictures(random.Random(f"eval-{seed}"), images, "eval", size.eval_images)
     write_sharegpt(data, DATASET_NAME, records, "images")
     questions = eval_questions(held_out)
     write_json(data / "eval.json", questions)
