@@ -72,7 +72,8 @@ def test_example_dataset_is_shipped(path):
     info = json.loads((dataset_dir / "dataset_info.json").read_text(encoding="utf-8"))
     records = sum(len(json.loads((dataset_dir / info[n]["file_name"]).read_text(encoding="utf-8")))
                   for n in cfg.dataset.split(","))
-    read = read_samples(cfg.dataset, dataset_dir=str(dataset_dir), media_dir=cfg.media_dir)
+    read = read_samples(cfg.dataset, dataset_dir=str(dataset_dir), media_dir=cfg.media_dir,
+                        preference=cfg.stage != "sft")
     assert read.problems == []
     assert len(read.conversations) == records > 0
     media = [m for c in read.conversations for m in c.images + c.videos]
@@ -155,7 +156,7 @@ def test_example_trains_one_step(path, tiny_ckpt, tmp_path):
     )
     result = run(cfg, progress=False)
     assert result.global_step == 1
-    records = {"mllm_demo": 6, "mllm_video_demo": 3}[cfg.dataset]
+    records = {"mllm_demo": 6, "mllm_video_demo": 3, "dpo_demo": 4}[cfg.dataset]
     assert result.prepared.records == records  # one fit-report line per record of the shipped dataset
     losses = [h["loss"] for h in result.log_history if "loss" in h] or [result.log_history[-1]["train_loss"]]
     assert all(math.isfinite(x) for x in losses)

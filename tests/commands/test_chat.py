@@ -448,3 +448,25 @@ def test_an_adapter_of_pickles_is_refused_with_the_conversion(tmp_path, capsys):
     assert "convert it to safetensors" in msg and "'adapter_model.safetensors'" in msg
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     chat_mod.check_adapter(str(adapter))  # safetensors next to it: the pickle is never read
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
+def test_chat_about_images_on_the_current_generation(arch, tiny_ckpt, setup, capsys):
+    """Two images, with and without thinking: the answer is the greedy decode of the template's own prompt."""
+    _, _, img = setup
+    ckpt = tiny_ckpt(arch)
+    for thinking in (True, False):
+        cm = ChatModel(ckpt, max_new_tokens=N, enable_thinking=thinking)
+        batch = cm.inputs([cm.user_message(QUESTION, images=[img, img])])
+        prompt = cm.processor.decode(batch["input_ids"][0])
+        ending = {"qwen3_vl_moe": "assistant\n"}.get(arch, "assistant\n<think>\n" if thinking else
+                                                     "assistant\n<think>\n\n</think>\n\n")
+        assert prompt.endswith(ending) and prompt.count("<|vision_start|>") == 2
+        with torch.inference_mode():
+            out = cm.model.generate(**batch, max_new_tokens=N, do_sample=False)
+        want = cm.processor.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert cm.ask(QUESTION, images=[img, img]) == want
+    capsys.readouterr()
+    assert main(["chat", "--model", str(ckpt), "--image", str(img), "--no-thinking", "--max-new-tokens", str(N),
+                 QUESTION]) == 0
+    assert capsys.readouterr().out == cm.ask(QUESTION, images=[img]) + "\n"  # cm: the thinking-off model

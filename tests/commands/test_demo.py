@@ -91,3 +91,11 @@ def test_full_demo_learns(tmp_path):
     summary = run_demo(tmp_path / "demo", progress=False)
     assert summary["accuracy_before"] <= summary["chance"] + 0.25
     assert summary["accuracy_after"] >= 0.9
+
+
+@pytest.mark.slow
+def test_full_demo_learns_on_qwen3_5(tmp_path):
+    """`vlmtune demo --arch qwen3_5`: the hybrid model (linear attention, thinking template) learns the task too."""
+    summary = run_demo(tmp_path / "demo", arch="qwen3_5", progress=False)
+    assert summary["accuracy_before"] <= summary["chance"] + 0.25
+    assert summary["accuracy_after"] >= 0.9

@@ -15,7 +15,7 @@ def test_quick_dpo_demo_reports_pairs_and_preference_accuracy(tmp_path, capsys):
     assert main(["demo", "--dpo", "--out", str(out), "--quick", "--steps", "2"]) == 0
     printed = capsys.readouterr().out
     s = json.loads((out / "demo_summary.json").read_text(encoding="utf-8"))
-    assert s["steps"] == 2 and s["eval_pairs"] == PREF_QUICK.eval_images
+    assert s["steps"] == 2 and s["eval_pairs"] == 3 * PREF_QUICK.eval_images  # the right colour against each of 3 wrong ones
     assert set(s["by_kind_before"]) == {"colour"}
     records = json.loads((out / "data" / "demo_shape_pairs.json").read_text(encoding="utf-8"))
     report = [json.loads(x) for x in (out / "train" / "fit_report.jsonl").read_text().splitlines()]
@@ -29,5 +29,5 @@ def test_quick_dpo_demo_reports_pairs_and_preference_accuracy(tmp_path, capsys):
 def test_dpo_demo_moves_held_out_preference_accuracy_from_chance_to_90_percent(tmp_path):
     s = run_pref_demo(tmp_path / "demo", progress=False)
     assert s["steps"] == PREF_FULL.steps
-    assert 0.35 <= s["preference_accuracy_before"] <= 0.65
+    assert 0.4 <= s["preference_accuracy_before"] <= 0.6
     assert s["preference_accuracy_after"] >= 0.9

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,7 @@ def check(config, loaded):
     def run(name: str, device: DeviceInfo, *overrides: str, env: dict | None = None, **kwargs) -> Check:
         checks = run_checks(config(*overrides), device_info=device, loaded=loaded, env=env or {}, **kwargs)
         assert [c.name for c in checks] == ["versions", "precision", "workers", "model", "quantization",
-                                            "linear_attention", "vision", "data", "video", "memory", "distributed"]
+                                            "linear_attention", "vision", "data", "video", "memory", "distributed", "sharding"]
         return {c.name: c for c in checks}[name]
 
     return run
@@ -115,7 +116,7 @@ def test_a_good_config_is_all_ok(config, loaded):
                                          "synchronise")
     text = doctor.format_checks(checks)
     assert text.splitlines()[0] == "status  check        message"
-    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 11 ok"
+    assert text.splitlines()[-1] == "0 failed, 0 warning(s), 12 ok"
 
 
 # -- precision ---------------------------------------------------------------------------------
@@ -438,6 +439,60 @@ def test_deepspeed_zero3_is_read_from_its_json(check, tmp_path, monkeypatch):
     assert c.message.startswith(f"2 process(es): deepspeed={str(ds)!r} is set but DeepSpeed is not installed; ")
 
 
+# -- sharding --------------------------------------------------------------------------------------
+def test_sharding_off_under_plain_ddp(check):
+    c = check("sharding", A100, "bf16=true", env=TWO_RANKS)
+    assert c == Check("sharding", "ok", "no fsdp or deepspeed: each rank holds the whole model (DDP)")
+
+
+def test_fsdp_wrap_classes_modalities_and_memory_per_rank(check):
+    one = check("sharding", A100, "bf16=true", "finetuning_type=full", "fsdp=full_shard auto_wrap", env={})
+    two = check("sharding", A100, "bf16=true", "finetuning_type=full", "fsdp=full_shard auto_wrap", env=TWO_RANKS)
+    assert two.status == "ok"
+    assert two.message.startswith("FSDP2 full_shard (ZeRO-3-like); shards each Qwen2VLDecoderLayer and each "
+                                  "Qwen2VLVisionBlock as one unit (all present in the loaded model); mixed modalities ")
+    assert "divided by the 2 ranks (WORLD_SIZE)" in two.message and "set WORLD_SIZE" in one.message
+
+    assert re.search(r"memory per rank: weights [0-9.]+ \w+, gradients [0-9.]+ \w+, optimizer [0-9.]+ \w+ ", two.message)
+
+
+def test_fsdp_memory_is_divided_like_the_zero_stage_it_matches(config):
+    from vlmtune.commands.doctor.memory import shard_stage
+
+    assert shard_stage(config("fsdp=full_shard auto_wrap"), {}) == 3  # weights, gradients, optimizer states
+    assert shard_stage(config("fsdp=shard_grad_op auto_wrap"), {}) == 2  # gradients, optimizer states
+    assert shard_stage(config("fsdp=true", "fsdp_config={reshard_after_forward: false}"), {}) == 2
+    assert shard_stage(config(), {"ACCELERATE_USE_FSDP": "true"}) == 3
+    assert shard_stage(config(), {}) == 0
+
+
+def test_fsdp_wrap_class_missing_from_the_model_fails(check):
+    c = check("sharding", A100, "bf16=true", "fsdp=full_shard auto_wrap",
+              "fsdp_config={transformer_layer_cls_to_wrap: [Qwen2VLDecoderLayer, Qwen2_5_VLVisionBlock]}", env=TWO_RANKS)
+    assert c.status == "fail" and c.message.startswith(
+        "wrap class(es) Qwen2_5_VLVisionBlock are not modules of this qwen2_vl model (its layer and block classes: "
+        "Qwen2VLDecoderLayer, Qwen2VLVisionBlock)")
+    assert "transformer_layer_cls_to_wrap" in c.fix
+
+
+def test_accelerate_launch_fsdp_is_checked_like_the_keys(check):
+    env = {**TWO_RANKS, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
+           "FSDP_TRANSFORMER_CLS_TO_WRAP": "Qwen2VLDecoderLayer,NoSuchBlock"}
+    c = check("sharding", A100, "bf16=true", env=env)
+    assert c.status == "fail" and "NoSuchBlock" in c.message and "shard_grad_op (ZeRO-2-like) from accelerate" in c.message
+
+
+def test_ddp_timeout_of_llamafactory_examples_warns_with_deepspeed_or_fsdp_as_documented(check, tmp_path, monkeypatch):
+    """docs/migrating-from-llamafactory.md: a long ddp_timeout warns, never fails, sharded or not."""
+    ds = tmp_path / "z2.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    monkeypatch.setattr(doctor_checks, "_installed", lambda module: True)
+    for keys in ([f"deepspeed={ds}"], ["fsdp=full_shard auto_wrap"]):
+        c = check("distributed", A100, "bf16=true", "ddp_timeout=180000000", *keys, env={})
+        assert c.status == "warn" and "ddp_timeout=180000000 s lets a stuck rank hang the job for over a day" in c.message
+        assert c.fix == "set ddp_timeout: 1800 (the default) or at most 7200"
+
+
 # -- the model cannot be loaded ----------------------------------------------------------------
 def test_a_missing_model_fails_and_the_other_checks_still_run(config, tmp_path):
     cfg = config(f"model_name_or_path={tmp_path / 'nothing'}", "bf16=true")
@@ -448,7 +503,7 @@ def test_a_missing_model_fails_and_the_other_checks_still_run(config, tmp_path):
         ("versions", "ok"), ("precision", "ok"), ("workers", "ok"), ("quantization", "ok"),
         ("linear_attention", "ok"), ("vision", "warn"),
         ("data", "warn"), ("video", "warn"),
-        ("memory", "warn"), ("distributed", "ok")]
+        ("memory", "warn"), ("distributed", "ok"), ("sharding", "ok")]
 
 
 # -- CLI and train -----------------------------------------------------------------------------
@@ -467,13 +522,13 @@ def test_cli_exit_status_and_json(ckpt, data, tmp_path, monkeypatch, capsys):
     assert main(["doctor", path, "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert [c["name"] for c in out] == ["versions", "precision", "workers", "model", "quantization",
-                                        "linear_attention", "vision", "data", "video", "memory", "distributed"]
+                                        "linear_attention", "vision", "data", "video", "memory", "distributed", "sharding"]
     assert all(set(c) == {"name", "status", "message", "fix"} for c in out)
     assert out[1]["status"] == "fail"
     assert main(["doctor", path, "fp16=false"]) == 0
     text = capsys.readouterr().out
     assert "ok      precision    float32 on the CPU (Test CPU); no GPU found" in text
-    assert text.rstrip().endswith("0 failed, 0 warning(s), 11 ok")
+    assert text.rstrip().endswith("0 failed, 0 warning(s), 12 ok")
 
 
 def test_train_stops_on_failed_checks_unless_run_doctor_is_false(config, monkeypatch):

@@ -107,6 +107,8 @@ DEFAULTS = {
     "report_to": "none",
     "resume_from_checkpoint": None,
     "deepspeed": None,
+    "fsdp": None,
+    "fsdp_config": None,
     "seed": 42,
     "ddp_timeout": 1800,
     "dataloader_num_workers": 0,

@@ -35,12 +35,13 @@ from vlmtune.data.encode import IGNORE_INDEX
 from vlmtune.data.pack import pack_dataset, pack_rows, packed_position_ids
 from vlmtune.data.video import decode_frames, read_facts
 from vlmtune.errors import SampleError
+from vlmtune.models.hybrid import keep_packed_samples_apart
 from vlmtune.models.load import load_spec
 from vlmtune.models.video_grid import VideoSpec, plan_video
 
 av = pytest.importorskip("av")
 
-ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]  # Qwen3.5: Qwen3-VL's video processor, hybrid layers
 VS, VE, IPAD, VPAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 
 
@@ -69,6 +70,7 @@ def family(request, tiny_ckpt):
     loaded = load_spec(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     model.eval()
+    keep_packed_samples_apart(model)  # Qwen3.5: packed samples keep their linear-attention state apart
     vspec = VideoSpec.from_processor(loaded.processor, loaded.config)
     return loaded, vspec, model
 
@@ -268,7 +270,7 @@ def test_mrope_video_details_per_family(family, media):
         runs = [(i, n) for i, n in scan_runs(row["input_ids"], loaded.spec)[1]]
         assert len(runs) == t and all(n == h * w // 4 for _, n in runs)
         assert all(np.all(got[1, i : i + n] == got[1, i]) for i, n in runs)
-    last = at[-1] + 1 if loaded.spec.model_type != "qwen3_vl" else None
+    last = at[-1] + 1 if not loaded.spec.video_timestamps else None
     if last is not None:  # the token after the run (<|vision_end|>) continues at start + max(h, w)/merge
         assert got[1:, last].tolist() == [start + max(h, w) // 2] * 3
 
@@ -385,7 +387,7 @@ def synthetic_sample(spec, items):
         else:
             vgrids.append([t, 2 * h, 2 * w])
             seconds.append(sec)
-            if spec.model_type == "qwen3_vl":  # per patch: timestamp text, its own vision start/end pair
+            if spec.video_timestamps:  # per patch: timestamp text, its own vision start/end pair
                 ids += [vs] + [x for _ in range(t) for x in [5, 6, 5, vs] + [vpad] * (h * w) + [ve]] + [ve]
             else:
                 ids += [vs] + [vpad] * (t * h * w) + [ve]

@@ -88,3 +88,12 @@ def test_sample_stats_round_trip_through_their_table_and_an_old_cache_reads_defa
     assert stats_from_columns(cols) == stats
     old = {c: v for c, v in cols.items() if c not in ("videos", "video_tokens", "longest_video")}
     assert stats_from_columns(old) == [SampleStats("a", "f:1", 10, 4, 6, 1), SampleStats("b", "f:2", 5, 0, 5, 0)]
+
+
+def test_arrow_types_are_the_features_types_without_datasets():
+    """Workers build their tables with arrow_types (no `datasets` import): the same types as the features."""
+    from vlmtune.data.schema import PackedRow, Row, SampleStats, arrow_types, features
+
+    for decl in (Row, PackedRow, SampleStats):
+        schema = features(decl).arrow_schema
+        assert arrow_types(decl) == {name: schema.field(name).type for name in schema.names}

@@ -157,11 +157,13 @@ def test_two_image_pairs_longer_than_cutoff_train_with_every_pair_reported(dpo_c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("keys", [{"finetuning_type": "full"}, {"precompute_ref_log_probs": True}],
-                         ids=["frozen-copy", "precomputed"])
-def test_the_other_references_also_start_at_ln2(dpo_cfg, keys):
+@pytest.mark.parametrize("keys", [{"finetuning_type": "full"}, {"precompute_ref_log_probs": True},
+                                  {"ref_model": "tiny"}], ids=["frozen-copy", "precomputed", "ref_model"])
+def test_the_other_references_also_start_at_ln2(dpo_cfg, tiny_ckpt, keys):
     from vlmtune.train.recipe import setup
 
+    if keys.get("ref_model") == "tiny":  # the starting checkpoint, loaded again as a separate frozen model
+        keys = {"ref_model": str(tiny_ckpt("qwen2_vl"))}
     run = setup(dpo_cfg(**keys), progress=False)
     trainer = run.trainer
     if "precompute_ref_log_probs" in keys:

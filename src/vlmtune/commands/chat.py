@@ -257,11 +257,13 @@ class ChatModel:
         video_maxlen: int | None = None,
         video_min_pixels: int | None = None,
         video_max_pixels: int | None = None,
+        enable_thinking: bool = True,
     ):
         """quantization_bit: 4 or 8 loads the base quantized (bitsandbytes); "adapter" (the default): as the
         adapter's training run did (its vlmtune_config.yaml), so a QLoRA adapter meets the base it was trained on;
         None: unquantized. video_*: the config keys of the same names (frames sampled per second, at most
-        video_maxlen frames, pixel bounds per frame), as the adapter was trained with."""
+        video_maxlen frames, pixel bounds per frame), as the adapter was trained with. enable_thinking: the chat
+        template's (Qwen3.5): false asks for the answer without a thinking block (docs/thinking.md)."""
         from transformers import AutoModelForImageTextToText
 
         _check_generation(max_new_tokens, temperature)
@@ -286,6 +288,7 @@ class ChatModel:
         net = (net if quant else net.to(device)).eval()  # a quantized model is placed while it loads
         self._init(net, processor, image_max_pixels, max_new_tokens, temperature, video)
         self.model_name, self.adapter = model, adapter
+        self.enable_thinking = bool(enable_thinking)
 
     def _init(self, model, processor, image_max_pixels, max_new_tokens, temperature, video=None) -> None:
         if image_max_pixels is not None and int(image_max_pixels) < 1:
@@ -296,6 +299,7 @@ class ChatModel:
         self.max_new_tokens = int(max_new_tokens)
         self.temperature = float(temperature)
         self.video = video  # the processor's VideoSpec with the video_* options; None: no Qwen-VL video processor
+        self.enable_thinking = True  # passed to the chat template (Qwen3.5 thinks unless it is false)
 
     @property
     def device(self):
@@ -349,7 +353,8 @@ class ChatModel:
 
     def inputs(self, messages: list[dict]):
         """The processor batch (on the model's device) for a conversation ending in a user turn."""
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                  enable_thinking=self.enable_thinking)
         images = [
             load_image(part["image"])
             for msg in messages

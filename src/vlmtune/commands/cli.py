@@ -189,6 +189,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         video_maxlen=args.video_maxlen,
         video_min_pixels=args.video_min_pixels,
         video_max_pixels=args.video_max_pixels,
+        enable_thinking=not args.no_thinking,
     )
     if question is None:
         interactive(cm, sys.stdin, sys.stdout, images=args.image, videos=args.video)
@@ -235,6 +236,8 @@ def _add_chat_export_parsers(sub) -> None:
     c.add_argument("--video-min-pixels", type=int, default=None, help="per frame (video_min_pixels)")
     c.add_argument("--video-max-pixels", type=int, default=None, help="per frame (video_max_pixels)")
     c.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
+    c.add_argument("--no-thinking", action="store_true",
+                   help="a thinking checkpoint (Qwen3.5) answers without thinking (the template's enable_thinking=false)")
     c.add_argument("--quantization-bit", choices=["4", "8", "none"], default=None,
                    help="load the base in 4/8 bits (bitsandbytes); default: as the adapter was trained")
     c.set_defaults(func=_cmd_chat)

@@ -121,7 +121,6 @@ _DEFAULT_ONLY: list[tuple[str, str, tuple]] = [
     ("vlmtune renders tool calls with the checkpoint's chat template (Qwen's format)", "tool_format", (None, "qwen")),
     ("vlmtune evaluates the validation data as one set", "eval_on_each_dataset", ()),
     ("thinking blocks are kept as the checkpoint's chat template renders them", "preserve_thinking", ()),
-    ("FSDP is not wired in: use deepspeed (ZeRO-2 / ZeRO-3) for sharded training", "fsdp fsdp_config", (None, "")),
     ("do_predict generates with max_new_tokens and num_beams (the sampling keys); no other length or "
      "generation config", "max_length generation_max_length generation_num_beams generation_config", ()),
     ("LLaMA-Factory's evaluation benchmarks (task, n_shot) are not part of vlmtune", "eval_num_beams", ()),

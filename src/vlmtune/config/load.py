@@ -431,6 +431,57 @@ def _check_together(v: dict[str, Any]) -> list[str]:
     problems.extend(_check_trainable(v))
     problems.extend(_check_quant_variants(v))
     problems.extend(_check_preference(v))
+    problems.extend(_check_sharding(v))
+    return problems
+
+
+# fsdp_config keys (without the fsdp_ prefix) that FSDP2 uses, and FSDP1-only ones that it has no use for.
+FSDP_CONFIG_KEYS = ("version", "transformer_layer_cls_to_wrap", "reshard_after_forward", "state_dict_type",
+                    "cpu_ram_efficient_loading", "activation_checkpointing", "offload_params", "cpu_offload",
+                    "auto_wrap_policy", "min_num_params")
+FSDP1_CONFIG_KEYS = ("sharding_strategy", "backward_prefetch", "forward_prefetch", "use_orig_params",
+                     "sync_module_states", "limit_all_gathers")
+FSDP_STATE_DICT_TYPES = ("FULL_STATE_DICT", "SHARDED_STATE_DICT")
+
+
+def fsdp_settings(fsdp_config: dict | None) -> dict:
+    """fsdp_config with the fsdp_ prefix taken off its keys (the Trainer accepts both spellings)."""
+    return {(k[5:] if isinstance(k, str) and k.startswith("fsdp_") else k): val
+            for k, val in (fsdp_config or {}).items()}
+
+
+def _check_sharding(v: dict[str, Any]) -> list[str]:
+    """fsdp / fsdp_config / deepspeed together: one sharding engine, FSDP2 only, every fsdp_config key known."""
+    fsdp, conf, ds = v["fsdp"], v["fsdp_config"], v["deepspeed"]
+    if not _valid(fsdp, conf, ds):
+        return []
+    problems = []
+    if fsdp and ds:
+        problems.append(f"fsdp={fsdp!r} and deepspeed={ds!r} are both set; they are two ways of sharding, so set "
+                        "one of them to null")
+    if conf and not fsdp:
+        problems.append("fsdp_config is set but fsdp is not, so it would do nothing; set fsdp: full_shard auto_wrap "
+                        "or remove fsdp_config")
+    if fsdp and _valid(v["quantization_bit"]) and v["quantization_bit"] is not None:
+        problems.append(f"quantization_bit={v['quantization_bit']} with fsdp={fsdp!r}: FSDP2 cannot shard the "
+                        "packed 4/8-bit weights (each rank would keep them whole); remove fsdp (plain DDP keeps "
+                        "one quantized copy per GPU, which is what QLoRA is for) or remove quantization_bit")
+    settings = fsdp_settings(conf)
+    for key in settings:
+        if key not in FSDP_CONFIG_KEYS + FSDP1_CONFIG_KEYS:
+            problems.append(f"fsdp_config key {key!r} is not an FSDP setting; "
+                            f"{_did_you_mean(str(key), FSDP_CONFIG_KEYS, 'see docs/config.md (fsdp_config)')}")
+    if str(settings.get("version", 2)) != "2":
+        problems.append(f"fsdp_config version={settings['version']!r}: vlmtune runs FSDP2 only (FSDP1 is "
+                        "deprecated in transformers); set version: 2 or remove it")
+    sdt = settings.get("state_dict_type", "FULL_STATE_DICT")
+    if sdt not in FSDP_STATE_DICT_TYPES:
+        problems.append(f"fsdp_config state_dict_type={sdt!r} is not one of {', '.join(FSDP_STATE_DICT_TYPES)}; "
+                        "set FULL_STATE_DICT (one safetensors file, needed by export) or SHARDED_STATE_DICT")
+    if str(settings.get("activation_checkpointing", False)).lower() == "true" and v["gradient_checkpointing"]:
+        problems.append("fsdp_config activation_checkpointing=true and gradient_checkpointing=true both recompute "
+                        "activations; set gradient_checkpointing: false (FSDP's own) or remove "
+                        "activation_checkpointing from fsdp_config")
     return problems
 
 
@@ -586,6 +637,10 @@ def _resolve(v: dict[str, Any]) -> frozenset[str]:
 
 def _advice(v: dict[str, Any]) -> list[str]:
     notes = []
+    for key in fsdp_settings(v["fsdp_config"]):
+        if key in FSDP1_CONFIG_KEYS:
+            notes.append(f"ignored fsdp_config key {key!r}: it is an FSDP1 setting, and vlmtune runs FSDP2 "
+                         "(fully_shard), which has no such option")
     if v["ddp_timeout"] > _LONG_DDP_TIMEOUT_S:
         notes.append(
             f"ddp_timeout={v['ddp_timeout']} s lets a stuck rank hang the job for over a day instead of failing "

@@ -15,6 +15,8 @@ from .values import (
     OPTIMIZERS,
     arg as _arg,
     as_comma_str as _as_comma_str,
+    as_fsdp as _as_fsdp,
+    as_mapping_or_json as _as_mapping_or_json,
     dropout as _dropout,
     max_steps as _max_steps,
     non_negative as _non_negative,
@@ -30,7 +32,8 @@ class ModelArgs:
     """Which checkpoint to start from."""
 
     model_name_or_path: str = _arg(
-        help="Hugging Face model id or local folder of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint.",
+        help="Hugging Face model id or local folder of a Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 or "
+        "Qwen3.5-MoE checkpoint.",
         expect="a Hugging Face model id or a local folder such as Qwen/Qwen2-VL-2B-Instruct",
         required=True,
         prepared=True,
@@ -471,6 +474,19 @@ class TrainArgs:
     )
     deepspeed: str | None = _arg(None, "Path to a DeepSpeed JSON config; null: no DeepSpeed.",
                                  expect="a path such as ds_z2_config.json, or null")
+    fsdp: str | None = _arg(
+        None, "PyTorch FSDP2 (fully_shard), as the Trainer's key: `full_shard auto_wrap` (LLaMA-Factory's spelling; "
+        "ZeRO-3-like: weights, gradients and optimizer states sharded), `shard_grad_op auto_wrap` (ZeRO-2-like), "
+        "`offload` to keep shards in CPU memory, or true for full_shard. The family's decoder layers and vision "
+        "blocks are each sharded as one unit unless fsdp_config names transformer_layer_cls_to_wrap. null: no FSDP.",
+        expect="full_shard auto_wrap, shard_grad_op auto_wrap, true, or null", convert=_as_fsdp,
+    )
+    fsdp_config: dict | None = _arg(
+        None, "Settings for fsdp, as the Trainer's fsdp_config: a mapping or the path of a JSON file; keys with or "
+        "without the fsdp_ prefix (version, transformer_layer_cls_to_wrap, reshard_after_forward, "
+        "state_dict_type, cpu_ram_efficient_loading, activation_checkpointing, offload_params).",
+        expect="a mapping such as {version: 2} or the path of a JSON file, or null", convert=_as_mapping_or_json,
+    )
     seed: int = _arg(42, "Seed for shuffling, dropout and initialisation.", expect="a non-negative integer such as 42",
                      check=_non_negative)
     ddp_timeout: int = _arg(

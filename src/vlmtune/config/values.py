@@ -182,6 +182,53 @@ def _as_checkpoint(v: Any) -> str | bool | None:
     raise BadValue("is not true, false or a path")
 
 
+# The Trainer's `fsdp` options (transformers' FSDPOption): a sharding strategy, then auto_wrap / offload.
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
+# FSDP1-only strategies: FSDP2 (fully_shard), the only FSDP vlmtune runs, has no equivalent.
+FSDP1_ONLY = ("no_shard", "hybrid_shard", "hybrid_shard_zero2")
+
+
+def as_fsdp(v: Any) -> str | None:
+    """The Trainer's `fsdp`: true, or options as a string ("full_shard auto_wrap") or list; false: none.
+    Returned as the options joined by spaces, full_shard added when no strategy is named."""
+    if v is False or v is None:
+        return None
+    items = ["full_shard", "auto_wrap"] if v is True else v.split() if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise BadValue("is not true, false or FSDP options such as 'full_shard auto_wrap'")
+    for item in items:
+        if item in FSDP1_ONLY:
+            raise BadValue(f"asks for {item!r}, an FSDP1 strategy; vlmtune runs FSDP2, which offers full_shard "
+                       "(ZeRO-3-like) and shard_grad_op (ZeRO-2-like)")
+        if item not in FSDP_OPTIONS:
+            raise BadValue(f"has {item!r}, which is not one of {', '.join(FSDP_OPTIONS)}")
+    if "full_shard" in items and "shard_grad_op" in items:
+        raise BadValue("names both full_shard and shard_grad_op; keep one")
+    if "full_shard" not in items and "shard_grad_op" not in items:
+        items = ["full_shard", *items]
+    return " ".join(dict.fromkeys(items))
+
+
+def as_mapping_or_json(v: Any) -> dict:
+    """A YAML mapping, or the path of a JSON file holding one (as the Trainer's fsdp_config accepts)."""
+    if isinstance(v, dict):
+        return dict(v)
+    if isinstance(v, (str, os.PathLike)):
+        import json
+
+        try:
+            with open(v, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except OSError as e:
+            raise BadValue(f"cannot be read ({e.strerror})") from None
+        except ValueError as e:
+            raise BadValue(f"is not valid JSON ({e})") from None
+        if isinstance(data, dict):
+            return data
+        raise BadValue("does not hold a JSON object")
+    raise BadValue("is not a mapping or the path of a JSON file")
+
+
 _CONVERTERS: dict[Any, Callable[[Any], Any]] = {
     bool: _as_bool,
     int: _as_int,

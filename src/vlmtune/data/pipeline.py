@@ -31,7 +31,7 @@ from .fit import FitOutcome, Fitter
 from .mix import Mix
 from .pairs import emit_row, encode_samples, fit_sample, stage_problems
 from .readers import iter_samples, layout_notes
-from .schema import SampleStats, features, table
+from .schema import SampleStats, arrow_types, features, table
 from .types import Conversation
 from .validate import CONTROL_TOKENS, validate
 
@@ -156,7 +156,7 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
     if fitter is not None:
         out.lines = [lines[c.id] for c in convs if c.id in lines]
     if stages.emit and rows:
-        out.table = table(rows, features())
+        out.table = table(rows, arrow_types())
     return out
 
 

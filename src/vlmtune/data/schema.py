@@ -140,11 +140,24 @@ def features(decl: type = Row, names: Iterable[str] | None = None):
                      if wanted is None or f.name in wanted})
 
 
-def table(items: list[dict], feats):
-    """Rows (dicts) as one Arrow table in `feats`, column by column (datasets' per-example encoding is slow)."""
+def _arrow_type(arrow: str):
     import pyarrow as pa
 
-    return pa.table({k: pa.array([r[k] for r in items], type=feats[k].pa_type) for k in feats})
+    return pa.list_(_arrow_type(arrow[1:-1])) if arrow.startswith("[") else pa.type_for_alias(arrow)
+
+
+def arrow_types(decl: type = Row) -> dict:
+    """{column: pyarrow type} of a declaration, the same types as `features(decl)` without importing `datasets`
+    (a worker process builds its chunk's table with these: `datasets` would add ~100 MB to each worker)."""
+    return {f.name: _arrow_type(f.metadata["arrow"]) for f in fields(decl)}
+
+
+def table(items: list[dict], feats):
+    """Rows (dicts) as one Arrow table in `feats` (Features or `arrow_types`), column by column (datasets'
+    per-example encoding is slow)."""
+    import pyarrow as pa
+
+    return pa.table({k: pa.array([r[k] for r in items], type=getattr(t, "pa_type", t)) for k, t in feats.items()})
 
 
 def stats_table(stats: list[SampleStats]):

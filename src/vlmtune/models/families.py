@@ -67,6 +67,9 @@ class Family:
     linear_attention: bool = False
     # Its MLPs are mixtures of experts with a router: where its experts and routers are (None: dense MLPs).
     experts: Experts | None = None
+    # What FSDP2 shards as one unit (fully_shard per module) and what the doctor looks for in a loaded model:
+    # the language model's decoder layer class, then the vision tower's block class.
+    wrap_classes: tuple[str, ...] = ()
 
     @property
     def moe(self) -> bool:
@@ -86,35 +89,39 @@ FAMILIES: dict[str, Family] = {
             "qwen2_vl", "Qwen2-VL", "Qwen2VLForConditionalGeneration", "Qwen2VLConfig", "Qwen2VLProcessor",
             "Qwen2VLVideoProcessor", "4.45",
             14, 2, 2, 56 * 56, 28 * 28 * 256, _OPENAI_CLIP_MEAN, _OPENAI_CLIP_STD, "qwen2_vl",
+            wrap_classes=("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"),
         ),
         Family(
             "qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
             "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", "4.49",
             14, 2, 2, 56 * 56, 28 * 28 * 256, _OPENAI_CLIP_MEAN, _OPENAI_CLIP_STD, "qwen2_vl",
-            video_absolute_time=True,
+            video_absolute_time=True, wrap_classes=("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"),
         ),
         Family(
             "qwen3_vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig", "Qwen3VLProcessor",
             "Qwen3VLVideoProcessor", "4.57",
             16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_vl", video_timestamps=True,
+            wrap_classes=("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"),
         ),
         Family(
             "qwen3_vl_moe", "Qwen3-VL-MoE", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeConfig",
             "Qwen3VLProcessor", "Qwen3VLVideoProcessor", "4.57",
             16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_vl", video_timestamps=True,
             experts=Experts(),
+            wrap_classes=("Qwen3VLMoeTextDecoderLayer", "Qwen3VLMoeVisionBlock"),
         ),
         Family(
             "qwen3_5", "Qwen3.5", "Qwen3_5ForConditionalGeneration", "Qwen3_5Config", "Qwen3VLProcessor",
             "Qwen3VLVideoProcessor", "5.2",
             16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_5", tokenizer_class="Qwen3_5Tokenizer",
-            video_timestamps=True, linear_attention=True,
+            video_timestamps=True, linear_attention=True, wrap_classes=("Qwen3_5DecoderLayer", "Qwen3_5VisionBlock"),
         ),
         Family(
             "qwen3_5_moe", "Qwen3.5-MoE", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeConfig",
             "Qwen3VLProcessor", "Qwen3VLVideoProcessor", "5.2",
             16, 2, 2, 64 * 64, 32 * 32 * 256, _HALF, _HALF, "qwen3_5", tokenizer_class="Qwen3_5Tokenizer",
             video_timestamps=True, linear_attention=True, experts=Experts(routers=("gate", "shared_expert_gate")),
+            wrap_classes=("Qwen3_5MoeDecoderLayer", "Qwen3_5MoeVisionBlock"),
         ),
     )
 }

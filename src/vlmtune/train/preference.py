@@ -130,13 +130,15 @@ class PreferenceTrainer(VlmTrainer):
         inputs = dict(inputs)
         extra = {k: inputs.pop(k) for k in _EXTRA if k in inputs}
         labels = inputs.pop("labels")
-        policy, counts = answer_logps(model(**inputs).logits, labels)
+        with self.vision_passes(inputs) as zero:  # the tower once per modality, as every rank (trainer.py)
+            logits = model(**inputs).logits
+        policy, counts = answer_logps(logits, labels)
         if self.pref.stage == "kto":
             loss, metrics = self._kto(model, inputs, labels, policy, counts, extra)
         else:
             loss, metrics = self._dpo(model, inputs, labels, policy, counts, extra)
-        if self._needs_dummy(inputs):
-            loss = loss + self._dummy_vision_pass(model)
+        if zero:
+            loss = loss + sum(zero)
         split = "train" if model.training else "eval"
         for k, v in metrics.items():
             self._metrics[split][k].append(float(v))
@@ -197,7 +199,7 @@ class PreferenceTrainer(VlmTrainer):
             if not hasattr(unwrapped, "disable_adapter"):
                 raise RuntimeError("the reference is the model without its LoRA adapter, but the model has none; "
                                    "pass ref_model")
-            with unwrapped.disable_adapter():
+            with unwrapped.disable_adapter(), self.vision_passes(inputs):  # collective too when sharded
                 logits = unwrapped(**inputs).logits
         return answer_logps(logits, labels)[0]
 

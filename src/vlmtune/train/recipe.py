@@ -43,6 +43,7 @@ from .checkpoints import (
 )
 from .plot import plot_loss, plot_rewards
 from .preference import preference_trainer
+from .sharding import dataset_modalities, fill_accelerate_env, fsdp_arguments, sharding_of, zero_stage
 from .trainer import VlmTrainer
 
 
@@ -91,8 +92,10 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         preflight(cfg, log=say, progress=progress, loaded=loaded)
     cfg = cpu_precision(cfg)
     set_seed(cfg.seed)
-    init_cpu_distributed(cfg.ddp_timeout)
-    args = training_arguments(cfg, progress)
+    init_cpu_distributed(cfg.ddp_timeout, deepspeed=bool(cfg.deepspeed))
+    for filled in fill_accelerate_env(loaded.spec.model_type):
+        say(f"accelerate launch with FSDP: {filled} (the family's decoder layers and vision blocks)")
+    args = training_arguments(cfg, progress, model_type=loaded.spec.model_type)
     if cfg.streaming:  # no prepared copy: rows are fitted on the fly, the report written as samples are read
         train_ds, eval_ds = streamed_dataset(cfg.for_data(), loaded), None
         prepared = Prepared("(streaming: no prepared copy)", os.path.join(cfg.output_dir, "fit_report.jsonl"),
@@ -127,7 +130,8 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         args=args,
         callbacks=[CompleteCheckpointCallback(), GracefulStopCallback()],
         spec=loaded.spec,
-        deepspeed=bool(cfg.deepspeed),
+        sharded=sharding_of(cfg),
+        modalities=dataset_modalities(train_ds),
         loraplus_lr_ratio=cfg.loraplus_lr_ratio,
         pissa_init_dir=os.path.join(cfg.output_dir, "pissa_init") if cfg.pissa_init else None,
         moe_aux_loss_coef=cfg.moe_aux_loss_coef,
@@ -173,17 +177,24 @@ def prepare_once(cfg, loaded, args, progress: bool = True) -> Prepared:
         return prepare(cfg.for_data(), loaded, progress=progress)
 
 
-def init_cpu_distributed(timeout_s: int) -> None:
+def init_cpu_distributed(timeout_s: int, deepspeed: bool = False) -> None:
     """Under torchrun on CPUs, start the gloo process group here so that ddp_timeout bounds every
     collective: transformers passes the timeout on for GPU backends only, leaving a stuck CPU rank
-    to hang for torch's default 30 minutes."""
+    to hang for torch's default 30 minutes. With deepspeed, DeepSpeed's comm layer adopts that group before
+    ZeRO-3 partitions the model as it loads."""
     dist = torch.distributed
     if (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
             and dist.is_available() and not dist.is_initialized()):
         dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        if deepspeed:
+            import deepspeed as ds
+
+            ds.init_distributed(dist_backend="gloo")
 
 
-def training_arguments(cfg, progress: bool = True):
+def training_arguments(cfg, progress: bool = True, model_type: str | None = None):
+    """The Trainer's arguments for the config; model_type (the loaded family's) is needed with fsdp, whose wrap
+    classes come from the family table."""
     from transformers import TrainingArguments
 
     has_eval = bool(cfg.val_size or cfg.eval_dataset)
@@ -210,6 +221,7 @@ def training_arguments(cfg, progress: bool = True):
         eval_steps=cfg.eval_steps,
         report_to=cfg.report_to,
         deepspeed=cfg.deepspeed,
+        **fsdp_arguments(cfg, model_type),
         seed=cfg.seed,
         data_seed=cfg.seed,
         ddp_timeout=cfg.ddp_timeout,
@@ -279,7 +291,11 @@ _DISK_FULL_FIX = ("free space there (or lower save_total_limit), then run again 
 def train(run: Run) -> TrainResult:
     cfg, trainer = run.cfg, run.trainer
     worst = None
-    if cfg.worst_case_first and run.resume is None and not cfg.streaming:  # streaming: no lengths to rank
+    whole = sharding_of(cfg) == "fsdp" or zero_stage(cfg.deepspeed) == 3
+    if cfg.worst_case_first and whole and run.resume is None:
+        say("worst-case batch: skipped, since under fsdp or ZeRO-3 the model is only sharded when training starts "
+            "and one unsharded forward/backward would hold every weight on every rank")
+    elif cfg.worst_case_first and run.resume is None and not cfg.streaming:  # streaming: no lengths to rank
         worst = trainer.worst_case_step(log=say)
         ga = cfg.gradient_accumulation_steps
         say(f"worst-case batch ok: {worst['tokens']} tokens, {worst['images']} images, {worst['videos']} videos, "
@@ -352,7 +368,8 @@ def cleanup(run: Run) -> None:
 
 def run(cfg, *, progress: bool = True, preflight: Callable | None = None) -> TrainResult:
     r = setup(cfg, progress=progress, preflight=preflight)
-    try:
-        return train(r)
-    finally:
-        cleanup(r)
+    # No barrier after a failure: this rank exits with its error and the launcher stops the others, instead of
+    # every rank waiting ddp_timeout at a barrier that a rank stuck in a collective never reaches.
+    result = train(r)
+    cleanup(r)
+    return result

@@ -69,12 +69,15 @@ def pair_records(rng: random.Random, pics, big) -> list[dict]:
 
 
 def eval_pairs(rng: random.Random, pics) -> list[dict]:
-    """Held-out pairs: the demo's fixed questions, the right answer against a random wrong one."""
+    """Held-out pairs: the demo's fixed question, the right answer against every wrong one. Balanced so that a model
+    that only prefers some answer words to others (a random model does) scores 50%: over pictures whose right
+    answers are spread evenly, each pair of words is met once each way round."""
     out = []
     for p in pics:
         for kind in KINDS:
-            q, right, wrong = _question(rng, p, kind, paraphrase=False)
-            out.append({"image": p.path, "question": q, "kind": kind, "chosen": right, "rejected": wrong})
+            q, right, _ = _question(rng, p, kind, paraphrase=False)
+            for wrong in (c for c in (COLOURS if kind == "colour" else SHAPES) if c != right):
+                out.append({"image": p.path, "question": q, "kind": kind, "chosen": right, "rejected": wrong})
     return out
 
 

@@ -31,6 +31,7 @@ from .checks import (
     check_memory,
     check_model,
     check_quantization,
+    check_sharding,
     check_versions,
     check_vision,
     check_workers,
@@ -65,6 +66,7 @@ def run_checks(cfg, *, device_info: DeviceInfo | None = None, loaded=None, model
         check_video(ctx),
         check_memory(ctx),
         check_distributed(ctx),
+        check_sharding(ctx),
     ]
 
 

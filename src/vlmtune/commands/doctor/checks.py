@@ -15,6 +15,7 @@ from .memory import (
     ModelFacts,
     zero_stage as _zero_stage,
     estimate_memory,
+    shard_stage,
     meta_model,
     model_facts,
 )
@@ -220,8 +221,8 @@ def check_model(ctx: Context) -> Check:
     cfg = ctx.cfg
     if ctx.model_error:
         return Check("model", "fail", f"cannot load model_name_or_path={cfg.model_name_or_path!r}: "
-                     f"{ctx.model_error}", "set model_name_or_path to a Qwen2-VL, Qwen2.5-VL or Qwen3-VL "
-                     "checkpoint folder or hub id (the hub needs network access)")
+                     f"{ctx.model_error}", "set model_name_or_path to a Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE) or "
+                     "Qwen3.5(-MoE) checkpoint folder or hub id (the hub needs network access)")
     if ctx.facts is None:
         return Check("model", "ok", f"{_family(ctx)} from {cfg.model_name_or_path}")
     f = ctx.facts
@@ -286,10 +287,11 @@ def check_vision(ctx: Context) -> Check:
                      "to keep those parts frozen set lora_target: all (it follows the freeze_* keys) or name only "
                      "layers of the parts that train; to train them on purpose set " +
                      " and ".join(f"freeze_{_flag(c)}: false" for c in against))
-    if fused and _zero_stage(cfg)[0] == 3:
-        return Check("vision", "warn", f"{summary}; LoRA on fused expert tensors under DeepSpeed ZeRO-3 "
-                     f"({cfg.deepspeed}) is not verified: PEFT's parameter LoRA re-parametrizes each expert tensor "
-                     "around the forward, which ZeRO-3 partitions and gathers per module (PEFT issue #2916)",
+    if fused and shard_stage(cfg, ctx.env) == 3:  # FSDP2 full_shard gathers per unit as ZeRO-3 does
+        engine = f"DeepSpeed ZeRO-3 ({cfg.deepspeed})" if cfg.deepspeed else "FSDP2 full_shard (fsdp)"
+        return Check("vision", "warn", f"{summary}; LoRA on fused expert tensors under {engine} is not verified: "
+                     "PEFT's parameter LoRA re-parametrizes each expert tensor around the forward, which "
+                     f"{'ZeRO-3' if cfg.deepspeed else 'FSDP2'} partitions and gathers per module (PEFT issue #2916)",
                      "name lora_target without the experts (such as q_proj,k_proj,v_proj,o_proj), or use ZeRO-2 "
                      "(examples/deepspeed/ds_z2.json) if every GPU can hold the whole model")
     return Check("vision", "ok", summary)
@@ -384,7 +386,7 @@ def check_memory(ctx: Context) -> Check:
         why = ctx.facts_error or "the model could not be loaded (see the model check)"
         return Check("memory", "warn", f"not estimated: {why}", "fix the model and vision checks first")
     b, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    stage = _zero_stage(cfg)[0]
+    stage = shard_stage(cfg, ctx.env)
     world = _world_size(ctx)
 
     def estimate(batch: int) -> MemoryEstimate:
@@ -479,7 +481,7 @@ def check_distributed(ctx: Context) -> Check:
     cfg, env = ctx.cfg, ctx.env
     world = _world_size(ctx)
     launched = world > 1 or "LOCAL_RANK" in env
-    if not launched and not cfg.deepspeed:
+    if not launched and not cfg.deepspeed and not cfg.fsdp:
         return Check("distributed", "ok", "one process (no WORLD_SIZE > 1, LOCAL_RANK or deepspeed): nothing to "
                      "synchronise")
     notes, fails, warns = [], [], []
@@ -500,7 +502,7 @@ def check_distributed(ctx: Context) -> Check:
         if stage == 3:
             notes.append("ZeRO-3 gathers each module's parameters on every rank, so text-only batches get the "
                          "dummy vision pass too")
-    if cfg.deepspeed or _vision_trains(ctx):
+    if cfg.deepspeed or cfg.fsdp or ctx.env.get("ACCELERATE_USE_FSDP") or _vision_trains(ctx):
         notes.append("a text-only batch runs the vision tower on one dummy image with weight 0 (VlmTrainer), so "
                      "every rank runs the same modules and no rank waits for gradients that never come")
     else:
@@ -518,6 +520,76 @@ def check_distributed(ctx: Context) -> Check:
     if warns:
         return Check("distributed", "warn", message, "set ddp_timeout: 1800 (the default) or at most 7200")
     return Check("distributed", "ok", message)
+
+
+def check_sharding(ctx: Context) -> Check:
+    """FSDP2 / DeepSpeed: the wrap classes exist in the loaded model, batches without a modality are safe, and
+    the memory per rank (weights, gradients, optimizer states divided by the shard count)."""
+    from ...train.sharding import fsdp_reshards, fsdp_wrap_classes, sharding_of
+
+    cfg = ctx.cfg
+    how = sharding_of(cfg) if not ctx.env.get("ACCELERATE_USE_FSDP") else "fsdp"
+    if how is None:
+        return Check("sharding", "ok", "no fsdp or deepspeed: each rank holds the whole model (DDP)")
+    fails, notes = [], []
+    if how == "fsdp":
+        full = fsdp_reshards(cfg, ctx.env)
+        notes.append(f"FSDP2 {'full_shard (ZeRO-3-like)' if full else 'shard_grad_op (ZeRO-2-like)'}"
+                     + ("" if cfg.fsdp else " from accelerate launch"))
+        problem, note = _wrap_classes_found(ctx, fsdp_wrap_classes)
+        fails += [problem] if problem else []
+        notes += [note] if note else []
+    else:
+        notes.append(f"DeepSpeed ZeRO stage {_zero_stage(cfg)[0]}")
+    notes.append(_modality_note(ctx))
+    notes.append(_per_rank_memory(ctx))
+    message = "; ".join(fails + notes)
+    if fails:
+        return Check("sharding", "fail", message, "set fsdp_config transformer_layer_cls_to_wrap to classes the "
+                     "model has (or leave it out for the family's decoder layer and vision block)")
+    return Check("sharding", "ok", message)
+
+
+def _wrap_classes_found(ctx: Context, wrap_classes) -> tuple[str | None, str | None]:
+    """(a problem, a note): whether the FSDP wrap classes are modules of the loaded model."""
+    if ctx.facts is None:
+        return f"wrap classes not checked: {ctx.facts_error or 'the model could not be loaded'}", None
+    try:
+        wanted = wrap_classes(ctx.cfg, ctx.facts.model_type, ctx.env)
+    except VlmtuneError as e:
+        return str(e), None
+    missing = [c for c in wanted if c not in ctx.facts.module_classes]
+    if missing:
+        layers = sorted(c for c in ctx.facts.module_classes if c.endswith(("Layer", "Block")))
+        return (f"wrap class(es) {', '.join(missing)} are not modules of this {ctx.facts.model_type} model (its "
+                f"layer and block classes: {', '.join(layers) or 'none'}), so they would not be sharded"), None
+    return None, f"shards each {' and each '.join(wanted)} as one unit (all present in the loaded model)"
+
+
+def _modality_note(ctx: Context) -> str:
+    summary = ctx.data.summary if ctx.data is not None else {}
+    held = [m for m, key in (("image", "images"), ("video", "videos")) if summary.get(key)]
+    if ctx.data is None:
+        return ("mixed modalities: not checked (the data could not be read); a micro-batch without images or "
+                "videos runs the vision tower on a zero-weight dummy input once per modality")
+    if not held:
+        return "mixed modalities: the data holds no image or video, so no rank runs the vision tower"
+    return (f"mixed modalities safe: the data holds {' and '.join(m + 's' for m in held)}; a micro-batch without "
+            f"one runs the vision tower on a zero-weight dummy input once per missing modality, before the "
+            f"language model, so every rank gathers the same blocks in the same order")
+
+
+def _per_rank_memory(ctx: Context) -> str:
+    if ctx.facts is None:
+        return "memory per rank: not estimated (no model facts)"
+    cfg, world = ctx.cfg, _world_size(ctx)
+    seq, images, _ = _worst_batch(ctx, cfg.per_device_train_batch_size)
+    est = estimate_memory(cfg, ctx.facts, ctx.device.kind, batch=cfg.per_device_train_batch_size, seq_len=seq,
+                          image_tokens=images, world_size=world, zero_stage=shard_stage(cfg, ctx.env))
+    parts = ", ".join(f"{k} {_size(est.parts[k])}" for k in ("weights", "gradients", "optimizer"))
+    how = (f"divided by the {world} ranks (WORLD_SIZE)" if world > 1 else
+           "for 1 rank: set WORLD_SIZE (e.g. WORLD_SIZE=8 vlmtune doctor ...) to see them divided by the shard count")
+    return f"memory per rank: {parts} ({how}); estimated peak {_gib(est.total)}"
 
 
 def _installed(module: str) -> bool:

@@ -75,6 +75,7 @@ class ModelFacts:
     expert_weights: int = 0  # elements of every expert of every layer (fused 3-D tensors, not linear layers)
     router_weights: int = 0  # elements of the routers (experts × hidden per layer)
     adapted_expert_weights: int = 0  # elements of the fused expert tensors that carry LoRA adapters
+    module_classes: frozenset = frozenset()  # class names of the model's modules (FSDP's wrap classes must be here)
 
     @property
     def total_params(self) -> int:
@@ -155,6 +156,7 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
                            if "original_module" not in pn),  # a router trained beside LoRA: its copy once
         adapted_expert_weights=sum(m.get_param().numel() for m in modules.values()
                                    if type(m).__name__ == "ParamWrapper"),
+        module_classes=frozenset(type(m).__name__ for m in model.modules()),
     )
 
 
@@ -367,6 +369,19 @@ def _activations(cfg, f: ModelFacts, batch: int, seq_len: int, image_tokens: int
         return a * kept + largest + attention
     kept += s * layer * f.active_layers + patches * block * f.active_vision_blocks
     return a * kept + logits + attention * f.active_vision_blocks
+
+
+def shard_stage(cfg, environ=None) -> int:
+    """What estimate_memory divides by the shard count: DeepSpeed's ZeRO stage, or the stage FSDP2's memory
+    matches: full_shard (weights, gradients and optimizer states sharded) 3, shard_grad_op 2."""
+    import os
+
+    from ...train.sharding import fsdp_reshards
+
+    fsdp = fsdp_reshards(cfg, os.environ if environ is None else environ)
+    if fsdp is not None:
+        return 3 if fsdp else 2
+    return zero_stage(cfg)[0]
 
 
 def zero_stage(cfg) -> tuple[int, str | None]:
