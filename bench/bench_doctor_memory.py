@@ -133,7 +133,7 @@ def child(case: dict, train: bool) -> dict:
     if cfg.gradient_checkpointing:  # as vlmtune.train.recipe.setup does
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = apply_finetuning(model, cfg)
+    model = apply_finetuning(model, cfg.finetuning)
     batch = make_batch(case, config)
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []

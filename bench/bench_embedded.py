@@ -103,7 +103,7 @@ from vlmtune.config import load_config
 from vlmtune.data.prepare import prepare
 cfg = load_config(None, [f"model_name_or_path={sys.argv[1]}", f"dataset={sys.argv[2]}", f"output_dir={sys.argv[3]}",
                          "cutoff_len=4096", "overwrite_cache=true"])
-p = prepare(cfg, progress=False)
+p = prepare(cfg.for_data(), progress=False)
 # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report the parent's peak
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(p.rows, hwm)
@@ -111,12 +111,13 @@ print(p.rows, hwm)
 
 
 def run(quick: bool = False) -> dict:
+    from vlmtune.config import FitArgs
     from vlmtune.models.load import load_spec
 
     n = 400 if quick else 4000
     root = cached_dir(f"embedded-v1-{n}", _build(n))
     ckpt = tiny_checkpoint("qwen2_vl")
-    loaded = load_spec(str(ckpt), image_min_pixels=56 * 56, image_max_pixels=28 * 28 * 1280)
+    loaded = load_spec(str(ckpt), FitArgs(image_min_pixels=56 * 56, image_max_pixels=28 * 28 * 1280))
     repeats = 2 if quick else 3
     files_cpu, files_wall, acc_f = _best_cpu(lambda: _account(str(root / "files" / "data.jsonl"), loaded), repeats)
     emb_cpu, emb_wall, acc_e = _best_cpu(lambda: _account(str(root / "embedded"), loaded), repeats)

@@ -180,12 +180,13 @@ def _check_equal(acc, theirs: dict[str, int]) -> dict[str, int]:
 def run(quick: bool) -> dict[str, float | str]:
     import torch
 
+    from vlmtune.config import FitArgs
     from vlmtune.models.load import load_spec
 
     n = 200 if quick else 1000
     n_processor = 20 if quick else 100
     data = dataset(n) / "data.jsonl"
-    loaded = load_spec(str(tiny_checkpoint("qwen2_vl")), image_min_pixels=MIN_PIXELS, image_max_pixels=MAX_PIXELS)
+    loaded = load_spec(str(tiny_checkpoint("qwen2_vl")), FitArgs(image_min_pixels=MIN_PIXELS, image_max_pixels=MAX_PIXELS))
     assert (loaded.spec.min_pixels, loaded.spec.max_pixels) == (MIN_PIXELS, MAX_PIXELS)
     proc = loaded.processor
     default_threads = torch.get_num_threads()

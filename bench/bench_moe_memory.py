@@ -117,7 +117,7 @@ def child(case: dict) -> dict:
     built = rss("VmRSS")
     model.config.use_cache = False
     model.config.text_config.use_cache = False
-    model = apply_finetuning(model, cfg)  # as vlmtune.train.recipe.build_model: adapters, then checkpointing
+    model = apply_finetuning(model, cfg.finetuning)  # as vlmtune.train.recipe.build_model: adapters, then checkpointing
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = make_batch(config)

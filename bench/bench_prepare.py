@@ -37,7 +37,7 @@ def _time_prepare(model, data, n: int, workers: int) -> float:
             f"preprocessing_num_workers={workers}", "overwrite_cache=true",
         ])
         t = time.perf_counter()
-        prep = prepare(cfg, progress=False)
+        prep = prepare(cfg.for_data(), progress=False)
         elapsed = time.perf_counter() - t
         assert prep.rows == n, (prep.rows, n)
         return elapsed

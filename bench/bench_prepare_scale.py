@@ -80,16 +80,17 @@ def one(what: str, data_path: str, n: int, workers: int, short: bool) -> dict:
             f"cutoff_len={512 if short else 4096}", f"image_max_pixels={MAX_PIXELS // (16 if short else 1)}",
             f"image_min_pixels={MIN_PIXELS}", f"preprocessing_num_workers={workers}", "overwrite_cache=true",
         ])
-        prep = prepare(cfg, progress=False)
+        prep = prepare(cfg.for_data(), progress=False)
         result = {"rows": prep.rows, "records": prep.records, "fates": prep.fates}
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
     else:
         from vlmtune.data.pipeline import account, summarize
+        from vlmtune.config import FitArgs
         from vlmtune.models.load import load_spec
 
-        loaded = load_spec(str(model), image_min_pixels=MIN_PIXELS, image_max_pixels=MAX_PIXELS)
+        loaded = load_spec(str(model), FitArgs(image_min_pixels=MIN_PIXELS, image_max_pixels=MAX_PIXELS))
         s = summarize(account(data_path, loaded, progress=False, workers=workers))
         result = {"samples": s["samples"], "tokens": s["tokens"], "records": s["records"]}
     wall, cpu = time.perf_counter() - t, time.process_time() - c

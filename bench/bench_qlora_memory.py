@@ -97,7 +97,7 @@ def child(name: str, ckpt: str) -> dict:
         import bitsandbytes  # noqa: F401
     start = _status("RssAnon")
     cfg = run_config(CASES[name], ckpt)
-    model = apply_finetuning(load_model(cfg, dtype=torch.float32), cfg)
+    model = apply_finetuning(load_model(cfg.model, cfg.finetuning, dtype=torch.float32), cfg.finetuning)
     # from_pretrained may leave unquantized weights as views of the mmap-ed checkpoint (file pages, not anonymous
     # memory); copy them so that the anonymous resident set counts every tensor, whatever the loader did.
     with torch.no_grad():

@@ -125,8 +125,14 @@ def render_migrating(text: str) -> str:
     return head + BEGIN + "\n" + "\n".join(llama_factory_table()) + END + tail
 
 
+def prepared_keys() -> list[str]:
+    keys = ", ".join(f"`{k}`" for k in C.PREPARED_KEYS)
+    return [f"The prepared dataset is reused while these keys, the model's processor and the data files stay the "
+            f"same; a change to any of them prepares it again (they are declared with `prepared=True`): {keys}.", ""]
+
+
 def render() -> str:
-    lines = [INTRO]
+    lines = [INTRO, *prepared_keys()]
     for name, cls in C.SECTIONS.items():
         lines += section(name, cls)
     lines += llama_factory()

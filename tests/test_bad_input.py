@@ -65,7 +65,7 @@ def _cfg(tmp_path, ckpt, *more):
 
 def test_skip_reports_every_case_and_accounts_for_every_line(tiny_ckpt, battery):
     tmp_path, expected = battery
-    prep = prepare(_cfg(tmp_path, tiny_ckpt("qwen2_vl"), "on_bad_sample=skip", "confirm_skipped_share=true"),
+    prep = prepare(_cfg(tmp_path, tiny_ckpt("qwen2_vl"), "on_bad_sample=skip", "confirm_skipped_share=true").for_data(),
                    progress=False)
     report = [json.loads(line) for line in open(prep.report_path)]
     assert len(report) == prep.records == len(expected) + 2
@@ -85,7 +85,7 @@ def test_skip_reports_every_case_and_accounts_for_every_line(tiny_ckpt, battery)
 def test_default_stops_before_training_naming_every_bad_sample(tiny_ckpt, battery):
     tmp_path, expected = battery
     with pytest.raises(DataError) as err:
-        prepare(_cfg(tmp_path, tiny_ckpt("qwen2_vl")), progress=False)
+        prepare(_cfg(tmp_path, tiny_ckpt("qwen2_vl")).for_data(), progress=False)
     kinds = {(p.sample_id, p.kind) for p in err.value.problems}
     for sid, want in expected.items():
         if want != "kept":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune.config import load_config
+from vlmtune.config import ReadArgs, load_config
 from vlmtune.data.readers import read_samples
 from vlmtune.models.families import FAMILIES as FAMILY_TABLE
 from vlmtune.models.families import MODEL_TYPES, display_name
@@ -119,7 +119,7 @@ def test_demo_data_inspects(tiny_ckpt):
 
     loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
     by_path = summarize(account(str(DATA / "mllm_demo.json"), loaded, progress=False))
-    by_name = summarize(account("mllm_demo", loaded, dataset_dir=str(DATA), progress=False))
+    by_name = summarize(account(ReadArgs(dataset="mllm_demo", dataset_dir=str(DATA)), loaded, progress=False))
     assert by_path["records"] == by_path["samples"] == 6 and by_path["problems"] == []
     assert by_name == by_path
     assert set(by_path["by_image_count"]) == {"0", "1", "2", "3"}
@@ -133,7 +133,7 @@ def test_video_demo_data_inspects(tiny_ckpt):
     from vlmtune.models.load import load_spec
 
     loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
-    s = summarize(account("mllm_video_demo", loaded, dataset_dir=str(DATA), progress=False))
+    s = summarize(account(ReadArgs(dataset="mllm_video_demo", dataset_dir=str(DATA)), loaded, progress=False))
     assert (s["records"], s["samples"], s["videos"], s["images"], s["problems"]) == (3, 3, 3, 1, [])
     clips = sorted((DATA / "mllm_video_demo_data").iterdir())
     assert [p.name for p in clips] == ["1.mp4", "2.mp4", "3.mp4"] and all(p.stat().st_size < 16_000 for p in clips)

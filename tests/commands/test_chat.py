@@ -233,7 +233,7 @@ def make_qlora_adapter(ckpt, out, bits):
                                       quantization_bit=bits))
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32, **load_kwargs(cfg, torch.float32))
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32, **load_kwargs(cfg.finetuning, torch.float32))
         peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                       target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(out)
@@ -334,13 +334,14 @@ def test_chat_about_a_video_feeds_the_planned_clip(tiny_ckpt, clip, arch):
 
 def test_video_options_plan_as_the_config_keys_do(tiny_ckpt, clip, make_image, tmp_path, capsys):
     from vlmtune.data.video import read_facts
+    from vlmtune.config import FitArgs
     from vlmtune.models.load import load_spec
 
     ckpt = tiny_ckpt("qwen2_vl")
     options = dict(video_fps=4.0, video_maxlen=4, video_max_pixels=28 * 28 * 2)
     cm = ChatModel(ckpt, max_new_tokens=N, image_max_pixels=28 * 28 * 4, **options)
     f = read_facts(clip)
-    plan = load_spec(str(ckpt), **options).video.plan(f.frames, f.fps, f.height, f.width)
+    plan = load_spec(str(ckpt), FitArgs(**options)).video.plan(f.frames, f.fps, f.height, f.width)
     assert (plan.frames, plan.thw) == (4, [2, 2, 2])  # 4 frames of at most 2 × 28² pixels
     img = make_image(tmp_path / "red.png", 100, 80)
     batch = cm.inputs([cm.user_message(QUESTION, [img], [clip])])

@@ -851,7 +851,7 @@ def test_doctor_refuses_overlapping_folders_before_any_work(tmp_path, monkeypatc
 
     data = tmp_path / "d.jsonl"
     data.write_text("")
-    monkeypatch.setattr(doctor_checks, "_load", lambda *a, **k: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(doctor_checks, "load_context", lambda *a, **k: pytest.fail("the model loaded first"))
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model_name_or_path: {tmp_path / 'm'}\ndataset: {data}\noutput_dir: {tmp_path / 'out'}\n")
     rc = main(["doctor", str(cfg), "--json", f"prepared_dir={tmp_path / 'out'}"])

@@ -172,7 +172,7 @@ def make_qlora_adapter(ckpt, out, bits):
                                       quantization_bit=bits))
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32, **load_kwargs(cfg, torch.float32))
+        model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32, **load_kwargs(cfg.finetuning, torch.float32))
         peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **QV))
     peft_model.save_pretrained(out)
     (out / "vlmtune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))

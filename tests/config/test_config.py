@@ -274,20 +274,37 @@ def test_fingerprint_dict():
         cfg.fingerprint_dict(["cutof_len"])
 
 
-def test_prepare_fingerprints_only_declared_keys():
-    from vlmtune.data.prepare import DATA_KEYS
-
+def test_the_keys_that_change_the_prepared_dataset_are_flagged_where_declared():
+    assert C.PREPARED_KEYS == (
+        "model_name_or_path", "dataset", "dataset_dir", "media_dir", "max_samples", "mix_strategy", "interleave_probs",
+        "allow_paths_outside_media_dir", "allow_remote_images", "on_bad_sample", "control_tokens_in_text",
+        "remote_image_max_bytes", "allow_private_remote_images", "cutoff_len", "image_max_pixels", "image_min_pixels",
+        "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen", "train_on_prompt", "mask_history",
+        "default_system", "enable_thinking", "overflow", "min_image_tokens", "max_image_token_share",
+        "split_keep_context", "stage",
+    )
     cfg = load_config(None, base=REQUIRED)
-    assert set(DATA_KEYS) <= set(C.KEYS)
-    assert cfg.fingerprint_dict(DATA_KEYS)["media_dir"] is None
+    values = C.prepared_values(cfg.model, cfg.read, cfg.fit, cfg.preference)
+    assert values == cfg.fingerprint_dict(C.PREPARED_KEYS)
+    assert values["media_dir"] is None and values["overflow"] == ["shrink_images", "truncate_text", "split", "drop"]
+    # a key that does not change the rows (a threshold, the packing) is not in the fingerprint
+    assert not {"max_skipped_share", "confirm_skipped_share", "val_size", "packing", "remote_image_timeout",
+                "remote_image_deadline", "eval_dataset"} & set(values)
 
 
-def test_prepare_fingerprint_rejects_an_undeclared_key(monkeypatch):
-    from vlmtune.data import cache
-
-    monkeypatch.setattr(cache, "DATA_KEYS", (*cache.DATA_KEYS, "cutof_len"))
-    with pytest.raises(KeyError, match=r"not config keys: \['cutof_len'\]"):
-        cache.fingerprint(load_config(None, base=REQUIRED), None, [])  # fails before it reads the model
+def test_sections_load_alone_with_every_problem_at_once():
+    model, read, fit = C.load_sections({"model_name_or_path": "m", "dataset": "d.jsonl", "dataset_dir": None,
+                                        "cutoff_len": 512}, "model", "read", "fit")
+    assert (model.model_name_or_path, read.dataset, read.dataset_dir, fit.cutoff_len) == ("m", "d.jsonl", None, 512)
+    assert fit.overflow == ["shrink_images", "truncate_text", "split", "drop"]
+    with pytest.raises(ConfigError) as err:
+        C.load_sections({"model_name_or_path": "m", "cutoff_len": 0, "learning_rate": 1.0}, "model", "read", "fit")
+    assert err.value.problems == [
+        "learning_rate is not a key of the model, read, fit sections",
+        "dataset is required; set dataset to a name from dataset_info.json or a path to a JSON/JSONL file, such as "
+        "mllm_demo",
+        "cutoff_len=0 is not positive; set cutoff_len to a positive integer such as 2048",
+    ]
 
 
 def test_sections_partition_the_keys():

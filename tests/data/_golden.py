@@ -99,7 +99,7 @@ def produce(root: Path, data: Path, ckpt, name: str, *more: str) -> dict:
     from vlmtune.data.prepare import prepare
 
     cfg = load_config(None, config_args(root, data, ckpt, name, *more))
-    prep = prepare(cfg, progress=False)
+    prep = prepare(cfg.for_data(), progress=False)
     rows = prep.dataset().to_list()
     with open(prep.report_path, encoding="utf-8") as f:
         report = [json.loads(line) for line in f]

@@ -37,7 +37,7 @@ def survives(ds) -> bool:
 def test_prepared_dir_at_the_dataset_folder_is_refused_and_the_data_survives(tiny_ckpt, data, tmp_path):
     c = cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out", f"prepared_dir={data}")
     with pytest.raises(ConfigError) as err:
-        prepare(c, progress=False)
+        prepare(c.for_data(), progress=False)
     assert any(p.startswith(f"prepared_dir={str(data)!r} is or holds the data") and "set prepared_dir" in p
                for p in err.value.problems)
     assert survives(data)
@@ -48,19 +48,19 @@ def test_prepared_dir_equal_to_or_holding_output_dir_is_refused(tmp_path, data):
     out = tmp_path / "out"
     for prep in (out, tmp_path):
         with pytest.raises(ConfigError) as err:
-            cache.check_folders(cfg("m", data / "data.jsonl", out, f"prepared_dir={prep}"))
+            cache.check_folders(cfg("m", data / "data.jsonl", out, f"prepared_dir={prep}").for_data())
         assert "output_dir" in err.value.problems[0] and "set prepared_dir" in err.value.problems[0]
 
 
 def test_output_dir_at_or_inside_a_folder_read_whole_is_refused(tmp_path, data):
     with pytest.raises(ConfigError) as err:
-        cache.check_folders(cfg("m", data, data / "run"))
+        cache.check_folders(cfg("m", data, data / "run").for_data())
     assert any(p.startswith(f"output_dir={str(data / 'run')!r} is inside {str(data)!r}, which is read whole")
                for p in err.value.problems)
     with pytest.raises(ConfigError) as err:
-        cache.check_folders(cfg("m", data / "data.jsonl", data))
+        cache.check_folders(cfg("m", data / "data.jsonl", data).for_data())
     assert any(p.startswith(f"output_dir={str(data)!r} is the data folder") for p in err.value.problems)
-    cache.check_folders(cfg("m", data / "data.jsonl", tmp_path / "out"))  # apart: fine
+    cache.check_folders(cfg("m", data / "data.jsonl", tmp_path / "out").for_data())  # apart: fine
 
 
 def test_a_users_own_prepared_folder_in_output_dir_survives_train(tiny_ckpt, data, tmp_path, monkeypatch):
@@ -69,7 +69,7 @@ def test_a_users_own_prepared_folder_in_output_dir_survives_train(tiny_ckpt, dat
     mine = tmp_path / "out" / "prepared"
     mine.mkdir(parents=True)
     (mine / "notes.txt").write_text("mine\n")
-    monkeypatch.setattr(recipe, "load_spec_for", lambda cfg: pytest.fail("the model loaded before the refusal"))
+    monkeypatch.setattr(recipe, "load_spec", lambda *a: pytest.fail("the model loaded before the refusal"))
     with pytest.raises(ConfigError) as err:
         recipe.setup(cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out"), progress=False)
     assert err.value.problems[0].startswith(f"prepared_dir={str(mine)!r} is a folder that vlmtune did not create")
@@ -79,10 +79,11 @@ def test_a_users_own_prepared_folder_in_output_dir_survives_train(tiny_ckpt, dat
 
 def test_prepare_replaces_its_own_marked_cache_only(tiny_ckpt, data, tmp_path):
     c = cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out")
-    first = prepare(c, progress=False)
+    first = prepare(c.for_data(), progress=False)
     assert cache.is_ours(first.path)
     assert json.loads((tmp_path / "out" / "prepared" / cache.MARKER_FILE).read_text())["owner"] == cache.OWNER
-    again = prepare(cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out", "overwrite_cache=true"), progress=False)
+    again = prepare(cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out", "overwrite_cache=true").for_data(),
+                    progress=False)
     assert again.cached is False and cache.is_ours(again.path)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fit_report.jsonl", "prepared", "prepared.lock"]
     assert survives(data)
@@ -133,14 +134,14 @@ def test_a_full_disk_during_prepare_is_a_clear_error_and_leaves_the_old_cache(ti
 
     from vlmtune.errors import VlmtuneError
 
-    old = prepare(cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out"), progress=False)
+    old = prepare(cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out").for_data(), progress=False)
 
     def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ArrowWriter, "write_table", full)
     with pytest.raises(VlmtuneError) as err:
-        prepare(cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out", "overwrite_cache=true"), progress=False)
+        prepare(cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out", "overwrite_cache=true").for_data(), progress=False)
     assert str(err.value).startswith("no space left on the device while writing the prepared dataset into ")
     assert "set prepared_dir and output_dir to a disk with room" in str(err.value)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fit_report.jsonl", "prepared", "prepared.lock"]
@@ -151,6 +152,6 @@ def test_streaming_writes_no_prepared_folder_so_a_users_one_is_left_alone(tmp_pa
     mine = tmp_path / "out" / "prepared"
     mine.mkdir(parents=True)
     (mine / "notes.txt").write_text("mine\n")
-    cache.check_folders(cfg("m", data / "data.jsonl", tmp_path / "out", "streaming=true", "max_steps=5"))
+    cache.check_folders(cfg("m", data / "data.jsonl", tmp_path / "out", "streaming=true", "max_steps=5").for_data())
     with pytest.raises(ConfigError):  # output_dir's own rules still hold
-        cache.check_folders(cfg("m", data, data / "run", "streaming=true", "max_steps=5"))
+        cache.check_folders(cfg("m", data, data / "run", "streaming=true", "max_steps=5").for_data())

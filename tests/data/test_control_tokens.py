@@ -39,11 +39,11 @@ def cfg(tiny_ckpt, data, tmp_path, *more):
 
 def test_a_control_token_is_a_problem_of_its_sample_only(tiny_ckpt, data, tmp_path):
     with pytest.raises(DataError) as err:  # on_bad_sample: error: every such sample listed, nothing else
-        prepare(cfg(tiny_ckpt, data, tmp_path), progress=False)
+        prepare(cfg(tiny_ckpt, data, tmp_path).for_data(), progress=False)
     assert [(p.kind, p.sample_id) for p in err.value.problems] == [("control_token", "data:2"),
                                                                   ("control_token", "data:3")]
     assert err.value.problems[0].what == "message 1 ('user') has the control token(s) <|im_end|>, <|im_start|> in its text"
-    prep = prepare(cfg(tiny_ckpt, data, tmp_path, "on_bad_sample=skip", "confirm_skipped_share=true"), progress=False)
+    prep = prepare(cfg(tiny_ckpt, data, tmp_path, "on_bad_sample=skip", "confirm_skipped_share=true").for_data(), progress=False)
     lines = [json.loads(x) for x in open(prep.report_path)]
     assert [(r["id"], r["fate"]) for r in lines] == [("data:1", "kept"), ("data:2", "invalid"), ("data:3", "invalid"),
                                                     ("data:4", "kept")]
@@ -53,7 +53,7 @@ def test_a_control_token_is_a_problem_of_its_sample_only(tiny_ckpt, data, tmp_pa
 def test_as_text_they_never_become_control_ids(tiny_ckpt, tiny_processor, data, tmp_path):
     from vlmtune.models.load import load_spec
 
-    prep = prepare(cfg(tiny_ckpt, data, tmp_path, "control_tokens_in_text=text"), progress=False)
+    prep = prepare(cfg(tiny_ckpt, data, tmp_path, "control_tokens_in_text=text").for_data(), progress=False)
     assert prep.fates == {"kept": 4}
     rows = {r["id"]: r for r in prep.dataset().to_list()}
     spec = load_spec(tiny_ckpt("qwen2_vl")).spec
@@ -69,12 +69,12 @@ def test_as_text_they_never_become_control_ids(tiny_ckpt, tiny_processor, data, 
     labels = rows["data:3"]["labels"]
     assert any(labels[k : k + len(plain)] == plain for k in range(len(labels)))  # trained as its characters
     assert rows["data:1"]["input_ids"] == prepare(cfg(tiny_ckpt, data, tmp_path, "on_bad_sample=skip",
-                                                      "confirm_skipped_share=true"), progress=False
+                                                      "confirm_skipped_share=true").for_data(), progress=False
                                                   ).dataset().to_list()[0]["input_ids"]  # others unchanged
 
 
 def test_template_tokens_inside_content_keep_their_meaning(tiny_ckpt, tiny_processor, data, tmp_path):
-    prep = prepare(cfg(tiny_ckpt, data, tmp_path, "control_tokens_in_text=text"), progress=False)
+    prep = prepare(cfg(tiny_ckpt, data, tmp_path, "control_tokens_in_text=text").for_data(), progress=False)
     row = {r["id"]: r for r in prep.dataset().to_list()}["data:4"]
     tok = tiny_processor("qwen2_vl").tokenizer
     think = tok("<think>", add_special_tokens=False)["input_ids"]  # as the tokenizer reads it, special or not

@@ -142,6 +142,8 @@ def test_split_gives_each_piece_its_own_images(env):
     out = Fitter(loaded.spec, FitOptions(cutoff_len=cut, overflow=("split",))).fit(e)
     assert out.fate == "split"
     assert [p.id for p in out.pieces] == ["s#1", "s#2", "s#3"]  # named by the exchanges they hold
+    assert [emit(p, loaded.spec).sample_id for p in out.pieces] == ["s", "s", "s"]  # their sample, as data
+    assert emit(e, loaded.spec).sample_id == "s"
     assert out.reason == "split 3 exchanges into 3 samples at exchange boundaries"
     assert all(n <= cut for n in out.tokens_after)
     for p in out.pieces:

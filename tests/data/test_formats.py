@@ -339,7 +339,7 @@ def test_two_shard_parquet_with_embedded_images_prepares_and_trains(tmp_path, ti
         "model_name_or_path": str(tiny_ckpt("qwen2_vl")), "dataset": str(folder), "output_dir": str(tmp_path / "out"),
         "cutoff_len": 300, "per_device_train_batch_size": 2, "max_steps": 2, "logging_steps": 1, "save_steps": 1000,
         "report_to": "none", "seed": 0})
-    prep = prepare(cfg, progress=False)
+    prep = prepare(cfg.for_data(), progress=False)
     assert prep.fates == {"kept": 6} and prep.rows == 6
     rows = prep.dataset()
     images = [p for r in rows for p in r["images"]]

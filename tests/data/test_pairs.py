@@ -226,7 +226,7 @@ def test_prepare_writes_one_line_per_pair_and_pair_rows(tmp_path, tiny_ckpt, wri
     cfg = load_config(None, base={"model_name_or_path": str(tiny_ckpt("qwen2_vl")), "dataset": str(tmp_path / "p.jsonl"),
                                   "output_dir": str(tmp_path / "out"), "stage": "dpo", "cutoff_len": 120,
                                   "on_bad_sample": "skip", "confirm_skipped_share": True})
-    prep = prepare(cfg, progress=False)
+    prep = prepare(cfg.for_data(), progress=False)
     lines = [json.loads(x) for x in open(prep.report_path, encoding="utf-8")]
     assert [(x["id"], x["fate"]) for x in lines] == [("p:1", "shrunk"), ("p:2", "invalid"), ("p:3", "invalid")]
     assert "identical" in lines[1]["reason"] and "stage='dpo'" in lines[2]["reason"]

@@ -24,7 +24,11 @@ def test_prepare_reproduces_the_golden_rows_and_report(tmp_path, tiny_ckpt, make
     # SFT rows: the preference columns (added later too) are empty, the KTO tag is -1 (not KTO)
     pref = {"rejected_input_ids": [], "rejected_labels": [], "kto_tag": -1}
     assert all(r[k] == v for r in got["rows"] for k, v in pref.items())
-    assert [{k: v for k, v in r.items() if k not in video_columns | set(pref)} for r in got["rows"]] == want["rows"]
+    # sample_id (added after the golden was made): the input sample's id, shared by the pieces split cuts from it
+    # (no own id in this data holds a '#', so it is the piece id up to its '#')
+    assert [r["sample_id"] for r in got["rows"]] == [r["id"].split("#")[0] for r in want["rows"]]
+    added = video_columns | set(pref) | {"sample_id"}
+    assert [{k: v for k, v in r.items() if k not in added} for r in got["rows"]] == want["rows"]
 
 
 def test_inspect_doctor_and_prepare_give_the_same_fates_and_token_counts(tmp_path, tiny_ckpt, make_image):
@@ -43,14 +47,14 @@ def test_inspect_doctor_and_prepare_give_the_same_fates_and_token_counts(tmp_pat
     loaded = load_spec(str(ckpt))
     inspected = account(str(data), loaded, progress=False)
     doctor_cfg = load_config(None, config_args(root, data, ckpt, "default", f"output_dir={root / 'doc'}"))
-    doctor = prepare_facts(doctor_cfg, loaded, progress=False)  # no cache yet: runs the driver
-    prep = prepare(load_config(None, config_args(root, data, ckpt, "default")), loaded, progress=False)
+    doctor = prepare_facts(doctor_cfg.for_data(), loaded, progress=False)  # no cache yet: runs the driver
+    prep = prepare(load_config(None, config_args(root, data, ckpt, "default")).for_data(), loaded, progress=False)
     report = [json.loads(line) for line in open(prep.report_path)]
 
     tokens = {r["id"]: r["tokens_before"] for r in report if r["fate"] != "invalid"}
     assert len(tokens) == 43
     assert {s.id: s.tokens for s in inspected.stats} == tokens
-    assert {s.id: s.tokens for s in doctor.accounting.stats} == tokens
+    assert {s.id: s.tokens for s in doctor.stats} == tokens
     fates = Counter(r["fate"] for r in report)
     assert fates == {"invalid": 12, "kept": 21, "shrunk": 22}
     # Rejected while reading: a.jsonl:5 (not JSON), a:18 (a list), b:15 (a string). They are invalid samples
@@ -60,15 +64,15 @@ def test_inspect_doctor_and_prepare_give_the_same_fates_and_token_counts(tmp_pat
     assert {f: n for f, n in doctor.fates.items() if n} == fates - Counter(invalid=unread)
     assert sorted(doctor.rows) == sorted(zip(prep.dataset()["length"], doctor_image_tokens(prep, loaded)))
     assert doctor.prepared is not None and doctor.prepared.fates == prep.fates
-    assert [p.to_dict() for p in doctor.accounting.problems] == [p.to_dict() for p in inspected.problems]
-    assert sorted(doctor.accounting.invalid_ids) == sorted(inspected.invalid_ids)
+    assert [p.to_dict() for p in doctor.problems] == [p.to_dict() for p in inspected.problems]
+    assert sorted(doctor.invalid_ids) == sorted(inspected.invalid_ids)
     # and the doctor run after prepare reads prepare's cache instead of fitting again
-    again = prepare_facts(load_config(None, config_args(root, data, ckpt, "default")), loaded, progress=False)
+    again = prepare_facts(load_config(None, config_args(root, data, ckpt, "default")).for_data(), loaded, progress=False)
     assert again.prepared.cached is True
     assert (again.fates, again.rows, again.split_rows) == (doctor.fates, doctor.rows, doctor.split_rows)
-    assert again.accounting.stats == doctor.accounting.stats
-    assert [p.to_dict() for p in again.accounting.problems] == [p.to_dict() for p in doctor.accounting.problems]
-    assert again.accounting.invalid_ids == doctor.accounting.invalid_ids
+    assert again.stats == doctor.stats
+    assert [p.to_dict() for p in again.problems] == [p.to_dict() for p in doctor.problems]
+    assert again.invalid_ids == doctor.invalid_ids
 
 
 def doctor_image_tokens(prep, loaded):

@@ -48,7 +48,7 @@ def test_every_record_has_one_report_line(tiny_ckpt, dataset):
     tmp_path, data = dataset
     ckpt = tiny_ckpt("qwen2_vl")
     cfg = config(tmp_path, data, ckpt)
-    prep = prepare(cfg, progress=False)
+    prep = prepare(cfg.for_data(), progress=False)
     report = [json.loads(line) for line in open(prep.report_path)]
     assert len(report) == 6 == prep.records
     by_line = {r["source"].rsplit(":", 1)[1]: r for r in report}
@@ -74,7 +74,7 @@ def test_default_on_bad_sample_stops_with_all_problems(tiny_ckpt, dataset):
     tmp_path, data = dataset
     cfg = config(tmp_path, data, tiny_ckpt("qwen2_vl"), "on_bad_sample=error")
     with pytest.raises(DataError) as err:
-        prepare(cfg, progress=False)
+        prepare(cfg.for_data(), progress=False)
     assert len(err.value.problems) == 2
     assert "fit report is in" in str(err.value)
     assert (tmp_path / "out" / "fit_report.jsonl").exists()
@@ -84,15 +84,15 @@ def test_default_on_bad_sample_stops_with_all_problems(tiny_ckpt, dataset):
 def test_second_run_is_cached_and_config_changes_invalidate(tiny_ckpt, dataset):
     tmp_path, data = dataset
     ckpt = tiny_ckpt("qwen2_vl")
-    first = prepare(config(tmp_path, data, ckpt), progress=False)
-    again = prepare(config(tmp_path, data, ckpt), progress=False)
+    first = prepare(config(tmp_path, data, ckpt).for_data(), progress=False)
+    again = prepare(config(tmp_path, data, ckpt).for_data(), progress=False)
     assert (first.cached, again.cached) == (False, True)
     assert (again.rows, again.fates) == (first.rows, first.fates)
-    changed = prepare(config(tmp_path, data, ckpt, "cutoff_len=4096"), progress=False)
+    changed = prepare(config(tmp_path, data, ckpt, "cutoff_len=4096").for_data(), progress=False)
     assert changed.cached is False and changed.fates.get("kept") == 4
     data.write_text(data.read_text() + json.dumps({"messages": [{"role": "user", "content": "x"},
                                                                 {"role": "assistant", "content": "y"}]}) + "\n")
-    assert prepare(config(tmp_path, data, ckpt, "cutoff_len=4096"), progress=False).records == 7
+    assert prepare(config(tmp_path, data, ckpt, "cutoff_len=4096").for_data(), progress=False).records == 7
 
 
 def test_two_workers_give_the_same_rows(tiny_ckpt, dataset, monkeypatch):
@@ -101,8 +101,8 @@ def test_two_workers_give_the_same_rows(tiny_ckpt, dataset, monkeypatch):
     monkeypatch.setattr(P, "CHUNK", 2)  # several chunks so that both workers get some
     tmp_path, data = dataset
     ckpt = tiny_ckpt("qwen2_vl")
-    one = prepare(config(tmp_path, data, ckpt), progress=False).dataset()
-    two = prepare(config(tmp_path, data, ckpt, "preprocessing_num_workers=2", "overwrite_cache=true"),
+    one = prepare(config(tmp_path, data, ckpt).for_data(), progress=False).dataset()
+    two = prepare(config(tmp_path, data, ckpt, "preprocessing_num_workers=2", "overwrite_cache=true").for_data(),
                   progress=False).dataset()
     assert one.to_list() == two.to_list()
 
@@ -136,7 +136,7 @@ def test_error_policy_in_a_worker_names_the_sample(tiny_ckpt, dataset, monkeypat
     tmp_path, data = dataset
     cfg = config(tmp_path, data, tiny_ckpt("qwen2_vl"), "overflow=[error]", "preprocessing_num_workers=2")
     with pytest.raises(SampleError) as err:
-        prepare(cfg, progress=False)
+        prepare(cfg.for_data(), progress=False)
     assert err.value.source == f"{data}:2"
     assert err.value.fix.startswith("raise cutoff_len to at least ")
 
@@ -158,7 +158,7 @@ def dying(convs):
     return real(convs)
 
 pipeline.process_chunk = dying
-P.prepare(load_config(None, sys.argv[1:]), progress=False)
+P.prepare(load_config(None, sys.argv[1:]).for_data(), progress=False)
 """
 
 
@@ -170,7 +170,7 @@ def test_a_prepare_killed_halfway_is_redone_cleanly(tiny_ckpt, dataset):
     tmp_path, data = dataset
     ckpt = tiny_ckpt("qwen2_vl")
     out = tmp_path / "out"
-    old = prepare(config(tmp_path, data, ckpt, "cutoff_len=4096"), progress=False)  # a cache for another config
+    old = prepare(config(tmp_path, data, ckpt, "cutoff_len=4096").for_data(), progress=False)  # a cache for another config
     args = [f"model_name_or_path={ckpt}", f"dataset={data}", f"output_dir={out}", "cutoff_len=180",
             "on_bad_sample=skip", "confirm_skipped_share=true"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -180,10 +180,10 @@ def test_a_prepare_killed_halfway_is_redone_cleanly(tiny_ckpt, dataset):
     assert [p.split(".tmp-")[0] for p in leftovers] == ["fit_report.jsonl", "prepared"]  # report body, rows
     assert (out / "prepared" / "data.arrow").exists()  # the old cache is untouched ...
     assert P_load_cached(out, old) is True             # ... still complete for its own config
-    again = prepare(config(tmp_path, data, ckpt), progress=False)
+    again = prepare(config(tmp_path, data, ckpt).for_data(), progress=False)
     assert again.cached is False and again.records == 6
     assert sorted(p.name for p in out.iterdir()) == ["fit_report.jsonl", "prepared", "prepared.lock"]  # no leftovers
-    clean = prepare(config(tmp_path, data, ckpt, "overwrite_cache=true"), progress=False)
+    clean = prepare(config(tmp_path, data, ckpt, "overwrite_cache=true").for_data(), progress=False)
     assert again.dataset().to_list() == clean.dataset().to_list()
     assert (again.fates, again.rows) == (clean.fates, clean.rows)
 
@@ -202,11 +202,11 @@ def test_skipping_more_than_max_skipped_share_stops_unless_confirmed(tiny_ckpt, 
     base = [f"model_name_or_path={ckpt}", f"dataset={data}", f"output_dir={tmp_path / 'out'}", "cutoff_len=180",
             "on_bad_sample=skip"]
     with pytest.raises(DataError) as err:
-        prepare(load_config(None, base), progress=False)
+        prepare(load_config(None, base).for_data(), progress=False)
     assert "would leave out 2 of 6 records (33.3%) as invalid, more than max_skipped_share=0.05" in str(err.value)
     assert "confirm_skipped_share: true" in str(err.value)
-    assert prepare(load_config(None, [*base, "max_skipped_share=0.4"]), progress=False).rows > 0
-    assert prepare(load_config(None, [*base, "confirm_skipped_share=true"]), progress=False).rows > 0
+    assert prepare(load_config(None, [*base, "max_skipped_share=0.4"]).for_data(), progress=False).rows > 0
+    assert prepare(load_config(None, [*base, "confirm_skipped_share=true"]).for_data(), progress=False).rows > 0
 
 
 # -- pixels that do not decode (issue 21): a skippable bad sample, found before training --------------------------
@@ -235,9 +235,9 @@ def test_undecodable_pixels_are_skipped_with_a_reason_or_stop_prepare(tiny_ckpt,
     base = [f"model_name_or_path={tiny_ckpt('qwen2_vl')}", f"dataset={data}", f"output_dir={tmp_path / 'out'}",
             "cutoff_len=256"]
     with pytest.raises(DataError) as err:  # on_bad_sample: error (the default): stopped before any training
-        prepare(load_config(None, base), progress=False)
+        prepare(load_config(None, base).for_data(), progress=False)
     assert [(p.kind, p.sample_id) for p in err.value.problems] == [("corrupt_image", "data:2"), ("corrupt_image", "data:3")]
-    prep = prepare(load_config(None, [*base, "on_bad_sample=skip", "confirm_skipped_share=true"]), progress=False)
+    prep = prepare(load_config(None, [*base, "on_bad_sample=skip", "confirm_skipped_share=true"]).for_data(), progress=False)
     assert prep.rows == 1 and prep.fates == {"kept": 1, "invalid": 2}
     lines = [json.loads(x) for x in open(prep.report_path)]
     assert [(r["id"], r["fate"]) for r in lines] == [("data:1", "kept"), ("data:2", "invalid"), ("data:3", "invalid")]

@@ -17,9 +17,10 @@ from clips import write_clip
 from vlmtune.config import load_config
 from vlmtune.data.collate import Collator, check_row
 from vlmtune.data.encode import emit
-from vlmtune.data.pipeline import Source, Stages, run_pipeline
+from vlmtune.config import ReadArgs
+from vlmtune.data.pipeline import Stages, run_pipeline
 from vlmtune.data.prepare import prepare
-from vlmtune.models.load import load_spec_for
+from vlmtune.models.load import load_spec
 
 CUTOFF = 150
 
@@ -55,8 +56,8 @@ def config(root, tiny_ckpt, arch, *more):
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_fitted_video_rows_train_and_plain_truncation_crashes(data, tiny_ckpt, arch):
     cfg = config(data, tiny_ckpt, arch)
-    loaded = load_spec_for(cfg)
-    prep = prepare(cfg, loaded=loaded, progress=False)
+    loaded = load_spec(cfg.model, cfg.fit)
+    prep = prepare(cfg.for_data(), loaded=loaded, progress=False)
     report = [json.loads(line) for line in open(prep.report_path)]
     assert [r["fate"] for r in report][:2] == ["shrunk", "shrunk"] and report[4]["fate"] == "kept"
     assert len(report) == 5
@@ -74,7 +75,8 @@ def test_fitted_video_rows_train_and_plain_truncation_crashes(data, tiny_ckpt, a
         loss.backward()
         assert torch.isfinite(loss)
     # the same long sample, expanded unfitted and cut at cutoff_len as other trainers do
-    stream = run_pipeline(Source(str(data / "d.jsonl")), loaded, Stages(keep_ids=frozenset({"d:1"})), progress=False)
+    stream = run_pipeline(ReadArgs(dataset=str(data / "d.jsonl"), dataset_dir=None), loaded,
+                          Stages(keep_ids=frozenset({"d:1"})), progress=False)
     (enc,) = [e for res in stream.chunks for e in res.encoded]
     assert enc.length > CUTOFF
     full = emit(enc, loaded.spec).to_dict()
@@ -90,7 +92,7 @@ def test_fitted_video_rows_train_and_plain_truncation_crashes(data, tiny_ckpt, a
 
 @pytest.mark.parametrize("arch", ["qwen2_vl"])
 def test_video_keys_change_the_plan_and_the_cache(data, tiny_ckpt, arch):
-    small = prepare(config(data, tiny_ckpt, arch, "video_max_pixels=3136", "video_maxlen=4", "cutoff_len=4096"),
+    small = prepare(config(data, tiny_ckpt, arch, "video_max_pixels=3136", "video_maxlen=4", "cutoff_len=4096").for_data(),
                     progress=False)
     rows = small.dataset().to_list()
     grids = [g for r in rows for g in r["video_grid_thw"]]
@@ -100,9 +102,9 @@ def test_video_keys_change_the_plan_and_the_cache(data, tiny_ckpt, arch):
 
 
 def test_two_workers_prepare_the_same_video_rows(data, tiny_ckpt):
-    one = prepare(config(data, tiny_ckpt, "qwen3_vl", "preprocessing_num_workers=1"), progress=False)
+    one = prepare(config(data, tiny_ckpt, "qwen3_vl", "preprocessing_num_workers=1").for_data(), progress=False)
     rows = one.dataset().to_list()
-    two = prepare(config(data, tiny_ckpt, "qwen3_vl", "preprocessing_num_workers=2", f"output_dir={data / 'w2'}"),
+    two = prepare(config(data, tiny_ckpt, "qwen3_vl", "preprocessing_num_workers=2", f"output_dir={data / 'w2'}").for_data(),
                   progress=False)
     assert two.dataset().to_list() == rows and sum(len(r["videos"]) for r in rows) >= 4
     assert open(two.report_path).read() == open(one.report_path).read()

@@ -51,7 +51,7 @@ def test_the_row_declaration_gives_the_prepared_schema_in_order():
     feats = features(Row)
     assert list(feats) == ["id", "source", "input_ids", "labels", "images", "image_grid_thw", "image_min_pixels",
                            "image_max_pixels", *VIDEO_COLUMNS, "rejected_input_ids", "rejected_labels", "kto_tag",
-                           "length"]
+                           "sample_id", "length"]
     arrow = feats.arrow_schema
     assert str(arrow.field("image_grid_thw").type) == "list<item: list<item: int32>>"
     assert str(arrow.field("image_min_pixels").type) == "list<item: int64>"
@@ -64,7 +64,9 @@ def test_the_row_declaration_gives_the_prepared_schema_in_order():
 
 def test_a_row_knows_its_length_and_every_row_writes_to_its_table():
     row = Row("a", "f.jsonl:1", [1, 2, 3, 4], [-100] * 4, ["x.png"], [[1, 2, 2]], [4], [16])
-    assert row.length == 4
+    assert row.length == 4 and row.sample_id == "a"  # a whole sample is its own sample
+    piece = Row("a#2", "f.jsonl:1", [1], [1], [], [], [], [], sample_id="a")
+    assert (piece.id, piece.sample_id) == ("a#2", "a")
     t = schema.table([row.to_dict()], features(Row))
     assert t.column_names == list(features(Row))
     assert t.column("videos").to_pylist() == [[]]

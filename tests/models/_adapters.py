@@ -25,4 +25,4 @@ def base_model(cfg):
     """The run's base model in float32 (quantized as the config says), without PEFT/transformers' warnings."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load_model(cfg, dtype=torch.float32)
+        return load_model(cfg.model, cfg.finetuning, dtype=torch.float32)

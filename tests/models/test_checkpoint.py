@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vlmtune.config import FitArgs
 from vlmtune.models.checkpoint import (
     IMAGE_DEFAULTS,
     QWEN2_BPE,
@@ -204,7 +205,7 @@ def test_layouts_not_settled_by_the_files_go_to_transformers(tiny_ckpt, tmp_path
 
 
 def test_loaded_reads_files_and_loads_transformers_on_demand(tiny_ckpt):
-    loaded = load_spec(str(tiny_ckpt("qwen2_vl")), image_max_pixels=28 * 28 * 64)
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")), FitArgs(image_max_pixels=28 * 28 * 64))
     assert isinstance(loaded.data_processor, FileProcessor)
     assert loaded.spec.max_pixels == 28 * 28 * 64
     assert loaded._real is None

@@ -26,7 +26,7 @@ IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
 def test_variant_kwargs(dora, rslora, pissa, iters):
     cfg = load_config(None, base=dict(model_name_or_path="m", dataset="d", output_dir="o", use_dora=dora,
                                       use_rslora=rslora, pissa_init=pissa, pissa_iter=iters))
-    kwargs = lora_variant_kwargs(cfg)
+    kwargs = lora_variant_kwargs(cfg.finetuning)
     assert kwargs["use_dora"] is dora and kwargs["use_rslora"] is rslora
     if pissa:
         assert kwargs["init_lora_weights"] == ("pissa" if iters == -1 else f"pissa_niter_{iters}")
@@ -36,7 +36,7 @@ def test_variant_kwargs(dora, rslora, pissa, iters):
 
 def test_dora_and_rslora_reach_peft(tiny_ckpt, tmp_path):
     cfg = config(tiny_ckpt(), tmp_path, use_dora=True, use_rslora=True, lora_rank=4, lora_alpha=8, lora_dropout=0.1)
-    model = apply_finetuning(base_model(cfg), cfg)
+    model = apply_finetuning(base_model(cfg), cfg.finetuning)
     layer = model.base_model.model.model.language_model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # rsLoRA: alpha / sqrt(r)
     assert layer.lora_magnitude_vector["default"].weight.shape == (layer.out_features,)  # DoRA's magnitude

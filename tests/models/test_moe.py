@@ -32,9 +32,9 @@ def _leaves(names) -> list[str]:
 def test_all_targets_attention_and_experts_not_routers(kind):
     model = moe_model(kind)
     c = cfg(lora_target="all")
-    params = lora_parameters(model, c)
+    params = lora_parameters(model, c.finetuning)
     assert len(params) == 2 * LAYERS[kind] and _leaves(params) == list(FUSED)
-    targets = lora_targets(model, c)
+    targets = lora_targets(model, c.finetuning)
     assert not set(targets) & set(router_modules(model))
     routers = {"qwen3_vl_moe": ["gate"], "qwen3_5_moe": ["gate", "shared_expert_gate"]}[kind]
     assert _leaves(router_modules(model)) == routers and len(router_modules(model)) == len(routers) * LAYERS[kind]
@@ -51,15 +51,15 @@ def test_all_targets_attention_and_experts_not_routers(kind):
 ])
 def test_named_targets_reach_fused_tensors(lora_target, expected):
     model = moe_model("qwen3_5_moe")
-    params = lora_parameters(model, cfg(lora_target=lora_target))
+    params = lora_parameters(model, cfg(lora_target=lora_target).finetuning)
     assert sorted(_leaves(params)) == sorted(expected) and len(params) == len(expected) * LAYERS["qwen3_5_moe"]
     if lora_target == "down_proj":  # a name applies wherever it matches: the shared expert's down_proj too
-        assert len(lora_targets(model, cfg(lora_target="down_proj"))) == LAYERS["qwen3_5_moe"]
+        assert len(lora_targets(model, cfg(lora_target="down_proj").finetuning)) == LAYERS["qwen3_5_moe"]
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_lora_adapts_experts_and_freezes_routers(kind):
-    model = apply_finetuning(moe_model(kind), cfg(lora_target="all"))
+    model = apply_finetuning(moe_model(kind), cfg(lora_target="all").finetuning)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     expert_adapters = [n for n in trainable if ".mlp.experts." in n and ".lora_A." in n]
@@ -71,26 +71,26 @@ def test_lora_adapts_experts_and_freezes_routers(kind):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_freeze_router_false_trains_routers_in_full(kind):
-    lora = apply_finetuning(moe_model(kind), cfg(lora_target="q_proj", freeze_router=False))
+    lora = apply_finetuning(moe_model(kind), cfg(lora_target="q_proj", freeze_router=False).finetuning)
     saved = {n for n, p in lora.named_parameters() if p.requires_grad and ".modules_to_save." in n}
     assert len(saved) == len(router_modules(moe_model(kind)))
-    full = apply_finetuning(moe_model(kind), cfg(finetuning_type="full"))
+    full = apply_finetuning(moe_model(kind), cfg(finetuning_type="full").finetuning)
     routers = {f"{r}." for r in router_modules(full)}
     frozen = {n for n, p in full.named_parameters() if not p.requires_grad and ".visual." not in n}
     assert frozen == {n for n, _ in full.named_parameters() if any(n.startswith(r) for r in routers)}
-    trained = apply_finetuning(moe_model(kind), cfg(finetuning_type="full", freeze_router=False))
+    trained = apply_finetuning(moe_model(kind), cfg(finetuning_type="full", freeze_router=False).finetuning)
     assert all(p.requires_grad for n, p in trained.named_parameters() if ".visual." not in n)
 
 
 def test_keys_peft_cannot_apply_to_fused_experts_are_refused():
     with pytest.raises(ConfigError) as e:
-        apply_finetuning(moe_model("qwen3_vl_moe"), cfg(lora_target="all", lora_dropout=0.05, use_dora=True))
+        apply_finetuning(moe_model("qwen3_vl_moe"), cfg(lora_target="all", lora_dropout=0.05, use_dora=True).finetuning)
     problems = e.value.problems
     assert len(problems) == 2
     assert problems[0].startswith("lora_dropout=0.05 cannot apply to LoRA on the experts' fused weights")
     assert "use_dora=True" in problems[1] and "set use_dora: false" in problems[1]
     # without the experts the same keys are fine
-    model = apply_finetuning(moe_model("qwen3_vl_moe"), cfg(lora_target="q_proj", lora_dropout=0.05))
+    model = apply_finetuning(moe_model("qwen3_vl_moe"), cfg(lora_target="q_proj", lora_dropout=0.05).finetuning)
     assert model.base_model.model.model.language_model.layers[0].self_attn.q_proj.lora_dropout["default"].p == 0.05
 
 
@@ -100,7 +100,7 @@ def test_moe_keys_on_a_dense_model_are_refused(tiny_ckpt):
     dense = AutoModelForImageTextToText.from_pretrained(tiny_ckpt("qwen2_vl"))
     assert expert_parameters(dense) == {} and router_modules(dense) == []
     with pytest.raises(ConfigError) as e:
-        apply_finetuning(dense, cfg(freeze_router=False, moe_aux_loss_coef=0.01))
+        apply_finetuning(dense, cfg(freeze_router=False, moe_aux_loss_coef=0.01).finetuning)
     assert [p.split(" but ")[0] for p in e.value.problems] == ["freeze_router=false", "moe_aux_loss_coef=0.01"]
 
 
@@ -111,7 +111,7 @@ def test_expert_adapters_change_the_output_and_merge_exactly(kind):
     base = moe_model(kind).eval()
     with torch.no_grad():
         before = base(input_ids=IDS).logits
-    model = apply_finetuning(moe_model(kind), cfg(lora_target="experts"))
+    model = apply_finetuning(moe_model(kind), cfg(lora_target="experts").finetuning)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".lora_B." in n:  # B starts at zero: give the adapters an effect
@@ -127,7 +127,7 @@ def test_expert_adapters_change_the_output_and_merge_exactly(kind):
 def test_trainable_summary_counts_every_expert(kind):
     model = moe_model(kind)
     total = sum(p.numel() for p in model.parameters())
-    summary = trainable_summary(apply_finetuning(model, cfg(lora_target="all")))
+    summary = trainable_summary(apply_finetuning(model, cfg(lora_target="all").finetuning))
     lora = summary["language_model"]["trainable"]
     assert sum(d["total"] for d in summary.values()) == total + lora
 
@@ -145,7 +145,7 @@ def test_qlora_quantizes_the_linear_layers_and_adapts_the_unquantized_experts(tm
     c = cfg(model_name_or_path=str(tmp_path / "ckpt"), quantization_bit=4, lora_target="all")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = load_model(c, dtype=torch.float32)
+        model = load_model(c.model, c.finetuning, dtype=torch.float32)
     names = quant.quantized_modules(model)
     layer0 = {n.split("layers.0.", 1)[1] for n in names if ".language_model.layers.0." in n}
     assert {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
@@ -155,7 +155,7 @@ def test_qlora_quantizes_the_linear_layers_and_adapts_the_unquantized_experts(tm
     assert experts == LAYERS["qwen3_5_moe"] * EXPERTS * (2 * 16 * 32 + 32 * 16) and dtype == "float32"
     note = quant.experts_note(model)
     assert note.startswith(f"quantization_bit=4: the experts' fused weights ({experts:,} of {total:,} parameters")
-    model = apply_finetuning(model, c)
+    model = apply_finetuning(model, c.finetuning)
     model.train()
     model(input_ids=IDS, labels=IDS).loss.backward()
     expert_grads = [p.grad for n, p in model.named_parameters() if ".mlp.experts." in n and ".lora_" in n]

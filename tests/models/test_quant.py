@@ -23,18 +23,18 @@ def config(ckpt, out, **keys):
 
 def test_no_quantization_without_the_key(tiny_ckpt, tmp_path):
     cfg = config(tiny_ckpt(), tmp_path)
-    assert quant.quantization_config(cfg) is None and quant.load_kwargs(cfg) == {}
+    assert quant.quantization_config(cfg.finetuning) is None and quant.load_kwargs(cfg.finetuning) == {}
     assert quant.quantized_bits(base_model(cfg)) is None
 
 
 def test_4bit_config_follows_the_keys(tiny_ckpt, tmp_path):
     cfg = config(tiny_ckpt(), tmp_path, quantization_bit=4, quantization_type="fp4", double_quantization=False)
-    q = quant.quantization_config(cfg, compute_dtype=torch.bfloat16)
+    q = quant.quantization_config(cfg.finetuning, compute_dtype=torch.bfloat16)
     assert (q.load_in_4bit, q.load_in_8bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant) == \
         (True, False, "fp4", False)
     assert q.bnb_4bit_compute_dtype == torch.bfloat16
     assert q.llm_int8_skip_modules == [quant.VISION_TOWER_SKIP, "lm_head", "mlp.gate", "mlp.shared_expert_gate"]
-    assert quant.load_kwargs(cfg)["device_map"] == {"": "cpu"}
+    assert quant.load_kwargs(cfg.finetuning)["device_map"] == {"": "cpu"}
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -58,9 +58,10 @@ def test_quantize_vision_tower_keeps_the_projector(tiny_ckpt, tmp_path):
 
 def test_4bit_counts_real_elements(tiny_ckpt, tmp_path):
     """Params4bit packs two weights per byte: the trainable summary still counts the model's parameters."""
-    plain = trainable_summary(apply_finetuning(base_model(config(tiny_ckpt(), tmp_path)), config(tiny_ckpt(), tmp_path)))
+    plain = trainable_summary(apply_finetuning(base_model(config(tiny_ckpt(), tmp_path)),
+                                              config(tiny_ckpt(), tmp_path).finetuning))
     cfg4 = config(tiny_ckpt(), tmp_path, quantization_bit=4)
-    four = trainable_summary(apply_finetuning(base_model(cfg4), cfg4))
+    four = trainable_summary(apply_finetuning(base_model(cfg4), cfg4.finetuning))
     assert four == plain
 
 
@@ -72,7 +73,7 @@ def test_prepare_kbit_freezes_every_base_weight(tiny_ckpt, tmp_path):
             p.requires_grad = True
     quant.prepare_kbit(model)
     assert not any(p.requires_grad for p in model.parameters())
-    peft_model = apply_finetuning(model, cfg)
+    peft_model = apply_finetuning(model, cfg.finetuning)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
@@ -80,7 +81,7 @@ def test_prepare_kbit_freezes_every_base_weight(tiny_ckpt, tmp_path):
 def test_additional_target_on_quantized_weights_is_refused(tiny_ckpt, tmp_path):
     cfg = config(tiny_ckpt(), tmp_path, quantization_bit=4, additional_target="self_attn,embed_tokens")
     with pytest.raises(ConfigError) as e:
-        apply_finetuning(base_model(cfg), cfg)
+        apply_finetuning(base_model(cfg), cfg.finetuning)
     (problem,) = e.value.problems
     assert problem.startswith("additional_target=['self_attn'] names modules whose weights are quantized "
                               "(quantization_bit=4)")
@@ -89,7 +90,7 @@ def test_additional_target_on_quantized_weights_is_refused(tiny_ckpt, tmp_path):
 def test_missing_bitsandbytes_is_a_config_error(monkeypatch, tiny_ckpt, tmp_path):
     monkeypatch.setattr(quant, "bitsandbytes_version", lambda: None)
     with pytest.raises(ConfigError) as e:
-        quant.quantization_config(config(tiny_ckpt(), tmp_path, quantization_bit=8))
+        quant.quantization_config(config(tiny_ckpt(), tmp_path, quantization_bit=8).finetuning)
     assert "bitsandbytes is not installed" in e.value.problems[0]
 
 

@@ -1,6 +1,7 @@
 """Run `vlmtune train` on 2 gloo CPU ranks under torchrun and read back what each rank did.
 
-The node script records, per micro-batch, which modalities the rank's batch held, and every logged loss. With
+The node script records, per micro-batch, which modalities the rank's batch held, and every logged loss, in one
+JSON file per rank. With
 VLMTUNE_TEST_SEQUENTIAL=1 the training sampler keeps the dataset's order, so micro-batch k goes to rank k % 2:
 a dataset written as [text, image, text, image, ...] gives rank 0 only text and rank 1 only images.
 """
@@ -49,8 +50,10 @@ recipe.cleanup(run)
 losses = [h["loss"] for h in result.log_history if "loss" in h]
 engine = ("fsdp" if any(type(p).__name__ == "DTensor" for p in run.trainer.model.parameters())
           else "deepspeed" if run.trainer.is_deepspeed_enabled else "ddp")
-print("RESULT " + json.dumps({"rank": int(os.environ["RANK"]), "losses": losses, "seen": seen,
-                              "step": result.global_step, "engine": engine}), flush=True)
+result = {"rank": int(os.environ["RANK"]), "losses": losses, "seen": seen, "step": result.global_step, "engine": engine}
+# one file per rank: ranks printing to one shared log can interleave their lines
+with open(os.path.join(os.environ["VLMTUNE_TEST_RESULTS"], f"rank{result['rank']}.json"), "w") as f:
+    json.dump(result, f)
 """
 
 
@@ -70,8 +73,12 @@ def torchrun(tmp_path, keys: dict, *, name: str, nproc: int = 2, timeout: float 
     args = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in keys.items()]
     cmd = launcher or [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                        "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    results_dir = tmp_path / f"{name}-results"
+    results_dir.mkdir(exist_ok=True)
+    for old in results_dir.iterdir():
+        old.unlink()
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
+                "PYTHONPATH": os.pathsep.join(sys.path), "VLMTUNE_TEST_RESULTS": str(results_dir), **(env or {})}
     with open(log_path, "w+", encoding="utf-8") as log:  # a file, not a pipe: a stray rank cannot block the wait
         proc = subprocess.Popen([*cmd, str(script), *args], env=full_env, cwd=tmp_path, stdout=log,
                                 stderr=subprocess.STDOUT)
@@ -81,11 +88,7 @@ def torchrun(tmp_path, keys: dict, *, name: str, nproc: int = 2, timeout: float 
             _stop(proc)
             rc = None
     text = log_path.read_text()
-    results = {}
-    for line in text.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[7:])
-            results[r["rank"]] = r
+    results = {r["rank"]: r for r in (json.loads(p.read_text()) for p in sorted(results_dir.glob("rank*.json")))}
     return {"rc": rc, "log": text, "results": results}
 
 

@@ -51,7 +51,7 @@ def test_a_damaged_checkpoint_is_refused_before_the_model_loads(tmp_path, monkey
     data.write_text("")
     cfg = load_config(None, [f"model_name_or_path={tmp_path / 'm'}", f"dataset={data}", f"output_dir={out}",
                              "resume_from_checkpoint=true"])
-    monkeypatch.setattr(recipe, "load_spec_for", lambda cfg: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(recipe, "load_spec", lambda *a: pytest.fail("the model loaded first"))
     with pytest.raises(ConfigError) as err:
         recipe.setup(cfg, progress=False)
     (problem,) = err.value.problems

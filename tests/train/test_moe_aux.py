@@ -25,7 +25,7 @@ def _trainer(tmp_path, model, coef, accumulation=2):
 
 @pytest.mark.parametrize("kind", ["qwen3_vl_moe", "qwen3_5_moe"])
 def test_aux_loss_is_added_once_and_logged(tmp_path, kind):
-    model = apply_finetuning(moe_model(kind), cfg(lora_target="all"))
+    model = apply_finetuning(moe_model(kind), cfg(lora_target="all").finetuning)
     text = model.base_model.model.config.text_config
     own = text.router_aux_loss_coef
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_aux_loss_is_added_once_and_logged(tmp_path, kind):
 
 
 def test_aux_loss_of_a_loss_normalised_over_the_step_is_divided_here(tmp_path):
-    model = apply_finetuning(moe_model("qwen3_vl_moe"), cfg(lora_target="all"))
+    model = apply_finetuning(moe_model("qwen3_vl_moe"), cfg(lora_target="all").finetuning)
     items = torch.tensor(9)  # label tokens of the step's two micro-batches
     with torch.no_grad():
         ce = model(input_ids=IDS, labels=IDS, num_items_in_batch=items).loss
@@ -58,7 +58,7 @@ def test_aux_loss_of_a_loss_normalised_over_the_step_is_divided_here(tmp_path):
 
 
 def test_no_coefficient_computes_nothing(tmp_path):
-    model = apply_finetuning(moe_model("qwen3_vl_moe"), cfg(lora_target="all"))
+    model = apply_finetuning(moe_model("qwen3_vl_moe"), cfg(lora_target="all").finetuning)
     trainer = _trainer(tmp_path, model, coef=None)
     model.train()
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_a_ddp_wrapped_model_gets_the_same_aux_term(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    model = apply_finetuning(moe_model("qwen3_vl_moe"), cfg(lora_target="all"))
+    model = apply_finetuning(moe_model("qwen3_vl_moe"), cfg(lora_target="all").finetuning)
     with torch.no_grad():
         ce = model(input_ids=IDS, labels=IDS).loss
         aux = model(input_ids=IDS, output_router_logits=True).aux_loss

@@ -202,7 +202,7 @@ def test_kto_trains_and_an_undesirable_answer_is_never_an_sft_target(tmp_path, m
     keys = base_cfg("qwen2_vl", name, tmp_path / "out", dataset_dir=str(data), per_device_train_batch_size=4)
     # as SFT data the file is refused: its undesirable answers would be learned
     with pytest.raises(DataError, match="stage: kto"):
-        prepare(load_config(None, base=keys), progress=False)
+        prepare(load_config(None, base=keys).for_data(), progress=False)
 
     cfg = load_config(None, base={**keys, "stage": "kto", "pref_ftx": 1.0, "max_steps": 2})
     r = setup(cfg, progress=False)

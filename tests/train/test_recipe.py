@@ -358,3 +358,19 @@ def test_plot_loss_with_and_without_validation(make_config, write_dataset, tmp_p
     assert all(h["eval_loss"] > 0 for h in evals)
     assert os.path.exists(tmp_path / "val" / "training_loss.png")
     assert _orange_pixels(val.loss_plot) > 50, "the eval loss is not in the plot"
+
+
+def test_the_validation_split_keeps_the_pieces_of_a_sample_together():
+    from datasets import Dataset
+
+    from vlmtune.train.recipe import split_validation
+
+    # pieces of one sample share its sample_id (whatever their ids look like); no id is parsed back
+    ids = ["a#1", "a#2", "b", "c#1", "c#2", "c#3", "d#x"]
+    samples = ["a", "a", "b", "c", "c", "c", "d#x"]
+    ds = Dataset.from_dict({"id": ids, "sample_id": samples})
+    for seed in range(5):
+        train, val = split_validation(ds, 2, seed)
+        held = set(val["sample_id"])
+        assert len(held) == 2 and not held & set(train["sample_id"])
+        assert sorted(val["id"]) == sorted(i for i, s in zip(ids, samples) if s in held)

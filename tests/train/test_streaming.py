@@ -28,7 +28,7 @@ def test_streaming_trains_and_its_report_accounts_for_every_sample_read(make_con
     # written once (not per pass): every record read, the unreadable one included, as prepare writes it
     assert sorted(r["source"].rsplit(":", 1)[1] for r in report) == ["1", "2", "3", "4", "5", "6", "7"]
     prepared = recipe.prepare(make_config("qwen2_vl", data, tmp_path / "p", on_bad_sample="skip",
-                                          confirm_skipped_share=True), progress=False)
+                                          confirm_skipped_share=True).for_data(), progress=False)
     assert report == [json.loads(line) for line in open(prepared.report_path, encoding="utf-8")]
     assert sum(r["fate"] == "invalid" for r in report) == 1
 

@@ -45,36 +45,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
     from ..models.load import load_spec
-    from .inspect import (
-        account,
-        format_summary,
-        plot_lengths,
-        summarize,
-        write_per_sample,
-    )
+    from .inspect import account, format_summary, inspect_sections, plot_lengths, summarize, write_per_sample
 
-    loaded = load_spec(
-        args.model,
-        image_min_pixels=args.image_min_pixels,
-        image_max_pixels=args.image_max_pixels,
-        trust_remote_code=args.trust_remote_code,
-    )
-    acc = account(
-        args.data,
-        loaded,
-        dataset_dir=args.dataset_dir,
-        media_dir=args.media_dir,
-        progress=not args.json,
-        allow_paths_outside_media_dir=args.allow_paths_outside_media_dir,
-        keep_ids=[args.show] if args.show else (),
-        workers=args.preprocessing_num_workers,
-        allow_remote_images=args.allow_remote_images,
-    )
+    model, read, fit, prep = inspect_sections(args)
+    loaded = load_spec(model, fit)
+    fitting = bool(args.show) and args.cutoff_len is not None  # the shown sample is fitted by the pipeline
+    acc = account(read, loaded, fit, fitting=fitting, progress=not args.json,
+                  keep_ids=[args.show] if args.show else (), workers=prep.preprocessing_num_workers or 1)
     if args.show:
         from .inspect import show_sample
 
-        overflow = tuple(p.strip() for p in args.overflow.split(",")) if args.overflow else None
-        print(show_sample(acc, loaded, args.show, args.cutoff_len, color=sys.stdout.isatty(), overflow=overflow))
+        print(show_sample(acc, loaded, args.show, fit if fitting else None, color=sys.stdout.isatty()))
         return 0
     summary = summarize(acc, args.cutoff_len)
     if args.per_sample:
@@ -104,7 +85,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from ..data.prepare import format_report_summary, prepare
 
     cfg = _load_cfg(args)
-    print(format_report_summary(prepare(cfg)))
+    print(format_report_summary(prepare(cfg.for_data())))
     return 0
 
 

@@ -13,10 +13,36 @@ import math
 from collections import defaultdict
 from dataclasses import asdict
 
-from ..config import POLICIES
+from ..config import POLICIES, FitArgs, load_sections
 from ..data.pipeline import Accounting, account, summarize  # noqa: F401  (account: re-exported for the cli)
-from ..errors import Problem, VlmtuneError
+from ..errors import Problem, SampleError, VlmtuneError
 from ..models.load import Loaded
+
+# inspect's flags -> the config keys they set (the rest keep their declared defaults)
+FLAG_KEYS = {
+    "model": "model_name_or_path", "trust_remote_code": "trust_remote_code", "data": "dataset",
+    "dataset_dir": "dataset_dir", "media_dir": "media_dir",
+    "allow_paths_outside_media_dir": "allow_paths_outside_media_dir", "allow_remote_images": "allow_remote_images",
+    "image_min_pixels": "image_min_pixels", "image_max_pixels": "image_max_pixels",
+    "cutoff_len": "cutoff_len", "preprocessing_num_workers": "preprocessing_num_workers",
+}
+
+
+def inspect_sections(args) -> tuple:
+    """(model, read, fit, prepare) sections from inspect's flags, checked as a config's keys are; the data goes
+    through the same pipeline as prepare's with them. --cutoff-len not given: no fitting (the fit section's
+    default is never shown as the user's)."""
+    values = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
+    if values["cutoff_len"] is None:
+        del values["cutoff_len"]
+    if args.overflow:
+        overflow = [p.strip() for p in args.overflow.split(",")]
+        unknown = [p for p in overflow if p not in POLICIES]
+        if unknown:
+            raise VlmtuneError(f"--overflow {args.overflow}: {', '.join(map(repr, unknown))} is not a policy; "
+                               f"use policies from {','.join(POLICIES)}")
+        values["overflow"] = overflow
+    return load_sections(values, "model", "read", "fit", "prepare")
 
 
 def format_summary(summary: dict) -> str:
@@ -168,11 +194,11 @@ def video_spans(ids: list[int], grids: list[list[int]], spec) -> dict[int, tuple
     return spans
 
 
-def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int | None = None,
-                color: bool = False, overflow: tuple[str, ...] | None = None) -> str:
-    """The sample as the model will see it, after fitting to cutoff_len when one is given."""
+def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, fit: FitArgs | None = None,
+                color: bool = False) -> str:
+    """The sample as the model will see it, after fitting (in the pipeline, `account(fitting=True)`) when `fit`
+    is given."""
     from ..data.encode import emit
-    from ..data.fit import FitOptions, Fitter
 
     matches = [e for e in acc.encoded if e.id == sample_id]  # account(keep_ids=[sample_id]) keeps it whole
     if not matches:
@@ -182,10 +208,6 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int
         known = ", ".join(s.id for s in acc.stats[:5]) or "(no valid sample)"
         raise VlmtuneError(f"no sample with id {sample_id!r} in the data; ids look like: {known}; "
                            "pass one of them to --show (`--per-sample FILE` lists every id)")
-    unknown = [p for p in overflow or () if p not in POLICIES]
-    if unknown:
-        raise VlmtuneError(f"--overflow {','.join(overflow)}: {', '.join(map(repr, unknown))} is not a policy; "
-                           f"use policies from {','.join(POLICIES)}")
     enc = matches[0]
     if enc.videos:
         head = [f"sample {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + {enc.image_tokens} "
@@ -194,13 +216,12 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, cutoff_len: int
         head = [f"sample {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + "
                 f"{enc.image_tokens} image, {len(enc.images)} image(s)"]
     pieces = [enc]
-    if cutoff_len is not None:
-        from ..data.encode import Encoder
-
-        opts = FitOptions(cutoff_len=cutoff_len) if overflow is None else FitOptions(cutoff_len, tuple(overflow))
-        encoder = Encoder(loaded.data_processor, loaded.spec) if enc.videos else None
-        out = Fitter(loaded.spec, opts, encoder).fit(enc)
-        head.append(f"fit to cutoff_len={cutoff_len}: {out.fate} ({out.reason}); tokens after: {out.tokens_after}")
+    if fit is not None:
+        out = next(f for f in acc.fitted if (f.sample_id if isinstance(f, SampleError) else f.id) == sample_id)
+        if isinstance(out, SampleError):  # the 'error' policy: what prepare would stop with
+            raise out
+        head.append(f"fit to cutoff_len={fit.cutoff_len}: {out.fate} ({out.reason}); tokens after: "
+                    f"{out.tokens_after}")
         pieces = out.pieces
     head.append(f"legend: {TRAIN_OPEN}trained{TRAIN_CLOSE} text is in the loss; the rest is masked"
                 if not color else "legend: green text is in the loss; the rest is masked")

@@ -5,18 +5,20 @@
 
 - values.py: the field helper every key is declared with, the value converters and range checks;
 - sections.py: the typed sections (ModelArgs, ReadArgs, FitArgs, PrepareArgs, FinetuningArgs, TrainArgs,
-  PreferenceArgs) and
-  `Config`, which holds one of each and also reads every key flat;
+  PreferenceArgs); a key declared `prepared=True` decides the prepared dataset (PREPARED_KEYS, `prepared_values`);
+- keys.py: the flat key table over the sections, each key's default, PREPARED_KEYS;
+- bundle.py: `Config`, which holds one of each section and also reads every key flat, and `DataSections`
+  (`cfg.for_data()`), the part the data layer is handed;
 - compat.py: every LLaMA-Factory key vlmtune does not declare, classified (llamafactory_keys.tsv lists them);
 - load.py: reading the YAML, `key=value` overrides, validation across keys, LLaMA-Factory compatibility, advice.
 """
 
+from .bundle import Config, DataSections
 from .compat import CLASSIFIED, LLAMA_FACTORY_KEYS
-from .load import LLAMA_FACTORY_REPLACED, load_config, read_yaml
+from .load import LLAMA_FACTORY_REPLACED, load_config, load_sections, read_yaml
+from .keys import KEYS, PREPARED_KEYS, default_of, prepared_values
 from .sections import (
-    KEYS,
     SECTIONS,
-    Config,
     FinetuningArgs,
     FitArgs,
     ModelArgs,
@@ -24,12 +26,12 @@ from .sections import (
     PrepareArgs,
     ReadArgs,
     TrainArgs,
-    default_of,
 )
 from .values import DEFAULT_OVERFLOW, LR_SCHEDULERS, OPTIMIZERS, OVERFLOW_POLICIES, POLICIES, TERMINAL_POLICIES
 
 __all__ = [
     "CLASSIFIED", "DEFAULT_OVERFLOW", "KEYS", "LLAMA_FACTORY_KEYS", "LLAMA_FACTORY_REPLACED", "LR_SCHEDULERS", "OPTIMIZERS",
-    "OVERFLOW_POLICIES", "POLICIES", "SECTIONS", "TERMINAL_POLICIES", "Config", "FinetuningArgs", "FitArgs",
-    "ModelArgs", "PreferenceArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of", "load_config", "read_yaml",
+    "OVERFLOW_POLICIES", "POLICIES", "PREPARED_KEYS", "SECTIONS", "TERMINAL_POLICIES", "Config", "DataSections",
+    "FinetuningArgs", "FitArgs", "ModelArgs", "PreferenceArgs", "PrepareArgs", "ReadArgs", "TrainArgs", "default_of",
+    "load_config", "load_sections", "prepared_values", "read_yaml",
 ]

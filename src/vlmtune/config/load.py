@@ -5,14 +5,23 @@ from __future__ import annotations
 import difflib
 import os
 import typing
+from dataclasses import fields
 from typing import Any, Callable, Iterable
 
 import yaml
 
 from ..errors import ConfigError
 from .compat import CLASSIFIED, LLAMA_FACTORY_KEYS, accepts, allowed
-from .sections import _KEYS, KEYS, Config, _assemble, default_of
-from .values import _INVALID, OVERFLOW_POLICIES, TERMINAL_POLICIES, _Bad, _converter, _without_none, shown
+from .bundle import Config
+from .bundle import assemble as _assemble
+from .keys import KEY_TABLE as _KEYS
+from .keys import KEYS, default_of
+from .sections import SECTIONS
+from .values import INVALID as _INVALID
+from .values import OVERFLOW_POLICIES, TERMINAL_POLICIES, shown
+from .values import BadValue as _Bad
+from .values import converter as _converter
+from .values import without_none as _without_none
 
 # Keys of older LLaMA-Factory versions (or other trainers) that vlmtune rejects with a specific fix instead of
 # "unknown key". The current LLaMA-Factory keys are classified in compat.py.
@@ -46,6 +55,20 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), b
     parsed, texts = _parse_overrides(overrides, problems)
     _merge(raw, origin, parsed, lambda k: f"in override {shown(texts[k])}")
     return _build(raw, origin, problems)
+
+
+def load_sections(values: dict[str, Any], *names: str) -> tuple:
+    """Some sections alone (`names`: keys of SECTIONS), from flat key values such as a command's flags, each key
+    converted and checked as in a config file; keys not given take their defaults, a key of another section is
+    an error. Every problem is raised together in one ConfigError. `vlmtune inspect` builds its model, read,
+    fit and prepare sections this way, with no output_dir to require."""
+    classes = [SECTIONS[n] for n in names]
+    keys = [f.name for cls in classes for f in fields(cls)]
+    problems = [f"{k} is not a key of the {', '.join(names)} sections" for k in values if k not in keys]
+    converted = {k: _field_value(k, values[k] if k in values else default_of(k), problems) for k in keys}
+    if problems:
+        raise ConfigError(problems)
+    return tuple(cls(**{f.name: converted[f.name] for f in fields(cls)}) for cls in classes)
 
 
 def _merge(raw: dict, origin: dict, new: dict, where: Callable[[str], str]) -> None:

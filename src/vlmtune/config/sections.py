@@ -7,27 +7,23 @@ writes docs/config.md from these declarations.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Iterable
+from dataclasses import dataclass
 
 from .values import (
     DEFAULT_OVERFLOW,
     LR_SCHEDULERS,
     OPTIMIZERS,
-    _arg,
-    _as_comma_str,
-    _as_fsdp,
-    _as_mapping_or_json,
-    _converter,
-    _dropout,
-    _max_steps,
-    _non_negative,
-    _positive,
-    _ratio,
-    _share,
-    _val_size,
+    arg as _arg,
+    as_comma_str as _as_comma_str,
+    as_fsdp as _as_fsdp,
+    as_mapping_or_json as _as_mapping_or_json,
+    dropout as _dropout,
+    max_steps as _max_steps,
+    non_negative as _non_negative,
+    positive as _positive,
+    ratio as _ratio,
+    share as _share,
+    val_size as _val_size,
 )
 
 
@@ -40,6 +36,7 @@ class ModelArgs:
         "Qwen3.5-MoE checkpoint.",
         expect="a Hugging Face model id or a local folder such as Qwen/Qwen2-VL-2B-Instruct",
         required=True,
+        prepared=True,
     )
     trust_remote_code: bool = _arg(
         False,
@@ -63,20 +60,27 @@ class ReadArgs:
         expect="a name from dataset_info.json or a path to a JSON/JSONL file, such as mllm_demo",
         convert=_as_comma_str,
         required=True,
+        prepared=True,
     )
-    dataset_dir: str = _arg("data", "Folder holding dataset_info.json and the data files it names.",
-                            expect="a folder such as data")
+    dataset_dir: str | None = _arg(
+        "data",
+        "Folder holding dataset_info.json and the data files it names; null: none (only paths and Hub ids are read, "
+        "as `vlmtune inspect` does without --dataset-dir).",
+        expect="a folder such as data", prepared=True,
+    )
     media_dir: str | None = _arg(
         None,
         "Folder that relative image paths are resolved against; null: each data file's own folder "
         "(dataset_dir for names from dataset_info.json), as in LLaMA-Factory.",
         expect="a folder such as data, or null for each data file's folder",
+        prepared=True,
     )
     max_samples: int | None = _arg(
         None,
         "Use at most this many samples of each dataset; null: all.",
         expect="a positive integer such as 1000, or null for all",
         check=_positive,
+        prepared=True,
     )
     eval_dataset: str | None = _arg(
         None,
@@ -90,6 +94,7 @@ class ReadArgs:
         "How several datasets mix: concat (one after the other, shuffled by the trainer), interleave_under "
         "(alternate until the smallest runs out), interleave_over (until the largest runs out, repeating the others).",
         choices=("concat", "interleave_under", "interleave_over"),
+        prepared=True,
     )
     interleave_probs: str | None = _arg(
         None,
@@ -97,6 +102,7 @@ class ReadArgs:
         "null: alternate evenly.",
         expect="comma-separated probabilities such as 0.5,0.3,0.2, or null",
         convert=_as_comma_str,
+        prepared=True,
     )
     val_size: int | float = _arg(
         0,
@@ -108,15 +114,18 @@ class ReadArgs:
         False,
         "Allow image paths that resolve outside media_dir (absolute paths, `..`). Off so that a data file "
         "cannot make training read arbitrary files.",
+        prepared=True,
     )
     allow_remote_images: bool = _arg(
-        False, "Allow http(s) image URLs. Off so that preparing data never touches the network."
+        False, "Allow http(s) image URLs. Off so that preparing data never touches the network.",
+        prepared=True,
     )
     on_bad_sample: str = _arg(
         "error",
         "A sample that fails validation (missing image, bad roles, placeholder count): error stops with every "
         "problem listed; skip leaves it out and records why in the fit report.",
         choices=("error", "skip"),
+        prepared=True,
     )
     control_tokens_in_text: str = _arg(
         "invalid",
@@ -125,6 +134,7 @@ class ReadArgs:
         "on_bad_sample); text trains it as the plain text it is, never as the control token. Tokens the chat "
         "template gives a meaning inside content (<think>, <tool_call>) are not affected.",
         choices=("invalid", "text"),
+        prepared=True,
     )
     # -- how much bad data a run accepts, and remote images --
     max_skipped_share: float = _arg(
@@ -140,6 +150,7 @@ class ReadArgs:
     remote_image_max_bytes: int = _arg(
         50 * 1024 * 1024, "With allow_remote_images: the largest image fetched, in bytes; larger ones are bad samples.",
         expect="a positive integer such as 52428800", check=_positive,
+        prepared=True,
     )
     remote_image_timeout: float = _arg(
         30.0, "With allow_remote_images: seconds to wait for a connection, and for each read, per attempt.",
@@ -154,6 +165,7 @@ class ReadArgs:
         False, "With allow_remote_images: also fetch from loopback, private, link-local and multicast addresses "
         "(checked after resolving the host, and at each redirect). Off so that a data file cannot make vlmtune "
         "reach services inside your network (docs/security.md).",
+        prepared=True,
     )
 
 
@@ -166,6 +178,7 @@ class FitArgs:
         "Longest sample in tokens, image tokens included. Longer samples go through the overflow policies.",
         expect="a positive integer such as 2048",
         check=_positive,
+        prepared=True,
     )
     image_max_pixels: int | None = _arg(
         None,
@@ -173,12 +186,14 @@ class FitArgs:
         "Replaces LLaMA-Factory's image_resolution: use its square.",
         expect="a positive integer such as 1003520, or null for the processor's",
         check=_positive,
+        prepared=True,
     )
     image_min_pixels: int | None = _arg(
         None,
         "Fewest pixels of one image; null: the processor's min_pixels. shrink_images never goes below it.",
         expect="a positive integer such as 3136, or null for the processor's",
         check=_positive,
+        prepared=True,
     )
     video_max_pixels: int | None = _arg(
         None,
@@ -187,6 +202,7 @@ class FitArgs:
         "sampled clip, and this key caps it at video_max_pixels × frames).",
         expect="a positive integer such as 65536, or null for the processor's",
         check=_positive,
+        prepared=True,
     )
     video_min_pixels: int | None = _arg(
         None,
@@ -194,12 +210,14 @@ class FitArgs:
         "shrink_images never goes below it.",
         expect="a positive integer such as 3136, or null for the processor's",
         check=_positive,
+        prepared=True,
     )
     video_fps: float | None = _arg(
         None,
         "Frames sampled per second of video; null: the video processor's fps, else 2.0 (qwen-vl-utils' default).",
         expect="a positive number such as 2.0, or null",
         check=_positive,
+        prepared=True,
     )
     video_maxlen: int | None = _arg(
         None,
@@ -207,17 +225,21 @@ class FitArgs:
         "is 128.",
         expect="a positive integer such as 128, or null for the processor's",
         check=_positive,
+        prepared=True,
     )
     train_on_prompt: bool = _arg(
-        False, "Compute the loss on every turn; false: on assistant turns only (the prompt is masked)."
+        False, "Compute the loss on every turn; false: on assistant turns only (the prompt is masked).",
+        prepared=True,
     )
     mask_history: bool = _arg(
         False, "Compute the loss on the last answer (or function call) of each sample only; earlier answers are "
         "context, as in LLaMA-Factory.",
+        prepared=True,
     )
     default_system: str | None = _arg(
         None, "System prompt for samples that have none; null: the chat template's own default (if any).",
         expect="a string such as 'You are a helpful assistant.', or null",
+        prepared=True,
     )
     enable_thinking: bool = _arg(
         True,
@@ -226,6 +248,7 @@ class FitArgs:
         "reasoning and makes the empty block part of the prompt, as the template's enable_thinking=false "
         "generation prompt does. `template: qwen3_5_nothink` sets it to false. No effect on templates without "
         "thinking blocks. See docs/thinking.md.",
+        prepared=True,
     )
     overflow: list[str] = _arg(
         DEFAULT_OVERFLOW,
@@ -233,12 +256,14 @@ class FitArgs:
         "error. drop and error end the search, so only the last policy may be one of them. A comma-separated "
         "string is accepted.",
         expect="a list of policies such as [shrink_images, truncate_text, split, drop]",
+        prepared=True,
     )
     min_image_tokens: int = _arg(
         4,
         "shrink_images never makes an image smaller than this many tokens, nor smaller than image_min_pixels.",
         expect="a positive integer such as 4",
         check=_positive,
+        prepared=True,
     )
     max_image_token_share: float = _arg(
         1.0,
@@ -246,9 +271,11 @@ class FitArgs:
         "In (0, 1].",
         expect="a number in (0, 1] such as 0.75",
         check=_share,
+        prepared=True,
     )
     split_keep_context: bool = _arg(
-        True, "Each part made by split starts with as much of the preceding conversation as still fits."
+        True, "Each part made by split starts with as much of the preceding conversation as still fits.",
+        prepared=True,
     )
     packing: bool = _arg(False, "Pack several samples into each cutoff_len sequence (positions restart per sample). "
                          "No attention, and on Qwen3.5 no linear-attention state, crosses from one sample into "
@@ -512,7 +539,7 @@ class PreferenceArgs:
         "sft",
         "sft: supervised fine-tuning; dpo: pairs (chosen / rejected) with pref_loss (DPO and its variants, ORPO, "
         "SimPO); kto: single answers tagged desirable or undesirable.",
-        choices=("sft", "dpo", "kto"),
+        choices=("sft", "dpo", "kto"), prepared=True,
     )
     pref_beta: float = _arg(0.1, "beta of the preference loss (how far the policy may move from the reference).",
                             expect="a positive number such as 0.1", check=_positive)
@@ -555,104 +582,3 @@ class PreferenceArgs:
 
 SECTIONS: dict[str, type] = {"model": ModelArgs, "read": ReadArgs, "fit": FitArgs, "prepare": PrepareArgs,
                              "finetuning": FinetuningArgs, "training": TrainArgs, "preference": PreferenceArgs}
-
-
-def _key_table() -> dict[str, tuple[str, Any, Any]]:
-    """key -> (section, dataclass Field, resolved type hint), in declaration order."""
-    table = {}
-    for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            assert f.name not in table, f"key {f.name} is declared twice; the YAML is flat, keys must be unique"
-            table[f.name] = (section, f, hints[f.name])
-    return table
-
-
-_KEYS = _key_table()
-KEYS: tuple[str, ...] = tuple(_KEYS)
-
-
-def _check_declarations() -> None:
-    """Every declared type needs a converter: fail at import, not when some user's config sets the key."""
-    for _, f, hint in _KEYS.values():
-        _converter(f, hint)
-
-
-_check_declarations()
-
-
-def default_of(key: str) -> Any:
-    """The declared default of a key (None for required keys), as a fresh object."""
-    f = _KEYS[key][1]
-    return f.default_factory() if f.default is MISSING else f.default
-
-
-
-# --- the Config object --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Config:
-    """A validated configuration: one typed section per concern, and every key also read flat.
-
-    Hand a function the section it uses (`cfg.read`, `cfg.fit`, `cfg.prepare`, `cfg.model`, `cfg.finetuning`,
-    `cfg.training`, `cfg.preference`); `cfg.cutoff_len` still reads the key from its section.
-    Equal when every key is equal (notes aside). Frozen: change keys with `cfg.replace(cutoff_len=1024)`,
-    which validates the result again.
-    `notes` lists what was accepted but ignored (LLaMA-Factory keys) and other advice that is not an error.
-    Keys whose null default depends on another key (lora_alpha, preprocessing_num_workers, prepared_dir) hold
-    the effective value; `derived` names those that were filled in that way.
-    """
-
-    model: ModelArgs
-    read: ReadArgs
-    fit: FitArgs
-    prepare: PrepareArgs
-    finetuning: FinetuningArgs
-    training: TrainArgs
-    preference: PreferenceArgs
-    notes: tuple[str, ...] = field(default=(), compare=False)
-    derived: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
-
-    def __getattr__(self, name: str) -> Any:
-        # Called only when normal lookup fails, i.e. for the flat keys that live in a section.
-        if name not in _KEYS:
-            raise AttributeError(f"Config has no key {name!r}")
-        return getattr(object.__getattribute__(self, _KEYS[name][0]), name)
-
-    def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | set(KEYS))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every key, flat, in declaration order; plain YAML types, so `yaml.safe_dump` writes it."""
-        return {k: _copy(getattr(self, k)) for k in KEYS}
-
-    def fingerprint_dict(self, keys: Iterable[str]) -> dict[str, Any]:
-        """The values of the given keys, e.g. those that decide a prepared dataset's content.
-
-        Strict: a name that is not a declared key raises KeyError, so a typo cannot hash silently as None.
-        """
-        keys = list(keys)
-        unknown = [k for k in keys if k not in _KEYS]
-        if unknown:
-            raise KeyError(f"not config keys: {unknown}")
-        return {k: _copy(getattr(self, k)) for k in keys}
-
-    def replace(self, **changes: Any) -> Config:
-        """A new Config with some keys changed, validated like a loaded one; raises ConfigError."""
-        # Derived keys go back to null so that they follow their source: replace(lora_rank=16) doubles lora_alpha.
-        given = {k: None if k in self.derived else v for k, v in self.to_dict().items()}
-        from .load import load_config  # load.py builds Configs, so it imports this module, not the reverse
-
-        new = load_config(None, base={**given, **changes})
-        return dataclasses.replace(new, notes=tuple(dict.fromkeys((*self.notes, *new.notes))))
-
-
-def _copy(v: Any) -> Any:
-    return list(v) if isinstance(v, list) else v
-
-
-def _assemble(values: dict[str, Any], notes: list[str], derived: frozenset[str]) -> Config:
-    sections = {name: cls(**{f.name: values[f.name] for f in fields(cls)}) for name, cls in SECTIONS.items()}
-    return Config(**sections, notes=tuple(dict.fromkeys(notes)), derived=derived)
-

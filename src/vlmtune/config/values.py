@@ -1,6 +1,6 @@
 """What a config value may be: the field helper that declares a key, its converters and range checks.
 
-Every key of the YAML is declared with `_arg` in sections.py; load.py converts and checks a raw value with
+Every key of the YAML is declared with `arg` in sections.py; load.py converts and checks a raw value with
 the helpers here. Nothing here knows a key by name.
 """
 
@@ -55,17 +55,17 @@ def shown(value: Any) -> str:
 
 
 # Stands for the value of a key that already has a problem, so that checks across keys skip it.
-_INVALID = object()
+INVALID = object()
 
 
-class _Bad(ValueError):
+class BadValue(ValueError):
     """A value of the wrong type; the message completes "key=value ...", e.g. "is not an integer"."""
 
 
 # --- field declarations -------------------------------------------------------------------------------------
 
 
-def _arg(
+def arg(
     default: Any = MISSING,
     help: str = "",
     *,
@@ -75,43 +75,46 @@ def _arg(
     choices_what: str | None = None,
     convert: Callable[[Any], Any] | None = None,
     required: bool = False,
+    prepared: bool = False,
 ) -> Any:
     """A dataclass field whose metadata documents it (help) and validates it (expect, check, choices, convert).
 
     `expect` completes "set KEY to ..." in error messages; `check` returns what is wrong with a well-typed value.
+    `prepared`: the key changes what `prepare` emits, so it is part of the prepared dataset's fingerprint
+    (sections.prepared_values); a key that does not (learning_rate, the skip thresholds) leaves the cache valid.
     """
     meta = {"help": help, "expect": expect, "check": check, "choices": choices, "choices_what": choices_what,
-            "convert": convert, "required": required}
+            "convert": convert, "required": required, "prepared": prepared}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=None if required else default, metadata=meta)
 
 
-def _positive(v: float) -> str | None:
+def positive(v: float) -> str | None:
     return "is not positive" if v <= 0 else None
 
 
-def _non_negative(v: float) -> str | None:
+def non_negative(v: float) -> str | None:
     return "is negative" if v < 0 else None
 
 
-def _share(v: float) -> str | None:
+def share(v: float) -> str | None:
     return None if 0 < v <= 1 else "is not in (0, 1]"
 
 
-def _ratio(v: float) -> str | None:
+def ratio(v: float) -> str | None:
     return None if 0 <= v <= 1 else "is not in [0, 1]"
 
 
-def _dropout(v: float) -> str | None:
+def dropout(v: float) -> str | None:
     return None if 0 <= v < 1 else "is not in [0, 1)"
 
 
-def _max_steps(v: int) -> str | None:
+def max_steps(v: int) -> str | None:
     return None if v == -1 or v > 0 else "is neither -1 nor positive"
 
 
-def _val_size(v: int | float) -> str | None:
+def val_size(v: int | float) -> str | None:
     if v < 0:
         return "is negative"
     # LLaMA-Factory reads a float as a fraction; 1.0 or more of the data cannot be held out.
@@ -121,13 +124,13 @@ def _val_size(v: int | float) -> str | None:
 def _as_bool(v: Any) -> bool:
     if isinstance(v, bool):
         return v
-    raise _Bad("is not true or false")
+    raise BadValue("is not true or false")
 
 
 def _as_int(v: Any) -> int:
     if isinstance(v, int) and not isinstance(v, bool):
         return v
-    raise _Bad("is not an integer")
+    raise BadValue("is not an integer")
 
 
 def _as_float(v: Any) -> float:
@@ -143,32 +146,32 @@ def _as_float(v: Any) -> float:
 def _as_number(v: Any) -> int | float:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         if not math.isfinite(v):  # YAML's .inf and .nan pass every range check
-            raise _Bad("is not a finite number")
+            raise BadValue("is not a finite number")
         return v
-    raise _Bad("is not a number")
+    raise BadValue("is not a number")
 
 
 def _as_str(v: Any) -> str:
     if isinstance(v, (str, os.PathLike)):
         return os.fspath(v)
-    raise _Bad("is not a string")
+    raise BadValue("is not a string")
 
 
 def _as_str_list(v: Any) -> list[str]:
     """A list of names, from a YAML list or from a comma-separated string (LLaMA-Factory's form)."""
     items = v.split(",") if isinstance(v, str) else v
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise _Bad("is not a string or a list of strings")
+        raise BadValue("is not a string or a list of strings")
     return [s.strip() for s in items if s.strip()]
 
 
-def _as_comma_str(v: Any) -> str:
+def as_comma_str(v: Any) -> str:
     """A comma-separated string; a YAML list is joined so both spellings mean the same."""
     if isinstance(v, list) and all(isinstance(s, str) for s in v):
         return ",".join(s.strip() for s in v)
     if isinstance(v, (str, os.PathLike)):
         return os.fspath(v)
-    raise _Bad("is not a string or a list of strings")
+    raise BadValue("is not a string or a list of strings")
 
 
 def _as_checkpoint(v: Any) -> str | bool | None:
@@ -176,7 +179,7 @@ def _as_checkpoint(v: Any) -> str | bool | None:
         return None
     if v is True or isinstance(v, (str, os.PathLike)):
         return os.fspath(v) if isinstance(v, os.PathLike) else v
-    raise _Bad("is not true, false or a path")
+    raise BadValue("is not true, false or a path")
 
 
 # The Trainer's `fsdp` options (transformers' FSDPOption): a sharding strategy, then auto_wrap / offload.
@@ -185,28 +188,28 @@ FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
 FSDP1_ONLY = ("no_shard", "hybrid_shard", "hybrid_shard_zero2")
 
 
-def _as_fsdp(v: Any) -> str | None:
+def as_fsdp(v: Any) -> str | None:
     """The Trainer's `fsdp`: true, or options as a string ("full_shard auto_wrap") or list; false: none.
     Returned as the options joined by spaces, full_shard added when no strategy is named."""
     if v is False or v is None:
         return None
     items = ["full_shard", "auto_wrap"] if v is True else v.split() if isinstance(v, str) else v
     if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise _Bad("is not true, false or FSDP options such as 'full_shard auto_wrap'")
+        raise BadValue("is not true, false or FSDP options such as 'full_shard auto_wrap'")
     for item in items:
         if item in FSDP1_ONLY:
-            raise _Bad(f"asks for {item!r}, an FSDP1 strategy; vlmtune runs FSDP2, which offers full_shard "
+            raise BadValue(f"asks for {item!r}, an FSDP1 strategy; vlmtune runs FSDP2, which offers full_shard "
                        "(ZeRO-3-like) and shard_grad_op (ZeRO-2-like)")
         if item not in FSDP_OPTIONS:
-            raise _Bad(f"has {item!r}, which is not one of {', '.join(FSDP_OPTIONS)}")
+            raise BadValue(f"has {item!r}, which is not one of {', '.join(FSDP_OPTIONS)}")
     if "full_shard" in items and "shard_grad_op" in items:
-        raise _Bad("names both full_shard and shard_grad_op; keep one")
+        raise BadValue("names both full_shard and shard_grad_op; keep one")
     if "full_shard" not in items and "shard_grad_op" not in items:
         items = ["full_shard", *items]
     return " ".join(dict.fromkeys(items))
 
 
-def _as_mapping_or_json(v: Any) -> dict:
+def as_mapping_or_json(v: Any) -> dict:
     """A YAML mapping, or the path of a JSON file holding one (as the Trainer's fsdp_config accepts)."""
     if isinstance(v, dict):
         return dict(v)
@@ -217,13 +220,13 @@ def _as_mapping_or_json(v: Any) -> dict:
             with open(v, encoding="utf-8") as fh:
                 data = json.load(fh)
         except OSError as e:
-            raise _Bad(f"cannot be read ({e.strerror})") from None
+            raise BadValue(f"cannot be read ({e.strerror})") from None
         except ValueError as e:
-            raise _Bad(f"is not valid JSON ({e})") from None
+            raise BadValue(f"is not valid JSON ({e})") from None
         if isinstance(data, dict):
             return data
-        raise _Bad("does not hold a JSON object")
-    raise _Bad("is not a mapping or the path of a JSON file")
+        raise BadValue("does not hold a JSON object")
+    raise BadValue("is not a mapping or the path of a JSON file")
 
 
 _CONVERTERS: dict[Any, Callable[[Any], Any]] = {
@@ -237,7 +240,7 @@ _CONVERTERS: dict[Any, Callable[[Any], Any]] = {
 }
 
 
-def _without_none(hint: Any) -> tuple[Any, bool]:
+def without_none(hint: Any) -> tuple[Any, bool]:
     """(the hint with None removed, whether None is allowed)."""
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
     if type(None) not in args:
@@ -246,6 +249,6 @@ def _without_none(hint: Any) -> tuple[Any, bool]:
     return functools.reduce(operator.or_, rest), True
 
 
-def _converter(f: Any, hint: Any) -> Callable[[Any], Any]:
-    return f.metadata["convert"] or _CONVERTERS[_without_none(hint)[0]]
+def converter(f: Any, hint: Any) -> Callable[[Any], Any]:
+    return f.metadata["convert"] or _CONVERTERS[without_none(hint)[0]]
 

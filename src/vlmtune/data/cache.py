@@ -22,21 +22,12 @@ import shutil
 from typing import Iterator
 
 from .. import __version__
-from ..errors import ConfigError, VlmtuneError
+from ..config import DataSections, ReadArgs, prepared_values
+from ..errors import ConfigError, Problem, VlmtuneError
 
 FINGERPRINT_FILE = "vlmtune_fingerprint.json"
 MARKER_FILE = ".vlmtune-owned"
 OWNER = "vlmtune prepared-dataset cache"  # what MARKER_FILE says: vlmtune's own id for this kind of folder
-# Config keys that change what `prepare` emits; anything else (learning rate, ...) does not.
-DATA_KEYS = (
-    "model_name_or_path", "dataset", "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels",
-    "image_min_pixels", "max_samples", "allow_paths_outside_media_dir", "allow_remote_images",
-    "on_bad_sample", "control_tokens_in_text", "train_on_prompt", "enable_thinking", "overflow", "min_image_tokens",
-    "max_image_token_share",
-    "split_keep_context", "remote_image_max_bytes", "allow_private_remote_images", "video_max_pixels",
-    "video_min_pixels", "video_fps", "video_maxlen", "mask_history", "default_system", "mix_strategy",
-    "interleave_probs", "stage",
-)
 
 
 # -- ownership -------------------------------------------------------------------------------
@@ -76,67 +67,73 @@ def check_replaceable(folder: str, key: str = "prepared_dir") -> None:
 
 
 # -- where things go: folders that must not overlap ---------------------------------------------
-def data_locations(cfg) -> tuple[list[str], list[str]]:
+def _named(read: ReadArgs) -> list[str]:
+    """What `dataset` may name: each entry as a path, under dataset_dir, and the file its dataset_info.json entry
+    names (read by data/dataset_info, the one parser of that file)."""
+    from .dataset_info import dataset_entries
+
+    root = read.dataset_dir or "."
+    names = [n.strip() for n in str(read.dataset).split(",") if n.strip()]
+    entries = [e.path for e in dataset_entries(names, root, None) if not isinstance(e, Problem) and e.path]
+    return [*names, *(os.path.join(root, n) for n in names), *entries]
+
+
+def data_locations(read: ReadArgs) -> tuple[list[str], list[str]]:
     """(every file or folder the data is read from, the folders among them read whole), as real paths."""
-    root = cfg.dataset_dir or "."
-    info = _dataset_info(root)
+    root = read.dataset_dir or "."
     places, whole = [], []
-    if info is not None:
+    if os.path.isfile(os.path.join(root, "dataset_info.json")):
         places.append(root)
-    if cfg.media_dir:
-        places.append(cfg.media_dir)
-    for name in (n.strip() for n in str(cfg.dataset).split(",") if n.strip()):
-        candidates = [name, os.path.join(root, name)]
-        entry = info.get(name) if isinstance(info, dict) else None
-        if isinstance(entry, dict) and isinstance(entry.get("file_name"), str):
-            candidates.append(os.path.join(root, entry["file_name"]))
-        for c in candidates:
-            if os.path.exists(c):
-                places.append(c)
-                if os.path.isdir(c):
-                    whole.append(c)
+    if read.media_dir:
+        places.append(read.media_dir)
+    for c in _named(read):
+        if os.path.exists(c):
+            places.append(c)
+            if os.path.isdir(c):
+                whole.append(c)
     real = lambda ps: sorted({os.path.realpath(p) for p in ps})  # noqa: E731
     return real(places), real(whole)
 
 
-def check_folders(cfg) -> None:
+def check_folders(data: DataSections) -> None:
     """Refuse, before any work, output_dir / prepared_dir / data that overlap: the prepared folder is replaced
     on a re-prepare (so it must not be, or hold, the output or the data), and neither written folder may be a
     data folder or lie inside a folder read whole as data (the run would read its own output). With
     `streaming: true` no prepared folder is written, so only output_dir's rules apply."""
-    out = os.path.realpath(cfg.output_dir)
-    places, whole = data_locations(cfg)
+    out = os.path.realpath(data.output_dir)
+    places, whole = data_locations(data.read)
     problems = []
     for p in places:
         folder = p if os.path.isdir(p) else os.path.dirname(p)
         if folder == out:
-            problems.append(f"output_dir={cfg.output_dir!r} is the data folder {folder!r}: the run would write its "
+            problems.append(f"output_dir={data.output_dir!r} is the data folder {folder!r}: the run would write its "
                             "checkpoints, README and reports among the data; set output_dir to a folder of its own")
     written = [("output_dir", out)]
-    if not getattr(cfg, "streaming", False):
-        prep = os.path.realpath(prepared_dir(cfg))
-        problems += _prepared_problems(cfg, out, prep, places)
+    if not data.prepare.streaming:
+        prep = os.path.realpath(prepared_dir(data))
+        problems += _prepared_problems(data, out, prep, places)
         written.append(("prepared_dir", prep))
     problems += [f"{key}={mine!r} is inside {w!r}, which is read whole as data: the run would read its own output "
                  f"as data; set {key} to a folder outside it" for w in whole for key, mine in written if _inside(mine, w)]
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
-    if not getattr(cfg, "streaming", False):
-        check_replaceable(prepared_dir(cfg))  # never a cache, so never replaced: refused now, not after the model loads
+    if not data.prepare.streaming:
+        check_replaceable(prepared_dir(data))  # never a cache, so never replaced: refused now, not after the model loads
 
 
-def _prepared_problems(cfg, out: str, prep: str, places: list[str]) -> list[str]:
+def _prepared_problems(data: DataSections, out: str, prep: str, places: list[str]) -> list[str]:
+    given = data.prepare.prepared_dir
     problems = []
     if prep == out:
-        problems.append(f"prepared_dir={cfg.prepared_dir!r} is output_dir: a new prepare would replace the adapter, "
+        problems.append(f"prepared_dir={given!r} is output_dir: a new prepare would replace the adapter, "
                         "checkpoints and fit report; set prepared_dir to a folder of its own (or null for "
                         "<output_dir>/prepared)")
     elif _inside(out, prep):
-        problems.append(f"prepared_dir={cfg.prepared_dir!r} holds output_dir={cfg.output_dir!r}: a new prepare "
+        problems.append(f"prepared_dir={given!r} holds output_dir={data.output_dir!r}: a new prepare "
                         "would replace it; set prepared_dir to a folder of its own (or null)")
     for p in places:
         if p == prep or _inside(p, prep):
-            problems.append(f"prepared_dir={prepared_dir(cfg)!r} is or holds the data at {p!r}: a new prepare would "
+            problems.append(f"prepared_dir={prepared_dir(data)!r} is or holds the data at {p!r}: a new prepare would "
                             "replace it; set prepared_dir to a folder of its own (or null for <output_dir>/prepared)")
     return problems
 
@@ -146,8 +143,8 @@ def _inside(path: str, folder: str) -> bool:
     return path != folder and path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def prepared_dir(cfg) -> str:
-    return cfg.prepared_dir or os.path.join(cfg.output_dir, "prepared")
+def prepared_dir(data: DataSections) -> str:
+    return data.prepare.prepared_dir or os.path.join(data.output_dir, "prepared")
 
 
 # -- the lock ------------------------------------------------------------------------------------
@@ -238,37 +235,28 @@ def _alive(pid: int) -> bool:
 
 
 # -- the fingerprint -----------------------------------------------------------------------------
-def _dataset_info(root: str):
-    try:
-        with open(os.path.join(root, "dataset_info.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def data_files(cfg) -> list[str]:
+def data_files(read: ReadArgs) -> list[str]:
     """The files that `dataset` names (paths, or names in dataset_info.json), for the fingerprint."""
-    root = cfg.dataset_dir or "."
-    info_path = os.path.join(root, "dataset_info.json")
-    info = _dataset_info(root)
-    files: list[str] = [info_path] if info is not None else []
-    for name in (n.strip() for n in str(cfg.dataset).split(",")):
-        candidates = [name, os.path.join(root, name)]
-        entry = info.get(name) if isinstance(info, dict) else None
-        if isinstance(entry, dict) and isinstance(entry.get("file_name"), str):
-            candidates.append(os.path.join(root, entry["file_name"]))
-        for c in candidates:
-            if os.path.isfile(c):
-                files.append(c)
-            elif os.path.isdir(c):
-                files += sorted(os.path.join(r, f) for r, _, fs in os.walk(c) for f in fs)
+    info_path = os.path.join(read.dataset_dir or ".", "dataset_info.json")
+    files: list[str] = [info_path] if os.path.isfile(info_path) else []
+    for c in _named(read):
+        if os.path.isfile(c):
+            files.append(c)
+        elif os.path.isdir(c):
+            files += sorted(os.path.join(r, f) for r, _, fs in os.walk(c) for f in fs)
     return sorted(set(files))
 
 
-def fingerprint(cfg, loaded, files: list[str]) -> str:
+def fingerprint(data: DataSections, loaded, files: list[str]) -> str:
+    """What decides the prepared rows: vlmtune's version, the keys declared `prepared=True`, the row's declared
+    columns, the model's specs and chat template, and the data files' bytes."""
+    from .schema import Row, columns
+
     h = hashlib.sha256()
     h.update(__version__.encode())
-    h.update(json.dumps(cfg.fingerprint_dict(DATA_KEYS), sort_keys=True, default=str).encode())
+    keys = prepared_values(data.model, data.read, data.fit, data.preference)
+    h.update(json.dumps(keys, sort_keys=True, default=str).encode())
+    h.update(json.dumps(columns(Row)).encode())  # a cache written before a column was declared is stale
     h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(loaded.video.to_dict() if loaded.video else None, sort_keys=True).encode())
     h.update(str(getattr(loaded.data_processor, "chat_template", "")).encode())

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, replace
 
 from ..errors import Problem
-from .paths import _short
+from .paths import shorten as _short
 from .records import (
     AUTO_FORMAT,
     SHAREGPT_DEFAULTS,
@@ -123,14 +123,14 @@ def dataset_entries(
     out: list = []
     info_path = os.path.join(dataset_dir, "dataset_info.json")
     root = media_dir or dataset_dir
-    if hub_ids and not os.path.isfile(info_path) and all(_looks_like_hub_id(n) for n in names):
+    if hub_ids and not os.path.isfile(info_path) and all(looks_like_hub_id(n) for n in names):
         return [DatasetEntry(None, root, AUTO_FORMAT, hub_id=n) for n in names]
     info = _load_info(info_path, names, out)
     if info is None:
         return out
     for name in names:
         entry = info.get(name)
-        if entry is None and hub_ids and _looks_like_hub_id(name):
+        if entry is None and hub_ids and looks_like_hub_id(name):
             out.append(DatasetEntry(None, root, AUTO_FORMAT, hub_id=name))
             continue
         if not isinstance(entry, dict):
@@ -186,15 +186,6 @@ def dataset_entries(
     return out
 
 
-def dataset_files(names: list[str], dataset_dir: str, media_dir: str | None) -> list[tuple[str, str, RecordFormat] | Problem]:
-    """Each name's (data path, folder its images resolve against, record format), or the Problem with it.
-
-    Hub datasets have no local path and are left out (see `dataset_entries`).
-    """
-    return [e if isinstance(e, Problem) else (e.path, e.root, e.fmt)
-            for e in dataset_entries(names, dataset_dir, media_dir) if isinstance(e, Problem) or e.path]
-
-
 def entry_for_path(path: str, dataset_dir: str | None) -> DatasetEntry | None:
     """The dataset_info.json entry whose `file_name` is `path`, looked up in dataset_dir and the path's folder.
 
@@ -229,7 +220,7 @@ def entry_for_path(path: str, dataset_dir: str | None) -> DatasetEntry | None:
     return None
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     ok = all(p and p not in (".", "..") and all(c.isalnum() or c in "-_." for c in p) for p in parts)
     return ok and len(parts) == 2 and not name.endswith((".json", ".jsonl", ".parquet", ".arrow"))

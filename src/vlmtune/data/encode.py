@@ -148,11 +148,18 @@ class Block:
 
 @dataclass
 class Encoded:
-    """A sample between encoding and emission: its blocks in compact form."""
+    """A sample between encoding and emission: its blocks in compact form. A piece cut by `split` has its own
+    `id` (`<sample>#<exchanges>`) and keeps its input sample's in `sample_id`."""
 
     id: str
     source: str
     blocks: list[Block]
+    sample_id: str | None = None  # None: this is the whole input sample (its id is `id`)
+
+    @property
+    def sample(self) -> str:
+        """The id of the input sample this is (a piece of)."""
+        return self.id if self.sample_id is None else self.sample_id
 
     @property
     def images(self) -> list[ImageRef]:
@@ -185,7 +192,7 @@ class Encoded:
         return any(b.trained for b in self.blocks)
 
     def with_blocks(self, blocks: list[Block], id: str | None = None) -> "Encoded":
-        return Encoded(self.id if id is None else id, self.source, list(blocks))
+        return Encoded(self.id if id is None else id, self.source, list(blocks), self.sample_id)
 
 
 class Encoder:
@@ -560,6 +567,7 @@ def emit(enc: Encoded, spec: ModelSpec) -> Row:
     return Row(
         id=enc.id,
         source=enc.source,
+        sample_id=enc.sample,
         input_ids=input_ids,
         labels=labels,
         images=[i.path for i in images],

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..config import DEFAULT_OVERFLOW, POLICIES
+from ..config import DEFAULT_OVERFLOW, POLICIES, FitArgs
 from ..errors import SampleError
 from ..models.spec import ModelSpec
 from ..models.video_grid import shrink_video
@@ -34,6 +34,8 @@ from .encode import Block, Encoded, VideoRef, with_budget
 
 @dataclass(frozen=True)
 class FitOptions:
+    """The fit keys alone (the names and defaults of config.FitArgs), for fitting without a config (tests)."""
+
     cutoff_len: int
     overflow: tuple[str, ...] = tuple(DEFAULT_OVERFLOW)
     min_image_tokens: int = 4
@@ -68,7 +70,7 @@ class Fitter:
     """`encoder` (data/encode.Encoder) re-plans videos when shrink_images lowers their budget: Qwen3-VL's
     timestamps are text, tokenized by it. Samples without videos never need it."""
 
-    def __init__(self, spec: ModelSpec, options: FitOptions, encoder=None):
+    def __init__(self, spec: ModelSpec, options: FitArgs | FitOptions, encoder=None):
         unknown = [p for p in options.overflow if p not in POLICIES]
         if unknown:
             raise ValueError(f"unknown overflow policies {unknown}; choose from {', '.join(POLICIES)}")
@@ -324,7 +326,10 @@ def exchanges_of(enc: Encoded) -> tuple[list[Block], list[list[Block]]]:
 
 
 def _join(enc: Encoded, system: list[Block], exchanges: list[list[Block]], id: str | None = None) -> Encoded:
-    return enc.with_blocks(list(system) + [b for ex in exchanges for b in ex], id=id)
+    joined = enc.with_blocks(list(system) + [b for ex in exchanges for b in ex], id=id)
+    if id is not None:  # a piece: it keeps its input sample's id as data (recipe.split_validation groups by it)
+        joined.sample_id = enc.sample
+    return joined
 
 
 def _with_context(piece: Encoded, n_system: int, earlier: list[list[Block]], cut: int) -> Encoded:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import Problem
-from .paths import _short
+from .paths import shorten as _short
 from .records import file_problem
 from .types import EMBEDDED_PREFIX
 
@@ -37,6 +37,8 @@ class TableRow:
     source: str
     fallback_id: str
     origin: list
+    file: str = ""  # the table's path (or shown name) and the row's index: the sample's Origin
+    index: int = 0
 
 
 def _cannot(path: str, what: str, fix: str) -> Problem:
@@ -157,12 +159,12 @@ def iter_parquet(path: str, *, ids_only: bool = False) -> Iterator[TableRow | Pr
         pf = pq.ParquetFile(real, memory_map=True)  # no read copy of the (image-heavy) pages
         if ids_only and "id" not in pf.schema_arrow.names:
             for row in range(pf.metadata.num_rows):
-                yield TableRow({}, f"{path}#{row}", f"{stem}:{row}", ["parquet", real, row])
+                yield TableRow({}, f"{path}#{row}", f"{stem}:{row}", ["parquet", real, row], path, row)
             return
         columns = ["id"] if ids_only else None
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False):
             for value in rows_of(batch):
-                yield TableRow(value, f"{path}#{row}", f"{stem}:{row}", ["parquet", real, row])
+                yield TableRow(value, f"{path}#{row}", f"{stem}:{row}", ["parquet", real, row], path, row)
                 row += 1
     except Exception as e:  # a broken file is reported (after the rows read so far), not a crash
         yield _cannot(path if row == 0 else f"{path}#{row}", f"cannot read the Parquet file: {_err(e)}",
@@ -225,14 +227,14 @@ def _iter_dataset(ds, shown: str, stem: str, origin: list, ids_only: bool = Fals
     if ids_only:  # the id plan's pass: no image column is read
         if "id" not in ds.column_names:
             for row in range(len(ds)):
-                yield TableRow({}, f"{shown}#{row}", f"{stem}:{row}", [*origin, row])
+                yield TableRow({}, f"{shown}#{row}", f"{stem}:{row}", [*origin, row], shown, row)
             return
         ds = ds.select_columns(["id"])
     try:
         # Arrow rows: Image features are not decoded (they come back as {"bytes", "path"}).
         for batch in ds.with_format("arrow").iter(batch_size=BATCH_ROWS):
             for value in rows_of(batch):
-                yield TableRow(value, f"{shown}#{row}", f"{stem}:{row}", [*origin, row])
+                yield TableRow(value, f"{shown}#{row}", f"{stem}:{row}", [*origin, row], shown, row)
                 row += 1
     except Exception as e:
         yield _cannot(f"{shown}#{row}", f"cannot read the dataset: {_err(e)}", "check the dataset's files")

@@ -69,7 +69,7 @@ class _ViewFile(io.RawIOBase):
         return self._pos
 
 
-def _fileobj(source: Source):
+def fileobj(source: Source):
     if isinstance(source, memoryview):  # a view into a memory-mapped table: read in place
         return io.BufferedReader(_ViewFile(source), buffer_size=4096)
     return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
@@ -89,7 +89,7 @@ def read_header(source: Source) -> ImageHeader:
 
 def _pillow_header(source: Source) -> ImageHeader:
     """read_header through Pillow: any format, every corner case (the reference for the fast path)."""
-    with Image.open(_fileobj(source)) as im:
+    with Image.open(fileobj(source)) as im:
         width, height = _stored_size(im)
         fmt = im.format
         orientation = _exif_orientation(im)
@@ -418,7 +418,7 @@ def check_decodes(source: Source) -> None:
     would raise (a PNG whose compressed data is garbage, a truncated file): a JPEG at 1/8 scale (libjpeg's DCT
     scaling still reads every entropy-coded block, so truncation and broken markers are found; the inverse DCT
     shrinks 64-fold), every other format fully (Pillow has no reduced decoding for them)."""
-    with Image.open(_fileobj(source)) as im:
+    with Image.open(fileobj(source)) as im:
         if im.format == "JPEG":
             im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
         im.load()
@@ -429,6 +429,6 @@ def open_rgb(source: Source) -> Image.Image:
 
     Raises OSError / ValueError (PIL.UnidentifiedImageError is an OSError) for unreadable files.
     """
-    with Image.open(_fileobj(source)) as im:
+    with Image.open(fileobj(source)) as im:
         im.load()
         return to_rgb(im)

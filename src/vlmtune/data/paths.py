@@ -10,19 +10,19 @@ import os
 import re
 
 
-def _short(value: str, limit: int = 80) -> str:
+def shorten(value: str, limit: int = 80) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
-def _q(value: str) -> str:
-    return repr(_short(value))
+def quoted(value: str) -> str:
+    return repr(shorten(value))
 
 
 MAX_PATH_CHARS = 4096
 
 
-_HTTP_RE = re.compile(r"^https?://", re.ASCII | re.IGNORECASE)
-_URL_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.\-]*://|data:)", re.ASCII)
+HTTP_RE = re.compile(r"^https?://", re.ASCII | re.IGNORECASE)
+URL_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.\-]*://|data:)", re.ASCII)
 
 
 class PathCache:
@@ -73,16 +73,16 @@ def resolve_image(
 ) -> tuple[str | None, tuple[str, str, str] | None]:
     """The resolved path of one image (or, with media="video", video) reference, or None and (kind, what,
     fix) saying why not. Videos are local files only: a URL is refused whatever allow_remote_images says."""
-    if _URL_RE.match(ref):
+    if URL_RE.match(ref):
         if media != "image":
-            what = f"{media} {_q(ref)} is a URL; remote {media}s are not fetched"
+            what = f"{media} {quoted(ref)} is a URL; remote {media}s are not fetched"
             return None, ("remote_image", what, f"download the {media} and reference the local file instead")
-        if allow_remote_images and _HTTP_RE.match(ref):
+        if allow_remote_images and HTTP_RE.match(ref):
             return None, None  # fetched after reading (data/remote.py), which sets the path or the problem
         if allow_remote_images:
-            what = f"image {_q(ref)} is a URL of a scheme that is not fetched (only http, https and file)"
+            what = f"image {quoted(ref)} is a URL of a scheme that is not fetched (only http, https and file)"
             return None, ("remote_image", what, "download the image and reference the local file instead")
-        what = f"image {_q(ref)} is a URL; remote images are refused"
+        what = f"image {quoted(ref)} is a URL; remote images are refused"
         return None, ("remote_image", what,
                       "set allow_remote_images: true to fetch http(s) images, or download the image and "
                       "reference the local file instead")
@@ -94,7 +94,7 @@ def resolve_image(
     if not _inside(real, root):
         return None, (
             "path_outside_media_dir",
-            f"{media} {_q(ref)} resolves to {real}, outside the media folder {root}",
+            f"{media} {quoted(ref)} resolves to {real}, outside the media folder {root}",
             f"move the {media} under the media folder, set media_dir to a folder that contains it, "
             "or pass allow_paths_outside_media_dir=True if you trust this dataset",
         )

@@ -15,21 +15,22 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
+from ..config import FitArgs, ReadArgs
 from ..errors import Problem, SampleError
 from ..models.load import Loaded
 from .encode import Encoded, Encoder
-from .fit import FitOptions, FitOutcome, Fitter
+from .fit import FitOutcome, Fitter
+from .mix import Mix
 from .pairs import emit_row, encode_samples, fit_sample, stage_problems
-from .readers import Mix, iter_samples, layout_notes
+from .readers import iter_samples, layout_notes
 from .schema import SampleStats, arrow_types, features, table
 from .types import Conversation
 from .validate import CONTROL_TOKENS, validate
@@ -38,36 +39,18 @@ CHUNK = 256
 
 
 @dataclass(frozen=True)
-class Source:
-    """What to read, and how (the read keys of the config)."""
-
-    data: str
-    dataset_dir: str | None = None
-    media_dir: str | None = None
-    allow_paths_outside_media_dir: bool = False
-    allow_remote_images: bool = False
-    max_samples: int | None = None  # the first n samples of each data file (LLaMA-Factory: per dataset)
-    remote_options: Any = None  # data/remote.FetchOptions for allow_remote_images; None: its defaults
-    preference: bool = False  # read ranking / KTO records as preference samples (stage dpo / kto)
-    mix_strategy: str = "concat"  # how several datasets mix (readers.Mix)
-    interleave_probs: tuple[float, ...] | None = None
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class Stages:
-    """How far each sample goes: encode always; fit when `fit` is given; emit rows when `emit`."""
+    """How far each sample goes: encode always (labels, system prompt and thinking blocks as the fit section says);
+    fit to `fit.cutoff_len` with its policies when `fitting`; emit rows when `emit`."""
 
-    train_on_prompt: bool = False
-    mask_history: bool = False  # only the last answer is trained (LLaMA-Factory's mask_history)
-    default_system: str | None = None
-    enable_thinking: bool = True  # the config's enable_thinking (data/encode.py: thinking blocks)
-    fit: FitOptions | None = None
+    fit: FitArgs = field(default_factory=FitArgs)
+    fitting: bool = False
     emit: bool = False
-    keep_ids: frozenset = frozenset()  # samples whose Encoded comes back whole (inspect --show)
+    keep_ids: frozenset = frozenset()  # samples whose Encoded (and fit) comes back whole (inspect --show)
     # the run's stage (sft, dpo, kto): a sample of another kind is invalid (data/pairs.stage_problems); None: any
     stage: str | None = None
-    control_tokens_as_text: bool = False  # control_tokens_in_text: text (validate.CONTROL_TOKENS as plain text)
+    # control_tokens_in_text: text (validate.CONTROL_TOKENS as plain text); run_pipeline sets it from the read section
+    control_tokens_as_text: bool = False
 
 
 @dataclass
@@ -84,6 +67,7 @@ class ChunkResult:
     table: object = None  # emitted rows as a pyarrow Table in schema.features() (emit only): built in the worker,
     # it travels as Arrow buffers, so the main process only writes it
     encoded: list[Encoded] = field(default_factory=list)  # the keep_ids samples
+    fitted: list[FitOutcome | SampleError] = field(default_factory=list)  # the keep_ids samples' fits (fitting)
 
 
 @dataclass
@@ -110,11 +94,12 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["spec"] = loaded.spec
     _WORKER["stages"] = stages
     _WORKER["video"] = loaded.video
-    encoder = _WORKER["encoder"] = Encoder(loaded.data_processor, loaded.spec, train_on_prompt=stages.train_on_prompt,
-                                                mask_history=stages.mask_history, default_system=stages.default_system,
-                                                enable_thinking=stages.enable_thinking,
-                                                plain_tokens=CONTROL_TOKENS if stages.control_tokens_as_text else ())
-    _WORKER["fitter"] = Fitter(loaded.spec, stages.fit, encoder) if stages.fit is not None else None
+    fit = stages.fit
+    encoder = _WORKER["encoder"] = Encoder(loaded.data_processor, loaded.spec, train_on_prompt=fit.train_on_prompt,
+                                           mask_history=fit.mask_history, default_system=fit.default_system,
+                                           enable_thinking=fit.enable_thinking,
+                                           plain_tokens=CONTROL_TOKENS if stages.control_tokens_as_text else ())
+    _WORKER["fitter"] = Fitter(loaded.spec, fit, encoder) if stages.fitting else None
 
 
 def invalid_line(sample_id: str, source: str, reason: str) -> dict:
@@ -158,7 +143,11 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
             fitted = fit_sample(fitter, enc)
         except SampleError as e:
             out.errors.append(e)
+            if enc.id in stages.keep_ids:
+                out.fitted.append(e)
             continue
+        if enc.id in stages.keep_ids:
+            out.fitted.append(fitted)
         lines[enc.id] = fitted.report()
         out.pieces += [(p.length, p.image_tokens + sum(v.pad_tokens for v in p.videos)) for p in fitted.pieces]
         out.split_rows += len(fitted.pieces) if fitted.fate == "split" else 0
@@ -196,26 +185,37 @@ def worker_pool(workers: int, loaded: Loaded, stages: Stages) -> ProcessPoolExec
 
 
 # -- the driver --------------------------------------------------------------------------------
-def _file_key(source: str) -> str:
-    return re.sub(r"[:#]\d+$", "", source)
+def remote_options(read: ReadArgs):
+    """data/remote.FetchOptions from the read section's remote_image_* keys."""
+    from .remote import FetchOptions
+
+    return FetchOptions(max_bytes=read.remote_image_max_bytes, connect_timeout=read.remote_image_timeout,
+                        read_timeout=read.remote_image_timeout, deadline=read.remote_image_deadline,
+                        allow_private=read.allow_private_remote_images)
 
 
-def _chunks(source: Source, stream: Stream, chunk: int) -> Iterator[list[Conversation]]:
+def mix_of(read: ReadArgs, seed: int) -> Mix:
+    """How the read section's datasets mix (mix_strategy, interleave_probs), with the run's seed."""
+    probs = tuple(float(p) for p in read.interleave_probs.split(",")) if read.interleave_probs else None
+    return Mix(read.mix_strategy, probs, seed)
+
+
+def _chunks(read: ReadArgs, stream: Stream, chunk: int, preference: bool) -> Iterator[list[Conversation]]:
     seen: Counter = Counter()
     buf: list[Conversation] = []
-    for item in iter_samples(source.data, source.dataset_dir, source.media_dir,
-                             allow_paths_outside_media_dir=source.allow_paths_outside_media_dir,
-                             allow_remote_images=source.allow_remote_images,
-                             remote_options=source.remote_options, layouts=stream.layouts, mix=stream.mix,
-                             preference=source.preference):
+    for item in iter_samples(read.dataset, read.dataset_dir, read.media_dir,
+                             allow_paths_outside_media_dir=read.allow_paths_outside_media_dir,
+                             allow_remote_images=read.allow_remote_images,
+                             remote_options=remote_options(read) if read.allow_remote_images else None,
+                             layouts=stream.layouts, mix=stream.mix, preference=preference):
         stream.records += 1
         if isinstance(item, Problem):
             stream.unread.append(item)
             continue
-        if source.max_samples:
-            key = _file_key(item.source)
+        if read.max_samples:  # the first n samples of each data file (LLaMA-Factory: per dataset)
+            key = item.origin.file
             seen[key] += 1
-            if seen[key] > source.max_samples:
+            if seen[key] > read.max_samples:
                 stream.limited = True
                 continue
         buf.append(item)
@@ -240,10 +240,14 @@ def _ordered(fn: Callable, items: Iterable, pool: ProcessPoolExecutor | None, wi
         yield pending.popleft().result()
 
 
-def run_pipeline(source: Source, loaded: Loaded, stages: Stages, *, workers: int = 1, chunk: int = CHUNK,
-                 progress: bool = True, desc: str = "preparing") -> Stream:
-    """Stream `source` through the stages; iterate `.chunks` (to the end) to drive it."""
-    stream = Stream(iter(()), mix=Mix(source.mix_strategy, source.interleave_probs, source.seed))
+def run_pipeline(read: ReadArgs, loaded: Loaded, stages: Stages, *, seed: int = 0, workers: int = 1,
+                 chunk: int = CHUNK, progress: bool = True, desc: str = "preparing") -> Stream:
+    """Stream what the read section names through the stages (`seed`: the run's, for interleaved datasets);
+    iterate `.chunks` (to the end) to drive it. A preference stage (dpo, kto) reads ranking / KTO records as
+    preference samples."""
+    stream = Stream(iter(()), mix=mix_of(read, seed))
+    stages = replace(stages, control_tokens_as_text=read.control_tokens_in_text == "text")
+    preference = stages.stage not in (None, "sft")
 
     def drive() -> Iterator[ChunkResult]:
         n = max(1, int(workers or 1))
@@ -254,7 +258,7 @@ def run_pipeline(source: Source, loaded: Loaded, stages: Stages, *, workers: int
         else:
             pool = worker_pool(n, loaded, stages)
         try:
-            for res in _ordered(process_chunk, _chunks(source, stream, chunk), pool, 2 * n):
+            for res in _ordered(process_chunk, _chunks(read, stream, chunk, preference), pool, 2 * n):
                 bar.update(len(res.stats) + len(res.invalid))
                 yield res
         finally:
@@ -268,7 +272,8 @@ def run_pipeline(source: Source, loaded: Loaded, stages: Stages, *, workers: int
 
 @dataclass
 class Accounting:
-    """Everything `inspect` knows about a dataset: per-sample numbers and every problem.
+    """One pass over a dataset, counted: per-sample numbers and every problem (inspect's `account`), and, when
+    the pass fitted every sample (prepare's driver for the doctor, `prepare_facts`), the fates and rows.
 
     `encoded` holds the whole Encoded of the samples asked for (`keep_ids`), not of every sample."""
 
@@ -278,36 +283,47 @@ class Accounting:
     invalid_ids: list[str] = field(default_factory=list)
     encoded: list[Encoded] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # the record layouts recognised
+    fitted: list[FitOutcome | SampleError] = field(default_factory=list)  # the kept samples' fits (fitting)
+    # -- when every sample was fitted (prepare_facts) --
+    fates: Counter = field(default_factory=Counter)  # samples per fate, 'error' (the policy) included
+    rows: list[tuple[int, int]] = field(default_factory=list)  # (tokens, vision tokens) of each emitted row
+    errors: list[str] = field(default_factory=list)  # ids of samples that reach the 'error' policy
+    split_rows: int = 0
+    limited: bool = False  # max_samples left some samples out
+    prepared: object = None  # data/prepare.Prepared: the cache written or found (None when prepare would stop)
 
 
 def account(
-    data: str,
+    read: ReadArgs | str | os.PathLike,
     loaded: Loaded,
+    fit: FitArgs | None = None,
     *,
-    dataset_dir: str | None = None,
-    media_dir: str | None = None,
-    train_on_prompt: bool = False,
+    fitting: bool = False,
     progress: bool = True,
     workers: int = 1,
     keep_ids: Iterable[str] = (),
-    **read_kwargs,
 ) -> Accounting:
-    """Read, validate and encode a dataset with header-only image sizes."""
-    stream = run_pipeline(Source(data, dataset_dir, media_dir, **read_kwargs), loaded,
-                          Stages(train_on_prompt=train_on_prompt, keep_ids=frozenset(keep_ids)),
-                          workers=workers, progress=progress, desc="accounting")
+    """Read, validate and encode a dataset with header-only image sizes (a bare path: ReadArgs' defaults
+    otherwise, no dataset_dir); `fitting`: the samples in `keep_ids` come back fitted too (inspect --show
+    --cutoff-len)."""
+    read = read if isinstance(read, ReadArgs) else ReadArgs(dataset=os.fspath(read), dataset_dir=None)
+    stages = Stages(fit or FitArgs(), fitting=fitting, keep_ids=frozenset(keep_ids))
+    stream = run_pipeline(read, loaded, stages, workers=workers, progress=progress, desc="accounting")
     stats: list[SampleStats] = []
     problems: list[Problem] = []
     invalid: list[str] = []
     encoded: list[Encoded] = []
+    fitted: list[FitOutcome | SampleError] = []
     for res in stream.chunks:
         stats += res.stats
         problems += res.problems
         invalid += [c.id for c in res.invalid]
         encoded += res.encoded
+        fitted += res.fitted
     # Records rejected while reading are invalid samples too (records == valid + invalid).
     unread = [p.sample_id or p.source for p in stream.unread]
-    return Accounting(stream.records, stats, stream.unread + problems, unread + invalid, encoded, stream.notes)
+    return Accounting(stream.records, stats, stream.unread + problems, unread + invalid, encoded, stream.notes,
+                      fitted)
 
 
 def nearest_rank(sorted_values: list[int], q: float) -> int:

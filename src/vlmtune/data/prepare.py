@@ -13,6 +13,7 @@ The folder's handling on disk (ownership marker, lock, fingerprint, swap, stale 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -23,13 +24,12 @@ from typing import Iterator
 
 import numpy as np
 
-from ..config import FitArgs
+from ..config import DataSections, ReadArgs
 from ..errors import DataError, Problem, disk_full_is_an_error
-from ..models.load import Loaded, load_spec_for
+from ..models.load import Loaded, load_spec
 from . import cache
-from .cache import DATA_KEYS, FINGERPRINT_FILE, data_files, fingerprint, prepared_dir  # noqa: F401  (re-exported)
-from .fit import FitOptions
-from .pipeline import Accounting, Source, Stages, run_pipeline, unread_line
+from .cache import FINGERPRINT_FILE, data_files, fingerprint, prepared_dir  # noqa: F401  (re-exported)
+from .pipeline import Accounting, Stages, run_pipeline, unread_line
 from .schema import SampleStats, features, stats_from_columns, stats_table
 
 CHUNK = 256
@@ -67,121 +67,100 @@ def load_prepared(path: str):
     return Dataset.from_file(os.path.join(path, DATA_FILE))
 
 
-def fit_options(fit: FitArgs) -> FitOptions:
-    """The Fitter's options from the config's fit section (`cfg.fit`)."""
-    return FitOptions(
-        cutoff_len=fit.cutoff_len,
-        overflow=tuple(fit.overflow),
-        min_image_tokens=fit.min_image_tokens,
-        max_image_token_share=fit.max_image_token_share,
-        split_keep_context=fit.split_keep_context,
-    )
+@dataclass(frozen=True)
+class Verdict:
+    """Why the invalid samples stop a run before training (prepare raises it; the doctor's data check reports it).
+
+    kind: "invalid" (on_bad_sample=error and some sample is invalid) or "skipped_share" (on_bad_sample=skip
+    would leave out more than max_skipped_share of the records, not confirmed)."""
+
+    kind: str
+    what: str
 
 
-def stages_for(fit: FitArgs, *, control_tokens_as_text: bool = False, emit: bool = True,
-               stage: str | None = None) -> Stages:
-    """The pipeline's stages for a config's fit section: labels as it asks, fitted, rows emitted; `stage` (sft,
-    dpo, kto) refuses the samples of another kind (data/pairs.stage_problems)."""
-    return Stages(train_on_prompt=fit.train_on_prompt, mask_history=fit.mask_history,
-                  default_system=fit.default_system, enable_thinking=fit.enable_thinking,
-                  fit=fit_options(fit), emit=emit, control_tokens_as_text=control_tokens_as_text, stage=stage)
+def verdict(read: ReadArgs, invalid: int, records: int) -> Verdict | None:
+    """The one decision on invalid samples: `invalid` of `records` read (unreadable records included)."""
+    if invalid and read.on_bad_sample == "error":
+        return Verdict("invalid", f"{invalid} invalid sample(s) stop prepare because on_bad_sample=error")
+    if invalid > read.max_skipped_share * records and not read.confirm_skipped_share:
+        return Verdict("skipped_share", (
+            f"on_bad_sample=skip would leave out {invalid} of {records} records "
+            f"({100 * invalid / max(1, records):.1f}%) as invalid, more than max_skipped_share="
+            f"{read.max_skipped_share:g}"))
+    return None
 
 
-def remote_options(cfg):
-    """data/remote.FetchOptions from the config's remote_image_* keys."""
-    from .remote import FetchOptions
-
-    return FetchOptions(max_bytes=cfg.remote_image_max_bytes, connect_timeout=cfg.remote_image_timeout,
-                        read_timeout=cfg.remote_image_timeout, deadline=cfg.remote_image_deadline,
-                        allow_private=cfg.allow_private_remote_images)
+def _stages(data: DataSections) -> Stages:
+    """Prepare's stages: labels as the fit section asks, fitted, rows emitted; the run's stage (sft, dpo, kto)
+    refuses the samples of another kind (data/pairs.stage_problems)."""
+    return Stages(data.fit, fitting=True, emit=True, stage=data.preference.stage)
 
 
-def source_of(cfg) -> Source:
-    """The read keys of a config, for the pipeline."""
-    probs = tuple(float(p) for p in cfg.interleave_probs.split(",")) if cfg.interleave_probs else None
-    return Source(cfg.dataset, cfg.dataset_dir, cfg.media_dir, cfg.allow_paths_outside_media_dir,
-                  cfg.allow_remote_images, cfg.max_samples or None,
-                  remote_options(cfg) if cfg.allow_remote_images else None,
-                  mix_strategy=cfg.mix_strategy, interleave_probs=probs, seed=cfg.seed,
-                  preference=cfg.stage != "sft")
-
-
-def prepare(cfg, loaded: Loaded | None = None, *, progress: bool = True, report_name: str = REPORT_FILE) -> Prepared:
+def prepare(data: DataSections, loaded: Loaded | None = None, *, progress: bool = True,
+            report_name: str = REPORT_FILE) -> Prepared:
     """Prepare (or load the cached) dataset; stops on the first sample that reaches the 'error' policy,
     and, with on_bad_sample=error, on invalid samples once the fit report is written. `report_name`: the fit
     report's file in output_dir (eval_dataset's is EVAL_REPORT_FILE)."""
-    return _prepare(cfg, loaded, progress, collect=False, report_name=report_name)[0]
+    return _prepare(data, loaded, progress, collect=False, report_name=report_name)[0]
 
 
-def eval_config(cfg):
-    """The config that prepares eval_dataset: the same keys, its datasets, its own prepared folder."""
-    return cfg.replace(dataset=cfg.eval_dataset, eval_dataset=None, do_predict=False, predict_with_generate=False,
-                       val_size=0, mix_strategy="concat",
-                       interleave_probs=None, prepared_dir=prepared_dir(cfg).rstrip("/\\") + "-eval")
+def eval_config(data: DataSections) -> DataSections:
+    """The sections that prepare eval_dataset: the same keys, its datasets, its own prepared folder."""
+    read = dataclasses.replace(data.read, dataset=data.read.eval_dataset, eval_dataset=None, val_size=0,
+                               mix_strategy="concat", interleave_probs=None)
+    prep = dataclasses.replace(data.prepare, prepared_dir=prepared_dir(data).rstrip("/\\") + "-eval")
+    return dataclasses.replace(data, read=read, prepare=prep)
 
 
-@dataclass
-class Facts:
-    """What the doctor's data check needs, from the same driver as prepare (or from its cache)."""
-
-    accounting: Accounting
-    fates: Counter
-    rows: list[tuple[int, int]]  # (tokens, vision tokens: image + video pads) of each emitted row
-    errors: list[str]  # ids of samples that reach the 'error' policy
-    split_rows: int
-    limited: bool
-    prepared: Prepared | None  # the cache written or found (None when errors kept it from being written)
-
-
-def prepare_facts(cfg, loaded: Loaded, *, progress: bool = True) -> Facts:
+def prepare_facts(data: DataSections, loaded: Loaded, *, progress: bool = True) -> Accounting:
     """The doctor's view: a complete, matching cache is read instead of fitting again; else the data goes
     through prepare's driver, every 'error'-policy sample is counted instead of stopping at the first, and
     the cache is written when nothing would stop prepare (so the `train` that follows loads it)."""
-    prep, facts = _prepare(cfg, loaded, progress, collect=True)
+    prep, facts = _prepare(data, loaded, progress, collect=True)
     return facts if facts is not None else _facts_from_cache(prep)
 
 
-def _prepare(cfg, loaded, progress, collect, report_name: str = REPORT_FILE):
-    cache.check_folders(cfg)
-    loaded = loaded or load_spec_for(cfg)
-    out_dir = prepared_dir(cfg)
-    report_path = os.path.join(cfg.output_dir, report_name)
-    fp = fingerprint(cfg, loaded, data_files(cfg))
-    cached = load_cached(out_dir, report_path, fp) if not cfg.overwrite_cache else None
+def _prepare(data: DataSections, loaded: Loaded | None, progress: bool, collect: bool,
+             report_name: str = REPORT_FILE):
+    cache.check_folders(data)
+    loaded = loaded or load_spec(data.model, data.fit)
+    out_dir = prepared_dir(data)
+    report_path = os.path.join(data.output_dir, report_name)
+    fp = fingerprint(data, loaded, data_files(data.read))
+    cached = load_cached(out_dir, report_path, fp) if not data.prepare.overwrite_cache else None
     if cached is not None:
         return cached, None
     cache.check_replaceable(out_dir)  # before any work: a folder that is not ours is never replaced
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    os.makedirs(data.output_dir, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    with cache.exclusive(out_dir.rstrip("/") + ".lock", cfg.ddp_timeout) as waited:
+    with cache.exclusive(out_dir.rstrip("/") + ".lock", data.wait_s) as waited:
         if waited:  # another process (another node on a shared output_dir) held it: its cache may be ours
             cached = load_cached(out_dir, report_path, fp)
             if cached is not None:
                 return cached, None
-        return _prepare_locked(cfg, loaded, fp, out_dir, report_path, progress, collect)
+        return _prepare_locked(data, loaded, fp, out_dir, report_path, progress, collect)
 
 
-def _prepare_locked(cfg, loaded, fp, out_dir, report_path, progress, collect):
+def _prepare_locked(data: DataSections, loaded: Loaded, fp, out_dir, report_path, progress, collect):
     tmp_dir, tmp_report, tmp_body = cache.temp_names(out_dir, report_path)
     cache.remove_stale(out_dir, report_path)
     try:
         with disk_full_is_an_error(f"the prepared dataset into {tmp_dir} and the fit report {tmp_report}",
                                    "free space there (nothing half-written is kept), or set prepared_dir and "
                                    "output_dir to a disk with room"):
-            return _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress,
+            return _prepare_into(data, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress,
                                  collect)
     finally:  # whatever happened, nothing half-written stays behind
         cache.discard(tmp_dir, tmp_report, tmp_body)
 
 
-def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress, collect):
+def _prepare_into(data: DataSections, loaded: Loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body,
+                  progress, collect):
     from datasets.arrow_writer import ArrowWriter
 
     cache.make_temp(tmp_dir)
-    stages = stages_for(cfg.fit, control_tokens_as_text=cfg.control_tokens_in_text == "text",
-                        stage=cfg.stage)
-    stream = run_pipeline(source_of(cfg), loaded, stages, workers=cfg.preprocessing_num_workers or 1,
-                          chunk=CHUNK, progress=progress)
+    stream = run_pipeline(data.read, loaded, _stages(data), seed=data.seed,
+                          workers=data.prepare.preprocessing_num_workers or 1, chunk=CHUNK, progress=progress)
     table = {f: [0, 0, 0, 0] for f in FATES}
     problems: list[Problem] = []
     errors: list[str] = []
@@ -226,27 +205,23 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     bad = list(stream.unread) + problems
     fates = {f: table[f][0] for f in FATES if table[f][0]}
     records = sum(a[0] for a in table.values())
+    stop = verdict(data.read, table["invalid"][0], records)
     facts = None
     if collect:
         counted = Counter({f: table[f][0] - (len(unread) if f == "invalid" else 0) for f in FATES})
         counted["error"] = len(errors)
         unread_ids = [p.sample_id or p.source for p in stream.unread]  # invalid too: records == valid + invalid
-        acc = Accounting(stream.records, stats, bad, unread_ids + invalid, notes=stream.notes)
-        facts = Facts(acc, counted, list(zip(pieces[::2], pieces[1::2])), errors, split_rows, stream.limited, None)
-        if errors or (bad and cfg.on_bad_sample == "error"):
+        facts = Accounting(stream.records, stats, bad, unread_ids + invalid, notes=stream.notes, fates=counted,
+                           rows=list(zip(pieces[::2], pieces[1::2])), errors=errors, split_rows=split_rows,
+                           limited=stream.limited)
+        if errors or stop is not None:
             return None, facts  # prepare would stop here: no cache
-    elif bad and cfg.on_bad_sample == "error":
+    elif stop is not None and stop.kind == "invalid":
         raise DataError(bad, header=f"{len(bad)} problem(s) in the data (the fit report is in {report_path}); "
                                     "fix them, or set on_bad_sample: skip to leave those samples out")
-    skipped = table["invalid"][0]
-    if skipped > cfg.max_skipped_share * records and not cfg.confirm_skipped_share:
-        if collect:
-            return None, facts  # prepare would stop here: no cache
-        raise DataError(bad, header=(
-            f"on_bad_sample=skip would leave out {skipped} of {records} records "
-            f"({100 * skipped / max(1, records):.1f}%) as invalid, more than max_skipped_share="
-            f"{cfg.max_skipped_share:g} (the fit report is in {report_path}); fix them, or set "
-            "confirm_skipped_share: true to train on the rest"))
+    elif stop is not None:
+        raise DataError(bad, header=f"{stop.what} (the fit report is in {report_path}); fix them, or set "
+                                    "confirm_skipped_share: true to train on the rest")
     with open(os.path.join(tmp_dir, PROBLEMS_FILE), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in bad)
     np.save(os.path.join(tmp_dir, PIECES_FILE), np.frombuffer(pieces, dtype=np.int32).reshape(-1, 2))
@@ -261,8 +236,8 @@ def _prepare_into(cfg, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tm
     return prep, facts
 
 
-def _facts_from_cache(prep: Prepared) -> Facts:
-    """Facts of a complete cache: its per-sample numbers, problems, row sizes and the report's fates."""
+def _facts_from_cache(prep: Prepared) -> Accounting:
+    """The accounting of a complete cache: its per-sample numbers, problems, row sizes and the report's fates."""
     from datasets import Dataset
 
     with open(os.path.join(prep.path, FINGERPRINT_FILE), encoding="utf-8") as f:
@@ -281,8 +256,8 @@ def _facts_from_cache(prep: Prepared) -> Facts:
     fates["error"] = 0
     pieces = np.load(os.path.join(prep.path, PIECES_FILE))
     rows = [(int(n), int(k)) for n, k in pieces]
-    acc = Accounting(meta["read_records"], stats, problems, invalid, notes=meta.get("notes", []))
-    return Facts(acc, fates, rows, [], meta["split_rows"], meta["limited"], prep)
+    return Accounting(meta["read_records"], stats, problems, invalid, notes=meta.get("notes", []), fates=fates,
+                      rows=rows, errors=[], split_rows=meta["split_rows"], limited=meta["limited"], prepared=prep)
 
 
 def _closing(gen):
@@ -337,21 +312,20 @@ class StreamedRows:
     flushed after every chunk, so a run stopped by max_steps has a report of exactly the records it read.
     Later passes (epochs) read the data again without rewriting the report."""
 
-    def __init__(self, cfg, loaded: Loaded):
-        self.cfg, self.loaded = cfg, loaded
-        self.report_path = os.path.join(cfg.output_dir, "fit_report.jsonl")
+    def __init__(self, data: DataSections, loaded: Loaded):
+        self.data, self.loaded = data, loaded
+        self.report_path = os.path.join(data.output_dir, REPORT_FILE)
         self.passes = 0
         self.table = {f: [0, 0, 0, 0] for f in FATES}
 
     def __iter__(self):
-        cfg = self.cfg
+        data = self.data
         self.passes += 1
         first = self.passes == 1
-        stages = stages_for(cfg.fit, control_tokens_as_text=cfg.control_tokens_in_text == "text",
-                            stage=cfg.stage)
-        stream = run_pipeline(source_of(cfg), self.loaded, stages, workers=cfg.preprocessing_num_workers or 1,
+        stream = run_pipeline(data.read, self.loaded, _stages(data), seed=data.seed,
+                              workers=data.prepare.preprocessing_num_workers or 1,
                               chunk=CHUNK, progress=False)
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        os.makedirs(data.output_dir, exist_ok=True)
         report = open(self.report_path, "w", encoding="utf-8") if first else None
         written = 0
         try:
@@ -375,11 +349,11 @@ class StreamedRows:
                 report.close()
 
 
-def streamed_dataset(cfg, loaded: Loaded):
+def streamed_dataset(data: DataSections, loaded: Loaded):
     """A torch IterableDataset over StreamedRows (the Trainer needs max_steps with it)."""
     import torch.utils.data
 
-    rows = StreamedRows(cfg, loaded)
+    rows = StreamedRows(data, loaded)
 
     class _Iterable(torch.utils.data.IterableDataset):
         stream = rows

@@ -63,10 +63,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import hashlib
 import json
 import os
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +74,10 @@ import numpy as np
 
 from ..errors import Problem
 from . import formats
-from .dataset_info import DatasetEntry, _looks_like_hub_id, dataset_entries, entry_for_path
+from .dataset_info import DatasetEntry, dataset_entries, entry_for_path
+from .dataset_info import looks_like_hub_id as _looks_like_hub_id
+from .ids import IdPlan
+from .mix import Mix, interleave
 from .paths import PathCache
 from .records import (
     AUTO_FORMAT,
@@ -86,7 +87,7 @@ from .records import (
     record_to_conversation,
 )
 from .preference_records import preference_kind, preference_to_conversation
-from .types import Conversation
+from .types import Conversation, Origin
 
 _FIX_FILE = "check the path and its permissions"
 
@@ -118,6 +119,8 @@ class RawRecord:
     base_dir: str
     fmt: RecordFormat
     origin: list | None = None  # the row's locator for embedded images (data/formats.py)
+    file: str = ""  # the data file (table: its path or shown name) and the record's index there: types.Origin
+    index: int = 0
 
 
 # A file reader: (path, base_dir, fmt) -> the file's records in order, each a RawRecord or the Problem
@@ -136,7 +139,7 @@ def _table(rows: Iterator, base_dir: str, fmt: RecordFormat) -> Iterator[RawReco
     """data/formats.py's rows (Parquet, Arrow, datasets folders, Hub ids) as RawRecords."""
     for item in rows:
         yield item if isinstance(item, Problem) else \
-            RawRecord(item.value, item.source, item.fallback_id, base_dir, fmt, item.origin)
+            RawRecord(item.value, item.source, item.fallback_id, base_dir, fmt, item.origin, item.file, item.index)
 
 
 def read_parquet(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
@@ -233,7 +236,7 @@ def _read_lines(path: str, base_dir: str, fmt: RecordFormat, lines: Iterable[byt
                 "fix the JSON on this line (a .jsonl file holds one JSON object per line)",
             )
             continue
-        yield RawRecord(value, source, f"{stem}:{lineno}", base_dir, fmt)
+        yield RawRecord(value, source, f"{stem}:{lineno}", base_dir, fmt, file=path, index=lineno)
 
 
 def read_json(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
@@ -293,7 +296,7 @@ def read_json(path: str, base_dir: str, fmt: RecordFormat = AUTO_FORMAT,
     value.reverse()  # pop from the end: each record is released once it has been read
     i = 0
     while value:
-        yield RawRecord(value.pop(), f"{path}#{i}", f"{stem}:{i}", base_dir, fmt)
+        yield RawRecord(value.pop(), f"{path}#{i}", f"{stem}:{i}", base_dir, fmt, file=path, index=i)
         i += 1
 
 
@@ -367,24 +370,6 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, split: str | 
     yield from reader(path, folder, fmt, ids_only=ids_only)
 
 
-@dataclass
-class Mix:
-    """LLaMA-Factory's mix_strategy over several datasets: `concat` reads them one after the other;
-    `interleave_under` draws from them in turn (or at random with `probs`, seeded) until the first runs out,
-    `interleave_over` until each has run out once, reading the others again (a repeat is its own record).
-    `left_out` counts, per dataset, the records interleave_under never drew (for the run's notes)."""
-
-    strategy: str = "concat"
-    probs: tuple[float, ...] | None = None
-    seed: int = 0
-    left_out: Counter = field(default_factory=Counter)
-
-    def notes(self) -> list[str]:
-        return [f"mix_strategy={self.strategy}: {n} record(s) of {name} were not drawn (the first dataset to run "
-                "out ends the mix; interleave_over repeats the smaller ones instead)"
-                for name, n in self.left_out.items() if n]
-
-
 def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = None, *,
              ids_only: bool = False, mix: Mix | None = None) -> Iterator[RawRecord | Problem]:
     """Every record of `data`, in input order (or as `mix` interleaves the datasets), as a RawRecord or the
@@ -417,42 +402,7 @@ def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = 
         for _, read in sources:
             yield from read()
     else:
-        yield from _interleave(sources, mix, count_left_out=not ids_only)
-
-
-def _interleave(sources: list[tuple[str, Callable[[], Iterator]]], mix: Mix,
-                count_left_out: bool) -> Iterator[RawRecord | Problem]:
-    """The datasets' records drawn in turn (or at random by `mix.probs`); see Mix. Unreadable inputs' problems
-    pass straight through and draw nothing. Deterministic: every pass over the data draws the same records."""
-    rng = np.random.default_rng(mix.seed)
-    its = [read() for _, read in sources]
-    done = [False] * len(its)  # has run out at least once
-    k = 0
-    while True:
-        i = k % len(its) if mix.probs is None else int(rng.choice(len(its), p=mix.probs))
-        k += 1
-        item = next(its[i], None)
-        while isinstance(item, Problem):
-            yield item
-            item = next(its[i], None)
-        if item is not None:
-            yield copy.copy(item) if done[i] else item
-            continue
-        done[i] = True
-        if mix.strategy == "interleave_under" or all(done):
-            break
-        its[i] = sources[i][1]()  # interleave_over: read it again
-        item = next((x for x in its[i] if not isinstance(x, Problem)), None)
-        if item is None:
-            break  # an empty dataset cannot be repeated
-        yield copy.copy(item)
-    if mix.strategy == "interleave_under":
-        for (name, _), it in zip(sources, its):
-            for item in it:
-                if isinstance(item, Problem):
-                    yield item  # an input that cannot be read is still reported
-                elif count_left_out:
-                    mix.left_out[name] += 1
+        yield from interleave(sources, mix, count_left_out=not ids_only)
 
 
 def _read_given_path(path: str, dataset_dir: str | None, media_dir: str | None,
@@ -507,96 +457,6 @@ def layout_notes(layouts: Counter) -> list[str]:
     return [f"recognised {LAYOUTS.get(k, k)}: {n} record(s)" for k, n in counts.most_common()]
 
 
-# -- ids: a record's own id when unique across everything read, else its fallback id -----------------
-def _own_id(value: Any) -> str | None:
-    own = value.get("id") if isinstance(value, dict) else None
-    if isinstance(own, bool) or not isinstance(own, (str, int)):
-        return None
-    text = str(own)
-    return text if text.strip() and len(text) <= 200 else None
-
-
-def _h(text: str) -> int:
-    """A 64-bit hash of an id, never 0 (0 marks "no own id")."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") or 1
-
-
-class IdPlan:
-    """Assigns ids in one pass over the records after a first pass has counted them.
-
-    Uniqueness is global, so every record's id must be known before the first sample is emitted. The
-    first pass keeps 8-byte hashes in numpy arrays (16 bytes per record, not the records); exact strings
-    are kept only for the rare ids whose hashes repeat, so a hash collision never merges two ids. Results
-    equal the whole-list rule: own id if unique, else the fallback, then `~2`, `~3`... on a clash.
-    """
-
-    def __init__(self, raws: Iterable[RawRecord | Problem], recount: Callable[[], Iterable[RawRecord | Problem]]):
-        own_h, fb_h = array("Q"), array("Q")
-        for raw in raws:
-            if isinstance(raw, RawRecord):
-                own = _own_id(raw.value)
-                own_h.append(0 if own is None else _h(own))
-                fb_h.append(_h(raw.fallback_id))
-        own = np.frombuffer(own_h, dtype=np.uint64) if own_h else np.zeros(0, np.uint64)
-        fb = np.frombuffer(fb_h, dtype=np.uint64) if fb_h else np.zeros(0, np.uint64)
-        self.records = len(own)
-        vals, counts = np.unique(own[own != 0], return_counts=True)
-        dup_h = set(vals[counts > 1].tolist())
-        # Exact counts for the own ids whose hashes repeat (a second pass over the records, when any).
-        self._own_counts: Counter = Counter()
-        if dup_h:
-            for raw in recount():
-                if isinstance(raw, RawRecord):
-                    mine = _own_id(raw.value)
-                    if mine is not None and _h(mine) in dup_h:
-                        self._own_counts[mine] += 1
-        self._dup_h = dup_h
-        dup = np.fromiter(dup_h, np.uint64, len(dup_h))
-        in_dup = np.isin(own, dup)
-        first = np.where((own != 0) & ~in_dup, own, fb)  # the first choice of each record (see below)
-        vals, counts = np.unique(first, return_counts=True)
-        # Ids that take the exact path (strings, `_used`): first choices that repeat, and, for records whose
-        # own id's hash repeats, both candidates (their first choice needs the exact counts).
-        self._contested = set(vals[counts > 1].tolist()) | dup_h | set(fb[in_dup].tolist())
-        order = np.argsort(first, kind="stable")
-        self._sorted, self._order = first[order], order
-        self._used: set[str] = set()  # final ids of records that took the exact path, and generated suffixes
-        self._generated: set[str] = set()
-        self._i = 0
-
-    def _first_choice(self, raw: RawRecord) -> str:
-        mine = _own_id(raw.value)
-        if mine is None:
-            return raw.fallback_id
-        if _h(mine) in self._dup_h and self._own_counts[mine] != 1:
-            return raw.fallback_id
-        return mine
-
-    def _earlier(self, sid: str, i: int) -> bool:
-        """Whether a record before i has taken `sid` as its id without the exact path."""
-        h = _h(sid)
-        if h in self._contested:
-            return False  # every record with this first choice takes the exact path: it is in _used
-        k = int(np.searchsorted(self._sorted, h))
-        return k < len(self._sorted) and int(self._sorted[k]) == h and int(self._order[k]) < i
-
-    def next_id(self, raw: RawRecord) -> str:
-        i = self._i
-        self._i += 1
-        sid = self._first_choice(raw)
-        if _h(sid) not in self._contested and sid not in self._generated:
-            return sid  # unique among the first choices, and no suffix took it: final
-        base = sid
-        if sid in self._used or self._earlier(sid, i):
-            k = 2
-            while f"{base}~{k}" in self._used or self._earlier(f"{base}~{k}", i):
-                k += 1
-            sid = f"{base}~{k}"
-            self._generated.add(sid)
-        self._used.add(sid)
-        return sid
-
-
 REMOTE_CHUNK = 256  # conversations whose http(s) images are fetched together (in parallel)
 
 
@@ -649,8 +509,10 @@ def iter_samples(
                 cache=cache,
                 origin=item.origin,
             )
-            if layouts is not None and isinstance(conv, Conversation):
-                layouts[conv.layout] += 1
+            if isinstance(conv, Conversation):
+                conv.origin = Origin(item.file, item.index)
+                if layouts is not None:
+                    layouts[conv.layout] += 1
             yield conv
 
     if not allow_remote_images:

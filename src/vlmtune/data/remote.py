@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from ..errors import Problem
 from .images import read_header
-from .paths import _HTTP_RE, _q
+from .paths import HTTP_RE as _HTTP_RE, quoted as _q
 from .types import Conversation, ImagePart
 
 MAX_BYTES = 50 * 1024 * 1024

@@ -15,20 +15,21 @@ objects, so that importing this module stays cheap (datasets and pyarrow load on
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:  # only for the annotation of SampleStats.of: encode imports this module
     from .encode import Encoded
 
 
-def column(arrow: str, *, packed: bool = False, optional: bool = False, video: bool = False) -> Any:
+def column(arrow: str, *, packed: bool = False, optional: bool = False, video: bool = False,
+           default: Any = MISSING) -> Any:
     """A declared column: its Arrow type, whether packing concatenates it, whether a row may lack it (then it
     reads as its empty value), and whether it is one of the per-video columns."""
     meta = {"arrow": arrow, "packed": packed, "optional": optional, "video": video}
     if arrow.startswith("["):
         return field(default_factory=list, metadata=meta) if optional else field(metadata=meta)
-    return field(metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -57,12 +58,15 @@ class Row:
     # the images), and a KTO row's tag (1 desirable, 0 undesirable; -1: not a KTO row). Never packed.
     rejected_input_ids: list[int] = column("[int32]", optional=True)
     rejected_labels: list[int] = column("[int32]", optional=True)
-    kto_tag: int = field(default=-1, metadata={"arrow": "int8", "packed": False, "optional": True, "video": False})
+    kto_tag: int = column("int8", optional=True, default=-1)
+    # the input sample's id, shared by the pieces split cuts from it (the validation split keeps them together)
+    sample_id: str = column("string", optional=True, default="")
     # len(input_ids) (a pair: its longer side): the Trainer's group_by_length and packing plan from this column alone
-    length: int = field(default=0, metadata={"arrow": "int32", "packed": False, "optional": False, "video": False})
+    length: int = column("int32", default=0)
 
     def __post_init__(self) -> None:
         self.length = max(len(self.input_ids), len(self.rejected_input_ids))
+        self.sample_id = self.sample_id or self.id
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -86,10 +90,10 @@ class SampleStats:
     image_tokens: int = column("int32")
     text_tokens: int = column("int32")
     images: int = column("int32")
-    videos: int = field(default=0, metadata={"arrow": "int32"})
-    video_tokens: int = field(default=0, metadata={"arrow": "int32"})
+    videos: int = column("int32", default=0)
+    video_tokens: int = column("int32", default=0)
     # tokens of the sample's largest video (the doctor's clips over cutoff_len)
-    longest_video: int = field(default=0, metadata={"arrow": "int32"})
+    longest_video: int = column("int32", default=0)
 
     @classmethod
     def of(cls, enc: Encoded) -> SampleStats:

@@ -86,6 +86,16 @@ class Message:
         return "".join(p.text for p in self.parts if isinstance(p, TextPart))
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where an input sample is, as data (`source` is its text for messages): the data file (or the dataset
+    folder or Hub id of table rows) and the record's index there (the 1-based line of a JSON Lines file, else
+    the 0-based position)."""
+
+    file: str
+    index: int
+
+
 @dataclass
 class Preference:
     """What makes a conversation a preference sample (data/preference_records.py).
@@ -101,7 +111,8 @@ class Preference:
 
 @dataclass
 class Conversation:
-    """One input sample. `id` is stable across runs; `source` is `file:line` or `file#row`."""
+    """One input sample. `id` is stable across runs; `source` is `file:line` or `file#row`, `origin` the same
+    as data (set by the reader)."""
 
     id: str
     source: str
@@ -110,6 +121,7 @@ class Conversation:
     read_problems: list = field(default_factory=list)
     # the record layout it was read from (a key of data/records.LAYOUTS), for the reader's note.
     layout: str = field(default="sharegpt", compare=False)
+    origin: Origin | None = field(default=None, compare=False)
     # the tools the sample may call (JSON schemas, as the record gave them), rendered by the chat template
     tools: list | None = None
     # set for preference samples (ranking pairs, KTO-tagged answers); None for SFT samples

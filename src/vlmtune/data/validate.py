@@ -35,7 +35,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import Problem
 from ..models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
-from .images import ImageHeader, Source, _fileobj, check_decodes, read_header
+from .images import ImageHeader, Source, check_decodes, read_header
+from .images import fileobj as _fileobj
 from ..models.video_grid import VideoSampleError, VideoSpec
 from .types import ROLES, TOOL_ROLES, Conversation, ImagePart, VideoPart
 from .video import PlannedClip, VideoReadError, plan_clip, read_facts

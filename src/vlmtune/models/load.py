@@ -5,10 +5,12 @@ trust_remote_code is never turned on here: it is passed through only when the us
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import FinetuningArgs, FitArgs, ModelArgs
 from ..errors import VlmtuneError
 from .checkpoint import FileProcessor, checkpoint_dir, read_checkpoint
 from .families import Experts, experts_of, family_of
@@ -163,43 +165,26 @@ def _config_model_type(model_name_or_path: str) -> str | None:
         return None
 
 
-def load_spec(
-    model_name_or_path: str,
-    *,
-    image_min_pixels: int | None = None,
-    image_max_pixels: int | None = None,
-    trust_remote_code: bool = False,
-    cache_dir: str | None = None,
-    video_fps: float | None = None,
-    video_maxlen: int | None = None,
-    video_min_pixels: int | None = None,
-    video_max_pixels: int | None = None,
-) -> Loaded:
-    """The ModelSpec with the user's pixel bounds applied and the VideoSpec with the user's video keys applied,
+def load_spec(model: ModelArgs | str | os.PathLike, fit: FitArgs | None = None) -> Loaded:
+    """The ModelSpec with the fit section's pixel bounds applied and the VideoSpec with its video keys applied,
     from the checkpoint's files (models/checkpoint.py) when they are read exactly, else from transformers'
-    processor and config."""
+    processor and config. `model` may be a bare path or hub id (its defaults otherwise); no `fit`: the
+    processor's own bounds."""
+    model = model if isinstance(model, ModelArgs) else ModelArgs(os.fspath(model))
+    fit = fit or FitArgs()
+    name, trust, cache_dir = model.model_name_or_path, model.trust_remote_code, model.cache_dir
     files = None
-    if not trust_remote_code:  # remote code may change anything: transformers runs it
-        files = read_checkpoint(checkpoint_dir(model_name_or_path, cache_dir))
-    processor, config = files or load_processor(model_name_or_path, trust_remote_code=trust_remote_code,
-                                                cache_dir=cache_dir)
-    spec = ModelSpec.from_processor(processor, config).with_pixels(image_min_pixels, image_max_pixels)
+    if not trust:  # remote code may change anything: transformers runs it
+        files = read_checkpoint(checkpoint_dir(name, cache_dir))
+    processor, config = files or load_processor(name, trust_remote_code=trust, cache_dir=cache_dir)
+    spec = ModelSpec.from_processor(processor, config).with_pixels(fit.image_min_pixels, fit.image_max_pixels)
     try:
         video = VideoSpec.from_processor(processor, config).with_config(
-            video_fps, video_maxlen, video_min_pixels, video_max_pixels)
+            fit.video_fps, fit.video_maxlen, fit.video_min_pixels, fit.video_max_pixels)
     except ValueError:  # no Qwen-VL video processor: videos are refused, images train as before
         video = None
     return Loaded(data_processor=processor, data_config=config, spec=spec, video=video,
-                  source=model_name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
-
-
-def load_spec_for(cfg) -> Loaded:
-    """`load_spec` with a config's model, pixel and video keys."""
-    return load_spec(
-        cfg.model_name_or_path, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels,
-        trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir, video_fps=cfg.video_fps,
-        video_maxlen=cfg.video_maxlen, video_min_pixels=cfg.video_min_pixels, video_max_pixels=cfg.video_max_pixels,
-    )
+                  source=name, trust_remote_code=trust, cache_dir=cache_dir)
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -216,27 +201,27 @@ def component_of(name: str) -> str:
     return "language_model"
 
 
-def load_model(cfg, dtype=None):
+def load_model(model: ModelArgs, finetuning: FinetuningArgs, dtype=None):
     """The *ForConditionalGeneration model from a hub id or local path (safetensors only)."""
     from transformers import AutoModelForImageTextToText
 
     from .quant import load_kwargs
 
     return AutoModelForImageTextToText.from_pretrained(
-        cfg.model_name_or_path,
+        model.model_name_or_path,
         dtype=dtype,
-        trust_remote_code=cfg.trust_remote_code,
-        cache_dir=cfg.cache_dir,
+        trust_remote_code=model.trust_remote_code,
+        cache_dir=model.cache_dir,
         use_safetensors=True,
-        **load_kwargs(cfg, dtype),  # quantization_bit: the BitsAndBytesConfig (models/quant.py)
+        **load_kwargs(finetuning, dtype),  # quantization_bit: the BitsAndBytesConfig (models/quant.py)
     )
 
 
-def frozen_components(cfg) -> set[str]:
+def frozen_components(ft: FinetuningArgs) -> set[str]:
     flags = {
-        "language_model": cfg.freeze_language_model,
-        "vision_tower": cfg.freeze_vision_tower,
-        "projector": cfg.freeze_multi_modal_projector,
+        "language_model": ft.freeze_language_model,
+        "vision_tower": ft.freeze_vision_tower,
+        "projector": ft.freeze_multi_modal_projector,
     }
     return {c for c, frozen in flags.items() if frozen}
 
@@ -252,7 +237,7 @@ def linear_modules(model) -> dict[str, str]:
     }
 
 
-def lora_targets(model, cfg) -> list[str]:
+def lora_targets(model, ft: FinetuningArgs) -> list[str]:
     """Full names of the linear layers that get adapters.
 
     `all` covers the linear layers of every component that is not frozen, so unfreezing the
@@ -260,13 +245,13 @@ def lora_targets(model, cfg) -> list[str]:
     train, in full). Named targets match a module name's last parts. The experts' fused weights are not
     linear layers: `lora_parameters` picks those.
     """
-    frozen = frozen_components(cfg)
+    frozen = frozen_components(ft)
     linears = linear_modules(model)
-    if cfg.lora_target == ["all"]:
+    if ft.lora_target == ["all"]:
         routers = set(router_modules(model))
         # A trainable projector is trained in full (modules_to_save), as users of LLaMA-Factory expect.
         return [n for n, c in linears.items() if c not in frozen and c != "projector" and n not in routers]
-    wanted = list(cfg.lora_target)
+    wanted = list(ft.lora_target)
     return [n for n in linears if any(n == w or n.endswith("." + w) for w in wanted)]
 
 
@@ -295,17 +280,17 @@ def router_modules(model) -> list[str]:
     return [n for n, _ in model.named_modules() if n.endswith(ends)]
 
 
-def lora_parameters(model, cfg) -> list[str]:
+def lora_parameters(model, ft: FinetuningArgs) -> list[str]:
     """Full names of the fused expert tensors that get adapters (PEFT's target_parameters).
 
     `all` covers the experts of the language model unless it is frozen, as it covers every linear layer; a named
     target takes the tensors it ends with (gate_up_proj, down_proj, experts.down_proj) or the module that holds
     them (experts)."""
     fused = expert_parameters(model)
-    if cfg.lora_target == ["all"]:
-        frozen = frozen_components(cfg)
+    if ft.lora_target == ["all"]:
+        frozen = frozen_components(ft)
         return [n for n, c in fused.items() if c not in frozen]
-    return [n for n in fused if any(n.endswith("." + w) or w in n.split(".")[:-1] for w in cfg.lora_target)]
+    return [n for n in fused if any(n.endswith("." + w) or w in n.split(".")[:-1] for w in ft.lora_target)]
 
 
 # PEFT's LoRA on a parameter (ParamWrapper) adds B·A to the whole tensor before the forward, so it has no input of
@@ -313,50 +298,50 @@ def lora_parameters(model, cfg) -> list[str]:
 _NOT_ON_FUSED = {"lora_dropout": 0.0, "use_dora": False, "pissa_init": False}
 
 
-def check_expert_lora(cfg, params: list[str]) -> list[str]:
+def check_expert_lora(ft: FinetuningArgs, params: list[str]) -> list[str]:
     """The keys that PEFT cannot apply to adapters on fused expert tensors, as problems naming the fix."""
     if not params:
         return []
     where = sorted({n.rsplit(".", 1)[-1] for n in params})
-    return [f"{key}={getattr(cfg, key)!r} cannot apply to LoRA on the experts' fused weights ({', '.join(where)}; "
+    return [f"{key}={getattr(ft, key)!r} cannot apply to LoRA on the experts' fused weights ({', '.join(where)}; "
             f"{len(params)} tensors, adapted through PEFT's target_parameters, which supports no {key}); set "
             f"{key}: {str(off).lower()}, or name lora_target without the experts (such as q_proj,k_proj,v_proj,o_proj)"
-            for key, off in _NOT_ON_FUSED.items() if getattr(cfg, key) != off]
+            for key, off in _NOT_ON_FUSED.items() if getattr(ft, key) != off]
 
 
-def check_moe_keys(model, cfg) -> list[str]:
+def check_moe_keys(model, ft: FinetuningArgs) -> list[str]:
     """freeze_router and moe_aux_loss_coef on a model without experts would do nothing: problems, not silence."""
     if model_experts(model) is not None:
         return []
     kind = getattr(getattr(model, "config", None), "model_type", None)
     problems = []
-    if not cfg.freeze_router:
+    if not ft.freeze_router:
         problems.append(f"freeze_router=false but {kind} has no mixture-of-experts router; remove freeze_router")
-    if cfg.moe_aux_loss_coef is not None:
-        problems.append(f"moe_aux_loss_coef={cfg.moe_aux_loss_coef} but {kind} has no mixture-of-experts router, "
+    if ft.moe_aux_loss_coef is not None:
+        problems.append(f"moe_aux_loss_coef={ft.moe_aux_loss_coef} but {kind} has no mixture-of-experts router, "
                         "so there is no auxiliary loss; remove moe_aux_loss_coef")
     return problems
 
 
-def apply_finetuning(model, cfg):
-    """Freeze, add LoRA adapters or unfreeze layers as the config says; returns the model to train."""
+def apply_finetuning(model, ft: FinetuningArgs):
+    """Freeze, add LoRA adapters or unfreeze layers as the finetuning section says; returns the model to train."""
     from ..errors import ConfigError
 
-    frozen = frozen_components(cfg)
-    problems = check_moe_keys(model, cfg)
-    routers = [] if cfg.freeze_router else router_modules(model)
-    if cfg.finetuning_type == "lora":
+    frozen = frozen_components(ft)
+    problems = check_moe_keys(model, ft)
+    routers = [] if ft.freeze_router else router_modules(model)
+    if ft.finetuning_type == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets, params = lora_targets(model, cfg), lora_parameters(model, cfg)
+        targets, params = lora_targets(model, ft), lora_parameters(model, ft)
         if not targets and not params:
             names = {n.rsplit('.', 1)[-1] for n in [*linear_modules(model), *expert_parameters(model)]}
-            problems.append(f"lora_target={cfg.lora_target} matches no linear layer of the model; names found: "
+            problems.append(f"lora_target={ft.lora_target} matches no linear layer of the model; names found: "
                             f"{', '.join(sorted(names))}")
-        problems += check_expert_lora(cfg, params)
+        problems += check_expert_lora(ft, params)
         if problems:
             raise ConfigError(problems)
-        to_save = list(cfg.additional_target or [])
+        to_save = list(ft.additional_target or [])
         if "projector" not in frozen:
             to_save += _projector_roots(model)
         to_save += routers  # small (experts × hidden per layer): trained in full, not through adapters
@@ -366,14 +351,14 @@ def apply_finetuning(model, cfg):
             check_trainable_in_full(model, to_save)
             prepare_kbit(model)
         peft_cfg = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
+            r=ft.lora_rank,
+            lora_alpha=ft.lora_alpha,
+            lora_dropout=ft.lora_dropout,
             target_modules=targets or None,
             target_parameters=params or None,
             modules_to_save=to_save or None,
             task_type="CAUSAL_LM",
-            **lora_variant_kwargs(cfg),
+            **lora_variant_kwargs(ft),
         )
         model = get_peft_model(model, peft_cfg)
         return model
@@ -381,11 +366,11 @@ def apply_finetuning(model, cfg):
         raise ConfigError(problems)
     for name, p in model.named_parameters():
         p.requires_grad = component_of(name) not in frozen
-    if cfg.finetuning_type == "freeze":
-        _train_only_layers(model, cfg.freeze_trainable_layers, frozen)
-    _set_routers_trainable(model, not cfg.freeze_router)
+    if ft.finetuning_type == "freeze":
+        _train_only_layers(model, ft.freeze_trainable_layers, frozen)
+    _set_routers_trainable(model, not ft.freeze_router)
     for name, p in model.named_parameters():
-        if cfg.additional_target and any(f".{t}." in f".{name}" for t in cfg.additional_target):
+        if ft.additional_target and any(f".{t}." in f".{name}" for t in ft.additional_target):
             p.requires_grad = True
     return model
 
@@ -399,12 +384,12 @@ def _set_routers_trainable(model, trainable: bool) -> None:
             p.requires_grad = p.requires_grad and trainable
 
 
-def lora_variant_kwargs(cfg) -> dict:
+def lora_variant_kwargs(ft: FinetuningArgs) -> dict:
     """PEFT's LoraConfig arguments for the variants: DoRA, rsLoRA, PiSSA initialisation (LoRA+ is the optimizer's,
     train/trainer.py)."""
-    kwargs = {"use_dora": cfg.use_dora, "use_rslora": cfg.use_rslora}
-    if cfg.pissa_init:
-        kwargs["init_lora_weights"] = "pissa" if cfg.pissa_iter == -1 else f"pissa_niter_{cfg.pissa_iter}"
+    kwargs = {"use_dora": ft.use_dora, "use_rslora": ft.use_rslora}
+    if ft.pissa_init:
+        kwargs["init_lora_weights"] = "pissa" if ft.pissa_iter == -1 else f"pissa_niter_{ft.pissa_iter}"
     return kwargs
 
 
@@ -447,14 +432,14 @@ def trainable_summary(model) -> dict[str, dict[str, int]]:
         if ".original_module." in f".{name}.":
             continue
         c = component_of(name)
-        n = _numel(p)
+        n = numel(p)
         out[c]["total"] += n
         if p.requires_grad:
             out[c]["trainable"] += n
     return out
 
 
-def _numel(p) -> int:
+def numel(p) -> int:
     """Elements of a parameter as the model sees them: a bitsandbytes 4-bit weight packs two into each byte and
     keeps its real shape in quant_state."""
     state = getattr(p, "quant_state", None)

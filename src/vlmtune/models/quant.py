@@ -9,7 +9,7 @@ rounding would move tokens between experts), and its experts cannot be quantized
 layers, and transformers keeps each MoE layer's experts as fused 3-D tensors, not linear layers, so they load in
 the run's dtype (`unquantized_experts` counts them; the doctor's memory model does too).
 
-    qcfg = quantization_config(cfg, compute_dtype=torch.bfloat16)   # None without quantization_bit
+    qcfg = quantization_config(cfg.finetuning, compute_dtype=torch.bfloat16)   # None without quantization_bit
     model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=qcfg, ...)
     prepare_kbit(model)                                             # once, before the adapters go on
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ..config import FinetuningArgs
 from .families import FAMILIES
 
 # Module-name patterns transformers' bitsandbytes integration leaves unquantized (its `llm_int8_skip_modules`,
@@ -51,44 +52,45 @@ def quiet_bitsandbytes() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(BITSANDBYTES_NOTICE)  # added once
 
 
-def skip_modules(cfg) -> list[str]:
+def skip_modules(ft: FinetuningArgs) -> list[str]:
     """The module patterns that stay unquantized for this run (see the module docstring for why)."""
-    vision = list(PROJECTOR_SKIP) if cfg.quantize_vision_tower else [VISION_TOWER_SKIP]
+    vision = list(PROJECTOR_SKIP) if ft.quantize_vision_tower else [VISION_TOWER_SKIP]
     return [*vision, OUTPUT_SKIP, *ROUTER_SKIP]
 
 
-def quantization_config(cfg, compute_dtype=None):
-    """transformers' BitsAndBytesConfig for cfg.quantization_bit (4 or 8), or None when it is null.
+def quantization_config(ft: FinetuningArgs, compute_dtype=None):
+    """transformers' BitsAndBytesConfig for quantization_bit (4 or 8), or None when it is null.
 
     compute_dtype: the dtype the dequantized 4-bit weights are multiplied in (the run's: bf16 on a GPU with
     bf16, else float32).
     """
-    if cfg.quantization_bit is None:
+    if ft.quantization_bit is None:
         return None
     BITSANDBYTES_NOTICE.quantizing = True
     require_bitsandbytes()
     import torch
     from transformers import BitsAndBytesConfig
 
-    skip = skip_modules(cfg)
-    if cfg.quantization_bit == 8:
+    skip = skip_modules(ft)
+    if ft.quantization_bit == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.quantization_type,
-        bnb_4bit_use_double_quant=cfg.double_quantization,
+        bnb_4bit_quant_type=ft.quantization_type,
+        bnb_4bit_use_double_quant=ft.double_quantization,
         bnb_4bit_compute_dtype=compute_dtype or torch.float32,
         llm_int8_skip_modules=skip,
     )
 
 
-def load_kwargs(cfg, dtype=None) -> dict:
-    """The from_pretrained arguments that quantize the model as cfg says ({} without quantization_bit).
+def load_kwargs(ft: FinetuningArgs, dtype=None) -> dict:
+    """The from_pretrained arguments that quantize the model as the finetuning section says ({} without
+    quantization_bit).
 
     A quantized model is placed on its device while it loads (bitsandbytes quantizes as the weights move there),
     on this process's GPU under torchrun, so the Trainer does not move it afterwards.
     """
-    qcfg = quantization_config(cfg, compute_dtype=dtype)
+    qcfg = quantization_config(ft, compute_dtype=dtype)
     if qcfg is None:
         return {}
     import torch
@@ -133,9 +135,7 @@ def trained_quantization(adapter) -> dict:
 
 def inference_kwargs(keys: dict, dtype=None) -> dict:
     """load_kwargs for chat: the from_pretrained arguments that quantize a base as `keys` (QUANT_KEYS) say."""
-    from types import SimpleNamespace
-
-    return load_kwargs(SimpleNamespace(**{**QUANT_KEYS, **keys}), dtype)
+    return load_kwargs(FinetuningArgs(**{**QUANT_KEYS, **keys}), dtype)
 
 
 def bitsandbytes_version() -> str | None:
@@ -173,7 +173,8 @@ def quantized_bits(model) -> int | None:
 def unquantized_experts(model) -> tuple[int, int, str]:
     """(elements of a quantized MoE's fused expert tensors, elements of all its weights, the experts' dtype): what
     bitsandbytes left in the run's dtype because it quantizes nn.Linear layers only. (0, total, "") when dense."""
-    from .load import _numel, expert_parameters
+    from .load import expert_parameters
+    from .load import numel as _numel
 
     fused = set(expert_parameters(model))
     total = experts = 0

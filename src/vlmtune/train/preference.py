@@ -20,6 +20,7 @@ exceed cutoff_len. An undesirable answer is never an SFT target: `pref_ftx` coun
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -294,7 +295,8 @@ def load_reference(cfg, dtype):
     """`ref_model` (with `ref_model_adapters` merged in), frozen, in the training dtype."""
     from ..models.load import load_model
 
-    ref = load_model(cfg.replace(model_name_or_path=cfg.ref_model, quantization_bit=None), dtype=dtype)
+    ref = load_model(dataclasses.replace(cfg.model, model_name_or_path=cfg.ref_model),
+                     dataclasses.replace(cfg.finetuning, quantization_bit=None), dtype=dtype)
     if cfg.ref_model_adapters:
         from peft import PeftModel
 

@@ -31,7 +31,7 @@ from ..models.load import (
     format_trainable,
     keep_frozen_out_of_backward,
     load_model,
-    load_spec_for,
+    load_spec,
     trainable_summary,
 )
 from ..models.quant import experts_note
@@ -85,9 +85,9 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     loaded and may raise to stop the run: `vlmtune train` passes the doctor's checks (run_doctor: true)."""
     from transformers import set_seed
 
-    check_folders(cfg)  # before any work: overlapping output / prepared / data folders are refused
+    check_folders(cfg.for_data())  # before any work: overlapping output / prepared / data folders are refused
     resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)  # and a checkpoint that cannot resume
-    loaded = load_spec_for(cfg)
+    loaded = load_spec(cfg.model, cfg.fit)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
     cfg = cpu_precision(cfg)
@@ -97,7 +97,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         say(f"accelerate launch with FSDP: {filled} (the family's decoder layers and vision blocks)")
     args = training_arguments(cfg, progress, model_type=loaded.spec.model_type)
     if cfg.streaming:  # no prepared copy: rows are fitted on the fly, the report written as samples are read
-        train_ds, eval_ds = streamed_dataset(cfg, loaded), None
+        train_ds, eval_ds = streamed_dataset(cfg.for_data(), loaded), None
         prepared = Prepared("(streaming: no prepared copy)", os.path.join(cfg.output_dir, "fit_report.jsonl"),
                             0, {}, 0, False)
         say(f"streaming: samples are fitted as they are read; fit report: {prepared.report_path}")
@@ -107,7 +107,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
         train_ds, eval_ds = split_validation(prepared.dataset(), cfg.val_size, cfg.seed)
         if cfg.eval_dataset:  # prepared and fitted like the training data, with its own fit report
             with args.main_process_first(desc="prepare eval_dataset"):
-                eval_prep = prepare(eval_config(cfg), loaded, progress=progress, report_name=EVAL_REPORT_FILE)
+                eval_prep = prepare(eval_config(cfg.for_data()), loaded, progress=progress, report_name=EVAL_REPORT_FILE)
             say("eval_dataset:\n" + format_report_summary(eval_prep))
             eval_ds = eval_prep.dataset()
     if cfg.packing:
@@ -152,14 +152,14 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
 def build_model(cfg):
     """The model to train: loaded, frozen / adapted as the config says, checkpointed, and with no gradient into
     frozen parts (bench/bench_real_size.py measures exactly this)."""
-    model = load_model(cfg, dtype=model_dtype(cfg))
+    model = load_model(cfg.model, cfg.finetuning, dtype=model_dtype(cfg))
     if cfg.packing:  # linear-attention layers keep each packed sample's state to itself, or packing is refused
         keep_packed_samples_apart(model)
     for c in (model.config, getattr(model.config, "text_config", None)):
         if c is not None:
             c.use_cache = False  # no KV cache in training (and packing needs none)
     # Adapters first, then checkpointing: PEFT adds its own input-embedding hooks to a model already checkpointed.
-    model = apply_finetuning(model, cfg)
+    model = apply_finetuning(model, cfg.finetuning)
     if cfg.gradient_checkpointing:
         # Non-reentrant: a checkpointed layer's recompute needs no input that requires grad, so no
         # input-embedding hook is needed (see keep_frozen_out_of_backward).
@@ -174,7 +174,7 @@ def prepare_once(cfg, loaded, args, progress: bool = True) -> Prepared:
     Nodes that share output_dir meet at prepare's lock: exactly one prepares, the others wait (bounded by
     ddp_timeout) and load its cache; nodes without a shared filesystem each prepare once."""
     with args.main_process_first(desc="prepare"):
-        return prepare(cfg, loaded, progress=progress)
+        return prepare(cfg.for_data(), loaded, progress=progress)
 
 
 def init_cpu_distributed(timeout_s: int, deepspeed: bool = False) -> None:
@@ -267,10 +267,11 @@ def model_dtype(cfg):
 
 
 def split_validation(ds, val_size, seed: int):
-    """Hold out val_size of the *samples* (split pieces stay on one side), or None when 0."""
+    """Hold out val_size of the *samples* (split pieces, which share their sample_id, stay on one side), or None
+    when 0."""
     if not val_size:
         return ds, None
-    base = [i.split("#", 1)[0] for i in ds["id"]]
+    base = ds["sample_id"]
     ids = sorted(set(base))
     n_val = int(val_size) if val_size >= 1 else max(1, round(len(ids) * float(val_size)))
     rng = random.Random(seed)

@@ -89,7 +89,7 @@ def draw_picture(rng: random.Random, shape: str, colour: str, size: tuple[int, i
     return im
 
 
-def _pictures(rng: random.Random, folder: Path, prefix: str, n: int, big: bool = False) -> list[Picture]:
+def pictures(rng: random.Random, folder: Path, prefix: str, n: int, big: bool = False) -> list[Picture]:
     """n pictures whose shape and colour cycle through every combination, in a shuffled order."""
     combos = [(s, c) for s in SHAPES for c in COLOURS]
     out = []
@@ -198,22 +198,22 @@ def write_dataset(data_dir: str | os.PathLike, size: DemoSize, seed: int) -> dic
     images = data / "images"
     images.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    train = _pictures(rng, images, "train", size.train_images)
-    big = _pictures(rng, images, "big", 12, big=True)
+    train = pictures(rng, images, "train", size.train_images)
+    big = pictures(rng, images, "big", 12, big=True)
     records = training_records(rng, train, big)
     # Its own stream, so that the held-out pictures do not change what is trained on.
-    held_out = _pictures(random.Random(f"eval-{seed}"), images, "eval", size.eval_images)
+    held_out = pictures(random.Random(f"eval-{seed}"), images, "eval", size.eval_images)
     write_sharegpt(data, DATASET_NAME, records, "images")
     questions = eval_questions(held_out)
-    _write_json(data / "eval.json", questions)
+    write_json(data / "eval.json", questions)
     return {"records": len(records), "eval_questions": questions}
 
 
 def write_sharegpt(data: Path, name: str, records: list[dict], media: str) -> None:
     """`records` as `name`.json and its dataset_info.json entry (LLaMA-Factory sharegpt; `media`: the
     images or videos column)."""
-    _write_json(data / f"{name}.json", records)
-    _write_json(data / "dataset_info.json", {name: {
+    write_json(data / f"{name}.json", records)
+    write_json(data / "dataset_info.json", {name: {
         "file_name": f"{name}.json",
         "formatting": "sharegpt",
         "columns": {"messages": "messages", media: media},
@@ -221,7 +221,7 @@ def write_sharegpt(data: Path, name: str, records: list[dict], media: str) -> No
     }})
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
         f.write("\n")

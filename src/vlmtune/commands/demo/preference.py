@@ -20,8 +20,11 @@ import time
 from pathlib import Path
 
 from .data import COLOUR_PARAPHRASES, COLOUR_QUESTION, COLOURS, IMAGE_TOKENS, SHAPE_PARAPHRASES, SHAPE_QUESTION, \
-    SHAPES, DemoSize, _pictures, _write_json
-from .run import _pct, load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
+    SHAPES, DemoSize
+from .data import pictures as _pictures
+from .data import write_json as _write_json
+from .run import load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
+from .run import pct as _pct
 
 PREF_DATASET_NAME = "demo_shape_pairs"
 PREF_CUTOFF_LEN = 64  # one picture (16 image tokens) and a question fit; the two-picture pairs do not

@@ -7,7 +7,8 @@ import os
 import time
 from pathlib import Path
 
-from .data import CUTOFF_LEN, DATASET_NAME, FULL, IMAGE_TOKENS, QUICK, DemoSize, _write_json, write_dataset
+from .data import CUTOFF_LEN, DATASET_NAME, FULL, IMAGE_TOKENS, QUICK, DemoSize, write_dataset
+from .data import write_json as _write_json
 from .evaluation import chance, evaluate
 
 
@@ -183,23 +184,23 @@ def _ordered(fates: dict[str, int]) -> dict[str, int]:
     return {k: int(fates[k]) for k in keys if fates[k]}
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
 def format_summary(s: dict) -> str:
     """The demo's result for a person: accuracy before/after, the fit report, where things are."""
     def by_kind(d: dict) -> str:
-        return ", ".join(f"{k} {_pct(v)}" for k, v in d.items())
+        return ", ".join(f"{k} {pct(v)}" for k, v in d.items())
 
     lines = [
         "",
         f"vlmtune demo: a tiny random {s['arch']} fine-tuned ({s['config']['finetuning_type']}) on rendered shapes, "
         f"{s['steps']} steps",
         f"held-out accuracy on {s['eval_questions']} single-image questions (colour and shape; chance "
-        f"{_pct(s['chance'])}):",
-        f"  before  {_pct(s['accuracy_before']):>6}   ({by_kind(s['accuracy_by_kind_before'])})",
-        f"  after   {_pct(s['accuracy_after']):>6}   ({by_kind(s['accuracy_by_kind_after'])})",
+        f"{pct(s['chance'])}):",
+        f"  before  {pct(s['accuracy_before']):>6}   ({by_kind(s['accuracy_by_kind_before'])})",
+        f"  after   {pct(s['accuracy_after']):>6}   ({by_kind(s['accuracy_by_kind_after'])})",
     ]
     if s["quick"]:
         lines.append("  (--quick: colour is learnt in a few hundred steps; shape needs the full run, `vlmtune demo`)")

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from .data import COLOURS, SHAPES, _write_json, write_sharegpt
+from .data import COLOURS, SHAPES, write_json as _write_json, write_sharegpt
 
 DIRECTIONS = ("left", "right", "up", "down")
 # (dx, dy) per frame, image coordinates (y grows downwards)

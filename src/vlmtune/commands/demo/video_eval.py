@@ -26,7 +26,7 @@ def plan_clip(path: str, spec):
 def evaluate_video(model, processor, questions: list[dict], data_dir: str, spec, *, batch_size: int = 32) -> dict:
     """Accuracy of log-likelihood scoring among the four directions over the held-out clips.
 
-    `spec` is the run's VideoSpec (`models.load.load_spec_for(cfg).video`: the processor's, with the config's
+    `spec` is the run's VideoSpec (`models.load.load_spec(cfg.model, cfg.fit).video`: the processor's, with the config's
     video keys applied), the one the data path plans the training clips with. Each
     (question, direction) pair is one sequence: the chat-templated prompt with the clip, then the direction
     and `<|im_end|>`, as a trained answer is laid out.

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from .run import _pct, load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
+from .run import pct as _pct, load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
 from .video_data import FPS, FRAMES, SIDE_PATCHES, VIDEO_DATASET_NAME, VIDEO_FULL, VIDEO_QUICK, VideoDemoSize, \
     write_video_dataset
 from .video_eval import evaluate_video, video_chance
@@ -46,9 +46,9 @@ def video_demo_config(model_dir: str, data_dir: str, output_dir: str, *, size: V
 
 def video_spec(cfg):
     """The VideoSpec the data path plans the training clips with: the processor's, with the config's video keys."""
-    from ...models.load import load_spec_for
+    from ...models.load import load_spec
 
-    return load_spec_for(cfg).video
+    return load_spec(cfg.model, cfg.fit).video
 
 
 def run_video_demo(out: str | os.PathLike = "vlmtune-demo-video", *, steps: int | None = None, quick: bool = False,

@@ -26,22 +26,20 @@ from typing import Callable
 from ...data.cache import check_folders
 from .checks import (
     Context,
-    _load,
-    _read_data,
-    check_data,
     check_distributed,
     check_linear_attention,
     check_memory,
     check_model,
-    check_precision,
     check_quantization,
     check_sharding,
     check_versions,
-    check_video,
     check_vision,
     check_workers,
+    load_context,
     suggest_batch,
 )
+from .data import check_data, check_video, read_data
+from .precision import check_precision
 from .device import DeviceInfo, probe_device
 from .memory import MemoryEstimate, ModelFacts, estimate_memory, model_facts
 from .report import Check, DoctorError, GiB, failures, format_checks, to_json
@@ -52,10 +50,10 @@ def run_checks(cfg, *, device_info: DeviceInfo | None = None, loaded=None, model
     """Every check of a config. `loaded`: the processor/config/spec (default: loaded from model_name_or_path);
     `model`: the *ForConditionalGeneration, on any device, read only (default: built on the meta device);
     `env`: the environment variables to read (WORLD_SIZE, LOCAL_RANK, ...; default: os.environ)."""
-    check_folders(cfg)  # overlapping output / prepared / data folders: refused before any work
+    check_folders(cfg.for_data())  # overlapping output / prepared / data folders: refused before any work
     ctx = Context(cfg, device_info or probe_device(), env=dict(os.environ if env is None else env))
-    _load(ctx, loaded, model)
-    _read_data(ctx, progress)
+    load_context(ctx, loaded, model)
+    read_data(ctx, progress)
     return [
         check_versions(ctx),
         check_precision(ctx),

@@ -13,13 +13,16 @@ from .device import DeviceInfo
 from .memory import (
     MemoryEstimate,
     ModelFacts,
-    _zero_stage,
+    zero_stage as _zero_stage,
     estimate_memory,
     shard_stage,
     meta_model,
     model_facts,
 )
-from .report import Check, MiB, _gib, _mib, _size
+from .data import DataFacts, video_problems
+from .report import Check, MiB, gib as _gib, mib as _mib, size_text as _size
+from .report import leaf_names as _leaf_names
+from .report import names_text as _names
 
 # memory: ok up to this share of the device's memory (the estimate is good to about ±25%); above it warn;
 # above all of it fail. Suggested batch sizes keep the estimate under MEMORY_OK_SHARE.
@@ -40,10 +43,6 @@ DATALOADER_PREFETCH = 2  # torch's default prefetch_factor
 WORKER_RAM_WARN_SHARE = 0.5  # warn when the workers would take over half the free RAM; fail over all of it
 
 
-# data: warn when more than this share of samples is not kept whole by the overflow policies.
-DATA_NOT_WHOLE_WARN = 0.05
-
-
 # distributed: a rank waits this long for the others before the job fails.
 DDP_TIMEOUT_WARN_S = 2 * 3600
 # Above a day the warning says so; it never fails the run: LLaMA-Factory's examples all set 180000000.
@@ -52,31 +51,6 @@ DDP_TIMEOUT_DAY_S = 24 * 3600
 
 # The versions this release was tested with (major.minor); the transformers each family needs is in models/families.py.
 TESTED = {"torch": "2.14", "transformers": "5.24", "peft": "0.21", "accelerate": "1.15"}
-
-
-@dataclass
-class DataFacts:
-    """The data as `prepare` will see it: accounted samples, their fates under the overflow policies."""
-
-    samples: int
-    invalid: int
-    problems: list
-    summary: dict
-    fates: Counter
-    rows: list[tuple[int, int]]  # (tokens, vision tokens: image + video pads) of each row that would be emitted
-    errors: list[str]  # ids of samples that reach the 'error' policy
-    split_rows: int
-    limited: bool  # max_samples cut the data
-    stats: list = field(default_factory=list)  # SampleStats of every valid sample
-    longest: int = 0  # tokens of the longest row
-    image_prefix: list[int] = field(default_factory=list)  # [k]: vision tokens of the k rows with the most
-
-    def __post_init__(self):
-        self.longest = max((t for t, _ in self.rows), default=0)
-        most = sorted((i for _, i in self.rows), reverse=True)
-        self.image_prefix = [0]
-        for i in most:
-            self.image_prefix.append(self.image_prefix[-1] + i)
 
 
 @dataclass
@@ -93,13 +67,13 @@ class Context:
     env: dict = field(default_factory=dict)
 
 
-def _load(ctx: Context, loaded, model) -> None:
+def load_context(ctx: Context, loaded, model) -> None:
     cfg = ctx.cfg
     try:
         if loaded is None:
-            from ...models.load import load_spec_for
+            from ...models.load import load_spec
 
-            loaded = load_spec_for(cfg)
+            loaded = load_spec(cfg.model, cfg.fit)
         ctx.loaded = loaded
         ctx.model = model if model is not None else meta_model(loaded.config, cfg.trust_remote_code)
     except Exception as e:  # any failure to load is reported by check_model, the other checks go on
@@ -185,66 +159,11 @@ def _video_count(ctx: Context) -> int:
     """Videos in the data: those accounted, and those the data path could not read for want of a decoder."""
     if ctx.data is None:
         return 0
-    return ctx.data.summary.get("videos", 0) + _video_problems(ctx)["no_video_decoder"]
-
-
-def _video_problems(ctx: Context) -> Counter:
-    """The data's video problems by kind: every one the data path reports names the clip first ("video '...' ")."""
-    return Counter(p.kind for p in ctx.data.problems if getattr(p, "what", "").startswith("video "))
+    return ctx.data.summary.get("videos", 0) + video_problems(ctx)["no_video_decoder"]
 
 
 def _model_type(ctx: Context) -> str | None:
     return getattr(ctx.loaded.config, "model_type", None) if ctx.loaded is not None else None
-
-
-def check_precision(ctx: Context) -> Check:
-    cfg, dev = ctx.cfg, ctx.device
-    cc = f"compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]}" \
-        if dev.compute_capability else "compute capability unknown"
-    if dev.kind == "cpu":
-        if cfg.fp16:
-            return Check("precision", "fail", f"fp16=true but there is no GPU ({dev.name}): float16 mixed "
-                         "precision needs CUDA", "set fp16: false (float32), or bf16: true on a CPU with bfloat16")
-        if cfg.bf16:
-            return _cpu_bf16(cfg, dev)
-        return Check("precision", "ok", f"float32 on the CPU ({dev.name}); no GPU found")
-    if cfg.bf16 and not dev.bf16:
-        return Check("precision", "fail", f"bf16=true but {dev.name} ({cc}) has no bfloat16 support (it needs "
-                     "8.0 or newer: Ampere, Ada, Hopper)", "set bf16: false and fp16: true")
-    if cfg.bf16:
-        return Check("precision", "ok", f"bf16 on {dev.name} ({cc}): bfloat16 weights and activations")
-    if cfg.fp16:
-        better = "; bf16 has float32's range and needs no loss scaling on this GPU" if dev.bf16 else ""
-        return Check("precision", "ok", f"fp16 mixed precision on {dev.name} ({cc}){better}")
-    if dev.bf16:
-        return Check("precision", "warn", f"neither bf16 nor fp16 is set: float32 on {dev.name} ({cc}), which "
-                     "supports bfloat16: twice the weight and activation memory, and slower", "set bf16: true")
-    return Check("precision", "warn", f"neither bf16 nor fp16 is set: float32 on {dev.name} ({cc}): twice the "
-                 "weight and activation memory of fp16, and slower", "set fp16: true")
-
-
-def _cpu_bf16(cfg, dev: DeviceInfo) -> Check:
-    """bf16 on the CPU: decided as `vlmtune train` decides it (train.speed.cpu_bf16, from the CPU's bf16
-    instructions); the measured slowdown is shown as advice only."""
-    from ...train.speed import BF16_SLOWDOWN_FALLBACK, cpu_bf16, cpu_bf16_slowdown
-
-    flags = dev.bf16_flags if dev.bf16_flags is not None else frozenset({"amx_bf16"} if dev.bf16 else ())
-    decision = cpu_bf16(flags)
-    factor = dev.bf16_slowdown if dev.bf16_slowdown is not None else cpu_bf16_slowdown()
-    measured = (f"bf16 autocast measured {factor:.1f}x the float32 time of a decoder-like block on {dev.name} "
-                "(advice only: the choice follows the CPU's instructions); no GPU found")
-    slower = factor > BF16_SLOWDOWN_FALLBACK
-    if decision.keep:
-        if slower and not cfg.force_cpu_bf16:
-            return Check("precision", "warn", f"bf16=true: kept, since {decision.why}, but {measured}",
-                         "set bf16: false if float32 is faster in your runs")
-        return Check("precision", "ok", f"bf16=true: kept, since {decision.why}; {measured}")
-    if cfg.force_cpu_bf16:
-        return Check("precision", "warn", f"bf16=true and force_cpu_bf16=true: training keeps bfloat16 autocast "
-                     f"although {decision.why}: {measured}",
-                     "set bf16: false and force_cpu_bf16: false (float32 is faster on such CPUs)")
-    return Check("precision", "warn", f"bf16=true but {decision.why}, so `vlmtune train` will train in float32 "
-                 f"instead: {measured}", "set bf16: false (or force_cpu_bf16: true to keep bf16 anyway)")
 
 
 def _local_processes(ctx: Context) -> int:
@@ -337,12 +256,12 @@ def check_vision(ctx: Context) -> Check:
     from ...models.load import expert_parameters, frozen_components, linear_modules, lora_parameters, lora_targets
 
     linears = linear_modules(ctx.model)
-    frozen = frozen_components(cfg)
+    frozen = frozen_components(cfg.finetuning)
     vision_names = _leaf_names(n for n, c in linears.items() if c == "vision_tower")
     if cfg.finetuning_type != "lora":
         return _vision_without_lora(ctx, frozen)
-    targets = lora_targets(ctx.model, cfg)
-    fused = lora_parameters(ctx.model, cfg)  # a MoE's experts: fused tensors, adapted through target_parameters
+    targets = lora_targets(ctx.model, cfg.finetuning)
+    fused = lora_parameters(ctx.model, cfg.finetuning)  # a MoE's experts: fused tensors, adapted through target_parameters
     if not targets and not fused:
         experts = _leaf_names(expert_parameters(ctx.model))
         also = f", its experts' fused weights {_names(experts)} (or experts for both)" if experts else ""
@@ -381,14 +300,6 @@ def check_vision(ctx: Context) -> Check:
 def _flag(component: str) -> str:
     return {"vision_tower": "vision_tower", "projector": "multi_modal_projector",
             "language_model": "language_model"}[component]
-
-
-def _leaf_names(names) -> list[str]:
-    return sorted({n.rsplit(".", 1)[-1] for n in names})
-
-
-def _names(names) -> str:
-    return "[" + ", ".join(names) + "]"
 
 
 def _adapter_summary(ctx: Context, by_part: Counter, frozen: set[str], fused: int = 0) -> str:
@@ -440,150 +351,6 @@ def _vision_without_lora(ctx: Context, frozen: set[str]) -> Check:
     if frozen:
         text += "; frozen: " + ", ".join(c for c in order if c in frozen)
     return Check("vision", "ok", text + _trainable_text(ctx))
-
-
-def _read_data(ctx: Context, progress: bool) -> None:
-    """The data through prepare's driver (or prepare's cache, when it matches): every sample's fate under the
-    configured policies, counted. A clean run leaves the cache behind for the `train` that follows."""
-    if ctx.loaded is None or ctx.cfg.streaming:  # streaming: the data is fitted as it is read, not ahead
-        return
-    cfg = ctx.cfg
-    from ...data.pipeline import summarize
-    from ...data.prepare import prepare_facts
-
-    try:
-        f = prepare_facts(cfg, ctx.loaded, progress=progress)
-    except (VlmtuneError, OSError, ValueError) as e:
-        ctx.data_error = f"{type(e).__name__}: {e}"
-        return
-    acc = f.accounting
-    ctx.data = DataFacts(len(acc.stats), len(acc.invalid_ids), acc.problems, summarize(acc, cfg.cutoff_len),
-                         f.fates, f.rows, f.errors, f.split_rows, f.limited, acc.stats)
-
-
-def check_data(ctx: Context) -> Check:
-    """cutoff_len against the data.
-
-    fail: a sample would reach the 'error' policy (prepare stops there); invalid samples while
-    on_bad_sample=error; or no row at all would be emitted.
-    warn: more than DATA_NOT_WHOLE_WARN (5%) of the samples are not kept whole (shrunk, truncated, split or
-    dropped), or any sample is dropped.
-    """
-    cfg = ctx.cfg
-    if ctx.loaded is None:
-        return Check("data", "warn", "not checked: the model's processor could not be loaded (see the model check)",
-                     "fix the model check first")
-    if ctx.data is None and cfg.streaming:
-        return Check("data", "ok", "not checked ahead: streaming: true fits each sample as it is read; "
-                     "fit_report.jsonl accounts for every sample read (`vlmtune inspect` checks the data first)")
-    if ctx.data is None:
-        return Check("data", "fail", f"cannot read dataset={cfg.dataset!r}: {ctx.data_error}",
-                     "fix dataset / dataset_dir / media_dir (try `vlmtune inspect`)")
-    d, s = ctx.data, ctx.data.summary
-    n = d.samples
-    if n == 0:
-        first = f"; first: {d.problems[0]}" if d.problems else ""
-        return Check("data", "fail", f"dataset={cfg.dataset!r} gave no valid sample ({len(d.problems)} "
-                     f"problem(s){first})", "fix dataset / dataset_dir / media_dir (`vlmtune inspect` lists every "
-                     "problem)")
-    whole = d.fates["kept"]
-    not_whole = n - whole
-    fate_text = ", ".join(f"{_FATE_VERB[f]} {d.fates[f]}" + (f" (into {d.split_rows} rows)" if f == "split" else "")
-                          for f in _FATE_VERB if d.fates[f])
-    rec = s["recommended_cutoff_len"]
-    per_count = "; ".join(f"{k} image(s): p99 {v['p99']}, max {v['max']}" for k, v in s["by_image_count"].items())
-    if s.get("videos"):
-        per_count += "".join(f"; {k} video(s): p99 {v['p99']}, max {v['max']}" for k, v in s["by_video_count"].items())
-    limit = f" (max_samples={cfg.max_samples} of each data file)" if d.limited else ""
-    message = (f"cutoff_len={cfg.cutoff_len}: {s['over_cutoff']} of {n} valid samples{limit} are longer; "
-               f"overflow={_names(cfg.overflow)} would {fate_text or 'have no samples to fit'}; "
-               f"recommended cutoff_len: {rec['p95']} keeps 95% whole, {rec['p99']} 99%, {rec['max']} all "
-               f"({per_count})")
-    if d.invalid:
-        message += f"; {d.invalid} invalid sample(s)"
-    raise_to = f"raise cutoff_len to {rec['max']} (keeps every sample whole)"
-    if d.errors:
-        shown = ", ".join(d.errors[:5]) + (f" and {len(d.errors) - 5} more" if len(d.errors) > 5 else "")
-        return Check("data", "fail", f"{len(d.errors)} sample(s) would reach the 'error' policy ({shown}); "
-                     f"{message}", f"{raise_to}, or end overflow with drop")
-    if d.invalid and cfg.on_bad_sample == "error":
-        first = str(d.problems[0]) if d.problems else ""
-        return Check("data", "fail", f"{d.invalid} invalid sample(s) stop prepare because on_bad_sample=error "
-                     f"(first: {first}); {message}", "fix the samples (`vlmtune inspect` lists every problem), "
-                     "or set on_bad_sample: skip")
-    records = s["records"]
-    if d.invalid and cfg.on_bad_sample == "skip" and d.invalid > cfg.max_skipped_share * records:
-        share = f"{d.invalid} of {records} records ({100 * d.invalid / records:.1f}%)"
-        if not cfg.confirm_skipped_share:
-            return Check("data", "warn", f"on_bad_sample=skip would leave out {share} as invalid, more than "
-                         f"max_skipped_share={cfg.max_skipped_share:g}; train stops there; {message}",
-                         "fix the samples (`vlmtune inspect` lists every problem), or set confirm_skipped_share: true")
-    if not d.rows:
-        return Check("data", "fail", f"no training row would be emitted; {message}",
-                     f"{raise_to}, or put shrink_images, truncate_text or split before drop in overflow")
-    if d.fates["dropped"] or not_whole > DATA_NOT_WHOLE_WARN * n:
-        why = f"{not_whole} of {n} samples ({100 * not_whole / n:.1f}%) would not be kept whole (more than " \
-              f"{DATA_NOT_WHOLE_WARN:.0%} warns)" if not_whole > DATA_NOT_WHOLE_WARN * n else \
-              f"{d.fates['dropped']} sample(s) would be dropped"
-        lower = "image_max_pixels or video_max_pixels" if s.get("videos") else "image_max_pixels"
-        return Check("data", "warn", f"{why}; {message}", f"{raise_to}, or lower {lower}")
-    return Check("data", "ok", message)
-
-
-def check_video(ctx: Context) -> Check:
-    """Videos against cutoff_len, one clip at a time.
-
-    A video is one atomic run (Qwen3-VL: its temporal patches stay together), so truncate_text and split move
-    whole videos, and a clip whose tokens alone exceed cutoff_len fits in no row as planned: only shrink_images
-    keeps it, by lowering the clip's pixel budget, then its frame count (never below video_min_pixels and the
-    processor's min_frames); otherwise the other policies leave it out or drop the sample. Counted per clip
-    (SampleStats.longest_video). warn: any such clip. fail: videos in the data that cannot be read for want of a decoder (PyAV).
-    """
-    cfg = ctx.cfg
-    if ctx.loaded is None:
-        return Check("video", "warn", "not checked: the model's processor could not be loaded (see the model check)",
-                     "fix the model check first")
-    if ctx.data is None:
-        if cfg.streaming:
-            return Check("video", "ok", "not checked ahead: streaming: true fits each sample as it is read")
-        return Check("video", "warn", "not checked: the data could not be read (see the data check)",
-                     "fix the data check first")
-    d, s = ctx.data, ctx.data.summary
-    refused = _video_problems(ctx)
-    unread = refused["no_video_decoder"]
-    if unread:
-        return Check("video", "fail", f"{unread} video(s) in the data cannot be read: no video decoder (PyAV) is "
-                     "installed, so their samples are invalid", "pip install av (vlmtune[video])")
-    videos = s.get("videos", 0)
-    unusable = (f"{sum(refused.values())} video problem(s) made their samples invalid "
-                f"({', '.join(f'{k}: {n}' for k, n in sorted(refused.items()))})") if refused else ""
-    if not videos:
-        if refused:
-            return Check("video", "warn", f"no usable video: {unusable}",
-                         "fix the clips (`vlmtune inspect` lists every problem), or remove those samples")
-        return Check("video", "ok", "no videos in the data")
-    with_videos = [st for st in d.stats if st.videos]
-    largest = max(with_videos, key=lambda st: st.longest_video)
-    facts = (f"{videos} video(s) in {len(with_videos)} sample(s), {s['video_tokens']} video tokens; the largest "
-             f"video takes {largest.longest_video} tokens (sample {largest.id})")
-    over = [st for st in with_videos if st.longest_video > cfg.cutoff_len]
-    if unusable:
-        facts += f"; {unusable}"
-    if not over:
-        return Check("video", "ok", f"{facts}, within cutoff_len={cfg.cutoff_len}")
-    if "shrink_images" in cfg.overflow:
-        fate = ("a video is never cut, so such a clip fits in no row unless shrink_images lowers its pixel budget, "
-                "then its frame count; otherwise the rest of overflow leaves it out or drops the sample")
-    else:
-        fate = ("a video is never cut and overflow has no shrink_images, so such a clip fits in no row: the rest of "
-                "overflow leaves it out or drops the sample")
-    return Check("video", "warn", f"{len(over)} sample(s) have a video whose tokens alone exceed "
-                 f"cutoff_len={cfg.cutoff_len}: {fate}; {facts}",
-                 "lower video_max_pixels, video_fps or video_maxlen, or raise cutoff_len")
-
-
-_FATE_VERB = {"kept": "keep", "shrunk": "shrink", "truncated": "truncate", "split": "split", "dropped": "drop",
-              "error": "stop prepare on"}
 
 
 def _worst_batch(ctx: Context, batch: int) -> tuple[int, int, str]:

@@ -94,7 +94,7 @@ def model_facts(config, cfg, trust_remote_code: bool = False) -> ModelFacts:
 
     with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x
         warnings.simplefilter("ignore", FutureWarning)
-        model = apply_finetuning(meta_model(config, trust_remote_code), cfg)
+        model = apply_finetuning(meta_model(config, trust_remote_code), cfg.finetuning)
     summary = trainable_summary(model)
     tc, vc = config.text_config, config.vision_config
     heads = tc.num_attention_heads
@@ -381,10 +381,10 @@ def shard_stage(cfg, environ=None) -> int:
     fsdp = fsdp_reshards(cfg, os.environ if environ is None else environ)
     if fsdp is not None:
         return 3 if fsdp else 2
-    return _zero_stage(cfg)[0]
+    return zero_stage(cfg)[0]
 
 
-def _zero_stage(cfg) -> tuple[int, str | None]:
+def zero_stage(cfg) -> tuple[int, str | None]:
     """(ZeRO stage of the DeepSpeed config, a problem reading it)."""
     if not cfg.deepspeed:
         return 0, None

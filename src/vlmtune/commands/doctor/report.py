@@ -46,19 +46,19 @@ class DoctorError(VlmtuneError):
         )
 
 
-def _gib(n: float) -> str:
+def gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= 10 * GiB else f"{n / GiB:.2f} GiB"
 
 
-def _size(n: float) -> str:
-    return _gib(n) if n >= GiB else f"{n / MiB:.0f} MiB"
+def size_text(n: float) -> str:
+    return gib(n) if n >= GiB else f"{n / MiB:.0f} MiB"
 
 
 def failures(checks: list[Check]) -> list[Check]:
     return [c for c in checks if c.status == "fail"]
 
 
-def _mib(n: float) -> str:
+def mib(n: float) -> str:
     return f"{n / MiB:.0f} MiB"
 
 
@@ -82,3 +82,13 @@ def format_checks(checks: list[Check], width: int = 110) -> str:
 
 def to_json(checks: list[Check]) -> str:
     return json.dumps([c.to_dict() for c in checks], indent=2)
+
+
+def leaf_names(names) -> list[str]:
+    """Module names by their last part, each once, sorted."""
+    return sorted({n.rsplit(".", 1)[-1] for n in names})
+
+
+def names_text(names) -> str:
+    """A list of names as the config writes it: [a, b]."""
+    return "[" + ", ".join(names) + "]"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ...errors import Problem
-from ..paths import _URL_RE, MAX_PATH_CHARS, PathCache, _q, resolve_image
+from ..paths import URL_RE as _URL_RE, MAX_PATH_CHARS, PathCache, quoted as _q, resolve_image
 from ..types import EMBEDDED_PREFIX, Conversation, ImagePart, Message, Part, TextPart, VideoPart
 
 IMAGE_PLACEHOLDER = "<image>"
