@@ -85,14 +85,14 @@ def torchrun(tmp_path, keys: dict, *, name: str, nproc: int = 2, timeout: float 
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _stop(proc)
+            stop_torchrun(proc)
             rc = None
     text = log_path.read_text()
     results = {r["rank"]: r for r in (json.loads(p.read_text()) for p in sorted(results_dir.glob("rank*.json")))}
     return {"rc": rc, "log": text, "results": results}
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_torchrun(proc: subprocess.Popen) -> None:
     """End a hung torchrun and its ranks: torchrun puts each rank in a session of its own, so SIGTERM lets
     torchrun stop them, and those still alive after it are killed by pid (found before, as torchrun's children)."""
     ranks = [int(e) for e in os.listdir("/proc") if e.isdigit() and _parent(e) == proc.pid]

@@ -242,7 +242,8 @@ def test_two_ddp_ranks_train_preference_stages_and_agree(stage, tmp_path, make_i
     import sys
 
     import yaml
-    from test_recipe import _stop_torchrun, _tail
+    from _ranks import stop_torchrun
+    from test_recipe import _tail
 
     from vlmtune.train import recipe
 
@@ -262,7 +263,7 @@ def test_two_ddp_ranks_train_preference_stages_and_agree(stage, tmp_path, make_i
         try:
             proc.wait(timeout=240)
         except subprocess.TimeoutExpired:
-            _stop_torchrun(proc)
+            stop_torchrun(proc)
             pytest.fail(f"the 2-rank {stage} run hung; its output:\n{_tail(log.read_text())}")
     output = log.read_text()
     assert proc.returncode == 0, _tail(output)

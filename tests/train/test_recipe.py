@@ -10,13 +10,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
+
+from _ranks import stop_torchrun  # tests/train is on sys.path (pytest's rootdir-less import)
 
 from vlmtune.train import recipe
 from vlmtune.train.checkpoints import MARKER, resolve_resume
@@ -248,7 +249,7 @@ def test_ddp_two_ranks_with_text_only_batches_and_a_trainable_vision_tower(base_
         try:
             proc.wait(timeout=DDP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            _stop_torchrun(proc)
+            stop_torchrun(proc)
             pytest.fail(f"the 2-rank DDP run hung (> {DDP_TIMEOUT_S} s); its output:\n{_tail(log.read_text())}")
     output = log.read_text()
     assert proc.returncode == 0, _tail(output)
@@ -276,37 +277,6 @@ def test_ddp_two_ranks_with_text_only_batches_and_a_trainable_vision_tower(base_
 
 def _tail(text: str, n: int = 6000) -> str:
     return text[-n:]
-
-
-def _stop_torchrun(proc: subprocess.Popen) -> None:
-    """End a hung torchrun and its workers. torchrun starts each worker in a session of its own, so
-    killing torchrun's process group would orphan them: SIGTERM lets torchrun stop them, and any
-    still alive after that are killed by pid."""
-    workers = _children(proc.pid)
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for pid in workers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid:
-            found.append(int(entry))
-    return found
 
 
 # -- 4. worst case first -----------------------------------------------------------------------
