@@ -20,6 +20,7 @@ from vlmtune.data.encode import emit
 from vlmtune.config import ReadArgs
 from vlmtune.data.pipeline import Stages, run_pipeline
 from vlmtune.data.prepare import prepare
+from vlmtune.models.families import FAMILIES
 from vlmtune.models.load import load_spec
 
 CUTOFF = 150
@@ -53,7 +54,7 @@ def config(root, tiny_ckpt, arch, *more):
                               f"output_dir={root / arch}", f"cutoff_len={CUTOFF}", *more])
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", list(FAMILIES))  # every family of the table
 def test_fitted_video_rows_train_and_plain_truncation_crashes(data, tiny_ckpt, arch):
     cfg = config(data, tiny_ckpt, arch)
     loaded = load_spec(cfg.model, cfg.fit)
