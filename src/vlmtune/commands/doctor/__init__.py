@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from ...data.cache import check_folders
+from ...data.drivers.cache import check_folders
 from .checks import (
     Context,
     check_distributed,

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ...data.video import decoder_version
+from ...data.media.video import decoder_version
 from ...errors import VlmtuneError
 from ...models.families import FAMILIES, display_name
 from .device import DeviceInfo
