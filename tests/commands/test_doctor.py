@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from vlmtune.commands import doctor
-from vlmtune.commands.doctor import checks as doctor_checks
+from vlmtune.commands.doctor import environment as doctor_environment
 from vlmtune.commands.doctor import memory as doctor_memory
 from vlmtune.config import load_config
 from vlmtune.commands.doctor import GiB, Check, DeviceInfo, DoctorError, run_checks, suggest_batch
@@ -42,8 +42,8 @@ DATA_TAIL = ("recommended cutoff_len: 546 keeps 95% whole, 546 99%, 546 all (0 i
 @pytest.fixture(autouse=True)
 def tested_versions(monkeypatch):
     """The versions this release was tested with, whatever is installed, so the tests are hermetic."""
-    monkeypatch.setattr(doctor_checks, "_version", lambda lib: TESTED.get(lib))
-    monkeypatch.setattr(doctor_checks, "decoder_version", lambda: DECODER)
+    monkeypatch.setattr(doctor_environment, "_version", lambda lib: TESTED.get(lib))
+    monkeypatch.setattr(doctor_environment, "decoder_version", lambda: DECODER)
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +380,7 @@ def test_suggested_batches_keep_the_global_batch_exactly(batch, steps, largest):
 
 # -- versions ----------------------------------------------------------------------------------
 def test_versions_below_the_requirements_fail(check, monkeypatch):
-    monkeypatch.setattr(doctor_checks, "_version", lambda lib: {**TESTED, "transformers": "4.44.2"}.get(lib))
+    monkeypatch.setattr(doctor_environment, "_version", lambda lib: {**TESTED, "transformers": "4.44.2"}.get(lib))
     c = check("versions", A100, "bf16=true")
     assert c == Check(
         "versions", "fail",
@@ -391,7 +391,8 @@ def test_versions_below_the_requirements_fail(check, monkeypatch):
 
 
 def test_untested_versions_warn(check, monkeypatch):
-    monkeypatch.setattr(doctor_checks, "_version", lambda lib: {**TESTED, "peft": "0.18.0", "torch": "2.15.0"}.get(lib))
+    monkeypatch.setattr(doctor_environment, "_version",
+                        lambda lib: {**TESTED, "peft": "0.18.0", "torch": "2.15.0"}.get(lib))
     c = check("versions", A100, "bf16=true")
     assert c.status == "warn"
     assert c.message.startswith("torch 2.15.0 is newer than the tested 2.14; peft 0.18.0 is older than the tested "
@@ -428,12 +429,12 @@ def test_trainable_vision_tower_under_ddp_gets_the_dummy_pass(check):
 def test_deepspeed_zero3_is_read_from_its_json(check, tmp_path, monkeypatch):
     ds = tmp_path / "z3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
-    monkeypatch.setattr(doctor_checks, "_installed", lambda module: True)
+    monkeypatch.setattr(doctor_environment, "_installed", lambda module: True)
     c = check("distributed", A100, "bf16=true", f"deepspeed={ds}", env=TWO_RANKS)
     assert c == Check("distributed", "ok", f"2 process(es): ddp_timeout=1800 s; DeepSpeed ZeRO stage 3 (from {ds}); "
                       "ZeRO-3 gathers each module's parameters on every rank, so text-only batches get the dummy "
                       f"vision pass too; {DUMMY}")
-    monkeypatch.setattr(doctor_checks, "_installed", lambda module: False)
+    monkeypatch.setattr(doctor_environment, "_installed", lambda module: False)
     c = check("distributed", A100, "bf16=true", f"deepspeed={ds}", env=TWO_RANKS)
     assert (c.status, c.fix) == ("fail", "pip install deepspeed, or set deepspeed: null")
     assert c.message.startswith(f"2 process(es): deepspeed={str(ds)!r} is set but DeepSpeed is not installed; ")
@@ -486,7 +487,7 @@ def test_ddp_timeout_of_llamafactory_examples_warns_with_deepspeed_or_fsdp_as_do
     """docs/migrating-from-llamafactory.md: a long ddp_timeout warns, never fails, sharded or not."""
     ds = tmp_path / "z2.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    monkeypatch.setattr(doctor_checks, "_installed", lambda module: True)
+    monkeypatch.setattr(doctor_environment, "_installed", lambda module: True)
     for keys in ([f"deepspeed={ds}"], ["fsdp=full_shard auto_wrap"]):
         c = check("distributed", A100, "bf16=true", "ddp_timeout=180000000", *keys, env={})
         assert c.status == "warn" and "ddp_timeout=180000000 s lets a stuck rank hang the job for over a day" in c.message
@@ -768,7 +769,7 @@ def test_videos_without_a_decoder_fail_with_the_fix(config, loaded, video_data, 
     def no_av(path):
         raise VideoReadError(path, "no_decoder", "PyAV is not installed", "pip install av (vlmtune[video])")
 
-    monkeypatch.setattr(doctor_checks, "decoder_version", lambda: None)
+    monkeypatch.setattr(doctor_environment, "decoder_version", lambda: None)
     monkeypatch.setattr(video_mod, "_av", no_av)  # what read_facts meets without PyAV
     checks = {c.name: c for c in run_checks(config(f"dataset={video_data}", "bf16=true", "on_bad_sample=skip",
                                                    "confirm_skipped_share=true"),
@@ -851,7 +852,7 @@ def test_doctor_refuses_overlapping_folders_before_any_work(tmp_path, monkeypatc
 
     data = tmp_path / "d.jsonl"
     data.write_text("")
-    monkeypatch.setattr(doctor_checks, "load_context", lambda *a, **k: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(doctor, "load_context", lambda *a, **k: pytest.fail("the model loaded first"))
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model_name_or_path: {tmp_path / 'm'}\ndataset: {data}\noutput_dir: {tmp_path / 'out'}\n")
     rc = main(["doctor", str(cfg), "--json", f"prepared_dir={tmp_path / 'out'}"])

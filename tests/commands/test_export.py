@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmtune.commands.cli import main
+from vlmtune.config import folders
 from vlmtune.errors import VlmtuneError
 from vlmtune.commands.export import export
 
@@ -61,7 +62,7 @@ def test_export_matches_base_plus_adapter(arch, tiny_ckpt, tmp_path, make_image)
     assert {"config.json", "generation_config.json", "processor_config.json", "tokenizer.json"} <= set(names)
     assert {"tokenizer_config.json", "chat_template.jinja"} <= set(names)
     assert not [n for n in names if n.endswith(".bin")]
-    assert not [n for n in names if n.startswith(".")]  # no temporary directory left behind
+    assert [n for n in names if n.startswith(".")] == [folders.MARKER_FILE]  # no temporary directory left behind
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert not [k for k in keys if "lora" in k or "base_layer" in k]
@@ -96,30 +97,116 @@ def test_export_lm_head_lora_on_tied_embeddings(tiny_ckpt, tmp_path):
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
 
 
-def test_export_refuses_to_overwrite(tiny_ckpt, tmp_path):
+def _user_folder(path):
+    path.mkdir()
+    (path / "notes.txt").write_text("keep me")
+    return path
+
+
+def _refused(folder, flag="--out", what="a folder with content that vlmtune did not create (it has no "
+             ".vlmtune-owned)"):
+    return (f"{flag} {folder} is {what}; vlmtune writes into or replaces only folders it created and never deletes "
+            f"or overwrites yours: set {flag} to a new folder, or empty that one yourself")
+
+
+def _no_model_load(monkeypatch):
+    """Refusals come before the model loads: loading it fails the test."""
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the output folder was checked")
+    monkeypatch.setattr("vlmtune.commands.export.load_processor", boom)
+
+
+def test_export_never_replaces_a_folder_it_did_not_create_even_with_force(tiny_ckpt, tmp_path, monkeypatch):
+    # Before: --force deleted a user's folder named as --out (and this test asserted it). The product's rule
+    # (DESIGN.md "Safety"): vlmtune deletes or overwrites only folders it created and marked.
     ckpt = tiny_ckpt("qwen2_vl")
     adapter = make_adapter(ckpt, tmp_path / "adapter")
-    out = tmp_path / "merged"
-    out.mkdir()
-    (out / "notes.txt").write_text("keep me")
-    with pytest.raises(VlmtuneError) as e:
-        export(ckpt, adapter, out)
-    assert str(e.value) == f"--out {out} is not empty; pass a new directory, or --force to replace its contents"
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-
-    # An empty directory is fine; --force replaces a non-empty one.
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert (export(ckpt, adapter, empty) / "model.safetensors").is_file()
-    export(ckpt, adapter, out, force=True)
-    assert not (out / "notes.txt").exists()
-    assert (out / "model.safetensors").is_file()
-
+    out = _user_folder(tmp_path / "merged")
+    _no_model_load(monkeypatch)
+    for force in (False, True):
+        with pytest.raises(VlmtuneError) as e:
+            export(ckpt, adapter, out, force=force)
+        assert str(e.value) == _refused(out)
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+        assert (out / "notes.txt").read_text() == "keep me"
+    # A file, a link, or a folder vlmtune made for something else (a training output) are refused alike.
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    folders.mark(trained, folders.OUTPUT)
+    (trained / "adapter_model.safetensors").write_text("weights")
+    for path, what in [(tmp_path / "file", "a file"), (tmp_path / "link", "a link"),
+                       (trained, "a folder vlmtune made for something else (vlmtune training output, says its "
+                                 ".vlmtune-owned)")]:
+        with pytest.raises(VlmtuneError) as e:
+            export(ckpt, adapter, path, force=True)
+        assert str(e.value) == _refused(path, what=what)
+    assert (tmp_path / "file").read_text() == "x" and (trained / "adapter_model.safetensors").is_file()
     # Never over the model or adapter directories, even with force.
     with pytest.raises(VlmtuneError) as e:
         export(ckpt, adapter, adapter, force=True)
     assert str(e.value).startswith(f"--out {adapter} is or contains {adapter.resolve()}, which would be deleted")
     assert (adapter / "adapter_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "elsewhere", "file", "link", "merged",
+                                                         "trained"]
+
+
+def test_export_writes_new_or_empty_folders_and_force_replaces_only_an_earlier_export(tiny_ckpt, tmp_path):
+    ckpt = tiny_ckpt("qwen2_vl")
+    adapter = make_adapter(ckpt, tmp_path / "adapter")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (export(ckpt, adapter, empty) / "model.safetensors").is_file()
+    assert folders.owner_of(empty) == folders.EXPORT  # marked: a later --force may replace it
+
+    out = export(ckpt, adapter, tmp_path / "merged")
+    assert folders.owner_of(out) == folders.EXPORT
+    (out / "added.txt").write_text("inside vlmtune's export")
+    with pytest.raises(VlmtuneError) as e:
+        export(ckpt, adapter, out)
+    assert str(e.value) == (f"--out {out} holds an earlier export; set --out to a new directory, or pass --force to "
+                            "replace it (vlmtune made it, so it may)")
+    assert (out / "added.txt").is_file()
+    export(ckpt, adapter, out, force=True)
+    assert not (out / "added.txt").exists() and (out / "model.safetensors").is_file()
+    assert folders.owner_of(out) == folders.EXPORT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "empty", "merged"]  # no temp or old folder left
+
+
+def test_export_checks_the_folder_again_before_the_swap(tiny_ckpt, tmp_path, monkeypatch):
+    # Something that appears at --out while the model merges is refused at the swap, and the export is discarded.
+    import vlmtune.commands.export as ex
+
+    ckpt = tiny_ckpt("qwen2_vl")
+    adapter = make_adapter(ckpt, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    real = ex.check_export
+
+    def meanwhile(folder):
+        if not out.exists():
+            _user_folder(out)
+        return real(folder)
+    monkeypatch.setattr(ex, "check_export", meanwhile)
+    with pytest.raises(VlmtuneError) as e:
+        export(ckpt, adapter, out, force=True)
+    assert str(e.value) == _refused(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
+
+
+def test_export_merge_yaml_names_export_dir_when_refused(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    ckpt = tiny_ckpt("qwen2_vl")
+    out = _user_folder(tmp_path / "mine")
+    (tmp_path / "merge.yaml").write_text(f"model_name_or_path: {ckpt}\nexport_dir: {out}\n")
+    _no_model_load(monkeypatch)
+    assert main(["export", str(tmp_path / "merge.yaml"), "--force"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"export_dir={str(out)!r} is a folder with content that vlmtune did not create (it has no .vlmtune-owned); "
+        "vlmtune writes into or replaces only folders it created and never deletes or overwrites yours: set "
+        "export_dir to a new folder, or empty that one yourself\n")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_export_bad_inputs(tiny_ckpt, tmp_path):
@@ -156,7 +243,8 @@ def test_export_cli_bfloat16(tiny_ckpt, tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 2
     assert capsys.readouterr().err == (
-        f"error: --out {out} is not empty; pass a new directory, or --force to replace its contents\n"
+        f"error: --out {out} holds an earlier export; set --out to a new directory, or pass --force to replace it "
+        "(vlmtune made it, so it may)\n"
     )
 
 

@@ -247,10 +247,11 @@ def _add_chat_export_parsers(sub) -> None:
                    help="a LLaMA-Factory merge YAML (model_name_or_path, adapter_name_or_path, export_dir, ...)")
     e.add_argument("--model", default=None, help="hub id or local path of the base checkpoint")
     e.add_argument("--adapter", default=None, help="the LoRA adapter directory (none for a full fine-tune)")
-    e.add_argument("--out", default=None, help="output directory (must be new or empty, unless --force)")
+    e.add_argument("--out", default=None, help="output directory: new, empty, or (with --force) an earlier export")
     e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="dtype of the merged weights (default auto: the base checkpoint's)")
-    e.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+    e.add_argument("--force", action="store_true",
+                   help="replace an earlier export at --out (never a folder vlmtune did not create)")
     e.add_argument("--trust-remote-code", action="store_true", help="only for checkpoints you trust")
     e.set_defaults(func=_cmd_export)
 

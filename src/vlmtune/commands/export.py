@@ -34,6 +34,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..config.folders import EXPORT, MARKER_FILE, is_marked, mark, named, refusal, remove_marked
 from ..errors import VlmtuneError
 from ..models.load import check_adapter, check_model, load_processor
 
@@ -43,22 +44,38 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: the base checkpoint
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
-def _check_out(out: Path, force: bool, sources: list[str]) -> None:
-    if out.exists() and not out.is_dir():
-        raise VlmtuneError(f"--out {out} is a file; pass a directory to write the checkpoint to")
+def _check_out(out: Path, force: bool, sources: list[str], key: str = "--out") -> None:
+    """Refuse, before the model loads, an `out` that export may not write: the model, an adapter or the working
+    folder (or a folder holding one), anything vlmtune did not create as an export (a user's folder is never
+    replaced, --force or not), or an earlier export without --force."""
     resolved = out.resolve()
     protected = [Path.cwd().resolve()]
     protected += [Path(s).expanduser().resolve() for s in sources if Path(s).expanduser().exists()]
     for p in protected:
         if resolved == p or resolved in p.parents:
             raise VlmtuneError(
-                f"--out {out} is or contains {p}, which would be deleted on overwrite; "
-                "pass a new directory for the merged checkpoint"
+                f"{named(key, out)} is or contains {p}, which would be deleted on overwrite; "
+                f"set {key} to a new directory for the merged checkpoint"
             )
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise VlmtuneError(
-            f"--out {out} is not empty; pass a new directory, or --force to replace its contents"
-        )
+    why = refusal(out, EXPORT, key)
+    if why:
+        raise VlmtuneError(why)
+    if is_marked(out, EXPORT) and not force:
+        raise VlmtuneError(f"{named(key, out)} holds an earlier export; set {key} to a new directory, or pass "
+                           "--force to replace it (vlmtune made it, so it may)")
+
+
+def _swap_in(tmp: Path, out: Path, key: str) -> None:
+    """Put the finished export at `out`: the rename is the commit point; what was there (an earlier export or an
+    empty folder, checked again in case something appeared while merging) is removed only after."""
+    why = refusal(out, EXPORT, key)
+    if why:
+        raise VlmtuneError(why)
+    old = tmp.with_name(tmp.name + ".old")
+    if os.path.lexists(out):
+        os.replace(out, old)
+    os.replace(tmp, out)
+    remove_marked(old, EXPORT)
 
 
 def _set_tied(config, tied: bool) -> None:
@@ -111,7 +128,7 @@ def check_export(out) -> list[Path]:
     from safetensors import safe_open
 
     out = Path(out)
-    files = sorted(p for p in out.rglob("*") if p.is_file())
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MARKER_FILE)  # the marker is not the model's
     names = [p.name for p in files]
     tensors = [p for p in files if p.suffix == ".safetensors"]
     bins = [p.name for p in files if p.suffix == ".bin"]
@@ -192,13 +209,16 @@ def export(
     dtype: str = "auto",
     force: bool = False,
     *,
+    out_key: str = "--out",
     trust_remote_code: bool = False,
     max_shard_size: str | None = None,
     device: str = "cpu",
 ) -> Path:
     """Merge `adapter` (or several, in order) into `model` and save a standalone `dtype` checkpoint in `out` (auto:
     the base's dtype). Without an adapter (a full or freeze fine-tune) the checkpoint is written again as a
-    standalone export: safetensors in `max_shard_size` shards, with its processor."""
+    standalone export: safetensors in `max_shard_size` shards, with its processor. `out` must be new, empty, or
+    (with `force`) an earlier export: vlmtune marks each export and never replaces a folder it did not make;
+    `out_key` is how errors name it (--out, or export_dir in a merge YAML)."""
     if dtype not in DTYPES:
         raise VlmtuneError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     adapters = [str(a) for a in adapter] if isinstance(adapter, (list, tuple)) else [] if adapter is None else [str(adapter)]
@@ -206,7 +226,7 @@ def export(
     check_model(model)
     for a in adapters:
         check_adapter(a)
-    _check_out(out, force, [model, *adapters])
+    _check_out(out, force, [model, *adapters], out_key)
 
     import torch
     from peft import PeftModel
@@ -236,14 +256,13 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        mark(tmp, EXPORT)  # the export says vlmtune made it: a later --force may replace it
         merged.save_pretrained(tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
         processor.save_pretrained(tmp)
         check_export(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _swap_in(tmp, out, out_key)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # mkdtemp made it, under a name of its own
         raise
     return out
 
@@ -357,5 +376,5 @@ def merge_job(path: str) -> tuple[dict, list[str]]:
     adapters = [a.strip() for a in str(adapters).split(",") if a.strip()] if adapters else []
     if not adapters:
         notes.append(f"no adapter_name_or_path: {model} is exported as it is (a {kind} fine-tune needs no merge)")
-    return ({"model": model, "adapter": adapters, "out": out, "max_shard_size": f"{size}GB", "device": device,
+    return ({"model": model, "adapter": adapters, "out": out, "out_key": "export_dir", "max_shard_size": f"{size}GB", "device": device,
              "trust_remote_code": bool(raw.get("trust_remote_code", False))}, notes)

@@ -10,12 +10,16 @@
 - bundle.py: `Config`, which holds one of each section and also reads every key flat, and `DataSections`
   (`cfg.for_data()`), the part the data layer is handed;
 - compat.py: every LLaMA-Factory key vlmtune does not declare, classified (llamafactory_keys.tsv lists them);
-- load.py: reading the YAML, `key=value` overrides, validation across keys, LLaMA-Factory compatibility, advice.
+- bounded_yaml.py: YAML read within bounds (repeated keys reported, merge keys, alias expansion and size capped);
+- cross_checks.py: the rules that involve several keys;
+- load.py: the YAML file and `key=value` overrides, each key converted and checked, LLaMA-Factory compatibility,
+  derived defaults, advice.
 """
 
 from .bundle import Config, DataSections
 from .compat import CLASSIFIED, LLAMA_FACTORY_KEYS
-from .load import LLAMA_FACTORY_REPLACED, load_config, load_sections, read_yaml
+from .bounded_yaml import read_yaml
+from .load import LLAMA_FACTORY_REPLACED, load_config, load_sections
 from .keys import KEYS, PREPARED_KEYS, default_of, prepared_values
 from .sections import (
     SECTIONS,

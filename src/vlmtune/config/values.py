@@ -6,6 +6,7 @@ the helpers here. Nothing here knows a key by name.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import operator
@@ -14,7 +15,7 @@ import reprlib
 import types
 import typing
 from dataclasses import MISSING, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 # The overflow policies, tried in the configured order on a sample longer than cutoff_len (data/stages/fit.py).
 POLICIES = ("shrink_images", "truncate_text", "split", "drop", "error")
@@ -52,6 +53,24 @@ _SHOWN.maxlevel = 3
 def shown(value: Any) -> str:
     """repr(value), at most a few hundred characters."""
     return _SHOWN.repr(value)
+
+
+def did_you_mean(word: str, options: Iterable[str], otherwise: str) -> str:
+    """A "did you mean" for a word not among `options` (a prefix first, then the closest spelling), or `otherwise`."""
+    options = list(options)
+    if len(word) > 64:  # no key is this long, and difflib's time grows with it
+        return otherwise
+    # A prefix is usually a shortened name ("adamw" for adamw_torch); difflib alone would pick grokadamw.
+    close = [o for o in options if word and o.startswith(word)][:1] or difflib.get_close_matches(word, options, n=1)
+    return f"did you mean {close[0]!r}?" if close else otherwise
+
+
+def yaml_text(v: Any) -> str:
+    """A value as YAML writes a scalar; anything long shown bounded (it may be echoed in a note or an error)."""
+    if v is True or v is False or v is None:
+        return "true" if v else "false" if v is False else "null"
+    text = str(v) if isinstance(v, (str, int, float)) else ""
+    return text if text and len(text) <= 120 else shown(v)
 
 
 # Stands for the value of a key that already has a problem, so that checks across keys skip it.

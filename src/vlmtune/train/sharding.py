@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from ..config.load import fsdp_settings
+from ..config.cross_checks import fsdp_settings
 from ..errors import ConfigError
 from ..models.families import FAMILIES
 

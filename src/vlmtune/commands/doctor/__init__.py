@@ -24,20 +24,9 @@ import os
 from typing import Callable
 
 from ...data.drivers.cache import check_folders
-from .checks import (
-    Context,
-    check_distributed,
-    check_linear_attention,
-    check_memory,
-    check_model,
-    check_quantization,
-    check_sharding,
-    check_versions,
-    check_vision,
-    check_workers,
-    load_context,
-    suggest_batch,
-)
+from .context import Context, load_context
+from .environment import check_distributed, check_linear_attention, check_quantization, check_versions, check_workers
+from .model import check_memory, check_model, check_sharding, check_vision, suggest_batch
 from .data import check_data, check_video, read_data
 from .precision import check_precision
 from .device import DeviceInfo, probe_device

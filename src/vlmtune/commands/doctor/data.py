@@ -11,8 +11,8 @@ from ...errors import VlmtuneError
 from .report import Check
 from .report import names_text as _names
 
-if TYPE_CHECKING:  # checks.py holds the Context and imports this module
-    from .checks import Context
+if TYPE_CHECKING:  # context.py holds the Context and imports this module
+    from .context import Context
 
 # data: warn when more than this share of samples is not kept whole by the overflow policies.
 DATA_NOT_WHOLE_WARN = 0.05

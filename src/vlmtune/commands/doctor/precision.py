@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 from .device import DeviceInfo
 from .report import Check
 
-if TYPE_CHECKING:  # checks.py holds the Context and imports this module
-    from .checks import Context
+if TYPE_CHECKING:  # the Context, for annotations only
+    from .context import Context
 
 
 def check_precision(ctx: Context) -> Check:

@@ -1,220 +1,25 @@
-"""The doctor's checks, each a function of a `Context` (config, device, model, data facts) returning one `Check`."""
+"""The doctor's checks of the run against the model: whether it loads (and its parameters), which parts train
+(vision: the LoRA targets against the freeze_* keys), the memory per device with the batch that fits, and
+sharding (FSDP2 wrap classes, mixed modalities, memory per rank)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-from ...data.media.video import decoder_version
 from ...errors import VlmtuneError
-from ...models.families import FAMILIES, display_name
-from .device import DeviceInfo
-from .memory import (
-    MemoryEstimate,
-    ModelFacts,
-    zero_stage as _zero_stage,
-    estimate_memory,
-    shard_stage,
-    meta_model,
-    model_facts,
-)
-from .data import DataFacts, video_problems
-from .report import Check, MiB, gib as _gib, mib as _mib, size_text as _size
+from .context import Context, family, world_size, worst_batch
+from .memory import MemoryEstimate, estimate_memory, shard_stage
+from .memory import zero_stage as _zero_stage
+from .report import Check
+from .report import gib as _gib
 from .report import leaf_names as _leaf_names
 from .report import names_text as _names
+from .report import size_text as _size
 
 # memory: ok up to this share of the device's memory (the estimate is good to about ±25%); above it warn;
 # above all of it fail. Suggested batch sizes keep the estimate under MEMORY_OK_SHARE.
 MEMORY_OK_SHARE = 0.80
-
-
-# workers: each preprocessing worker loads the tokenizer and image processor; each dataloader worker is a
-# fork of the trainer that decodes images and holds its prefetched batches.
-PREPROCESS_WORKER_BYTES = 400 * MiB
-
-
-DATALOADER_WORKER_BYTES = 300 * MiB
-
-
-DATALOADER_PREFETCH = 2  # torch's default prefetch_factor
-
-
-WORKER_RAM_WARN_SHARE = 0.5  # warn when the workers would take over half the free RAM; fail over all of it
-
-
-# distributed: a rank waits this long for the others before the job fails.
-DDP_TIMEOUT_WARN_S = 2 * 3600
-# Above a day the warning says so; it never fails the run: LLaMA-Factory's examples all set 180000000.
-DDP_TIMEOUT_DAY_S = 24 * 3600
-
-
-# The versions this release was tested with (major.minor); the transformers each family needs is in models/families.py.
-TESTED = {"torch": "2.14", "transformers": "5.24", "peft": "0.21", "accelerate": "1.15"}
-
-
-@dataclass
-class Context:
-    cfg: Any
-    device: DeviceInfo
-    loaded: Any = None
-    model: Any = None
-    model_error: str | None = None
-    facts: "ModelFacts | None" = None
-    facts_error: str | None = None
-    data: DataFacts | None = None
-    data_error: str | None = None
-    env: dict = field(default_factory=dict)
-
-
-def load_context(ctx: Context, loaded, model) -> None:
-    cfg = ctx.cfg
-    try:
-        if loaded is None:
-            from ...models.load import load_spec
-
-            loaded = load_spec(cfg.model, cfg.fit)
-        ctx.loaded = loaded
-        ctx.model = model if model is not None else meta_model(loaded.config, cfg.trust_remote_code)
-    except Exception as e:  # any failure to load is reported by check_model, the other checks go on
-        ctx.model_error = f"{type(e).__name__}: {e}"
-        return
-    try:
-        ctx.facts = model_facts(ctx.model.config, cfg, trust_remote_code=cfg.trust_remote_code)
-    except VlmtuneError as e:  # lora_target matches nothing: the vision check says so
-        ctx.facts_error = "; ".join(getattr(e, "problems", None) or [str(e)])
-    except Exception as e:  # an unexpected config: the memory check says it could not estimate
-        ctx.facts_error = f"{type(e).__name__}: {e}"
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def _requirements() -> dict[str, Any]:
-    """vlmtune's own requirements (from its installed metadata): name -> SpecifierSet."""
-    from importlib.metadata import PackageNotFoundError, requires
-
-    from packaging.requirements import Requirement
-
-    try:
-        reqs = [Requirement(r) for r in requires("vlmtune") or []]
-    except PackageNotFoundError:
-        return {}
-    return {r.name: r.specifier for r in reqs if r.marker is None}
-
-
-def check_versions(ctx: Context) -> Check:
-    from packaging.version import Version
-
-    fails, warns, shown = [], [], []
-    required = _requirements()
-    for lib, tested in TESTED.items():
-        v = _version(lib)
-        if v is None:
-            fails.append(f"{lib} is not installed")
-            continue
-        shown.append(f"{lib} {v}")
-        mm = Version(".".join(str(x) for x in Version(v).release[:2]))
-        if lib in required and not required[lib].contains(Version(v).base_version):
-            fails.append(f"vlmtune requires {lib}{required[lib]}, found {v}")
-        elif mm != Version(tested):
-            warns.append(f"{lib} {v} is {'older' if mm < Version(tested) else 'newer'} than the tested {tested}")
-    decoder, fixes = decoder_version(), []
-    if decoder is not None:
-        shown.append(f"video decoder {decoder}")
-    elif _video_count(ctx):
-        fails.append(f"no video decoder (PyAV) installed: the data's {_video_count(ctx)} video(s) cannot be read")
-        fixes.append("pip install av (vlmtune[video])")
-    else:
-        shown.append("no video decoder (PyAV) installed: videos cannot be read (the data has none)")
-    family = _model_type(ctx)
-    tv = _version("transformers")
-    if family in FAMILIES and tv is not None:
-        need = FAMILIES[family].min_transformers
-        if Version(tv) < Version(need):
-            fails.append(f"{display_name(family)} needs transformers >= {need}, found {tv}")
-        else:
-            shown.append(f"{display_name(family)} needs transformers >= {need}")
-    if tv is not None and Version(tv).major >= 5:
-        shown.append("transformers 5 needs mm_token_type_ids with every image batch and vlmtune's collator "
-                     "provides it")
-    tested = ", ".join(f"{k} {v}" for k, v in TESTED.items())
-    message = "; ".join(fails + warns + shown) + f" (tested with {tested})"
-    if fails:
-        if len(fixes) < len(fails):
-            fixes.insert(0, f"pip install the versions tested with: {tested}")
-        return Check("versions", "fail", message, "; ".join(fixes))
-    if warns:
-        return Check("versions", "warn", message, f"if something breaks, install the versions tested with: {tested}")
-    return Check("versions", "ok", message)
-
-
-def _video_count(ctx: Context) -> int:
-    """Videos in the data: those accounted, and those the data path could not read for want of a decoder."""
-    if ctx.data is None:
-        return 0
-    return ctx.data.summary.get("videos", 0) + video_problems(ctx)["no_video_decoder"]
-
-
-def _model_type(ctx: Context) -> str | None:
-    return getattr(ctx.loaded.config, "model_type", None) if ctx.loaded is not None else None
-
-
-def _local_processes(ctx: Context) -> int:
-    env = ctx.env
-    for key in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
-        if env.get(key, "").isdigit():
-            return max(1, int(env[key]))
-    return 1
-
-
-def check_workers(ctx: Context) -> Check:
-    cfg, dev = ctx.cfg, ctx.device
-    prep = int(cfg.preprocessing_num_workers or 1)
-    loader = int(cfg.dataloader_num_workers)
-    procs = _local_processes(ctx)
-    loaders = procs * loader
-    batch_pixels = _batch_pixel_bytes(ctx)
-    loader_bytes = loaders * (DATALOADER_WORKER_BYTES + DATALOADER_PREFETCH * batch_pixels)
-    prep_bytes = prep * PREPROCESS_WORKER_BYTES if prep > 1 else 0
-    need = max(prep_bytes, loader_bytes)  # preparing ends before training starts
-    who = f"{procs} training processes × " if procs > 1 else ""
-    facts = (f"preprocessing_num_workers={prep}, {who}dataloader_num_workers={loader}, {dev.cpu_count} CPUs, "
-             f"{_size(dev.free_ram)} RAM free; estimated worker memory {_size(need)} (about "
-             f"{PREPROCESS_WORKER_BYTES // MiB} MiB per preprocessing worker, {DATALOADER_WORKER_BYTES // MiB} MiB + "
-             f"{DATALOADER_PREFETCH} prefetched batches of {_mib(batch_pixels)} pixels per dataloader worker)")
-    problems, fixes = [], []
-    if prep > dev.cpu_count:
-        problems.append(f"preprocessing_num_workers={prep} is more than the {dev.cpu_count} CPUs")
-        fixes.append(f"set preprocessing_num_workers to at most {dev.cpu_count}")
-    if loaders > dev.cpu_count:
-        problems.append(f"{loaders} dataloader workers in all is more than the {dev.cpu_count} CPUs")
-        fixes.append(f"set dataloader_num_workers to at most {dev.cpu_count // procs}")
-    status = "warn" if problems else "ok"
-    if need > dev.free_ram * WORKER_RAM_WARN_SHARE:
-        share = "all" if need > dev.free_ram else f"over {WORKER_RAM_WARN_SHARE:.0%} of"
-        problems.append(f"the workers would take {share} the free RAM")
-        fixes.append("use fewer workers")
-        status = "fail" if need > dev.free_ram else "warn"
-    if not problems:
-        return Check("workers", "ok", facts)
-    return Check("workers", status, "; ".join(problems) + f" ({facts})", "; ".join(dict.fromkeys(fixes)))
-
-
-def _batch_pixel_bytes(ctx: Context) -> int:
-    """pixel values (images and videos) of the batch with the most vision tokens: vision tokens × merge² patches
-    × 3·t·p² float32."""
-    if ctx.loaded is None:
-        return 0
-    spec = ctx.loaded.spec
-    tokens = _worst_batch(ctx, ctx.cfg.per_device_train_batch_size)[1]
-    return tokens * spec.merge_size**2 * 3 * spec.temporal_patch_size * spec.patch_size**2 * 4
 
 
 def check_model(ctx: Context) -> Check:
@@ -224,17 +29,12 @@ def check_model(ctx: Context) -> Check:
                      f"{ctx.model_error}", "set model_name_or_path to a Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE) or "
                      "Qwen3.5(-MoE) checkpoint folder or hub id (the hub needs network access)")
     if ctx.facts is None:
-        return Check("model", "ok", f"{_family(ctx)} from {cfg.model_name_or_path}")
+        return Check("model", "ok", f"{family(ctx)} from {cfg.model_name_or_path}")
     f = ctx.facts
     parts = ", ".join(f"{c} {f.params[c]:,}" for c in f.params)
-    return Check("model", "ok", f"{_family(ctx)} from {cfg.model_name_or_path}: {f.total_params:,} parameters "
+    return Check("model", "ok", f"{family(ctx)} from {cfg.model_name_or_path}: {f.total_params:,} parameters "
                  f"({parts}); {f.trainable_params:,} train ({100 * f.trainable_params / f.total_params:.2f}%) "
                  f"with finetuning_type={cfg.finetuning_type}")
-
-
-def _family(ctx: Context) -> str:
-    t = _model_type(ctx)
-    return f"{display_name(t)} ({t})"
 
 
 def check_vision(ctx: Context) -> Check:
@@ -353,31 +153,10 @@ def _vision_without_lora(ctx: Context, frozen: set[str]) -> Check:
     return Check("vision", "ok", text + _trainable_text(ctx))
 
 
-def _worst_batch(ctx: Context, batch: int) -> tuple[int, int, str]:
-    """(padded sequence length, vision tokens) of the worst batch of `batch` rows, and where they come from.
-
-    group_by_length batches rows of similar length, so the worst batch holds the longest rows: the length
-    is the longest row's, the vision tokens (image + video pads: one vision feature each, merge² patches of
-    temporal_patch_size frames for both) the sum of the `batch` rows with the most. Without data: cutoff_len
-    tokens per row, max_image_token_share of them image tokens.
-    """
-    cfg = ctx.cfg
-    d = ctx.data
-    if d is not None and d.rows:
-        return d.longest, d.image_prefix[min(batch, len(d.rows))], "the longest fitted rows of the data"
-    share = int(cfg.max_image_token_share * cfg.cutoff_len)
-    return cfg.cutoff_len, batch * share, f"no data: assumed {cfg.cutoff_len} tokens, {share} of them image tokens, per row"
-
-
 def _vision_tokens(ctx: Context) -> str:
     """What the memory check calls the rows' vision tokens: image + video pads when the data has videos."""
     return "vision tokens (image and video)" if ctx.data is not None and ctx.data.summary.get("videos") else \
         "image tokens"
-
-
-def _world_size(ctx: Context) -> int:
-    v = ctx.env.get("WORLD_SIZE", "1")
-    return max(1, int(v)) if v.isdigit() else 1
 
 
 def check_memory(ctx: Context) -> Check:
@@ -387,10 +166,10 @@ def check_memory(ctx: Context) -> Check:
         return Check("memory", "warn", f"not estimated: {why}", "fix the model and vision checks first")
     b, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     stage = shard_stage(cfg, ctx.env)
-    world = _world_size(ctx)
+    world = world_size(ctx)
 
     def estimate(batch: int) -> MemoryEstimate:
-        seq, images, _ = _worst_batch(ctx, batch)
+        seq, images, _ = worst_batch(ctx, batch)
         return estimate_memory(cfg, ctx.facts, dev.kind, batch=batch, seq_len=seq, image_tokens=images,
                                world_size=world, zero_stage=stage)
 
@@ -398,7 +177,7 @@ def check_memory(ctx: Context) -> Check:
     budget = dev.total_memory if dev.kind == "cuda" else dev.free_ram
     where = f"{dev.name}'s {_gib(budget)}" if dev.kind == "cuda" else \
         f"{_gib(budget)} of free RAM (no GPU: training runs on the CPU)"
-    source = _worst_batch(ctx, b)[2]
+    source = worst_batch(ctx, b)[2]
     parts = ", ".join(f"{k} {_size(v)}" for k, v in est.parts.items() if v)
     if getattr(cfg, "stage", "sft") == "dpo":
         parts += "; stage dpo: both sides of each pair in one forward (2 sequences per row)"
@@ -477,51 +256,6 @@ def _memory_levers(ctx: Context) -> str:
     return "try " + ", ".join(levers)
 
 
-def check_distributed(ctx: Context) -> Check:
-    cfg, env = ctx.cfg, ctx.env
-    world = _world_size(ctx)
-    launched = world > 1 or "LOCAL_RANK" in env
-    if not launched and not cfg.deepspeed and not cfg.fsdp:
-        return Check("distributed", "ok", "one process (no WORLD_SIZE > 1, LOCAL_RANK or deepspeed): nothing to "
-                     "synchronise")
-    notes, fails, warns = [], [], []
-    t = cfg.ddp_timeout
-    if t > DDP_TIMEOUT_DAY_S:
-        warns.append(f"ddp_timeout={t} s lets a stuck rank hang the job for over a day")
-    elif t > DDP_TIMEOUT_WARN_S:
-        warns.append(f"ddp_timeout={t} s lets a stuck rank hang the job for over {DDP_TIMEOUT_WARN_S // 3600} h")
-    else:
-        notes.append(f"ddp_timeout={t} s")
-    stage, problem = _zero_stage(cfg)
-    if problem:
-        fails.append(problem)
-    if cfg.deepspeed and not problem:
-        if not _installed("deepspeed"):
-            fails.append(f"deepspeed={cfg.deepspeed!r} is set but DeepSpeed is not installed")
-        notes.append(f"DeepSpeed ZeRO stage {stage} (from {cfg.deepspeed})")
-        if stage == 3:
-            notes.append("ZeRO-3 gathers each module's parameters on every rank, so text-only batches get the "
-                         "dummy vision pass too")
-    if cfg.deepspeed or cfg.fsdp or ctx.env.get("ACCELERATE_USE_FSDP") or _vision_trains(ctx):
-        notes.append("a text-only batch runs the vision tower on one dummy image with weight 0 (VlmTrainer), so "
-                     "every rank runs the same modules and no rank waits for gradients that never come")
-    else:
-        notes.append("the vision tower and projector are frozen, so text-only batches need no dummy vision pass")
-    message = f"{world} process(es): " + "; ".join(fails + warns + notes)
-    if fails:
-        fix = []
-        if t > DDP_TIMEOUT_WARN_S:
-            fix.append("set ddp_timeout: 1800 (the default) or at most 7200")
-        if problem:
-            fix.append("set deepspeed to a readable DeepSpeed JSON file, or null")
-        if any("not installed" in f for f in fails):
-            fix.append("pip install deepspeed, or set deepspeed: null")
-        return Check("distributed", "fail", message, "; ".join(fix))
-    if warns:
-        return Check("distributed", "warn", message, "set ddp_timeout: 1800 (the default) or at most 7200")
-    return Check("distributed", "ok", message)
-
-
 def check_sharding(ctx: Context) -> Check:
     """FSDP2 / DeepSpeed: the wrap classes exist in the loaded model, batches without a modality are safe, and
     the memory per rank (weights, gradients, optimizer states divided by the shard count)."""
@@ -582,64 +316,11 @@ def _modality_note(ctx: Context) -> str:
 def _per_rank_memory(ctx: Context) -> str:
     if ctx.facts is None:
         return "memory per rank: not estimated (no model facts)"
-    cfg, world = ctx.cfg, _world_size(ctx)
-    seq, images, _ = _worst_batch(ctx, cfg.per_device_train_batch_size)
+    cfg, world = ctx.cfg, world_size(ctx)
+    seq, images, _ = worst_batch(ctx, cfg.per_device_train_batch_size)
     est = estimate_memory(cfg, ctx.facts, ctx.device.kind, batch=cfg.per_device_train_batch_size, seq_len=seq,
                           image_tokens=images, world_size=world, zero_stage=shard_stage(cfg, ctx.env))
     parts = ", ".join(f"{k} {_size(est.parts[k])}" for k in ("weights", "gradients", "optimizer"))
     how = (f"divided by the {world} ranks (WORLD_SIZE)" if world > 1 else
            "for 1 rank: set WORLD_SIZE (e.g. WORLD_SIZE=8 vlmtune doctor ...) to see them divided by the shard count")
     return f"memory per rank: {parts} ({how}); estimated peak {_gib(est.total)}"
-
-
-def _installed(module: str) -> bool:
-    from importlib.util import find_spec
-
-    return find_spec(module) is not None
-
-
-def check_quantization(ctx: Context) -> Check:
-    """bitsandbytes for quantization_bit and its optimizers (commands/doctor/quantization.py)."""
-    import torch
-
-    from ...models.quant import bitsandbytes_version
-    from .quantization import check_quantization as check
-
-    here = ctx.device.kind == "cpu" or torch.cuda.is_available()  # a made-up GPU cannot be probed from a CPU
-    return check(ctx, version=bitsandbytes_version(), zero_stage=_zero_stage(ctx.cfg)[0], probe_here=here)
-
-
-# transformers#48718: Qwen3.5-9B full fine-tuning on 8 x B200, 1.22 s per step with the gated-delta layers on
-# transformers' PyTorch reference vs 0.70 s with flash-linear-attention (the layers took about half the step).
-LINEAR_ATTENTION_SLOWDOWN = "1.7x per step (Qwen3.5-9B on B200, transformers#48718: 1.22 s vs 0.70 s)"
-
-
-def check_linear_attention(ctx: Context) -> Check:
-    """Qwen3.5's gated-delta linear-attention layers: the kernels that make them fast on a GPU, and packing."""
-    from ...models.hybrid import kernels_installed
-
-    if ctx.loaded is None or not ctx.loaded.spec.linear_attention:
-        return Check("linear_attention", "ok", "no linear-attention layers")
-    text = getattr(ctx.loaded.config, "text_config", ctx.loaded.config)
-    n = sum(t == "linear_attention" for t in getattr(text, "layer_types", None) or ())
-    packing = (" packing keeps each sample's recurrent and convolution state to itself "
-               "(the kernels get the boundaries; without them each layer runs once per packed sample)."
-               if ctx.cfg.packing else "")
-    if ctx.device.kind != "cuda":
-        return Check("linear_attention", "ok", f"{n} gated-delta linear-attention layers run transformers' PyTorch "
-                     f"reference on the {ctx.device.kind} (the kernels need a GPU).{packing}")
-    missing = [name for name, ok in kernels_installed().items() if not ok]
-    if not missing:
-        return Check("linear_attention", "ok", f"{n} gated-delta linear-attention layers run the "
-                     f"flash-linear-attention and causal-conv1d kernels.{packing}")
-    return Check("linear_attention", "warn",
-                 f"{' and '.join(missing)} not installed: the {n} gated-delta linear-attention layers of "
-                 f"{_family(ctx)} fall back to transformers' PyTorch reference, correct but slower (documented: "
-                 f"{LINEAR_ATTENTION_SLOWDOWN}).{packing}",
-                 f"pip install {' '.join(missing)} (causal-conv1d compiles against your torch and CUDA)")
-
-
-def _vision_trains(ctx: Context) -> bool:
-    if ctx.facts is not None:
-        return ctx.facts.trainable["vision_tower"] + ctx.facts.trainable["projector"] > 0
-    return not (ctx.cfg.freeze_vision_tower and ctx.cfg.freeze_multi_modal_projector)

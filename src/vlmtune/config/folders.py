@@ -1,0 +1,104 @@
+"""Folders vlmtune writes: the ownership marker, and the one rule for writing into or replacing a folder.
+
+vlmtune writes into a folder it created and marked, or into a new or empty one (which it then marks); it replaces
+or removes a folder only when that folder carries its marker, MARKER_FILE, whose content names vlmtune and the
+kind of folder (`owner`: a training output, a prepared-dataset cache, an export, a tiny checkpoint, a demo). A
+folder of one kind is never replaced as another (`export --force` never replaces a training output). Anything
+else in the way (a folder with content and no marker, a file, a link) is refused with the path, the key or flag
+that named it and the fix; nothing is moved aside or removed. It sits here, below models, data, train and
+commands, because each of them writes folders (the layers import downwards only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+from .. import __version__
+
+MARKER_FILE = ".vlmtune-owned"
+
+# The kinds of folders vlmtune makes (the marker's `owner`); data/drivers/cache.py adds its prepared-dataset cache.
+OUTPUT = "vlmtune training output"  # output_dir of prepare / train
+EXPORT = "vlmtune export"  # vlmtune export --out / export_dir
+TINY = "vlmtune tiny checkpoint"  # vlmtune tiny-model OUT
+DEMO = "vlmtune demo"  # vlmtune demo --out
+
+
+def owner_of(folder: str | os.PathLike) -> str | None:
+    """The `owner` the marker in `folder` names, or None (no marker, not a plain folder, unreadable)."""
+    folder = os.fspath(folder)
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return None
+    try:
+        with open(os.path.join(folder, MARKER_FILE), encoding="utf-8") as f:
+            owner = json.load(f).get("owner")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return owner if isinstance(owner, str) else None
+
+
+def is_marked(folder: str | os.PathLike, owner: str) -> bool:
+    return owner_of(folder) == owner
+
+
+def mark(folder: str | os.PathLike, owner: str) -> None:
+    """Say that vlmtune made `folder` as `owner` (so that it may later write into, replace or remove it). Written
+    aside and renamed, so that another process (a rank of the same run) never reads half a marker."""
+    folder = os.fspath(folder)
+    if is_marked(folder, owner):
+        return
+    path = os.path.join(folder, MARKER_FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"owner": owner, "version": __version__}, f)
+    os.replace(tmp, path)
+
+
+def is_empty(folder: str | os.PathLike) -> bool:
+    """A plain folder (not a link) with nothing in it."""
+    folder = os.fspath(folder)
+    return os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder)
+
+
+def named(key: str, folder: str | os.PathLike) -> str:
+    """How an error names the folder: `key=value` for a config key, `--flag value` for a command-line flag."""
+    return f"{key} {os.fspath(folder)}" if key.startswith("-") or key.isupper() else f"{key}={os.fspath(folder)!r}"
+
+
+def refusal(folder: str | os.PathLike, owner: str, key: str) -> str | None:
+    """Why vlmtune may not write `owner`'s files into `folder` (named by `key`), or None when it may: nothing is
+    there, an empty folder, or a folder marked as `owner`."""
+    folder = os.fspath(folder)
+    if not os.path.lexists(folder) or is_empty(folder) or is_marked(folder, owner):
+        return None
+    if os.path.islink(folder):
+        what = "a link"
+    elif not os.path.isdir(folder):
+        what = "a file"
+    elif owner_of(folder) is not None:
+        what = f"a folder vlmtune made for something else ({owner_of(folder)}, says its {MARKER_FILE})"
+    else:
+        what = f"a folder with content that vlmtune did not create (it has no {MARKER_FILE})"
+    return (f"{named(key, folder)} is {what}; vlmtune writes into or replaces only folders it created and never "
+            f"deletes or overwrites yours: set {key} to a new folder, or empty that one yourself")
+
+
+def claim(folder: str | os.PathLike, owner: str) -> None:
+    """Create `folder` (and its parents) if needed and mark it as `owner`; call it after `refusal` said None."""
+    os.makedirs(folder, exist_ok=True)
+    mark(folder, owner)
+
+
+def remove_marked(folder: str | os.PathLike, owner: str) -> bool:
+    """Remove `folder` when it carries `owner`'s marker (an empty folder too); True if it is gone."""
+    import shutil
+
+    folder = os.fspath(folder)
+    if is_marked(folder, owner):
+        shutil.rmtree(folder, ignore_errors=True)
+    elif is_empty(folder):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+    return not os.path.lexists(folder)
