@@ -467,6 +467,12 @@ class TrainArgs:
         "none", "Where metrics go: none, or integrations such as tensorboard,wandb (comma-separated or a list).",
         expect="none or integrations such as tensorboard,wandb", convert=_as_comma_str,
     )
+    overwrite_output_dir: bool = _arg(
+        False, "Train from scratch in an output_dir that holds an earlier run's checkpoints: vlmtune removes the "
+        "checkpoints it marked complete there (vlmtune_complete) before the first step and writes over the rest "
+        "by name. false: such an output_dir is refused unless resume_from_checkpoint is set. Never applies to a "
+        "folder vlmtune did not create (docs/security.md).",
+    )
     resume_from_checkpoint: bool | str | None = _arg(
         None, "Resume training: true for the latest checkpoint in output_dir, or a checkpoint folder; "
         "null or false: start fresh.",
