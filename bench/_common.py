@@ -36,9 +36,10 @@ def tiny_checkpoint(arch: str = "qwen2_vl", seed: int = 0) -> Path:
 
     import transformers
 
-    from vlmtune.models import tiny
+    from vlmtune.models import tiny, tiny_tokenizer
 
-    key = hashlib.sha256(Path(tiny.__file__).read_bytes() + transformers.__version__.encode()).hexdigest()[:10]
+    builder = b"".join(Path(m.__file__).read_bytes() for m in (tiny, tiny_tokenizer))
+    key = hashlib.sha256(builder + transformers.__version__.encode()).hexdigest()[:10]
     return cached_dir(f"tiny-{arch}-seed{seed}-{key}", lambda d: tiny.build_tiny_checkpoint(d, arch=arch, seed=seed))
 
 

@@ -391,7 +391,8 @@ def test_versions_below_the_requirements_fail(check, monkeypatch):
 
 
 def test_untested_versions_warn(check, monkeypatch):
-    monkeypatch.setattr(doctor_environment, "_version", lambda lib: {**TESTED, "peft": "0.18.0", "torch": "2.15.0"}.get(lib))
+    monkeypatch.setattr(doctor_environment, "_version",
+                        lambda lib: {**TESTED, "peft": "0.18.0", "torch": "2.15.0"}.get(lib))
     c = check("versions", A100, "bf16=true")
     assert c.status == "warn"
     assert c.message.startswith("torch 2.15.0 is newer than the tested 2.14; peft 0.18.0 is older than the tested "

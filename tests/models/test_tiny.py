@@ -10,7 +10,8 @@ from PIL import Image
 
 from vlmtune.models.grid import grid_for
 from vlmtune.models.spec import ModelSpec
-from vlmtune.models.tiny import ARCHS, QWEN3_5_ADDED_TOKENS, SPECIAL_TOKENS, build_tiny_checkpoint
+from vlmtune.models.tiny import ARCHS, build_tiny_checkpoint
+from vlmtune.models.tiny_tokenizer import QWEN3_5_ADDED_TOKENS, SPECIAL_TOKENS
 
 FAMILY_CLASS = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),

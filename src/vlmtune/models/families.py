@@ -54,7 +54,7 @@ class Family:
     tiny_max_pixels: int
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
-    chat_template: str  # which of tiny.py's templates: "qwen2_vl", "qwen3_vl" or "qwen3_5" (thinking blocks)
+    chat_template: str  # which of tiny_tokenizer.CHAT_TEMPLATES: "qwen2_vl", "qwen3_vl" or "qwen3_5" (thinking blocks)
     tokenizer_class: str = "Qwen2Tokenizer"
     # Traits: how the family differs, for the code that must know (instead of comparing model_type strings).
     # Its video processor writes each video as one run per temporal patch, after a `<T seconds>` timestamp
