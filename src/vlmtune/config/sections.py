@@ -410,7 +410,8 @@ class TrainArgs:
     """The optimisation loop, checkpoints and logging (transformers' TrainingArguments names)."""
 
     output_dir: str = _arg(
-        help="Folder for checkpoints, the trained adapter or model, logs and the loss plot.",
+        help="Folder for checkpoints, the trained adapter or model, logs and the loss plot: new, empty or vlmtune's "
+        "(marked `.vlmtune-owned`); a folder of yours with content is refused (docs/security.md).",
         expect="a folder such as saves/qwen2_vl-2b/lora/sft",
         required=True,
     )
