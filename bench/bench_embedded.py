@@ -7,7 +7,7 @@ files weigh what photos weigh), written once in two forms and cached between run
 * embedded: the TRL / llava-instruct-mix layout in two Parquet shards of a Hub-layout folder
   (`data/train-0000k-of-00002.parquet`), the images as `{"bytes", "path"}` structs.
 
-Each side runs `vlmtune.data.pipeline.account` (read, validate with header-only sizes, encode), the
+Each side runs `vlmtune.data.drivers.pipeline.account` (read, validate with header-only sizes, encode), the
 fastest of several whole calls; the headline is samples/s embedded over samples/s files measured by
 CPU time (`time.process_time`: the work each side does, which other jobs on a shared machine
 barely move), goal >= 0.8 (embedded bytes cost no decode). The per-sample token counts of the two
@@ -81,7 +81,7 @@ def _build(n: int):
 
 
 def _account(data: str, loaded):
-    from vlmtune.data.pipeline import account
+    from vlmtune.data.drivers.pipeline import account
 
     return account(data, loaded, progress=False)
 
@@ -100,7 +100,7 @@ def _best_cpu(fn, repeats: int):
 _PREPARE = """
 import sys
 from vlmtune.config import load_config
-from vlmtune.data.prepare import prepare
+from vlmtune.data.drivers.prepare import prepare
 cfg = load_config(None, [f"model_name_or_path={sys.argv[1]}", f"dataset={sys.argv[2]}", f"output_dir={sys.argv[3]}",
                          "cutoff_len=4096", "overwrite_cache=true"])
 p = prepare(cfg.for_data(), progress=False)

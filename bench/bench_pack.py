@@ -33,8 +33,8 @@ def _images(root):
 
 
 def _rows(n: int, seed: int = 0, arch: str = "qwen2_vl"):
-    from vlmtune.data.encode import Encoder, emit
-    from vlmtune.data.images import read_header
+    from vlmtune.data.stages.encode import Encoder, emit
+    from vlmtune.data.media.images import read_header
     from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
     from vlmtune.models.load import load_spec
 
@@ -94,8 +94,8 @@ def _seconds(model, batches, collate) -> float:
 
 def run(quick: bool) -> dict[str, float | str]:
     import torch
-    from vlmtune.data.collate import Collator
-    from vlmtune.data.pack import pack_rows
+    from vlmtune.data.stages.collate import Collator
+    from vlmtune.data.stages.pack import pack_rows
     from vlmtune.models.load import component_of
 
     torch.manual_seed(0)

@@ -53,8 +53,8 @@ def _cpu_seconds(model, batches, collate) -> float:
 def run(quick: bool) -> dict[str, float | str]:
     import torch
 
-    from vlmtune.data.collate import Collator
-    from vlmtune.data.pack import pack_rows
+    from vlmtune.data.stages.collate import Collator
+    from vlmtune.data.stages.pack import pack_rows
     from vlmtune.models.hybrid import keep_packed_samples_apart
     from vlmtune.models.load import component_of
 

@@ -27,7 +27,7 @@ from bench_inspect import MAX_PIXELS, MIN_PIXELS, dataset
 
 def _time_prepare(model, data, n: int, workers: int) -> float:
     from vlmtune.config import load_config
-    from vlmtune.data.prepare import prepare
+    from vlmtune.data.drivers.prepare import prepare
 
     out = tempfile.mkdtemp(prefix="vlmtune-bench-prepare-")
     try:
@@ -48,7 +48,7 @@ def _time_prepare(model, data, n: int, workers: int) -> float:
 @contextlib.contextmanager
 def _no_pixel_decode():
     """The baseline of prepare_pixel_check_cost: validation without decoding the pixels (1 worker: in-process)."""
-    from vlmtune.data import validate
+    from vlmtune.data.stages import validate
 
     real = validate.check_decodes
     validate.check_decodes = lambda source: None

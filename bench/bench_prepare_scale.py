@@ -72,7 +72,7 @@ def one(what: str, data_path: str, n: int, workers: int, short: bool) -> dict:
     t, c = time.perf_counter(), time.process_time()
     if what == "prepare":
         from vlmtune.config import load_config
-        from vlmtune.data.prepare import prepare
+        from vlmtune.data.drivers.prepare import prepare
 
         out = tempfile.mkdtemp(prefix="vlmtune-bench-scale-")
         cfg = load_config(None, [
@@ -86,7 +86,7 @@ def one(what: str, data_path: str, n: int, workers: int, short: bool) -> dict:
 
         shutil.rmtree(out, ignore_errors=True)
     else:
-        from vlmtune.data.pipeline import account, summarize
+        from vlmtune.data.drivers.pipeline import account, summarize
         from vlmtune.config import FitArgs
         from vlmtune.models.load import load_spec
 
@@ -94,7 +94,7 @@ def one(what: str, data_path: str, n: int, workers: int, short: bool) -> dict:
         s = summarize(account(data_path, loaded, progress=False, workers=workers))
         result = {"samples": s["samples"], "tokens": s["tokens"], "records": s["records"]}
     wall, cpu = time.perf_counter() - t, time.process_time() - c
-    # workers are the forkserver's children (data/pipeline.worker_pool): stop it so that its usage and its
+    # workers are the forkserver's children (data/drivers/pipeline.worker_pool): stop it so that its usage and its
     # reaped workers' are counted in this process's RUSAGE_CHILDREN
     from multiprocessing import forkserver
 

@@ -1,4 +1,4 @@
-"""video_accounting_speedup: header facts + arithmetic (data/video.py, models/video_grid.py) vs decoding.
+"""video_accounting_speedup: header facts + arithmetic (data/media/video.py, models/video_grid.py) vs decoding.
 
 The data: a few clips of 6-12 s at 25-30 fps, 320x240 to 640x480, mpeg4 in MP4 and VP8 in WebM, with moving
 noise so that decoding costs what it costs; written once and cached.
@@ -74,7 +74,7 @@ def run(quick: bool = False) -> dict:
     from transformers import AutoProcessor
     from transformers.video_utils import VideoMetadata
 
-    from vlmtune.data.video import read_facts
+    from vlmtune.data.media.video import read_facts
     from vlmtune.models.video_grid import VideoSpec, plan_video
 
     torch.set_num_threads(1)

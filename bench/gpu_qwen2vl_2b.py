@@ -70,7 +70,7 @@ def synthetic_rows(n: int, cutoff: int, seed: int = 0) -> list[dict]:
 def batch_of(rows: list[dict], packed: bool, device):
     import torch
 
-    from vlmtune.data.pack import packed_position_ids
+    from vlmtune.data.stages.pack import packed_position_ids
 
     length = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), length), 151643, dtype=torch.long)
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2VLForConditionalGeneration
 
-    from vlmtune.data.pack import pack_rows
+    from vlmtune.data.stages.pack import pack_rows
     from vlmtune.models.load import component_of, linear_modules
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

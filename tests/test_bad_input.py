@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from vlmtune.config import load_config
-from vlmtune.data.prepare import prepare
+from vlmtune.data.drivers.prepare import prepare
 from vlmtune.errors import DataError
 
 U, A = "user", "assistant"

@@ -17,7 +17,8 @@ WHOLE_CONFIG = re.compile(r"\bConfig\b")
 
 
 def _modules(package) -> list:
-    return [importlib.import_module(f"{package.__name__}.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
+    """Every module of the package, its sub-packages' included (data/ is folders: sources, media, stages, ...)."""
+    return [importlib.import_module(m.name) for m in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")]
 
 
 def _functions(module) -> list:
@@ -67,7 +68,7 @@ def test_the_check_finds_a_function_that_takes_the_whole_config():
 
 
 def test_the_sections_that_models_and_data_use_are_annotated():
-    from vlmtune.data import pipeline, prepare
+    from vlmtune.data.drivers import pipeline, prepare
     from vlmtune.models import load, quant
 
     assert str(inspect.signature(load.load_spec).parameters["fit"].annotation) == "FitArgs | None"

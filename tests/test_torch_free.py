@@ -19,14 +19,14 @@ import pytest
 HEAVY = ("torch", "bitsandbytes", "peft", "accelerate", "torchvision")
 
 DATA_PATH_MODULES = (
-    "vlmtune.data.pipeline",
-    "vlmtune.data.prepare",
-    "vlmtune.data.readers",
-    "vlmtune.data.formats",
-    "vlmtune.data.validate",
-    "vlmtune.data.encode",
-    "vlmtune.data.fit",
-    "vlmtune.data.pack",
+    "vlmtune.data.drivers.pipeline",
+    "vlmtune.data.drivers.prepare",
+    "vlmtune.data.sources.readers",
+    "vlmtune.data.sources.formats",
+    "vlmtune.data.stages.validate",
+    "vlmtune.data.stages.encode",
+    "vlmtune.data.stages.fit",
+    "vlmtune.data.stages.pack",
     "vlmtune.models.load",
     "vlmtune.models.spec",
     "vlmtune.models.video_grid",
@@ -96,7 +96,7 @@ def test_prepare_workers_start_without_torch(tiny_ckpt):
     when the process asking for them holds torch (as `train` does)."""
     import torch  # noqa: F401  (the parent has torch; the workers must not inherit it)
 
-    from vlmtune.data.pipeline import Stages, worker_pool
+    from vlmtune.data.drivers.pipeline import Stages, worker_pool
     from vlmtune.models.load import load_spec
 
     loaded = load_spec(str(tiny_ckpt("qwen2_vl")))

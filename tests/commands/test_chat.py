@@ -290,7 +290,7 @@ def reference_batch(processor, question, clip_path, fps):
     import numpy as np
     from transformers.video_utils import VideoMetadata
 
-    from vlmtune.data.video import decode_frames, read_facts
+    from vlmtune.data.media.video import decode_frames, read_facts
 
     f = read_facts(clip_path)
     content = [{"type": "video"}, {"type": "text", "text": question}]
@@ -304,7 +304,7 @@ def reference_batch(processor, question, clip_path, fps):
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
 def test_chat_about_a_video_feeds_the_planned_clip(tiny_ckpt, clip, arch):
-    from vlmtune.data.video import read_facts
+    from vlmtune.data.media.video import read_facts
     from vlmtune.models.load import load_spec
 
     ckpt = tiny_ckpt(arch)
@@ -333,7 +333,7 @@ def test_chat_about_a_video_feeds_the_planned_clip(tiny_ckpt, clip, arch):
 
 
 def test_video_options_plan_as_the_config_keys_do(tiny_ckpt, clip, make_image, tmp_path, capsys):
-    from vlmtune.data.video import read_facts
+    from vlmtune.data.media.video import read_facts
     from vlmtune.config import FitArgs
     from vlmtune.models.load import load_spec
 
@@ -355,8 +355,8 @@ def test_video_options_plan_as_the_config_keys_do(tiny_ckpt, clip, make_image, t
 
 
 def test_missing_or_unreadable_video_fails_before_loading(tiny_ckpt, clip, tmp_path, monkeypatch, capsys):
-    from vlmtune.data import video as video_mod
-    from vlmtune.data.video import VideoReadError
+    from vlmtune.data.media import video as video_mod
+    from vlmtune.data.media.video import VideoReadError
 
     ckpt = tiny_ckpt("qwen2_vl")
 

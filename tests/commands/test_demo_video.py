@@ -14,7 +14,7 @@ import pytest
 from vlmtune.commands.cli import main
 from vlmtune.commands.demo import DIRECTIONS, VIDEO_DATASET_NAME, VIDEO_QUICK, run_video_demo, write_video_dataset
 from vlmtune.commands.demo.video_data import FPS, FRAMES, SPEED_RANGE, Clip, draw_scene, render_clip, video_codec
-from vlmtune.data.video import decode_frames, read_facts
+from vlmtune.data.media.video import decode_frames, read_facts
 
 
 @pytest.fixture(scope="module")

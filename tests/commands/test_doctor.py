@@ -717,14 +717,14 @@ def video_data(tmp_path_factory, make_clip):
 
 def planned_tokens(loaded, clip) -> int:
     """The clip's tokens by the arithmetic alone (models/video_grid.py), as the processor would make them."""
-    from vlmtune.data.video import read_facts
+    from vlmtune.data.media.video import read_facts
 
     f = read_facts(str(clip))
     return loaded.video.for_clip(f.frames, f.fps).plan(f.frames, f.fps, f.height, f.width).tokens
 
 
 def test_a_video_over_cutoff_len_warns_with_the_largest(config, loaded, video_data, monkeypatch):
-    from vlmtune.data import prepare
+    from vlmtune.data.drivers import prepare
 
     from_cache = []
     real = prepare._facts_from_cache
@@ -763,8 +763,8 @@ def test_a_video_over_cutoff_len_warns_with_the_largest(config, loaded, video_da
 
 
 def test_videos_without_a_decoder_fail_with_the_fix(config, loaded, video_data, data, monkeypatch):
-    from vlmtune.data import video as video_mod
-    from vlmtune.data.video import VideoReadError
+    from vlmtune.data.media import video as video_mod
+    from vlmtune.data.media.video import VideoReadError
 
     def no_av(path):
         raise VideoReadError(path, "no_decoder", "PyAV is not installed", "pip install av (vlmtune[video])")

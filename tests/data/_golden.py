@@ -1,7 +1,7 @@
 """A fixed mixed dataset and the prepared rows + fit report that the pre-streaming `prepare` produced for it.
 
 `python tests/data/_golden.py` rewrote tests/data/golden/*.json with the implementation of commit 4a5af28 (the
-whole-list prepare) before it was replaced by the streaming one; tests/data/test_pipeline.py checks that the
+whole-list prepare) before it was replaced by the streaming one; tests/data/drivers/test_pipeline.py checks that the
 streaming prepare reproduces them row for row and line for line. Paths are stored relative to the data root.
 """
 
@@ -96,7 +96,7 @@ def normalise(value, root: Path):
 
 def produce(root: Path, data: Path, ckpt, name: str, *more: str) -> dict:
     from vlmtune.config import load_config
-    from vlmtune.data.prepare import prepare
+    from vlmtune.data.drivers.prepare import prepare
 
     cfg = load_config(None, config_args(root, data, ckpt, name, *more))
     prep = prepare(cfg.for_data(), progress=False)

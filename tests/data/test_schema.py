@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from vlmtune.data import schema
-from vlmtune.data.pack import PACKED_COLUMNS, pack_rows_in_bins
+from vlmtune.data.stages.pack import PACKED_COLUMNS, pack_rows_in_bins
 from vlmtune.data.schema import (
     VIDEO_COLUMNS,
     PackedRow,
@@ -56,7 +56,7 @@ def test_the_row_declaration_gives_the_prepared_schema_in_order():
     assert str(arrow.field("image_grid_thw").type) == "list<item: list<item: int32>>"
     assert str(arrow.field("image_min_pixels").type) == "list<item: int64>"
     assert str(arrow.field("length").type) == "int32"
-    assert str(arrow.field("kto_tag").type) == "int8"  # preference rows: data/pairs.py
+    assert str(arrow.field("kto_tag").type) == "int8"  # preference rows: data/stages/pairs.py
     assert VIDEO_COLUMNS == ("videos", "video_grid_thw", "video_frames", "video_total_frames", "video_fps",
                              "video_rotation", "video_min_pixels", "video_max_pixels", "video_second_per_grid")
     assert list(features(PackedRow))[-1] == "segments"

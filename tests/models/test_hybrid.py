@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from vlmtune.data.collate import Collator
-from vlmtune.data.encode import Encoder, emit
-from vlmtune.data.images import read_header
-from vlmtune.data.pack import pack_rows
+from vlmtune.data.stages.collate import Collator
+from vlmtune.data.stages.encode import Encoder, emit
+from vlmtune.data.media.images import read_header
+from vlmtune.data.stages.pack import pack_rows
 from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
 from vlmtune.models import hybrid
 from vlmtune.models.load import load_spec

@@ -27,7 +27,7 @@ if os.environ.get("VLMTUNE_TEST_SEQUENTIAL") == "1":
     VlmTrainer._get_train_sampler = lambda self, ds=None: torch.utils.data.SequentialSampler(ds or self.train_dataset)
 bad = os.environ.get("VLMTUNE_TEST_CUT_RUN")  # a row id whose image run loses one pad token (a corrupt row)
 if bad:
-    from vlmtune.data.collate import Collator
+    from vlmtune.data.stages.collate import Collator
     _guard = Collator.guard
     def guard(self, row):
         if row["id"] == bad:

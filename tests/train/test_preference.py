@@ -11,7 +11,7 @@ import torch
 
 from vlmtune.config import load_config
 from vlmtune.config.sections import PREF_LOSSES
-from vlmtune.data.encode import IGNORE_INDEX
+from vlmtune.data.stages.encode import IGNORE_INDEX
 from vlmtune.train.preference import AVERAGED, PrefOptions, dpo_losses
 
 # -- the losses, on numbers ------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def _sequence_logp(model, collator, row) -> float:
 
 
 def test_first_dpo_loss_is_ln2_and_every_pref_loss_equals_the_hand_computed_one(dpo_cfg):
-    from vlmtune.data.pairs import rejected_view
+    from vlmtune.data.stages.pairs import rejected_view
     from vlmtune.train.recipe import setup
 
     run = setup(dpo_cfg(), progress=False)
@@ -192,7 +192,7 @@ def _kto(folder, make_image) -> str:
 
 
 def test_kto_trains_and_an_undesirable_answer_is_never_an_sft_target(tmp_path, make_image, base_cfg):
-    from vlmtune.data.prepare import prepare
+    from vlmtune.data.drivers.prepare import prepare
     from vlmtune.errors import DataError
     from vlmtune.train.recipe import run, setup
 

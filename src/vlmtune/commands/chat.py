@@ -9,9 +9,9 @@ conversation (user content = the image parts, then the text), rendered with the 
 template and ``add_generation_prompt=True``, then the processor on text + images, then
 ``model.generate``. Only the newly generated tokens are decoded (``skip_special_tokens=True``).
 
-A video part is handled as in training: the clip's header facts (data/video.read_facts), the frames the
+A video part is handled as in training: the clip's header facts (data/media/video.read_facts), the frames the
 loaded processor's VideoSpec plans for it (with the chat's video_* options, the config keys' meaning),
-and exactly those frames decoded and handed to the processor unsampled (data/video.clip_inputs, which
+and exactly those frames decoded and handed to the processor unsampled (data/media/video.clip_inputs, which
 the collator uses too), so the model sees a clip as it saw clips in training.
 
 trust_remote_code is never turned on here: it is passed through only when the caller sets it.
@@ -51,7 +51,7 @@ def check_images(paths: Iterable) -> list[Path]:
     """
     from PIL import Image, UnidentifiedImageError
 
-    from ..data.images import read_header
+    from ..data.media.images import read_header
     from ..models.grid import MAX_ASPECT_RATIO
 
     missing: list[str] = []
@@ -109,10 +109,10 @@ def check_images(paths: Iterable) -> list[Path]:
 
 def check_videos(paths: Iterable) -> list:
     """Fail with one VlmtuneError naming every video clip that is missing or cannot be read; else each clip's
-    VideoFacts (data/video.read_facts: the container's headers and its first frame), in order.
+    VideoFacts (data/media/video.read_facts: the container's headers and its first frame), in order.
 
     Runs before the model is loaded."""
-    from ..data.video import VideoReadError, read_facts
+    from ..data.media.video import VideoReadError, read_facts
 
     missing: list[str] = []
     unreadable: list[str] = []
@@ -178,7 +178,7 @@ def load_image(image):
     """A PIL RGB image from a path (EXIF orientation applied) or a PIL image."""
     from PIL import Image, UnidentifiedImageError
 
-    from ..data.images import open_rgb
+    from ..data.media.images import open_rgb
 
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
@@ -325,7 +325,7 @@ class ChatModel:
     def plan_clip(self, path):
         """(VideoGrid, ClipInputs) of a clip: the frames, grid and tokens the processor makes of it, and the
         planned frames decoded for it (what the collator hands the video processor in training)."""
-        from ..data.video import VideoReadError, plan_clip, planned_inputs
+        from ..data.media.video import VideoReadError, plan_clip, planned_inputs
 
         if self.video is None:
             raise VlmtuneError(f"cannot use the video {path}: {type(self.processor).__name__} has no Qwen-VL video "

@@ -89,7 +89,7 @@ def _load_cfg(args: argparse.Namespace):
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from ..data.prepare import format_report_summary, prepare
+    from ..data.drivers.prepare import format_report_summary, prepare
 
     cfg = _load_cfg(args)
     print(format_report_summary(prepare(cfg.for_data())))

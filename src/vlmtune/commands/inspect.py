@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import asdict
 
 from ..config import POLICIES, FitArgs, load_sections
-from ..data.pipeline import Accounting, account, summarize  # noqa: F401  (account: re-exported for the cli)
+from ..data.drivers.pipeline import Accounting, account, summarize  # noqa: F401  (account: re-exported for the cli)
 from ..errors import ConfigError, Problem, SampleError, VlmtuneError
 from ..models.load import Loaded
 
@@ -179,7 +179,7 @@ TRAIN_OPEN, TRAIN_CLOSE = "\u27e6", "\u27e7"  # ⟦ trained text ⟧
 
 def render_row(row, spec, tokenizer, color: bool = False) -> str:
     """A row as text: trained spans in ⟦…⟧ (green on a terminal), each image run as one marker."""
-    from ..data.encode import IGNORE_INDEX
+    from ..data.stages.encode import IGNORE_INDEX
 
     out: list[str] = []
     ids, labels = row.input_ids, row.labels
@@ -224,7 +224,7 @@ def video_spans(ids: list[int], grids: list[list[int]], spec) -> dict[int, tuple
     `<|vision_end|>` (Qwen3-VL)."""
     spans: dict[int, tuple[int, int]] = {}
     i, k = 0, 0
-    from ..data.collate import frames_apart  # lazily: collate imports torch
+    from ..data.stages.collate import frames_apart  # lazily: collate imports torch
 
     per_patch = frames_apart(spec)
     while i < len(ids) and k < len(grids):
@@ -253,7 +253,7 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, fit: FitArgs | 
                 color: bool = False) -> str:
     """The sample as the model will see it, after fitting (in the pipeline, `account(fitting=True)`) when `fit`
     is given."""
-    from ..data.encode import emit
+    from ..data.stages.encode import emit
 
     matches = [e for e in acc.encoded if e.id == sample_id]  # account(keep_ids=[sample_id]) keeps it whole
     if not matches:

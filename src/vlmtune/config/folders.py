@@ -19,7 +19,7 @@ from .. import __version__
 
 MARKER_FILE = ".vlmtune-owned"
 
-# The kinds of folders vlmtune makes (the marker's `owner`); data/cache.py adds its prepared-dataset cache.
+# The kinds of folders vlmtune makes (the marker's `owner`); data/drivers/cache.py adds its prepared-dataset cache.
 OUTPUT = "vlmtune training output"  # output_dir of prepare / train
 EXPORT = "vlmtune export"  # vlmtune export --out / export_dir
 TINY = "vlmtune tiny checkpoint"  # vlmtune tiny-model OUT

@@ -17,7 +17,7 @@ import typing
 from dataclasses import MISSING, field
 from typing import Any, Callable, Iterable
 
-# The overflow policies, tried in the configured order on a sample longer than cutoff_len (data/fit.py).
+# The overflow policies, tried in the configured order on a sample longer than cutoff_len (data/stages/fit.py).
 POLICIES = ("shrink_images", "truncate_text", "split", "drop", "error")
 OVERFLOW_POLICIES = POLICIES
 DEFAULT_OVERFLOW = ["shrink_images", "truncate_text", "split", "drop"]

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import MISSING, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Iterable
-
-if TYPE_CHECKING:  # only for the annotation of SampleStats.of: encode imports this module
-    from .encode import Encoded
+from typing import Any, Iterable
 
 
 def column(arrow: str, *, packed: bool = False, optional: bool = False, video: bool = False,
@@ -54,7 +51,7 @@ class Row:
     video_min_pixels: list[int] = column("[int64]", packed=True, optional=True, video=True)
     video_max_pixels: list[int] = column("[int64]", packed=True, optional=True, video=True)
     video_second_per_grid: list[float] = column("[float64]", packed=True, optional=True, video=True)
-    # preference rows (data/pairs.py): a pair's rejected side (its chosen side is input_ids / labels; both share
+    # preference rows (data/stages/pairs.py): a pair's rejected side (its chosen side is input_ids / labels; both share
     # the images), and a KTO row's tag (1 desirable, 0 undesirable; -1: not a KTO row). Never packed.
     rejected_input_ids: list[int] = column("[int32]", optional=True)
     rejected_labels: list[int] = column("[int32]", optional=True)
@@ -94,11 +91,6 @@ class SampleStats:
     video_tokens: int = column("int32", default=0)
     # tokens of the sample's largest video (the doctor's clips over cutoff_len)
     longest_video: int = column("int32", default=0)
-
-    @classmethod
-    def of(cls, enc: Encoded) -> SampleStats:
-        return cls(enc.id, enc.source, enc.length, enc.image_tokens, enc.text_tokens, len(enc.images),
-                   len(enc.videos), enc.video_tokens, max((v.tokens for v in enc.videos), default=0))
 
 
 # -- what derives from a declaration ---------------------------------------------------------------------

@@ -23,7 +23,7 @@ class TextPart:
 
 
 # `ImagePart.path` of an image whose bytes live inside a dataset row (Parquet, Arrow, Hub): this
-# prefix and a JSON locator of the row (see data/formats.py), so that no second copy is written.
+# prefix and a JSON locator of the row (see data/sources/formats.py), so that no second copy is written.
 EMBEDDED_PREFIX = "embedded:"
 
 
@@ -39,7 +39,7 @@ class ImagePart:
     ref: str
     path: str | None
     type: Literal["image"] = "image"
-    # bytes, or a memoryview into a memory-mapped table (data/formats.rows_of)
+    # bytes, or a memoryview into a memory-mapped table (data/sources/formats.rows_of)
     data: bytes | memoryview | None = field(default=None, compare=False, repr=False)
 
     def __getstate__(self):  # to a worker process: a view cannot be pickled, its bytes can
@@ -98,7 +98,7 @@ class Origin:
 
 @dataclass
 class Preference:
-    """What makes a conversation a preference sample (data/preference_records.py).
+    """What makes a conversation a preference sample (data/sources/preference_records.py).
 
     pair (stage dpo): the conversation's messages are the prompt and the chosen answer (its last message);
     `rejected` is the other answer to the same prompt. kto (stage kto): the last message is the completion,
@@ -119,7 +119,7 @@ class Conversation:
     messages: list[Message]
     # problems found while reading (e.g. placeholder/image count mismatch); validation adds more.
     read_problems: list = field(default_factory=list)
-    # the record layout it was read from (a key of data/records.LAYOUTS), for the reader's note.
+    # the record layout it was read from (a key of data/sources/records.LAYOUTS), for the reader's note.
     layout: str = field(default="sharegpt", compare=False)
     origin: Origin | None = field(default=None, compare=False)
     # the tools the sample may call (JSON schemas, as the record gave them), rendered by the chat template

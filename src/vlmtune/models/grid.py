@@ -1,7 +1,7 @@
 """The Qwen-VL processors' resize arithmetic: an image's (height, width) → its resized size, grid and token count.
 
-It mirrors transformers' `smart_resize` (property-tested against the real processors in tests/data/test_images.py)
-and is the model-side half of header-only accounting: data/images.py reads the sizes, this turns them into tokens.
+It mirrors transformers' `smart_resize` (property-tested against the real processors in tests/data/media/test_images.py)
+and is the model-side half of header-only accounting: data/media/images.py reads the sizes, this turns them into tokens.
 """
 
 from __future__ import annotations

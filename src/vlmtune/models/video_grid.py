@@ -1,7 +1,7 @@
 """The Qwen-VL video processors' arithmetic: a clip's (frame count, frame rate, size) → the frames sampled,
 the vision grid, the `<|video_pad|>` tokens and the text the processor puts around them.
 
-It is the video half of header-only accounting (models/grid.py is the image half): data/video.py reads
+It is the video half of header-only accounting (models/grid.py is the image half): data/media/video.py reads
 the facts from the container, this turns them into tokens, with nothing decoded. It mirrors, for the
 installed transformers (5.24), what the *loaded* processor does, read into a `VideoSpec`:
 

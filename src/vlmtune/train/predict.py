@@ -17,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from ..data.encode import IGNORE_INDEX
+from ..data.stages.encode import IGNORE_INDEX
 
 
 def split_row(row: dict, media_ids: tuple[int, ...] = ()) -> tuple[dict, list[int]] | None:

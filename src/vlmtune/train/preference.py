@@ -6,7 +6,7 @@ adopting the rest. Each is a few lines of the published formula (LLaMA-Factory's
 answer log-probabilities, averaged per token for ipo, orpo and simpo).
 
 A batch of pairs is one forward over 2B sequences (the B chosen sides, then the B rejected ones:
-data/pair_collate.py). The reference is, in order of preference: log-probabilities precomputed before training
+data/stages/pair_collate.py). The reference is, in order of preference: log-probabilities precomputed before training
 (`precompute_ref_log_probs`), a separate frozen model (`ref_model`, or a frozen copy of the starting model for
 full / freeze fine-tuning), or, for LoRA, the same model with its adapter disabled (no second copy). orpo and
 simpo use no reference.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.encode import IGNORE_INDEX
+from ..data.stages.encode import IGNORE_INDEX
 from .trainer import VlmTrainer
 
 # pref_loss values that score length-averaged log-probabilities (LLaMA-Factory and TRL do the same for these)
@@ -270,7 +270,7 @@ def _starting_logps(trainer: PreferenceTrainer, model, batch, labels) -> torch.T
 def preference_trainer(cfg, model, loaded, train_ds, eval_ds, dtype, **kwargs) -> PreferenceTrainer:
     """The trainer of a dpo / kto run: its collator, its reference (module docstring) and, with
     precompute_ref_log_probs, the datasets with the reference's log-probabilities (the reference then freed)."""
-    from ..data.pair_collate import PreferenceCollator
+    from ..data.stages.pair_collate import PreferenceCollator
 
     opt = PrefOptions.of(cfg.preference)
     ref = None

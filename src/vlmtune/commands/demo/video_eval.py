@@ -17,7 +17,7 @@ from .video_data import DIRECTIONS
 
 def plan_clip(path: str, spec):
     """(VideoGrid, ClipInputs) of one clip, sampled, sized and decoded as the collator does."""
-    from ...data import video
+    from ...data.media import video
 
     planned = video.plan_clip(path, spec)
     return planned.grid, video.planned_inputs(path, planned)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from ...data.cache import check_folders
+from ...data.drivers.cache import check_folders
 from .context import Context, load_context
 from .environment import check_distributed, check_linear_attention, check_quantization, check_versions, check_workers
 from .model import check_memory, check_model, check_sharding, check_vision, suggest_batch

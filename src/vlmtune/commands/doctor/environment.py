@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...data.video import decoder_version
+from ...data.media.video import decoder_version
 from ...models.families import FAMILIES, display_name
 from .context import Context, family, model_type, world_size, worst_batch
 from .data import video_problems
