@@ -116,6 +116,19 @@ def test_a_link_or_file_at_prepared_dir_is_refused(tmp_path):
     assert (tmp_path / "f").read_text() == "x"
 
 
+def test_a_folder_vlmtune_made_as_another_kind_is_never_replaced_as_a_cache(tmp_path):
+    export = tmp_path / "merged"
+    folders.claim(export, folders.EXPORT)
+    (export / "model.safetensors").write_text("x")
+    assert not cache.is_ours(str(export))
+    with pytest.raises(ConfigError) as err:
+        cache.check_replaceable(str(export))
+    assert err.value.problems == [
+        f"prepared_dir={str(export)!r} is a folder vlmtune made for something else (vlmtune export, says its "
+        ".vlmtune-owned); vlmtune replaces only its own prepared folders and never deletes yours: set prepared_dir "
+        "to a new folder (or move that one away)"]
+
+
 def test_stale_cleanup_removes_only_marked_leftovers_of_dead_processes(tmp_path):
     node = os.uname().nodename
     out, report = tmp_path / "prepared", tmp_path / "fit_report.jsonl"

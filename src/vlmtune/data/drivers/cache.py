@@ -53,7 +53,9 @@ def replace_problem(folder: str, key: str = "prepared_dir") -> str | None:
     if os.path.isdir(folder) and not os.path.islink(folder):
         if is_ours(folder) or folders.is_empty(folder):
             return None
-        what = "a folder that vlmtune did not create (it has no " + MARKER_FILE + ")"
+        other = folders.owner_of(folder)
+        what = (f"a folder vlmtune made for something else ({other}, says its {MARKER_FILE})" if other else
+                "a folder that vlmtune did not create (it has no " + MARKER_FILE + ")")
     else:
         what = "a link" if os.path.islink(folder) else "a file"
     return (f"{key}={folder!r} is {what}; vlmtune replaces only its own prepared folders and never "
