@@ -26,6 +26,10 @@ def test_no_checkpoints_or_a_resume_is_no_problem(tmp_path):
     checkpoint(tmp_path, 4)
     assert earlier_run_problem(str(tmp_path), str(tmp_path / "checkpoint-4"), False) is None
     assert earlier_run_problem(str(tmp_path), str(tmp_path / "checkpoint-4"), True) is None
+    # resuming from a checkpoint elsewhere starts a new lineage here: the earlier checkpoints are in its way
+    assert earlier_run_problem(str(tmp_path), str(tmp_path / "other" / "checkpoint-9"), False).startswith(
+        f"output_dir={str(tmp_path)!r} holds an earlier run's checkpoints (checkpoint-4)")
+    assert earlier_run_problem(str(tmp_path), str(tmp_path / "other" / "checkpoint-9"), True) is None
 
 
 def test_earlier_checkpoints_without_resume_or_overwrite_are_refused(tmp_path):

@@ -471,7 +471,7 @@ class TrainArgs:
     overwrite_output_dir: bool = _arg(
         False, "Train from scratch in an output_dir that holds an earlier run's checkpoints: vlmtune removes the "
         "checkpoints it marked complete there (vlmtune_complete) before the first step and writes over the rest "
-        "by name. false: such an output_dir is refused unless resume_from_checkpoint is set. Never applies to a "
+        "by name. false: such an output_dir is refused unless the run resumes from one of them. Never applies to a "
         "folder vlmtune did not create (docs/security.md).",
     )
     resume_from_checkpoint: bool | str | None = _arg(

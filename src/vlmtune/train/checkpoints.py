@@ -131,8 +131,9 @@ def earlier_run_problem(output_dir: str, resume: str | None, overwrite: bool) ->
     over (overwrite_output_dir: true, as in transformers' and LLaMA-Factory's scripts): a new run among them would
     have the Trainer's save_total_limit delete its own newest checkpoint (they are sorted by step) and a later
     `resume_from_checkpoint: true` pick the earlier run's. Starting over removes only the checkpoints vlmtune
-    marked complete, so one cut short (no marker, maybe not vlmtune's) is refused instead."""
-    if resume is not None:
+    marked complete, so one cut short (no marker, maybe not vlmtune's) is refused instead. A resume from a
+    checkpoint elsewhere starts a new lineage here, so it too must not meet earlier checkpoints."""
+    if continues_in(output_dir, resume):
         return None
     found = [path for _, path in checkpoints(output_dir)]
     if not found:
@@ -150,6 +151,11 @@ def earlier_run_problem(output_dir: str, resume: str | None, overwrite: bool) ->
                 f"complete ({MARKER}), and {', '.join(cut)} has none (cut short, or not vlmtune's); remove it "
                 "yourself, or set output_dir to a new folder")
     return None
+
+
+def continues_in(output_dir: str, resume: str | None) -> bool:
+    """Whether the run resumes from one of output_dir's own checkpoints (so they are its history, kept)."""
+    return resume is not None and os.path.realpath(os.path.dirname(resume.rstrip("/"))) == os.path.realpath(output_dir)
 
 
 def remove_earlier_checkpoints(output_dir: str) -> list[str]:

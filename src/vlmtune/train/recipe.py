@@ -38,6 +38,7 @@ from ..models.quant import experts_note
 from .checkpoints import (
     CompleteCheckpointCallback,
     GracefulStopCallback,
+    continues_in,
     earlier_run_problem,
     layout_change,
     remove_earlier_checkpoints,
@@ -166,8 +167,8 @@ def check_output(cfg) -> str | None:
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError(problems)
-    if resume is not None and cfg.overwrite_output_dir:
-        say(f"overwrite_output_dir: true with resume_from_checkpoint: resuming {resume}, so the earlier "
+    if continues_in(cfg.output_dir, resume) and cfg.overwrite_output_dir:
+        say(f"overwrite_output_dir: true with resume_from_checkpoint: resuming {resume}, so output_dir's "
             "checkpoints are kept")
     claim_output_dir(cfg.for_data())
     return resume
@@ -327,7 +328,8 @@ def train(run: Run) -> TrainResult:
             f"at most about {worst['seconds'] * ga:.0f}s)")
     if run.resume:
         say(f"resuming from {run.resume}")
-    elif cfg.overwrite_output_dir and trainer.args.local_process_index == 0:  # every check passed: start over
+    if (cfg.overwrite_output_dir and not continues_in(cfg.output_dir, run.resume)
+            and trainer.args.local_process_index == 0):  # every check passed: start over
         for path in remove_earlier_checkpoints(cfg.output_dir):
             say(f"overwrite_output_dir: removed the earlier run's {path}")
     with disk_full_is_an_error(f"a checkpoint or the model into {cfg.output_dir}", _DISK_FULL_FIX):
