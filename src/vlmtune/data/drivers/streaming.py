@@ -9,6 +9,7 @@ import os
 
 from ...config import DataSections
 from ...models.load import Loaded
+from . import cache
 from .pipeline import run_pipeline, unread_line
 from .prepare import CHUNK, REPORT_FILE, prepare_stages
 from .tally import FATES, count_lines
@@ -34,7 +35,7 @@ class StreamedRows:
         stream = run_pipeline(data.read, self.loaded, prepare_stages(data), seed=data.seed,
                               workers=data.prepare.preprocessing_num_workers or 1,
                               chunk=CHUNK, progress=False)
-        os.makedirs(data.output_dir, exist_ok=True)
+        cache.claim_output_dir(data)  # checked by check_folders before the run started
         report = open(self.report_path, "w", encoding="utf-8") if first else None
         written = 0
         try:
