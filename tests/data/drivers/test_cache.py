@@ -155,3 +155,20 @@ def test_streaming_writes_no_prepared_folder_so_a_users_one_is_left_alone(tmp_pa
     cache.check_folders(cfg("m", data / "data.jsonl", tmp_path / "out", "streaming=true", "max_steps=5").for_data())
     with pytest.raises(ConfigError):  # output_dir's own rules still hold
         cache.check_folders(cfg("m", data, data / "run", "streaming=true", "max_steps=5").for_data())
+
+
+def test_a_cache_written_under_another_row_schema_is_not_taken_as_complete(tiny_ckpt, data, tmp_path, monkeypatch):
+    from vlmtune.data import schema
+
+    c = cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out")
+    assert [prepare(c.for_data(), progress=False).cached for _ in range(2)] == [False, True]
+    declared = schema.signature
+
+    def retyped(decl=schema.Row):  # the same column names, one type changed
+        return [[name, "int64" if name == "piece" else arrow] for name, arrow in declared(decl)]
+
+    monkeypatch.setattr(schema, "signature", retyped)
+    again = prepare(c.for_data(), progress=False)
+    assert again.cached is False and again.rows == 1
+    monkeypatch.setattr(schema, "signature", lambda decl=schema.Row: declared(decl)[:-1])  # a column fewer
+    assert prepare(c.for_data(), progress=False).cached is False
