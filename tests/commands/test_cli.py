@@ -82,3 +82,12 @@ def test_doctor_without_json_reports_an_invalid_config_on_stderr(tmp_path, capsy
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "cutoff_len=0 is not positive" in captured.err
+
+
+def test_tiny_model_refuses_a_folder_it_did_not_create(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert main(["tiny-model", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: OUT {out} is a folder with content that vlmtune did not create")
+    assert [p.name for p in out.iterdir()] == ["config.json"]

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from vlmtune.commands.cli import main
+from vlmtune.config import folders
 from vlmtune.commands.demo import COLOURS, DATASET_NAME, QUICK, SHAPES, run_demo, write_dataset
 
 SUMMARY_TYPES = {
@@ -55,6 +56,21 @@ def test_quick_demo_writes_summary_report_and_plot(tmp_path, capsys):
     assert (out / "train" / "training_loss.png").is_file()
     assert summary["loss_plot"] == str(out / "train" / "training_loss.png")
     assert "held-out accuracy" in printed and summary["loss_plot"] in printed
+    owners = {p: folders.owner_of(out / p) for p in ("", "model", "train", "data")}
+    assert owners == {"": folders.DEMO, "model": folders.TINY, "train": folders.OUTPUT, "data": None}
+
+
+@pytest.mark.parametrize("variant", [[], ["--video"], ["--dpo"]])
+def test_the_demo_refuses_a_folder_it_did_not_create(tmp_path, capsys, variant):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["demo", *variant, "--out", str(out), "--quick"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {out} is a folder with content that vlmtune did not create (it has no .vlmtune-owned); "
+        "vlmtune writes into or replaces only folders it created and never deletes or overwrites yours: set --out to "
+        "a new folder, or empty that one yourself\n")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_dataset_is_sharegpt_seeded_and_eval_is_held_out(tmp_path):

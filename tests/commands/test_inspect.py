@@ -49,3 +49,49 @@ def test_show_an_unknown_id_is_an_error_naming_the_ids(tiny_ckpt, tmp_path, make
     assert captured.err.startswith("error: no sample with id 'nope' in the data; ids look like: q1;")
     assert main(args + ["--show", "q1", "--cutoff-len", "50", "--overflow", "shrink,drop"]) == 2
     assert "'shrink' is not a policy" in capsys.readouterr().err
+
+
+# -- --per-sample and --plot: new files, or ones inspect wrote; never a file of yours ------------------------------
+def _one_sample(tmp_path, make_image):
+    make_image(tmp_path / "a.png", 56, 56)
+    rec = {"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "red"}],
+           "images": ["a.png"]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
+    return str(tmp_path / "d.jsonl")
+
+
+def test_inspect_refuses_to_overwrite_files_it_did_not_write_before_any_work(tmp_path, make_image, capsys,
+                                                                            monkeypatch):
+    data = _one_sample(tmp_path, make_image)
+    (tmp_path / "notes.jsonl").write_text('{"mine": 1}\n')
+    make_image(tmp_path / "photo.png", 20, 20)
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setattr("vlmtune.models.load.load_spec", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
+    fix = "; vlmtune never overwrites your files: set {flag} to a new file name, or delete that one yourself"
+    for per, plot, what in [("notes.jsonl", "photo.png", "a file that vlmtune inspect did not write"),
+                            ("folder", "folder", "not a regular file")]:
+        argv = ["inspect", "--model", "m", "--data", data, "--per-sample", str(tmp_path / per), "--plot",
+                str(tmp_path / plot)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"  - --per-sample {tmp_path / per} is {what}{fix.format(flag='--per-sample')}\n" in err
+        assert f"  - --plot {tmp_path / plot} is {what}{fix.format(flag='--plot')}\n" in err
+    assert (tmp_path / "notes.jsonl").read_text() == '{"mine": 1}\n'
+
+
+def test_inspect_writes_over_its_own_earlier_files(tiny_ckpt, tmp_path, make_image, capsys):
+    from PIL import Image
+
+    data = _one_sample(tmp_path, make_image)
+    per, plot = tmp_path / "per.jsonl", tmp_path / "lengths.png"
+    per.write_text("")  # an empty file holds nothing to lose
+    argv = ["inspect", "--model", str(tiny_ckpt("qwen2_vl")), "--data", data, "--per-sample", str(per), "--plot",
+            str(plot), "--json"]
+    for _ in range(2):
+        assert main(argv) == 0
+        capsys.readouterr()
+        assert list(json.loads(per.read_text().splitlines()[0])) == ["id", "tokens", "image_tokens", "text_tokens",
+                                                                     "images", "videos", "video_tokens"]
+        with Image.open(plot) as im:
+            assert im.info["Software"] == "vlmtune inspect"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "d.jsonl", "lengths.png", "per.jsonl"]

@@ -105,6 +105,7 @@ DEFAULTS = {
     "eval_steps": None,
     "plot_loss": False,
     "report_to": "none",
+    "overwrite_output_dir": False,
     "resume_from_checkpoint": None,
     "deepspeed": None,
     "fsdp": None,
@@ -633,6 +634,7 @@ def test_llama_factory_example_loads(tmp_path):
         "dataloader_num_workers": 4,
         "output_dir": "saves/qwen2_vl-7b/lora/sft",
         "prepared_dir": "saves/qwen2_vl-7b/lora/sft/prepared",
+        "overwrite_output_dir": True,
         "plot_loss": True,
         "warmup_ratio": 0.1,
         "bf16": True,
@@ -645,8 +647,6 @@ def test_llama_factory_example_loads(tmp_path):
     assert cfg.notes == (
         "ignored do_train=True: `vlmtune train` always trains",
         "ignored template='qwen2_vl': the chat template comes from the model's processor",
-        "ignored overwrite_output_dir=True: checkpoints in output_dir are resumed only when resume_from_checkpoint "
-        "is set",
         "ignored save_only_model=False: vlmtune saves full checkpoints so that a run can resume",
         "ignored eval_strategy='steps': vlmtune evaluates every eval_steps steps, or at each epoch's end, when "
         "val_size > 0",

@@ -381,3 +381,26 @@ def test_cli_tiny_model(tmp_path, capsys):
     assert config.vision_config.out_hidden_size == config.text_config.hidden_size
     assert type(AutoProcessor.from_pretrained(out)).__name__ == "Qwen3VLProcessor"
     assert (out / "model.safetensors").is_file()
+
+
+def test_tiny_checkpoints_go_only_into_new_empty_or_earlier_tiny_folders(tmp_path):
+    from vlmtune.config import folders
+    from vlmtune.errors import VlmtuneError
+
+    user = tmp_path / "my-model"
+    user.mkdir()
+    (user / "config.json").write_text('{"mine": true}')
+    with pytest.raises(VlmtuneError) as err:
+        build_tiny_checkpoint(user)
+    assert str(err.value) == (
+        f"OUT {user} is a folder with content that vlmtune did not create (it has no .vlmtune-owned); vlmtune writes "
+        "into or replaces only folders it created and never deletes or overwrites yours: set OUT to a new folder, or "
+        "empty that one yourself")
+    assert json.loads((user / "config.json").read_text()) == {"mine": True}
+
+    out = build_tiny_checkpoint(tmp_path / "tiny", arch="qwen2_vl")
+    assert folders.owner_of(out) == folders.TINY
+    (out / "stale.txt").write_text("from the earlier build")
+    build_tiny_checkpoint(out, arch="qwen2_vl", seed=1)  # an earlier tiny checkpoint is replaced whole
+    assert not (out / "stale.txt").exists() and folders.owner_of(out) == folders.TINY
+    assert (out / "model.safetensors").is_file()

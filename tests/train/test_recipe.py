@@ -19,6 +19,7 @@ import yaml
 
 from _ranks import stop_torchrun  # tests/train is on sys.path (pytest's rootdir-less import)
 
+from vlmtune.config import folders
 from vlmtune.train import recipe
 from vlmtune.train.checkpoints import MARKER, resolve_resume
 
@@ -226,6 +227,53 @@ def test_resume_refuses_incomplete_or_missing_checkpoints(tmp_path):
         resolve_resume(str(out / "checkpoint-20"), str(out))
     with pytest.raises(ConfigError, match="not a folder"):
         resolve_resume(str(out / "checkpoint-99"), str(out))
+
+
+def test_output_dir_problems_are_refused_together_before_the_model_loads(make_config, write_dataset, tmp_path,
+                                                                          monkeypatch):
+    from vlmtune.errors import ConfigError
+
+    data = write_dataset(["one", "text"])
+    monkeypatch.setattr(recipe, "load_spec", lambda *a: pytest.fail("the model loaded before the refusal"))
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError) as err:
+        recipe.setup(make_config("qwen2_vl", data, user, resume_from_checkpoint=True), progress=False)
+    assert [p.split(";")[0] for p in err.value.problems] == [
+        f"output_dir={str(user)!r} is a folder with content that vlmtune did not create (it has no .vlmtune-owned)",
+        f"resume_from_checkpoint=true but {user} holds no complete checkpoint"]
+    assert os.listdir(user) == ["notes.txt"]
+
+    earlier = tmp_path / "earlier"  # vlmtune's, with a checkpoint of an earlier run: continue it or start over
+    folders.claim(earlier, folders.OUTPUT)
+    (earlier / "checkpoint-2").mkdir()
+    (earlier / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    (earlier / "checkpoint-2" / MARKER).write_text("{}")
+    with pytest.raises(ConfigError) as err:
+        recipe.setup(make_config("qwen2_vl", data, earlier), progress=False)
+    assert err.value.problems[0].startswith(f"output_dir={str(earlier)!r} holds an earlier run's checkpoints "
+                                            "(checkpoint-2); set resume_from_checkpoint: true to continue it, "
+                                            "overwrite_output_dir: true to train from scratch in it")
+    assert sorted(os.listdir(earlier)) == [folders.MARKER_FILE, "checkpoint-2"]
+
+
+def test_overwrite_output_dir_starts_over_keeping_what_vlmtune_did_not_write(make_config, write_dataset, out_dir,
+                                                                             capsys):
+    data = write_dataset(["one", "text"])
+    folders.claim(out_dir, folders.OUTPUT)
+    old = out_dir / "checkpoint-5"
+    old.mkdir()
+    (old / "trainer_state.json").write_text('{"global_step": 5}')
+    (old / MARKER).write_text("{}")
+    (out_dir / "notes.txt").write_text("mine")
+    recipe.run(make_config("qwen2_vl", data, out_dir, max_steps=2, save_steps=1, overwrite_output_dir=True),
+               progress=False)
+    assert f"overwrite_output_dir: removed the earlier run's {old}" in capsys.readouterr().out
+    assert not old.exists()
+    assert [n for n in sorted(os.listdir(out_dir)) if n.startswith("checkpoint-")] == ["checkpoint-1", "checkpoint-2"]
+    assert (out_dir / "notes.txt").read_text() == "mine"
+    assert resolve_resume(True, str(out_dir)) == str(out_dir / "checkpoint-2")  # this run's, not the earlier one
 
 
 # -- 3. DDP ------------------------------------------------------------------------------------

@@ -45,9 +45,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
     from ..models.load import load_spec
-    from .inspect import account, format_summary, inspect_sections, plot_lengths, summarize, write_per_sample
+    from .inspect import account, format_summary, inspect_sections, output_problems, plot_lengths, summarize, \
+        write_per_sample
 
-    model, read, fit, prep = inspect_sections(args)
+    problems = output_problems(args.per_sample, args.plot)  # before any work: never over a file of yours
+    try:
+        model, read, fit, prep = inspect_sections(args)
+    except ConfigError as e:
+        raise ConfigError(e.problems + problems) from None
+    if problems:
+        raise ConfigError(problems)
     loaded = load_spec(model, fit)
     fitting = bool(args.show) and args.cutoff_len is not None  # the shown sample is fitted by the pipeline
     acc = account(read, loaded, fit, fitting=fitting, progress=not args.json,

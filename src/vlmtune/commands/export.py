@@ -376,5 +376,5 @@ def merge_job(path: str) -> tuple[dict, list[str]]:
     adapters = [a.strip() for a in str(adapters).split(",") if a.strip()] if adapters else []
     if not adapters:
         notes.append(f"no adapter_name_or_path: {model} is exported as it is (a {kind} fine-tune needs no merge)")
-    return ({"model": model, "adapter": adapters, "out": out, "out_key": "export_dir", "max_shard_size": f"{size}GB", "device": device,
-             "trust_remote_code": bool(raw.get("trust_remote_code", False))}, notes)
+    return ({"model": model, "adapter": adapters, "out": out, "out_key": "export_dir", "max_shard_size": f"{size}GB",
+             "device": device, "trust_remote_code": bool(raw.get("trust_remote_code", False))}, notes)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from dataclasses import asdict
 
 from ..config import POLICIES, FitArgs, load_sections
 from ..data.drivers.pipeline import Accounting, account, summarize  # noqa: F401  (account: re-exported for the cli)
-from ..errors import Problem, SampleError, VlmtuneError
+from ..errors import ConfigError, Problem, SampleError, VlmtuneError
 from ..models.load import Loaded
 
 # inspect's flags -> the config keys they set (the rest keep their declared defaults)
@@ -82,12 +83,63 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# The files --per-sample and --plot name are new, or ones inspect wrote before: a JSONL whose first line has
+# exactly PER_SAMPLE_KEYS, a PNG whose Software tag is PLOT_SOFTWARE. Anything else is never written over.
+PER_SAMPLE_KEYS = ("id", "tokens", "image_tokens", "text_tokens", "images", "videos", "video_tokens")
+PLOT_SOFTWARE = "vlmtune inspect"
+
+
+def output_problems(per_sample: str | None, plot: str | None) -> list[str]:
+    """Why inspect may not write --per-sample / --plot where they point (before any work, and again before
+    writing): an existing path that is not a file inspect wrote."""
+    problems = []
+    for flag, path, ours in (("--per-sample", per_sample, _our_jsonl), ("--plot", plot, _our_png)):
+        if path is None or not os.path.lexists(path):
+            continue
+        if os.path.islink(path) or not os.path.isfile(path):
+            what = "a link" if os.path.islink(path) else "not a regular file"
+        elif os.path.getsize(path) == 0 or ours(path):  # an empty file holds nothing to lose
+            continue
+        else:
+            what = "a file that vlmtune inspect did not write"
+        problems.append(f"{flag} {path} is {what}; vlmtune never overwrites your files: set {flag} to a new file "
+                        "name, or delete that one yourself")
+    return problems
+
+
+def _our_jsonl(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline(1 << 16)
+        return list(json.loads(first)) == list(PER_SAMPLE_KEYS)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _our_png(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get("Software") == PLOT_SOFTWARE
+    except (OSError, ValueError):
+        return False
+
+
+def _check_output(path: str, flag: str) -> None:
+    problems = output_problems(path if flag == "--per-sample" else None, path if flag == "--plot" else None)
+    if problems:
+        raise ConfigError(problems)
+
+
 def write_per_sample(acc: Accounting, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    _check_output(path, "--per-sample")  # again: something may have appeared there while accounting
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
         for s in acc.stats:
             row = asdict(s)
-            keys = ("id", "tokens", "image_tokens", "text_tokens", "images", "videos", "video_tokens")
-            f.write(json.dumps({k: row[k] for k in keys}) + "\n")
+            f.write(json.dumps({k: row[k] for k in PER_SAMPLE_KEYS}) + "\n")
+    os.replace(tmp, path)
 
 
 def plot_lengths(acc: Accounting, path: str, cutoff_len: int | None = None) -> None:
@@ -114,8 +166,11 @@ def plot_lengths(acc: Accounting, path: str, cutoff_len: int | None = None) -> N
     ax.set_title("Sample lengths by number of images")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _check_output(path, "--plot")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fig.savefig(tmp, dpi=100, format="png", metadata={"Software": PLOT_SOFTWARE})  # the tag says inspect wrote it
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 # -- one sample, readable ----------------------------------------------------------------------

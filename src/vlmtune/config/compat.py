@@ -60,8 +60,6 @@ CLASSIFIED: dict[str, Compat] = {
     **_group("noop", "vlmtune evaluates whenever val_size > 0", "do_eval"),
     **_group("noop", "vlmtune evaluates every eval_steps steps, or at each epoch's end, when val_size > 0",
              "eval_strategy evaluation_strategy"),
-    **_group("noop", "checkpoints in output_dir are resumed only when resume_from_checkpoint is set",
-             "overwrite_output_dir"),
     **_group("noop", "Qwen-VL models always read their images", "visual_inputs"),
     **_group("noop", "vlmtune saves every `save_steps` steps", "save_strategy"),
     **_group("noop", "vlmtune logs every `logging_steps` steps", "logging_strategy"),

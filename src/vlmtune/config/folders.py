@@ -57,9 +57,26 @@ def mark(folder: str | os.PathLike, owner: str) -> None:
 
 
 def is_empty(folder: str | os.PathLike) -> bool:
-    """A plain folder (not a link) with nothing in it."""
+    """A plain folder (not a link) with nothing in it but, maybe, a marker being written (another rank of the
+    same run claiming it this instant)."""
     folder = os.fspath(folder)
-    return os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder)
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return False
+    return all(n.startswith(MARKER_FILE + ".tmp-") for n in os.listdir(folder))
+
+
+# An output_dir written before markers existed is recognised by what only vlmtune writes there: its config copy,
+# a checkpoint it marked complete, or its prepared cache.
+_LEGACY_OUTPUT = ("vlmtune_config.yaml", "checkpoint-*/vlmtune_complete", "prepared/" + MARKER_FILE,
+                  "prepared/vlmtune_fingerprint.json")
+
+
+def is_legacy_output(folder: str | os.PathLike) -> bool:
+    import glob
+
+    folder = os.fspath(folder)
+    return (os.path.isdir(folder) and not os.path.islink(folder) and owner_of(folder) is None
+            and any(glob.glob(os.path.join(glob.escape(folder), name)) for name in _LEGACY_OUTPUT))
 
 
 def named(key: str, folder: str | os.PathLike) -> str:
@@ -69,9 +86,11 @@ def named(key: str, folder: str | os.PathLike) -> str:
 
 def refusal(folder: str | os.PathLike, owner: str, key: str) -> str | None:
     """Why vlmtune may not write `owner`'s files into `folder` (named by `key`), or None when it may: nothing is
-    there, an empty folder, or a folder marked as `owner`."""
+    there, an empty folder, or a folder marked as `owner` (for OUTPUT, also one an earlier vlmtune wrote)."""
     folder = os.fspath(folder)
     if not os.path.lexists(folder) or is_empty(folder) or is_marked(folder, owner):
+        return None
+    if owner == OUTPUT and is_legacy_output(folder):
         return None
     if os.path.islink(folder):
         what = "a link"

@@ -410,7 +410,8 @@ class TrainArgs:
     """The optimisation loop, checkpoints and logging (transformers' TrainingArguments names)."""
 
     output_dir: str = _arg(
-        help="Folder for checkpoints, the trained adapter or model, logs and the loss plot.",
+        help="Folder for checkpoints, the trained adapter or model, logs and the loss plot: new, empty or vlmtune's "
+        "(marked `.vlmtune-owned`); a folder of yours with content is refused (docs/security.md).",
         expect="a folder such as saves/qwen2_vl-2b/lora/sft",
         required=True,
     )
@@ -466,6 +467,12 @@ class TrainArgs:
     report_to: str = _arg(
         "none", "Where metrics go: none, or integrations such as tensorboard,wandb (comma-separated or a list).",
         expect="none or integrations such as tensorboard,wandb", convert=_as_comma_str,
+    )
+    overwrite_output_dir: bool = _arg(
+        False, "Train from scratch in an output_dir that holds an earlier run's checkpoints: vlmtune removes the "
+        "checkpoints it marked complete there (vlmtune_complete) before the first step and writes over the rest "
+        "by name. false: such an output_dir is refused unless the run resumes from one of them. Never applies to a "
+        "folder vlmtune did not create (docs/security.md).",
     )
     resume_from_checkpoint: bool | str | None = _arg(
         None, "Resume training: true for the latest checkpoint in output_dir, or a checkpoint folder; "

@@ -77,10 +77,11 @@ def _family(arch: str) -> dict:
 
 def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0, vocab_source: str = "trained") -> Path:
     """Write a tiny random `arch` checkpoint (config, safetensors, processor) into `out_dir`; vocab_source="qwen2"
-    gives it the real Qwen2 vocabulary (see build_tokenizer)."""
+    gives it the real Qwen2 vocabulary (see build_tokenizer). `out_dir` must be new, empty, or an earlier tiny
+    checkpoint (replaced whole); anything else there is refused before any work (config/folders.py)."""
     fam = _family(arch)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch
@@ -103,6 +104,17 @@ def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0, vocab_
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def _claim(out: Path) -> None:
+    from ..config import folders
+    from ..errors import VlmtuneError
+
+    why = folders.refusal(out, folders.TINY, "OUT")
+    if why:
+        raise VlmtuneError(why)
+    folders.remove_marked(out, folders.TINY)  # an earlier tiny checkpoint: random weights, rebuilt from the seed
+    folders.claim(out, folders.TINY)
 
 
 def _model_class(arch: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 
@@ -123,6 +124,53 @@ def resolve_resume(value, output_dir: str) -> str | None:
                            "saving); set resume_from_checkpoint to true to take the last complete one"])
     check_checkpoint(value)
     return value
+
+
+def earlier_run_problem(output_dir: str, resume: str | None, overwrite: bool) -> str | None:
+    """An output_dir holding an earlier run's checkpoints must be continued (resume_from_checkpoint) or started
+    over (overwrite_output_dir: true, as in transformers' and LLaMA-Factory's scripts): a new run among them would
+    have the Trainer's save_total_limit delete its own newest checkpoint (they are sorted by step) and a later
+    `resume_from_checkpoint: true` pick the earlier run's. Starting over removes only the checkpoints vlmtune
+    marked complete, so one cut short (no marker, maybe not vlmtune's) is refused instead. A resume from a
+    checkpoint elsewhere starts a new lineage here, so it too must not meet earlier checkpoints."""
+    if continues_in(output_dir, resume):
+        return None
+    found = [path for _, path in checkpoints(output_dir)]
+    if not found:
+        return None
+    names = ", ".join(os.path.basename(p) for p in found[:3])
+    names += f" and {len(found) - 3} more" if len(found) > 3 else ""
+    if not overwrite:
+        cont = "resume_from_checkpoint: true to continue it, " if last_complete_checkpoint(output_dir) else ""
+        return (f"output_dir={output_dir!r} holds an earlier run's checkpoints ({names}); set {cont}"
+                "overwrite_output_dir: true to train from scratch in it (its complete checkpoints are removed first), "
+                "or output_dir to a new folder")
+    cut = [os.path.basename(p) for p in found if not is_complete(p) or os.path.islink(p)]
+    if cut:
+        return (f"output_dir={output_dir!r}: overwrite_output_dir: true removes only checkpoints vlmtune marked "
+                f"complete ({MARKER}), and {', '.join(cut)} has none (cut short, or not vlmtune's); remove it "
+                "yourself, or set output_dir to a new folder")
+    return None
+
+
+def continues_in(output_dir: str, resume: str | None) -> bool:
+    """Whether the run resumes from one of output_dir's own checkpoints (so they are its history, kept)."""
+    return resume is not None and os.path.realpath(os.path.dirname(resume.rstrip("/"))) == os.path.realpath(output_dir)
+
+
+def remove_earlier_checkpoints(output_dir: str) -> list[str]:
+    """overwrite_output_dir: the earlier run's checkpoints, each marked complete by vlmtune in an output_dir that
+    vlmtune marked, removed (before the first step, after every check passed); the removed paths."""
+    from ..config import folders
+
+    if not folders.is_marked(output_dir, folders.OUTPUT):
+        return []
+    removed = []
+    for _, path in checkpoints(output_dir):
+        if is_complete(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def layout_change(checkpoint: str, args) -> str | None:

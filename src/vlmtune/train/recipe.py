@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import yaml
 
-from ..data.drivers.cache import check_folders
+from ..data.drivers.cache import claim_output_dir, folder_problems
 from ..data.stages.collate import Collator
 from ..data.stages.pack import pack_dataset
 from ..data.drivers.prepare import EVAL_REPORT_FILE, Prepared, eval_config, format_report_summary, prepare, streamed_dataset
@@ -38,7 +38,10 @@ from ..models.quant import experts_note
 from .checkpoints import (
     CompleteCheckpointCallback,
     GracefulStopCallback,
+    continues_in,
+    earlier_run_problem,
     layout_change,
+    remove_earlier_checkpoints,
     resolve_resume,
 )
 from .plot import plot_loss, plot_rewards
@@ -85,8 +88,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     loaded and may raise to stop the run: `vlmtune train` passes the doctor's checks (run_doctor: true)."""
     from transformers import set_seed
 
-    check_folders(cfg.for_data())  # before any work: overlapping output / prepared / data folders are refused
-    resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)  # and a checkpoint that cannot resume
+    resume = check_output(cfg)  # before any work: every problem with the folders and the checkpoint at once
     loaded = load_spec(cfg.model, cfg.fit)
     if preflight is not None:
         preflight(cfg, log=say, progress=progress, loaded=loaded)
@@ -147,6 +149,29 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     if change:
         say(f"WARNING: {change}")
     return Run(cfg, loaded, prepared, trainer, trainable, resume)
+
+
+def check_output(cfg) -> str | None:
+    """Refuse, all at once and before the processor loads: overlapping output / prepared / data folders, an
+    output_dir vlmtune may not write (a user's folder), a checkpoint that cannot resume, and an earlier run's
+    checkpoints that are neither resumed nor overwritten; then claim output_dir (created, marked). Returns the
+    checkpoint to resume from."""
+    problems = folder_problems(cfg.for_data())
+    resume = None
+    try:
+        resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    except ConfigError as e:
+        problems += e.problems
+    if not problems:
+        problems.append(earlier_run_problem(cfg.output_dir, resume, cfg.overwrite_output_dir))
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError(problems)
+    if continues_in(cfg.output_dir, resume) and cfg.overwrite_output_dir:
+        say(f"overwrite_output_dir: true with resume_from_checkpoint: resuming {resume}, so output_dir's "
+            "checkpoints are kept")
+    claim_output_dir(cfg.for_data())
+    return resume
 
 
 def build_model(cfg):
@@ -303,6 +328,10 @@ def train(run: Run) -> TrainResult:
             f"at most about {worst['seconds'] * ga:.0f}s)")
     if run.resume:
         say(f"resuming from {run.resume}")
+    if (cfg.overwrite_output_dir and not continues_in(cfg.output_dir, run.resume)
+            and trainer.args.local_process_index == 0):  # every check passed: start over
+        for path in remove_earlier_checkpoints(cfg.output_dir):
+            say(f"overwrite_output_dir: removed the earlier run's {path}")
     with disk_full_is_an_error(f"a checkpoint or the model into {cfg.output_dir}", _DISK_FULL_FIX):
         trainer.train(resume_from_checkpoint=run.resume)
     stop = next((c for c in trainer.callback_handler.callbacks if isinstance(c, GracefulStopCallback)), None)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vlmtune.config import load_config
+from vlmtune.config import folders, load_config
 from vlmtune.data.drivers import cache
 from vlmtune.data.drivers.prepare import prepare
 from vlmtune.errors import ConfigError
@@ -68,6 +68,7 @@ def test_a_users_own_prepared_folder_in_output_dir_survives_train(tiny_ckpt, dat
 
     mine = tmp_path / "out" / "prepared"
     mine.mkdir(parents=True)
+    folders.mark(tmp_path / "out", folders.OUTPUT)  # vlmtune's output_dir, holding a prepared/ of the user's
     (mine / "notes.txt").write_text("mine\n")
     monkeypatch.setattr(recipe, "load_spec", lambda *a: pytest.fail("the model loaded before the refusal"))
     with pytest.raises(ConfigError) as err:
@@ -85,7 +86,9 @@ def test_prepare_replaces_its_own_marked_cache_only(tiny_ckpt, data, tmp_path):
     again = prepare(cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out", "overwrite_cache=true").for_data(),
                     progress=False)
     assert again.cached is False and cache.is_ours(again.path)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fit_report.jsonl", "prepared", "prepared.lock"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [cache.MARKER_FILE, "fit_report.jsonl", "prepared",
+                                                                    "prepared.lock"]
+    assert folders.owner_of(tmp_path / "out") == folders.OUTPUT
     assert survives(data)
 
 
@@ -111,6 +114,19 @@ def test_a_link_or_file_at_prepared_dir_is_refused(tmp_path):
             cache.check_replaceable(str(tmp_path / name))
         assert f"is {what};" in err.value.problems[0]
     assert (tmp_path / "f").read_text() == "x"
+
+
+def test_a_folder_vlmtune_made_as_another_kind_is_never_replaced_as_a_cache(tmp_path):
+    export = tmp_path / "merged"
+    folders.claim(export, folders.EXPORT)
+    (export / "model.safetensors").write_text("x")
+    assert not cache.is_ours(str(export))
+    with pytest.raises(ConfigError) as err:
+        cache.check_replaceable(str(export))
+    assert err.value.problems == [
+        f"prepared_dir={str(export)!r} is a folder vlmtune made for something else (vlmtune export, says its "
+        ".vlmtune-owned); vlmtune replaces only its own prepared folders and never deletes yours: set prepared_dir "
+        "to a new folder (or move that one away)"]
 
 
 def test_stale_cleanup_removes_only_marked_leftovers_of_dead_processes(tmp_path):
@@ -144,17 +160,74 @@ def test_a_full_disk_during_prepare_is_a_clear_error_and_leaves_the_old_cache(ti
         prepare(cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out", "overwrite_cache=true").for_data(), progress=False)
     assert str(err.value).startswith("no space left on the device while writing the prepared dataset into ")
     assert "set prepared_dir and output_dir to a disk with room" in str(err.value)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fit_report.jsonl", "prepared", "prepared.lock"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [cache.MARKER_FILE, "fit_report.jsonl", "prepared",
+                                                                    "prepared.lock"]
+    assert folders.owner_of(tmp_path / "out") == folders.OUTPUT
     assert cache.is_ours(old.path) and (tmp_path / "out" / "prepared" / "data.arrow").exists()
 
 
 def test_streaming_writes_no_prepared_folder_so_a_users_one_is_left_alone(tmp_path, data):
     mine = tmp_path / "out" / "prepared"
     mine.mkdir(parents=True)
+    folders.mark(tmp_path / "out", folders.OUTPUT)
     (mine / "notes.txt").write_text("mine\n")
     cache.check_folders(cfg("m", data / "data.jsonl", tmp_path / "out", "streaming=true", "max_steps=5").for_data())
     with pytest.raises(ConfigError):  # output_dir's own rules still hold
         cache.check_folders(cfg("m", data, data / "run", "streaming=true", "max_steps=5").for_data())
+
+
+# -- output_dir: new, empty or vlmtune's (config/folders.py) ------------------------------------------------------
+def _user_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    return out
+
+
+def test_a_users_folder_as_output_dir_is_refused_before_prepare_loads_the_model(tmp_path, data, monkeypatch):
+    from vlmtune.data.drivers import prepare as prep
+
+    out = _user_output(tmp_path)
+    monkeypatch.setattr(prep, "load_spec", lambda *a: pytest.fail("the model loaded before the refusal"))
+    for c in (cfg("m", data / "data.jsonl", out), cfg("m", data / "data.jsonl", out, "streaming=true", "max_steps=5")):
+        with pytest.raises(ConfigError) as err:
+            prepare(c.for_data(), progress=False)
+        assert err.value.problems == [
+            f"output_dir={str(out)!r} is a folder with content that vlmtune did not create (it has no .vlmtune-owned); "
+            "vlmtune writes into or replaces only folders it created and never deletes or overwrites yours: set "
+            "output_dir to a new folder, or empty that one yourself"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_every_folder_problem_is_reported_at_once(tmp_path, data):
+    out = _user_output(tmp_path)
+    (out / "prepared").write_text("a file where the cache would go")
+    with pytest.raises(ConfigError) as err:
+        cache.check_folders(cfg("m", data / "data.jsonl", out).for_data())
+    assert [p.split(" is ")[0] for p in err.value.problems] == [f"output_dir={str(out)!r}",
+                                                                f"prepared_dir={str(out / 'prepared')!r}"]
+
+
+def test_output_dir_made_by_another_vlmtune_command_is_refused(tmp_path, data):
+    out = tmp_path / "out"
+    folders.claim(out, folders.EXPORT)
+    (out / "model.safetensors").write_text("x")
+    with pytest.raises(ConfigError) as err:
+        cache.check_folders(cfg("m", data / "data.jsonl", out).for_data())
+    assert err.value.problems[0].startswith(f"output_dir={str(out)!r} is a folder vlmtune made for something else "
+                                            "(vlmtune export, says its .vlmtune-owned)")
+
+
+def test_prepare_marks_a_new_or_empty_output_dir_and_an_earlier_vlmtunes_one(tiny_ckpt, data, tmp_path):
+    empty, legacy = tmp_path / "empty", tmp_path / "legacy"
+    empty.mkdir()
+    legacy.mkdir()
+    (legacy / "vlmtune_config.yaml").write_text("output_dir: legacy\n")  # written by vlmtune before markers
+    (legacy / "notes.txt").write_text("mine\n")
+    for out in (tmp_path / "new" / "run", empty, legacy):
+        prepare(cfg(tiny_ckpt(), data / "data.jsonl", out).for_data(), progress=False)
+        assert folders.owner_of(out) == folders.OUTPUT
+    assert (legacy / "notes.txt").read_text() == "mine\n" and (legacy / "vlmtune_config.yaml").exists()
 
 
 def test_a_cache_written_under_another_row_schema_is_not_taken_as_complete(tiny_ckpt, data, tmp_path, monkeypatch):

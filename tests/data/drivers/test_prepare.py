@@ -186,7 +186,8 @@ def test_a_prepare_killed_halfway_is_redone_cleanly(tiny_ckpt, dataset):
     assert P_load_cached(out, old) is True             # ... still complete for its own config
     again = prepare(config(tmp_path, data, ckpt).for_data(), progress=False)
     assert again.cached is False and again.records == 6
-    assert sorted(p.name for p in out.iterdir()) == ["fit_report.jsonl", "prepared", "prepared.lock"]  # no leftovers
+    assert sorted(p.name for p in out.iterdir()) == [".vlmtune-owned", "fit_report.jsonl", "prepared",
+                                                     "prepared.lock"]  # no leftovers
     clean = prepare(config(tmp_path, data, ckpt, "overwrite_cache=true").for_data(), progress=False)
     assert again.dataset().to_list() == clean.dataset().to_list()
     assert (again.fates, again.rows) == (clean.fates, clean.rows)

@@ -23,7 +23,7 @@ from .data import COLOUR_PARAPHRASES, COLOUR_QUESTION, COLOURS, IMAGE_TOKENS, SH
     SHAPES, DemoSize
 from .data import pictures as _pictures
 from .data import write_json as _write_json
-from .run import load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
+from .run import claim_out, load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
 from .run import pct as _pct
 
 PREF_DATASET_NAME = "demo_shape_pairs"
@@ -153,6 +153,7 @@ def _run(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
     size = PREF_QUICK if quick else PREF_FULL
     steps = size.steps if steps is None else int(steps)
     out = Path(out)
+    claim_out(out)
     model_dir, data_dir, train_dir = out / "model", out / "data", out / "train"
     build_tiny_checkpoint(model_dir, arch=arch, seed=seed)
     data = write_pref_dataset(data_dir, size, seed)

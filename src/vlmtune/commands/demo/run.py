@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from ...config import folders
+from ...errors import VlmtuneError
 from .data import CUTOFF_LEN, DATASET_NAME, FULL, IMAGE_TOKENS, QUICK, DemoSize, write_dataset
 from .data import write_json as _write_json
 from .evaluation import chance, evaluate
@@ -55,6 +57,8 @@ def training_keys(size, steps: int, seed: int) -> dict:
         "per_device_train_batch_size": size.batch_size,
         "gradient_accumulation_steps": 1,
         "max_steps": steps,
+        # A demo run again into its folder starts over: its earlier checkpoints are vlmtune's, marked complete.
+        "overwrite_output_dir": True,
         "lr_scheduler_type": "cosine",
         "warmup_ratio": 0.05,
         "logging_steps": max(1, steps // 60),
@@ -99,6 +103,15 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def claim_out(out: Path) -> None:
+    """The demo writes its model, data, training output and summary under --out: a new or empty folder, or an
+    earlier demo's (config/folders.py); anything else is refused before any work."""
+    why = folders.refusal(out, folders.DEMO, "--out")
+    if why:
+        raise VlmtuneError(why)
+    folders.claim(out, folders.DEMO)
+
+
 def _run_demo(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -109,6 +122,7 @@ def _run_demo(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
     size = QUICK if quick else FULL
     steps = size.steps if steps is None else int(steps)
     out = Path(out)
+    claim_out(out)
     model_dir, data_dir, train_dir = out / "model", out / "data", out / "train"
     build_tiny_checkpoint(model_dir, arch=arch, seed=seed)
     data = write_dataset(data_dir, size, seed)

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from .run import pct as _pct, load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
+from .run import pct as _pct, claim_out, load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
 from .video_data import FPS, FRAMES, SIDE_PATCHES, VIDEO_DATASET_NAME, VIDEO_FULL, VIDEO_QUICK, VideoDemoSize, \
     write_video_dataset
 from .video_eval import evaluate_video, video_chance
@@ -68,6 +68,7 @@ def _run(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
     size = VIDEO_QUICK if quick else VIDEO_FULL
     steps = size.steps if steps is None else int(steps)
     out = Path(out)
+    claim_out(out)
     model_dir, data_dir, train_dir = out / "model", out / "data", out / "train"
     build_tiny_checkpoint(model_dir, arch=arch, seed=seed)
     processor = AutoProcessor.from_pretrained(model_dir)

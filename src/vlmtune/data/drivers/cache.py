@@ -22,48 +22,51 @@ import shutil
 from typing import Iterator
 
 from ... import __version__
-from ...config import DataSections, ReadArgs, prepared_values
+from ...config import DataSections, ReadArgs, folders, prepared_values
+from ...config.folders import MARKER_FILE  # noqa: F401  (re-exported: the cache's marker is every folder's)
 from ...errors import ConfigError, Problem, VlmtuneError
 
 FINGERPRINT_FILE = "vlmtune_fingerprint.json"
-MARKER_FILE = ".vlmtune-owned"
 OWNER = "vlmtune prepared-dataset cache"  # what MARKER_FILE says: vlmtune's own id for this kind of folder
 
 
-# -- ownership -------------------------------------------------------------------------------
+# -- ownership (the marker and its rule are config/folders.py's; this is the cache's kind of folder) ----------------
 def mark(folder: str) -> None:
     """Say that vlmtune made `folder` (so that it may later replace or remove it)."""
-    with open(os.path.join(folder, MARKER_FILE), "w", encoding="utf-8") as f:
-        json.dump({"owner": OWNER, "version": __version__}, f)
+    folders.mark(folder, OWNER)
 
 
 def is_ours(folder: str) -> bool:
     """Whether `folder` is a directory vlmtune made: marked, or a cache written before markers existed (it
     holds vlmtune's fingerprint file, a name nothing else writes)."""
-    if os.path.islink(folder) or not os.path.isdir(folder):
-        return False
-    try:
-        with open(os.path.join(folder, MARKER_FILE), encoding="utf-8") as f:
-            return json.load(f).get("owner") == OWNER
-    except FileNotFoundError:
-        return os.path.isfile(os.path.join(folder, FINGERPRINT_FILE))
-    except (OSError, ValueError, AttributeError):
-        return False
+    owner = folders.owner_of(folder)
+    if owner is not None or os.path.isfile(os.path.join(folder, MARKER_FILE)):
+        return owner == OWNER
+    return not os.path.islink(folder) and os.path.isfile(os.path.join(folder, FINGERPRINT_FILE))
+
+
+def replace_problem(folder: str, key: str = "prepared_dir") -> str | None:
+    """Why `folder` may not be replaced by a prepared cache: something that vlmtune did not make is there (a
+    file, a link, or a folder with content and no marker). Nothing there, an empty folder or a marked one: None."""
+    if not os.path.lexists(folder):
+        return None
+    if os.path.isdir(folder) and not os.path.islink(folder):
+        if is_ours(folder) or folders.is_empty(folder):
+            return None
+        other = folders.owner_of(folder)
+        what = (f"a folder vlmtune made for something else ({other}, says its {MARKER_FILE})" if other else
+                "a folder that vlmtune did not create (it has no " + MARKER_FILE + ")")
+    else:
+        what = "a link" if os.path.islink(folder) else "a file"
+    return (f"{key}={folder!r} is {what}; vlmtune replaces only its own prepared folders and never "
+            f"deletes yours: set {key} to a new folder (or move that one away)")
 
 
 def check_replaceable(folder: str, key: str = "prepared_dir") -> None:
-    """Refuse (ConfigError) when something that vlmtune did not make is at `folder`: a file, a link, or a
-    folder with content and no marker. Nothing there, an empty folder or a marked one may be replaced."""
-    if not os.path.lexists(folder):
-        return
-    if os.path.isdir(folder) and not os.path.islink(folder):
-        if is_ours(folder) or not os.listdir(folder):
-            return
-        what = "a folder that vlmtune did not create (it has no " + MARKER_FILE + ")"
-    else:
-        what = "a link" if os.path.islink(folder) else "a file"
-    raise ConfigError([f"{key}={folder!r} is {what}; vlmtune replaces only its own prepared folders and never "
-                       f"deletes yours: set {key} to a new folder (or move that one away)"])
+    """Refuse (ConfigError) what replace_problem names."""
+    problem = replace_problem(folder, key)
+    if problem:
+        raise ConfigError([problem])
 
 
 # -- where things go: folders that must not overlap ---------------------------------------------
@@ -96,9 +99,17 @@ def data_locations(read: ReadArgs) -> tuple[list[str], list[str]]:
 
 
 def check_folders(data: DataSections) -> None:
-    """Refuse, before any work, output_dir / prepared_dir / data that overlap: the prepared folder is replaced
-    on a re-prepare (so it must not be, or hold, the output or the data), and neither written folder may be a
-    data folder or lie inside a folder read whole as data (the run would read its own output). With
+    """Refuse (ConfigError, every problem at once) what folder_problems finds, before any work."""
+    problems = folder_problems(data)
+    if problems:
+        raise ConfigError(problems)
+
+
+def folder_problems(data: DataSections) -> list[str]:
+    """output_dir / prepared_dir / data that overlap, and folders vlmtune may not write. The prepared folder is
+    replaced on a re-prepare (so it must not be, or hold, the output or the data, nor be a folder vlmtune did not
+    make), neither written folder may be a data folder or lie inside a folder read whole as data (the run would
+    read its own output), and output_dir must be new, empty or vlmtune's (config/folders.py). With
     `streaming: true` no prepared folder is written, so only output_dir's rules apply."""
     out = os.path.realpath(data.output_dir)
     places, whole = data_locations(data.read)
@@ -115,10 +126,15 @@ def check_folders(data: DataSections) -> None:
         written.append(("prepared_dir", prep))
     problems += [f"{key}={mine!r} is inside {w!r}, which is read whole as data: the run would read its own output "
                  f"as data; set {key} to a folder outside it" for w in whole for key, mine in written if _inside(mine, w)]
-    if problems:
-        raise ConfigError(list(dict.fromkeys(problems)))
-    if not data.prepare.streaming:
-        check_replaceable(prepared_dir(data))  # never a cache, so never replaced: refused now, not after the model loads
+    problems.append(folders.refusal(data.output_dir, folders.OUTPUT, "output_dir"))
+    if not data.prepare.streaming:  # never a cache, so never replaced: refused now, not after the model loads
+        problems.append(replace_problem(prepared_dir(data)))
+    return list(dict.fromkeys(p for p in problems if p))
+
+
+def claim_output_dir(data: DataSections) -> None:
+    """Create output_dir if needed and mark it as vlmtune's (after folder_problems found nothing)."""
+    folders.claim(data.output_dir, folders.OUTPUT)
 
 
 def _prepared_problems(data: DataSections, out: str, prep: str, places: list[str]) -> list[str]:

@@ -131,7 +131,7 @@ def _prepare(data: DataSections, loaded: Loaded | None, progress: bool, collect:
     if cached is not None:
         return cached, None
     cache.check_replaceable(out_dir)  # before any work: a folder that is not ours is never replaced
-    os.makedirs(data.output_dir, exist_ok=True)
+    cache.claim_output_dir(data)  # new or vlmtune's (check_folders): created if needed and marked
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     with cache.exclusive(out_dir.rstrip("/") + ".lock", data.wait_s) as waited:
         if waited:  # another process (another node on a shared output_dir) held it: its cache may be ours
@@ -325,7 +325,7 @@ class StreamedRows:
         stream = run_pipeline(data.read, self.loaded, _stages(data), seed=data.seed,
                               workers=data.prepare.preprocessing_num_workers or 1,
                               chunk=CHUNK, progress=False)
-        os.makedirs(data.output_dir, exist_ok=True)
+        cache.claim_output_dir(data)  # checked by check_folders before the run started
         report = open(self.report_path, "w", encoding="utf-8") if first else None
         written = 0
         try:
