@@ -7,7 +7,7 @@ files weigh what photos weigh), written once in two forms and cached between run
 * embedded: the TRL / llava-instruct-mix layout in two Parquet shards of a Hub-layout folder
   (`data/train-0000k-of-00002.parquet`), the images as `{"bytes", "path"}` structs.
 
-Each side runs `vlmtune.data.drivers.pipeline.account` (read, validate with header-only sizes, encode), the
+Each side runs `vlmtune.data.drivers.tally.account` (read, validate with header-only sizes, encode), the
 fastest of several whole calls; the headline is samples/s embedded over samples/s files measured by
 CPU time (`time.process_time`: the work each side does, which other jobs on a shared machine
 barely move), goal >= 0.8 (embedded bytes cost no decode). The per-sample token counts of the two
@@ -81,7 +81,7 @@ def _build(n: int):
 
 
 def _account(data: str, loaded):
-    from vlmtune.data.drivers.pipeline import account
+    from vlmtune.data.drivers.tally import account
 
     return account(data, loaded, progress=False)
 

@@ -5,7 +5,7 @@ written once as realistic files (JPEG and PNG, a smooth photo-like picture plus 
 so that decoding costs what it costs on real photos) and cached between runs. A second, small
 dataset has phone-photo sizes (JPEGs of 1500-4000 px per side) for context.
 
-* vlmtune: `vlmtune.data.drivers.pipeline.account` on the JSONL file: read, validate (image headers only),
+* vlmtune: `vlmtune.data.drivers.tally.account` on the JSONL file: read, validate (image headers only),
   render with the chat template, tokenize, grid arithmetic. The fastest of several whole calls.
 * the processor: what LLaMA-Factory does to learn the grids: for every sample parse the record,
   render the chat template, open each image (`load_image`: decode + EXIF transpose + RGB), and run
@@ -154,7 +154,7 @@ class torch_threads:
 
 def _timed_account(data: str, loaded):
     from vlmtune.models.grid import grid_for
-    from vlmtune.data.drivers.pipeline import account
+    from vlmtune.data.drivers.tally import account
 
     grid_for.cache_clear()  # every timed run starts as cold as a fresh `vlmtune inspect`
     t, c = time.perf_counter(), time.process_time()

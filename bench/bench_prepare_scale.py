@@ -86,7 +86,7 @@ def one(what: str, data_path: str, n: int, workers: int, short: bool) -> dict:
 
         shutil.rmtree(out, ignore_errors=True)
     else:
-        from vlmtune.data.drivers.pipeline import account, summarize
+        from vlmtune.data.drivers.tally import account, summarize
         from vlmtune.config import FitArgs
         from vlmtune.models.load import load_spec
 

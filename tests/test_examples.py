@@ -114,7 +114,7 @@ def test_deepspeed_reference(path):
 
 def test_demo_data_inspects(tiny_ckpt):
     """`vlmtune inspect --data examples/data/mllm_demo.json` (and by name through dataset_info.json)."""
-    from vlmtune.data.drivers.pipeline import account, summarize
+    from vlmtune.data.drivers.tally import account, summarize
     from vlmtune.models.load import load_spec
 
     loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
@@ -129,7 +129,7 @@ def test_demo_data_inspects(tiny_ckpt):
 
 def test_video_demo_data_inspects(tiny_ckpt):
     """`vlmtune inspect --data mllm_video_demo --dataset-dir examples/data`: three clips, one with an image."""
-    from vlmtune.data.drivers.pipeline import account, summarize
+    from vlmtune.data.drivers.tally import account, summarize
     from vlmtune.models.load import load_spec
 
     loaded = load_spec(str(tiny_ckpt("qwen2_vl")))

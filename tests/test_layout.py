@@ -27,3 +27,11 @@ def test_the_count_sees_a_long_file_in_a_subfolder(tmp_path):
     (tmp_path / "short.py").write_text("x = 1\n" * MAX_LINES, encoding="utf-8")
     (tmp_path / "notes.txt").write_text("x\n" * 1000, encoding="utf-8")
     assert _line_counts(tmp_path) == {"a/b/long.py": MAX_LINES + 1, "short.py": MAX_LINES}
+
+
+def test_prepare_stays_a_short_driver():
+    """prepare.py drives the pipeline into a cache; the cache on disk (cache.py), the counting (tally.py) and
+    streaming (streaming.py) live beside it (issue 20: prepare.py under 300 lines)."""
+    n = _line_counts(SRC / "data" / "drivers")["prepare.py"]
+    assert n < 300, f"data/drivers/prepare.py has {n} lines"
+

@@ -68,7 +68,7 @@ def test_the_check_finds_a_function_that_takes_the_whole_config():
 
 
 def test_the_sections_that_models_and_data_use_are_annotated():
-    from vlmtune.data.drivers import pipeline, prepare
+    from vlmtune.data.drivers import pipeline, prepare, tally
     from vlmtune.models import load, quant
 
     assert str(inspect.signature(load.load_spec).parameters["fit"].annotation) == "FitArgs | None"
@@ -76,4 +76,4 @@ def test_the_sections_that_models_and_data_use_are_annotated():
     assert inspect.signature(quant.quantization_config).parameters["ft"].annotation == "FinetuningArgs"
     assert inspect.signature(pipeline.run_pipeline).parameters["read"].annotation == "ReadArgs"
     assert inspect.signature(prepare.prepare).parameters["data"].annotation == "DataSections"
-    assert inspect.signature(prepare.verdict).parameters["read"].annotation == "ReadArgs"
+    assert inspect.signature(tally.verdict).parameters["read"].annotation == "ReadArgs"

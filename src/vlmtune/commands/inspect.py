@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import asdict
 
 from ..config import POLICIES, FitArgs, load_sections
-from ..data.drivers.pipeline import Accounting, account, summarize  # noqa: F401  (account: re-exported for the cli)
+from ..data.drivers.tally import Accounting, account, summarize  # noqa: F401  (account: re-exported for the cli)
 from ..errors import ConfigError, Problem, SampleError, VlmtuneError
 from ..models.load import Loaded
 

@@ -123,7 +123,7 @@ def refuse_pickled_weights(name: str, what: str) -> None:
 
 def load_processor(model_name_or_path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None):
     """(processor, config); a hub or cache failure becomes a VlmtuneError that says what to do."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
 
     kwargs = {"trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
     try:

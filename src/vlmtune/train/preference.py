@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 

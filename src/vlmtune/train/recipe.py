@@ -22,7 +22,8 @@ import yaml
 from ..data.drivers.cache import claim_output_dir, folder_problems
 from ..data.stages.collate import Collator
 from ..data.stages.pack import pack_dataset
-from ..data.drivers.prepare import EVAL_REPORT_FILE, Prepared, eval_config, format_report_summary, prepare, streamed_dataset
+from ..data.drivers.prepare import EVAL_REPORT_FILE, Prepared, eval_config, format_report_summary, prepare
+from ..data.drivers.streaming import streamed_dataset
 from ..errors import ConfigError, disk_full_is_an_error
 from ..models.hybrid import keep_packed_samples_apart
 from ..models.load import (

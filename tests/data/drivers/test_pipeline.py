@@ -47,7 +47,7 @@ def test_inspect_doctor_and_prepare_give_the_same_fates_and_token_counts(tmp_pat
     from _golden import config_args
 
     from vlmtune.config import load_config
-    from vlmtune.data.drivers.pipeline import account
+    from vlmtune.data.drivers.tally import account
     from vlmtune.data.drivers.prepare import prepare, prepare_facts
     from vlmtune.models.load import load_spec
 

@@ -196,10 +196,10 @@ def test_a_prepare_killed_halfway_is_redone_cleanly(tiny_ckpt, dataset):
 def P_load_cached(out, prep) -> bool:
     import json as _json
 
-    from vlmtune.data.drivers.prepare import FINGERPRINT_FILE, load_cached
+    from vlmtune.data.drivers.prepare import FINGERPRINT_FILE, Target, load_cached
 
     fp = _json.loads((out / "prepared" / FINGERPRINT_FILE).read_text())["fingerprint"]
-    got = load_cached(str(out / "prepared"), str(out / "fit_report.jsonl"), fp)
+    got = load_cached(Target(str(out / "prepared"), str(out / "fit_report.jsonl"), fp))
     return got is not None and got.rows == prep.rows
 def test_skipping_more_than_max_skipped_share_stops_unless_confirmed(tiny_ckpt, dataset):
     tmp_path, data = dataset  # 2 of its 6 records are invalid: 33%

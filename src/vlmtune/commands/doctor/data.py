@@ -51,7 +51,7 @@ def read_data(ctx: Context, progress: bool) -> None:
     if ctx.loaded is None or ctx.cfg.streaming:  # streaming: the data is fitted as it is read, not ahead
         return
     cfg = ctx.cfg
-    from ...data.drivers.pipeline import summarize
+    from ...data.drivers.tally import summarize
     from ...data.drivers.prepare import prepare_facts
 
     try:
@@ -107,7 +107,7 @@ def check_data(ctx: Context) -> Check:
         shown = ", ".join(d.errors[:5]) + (f" and {len(d.errors) - 5} more" if len(d.errors) > 5 else "")
         return Check("data", "fail", f"{len(d.errors)} sample(s) would reach the 'error' policy ({shown}); "
                      f"{message}", f"{raise_to}, or end overflow with drop")
-    from ...data.drivers.prepare import verdict
+    from ...data.drivers.tally import verdict
 
     stop = verdict(cfg.read, d.invalid, s["records"])  # the decision prepare takes on the same counts
     if stop is not None and stop.kind == "invalid":

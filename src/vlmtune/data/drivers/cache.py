@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Iterator
 
 from ... import __version__
@@ -189,10 +190,30 @@ def exclusive(path: str, timeout_s: float) -> Iterator[bool]:
 
 
 # -- writing and swapping ------------------------------------------------------------------------
-def temp_names(out_dir: str, report_path: str) -> tuple[str, str, str]:
-    """This process's (temp folder, temp report, temp report body), named so that stale ones are found."""
-    tag = f".tmp-{os.uname().nodename}-{os.getpid()}"
-    return out_dir.rstrip("/") + tag, report_path + tag, report_path + tag + ".body"
+@dataclass(frozen=True)
+class Target:
+    """Where one prepare writes: the cache folder and the fit report, made for `fingerprint`, and this process's
+    temporary names for them until the swap (named so that stale ones are found: `remove_stale`)."""
+
+    out_dir: str
+    report_path: str
+    fingerprint: str
+
+    @property
+    def _tag(self) -> str:
+        return f".tmp-{os.uname().nodename}-{os.getpid()}"
+
+    @property
+    def tmp_dir(self) -> str:
+        return self.out_dir.rstrip("/") + self._tag
+
+    @property
+    def tmp_report(self) -> str:
+        return self.report_path + self._tag
+
+    @property
+    def tmp_body(self) -> str:
+        return self.report_path + self._tag + ".body"
 
 
 def make_temp(tmp_dir: str) -> None:

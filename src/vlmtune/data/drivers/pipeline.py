@@ -7,16 +7,14 @@
 dataset. prepare writes the rows and the fit report from the results as they come; inspect and doctor
 keep only per-sample numbers (`SampleStats`, fates, row lengths).
 
-`account()` gives every valid sample's exact token cost (images counted from their headers) and every problem;
-`summarize()` turns it into length percentiles per image count and the cutoff_len that keeps 95/99/100% whole.
+What a pass adds up to is counted by data/drivers/tally.py (`Tally`, `account()`, `summarize()`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
@@ -31,7 +29,7 @@ from ..stages.fit import FitOutcome, Fitter
 from ..sources.mix import Mix
 from ..stages.pairs import emit_row, encode_samples, fit_sample, stage_problems
 from ..sources.readers import iter_samples, layout_notes
-from ..schema import SampleStats, arrow_types, features, table
+from ..schema import SampleStats, arrow_types, table
 from ..types import Conversation, Origin
 from ..stages.validate import CONTROL_TOKENS, validate
 
@@ -269,109 +267,3 @@ def run_pipeline(read: ReadArgs, loaded: Loaded, stages: Stages, *, seed: int = 
 
     stream.chunks = drive()
     return stream
-
-
-@dataclass
-class Accounting:
-    """One pass over a dataset, counted: per-sample numbers and every problem (inspect's `account`), and, when
-    the pass fitted every sample (prepare's driver for the doctor, `prepare_facts`), the fates and rows.
-
-    `encoded` holds the whole Encoded of the samples asked for (`keep_ids`), not of every sample."""
-
-    records: int
-    stats: list[SampleStats]
-    problems: list[Problem]
-    invalid_ids: list[str] = field(default_factory=list)
-    encoded: list[Encoded] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # the record layouts recognised
-    fitted: list[FitOutcome | SampleError] = field(default_factory=list)  # the kept samples' fits (fitting)
-    # -- when every sample was fitted (prepare_facts) --
-    fates: Counter = field(default_factory=Counter)  # samples per fate, 'error' (the policy) included
-    rows: list[tuple[int, int]] = field(default_factory=list)  # (tokens, vision tokens) of each emitted row
-    errors: list[str] = field(default_factory=list)  # ids of samples that reach the 'error' policy
-    split_rows: int = 0
-    limited: bool = False  # max_samples left some samples out
-    prepared: object = None  # data/drivers/prepare.Prepared: the cache written or found (None when prepare would stop)
-
-
-def account(
-    read: ReadArgs | str | os.PathLike,
-    loaded: Loaded,
-    fit: FitArgs | None = None,
-    *,
-    fitting: bool = False,
-    progress: bool = True,
-    workers: int = 1,
-    keep_ids: Iterable[str] = (),
-) -> Accounting:
-    """Read, validate and encode a dataset with header-only image sizes (a bare path: ReadArgs' defaults
-    otherwise, no dataset_dir); `fitting`: the samples in `keep_ids` come back fitted too (inspect --show
-    --cutoff-len)."""
-    read = read if isinstance(read, ReadArgs) else ReadArgs(dataset=os.fspath(read), dataset_dir=None)
-    stages = Stages(fit or FitArgs(), fitting=fitting, keep_ids=frozenset(keep_ids))
-    stream = run_pipeline(read, loaded, stages, workers=workers, progress=progress, desc="accounting")
-    stats: list[SampleStats] = []
-    problems: list[Problem] = []
-    invalid: list[str] = []
-    encoded: list[Encoded] = []
-    fitted: list[FitOutcome | SampleError] = []
-    for res in stream.chunks:
-        stats += res.stats
-        problems += res.problems
-        invalid += [c.id for c in res.invalid]
-        encoded += res.encoded
-        fitted += res.fitted
-    # Records rejected while reading are invalid samples too (records == valid + invalid).
-    unread = [p.sample_id or p.source for p in stream.unread]
-    return Accounting(stream.records, stats, stream.unread + problems, unread + invalid, encoded, stream.notes,
-                      fitted)
-
-
-def nearest_rank(sorted_values: list[int], q: float) -> int:
-    """The smallest value v such that at least a fraction q of the values are ≤ v."""
-    if not sorted_values:
-        return 0
-    k = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[k - 1]
-
-
-def _dist(values: list[int]) -> dict:
-    v = sorted(values)
-    return {
-        "samples": len(v),
-        "p50": nearest_rank(v, 0.50),
-        "p95": nearest_rank(v, 0.95),
-        "p99": nearest_rank(v, 0.99),
-        "max": v[-1] if v else 0,
-    }
-
-
-def summarize(acc: Accounting, cutoff_len: int | None = None) -> dict:
-    """The JSON summary printed by `inspect --json`."""
-    stats = acc.stats
-    lengths = [s.tokens for s in stats]
-    by_count: dict[int, list[int]] = defaultdict(list)
-    by_videos: dict[int, list[int]] = defaultdict(list)
-    for s in stats:
-        by_count[s.images].append(s.tokens)
-        by_videos[s.videos].append(s.tokens)
-    overall = _dist(lengths)
-    return {
-        "records": acc.records,
-        "samples": len(stats),
-        "invalid_samples": len(acc.invalid_ids),
-        "images": sum(s.images for s in stats),
-        "tokens": sum(lengths),
-        "image_tokens": sum(s.image_tokens for s in stats),
-        "text_tokens": sum(s.text_tokens for s in stats),
-        "lengths": overall,
-        "by_image_count": {str(k): _dist(by_count[k]) for k in sorted(by_count)},
-        "videos": sum(s.videos for s in stats),
-        "video_tokens": sum(s.video_tokens for s in stats),
-        "by_video_count": {str(k): _dist(by_videos[k]) for k in sorted(by_videos)},
-        "recommended_cutoff_len": {"p95": overall["p95"], "p99": overall["p99"], "max": overall["max"]},
-        "cutoff_len": cutoff_len,
-        "over_cutoff": None if cutoff_len is None else sum(1 for n in lengths if n > cutoff_len),
-        "problems": [p.to_dict() for p in acc.problems],
-        "notes": list(acc.notes),
-    }

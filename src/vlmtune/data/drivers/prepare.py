@@ -7,7 +7,9 @@ conversation in input order). Both are written next to their targets and swapped
 prepared folder last with its fingerprint inside, so a prepare that is killed never leaves a cache
 that a later run takes as complete. The result is cached by a fingerprint of the data files, the
 data-related config and the model's processor, so a second run with nothing changed loads it instantly.
-The folder's handling on disk (ownership marker, lock, fingerprint, swap, stale cleanup) is data/drivers/cache.py.
+The folder's handling on disk (ownership marker, lock, fingerprint, swap, stale cleanup) is data/drivers/cache.py;
+the counting of the pass, and the verdict on invalid samples, data/drivers/tally.py (the doctor's too);
+`streaming: true` (rows fitted on the fly, no prepared copy) data/drivers/streaming.py.
 """
 
 from __future__ import annotations
@@ -18,19 +20,18 @@ import json
 import os
 import shutil
 from collections import Counter
-from array import array
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
-from ...config import DataSections, ReadArgs
+from ...config import DataSections
 from ...errors import DataError, Problem, disk_full_is_an_error
 from ...models.load import Loaded, load_spec
-from . import cache
-from .cache import FINGERPRINT_FILE, data_files, fingerprint, prepared_dir  # noqa: F401  (re-exported)
-from .pipeline import Accounting, Stages, run_pipeline, unread_line
 from ..schema import SampleStats, features, stats_from_columns, stats_table
+from . import cache
+from .cache import FINGERPRINT_FILE, Target, data_files, fingerprint, prepared_dir
+from .pipeline import Stages, Stream, run_pipeline
+from .tally import FATES, Accounting, Tally, Verdict, verdict
 
 CHUNK = 256
 DATA_FILE = "data.arrow"
@@ -38,7 +39,6 @@ SAMPLES_FILE = "samples.arrow"  # per valid sample: tokens before fitting (the d
 PROBLEMS_FILE = "problems.jsonl"
 REPORT_FILE, EVAL_REPORT_FILE = "fit_report.jsonl", "eval_fit_report.jsonl"  # in output_dir
 PIECES_FILE = "pieces.npy"  # (tokens, vision tokens: image + video pads) of each emitted row
-FATES = ("kept", "shrunk", "truncated", "split", "dropped", "invalid")
 
 
 @dataclass
@@ -67,30 +67,7 @@ def load_prepared(path: str):
     return Dataset.from_file(os.path.join(path, DATA_FILE))
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """Why the invalid samples stop a run before training (prepare raises it; the doctor's data check reports it).
-
-    kind: "invalid" (on_bad_sample=error and some sample is invalid) or "skipped_share" (on_bad_sample=skip
-    would leave out more than max_skipped_share of the records, not confirmed)."""
-
-    kind: str
-    what: str
-
-
-def verdict(read: ReadArgs, invalid: int, records: int) -> Verdict | None:
-    """The one decision on invalid samples: `invalid` of `records` read (unreadable records included)."""
-    if invalid and read.on_bad_sample == "error":
-        return Verdict("invalid", f"{invalid} invalid sample(s) stop prepare because on_bad_sample=error")
-    if invalid > read.max_skipped_share * records and not read.confirm_skipped_share:
-        return Verdict("skipped_share", (
-            f"on_bad_sample=skip would leave out {invalid} of {records} records "
-            f"({100 * invalid / max(1, records):.1f}%) as invalid, more than max_skipped_share="
-            f"{read.max_skipped_share:g}"))
-    return None
-
-
-def _stages(data: DataSections) -> Stages:
+def prepare_stages(data: DataSections) -> Stages:
     """Prepare's stages: labels as the fit section asks, fitted, rows emitted; the run's stage (sft, dpo, kto)
     refuses the samples of another kind (data/stages/pairs.stage_problems)."""
     return Stages(data.fit, fitting=True, emit=True, stage=data.preference.stage)
@@ -121,13 +98,15 @@ def prepare_facts(data: DataSections, loaded: Loaded, *, progress: bool = True) 
 
 
 def _prepare(data: DataSections, loaded: Loaded | None, progress: bool, collect: bool,
-             report_name: str = REPORT_FILE):
+             report_name: str = REPORT_FILE) -> tuple[Prepared | None, Accounting | None]:
+    """`collect` (the doctor): count every sample that would stop prepare, and return the facts with no cache
+    when one would; else stop as prepare does."""
     cache.check_folders(data)
     loaded = loaded or load_spec(data.model, data.fit)
     out_dir = prepared_dir(data)
-    report_path = os.path.join(data.output_dir, report_name)
-    fp = fingerprint(data, loaded, data_files(data.read))
-    cached = load_cached(out_dir, report_path, fp) if not data.prepare.overwrite_cache else None
+    target = Target(out_dir, os.path.join(data.output_dir, report_name), fingerprint(data, loaded,
+                                                                                      data_files(data.read)))
+    cached = None if data.prepare.overwrite_cache else load_cached(target)
     if cached is not None:
         return cached, None
     cache.check_replaceable(out_dir)  # before any work: a folder that is not ours is never replaced
@@ -135,105 +114,90 @@ def _prepare(data: DataSections, loaded: Loaded | None, progress: bool, collect:
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     with cache.exclusive(out_dir.rstrip("/") + ".lock", data.wait_s) as waited:
         if waited:  # another process (another node on a shared output_dir) held it: its cache may be ours
-            cached = load_cached(out_dir, report_path, fp)
+            cached = load_cached(target)
             if cached is not None:
                 return cached, None
-        return _prepare_locked(data, loaded, fp, out_dir, report_path, progress, collect)
+        cache.remove_stale(out_dir, target.report_path)
+        try:
+            with disk_full_is_an_error(f"the prepared dataset into {target.tmp_dir} and the fit report "
+                                       f"{target.tmp_report}", "free space there (nothing half-written is kept), "
+                                       "or set prepared_dir and output_dir to a disk with room"):
+                return _prepare_into(data, loaded, target, progress, collect)
+        finally:  # whatever happened, nothing half-written stays behind
+            cache.discard(target.tmp_dir, target.tmp_report, target.tmp_body)
 
 
-def _prepare_locked(data: DataSections, loaded: Loaded, fp, out_dir, report_path, progress, collect):
-    tmp_dir, tmp_report, tmp_body = cache.temp_names(out_dir, report_path)
-    cache.remove_stale(out_dir, report_path)
-    try:
-        with disk_full_is_an_error(f"the prepared dataset into {tmp_dir} and the fit report {tmp_report}",
-                                   "free space there (nothing half-written is kept), or set prepared_dir and "
-                                   "output_dir to a disk with room"):
-            return _prepare_into(data, loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body, progress,
-                                 collect)
-    finally:  # whatever happened, nothing half-written stays behind
-        cache.discard(tmp_dir, tmp_report, tmp_body)
-
-
-def _prepare_into(data: DataSections, loaded: Loaded, fp, out_dir, report_path, tmp_dir, tmp_report, tmp_body,
-                  progress, collect):
-    from datasets.arrow_writer import ArrowWriter
-
-    cache.make_temp(tmp_dir)
-    stream = run_pipeline(data.read, loaded, _stages(data), seed=data.seed,
-                          workers=data.prepare.preprocessing_num_workers or 1, chunk=CHUNK, progress=progress)
-    table = {f: [0, 0, 0, 0] for f in FATES}
-    problems: list[Problem] = []
-    errors: list[str] = []
-    stats: list[SampleStats] = []
-    invalid: list[str] = []
-    pieces = array("i")
-    split_rows = 0
-    rows = 0
-    feats = features()
-    # The conversations' lines go to a body file as they come; the unread records' lines (known only
-    # once reading is done) are written first, and the body is appended to them, in blocks.
-    with open(tmp_body, "w", encoding="utf-8") as body, \
-            ArrowWriter(features=feats, path=os.path.join(tmp_dir, DATA_FILE), writer_batch_size=1000) as writer, \
-            ArrowWriter(features=features(SampleStats), path=os.path.join(tmp_dir, SAMPLES_FILE)) as samples:
-        for res in _closing(stream.chunks):  # closed on an error: the workers stop at once
-            if res.errors and not collect:
-                raise res.errors[0]
-            errors += [e.sample_id for e in res.errors]
-            problems += res.problems
-            invalid += [c.id for c in res.invalid]
-            split_rows += res.split_rows
-            for n, k in res.pieces:
-                pieces += array("i", (n, k))
-            if collect:
-                stats += res.stats
-            if res.stats:
-                samples.write_table(stats_table(res.stats))
-            _tally(table, res.lines)
-            body.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in res.lines)
-            if res.table is not None:
-                writer.write_table(res.table)
-                rows += res.table.num_rows
-        writer.finalize()
-        samples.finalize()
-    unread = [unread_line(p) for p in stream.unread]
-    _tally(table, unread)
-    with open(tmp_report, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in unread)
-        with open(tmp_body, encoding="utf-8") as b:
-            shutil.copyfileobj(b, f, 1 << 20)
-    os.replace(tmp_report, report_path)
-    bad = list(stream.unread) + problems
-    fates = {f: table[f][0] for f in FATES if table[f][0]}
-    records = sum(a[0] for a in table.values())
-    stop = verdict(data.read, table["invalid"][0], records)
-    facts = None
-    if collect:
-        counted = Counter({f: table[f][0] - (len(unread) if f == "invalid" else 0) for f in FATES})
-        counted["error"] = len(errors)
-        unread_ids = [p.sample_id or p.source for p in stream.unread]  # invalid too: records == valid + invalid
-        facts = Accounting(stream.records, stats, bad, unread_ids + invalid, notes=stream.notes, fates=counted,
-                           rows=list(zip(pieces[::2], pieces[1::2])), errors=errors, split_rows=split_rows,
-                           limited=stream.limited)
-        if errors or stop is not None:
-            return None, facts  # prepare would stop here: no cache
-    elif stop is not None and stop.kind == "invalid":
-        raise DataError(bad, header=f"{len(bad)} problem(s) in the data (the fit report is in {report_path}); "
-                                    "fix them, or set on_bad_sample: skip to leave those samples out")
-    elif stop is not None:
-        raise DataError(bad, header=f"{stop.what} (the fit report is in {report_path}); fix them, or set "
-                                    "confirm_skipped_share: true to train on the rest")
-    with open(os.path.join(tmp_dir, PROBLEMS_FILE), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in bad)
-    np.save(os.path.join(tmp_dir, PIECES_FILE), np.frombuffer(pieces, dtype=np.int32).reshape(-1, 2))
-    meta = {"fingerprint": fp, "rows": rows, "records": records, "fates": fates, "table": table,
-            "read_records": stream.records, "unread": len(unread), "errors": 0, "split_rows": split_rows,
-            "limited": stream.limited, "notes": stream.notes}
-    cache.write_meta(tmp_dir, meta)
-    cache.swap_in(tmp_dir, out_dir)
-    prep = Prepared(out_dir, report_path, rows, fates, records, False, table, stream.notes)
+def _prepare_into(data: DataSections, loaded: Loaded, target: Target, progress: bool,
+                  collect: bool) -> tuple[Prepared | None, Accounting | None]:
+    tally = Tally(keep_stats=collect, stop_on_error=not collect)
+    stream = _write_rows(data, loaded, target, tally, progress)
+    _write_report(target, tally.add_unread(stream.unread))
+    stop = verdict(data.read, tally.table["invalid"][0], tally.records)
+    facts = tally.accounting(stream, fitted_all=True) if collect else None
+    if facts is not None and (facts.errors or stop is not None):
+        return None, facts  # prepare would stop here: no cache
+    if stop is not None:
+        raise _stopped(stop, tally.bad, target.report_path)
+    prep = _commit(target, tally, stream)
     if facts is not None:
         facts.prepared = prep
     return prep, facts
+
+
+def _write_rows(data: DataSections, loaded: Loaded, target: Target, tally: Tally, progress: bool) -> Stream:
+    """Drive the pipeline, writing as results come: rows to the Arrow file, the valid samples' numbers to the
+    samples file, the conversations' fit report lines to the report's body file."""
+    from datasets.arrow_writer import ArrowWriter
+
+    cache.make_temp(target.tmp_dir)
+    stream = run_pipeline(data.read, loaded, prepare_stages(data), seed=data.seed,
+                          workers=data.prepare.preprocessing_num_workers or 1, chunk=CHUNK, progress=progress)
+    with open(target.tmp_body, "w", encoding="utf-8") as body, \
+            ArrowWriter(features=features(), path=os.path.join(target.tmp_dir, DATA_FILE),
+                        writer_batch_size=1000) as writer, \
+            ArrowWriter(features=features(SampleStats), path=os.path.join(target.tmp_dir, SAMPLES_FILE)) as samples, \
+            contextlib.closing(stream.chunks) as chunks:  # closed on an error: the workers stop at once
+        for res in chunks:
+            tally.add(res)
+            if res.stats:
+                samples.write_table(stats_table(res.stats))
+            body.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in res.lines)
+            if res.table is not None:
+                writer.write_table(res.table)
+        writer.finalize()
+        samples.finalize()
+    return stream
+
+
+def _write_report(target: Target, unread: list[dict]) -> None:
+    """The fit report: the unread records' lines (known only once reading is done) first, then the body."""
+    with open(target.tmp_report, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in unread)
+        with open(target.tmp_body, encoding="utf-8") as b:
+            shutil.copyfileobj(b, f, 1 << 20)
+    os.replace(target.tmp_report, target.report_path)
+
+
+def _stopped(stop: Verdict, bad: list[Problem], report_path: str) -> DataError:
+    if stop.kind == "invalid":
+        return DataError(bad, header=f"{len(bad)} problem(s) in the data (the fit report is in {report_path}); "
+                                     "fix them, or set on_bad_sample: skip to leave those samples out")
+    return DataError(bad, header=f"{stop.what} (the fit report is in {report_path}); fix them, or set "
+                                 "confirm_skipped_share: true to train on the rest")
+
+
+def _commit(target: Target, tally: Tally, stream: Stream) -> Prepared:
+    """The problems, row sizes and meta into the finished folder, which is then swapped in."""
+    with open(os.path.join(target.tmp_dir, PROBLEMS_FILE), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in tally.bad)
+    np.save(os.path.join(target.tmp_dir, PIECES_FILE), np.frombuffer(tally.pieces, dtype=np.int32).reshape(-1, 2))
+    meta = {"fingerprint": target.fingerprint, "rows": tally.rows, "records": tally.records, "fates": tally.fates,
+            "table": tally.table, "read_records": stream.records, "unread": len(tally.unread), "errors": 0,
+            "split_rows": tally.split_rows, "limited": stream.limited, "notes": stream.notes}
+    cache.write_meta(target.tmp_dir, meta)
+    cache.swap_in(target.tmp_dir, target.out_dir)
+    return Prepared(target.out_dir, target.report_path, tally.rows, tally.fates, tally.records, False, tally.table,
+                    stream.notes)
 
 
 def _facts_from_cache(prep: Prepared) -> Accounting:
@@ -260,23 +224,6 @@ def _facts_from_cache(prep: Prepared) -> Accounting:
                       rows=rows, errors=[], split_rows=meta["split_rows"], limited=meta["limited"], prepared=prep)
 
 
-def _closing(gen):
-    """Iterate a generator, closing it (its finally: the worker pool shuts down) however the loop ends."""
-    with contextlib.closing(gen):
-        yield from gen
-
-
-def _tally(table: dict, lines: list[dict]) -> None:
-    for r in lines:
-        a = table.setdefault(r["fate"], [0, 0, 0, 0])
-        after = r["tokens_after"]
-        pieces = after if isinstance(after, list) else ([after] if after is not None else [])
-        a[0] += 1
-        a[1] += len(pieces)
-        a[2] += r["tokens_before"] or 0
-        a[3] += sum(pieces)
-
-
 def format_report_summary(prep: Prepared) -> str:
     """The fit report as a table: samples, emitted rows and tokens per fate."""
     agg = {f: list(prep.table.get(f, [0, 0, 0, 0])) for f in FATES}
@@ -292,73 +239,14 @@ def format_report_summary(prep: Prepared) -> str:
     return "\n".join(lines)
 
 
-def load_cached(out_dir: str, report_path: str, fp: str) -> Prepared | None:
-    """The cache in out_dir when it is complete and made for fingerprint `fp`, else None."""
-    meta = cache.read_meta(out_dir, fp)
-    if meta is None or not os.path.exists(report_path) or not os.path.exists(os.path.join(out_dir, DATA_FILE)):
+def load_cached(target: Target) -> Prepared | None:
+    """The cache at the target when it is complete and made for its fingerprint, else None."""
+    meta = cache.read_meta(target.out_dir, target.fingerprint)
+    if meta is None or not os.path.exists(target.report_path) or \
+            not os.path.exists(os.path.join(target.out_dir, DATA_FILE)):
         return None
     try:
-        return Prepared(out_dir, report_path, meta["rows"], meta["fates"], meta["records"], True, meta["table"],
-                        meta.get("notes", []))
+        return Prepared(target.out_dir, target.report_path, meta["rows"], meta["fates"], meta["records"], True,
+                        meta["table"], meta.get("notes", []))
     except (KeyError, TypeError):
         return None
-
-
-# -- streaming: true ---------------------------------------------------------------------------
-class StreamedRows:
-    """`streaming: true`: rows straight from the pipeline (fit on the fly, no prepared copy), for a
-    `torch.utils.data.IterableDataset`. The first pass over the data writes the fit report as it goes, one
-    line per record read (unreadable records as they are met, then each chunk's samples in input order),
-    flushed after every chunk, so a run stopped by max_steps has a report of exactly the records it read.
-    Later passes (epochs) read the data again without rewriting the report."""
-
-    def __init__(self, data: DataSections, loaded: Loaded):
-        self.data, self.loaded = data, loaded
-        self.report_path = os.path.join(data.output_dir, REPORT_FILE)
-        self.passes = 0
-        self.table = {f: [0, 0, 0, 0] for f in FATES}
-
-    def __iter__(self):
-        data = self.data
-        self.passes += 1
-        first = self.passes == 1
-        stream = run_pipeline(data.read, self.loaded, _stages(data), seed=data.seed,
-                              workers=data.prepare.preprocessing_num_workers or 1,
-                              chunk=CHUNK, progress=False)
-        cache.claim_output_dir(data)  # checked by check_folders before the run started
-        report = open(self.report_path, "w", encoding="utf-8") if first else None
-        written = 0
-        try:
-            for res in _closing(stream.chunks):
-                if res.errors:
-                    raise res.errors[0]
-                if report is not None:
-                    unread = [unread_line(p) for p in stream.unread[written:]]
-                    written = len(stream.unread)
-                    _tally(self.table, unread + res.lines)
-                    report.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in unread + res.lines)
-                    report.flush()
-                if res.table is not None:
-                    yield from res.table.to_pylist()
-            if report is not None:
-                unread = [unread_line(p) for p in stream.unread[written:]]
-                _tally(self.table, unread)
-                report.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in unread)
-        finally:
-            if report is not None:
-                report.close()
-
-
-def streamed_dataset(data: DataSections, loaded: Loaded):
-    """A torch IterableDataset over StreamedRows (the Trainer needs max_steps with it)."""
-    import torch.utils.data
-
-    rows = StreamedRows(data, loaded)
-
-    class _Iterable(torch.utils.data.IterableDataset):
-        stream = rows
-
-        def __iter__(self):
-            return iter(rows)
-
-    return _Iterable()
