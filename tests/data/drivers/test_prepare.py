@@ -95,6 +95,19 @@ def test_second_run_is_cached_and_config_changes_invalidate(tiny_ckpt, dataset):
     assert prepare(config(tmp_path, data, ckpt, "cutoff_len=4096").for_data(), progress=False).records == 7
 
 
+@pytest.mark.parametrize(("strategy", "changes"), [("concat", False), ("interleave_under", True),
+                                                     ("interleave_over", True)])
+def test_the_seed_is_in_the_fingerprint_when_it_draws_the_mix(tiny_ckpt, dataset, strategy, changes):
+    from vlmtune.data.drivers.cache import fingerprint
+
+    tmp_path, data = dataset
+    ckpt = tiny_ckpt("qwen2_vl")
+    loaded = load_spec(str(ckpt))
+    fps = {fingerprint(config(tmp_path, data, ckpt, f"mix_strategy={strategy}", f"seed={seed}").for_data(), loaded,
+                       [str(data)]) for seed in (1, 2)}
+    assert len(fps) == (2 if changes else 1)
+
+
 def test_two_workers_give_the_same_rows(tiny_ckpt, dataset, monkeypatch):
     import vlmtune.data.drivers.prepare as P
 

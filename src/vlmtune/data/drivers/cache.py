@@ -285,14 +285,17 @@ def data_files(read: ReadArgs) -> list[str]:
 
 
 def fingerprint(data: DataSections, loaded, files: list[str]) -> str:
-    """What decides the prepared rows: vlmtune's version, the keys declared `prepared=True`, the row's declared
-    columns, the model's specs and chat template, and the data files' bytes."""
+    """What decides the prepared rows: vlmtune's version, the keys declared `prepared=True` (and the seed when it
+    interleaves datasets), the row's declared columns, the model's specs and chat template, and the data files'
+    bytes."""
     from ..schema import Row, columns
 
     h = hashlib.sha256()
     h.update(__version__.encode())
     keys = prepared_values(data.model, data.read, data.fit, data.preference)
     h.update(json.dumps(keys, sort_keys=True, default=str).encode())
+    if data.read.mix_strategy != "concat":  # the run's seed draws the interleaved order
+        h.update(f"seed={data.seed}".encode())
     h.update(json.dumps(columns(Row)).encode())  # a cache written before a column was declared is stale
     h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(loaded.video.to_dict() if loaded.video else None, sort_keys=True).encode())
