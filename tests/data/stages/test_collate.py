@@ -208,8 +208,7 @@ def test_embedded_bytes_give_the_same_pixel_values_as_files_on_disk(tiny_ckpt, t
 
     def batch(data):
         read = read_samples(str(data))
-        checked = validate(read.conversations, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
-                           patch_size=spec.patch_size, merge_size=spec.merge_size)
+        checked = validate(read.conversations, spec)
         assert read.problems == [] and checked.problems == []
         rows = [emit(e, spec).to_dict() for e in Encoder(loaded.processor, spec).encode_many(checked.valid, checked.headers)]
         return rows, Collator(loaded.processor, spec)(rows)

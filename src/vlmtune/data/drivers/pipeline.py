@@ -118,8 +118,7 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
         conv.read_problems += stage_problems(conv, stages.stage)
     # Rows that will be trained on (emit: prepare, doctor, streaming) have every image decoded here, so that a
     # pixel that cannot be decoded is a skippable bad sample now, not a crash mid-training (issue 21).
-    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size,
-                       merge_size=spec.merge_size, video_spec=w["video"], verify_images=stages.emit,
+    checked = validate(convs, spec, video_spec=w["video"], verify_images=stages.emit,
                        control_tokens_as_text=stages.control_tokens_as_text)
     valid = {c.id for c in checked.valid}
     out = ChunkResult(list(checked.problems), [], [c for c in convs if c.id not in valid])
