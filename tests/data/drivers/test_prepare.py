@@ -51,8 +51,11 @@ def test_every_record_has_one_report_line(tiny_ckpt, dataset):
     prep = prepare(cfg.for_data(), progress=False)
     report = [json.loads(line) for line in open(prep.report_path)]
     assert len(report) == 6 == prep.records
-    by_line = {r["source"].rsplit(":", 1)[1]: r for r in report}
+    # where each line's record is, as data (no source string parsed): the file and its 1-based line
+    assert {r["file"] for r in report} == {str(data)} and {r["piece"] for r in report} == {0}
+    by_line = {str(r["index"]): r for r in report}
     assert sorted(by_line) == ["1", "2", "3", "4", "5", "6"]
+    assert [by_line[k]["source"] for k in "14"] == [f"{data}:1", f"{data}:4"]  # the same place, as text
     assert [by_line[k]["fate"] for k in "1456"] == ["kept", "invalid", "invalid", "kept"]
     # the default overflow order tries shrink_images first, and shrinking alone fits both long samples
     fitted = {k: (by_line[k]["fate"], by_line[k]["tokens_before"], by_line[k]["tokens_after"]) for k in "23"}
@@ -64,6 +67,7 @@ def test_every_record_has_one_report_line(tiny_ckpt, dataset):
     loaded = load_spec(str(ckpt))
     ds = prep.dataset()
     assert len(ds) == prep.rows
+    assert [(r["file"], r["index"], r["piece"]) for r in ds] == [(str(data), k, 0) for k in (1, 2, 3, 6)]
     for row in ds:
         assert check_row(row, loaded.spec, 180) == []
         assert row["length"] == len(row["input_ids"])
