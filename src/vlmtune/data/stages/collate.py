@@ -268,11 +268,7 @@ class Collator:
         length = batch["input_ids"].shape[1]
         tps = self._tokens_per_second(rows)
         pos = [packed_position_ids(r if r.get("segments") else {**r, "segments": [len(r["input_ids"])]},
-                                   self.spec.image_token_id, self.spec.merge_size, length,
-                                   video_token_id=self.spec.video_token_id,
-                                   video_timestamps=self.spec.video_timestamps,
-                                   video_absolute_time=self.spec.video_absolute_time,
-                                   tokens_per_second=tps) for r in rows]
+                                   self.spec, length, tokens_per_second=tps) for r in rows]
         batch["position_ids"] = torch.from_numpy(np.stack(pos, axis=1))
         del batch["attention_mask"]
         # transformers only derives the packed mask without a KV cache; training never needs one.
