@@ -22,6 +22,7 @@ from ...config import FitArgs, ReadArgs
 from ...errors import Problem, SampleError
 from ...models.load import Loaded
 from ..schema import SampleStats
+from ..sources.readers import reading
 from ..stages.encode import Encoded
 from ..stages.fit import FitOutcome
 from .pipeline import ChunkResult, Stages, Stream, run_pipeline, unread_line
@@ -173,7 +174,7 @@ def account(
     """Read, validate and encode a dataset with header-only image sizes (a bare path: ReadArgs' defaults
     otherwise, no dataset_dir); `fitting`: the samples in `keep_ids` come back fitted too (inspect --show
     --cutoff-len)."""
-    read = read if isinstance(read, ReadArgs) else ReadArgs(dataset=os.fspath(read), dataset_dir=None)
+    read = reading(read)
     stages = Stages(fit or FitArgs(), fitting=fitting, keep_ids=frozenset(keep_ids))
     stream = run_pipeline(read, loaded, stages, workers=workers, progress=progress, desc="accounting")
     tally = Tally()
