@@ -46,6 +46,15 @@ def qwen2vl_2b_config(tiny: bool):
                          vision_start_token_id=151652, vision_end_token_id=151653)
 
 
+def qwen2vl_spec():
+    """The ModelSpec of Qwen2-VL-2B-Instruct's processor (its token ids and pixel bounds), built without a checkpoint."""
+    from vlmtune.models.spec import ModelSpec
+
+    return ModelSpec("qwen2_vl", "<|image_pad|>", 151655, "<|video_pad|>", 151656, "<|vision_start|>", 151652,
+                     "<|vision_end|>", 151653, "<|im_start|>", 151644, "<|im_end|>", 151645, 151643, 151645,
+                     14, 2, 2, 56 * 56, 28 * 28 * 1280, 151936)
+
+
 def synthetic_rows(n: int, cutoff: int, seed: int = 0) -> list[dict]:
     from vlmtune.models.grid import grid_for
 
@@ -85,7 +94,8 @@ def batch_of(rows: list[dict], packed: bool, device):
     if packed:
         import numpy as np
 
-        pos = [packed_position_ids(r, 151655, 2, length) for r in rows]
+        spec = qwen2vl_spec()
+        pos = [packed_position_ids(r, spec, length) for r in rows]
         batch["position_ids"] = torch.from_numpy(np.stack(pos, axis=1))
         batch["use_cache"] = False
     else:

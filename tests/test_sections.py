@@ -69,6 +69,7 @@ def test_the_check_finds_a_function_that_takes_the_whole_config():
 
 def test_the_sections_that_models_and_data_use_are_annotated():
     from vlmtune.data.drivers import pipeline, prepare, tally
+    from vlmtune.data.stages import pack, validate
     from vlmtune.models import load, quant
 
     assert str(inspect.signature(load.load_spec).parameters["fit"].annotation) == "FitArgs | None"
@@ -77,3 +78,5 @@ def test_the_sections_that_models_and_data_use_are_annotated():
     assert inspect.signature(pipeline.run_pipeline).parameters["read"].annotation == "ReadArgs"
     assert inspect.signature(prepare.prepare).parameters["data"].annotation == "DataSections"
     assert inspect.signature(tally.verdict).parameters["read"].annotation == "ReadArgs"
+    assert inspect.signature(validate.validate).parameters["spec"].annotation == "ModelSpec"
+    assert inspect.signature(pack.packed_position_ids).parameters["spec"].annotation == "ModelSpec"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 # The longest line an error prints for one problem: a value echoed back (a 4 MB string in a config, a line of a
@@ -37,6 +36,10 @@ class Problem:
     fix: str
     sample_id: str | None = None
     kind: str = "invalid"
+    # where it is, as data (set by the readers; data/types.Origin): the data file (DataError groups PER_FILE_KINDS
+    # by it, never by parsing `source`) and the record's index there (None: the whole file, or not known)
+    file: str | None = field(default=None, compare=False)
+    index: int | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         who = f"sample {self.sample_id} ({self.source})" if self.sample_id is not None else self.source
@@ -100,7 +103,7 @@ def _per_file(problems: list[Problem]) -> list:
         if p.kind not in PER_FILE_KINDS:
             out.append(p)
             continue
-        key = (re.sub(r"[:#]\d+$", "", p.source), p.what, p.fix)
+        key = (p.file or p.source, p.what, p.fix)
         if key not in counts:
             out.append(key)
         counts[key] = counts.get(key, 0) + 1

@@ -51,8 +51,9 @@ def test_the_row_declaration_gives_the_prepared_schema_in_order():
     feats = features(Row)
     assert list(feats) == ["id", "source", "input_ids", "labels", "images", "image_grid_thw", "image_min_pixels",
                            "image_max_pixels", *VIDEO_COLUMNS, "rejected_input_ids", "rejected_labels", "kto_tag",
-                           "sample_id", "length"]
+                           "sample_id", "file", "index", "piece", "length"]
     arrow = feats.arrow_schema
+    assert [str(arrow.field(c).type) for c in ("file", "index", "piece")] == ["string", "int64", "int32"]
     assert str(arrow.field("image_grid_thw").type) == "list<item: list<item: int32>>"
     assert str(arrow.field("image_min_pixels").type) == "list<item: int64>"
     assert str(arrow.field("length").type) == "int32"
@@ -70,6 +71,24 @@ def test_a_row_knows_its_length_and_every_row_writes_to_its_table():
     t = schema.table([row.to_dict()], features(Row))
     assert t.column_names == list(features(Row))
     assert t.column("videos").to_pylist() == [[]]
+
+
+def test_a_row_carries_its_origin_and_a_pack_leaves_the_per_sample_columns_out():
+    whole = Row("a", "f.jsonl:3", [1, 2], [-100, 2], [], [], [], [], file="f.jsonl", index=3)
+    assert (whole.file, whole.index, whole.piece) == ("f.jsonl", 3, 0)
+    assert (Row("b", "x", [1], [1], [], [], [], []).index, Row("b", "x", [1], [1], [], [], [], []).file) == (-1, "")
+    piece = _row(id="a#2", sample_id="a", file="f.jsonl", index=3, piece=2)
+    assert RowView(piece).named() == ("a#2", "f.jsonl:1, piece 2") and RowView(whole.to_dict()).named() == ("a", "f.jsonl:3")
+    packed = pack_rows_in_bins([[whole.to_dict(), piece]])[0]
+    assert not {"sample_id", "file", "index", "piece", "kto_tag"} & set(packed)  # per sample: a pack holds two
+    assert (packed["id"], packed["segments"]) == ("a+a#2", [2, 3])
+    assert RowView(packed).piece is None and RowView(packed).named() == ("a+a#2", "f.jsonl:3; f.jsonl:1")
+
+
+def test_the_signature_is_each_column_with_its_type_and_changes_with_the_declaration():
+    assert schema.signature(Row)[:2] == [["id", "string"], ["source", "string"]]
+    assert schema.signature(Row)[-4:] == [["file", "string"], ["index", "int64"], ["piece", "int32"], ["length", "int32"]]
+    assert schema.signature(WeightedRow) == [*schema.signature(Row), ["token_weights", "[float32]"]]
 
 
 def test_the_accessor_refuses_an_undeclared_name():

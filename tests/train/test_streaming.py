@@ -26,7 +26,8 @@ def test_streaming_trains_and_its_report_accounts_for_every_sample_read(make_con
     assert not (tmp_path / "s" / "prepared").exists()
     report = [json.loads(line) for line in open(tmp_path / "s" / "fit_report.jsonl", encoding="utf-8")]
     # written once (not per pass): every record read, the unreadable one included, as prepare writes it
-    assert sorted(r["source"].rsplit(":", 1)[1] for r in report) == ["1", "2", "3", "4", "5", "6", "7"]
+    assert sorted(r["index"] for r in report) == [1, 2, 3, 4, 5, 6, 7]  # each line's record, as data
+    assert {r["file"] for r in report} == {str(data)} and {r["piece"] for r in report} == {0}
     prepared = recipe.prepare(make_config("qwen2_vl", data, tmp_path / "p", on_bad_sample="skip",
                                           confirm_skipped_share=True).for_data(), progress=False)
     assert report == [json.loads(line) for line in open(prepared.report_path, encoding="utf-8")]

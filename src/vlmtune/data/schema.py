@@ -58,6 +58,14 @@ class Row:
     kto_tag: int = column("int8", optional=True, default=-1)
     # the input sample's id, shared by the pieces split cuts from it (the validation split keeps them together)
     sample_id: str = column("string", optional=True, default="")
+    # where the input sample is, as data (data/types.Origin; nothing parses it back from `id` or `source`): the data
+    # file (or the dataset folder / Hub id of table rows), the record's index there (a JSON Lines file: its 1-based
+    # line, else the 0-based position; -1: not read from a file), and the piece (0: the whole sample; 1..n: the
+    # k-th piece split cut from it, in order). Per sample, like sample_id and kto_tag: a packed row, which holds
+    # several samples, does not carry them (its `id` and `source` join its samples', in `segments` order).
+    file: str = column("string", optional=True, default="")
+    index: int = column("int64", optional=True, default=-1)
+    piece: int = column("int32", optional=True, default=0)
     # len(input_ids) (a pair: its longer side): the Trainer's group_by_length and packing plan from this column alone
     length: int = column("int32", default=0)
 
@@ -97,6 +105,12 @@ class SampleStats:
 def columns(decl: type = Row) -> tuple[str, ...]:
     """Every declared column, in declaration order (the Arrow schema's order)."""
     return tuple(f.name for f in fields(decl))
+
+
+def signature(decl: type = Row) -> list[list]:
+    """The declaration as data, each column's name and Arrow type in order: the prepared cache's fingerprint
+    hashes it, so a cache written under another row schema is never taken as complete."""
+    return [[f.name, f.metadata["arrow"]] for f in fields(decl)]
 
 
 def packed_columns(decl: type = Row) -> tuple[str, ...]:
@@ -190,6 +204,12 @@ class RowView:
     @property
     def row(self) -> dict:
         return self._row
+
+    def named(self) -> tuple[str, str]:
+        """(id, where) that name the row's sample in an error: its source and, for a piece of a split sample,
+        which piece (read from the `piece` column)."""
+        where, piece = str(self._row.get("source")), self._row.get("piece")
+        return str(self._row.get("id")), f"{where}, piece {piece}" if piece else where
 
 
 _DECLARED: dict[type, dict[str, bool]] = {}

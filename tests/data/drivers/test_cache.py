@@ -228,3 +228,20 @@ def test_prepare_marks_a_new_or_empty_output_dir_and_an_earlier_vlmtunes_one(tin
         prepare(cfg(tiny_ckpt(), data / "data.jsonl", out).for_data(), progress=False)
         assert folders.owner_of(out) == folders.OUTPUT
     assert (legacy / "notes.txt").read_text() == "mine\n" and (legacy / "vlmtune_config.yaml").exists()
+
+
+def test_a_cache_written_under_another_row_schema_is_not_taken_as_complete(tiny_ckpt, data, tmp_path, monkeypatch):
+    from vlmtune.data import schema
+
+    c = cfg(tiny_ckpt(), data / "data.jsonl", tmp_path / "out")
+    assert [prepare(c.for_data(), progress=False).cached for _ in range(2)] == [False, True]
+    declared = schema.signature
+
+    def retyped(decl=schema.Row):  # the same column names, one type changed
+        return [[name, "int64" if name == "piece" else arrow] for name, arrow in declared(decl)]
+
+    monkeypatch.setattr(schema, "signature", retyped)
+    again = prepare(c.for_data(), progress=False)
+    assert again.cached is False and again.rows == 1
+    monkeypatch.setattr(schema, "signature", lambda decl=schema.Row: declared(decl)[:-1])  # a column fewer
+    assert prepare(c.for_data(), progress=False).cached is False

@@ -17,7 +17,13 @@ def test_prepare_reproduces_the_golden_rows_and_report(tmp_path, tiny_ckpt, make
     got = produce(root, data, tiny_ckpt("qwen2_vl"), name, f"preprocessing_num_workers={workers}")
     want = json.loads((GOLDEN / f"{name}.json").read_text())
     assert len(got["report"]) == len(want["report"]) == 55
-    assert got["report"] == want["report"]
+    # file, index, piece (added after the golden was made): where each record is, as data, the same place as the
+    # golden's source text (`path:line` of a JSON Lines file, `path#row` of a JSON array); nothing here is split
+    where = ("file", "index", "piece")
+    assert [{k: v for k, v in r.items() if k not in where} for r in got["report"]] == want["report"]
+    assert [f"{r['file']}{':' if r['file'].endswith('.jsonl') else '#'}{r['index']}" for r in got["report"]] == \
+        [r["source"] for r in want["report"]]
+    assert {r["piece"] for r in got["report"]} == {0}
     # image-only data: the video columns (added after the golden was made) are empty in every row
     video_columns = {k for k in got["rows"][0] if k.startswith("video")}
     assert len(video_columns) == 9 and all(r[k] == [] for r in got["rows"] for k in video_columns)
@@ -27,7 +33,11 @@ def test_prepare_reproduces_the_golden_rows_and_report(tmp_path, tiny_ckpt, make
     # sample_id (added after the golden was made): the input sample's id, shared by the pieces split cuts from it
     # (no own id in this data holds a '#', so it is the piece id up to its '#')
     assert [r["sample_id"] for r in got["rows"]] == [r["id"].split("#")[0] for r in want["rows"]]
-    added = video_columns | set(pref) | {"sample_id"}
+    # the rows' origin columns: their report line's file and index, piece 0
+    line = {r["id"]: r for r in got["report"]}
+    assert [(r["file"], r["index"], r["piece"]) for r in got["rows"]] == [
+        (line[r["sample_id"]]["file"], line[r["sample_id"]]["index"], 0) for r in got["rows"]]
+    added = video_columns | set(pref) | {"sample_id", "file", "index", "piece"}
     assert [{k: v for k, v in r.items() if k not in added} for r in got["rows"]] == want["rows"]
 
 

@@ -51,8 +51,11 @@ def test_every_record_has_one_report_line(tiny_ckpt, dataset):
     prep = prepare(cfg.for_data(), progress=False)
     report = [json.loads(line) for line in open(prep.report_path)]
     assert len(report) == 6 == prep.records
-    by_line = {r["source"].rsplit(":", 1)[1]: r for r in report}
+    # where each line's record is, as data (no source string parsed): the file and its 1-based line
+    assert {r["file"] for r in report} == {str(data)} and {r["piece"] for r in report} == {0}
+    by_line = {str(r["index"]): r for r in report}
     assert sorted(by_line) == ["1", "2", "3", "4", "5", "6"]
+    assert [by_line[k]["source"] for k in "14"] == [f"{data}:1", f"{data}:4"]  # the same place, as text
     assert [by_line[k]["fate"] for k in "1456"] == ["kept", "invalid", "invalid", "kept"]
     # the default overflow order tries shrink_images first, and shrinking alone fits both long samples
     fitted = {k: (by_line[k]["fate"], by_line[k]["tokens_before"], by_line[k]["tokens_after"]) for k in "23"}
@@ -64,6 +67,7 @@ def test_every_record_has_one_report_line(tiny_ckpt, dataset):
     loaded = load_spec(str(ckpt))
     ds = prep.dataset()
     assert len(ds) == prep.rows
+    assert [(r["file"], r["index"], r["piece"]) for r in ds] == [(str(data), k, 0) for k in (1, 2, 3, 6)]
     for row in ds:
         assert check_row(row, loaded.spec, 180) == []
         assert row["length"] == len(row["input_ids"])
@@ -93,6 +97,19 @@ def test_second_run_is_cached_and_config_changes_invalidate(tiny_ckpt, dataset):
     data.write_text(data.read_text() + json.dumps({"messages": [{"role": "user", "content": "x"},
                                                                 {"role": "assistant", "content": "y"}]}) + "\n")
     assert prepare(config(tmp_path, data, ckpt, "cutoff_len=4096").for_data(), progress=False).records == 7
+
+
+@pytest.mark.parametrize(("strategy", "changes"), [("concat", False), ("interleave_under", True),
+                                                     ("interleave_over", True)])
+def test_the_seed_is_in_the_fingerprint_when_it_draws_the_mix(tiny_ckpt, dataset, strategy, changes):
+    from vlmtune.data.drivers.cache import fingerprint
+
+    tmp_path, data = dataset
+    ckpt = tiny_ckpt("qwen2_vl")
+    loaded = load_spec(str(ckpt))
+    fps = {fingerprint(config(tmp_path, data, ckpt, f"mix_strategy={strategy}", f"seed={seed}").for_data(), loaded,
+                       [str(data)]) for seed in (1, 2)}
+    assert len(fps) == (2 if changes else 1)
 
 
 def test_two_workers_give_the_same_rows(tiny_ckpt, dataset, monkeypatch):

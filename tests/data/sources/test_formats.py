@@ -23,6 +23,8 @@ from vlmtune.data.sources.readers import read_samples
 from vlmtune.errors import Problem
 from vlmtune.models.load import load_spec
 
+from _spec import pixel_spec
+
 
 def _png(w: int, h: int, color=(200, 40, 90)) -> bytes:
     buf = io.BytesIO()
@@ -291,8 +293,7 @@ def test_openai_weight_0_turns_are_masked(tmp_path, loaded):
     (tmp_path / "w0.jsonl").write_text(json.dumps(rec) + "\n")
     from vlmtune.data.stages.validate import validate
 
-    out = validate(read_samples(str(tmp_path / "w0.jsonl")).conversations, min_pixels=1, max_pixels=10**7,
-                   patch_size=14, merge_size=2)
+    out = validate(read_samples(str(tmp_path / "w0.jsonl")).conversations, pixel_spec(1, 10**7, 14, 2))
     assert [p.kind for p in out.problems] == ["no_trained_turn"]
     rec["messages"][3]["weight"] = 0.5
     (tmp_path / "w5.jsonl").write_text(json.dumps(rec) + "\n")

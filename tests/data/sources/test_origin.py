@@ -1,5 +1,6 @@
-"""A sample's origin is data, not a string parsed back: the reader records (file, index) of every conversation,
-and every piece `split` cuts keeps its input sample's id in its own column."""
+"""A sample's origin is data, not a string parsed back: the reader records (file, index) of every conversation and
+every row carries it in columns (file, index, piece): the pieces `split` cuts are numbered 1..n, with their input's
+id in `sample_id`."""
 
 from __future__ import annotations
 
@@ -37,3 +38,40 @@ def test_max_samples_counts_per_file_by_origin(tmp_path, tiny_ckpt):
                           load_spec(str(tiny_ckpt("qwen2_vl"))), Stages(), progress=False)
     ids = [s.id for res in stream.chunks for s in res.stats]
     assert ids == ["s0", "s1", "s10", "s11"] and stream.limited and stream.records == 6
+
+
+def _rows(read, loaded, cutoff_len: int) -> list[dict]:
+    """The rows the pipeline emits for `read` under cutoff_len with overflow: [split]."""
+    from vlmtune.config import FitArgs
+    from vlmtune.data.drivers.pipeline import Stages, run_pipeline
+
+    stream = run_pipeline(read, loaded, Stages(FitArgs(cutoff_len=cutoff_len, overflow=["split"]), fitting=True,
+                                               emit=True), progress=False)
+    return [row for res in stream.chunks if res.table is not None for row in res.table.to_pylist()]
+
+
+def _chat(i: int, exchanges: int) -> dict:
+    turns = [m for k in range(exchanges) for m in ({"role": "user", "content": f"question {k} " + "why " * 30},
+                                                   {"role": "assistant", "content": f"answer {k}"})]
+    return {"id": f"r{i}", "messages": turns}
+
+
+def test_rows_from_jsonl_and_parquet_carry_file_index_and_piece(tmp_path, tiny_ckpt):
+    """JSON Lines: the 1-based line; Parquet: the 0-based row; a split sample's rows are pieces 1..n of it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlmtune.config import ReadArgs
+    from vlmtune.models.load import load_spec
+
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
+    records = [_chat(0, 1), _chat(1, 3), _chat(2, 1)]  # the middle one is three exchanges: split cuts it in three
+    jsonl, parquet = tmp_path / "d.jsonl", tmp_path / "d.parquet"
+    jsonl.write_text("\n\n".join(json.dumps(r) for r in records) + "\n")  # blank lines: lines 1, 3, 5
+    pq.write_table(pa.Table.from_pylist(records), parquet)
+    for path, index in ((jsonl, [1, 3, 3, 3, 5]), (parquet, [0, 1, 1, 1, 2])):
+        rows = _rows(ReadArgs(dataset=str(path), dataset_dir=None), loaded, cutoff_len=70)
+        assert [(r["file"], r["index"], r["piece"], r["sample_id"]) for r in rows] == [
+            (str(path), index[0], 0, "r0"), (str(path), index[1], 1, "r1"), (str(path), index[2], 2, "r1"),
+            (str(path), index[3], 3, "r1"), (str(path), index[4], 0, "r2")]
+        assert [r["id"] for r in rows] == ["r0", "r1#1", "r1#2", "r1#3", "r2"]  # the ids users see are unchanged

@@ -16,6 +16,8 @@ from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
 from vlmtune.data.stages.validate import validate
 from vlmtune.errors import Problem
 
+from _spec import pixel_spec
+
 R = os.path.realpath
 PIX = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 256, patch_size=14, merge_size=2)
 
@@ -892,7 +894,7 @@ def test_fuzz_records_never_raise_and_are_accounted(tmp_path, write_image, recor
             assert out.kind in ("bad_record", "unsupported_media") and out.sample_id == f"s{i}" and out.what and out.fix
         else:
             convs.append(out)
-    res = validate(convs, **PIX)
+    res = validate(convs, pixel_spec(**PIX))
     ids_with_problems = {p.sample_id for p in res.problems}
     assert len(res.valid) + len(ids_with_problems) == len(convs)
     assert all(p.what and p.fix and p.kind for p in res.problems)

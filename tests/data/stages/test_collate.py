@@ -208,8 +208,7 @@ def test_embedded_bytes_give_the_same_pixel_values_as_files_on_disk(tiny_ckpt, t
 
     def batch(data):
         read = read_samples(str(data))
-        checked = validate(read.conversations, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels,
-                           patch_size=spec.patch_size, merge_size=spec.merge_size)
+        checked = validate(read.conversations, spec)
         assert read.problems == [] and checked.problems == []
         rows = [emit(e, spec).to_dict() for e in Encoder(loaded.processor, spec).encode_many(checked.valid, checked.headers)]
         return rows, Collator(loaded.processor, spec)(rows)
@@ -221,3 +220,21 @@ def test_embedded_bytes_give_the_same_pixel_values_as_files_on_disk(tiny_ckpt, t
     assert torch.equal(files["pixel_values"], inline["pixel_values"])
     assert torch.equal(files["image_grid_thw"], inline["image_grid_thw"])
     assert torch.equal(files["input_ids"], inline["input_ids"])
+
+
+def test_guard_names_the_piece_of_a_split_sample(tiny_ckpt, tmp_path, make_image):
+    from vlmtune.data.stages.fit import exchanges_of
+
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
+    convs, headers = _dataset(tmp_path, make_image)
+    (e,) = Encoder(loaded.processor, loaded.spec).encode_many(convs[3:4], headers)
+    system, exchanges = exchanges_of(e)
+    cut = sum(b.length for b in system) + max(sum(b.length for b in ex) for ex in exchanges)
+    _, (out,), rows = _rows(loaded, convs[3:4], headers, cutoff=cut, overflow=("split",))
+    # the id names the exchanges a piece holds; `piece` numbers the pieces
+    assert out.fate == "split" and [(r["id"], r["piece"]) for r in rows] == [("turns#1", 1), ("turns#2-3", 2)]
+    row = dict(rows[1])
+    k = row["input_ids"].index(loaded.spec.image_token_id)
+    row["input_ids"], row["labels"] = row["input_ids"][:k] + row["input_ids"][k + 1:], row["labels"][:k] + row["labels"][k + 1:]
+    with pytest.raises(SampleError, match=r"^sample turns#2-3 \(d.jsonl:4, piece 2\): image 0 has a run of"):
+        Collator(loaded.processor, loaded.spec)([row])

@@ -250,10 +250,8 @@ def test_mrope_video_details_per_family(family, media):
     batch = Collator(loaded.processor, loaded.spec, video=vspec)([row])
     kw = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in batch}
     want, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], **kw)
-    got = packed_position_ids({**row, "segments": [len(row["input_ids"])]}, loaded.spec.image_token_id,
-                              loaded.spec.merge_size, len(row["input_ids"]), video_token_id=loaded.spec.video_token_id,
-                              video_timestamps=loaded.spec.video_timestamps,
-                              video_absolute_time=loaded.spec.video_absolute_time, tokens_per_second=vspec.tokens_per_second)
+    got = packed_position_ids({**row, "segments": [len(row["input_ids"])]}, loaded.spec, len(row["input_ids"]),
+                              tokens_per_second=vspec.tokens_per_second)
     assert np.array_equal(got[1:], want[:, 0].numpy())
     t, h, w = row["video_grid_thw"][0]
     ids = np.asarray(row["input_ids"])
@@ -413,10 +411,7 @@ def test_packed_positions_equal_get_rope_index_on_synthetic_samples(family, segm
     row = {"input_ids": [x for m in made for x in m[0]], "image_grid_thw": [g for m in made for g in m[1]],
            "video_grid_thw": [g for m in made for g in m[2]], "video_second_per_grid": [s for m in made for s in m[3]],
            "segments": [len(m[0]) for m in made]}
-    got = packed_position_ids(row, spec.image_token_id, spec.merge_size, len(row["input_ids"]) + 3,
-                              video_token_id=spec.video_token_id, video_timestamps=spec.video_timestamps,
-                              video_absolute_time=spec.video_absolute_time,
-                              tokens_per_second=vspec.tokens_per_second)
+    got = packed_position_ids(row, spec, len(row["input_ids"]) + 3, tokens_per_second=vspec.tokens_per_second)
     start = 0
     for ids, igrids, vgrids, seconds in made:
         t_ids = torch.tensor([ids])

@@ -14,7 +14,7 @@ from vlmtune.data.stages.collate import check_row, find_runs
 from vlmtune.data.stages.encode import IGNORE_INDEX, Encoder, emit, with_budget
 from vlmtune.data.stages.fit import FitOptions, Fitter, exchanges_of
 from vlmtune.data.media.images import ImageHeader
-from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
+from vlmtune.data.types import Conversation, ImagePart, Message, Origin, TextPart
 from vlmtune.errors import SampleError
 from vlmtune.models.load import load_spec
 
@@ -41,7 +41,10 @@ def conv_of(turns, sid="s"):
             else:
                 ps.append(TextPart(p))
         msgs.append(Message(role, ps))
-    return Conversation(sid, f"data.jsonl:{sid}", msgs), headers
+    return Conversation(sid, f"data.jsonl:{sid}", msgs, origin=ORIGIN), headers
+
+
+ORIGIN = Origin("data.jsonl", 7)  # where conv_of's samples are, as the reader records it
 
 
 def roles_of(ids, spec, tokenizer):
@@ -70,6 +73,9 @@ def test_kept_sample_is_emitted_unchanged(env):
     out = Fitter(loaded.spec, FitOptions(cutoff_len=e.length)).fit(e)
     assert (out.fate, out.tokens_before, out.tokens_after) == ("kept", e.length, e.length)
     assert out.reason == f"fits ({e.length} <= {e.length})"
+    assert {k: out.report()[k] for k in ("file", "index", "piece")} == {"file": "data.jsonl", "index": 7, "piece": 0}
+    row = emit(out.pieces[0], loaded.spec)
+    assert (row.file, row.index, row.piece, row.sample_id) == ("data.jsonl", 7, 0, "s")
 
 
 def test_shrink_images_finds_largest_budget_that_fits(env):
@@ -144,6 +150,13 @@ def test_split_gives_each_piece_its_own_images(env):
     assert [p.id for p in out.pieces] == ["s#1", "s#2", "s#3"]  # named by the exchanges they hold
     assert [emit(p, loaded.spec).sample_id for p in out.pieces] == ["s", "s", "s"]  # their sample, as data
     assert emit(e, loaded.spec).sample_id == "s"
+    # the origin as data: every piece has its input's file and index, numbered 1..n in order; the whole sample 0
+    assert [(r.file, r.index, r.piece) for r in (emit(p, loaded.spec) for p in out.pieces)] == [
+        ("data.jsonl", 7, 1), ("data.jsonl", 7, 2), ("data.jsonl", 7, 3)]
+    assert (emit(e, loaded.spec).piece, e.piece) == (0, 0)
+    report = out.report()
+    assert (report["file"], report["index"], report["piece"]) == ("data.jsonl", 7, [1, 2, 3])
+    assert len(report["tokens_after"]) == 3
     assert out.reason == "split 3 exchanges into 3 samples at exchange boundaries"
     assert all(n <= cut for n in out.tokens_after)
     for p in out.pieces:
@@ -270,6 +283,12 @@ def test_fit_invariants(env, turns, cutoff, overflow, share, context):
             assert floor.length > cutoff
     if out.fate == "kept":
         assert e.length <= cutoff
+    # every emitted row carries its input's origin; split pieces are numbered 1..n with no gap, a whole sample 0
+    rows = [emit(p, spec) for p in out.pieces]
+    assert {(r.file, r.index, r.sample_id) for r in rows} <= {("data.jsonl", 7, "s")}
+    pieces = [r.piece for r in rows]
+    assert pieces == (list(range(1, len(rows) + 1)) if out.fate == "split" else [0] * len(rows))
+    assert out.report()["piece"] == (pieces if out.fate == "split" else 0)
     for piece in out.pieces:
         row = emit(piece, spec).to_dict()
         assert len(row["input_ids"]) <= cutoff

@@ -15,7 +15,7 @@ from vlmtune.data.media.images import ImageHeader
 from vlmtune.data.stages.pairs import (PrefEncoded, emit_row, encode_samples, fit_sample, rejected_view,
                                        stage_problems, stage_that_reads)
 from vlmtune.data.sources.readers import read_samples
-from vlmtune.data.types import Conversation, ImagePart, Message, Preference, TextPart
+from vlmtune.data.types import Conversation, ImagePart, Message, Origin, Preference, TextPart
 from vlmtune.errors import SampleError
 from vlmtune.models.load import load_spec
 
@@ -156,7 +156,8 @@ def _pair(sid: str, sizes, prompt_words: int, chosen_words: int, rejected_words:
     conv = Conversation(sid, f"pairs.jsonl:{sid}", [Message("user", parts), Message("assistant",
                         [TextPart("chosen " + words(chosen_words))])],
                         preference=Preference("pair", rejected=Message("assistant",
-                                                                       [TextPart("rejected " + words(rejected_words))])))
+                                                                       [TextPart("rejected " + words(rejected_words))])),
+                        origin=Origin("pairs.jsonl", 3))
     return conv, headers
 
 
@@ -178,12 +179,14 @@ def test_every_pair_is_fitted_as_one_unit_both_sides_within_cutoff_and_whole_run
     # one line per pair, with both sides' tokens before (and after, when emitted)
     assert line["chosen_tokens"][0] == enc.chosen.length and line["rejected_tokens"][0] == enc.rejected.length
     assert line["tokens_before"] == max(enc.chosen.length, enc.rejected.length)
+    assert (line["file"], line["index"], line["piece"]) == ("pairs.jsonl", 3, 0)  # whichever side is longer
     if out.fate == "dropped":
         assert out.pieces == [] and line["chosen_tokens"][1] is None and line["rejected_tokens"][1] is None
         return
     assert out.fate in ("kept", "shrunk", "truncated")
     (piece,) = out.pieces
     row = emit_row(piece, spec)
+    assert (row["file"], row["index"], row["piece"], row["sample_id"]) == ("pairs.jsonl", 3, 0, "p")
     chosen, rejected = row, rejected_view(row)
     for side in (chosen, rejected):
         assert len(side["input_ids"]) <= cutoff
@@ -246,7 +249,10 @@ def test_prepare_writes_one_line_per_pair_and_pair_rows(tmp_path, tiny_ckpt, wri
     lines = [json.loads(x) for x in open(prep.report_path, encoding="utf-8")]
     assert [(x["id"], x["fate"]) for x in lines] == [("p:1", "shrunk"), ("p:2", "invalid"), ("p:3", "invalid")]
     assert "identical" in lines[1]["reason"] and "stage='dpo'" in lines[2]["reason"]
+    data = str(tmp_path / "p.jsonl")
+    assert [(x["file"], x["index"], x["piece"]) for x in lines] == [(data, 1, 0), (data, 2, 0), (data, 3, 0)]
     (row,) = prep.dataset()
+    assert (row["file"], row["index"], row["piece"]) == (data, 1, 0)
     assert [len(row["input_ids"]), len(row["rejected_input_ids"])] == [lines[0]["chosen_tokens"][1],
                                                                        lines[0]["rejected_tokens"][1]]
     assert row["length"] == max(len(row["input_ids"]), len(row["rejected_input_ids"])) <= 120

@@ -14,6 +14,8 @@ from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
 from vlmtune.data.stages.validate import DEFAULT_MAX_IMAGE_PIXELS, validate
 from vlmtune.errors import Problem
 
+from _spec import pixel_spec
+
 PIX = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 256, patch_size=14, merge_size=2)
 SRC = "train.jsonl:3"
 FIX_REPLACE = "replace it with a valid image file (JPEG, PNG, WebP, ...) or remove the sample"
@@ -37,7 +39,7 @@ def with_image(path, ref=None):
 
 
 def run(*convs, **kw):
-    return validate(list(convs), **{**PIX, **kw})
+    return validate(list(convs), pixel_spec(**PIX), **kw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ held-out preference accuracy before and after (preference.py).
 Everything is seeded: the same command gives the same numbers on the same machine.
 
 data.py writes the dataset (1-2), evaluation.py scores answers (3, 5), run.py builds the config, trains and
-summarises (4-5).
+summarises (4-5). Each demo is a `Task` (its data, config, score and summary keys) that run.py's `run_task` runs
+through the same steps: the image demo's is run.py's, the others' are preference.py's and video_run.py's.
 """
 
 from .data import COLOURS, DATASET_NAME, FULL, QUICK, SHAPES, DemoSize, write_dataset

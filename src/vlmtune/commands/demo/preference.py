@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from pathlib import Path
 
 from .data import COLOUR_PARAPHRASES, COLOUR_QUESTION, COLOURS, IMAGE_TOKENS, SHAPE_PARAPHRASES, SHAPE_QUESTION, \
     SHAPES, DemoSize
 from .data import pictures as _pictures
 from .data import write_json as _write_json
-from .run import claim_out, load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
+from .run import Task, run_lines, run_task, training_keys
 from .run import pct as _pct
 
 PREF_DATASET_NAME = "demo_shape_pairs"
@@ -137,54 +136,46 @@ def pref_demo_config(model_dir, data_dir, output_dir, *, factor: int, size: Demo
     return load_config(None, base=base)
 
 
-def run_pref_demo(out: str | os.PathLike = "vlmtune-demo-dpo", *, steps: int | None = None, quick: bool = False,
-                  arch: str = "qwen2_vl", seed: int = 0, progress: bool = True, overrides: dict | None = None) -> dict:
-    with one_thread():
-        return _run(out, steps=steps, quick=quick, arch=arch, seed=seed, progress=progress, overrides=overrides)
-
-
-def _run(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from ...models.tiny import build_tiny_checkpoint
-    from ...train.recipe import run
-
-    start = time.perf_counter()
-    size = PREF_QUICK if quick else PREF_FULL
-    steps = size.steps if steps is None else int(steps)
-    out = Path(out)
-    claim_out(out)
-    model_dir, data_dir, train_dir = out / "model", out / "data", out / "train"
-    build_tiny_checkpoint(model_dir, arch=arch, seed=seed)
-    data = write_pref_dataset(data_dir, size, seed)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    factor = processor.image_processor.patch_size * processor.image_processor.merge_size
-    cfg = pref_demo_config(model_dir, data_dir, train_dir, factor=factor, size=size, steps=steps, seed=seed,
-                           overrides=overrides)
-    budget = {"min_pixels": processor.image_processor.size["shortest_edge"], "max_pixels": cfg.image_max_pixels}
-    pairs = data["eval_pairs"]
-    before = preference_accuracy(AutoModelForImageTextToText.from_pretrained(model_dir), processor, pairs,
-                                 str(data_dir), **budget)
-    t_train = time.perf_counter()
-    result = run(cfg, progress=progress)
-    train_seconds = time.perf_counter() - t_train
-    after = preference_accuracy(load_trained(str(model_dir), cfg.output_dir, cfg.finetuning_type), processor, pairs,
-                                str(data_dir), **budget)
+def _summary(before: dict, after: dict, data: dict, cfg, result) -> dict:
     logged = [h for h in result.log_history if "rewards/accuracies" in h]
-    summary = {
+    return {
         "preference_accuracy_before": before["accuracy"],
         "preference_accuracy_after": after["accuracy"],
         "by_kind_before": before["by_kind"],
         "by_kind_after": after["by_kind"],
         "eval_pairs": before["pairs"],
         "train_reward_accuracy_last": logged[-1]["rewards/accuracies"] if logged else None,
-        **run_facts(result, cfg, start, train_seconds, arch=arch, quick=quick, seed=seed, model_dir=model_dir,
-                    data=data_dir / f"{PREF_DATASET_NAME}.json"),
-        "config": {k: getattr(cfg, k) for k in ("stage", "pref_loss", "pref_beta", "finetuning_type", "learning_rate",
-                                                "max_steps", "per_device_train_batch_size", "cutoff_len",
-                                                "image_max_pixels", "overflow")},
     }
-    return write_summary(out, summary)
+
+
+def _score(model, processor, data: dict, cfg, data_dir) -> dict:
+    return preference_accuracy(model, processor, data["eval_pairs"], str(data_dir),
+                               min_pixels=processor.image_processor.size["shortest_edge"],
+                               max_pixels=cfg.image_max_pixels)
+
+
+def _config(model_dir, data_dir, output_dir, processor, **kw):
+    factor = processor.image_processor.patch_size * processor.image_processor.merge_size
+    return pref_demo_config(model_dir, data_dir, output_dir, factor=factor, **kw)
+
+
+PREFERENCE = Task(
+    sizes=(PREF_QUICK, PREF_FULL),
+    dataset=PREF_DATASET_NAME,
+    write_data=lambda data_dir, size, seed, processor: write_pref_dataset(data_dir, size, seed),
+    config=_config,
+    score=_score,
+    summary=_summary,
+    config_keys=lambda cfg: ["stage", "pref_loss", "pref_beta", "finetuning_type", "learning_rate", "max_steps",
+                             "per_device_train_batch_size", "cutoff_len", "image_max_pixels", "overflow"],
+)
+
+
+def run_pref_demo(out: str | os.PathLike = "vlmtune-demo-dpo", *, steps: int | None = None, quick: bool = False,
+                  arch: str = "qwen2_vl", seed: int = 0, progress: bool = True, overrides: dict | None = None) -> dict:
+    """Build, evaluate, fine-tune with DPO, evaluate again; returns (and writes) the summary."""
+    return run_task(PREFERENCE, out, steps=steps, quick=quick, arch=arch, seed=seed, progress=progress,
+                    overrides=overrides)
 
 
 def format_pref_summary(s: dict) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from ...config import folders
 from ...errors import VlmtuneError
@@ -82,11 +84,54 @@ def load_trained(model_dir: str, output_dir: str, finetuning_type: str):
     return AutoModelForImageTextToText.from_pretrained(output_dir)
 
 
-def run_demo(out: str | os.PathLike = "vlmtune-demo", *, steps: int | None = None, quick: bool = False,
-             arch: str = "qwen2_vl", seed: int = 0, progress: bool = True, overrides: dict | None = None) -> dict:
-    """Build, evaluate, fine-tune, evaluate again; returns (and writes) the summary."""
+@dataclass(frozen=True)
+class Task:
+    """What one demo does its own way. `run_task` runs every demo the same way around it: a tiny checkpoint in
+    <out>/model, the task's data in <out>/data, its score before training, the `vlmtune train` recipe into
+    <out>/train, its score after, and the summary in <out>/demo_summary.json."""
+
+    sizes: tuple[Any, Any]  # (--quick, full): the data's size, the steps, the batch
+    dataset: str  # the dataset's name in <out>/data/dataset_info.json
+    write_data: Callable  # (data_dir, size, seed, processor) -> what the score and the summary read
+    config: Callable  # (model_dir, data_dir, output_dir, processor, *, size, steps, seed, overrides) -> Config
+    score: Callable  # (model, processor, data, cfg, data_dir) -> the held-out result
+    summary: Callable  # (before, after, data, cfg, result) -> the task's own keys of the summary (result: the run's)
+    config_keys: Callable  # (cfg) -> the config keys the summary repeats
+
+
+def run_task(task: Task, out: str | os.PathLike, *, steps: int | None, quick: bool, arch: str, seed: int,
+             progress: bool, overrides: dict | None) -> dict:
+    """Build, score, fine-tune, score again; returns (and writes) the summary."""
     with one_thread():
-        return _run_demo(out, steps=steps, quick=quick, arch=arch, seed=seed, progress=progress, overrides=overrides)
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from ...models.tiny import build_tiny_checkpoint
+        from ...train.recipe import run
+
+        start = time.perf_counter()
+        size = task.sizes[0] if quick else task.sizes[1]
+        steps = size.steps if steps is None else int(steps)
+        out = Path(out)
+        claim_out(out)
+        model_dir, data_dir, train_dir = out / "model", out / "data", out / "train"
+        build_tiny_checkpoint(model_dir, arch=arch, seed=seed)
+        processor = AutoProcessor.from_pretrained(model_dir)
+        data = task.write_data(data_dir, size, seed, processor)
+        cfg = task.config(model_dir, data_dir, train_dir, processor, size=size, steps=steps, seed=seed,
+                          overrides=overrides)
+        before = task.score(AutoModelForImageTextToText.from_pretrained(model_dir), processor, data, cfg, data_dir)
+        t_train = time.perf_counter()
+        result = run(cfg, progress=progress)
+        train_seconds = time.perf_counter() - t_train
+        after = task.score(load_trained(str(model_dir), cfg.output_dir, cfg.finetuning_type), processor, data, cfg,
+                           data_dir)
+        summary = {
+            **task.summary(before, after, data, cfg, result),
+            **run_facts(result, cfg, start, train_seconds, arch=arch, quick=quick, seed=seed, model_dir=model_dir,
+                        data=data_dir / f"{task.dataset}.json"),
+            "config": {k: getattr(cfg, k) for k in task.config_keys(cfg)},
+        }
+        return write_summary(out, summary)
 
 
 @contextlib.contextmanager
@@ -112,46 +157,53 @@ def claim_out(out: Path) -> None:
     folders.claim(out, folders.DEMO)
 
 
-def _run_demo(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+# -- the image demo --------------------------------------------------------------------------------------
+def _budget(processor, cfg) -> dict:
+    """The pixel bounds the held-out pictures are scored at: the processor's floor, the config's ceiling."""
+    return {"min_pixels": processor.image_processor.size["shortest_edge"], "max_pixels": cfg.image_max_pixels}
 
-    from ...models.tiny import build_tiny_checkpoint
-    from ...train.recipe import run
 
-    start = time.perf_counter()
-    size = QUICK if quick else FULL
-    steps = size.steps if steps is None else int(steps)
-    out = Path(out)
-    claim_out(out)
-    model_dir, data_dir, train_dir = out / "model", out / "data", out / "train"
-    build_tiny_checkpoint(model_dir, arch=arch, seed=seed)
-    data = write_dataset(data_dir, size, seed)
-    questions = data["eval_questions"]
-
-    processor = AutoProcessor.from_pretrained(model_dir)
+def _image_config(model_dir, data_dir, output_dir, processor, **kw):
     factor = processor.image_processor.patch_size * processor.image_processor.merge_size
-    cfg = demo_config(model_dir, data_dir, train_dir, factor=factor, size=size, steps=steps, seed=seed,
-                      overrides=overrides)
-    budget = {"min_pixels": processor.image_processor.size["shortest_edge"], "max_pixels": cfg.image_max_pixels}
-    before = evaluate(AutoModelForImageTextToText.from_pretrained(model_dir), processor, questions, str(data_dir),
-                      **budget)
-    t_train = time.perf_counter()
-    result = run(cfg, progress=progress)
-    train_seconds = time.perf_counter() - t_train
-    after = evaluate(load_trained(str(model_dir), cfg.output_dir, cfg.finetuning_type), processor, questions,
-                     str(data_dir), **budget)
-    summary = {
+    return demo_config(model_dir, data_dir, output_dir, factor=factor, **kw)
+
+
+def _image_summary(before: dict, after: dict, data: dict, cfg, result) -> dict:
+    return {
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
-        "chance": chance(questions),
+        "chance": chance(data["eval_questions"]),
         "accuracy_by_kind_before": before["by_kind"],
         "accuracy_by_kind_after": after["by_kind"],
         "eval_questions": before["questions"],
-        **run_facts(result, cfg, start, train_seconds, arch=arch, quick=quick, seed=seed, model_dir=model_dir,
-                    data=data_dir / f"{DATASET_NAME}.json"),
-        "config": _config_summary(cfg),
     }
-    return write_summary(out, summary)
+
+
+def _config_keys(cfg) -> list[str]:
+    keys = ["finetuning_type", "freeze_vision_tower", "learning_rate", "max_steps", "per_device_train_batch_size",
+            "cutoff_len", "image_max_pixels", "overflow"]
+    if cfg.finetuning_type == "lora":
+        keys[1:1] = ["lora_rank", "lora_target"]
+    return keys
+
+
+IMAGE = Task(
+    sizes=(QUICK, FULL),
+    dataset=DATASET_NAME,
+    write_data=lambda data_dir, size, seed, processor: write_dataset(data_dir, size, seed),
+    config=_image_config,
+    score=lambda model, processor, data, cfg, data_dir: evaluate(model, processor, data["eval_questions"],
+                                                                 str(data_dir), **_budget(processor, cfg)),
+    summary=_image_summary,
+    config_keys=_config_keys,
+)
+
+
+def run_demo(out: str | os.PathLike = "vlmtune-demo", *, steps: int | None = None, quick: bool = False,
+             arch: str = "qwen2_vl", seed: int = 0, progress: bool = True, overrides: dict | None = None) -> dict:
+    """The image demo: build, evaluate, fine-tune, evaluate again; returns (and writes) the summary."""
+    return run_task(IMAGE, out, steps=steps, quick=quick, arch=arch, seed=seed, progress=progress,
+                    overrides=overrides)
 
 
 def run_facts(result, cfg, start: float, train_seconds: float, **run) -> dict:
@@ -181,14 +233,6 @@ def write_summary(out: Path, summary: dict) -> dict:
     summary["summary_path"] = str(out / "demo_summary.json")
     _write_json(out / "demo_summary.json", summary)
     return summary
-
-
-def _config_summary(cfg) -> dict:
-    keys = ["finetuning_type", "freeze_vision_tower", "learning_rate", "max_steps", "per_device_train_batch_size",
-            "cutoff_len", "image_max_pixels", "overflow"]
-    if cfg.finetuning_type == "lora":
-        keys[1:1] = ["lora_rank", "lora_target"]
-    return {k: getattr(cfg, k) for k in keys}
 
 
 def _ordered(fates: dict[str, int]) -> dict[str, int]:

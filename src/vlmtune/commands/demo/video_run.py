@@ -7,10 +7,9 @@ The same steps as the image demo (run.py): a tiny random checkpoint, the synthet
 from __future__ import annotations
 
 import os
-import time
-from pathlib import Path
 
-from .run import pct as _pct, claim_out, load_trained, one_thread, run_facts, run_lines, training_keys, write_summary
+from .run import Task, run_lines, run_task, training_keys
+from .run import pct as _pct
 from .video_data import FPS, FRAMES, SIDE_PATCHES, VIDEO_DATASET_NAME, VIDEO_FULL, VIDEO_QUICK, VideoDemoSize, \
     write_video_dataset
 from .video_eval import evaluate_video, video_chance
@@ -51,43 +50,19 @@ def video_spec(cfg):
     return load_spec(cfg.model, cfg.fit).video
 
 
-def run_video_demo(out: str | os.PathLike = "vlmtune-demo-video", *, steps: int | None = None, quick: bool = False,
-                   arch: str = "qwen2_vl", seed: int = 0, progress: bool = True, overrides: dict | None = None) -> dict:
-    """Build, evaluate, fine-tune, evaluate again; returns (and writes) the summary."""
-    with one_thread():
-        return _run(out, steps=steps, quick=quick, arch=arch, seed=seed, progress=progress, overrides=overrides)
+def _write_data(data_dir, size: VideoDemoSize, seed: int, processor) -> dict:
+    return {**write_video_dataset(data_dir, size, seed, side=_side(processor)), "side": _side(processor)}
 
 
-def _run(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from ...models.tiny import build_tiny_checkpoint
-    from ...train.recipe import run
-
-    start = time.perf_counter()
-    size = VIDEO_QUICK if quick else VIDEO_FULL
-    steps = size.steps if steps is None else int(steps)
-    out = Path(out)
-    claim_out(out)
-    model_dir, data_dir, train_dir = out / "model", out / "data", out / "train"
-    build_tiny_checkpoint(model_dir, arch=arch, seed=seed)
-    processor = AutoProcessor.from_pretrained(model_dir)
+def _side(processor) -> int:
     vp = processor.video_processor
-    side = SIDE_PATCHES * vp.patch_size * vp.merge_size
-    data = write_video_dataset(data_dir, size, seed, side=side)
-    questions = data["eval_questions"]
+    return SIDE_PATCHES * vp.patch_size * vp.merge_size
 
-    cfg = video_demo_config(model_dir, data_dir, train_dir, size=size, steps=steps, seed=seed, overrides=overrides)
-    spec = video_spec(cfg)
-    before = evaluate_video(AutoModelForImageTextToText.from_pretrained(model_dir), processor, questions,
-                            str(data_dir), spec)
-    t_train = time.perf_counter()
-    result = run(cfg, progress=progress)
-    train_seconds = time.perf_counter() - t_train
-    after = evaluate_video(load_trained(str(model_dir), cfg.output_dir, cfg.finetuning_type), processor, questions,
-                           str(data_dir), spec)
-    grid = spec.for_clip(FRAMES, FPS).plan(FRAMES, FPS, side, side)
-    summary = {
+
+def _summary(before: dict, after: dict, data: dict, cfg, result) -> dict:
+    side = data["side"]
+    grid = video_spec(cfg).for_clip(FRAMES, FPS).plan(FRAMES, FPS, side, side)
+    return {
         "task": "video",
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
@@ -99,12 +74,28 @@ def _run(out, *, steps, quick, arch, seed, progress, overrides) -> dict:
         "eval_questions": before["questions"],
         "clip": {"frames": FRAMES, "fps": FPS, "width": side, "height": side, "codec": data["codec"],
                  "sampled_frames": list(grid.indices), "grid_thw": grid.thw, "video_tokens": grid.tokens},
-        **run_facts(result, cfg, start, train_seconds, arch=arch, quick=quick, seed=seed, model_dir=model_dir,
-                    data=data_dir / f"{VIDEO_DATASET_NAME}.json"),
-        "config": {k: getattr(cfg, k) for k in ("finetuning_type", "freeze_vision_tower", "learning_rate",
-                                                "max_steps", "per_device_train_batch_size", "cutoff_len")},
     }
-    return write_summary(out, summary)
+
+
+VIDEO = Task(
+    sizes=(VIDEO_QUICK, VIDEO_FULL),
+    dataset=VIDEO_DATASET_NAME,
+    write_data=_write_data,
+    config=lambda model_dir, data_dir, output_dir, processor, **kw: video_demo_config(model_dir, data_dir, output_dir,
+                                                                                      **kw),
+    score=lambda model, processor, data, cfg, data_dir: evaluate_video(model, processor, data["eval_questions"],
+                                                                       str(data_dir), video_spec(cfg)),
+    summary=_summary,
+    config_keys=lambda cfg: ["finetuning_type", "freeze_vision_tower", "learning_rate", "max_steps",
+                             "per_device_train_batch_size", "cutoff_len"],
+)
+
+
+def run_video_demo(out: str | os.PathLike = "vlmtune-demo-video", *, steps: int | None = None, quick: bool = False,
+                   arch: str = "qwen2_vl", seed: int = 0, progress: bool = True, overrides: dict | None = None) -> dict:
+    """Build, evaluate, fine-tune, evaluate again; returns (and writes) the summary."""
+    return run_task(VIDEO, out, steps=steps, quick=quick, arch=arch, seed=seed, progress=progress,
+                    overrides=overrides)
 
 
 def format_video_summary(s: dict) -> str:

@@ -285,15 +285,18 @@ def data_files(read: ReadArgs) -> list[str]:
 
 
 def fingerprint(data: DataSections, loaded, files: list[str]) -> str:
-    """What decides the prepared rows: vlmtune's version, the keys declared `prepared=True`, the row's declared
-    columns, the model's specs and chat template, and the data files' bytes."""
-    from ..schema import Row, columns
+    """What decides the prepared rows: vlmtune's version, the keys declared `prepared=True` (and the seed when it
+    interleaves datasets), the row's declared columns and their types, the model's specs and chat template, and the
+    data files' bytes."""
+    from ..schema import Row, signature
 
     h = hashlib.sha256()
     h.update(__version__.encode())
     keys = prepared_values(data.model, data.read, data.fit, data.preference)
     h.update(json.dumps(keys, sort_keys=True, default=str).encode())
-    h.update(json.dumps(columns(Row)).encode())  # a cache written before a column was declared is stale
+    if data.read.mix_strategy != "concat":  # the run's seed draws the interleaved order
+        h.update(f"seed={data.seed}".encode())
+    h.update(json.dumps(signature(Row)).encode())  # a cache written under another row schema is stale
     h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(loaded.video.to_dict() if loaded.video else None, sort_keys=True).encode())
     h.update(str(getattr(loaded.data_processor, "chat_template", "")).encode())

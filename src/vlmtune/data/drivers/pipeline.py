@@ -30,7 +30,7 @@ from ..sources.mix import Mix
 from ..stages.pairs import emit_row, encode_samples, fit_sample, stage_problems
 from ..sources.readers import iter_samples, layout_notes
 from ..schema import SampleStats, arrow_types, table
-from ..types import Conversation
+from ..types import Conversation, Origin
 from ..stages.validate import CONTROL_TOKENS, validate
 
 CHUNK = 256
@@ -100,13 +100,14 @@ def _set_worker(loaded: Loaded, stages: Stages) -> None:
     _WORKER["fitter"] = Fitter(loaded.spec, fit, encoder) if stages.fitting else None
 
 
-def invalid_line(sample_id: str, source: str, reason: str) -> dict:
-    return FitOutcome(sample_id, source, "invalid", reason, None, None).report()
+def invalid_line(sample_id: str, source: str, reason: str, origin: Origin | None = None) -> dict:
+    return FitOutcome(sample_id, source, "invalid", reason, None, None, origin=origin).report()
 
 
 def unread_line(p: Problem) -> dict:
     """The fit report line of a record that yielded no conversation."""
-    return invalid_line(p.sample_id or p.source, p.source, f"{p.what}; {p.fix}")
+    where = Origin(p.file, p.index) if p.file is not None and p.index is not None else None
+    return invalid_line(p.sample_id or p.source, p.source, f"{p.what}; {p.fix}", where)
 
 
 def process_chunk(convs: list[Conversation]) -> ChunkResult:
@@ -117,8 +118,7 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
         conv.read_problems += stage_problems(conv, stages.stage)
     # Rows that will be trained on (emit: prepare, doctor, streaming) have every image decoded here, so that a
     # pixel that cannot be decoded is a skippable bad sample now, not a crash mid-training (issue 21).
-    checked = validate(convs, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=spec.patch_size,
-                       merge_size=spec.merge_size, video_spec=w["video"], verify_images=stages.emit,
+    checked = validate(convs, spec, video_spec=w["video"], verify_images=stages.emit,
                        control_tokens_as_text=stages.control_tokens_as_text)
     valid = {c.id for c in checked.valid}
     out = ChunkResult(list(checked.problems), [], [c for c in convs if c.id not in valid])
@@ -130,7 +130,7 @@ def process_chunk(convs: list[Conversation]) -> ChunkResult:
             by_id.setdefault(p.sample_id, []).append(p)
         for c in out.invalid:
             reason = " | ".join(f"{p.what}; {p.fix}" for p in by_id.get(c.id, [])) or "invalid"
-            lines[c.id] = invalid_line(c.id, c.source, reason)
+            lines[c.id] = invalid_line(c.id, c.source, reason, c.origin)
     for enc in encode_samples(w["encoder"], checked.valid, checked.headers, checked.videos):
         out.stats.append(enc.stats())
         if enc.id in stages.keep_ids:

@@ -66,7 +66,7 @@ import gc
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -210,7 +210,7 @@ def _read_lines(path: str, base_dir: str, fmt: RecordFormat, lines: Iterable[byt
         source = f"{path}:{lineno}"
         if isinstance(raw, _LongLine):
             yield file_problem(source, "invalid_json", f"line is longer than {MAX_LINE_BYTES:,} bytes",
-                               "a .jsonl file holds one JSON object per line; check that this is one")
+                               "a .jsonl file holds one JSON object per line; check that this is one", path, lineno)
             continue
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
@@ -223,7 +223,7 @@ def _read_lines(path: str, base_dir: str, fmt: RecordFormat, lines: Iterable[byt
                 source,
                 "invalid_utf8",
                 f"line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
-                "re-save the file as UTF-8",
+                "re-save the file as UTF-8", path, lineno,
             )
             continue
         try:
@@ -233,7 +233,7 @@ def _read_lines(path: str, base_dir: str, fmt: RecordFormat, lines: Iterable[byt
                 source,
                 "invalid_json",
                 f"line is not valid JSON: {e}",
-                "fix the JSON on this line (a .jsonl file holds one JSON object per line)",
+                "fix the JSON on this line (a .jsonl file holds one JSON object per line)", path, lineno,
             )
             continue
         yield RawRecord(value, source, f"{stem}:{lineno}", base_dir, fmt, file=path, index=lineno)
@@ -513,6 +513,8 @@ def iter_samples(
                 conv.origin = Origin(item.file, item.index)
                 if layouts is not None:
                     layouts[conv.layout] += 1
+            else:  # where, as data (DataError groups a per-file problem by its file; the fit report's line)
+                conv = replace(conv, file=item.file, index=item.index)
             yield conv
 
     if not allow_remote_images:

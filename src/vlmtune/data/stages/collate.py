@@ -188,7 +188,7 @@ class Collator:
         problems = check_row(row, self.spec, self.cutoff_len)
         if problems:
             raise SampleError(
-                str(row.get("id")), str(row.get("source")), "; ".join(problems),
+                *RowView(row).named(), "; ".join(problems),
                 "this row would crash the model's forward; run `vlmtune prepare` again with overwrite_cache=true",
             )
 
@@ -197,7 +197,7 @@ class Collator:
         try:
             im = open_rgb(image_source(path))
         except (OSError, ValueError, EmbeddedError) as e:
-            raise SampleError(str(row.id), str(row.source),
+            raise SampleError(*row.named(),
                               f"image {k} ({shown}) could not be read at training time: {e}",
                               "restore the file, or run `vlmtune prepare` again so the sample is re-validated") from e
         size = {"shortest_edge": int(row.image_min_pixels[k]), "longest_edge": int(row.image_max_pixels[k])}
@@ -205,7 +205,7 @@ class Collator:
         grid = [int(x) for x in out["image_grid_thw"][0].tolist()]
         want = [int(x) for x in row.image_grid_thw[k]]
         if grid != want:
-            raise SampleError(str(row.id), str(row.source),
+            raise SampleError(*row.named(),
                               f"image {k} ({shown}) now gives grid {grid} but was prepared as {want}; the file changed",
                               "run `vlmtune prepare` again with overwrite_cache=true")
         return out["pixel_values"], grid
@@ -215,7 +215,7 @@ class Collator:
         from ..media.video import VideoReadError, clip_inputs
 
         shown = path if len(path) <= 300 else path[:297] + "..."
-        sample, source = str(row.id), str(row.source)
+        sample, source = row.named()
         if self.video_processor is None:
             raise SampleError(sample, source, f"video {k} ({shown}): the processor has no video_processor",
                               "train a Qwen-VL checkpoint whose processor handles videos")
@@ -254,11 +254,7 @@ class Collator:
         length = batch["input_ids"].shape[1]
         tps = self._tokens_per_second(rows)
         pos = [packed_position_ids(r if r.get("segments") else {**r, "segments": [len(r["input_ids"])]},
-                                   self.spec.image_token_id, self.spec.merge_size, length,
-                                   video_token_id=self.spec.video_token_id,
-                                   video_timestamps=self.spec.video_timestamps,
-                                   video_absolute_time=self.spec.video_absolute_time,
-                                   tokens_per_second=tps) for r in rows]
+                                   self.spec, length, tokens_per_second=tps) for r in rows]
         batch["position_ids"] = torch.from_numpy(np.stack(pos, axis=1))
         del batch["attention_mask"]
         # transformers only derives the packed mask without a KV cache; training never needs one.

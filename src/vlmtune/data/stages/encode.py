@@ -19,7 +19,6 @@ ids are tokenized on their own and the block-by-block tokenization stays exact.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, replace
 
@@ -30,18 +29,14 @@ from ...models.spec import ModelSpec
 from ...models.video_grid import VideoGrid, VideoSpec
 from ..media.images import ImageHeader
 from ..schema import Row, SampleStats
-from ..types import TOOL_ROLES, Conversation, ImagePart, VideoPart
+from ..types import Conversation, ImagePart, Origin, VideoPart
 from ..media.video import PlannedClip
+from .template import EMPTY_THINK, THINK_OPEN, template_messages, without_thinking
 
 IGNORE_INDEX = -100
 # First of the private-use characters (Unicode plane 15) that stand for control tokens typed as plain text.
 _SENTINEL_BASE = 0xF0100
 
-# Thinking blocks (Qwen3.5): what its chat template writes around an answer's reasoning, and writes empty when
-# there is none or thinking is off (docs/thinking.md).
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-EMPTY_THINK = "<think>\n\n</think>\n\n"
-_THOUGHT = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -149,12 +144,15 @@ class Block:
 @dataclass
 class Encoded:
     """A sample between encoding and emission: its blocks in compact form. A piece cut by `split` has its own
-    `id` (`<sample>#<exchanges>`) and keeps its input sample's in `sample_id`."""
+    `id` (`<sample>#<exchanges>`, shown to users; never parsed), keeps its input sample's in `sample_id` and its
+    `origin`, and is numbered in `piece`."""
 
     id: str
     source: str
     blocks: list[Block]
     sample_id: str | None = None  # None: this is the whole input sample (its id is `id`)
+    origin: Origin | None = None  # the input sample's data file and record index (None: not read from a file)
+    piece: int = 0  # 0: the whole input sample; 1..n: the k-th piece `split` cut from it, in order
 
     def stats(self) -> SampleStats:
         """The sample's token counts before fitting (schema's SampleStats)."""
@@ -197,7 +195,7 @@ class Encoded:
         return any(b.trained for b in self.blocks)
 
     def with_blocks(self, blocks: list[Block], id: str | None = None) -> "Encoded":
-        return Encoded(self.id if id is None else id, self.source, list(blocks), self.sample_id)
+        return replace(self, id=self.id if id is None else id, blocks=list(blocks))
 
 
 class Encoder:
@@ -397,7 +395,7 @@ class Encoder:
             if msg_videos:
                 block.videos = [self.video_ref(conv, v, videos) for v in msg_videos]
             blocks.append(block)
-        return Encoded(conv.id, conv.source, blocks)
+        return Encoded(conv.id, conv.source, blocks, origin=conv.origin)
 
     def _check_video_pads(self, conv, turn: int, ids: list[int], n_videos: int) -> None:
         """One video pad per video, each right inside `<|vision_start|>…<|vision_end|>`: what makes a video's
@@ -458,79 +456,6 @@ class Encoder:
         return ImageRef(img.path, h.width, h.height, lo, hi, self.spec.grid(h.height, h.width, lo, hi))
 
 
-def _template_part(p) -> dict:
-    if isinstance(p, ImagePart):
-        return {"type": "image"}
-    if isinstance(p, VideoPart):
-        return {"type": "video"}
-    return {"type": "text", "text": p.text}
-
-
-def template_messages(conv: Conversation, renders_tools: bool = True) -> list[dict]:
-    """The conversation as the chat template reads it. Tool turns are OpenAI-style (an assistant turn with
-    `tool_calls`, a `tool` turn); for a template that cannot render them, Qwen's tool format is written out."""
-    if not renders_tools and (conv.tools or any(m.role in TOOL_ROLES for m in conv.messages)):
-        return tool_format(conv)
-    out = []
-    for m in conv.messages:
-        if m.role == "function_call":
-            calls = [{"type": "function", "function": c} for c in m.tool_calls or []]
-            out.append({"role": "assistant", "content": "", "tool_calls": calls})
-        elif m.role == "observation":
-            out.append({"role": "tool", "content": m.text if not m.images and not m.videos
-                        else [_template_part(p) for p in m.parts]})
-        else:
-            out.append({"role": m.role, "content": [_template_part(p) for p in m.parts]})
-    return out
-
-
-# Qwen's tool format (what the Qwen2.5 / Qwen3 chat templates write), for templates without tool support.
-_TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-                 "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
-_TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-                 "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
-                 "\"arguments\": <args-json-object>}\n</tool_call>")
-
-
-def tool_format(conv: Conversation) -> list[dict]:
-    """Tools in the system turn, calls as `<tool_call>` blocks, results as `<tool_response>` user turns."""
-    out = []
-    for m in conv.messages:
-        if m.role == "function_call":
-            text = "\n".join(f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>" for c in m.tool_calls or [])
-            out.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
-        elif m.role == "observation":
-            parts = [_template_part(p) for p in m.parts]
-            out.append({"role": "user", "content": [{"type": "text", "text": "<tool_response>\n"}, *parts,
-                                                    {"type": "text", "text": "\n</tool_response>"}]})
-        else:
-            out.append({"role": m.role, "content": [_template_part(p) for p in m.parts]})
-    if conv.tools:
-        tools = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in conv.tools)
-        block = {"type": "text", "text": _TOOLS_HEADER + tools + _TOOLS_FOOTER}
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": [*out[0]["content"], {"type": "text", "text": "\n\n"}, block]}
-        else:
-            out.insert(0, {"role": "system", "content": [block]})
-    return out
-
-
-def without_thinking(conv: Conversation) -> Conversation:
-    """The conversation with `<think>…</think>` reasoning removed from its answers (enable_thinking=false, as
-    LLaMA-Factory does)."""
-    if not any(m.role == "assistant" and THINK_CLOSE in m.text for m in conv.messages):
-        return conv
-    messages = [replace(m, parts=[_without_thought(p) for p in m.parts]) if m.role == "assistant" else m
-                for m in conv.messages]
-    return replace(conv, messages=messages)
-
-
-def _without_thought(part):
-    if isinstance(part, (ImagePart, VideoPart)) or THINK_CLOSE not in part.text:
-        return part
-    return replace(part, text=_THOUGHT.sub("", part.text).lstrip("\n"))
-
-
 def regrid(img: ImageRef, spec: ModelSpec, max_pixels: int) -> ImageRef:
     """The same image under a different pixel budget."""
     return replace(img, max_pixels=max_pixels, grid=spec.grid(img.height, img.width, img.min_pixels, max_pixels))
@@ -573,6 +498,7 @@ def emit(enc: Encoded, spec: ModelSpec) -> Row:
         id=enc.id,
         source=enc.source,
         sample_id=enc.sample,
+        **origin_columns(enc),
         input_ids=input_ids,
         labels=labels,
         images=[i.path for i in images],
@@ -596,3 +522,9 @@ def video_columns(videos: list[VideoRef]) -> dict:
         "video_max_pixels": [v.max_pixels for v in videos],
         "video_second_per_grid": [float(v.grid.second_per_grid or 0.0) for v in videos],
     }
+
+
+def origin_columns(enc: Encoded) -> dict:
+    """The row's origin columns (data/schema.Row): the input sample's file and index, and which piece this is."""
+    o = enc.origin
+    return {"file": o.file if o else "", "index": o.index if o else -1, "piece": enc.piece}

@@ -29,6 +29,7 @@ from ...config import DEFAULT_OVERFLOW, POLICIES, FitArgs
 from ...errors import SampleError
 from ...models.spec import ModelSpec
 from ...models.video_grid import shrink_video
+from ..types import Origin
 from .encode import Block, Encoded, VideoRef, with_budget
 
 
@@ -45,7 +46,9 @@ class FitOptions:
 
 @dataclass
 class FitOutcome:
-    """One line of the fit report."""
+    """One line of the fit report. `origin`: the input sample's file and index (None: unknown, e.g. a record that
+    could not be read); `piece` on the line is 0 for a sample emitted whole (or not at all) and, for a split one,
+    its pieces' numbers 1..n, in the order of `tokens_after` (the rows' `piece` column)."""
 
     id: str
     source: str
@@ -54,6 +57,7 @@ class FitOutcome:
     tokens_before: int | None
     tokens_after: int | list[int] | None
     pieces: list[Encoded] = field(default_factory=list, repr=False)
+    origin: Origin | None = None
 
     def report(self) -> dict:
         return {
@@ -63,6 +67,9 @@ class FitOutcome:
             "reason": self.reason,
             "tokens_before": self.tokens_before,
             "tokens_after": self.tokens_after,
+            "file": self.origin.file if self.origin else None,
+            "index": self.origin.index if self.origin else None,
+            "piece": [p.piece for p in self.pieces] if self.fate == "split" else 0,
         }
 
 
@@ -105,7 +112,7 @@ class Fitter:
                 why = f"{enc.length} tokens > cutoff_len={cut}"
                 if notes:
                     why += f"; still {state.length} after: " + "; ".join(notes)
-                return FitOutcome(enc.id, enc.source, "dropped", why, enc.length, None)
+                return FitOutcome(enc.id, enc.source, "dropped", why, enc.length, None, origin=enc.origin)
             elif policy == "error":
                 raise SampleError(
                     enc.id, enc.source,
@@ -115,11 +122,11 @@ class Fitter:
         tried = ", ".join(self.opt.overflow) or "none"
         return FitOutcome(enc.id, enc.source, "dropped",
                           f"{enc.length} tokens > cutoff_len={cut} and no overflow policy could fit it (tried: {tried})",
-                          enc.length, None)
+                          enc.length, None, origin=enc.origin)
 
     def _done(self, enc: Encoded, fate: str, reason: str, pieces: list[Encoded]) -> FitOutcome:
         after: int | list[int] = [p.length for p in pieces] if fate == "split" else pieces[0].length
-        return FitOutcome(enc.id, enc.source, fate, reason, enc.length, after, pieces)
+        return FitOutcome(enc.id, enc.source, fate, reason, enc.length, after, pieces, origin=enc.origin)
 
     # -- shrink_images ----------------------------------------------------------------------
     def floor_budget(self) -> int:
@@ -298,6 +305,7 @@ class Fitter:
             k = end
         if not pieces:
             return None
+        pieces = [replace(p, piece=n) for n, p in enumerate(pieces, 1)]  # numbered as emitted: 1..n, no gaps
         note = f"split {len(exchanges)} exchanges into {len(pieces)} samples at exchange boundaries"
         if lost:
             note += f"; exchange(s) {lost} could not fit even alone and were left out"

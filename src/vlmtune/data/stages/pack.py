@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from ...models.spec import ModelSpec
 from ..schema import PackedRow, Row, features, packed_columns, required_columns
 
 # the list columns a pack concatenates (declared in data/schema.Row). The optional ones (the video columns) are
@@ -171,34 +172,26 @@ def mrope_positions(
     return pos
 
 
-def packed_position_ids(
-    row: dict,
-    image_token_id: int,
-    merge_size: int,
-    length: int,
-    *,
-    video_token_id: int | None = None,
-    video_timestamps: bool = False,
-    video_absolute_time: bool = False,
-    tokens_per_second: float | None = None,
-) -> np.ndarray:
+def packed_position_ids(row: dict, spec: ModelSpec, length: int, *,
+                        tokens_per_second: float | None = None) -> np.ndarray:
     """(4, length): text positions restarting per segment, then the three M-RoPE axes; padding
-    after the last segment forms a segment of its own. With videos, `video_token_id` and the family's traits
-    (ModelSpec.video_timestamps: one run per temporal patch; video_absolute_time: Qwen2.5-VL's time axis, which
-    needs the config's `tokens_per_second`) say how the family positions them."""
+    after the last segment forms a segment of its own. `spec` gives the image and video pad tokens, the merge
+    size and the family's traits (video_timestamps: one run per temporal patch; video_absolute_time: Qwen2.5-VL's
+    time axis, which needs `tokens_per_second`: the model config's, read into models/video_grid.VideoSpec,
+    not a processor fact the spec holds)."""
     out = np.zeros((4, length), dtype=np.int64)
     start, g, v = 0, 0, 0
     grids = row["image_grid_thw"]
     vgrids = row.get("video_grid_thw") or []
     seconds = row.get("video_second_per_grid") or []
-    apart, timed = video_timestamps, video_absolute_time
+    apart, timed = spec.video_timestamps, spec.video_absolute_time
     ids = row["input_ids"]
     for seg in row["segments"]:
         seg_ids = ids[start : start + seg]
-        n_img = _count_runs(seg_ids, image_token_id)
+        n_img = _count_runs(seg_ids, spec.image_token_id)
         n_vid = 0
-        if video_token_id is not None and vgrids:
-            runs = _count_runs(seg_ids, video_token_id)
+        if vgrids:
+            runs = _count_runs(seg_ids, spec.video_token_id)
             if apart:  # a Qwen3-VL / Qwen3.5 video is one run per temporal patch
                 while runs > 0 and v + n_vid < len(vgrids):
                     runs -= int(vgrids[v + n_vid][0])
@@ -209,8 +202,8 @@ def packed_position_ids(
             raise ValueError("Qwen2.5-VL video positions need the config's vision_config.tokens_per_second")
         out[0, start : start + seg] = np.arange(seg)
         out[1:, start : start + seg] = mrope_positions(
-            seg_ids, grids[g : g + n_img], image_token_id, merge_size,
-            video_token_id=video_token_id, video_grids=vgrids[v : v + n_vid],
+            seg_ids, grids[g : g + n_img], spec.image_token_id, spec.merge_size,
+            video_token_id=spec.video_token_id, video_grids=vgrids[v : v + n_vid],
             video_seconds=seconds[v : v + n_vid] if timed else None,
             tokens_per_second=tokens_per_second, frames_apart=apart,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ...errors import SampleError
 from ...models.spec import ModelSpec
+from ..schema import RowView
 from .collate import Collator, check_row
 from .pairs import NOT_KTO, is_pair, rejected_view
 
@@ -47,12 +48,12 @@ class PreferenceCollator:
         found = [f"{side}: {p}" for side, r in (("chosen", row), ("rejected", rejected_view(row)))
                  for p in check_row(r, self.spec, self.cutoff_len)]
         if found:
-            raise SampleError(str(row.get("id")), str(row.get("source")), "; ".join(found),
+            raise SampleError(*RowView(row).named(), "; ".join(found),
                               "this pair would crash the model's forward; run `vlmtune prepare` again with "
                               "overwrite_cache=true")
 
     def _refuse(self, rows: list[dict], why: str) -> None:
         if rows:
             r = rows[0]
-            raise SampleError(str(r.get("id")), str(r.get("source")), f"the row {why}, but stage={self.stage!r}",
+            raise SampleError(*RowView(r).named(), f"the row {why}, but stage={self.stage!r}",
                               "prepare the data again with this stage (overwrite_cache=true)")

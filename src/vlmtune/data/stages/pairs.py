@@ -130,7 +130,8 @@ def encode_samples(encoder: Encoder, convs: list[Conversation], headers, videos)
 
 
 def _rejected_conv(conv: Conversation) -> Conversation:
-    return Conversation(conv.id, conv.source, conv.messages[:-1] + [conv.preference.rejected], layout=conv.layout)
+    return Conversation(conv.id, conv.source, conv.messages[:-1] + [conv.preference.rejected], layout=conv.layout,
+                        origin=conv.origin)
 
 
 def _answer_only(enc: Encoded) -> Encoded:
@@ -184,7 +185,7 @@ def _outcome(out: FitOutcome, enc: PrefEncoded, pieces: list, sides: dict, fitte
     if out.fate == "dropped" and "split" in fitter.opt.overflow:
         reason += " (split does not apply to preference samples: it would cut the prompt from its answers)"
     after = pieces[0].length if pieces else None
-    return PrefOutcome(enc.id, enc.source, out.fate, reason, enc.length, after, pieces, sides=sides)
+    return PrefOutcome(enc.id, enc.source, out.fate, reason, enc.length, after, pieces, enc.chosen.origin, sides=sides)
 
 
 # -- rows --------------------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from typing import Iterable
 from PIL import Image, UnidentifiedImageError
 
 from ...errors import Problem
-from ...models.grid import MAX_ASPECT_RATIO, ImageSizeError, grid_for
+from ...models.grid import MAX_ASPECT_RATIO, ImageSizeError
+from ...models.spec import ModelSpec
 from ..media.images import ImageHeader, Source, check_decodes, read_header
 from ..media.images import fileobj as _fileobj
 from ...models.video_grid import VideoSampleError, VideoSpec
@@ -140,10 +141,7 @@ def _tail_ok(path: Source, fmt: str | None) -> bool:
 
 @dataclass
 class _ImageRules:
-    patch_size: int
-    merge_size: int
-    min_pixels: int
-    max_pixels: int
+    spec: ModelSpec  # its patch, merge and pixel bounds decide whether an image has a grid
     max_image_pixels: int
     verify: bool
 
@@ -185,7 +183,7 @@ class _ImageRules:
             fix = "replace the image: the processor cannot resize an image with no pixels"
             return header, _Bad("too_small", f"has a zero size ({w}x{h})", fix)
         try:
-            grid_for(h, w, self.patch_size, self.merge_size, self.min_pixels, self.max_pixels)
+            self.spec.grid(h, w)
         except ImageSizeError:
             ratio = max(w, h) / min(w, h)
             return header, _Bad(
@@ -341,11 +339,8 @@ def _order_problem(known: list[tuple[int, str]]) -> tuple[str, str, str] | None:
 
 def validate(
     conversations: Iterable[Conversation],
+    spec: ModelSpec,
     *,
-    min_pixels: int,
-    max_pixels: int,
-    patch_size: int,
-    merge_size: int,
     check_images: bool = True,
     verify_images: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -362,14 +357,15 @@ def validate(
     allowed (the Qwen chat template renders it). `check_images=False` skips the files (structure
     only); `verify_images=True` decodes each image fully to catch truncated files. Images whose
     header claims more than `max_image_pixels` (default: Pillow's own hard limit, 178,956,970)
-    are rejected without being decoded. Each distinct path is checked once.
+    are rejected without being decoded. Each distinct path is checked once. An image's grid (its aspect ratio
+    and size) is checked under `spec`'s patch and merge sizes and pixel bounds.
 
     Videos: each distinct clip's container is read once (`read_facts`: packet headers and the first frame),
     then planned under `video_spec` (the loaded processor's, with the config's video keys); a clip that
     cannot be read or that the processor would refuse is a problem of each sample that has it. Without a
     `video_spec` (a processor vlmtune cannot account videos for) every video is refused.
     """
-    rules = _ImageRules(patch_size, merge_size, min_pixels, max_pixels, max_image_pixels, verify_images)
+    rules = _ImageRules(spec, max_image_pixels, verify_images)
     valid: list[Conversation] = []
     problems: list[Problem] = []
     headers: dict[str, ImageHeader] = {}

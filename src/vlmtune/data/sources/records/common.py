@@ -410,8 +410,9 @@ def videos_of(value: Any, key: str) -> list[str]:
     return [_video_value(v, f"`{key}`[{i}]") for i, v in enumerate(value)]
 
 
-def file_problem(source: str, kind: str, what: str, fix: str) -> Problem:
-    return Problem(source=source, what=what, fix=fix, sample_id=None, kind=kind)
+def file_problem(source: str, kind: str, what: str, fix: str, file: str | None = None,
+                 index: int | None = None) -> Problem:
+    return Problem(source=source, what=what, fix=fix, sample_id=None, kind=kind, file=file, index=index)
 
 
 class Converted(NamedTuple):
