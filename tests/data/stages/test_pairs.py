@@ -279,3 +279,38 @@ def test_collator_guards_both_sides_before_the_forward(env, tiny_processor):
     with pytest.raises(SampleError, match="has no rejected side"):
         collate([{**row, "rejected_input_ids": [], "rejected_labels": []}])
     assert isinstance(enc, PrefEncoded)
+
+
+def test_the_collator_processes_a_pairs_prompt_images_once(tmp_path, tiny_ckpt, tiny_processor, write_image,
+                                                           write_jsonl):
+    from vlmtune.config import load_config
+    from vlmtune.data.drivers.prepare import prepare
+    from vlmtune.data.stages.pair_collate import PreferenceCollator
+    from vlmtune.models.load import load_spec
+
+    write_image(tmp_path / "a.png", 120, 90)
+    write_image(tmp_path / "b.png", 64, 64)
+    write_jsonl(tmp_path / "p.jsonl", [
+        {"messages": [{"role": "user", "content": "<image><image>Which is bigger?"}], "chosen": "The first.",
+         "rejected": "The second.", "images": ["a.png", "b.png"]},
+        {"messages": [{"role": "user", "content": "<image>Colour?"}], "chosen": "Red.", "rejected": "Blue.",
+         "images": ["b.png"]},
+    ])
+    ckpt = tiny_ckpt("qwen2_vl")
+    cfg = load_config(None, base={"model_name_or_path": str(ckpt), "dataset": str(tmp_path / "p.jsonl"),
+                                  "output_dir": str(tmp_path / "out"), "stage": "dpo", "cutoff_len": 400})
+    rows = list(prepare(cfg.for_data(), progress=False).dataset())
+    collate = PreferenceCollator(tiny_processor("qwen2_vl"), load_spec(str(ckpt)).spec, cutoff_len=400)
+    real, calls = collate.inner.image_processor, []
+    collate.inner.image_processor = lambda **kw: calls.append(kw["images"][0].size) or real(**kw)
+    batch = collate(rows)
+    # a.png, b.png for the first pair; b.png again for the second (same bounds and grid: processed once per batch)
+    assert calls == [(120, 90), (64, 64)]
+    grids = batch["image_grid_thw"].tolist()
+    assert len(grids) == 6 and grids[:3] == grids[3:]  # the chosen sides' images, then the rejected sides'
+    per_image = [t * h * w for t, h, w in grids]
+    assert batch["pixel_values"].shape[0] == sum(per_image)
+    half = sum(per_image[:3])
+    import torch
+
+    assert torch.equal(batch["pixel_values"][:half], batch["pixel_values"][half:])

@@ -139,6 +139,10 @@ def _check_videos(row: RowView, runs: list[tuple[int, int]], spec: ModelSpec) ->
     return problems
 
 
+def _key(values) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
 class Collator:
     """Pads rows, produces pixels for exactly the recorded grids, and guards the forward.
 
@@ -159,10 +163,16 @@ class Collator:
         if any(RowView(r).segments for r in rows):
             batch = self._packed(rows, batch)
         views = [RowView(r) for r in rows]
+        # An image or clip the batch holds twice (a preference pair's two sides share the prompt's) is decoded and
+        # processed once: the same file at the same bounds and grid gives the same pixels.
+        seen: dict[tuple, tuple] = {}
         pixels, grids = [], []
         for row in views:
             for k, path in enumerate(row.images):
-                pv, grid = self._pixels(row, k, path)
+                key = (path, int(row.image_min_pixels[k]), int(row.image_max_pixels[k]), _key(row.image_grid_thw[k]))
+                if key not in seen:
+                    seen[key] = self._pixels(row, k, path)
+                pv, grid = seen[key]
                 pixels.append(pv)
                 grids.append(grid)
         if pixels:
@@ -171,7 +181,11 @@ class Collator:
         vpixels, vgrids, seconds = [], [], []
         for row in views:
             for k, path in enumerate(row.videos):
-                pv, grid, second = self._video_pixels(row, k, path)
+                key = ("video", path, _key(row.video_frames[k]), int(row.video_min_pixels[k]),
+                       int(row.video_max_pixels[k]), _key(row.video_grid_thw[k]))
+                if key not in seen:
+                    seen[key] = self._video_pixels(row, k, path)
+                pv, grid, second = seen[key]
                 vpixels.append(pv)
                 vgrids.append(grid)
                 seconds.append(second)
