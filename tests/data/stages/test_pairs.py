@@ -12,7 +12,8 @@ from vlmtune.data.stages.collate import check_row
 from vlmtune.data.stages.encode import IGNORE_INDEX, Encoder
 from vlmtune.data.stages.fit import FitOptions, Fitter
 from vlmtune.data.media.images import ImageHeader
-from vlmtune.data.stages.pairs import PrefEncoded, emit_row, encode_samples, fit_sample, rejected_view, stage_problems
+from vlmtune.data.stages.pairs import (PrefEncoded, emit_row, encode_samples, fit_sample, rejected_view,
+                                       stage_problems, stage_that_reads)
 from vlmtune.config import ReadArgs
 from vlmtune.data.sources.readers import read_samples
 from vlmtune.data.types import Conversation, ImagePart, Message, Origin, Preference, TextPart
@@ -127,6 +128,21 @@ def test_stage_decides_which_samples_are_valid():
     allowed = {(s, c.id) for s in ("sft", "dpo", "kto", None) for c in (sft, pair, kto) if not stage_problems(c, s)}
     assert allowed == {("sft", "s"), ("dpo", "p"), ("kto", "k"), (None, "s"), (None, "p"), (None, "k")}
     assert [p.kind for p in stage_problems(pair, "sft")] == ["wrong_stage"]
+    # the stage that would read each refused sample (inspect names it as the --stage to add)
+    reads = {(s, c.id): [stage_that_reads(p) for p in stage_problems(c, s)] for s in ("sft", "dpo", "kto")
+             for c in (sft, pair, kto)}
+    assert {k: v for k, v in reads.items() if v} == {
+        ("sft", "p"): ["dpo"], ("sft", "k"): ["kto"], ("dpo", "s"): ["sft"], ("dpo", "k"): ["kto"],
+        ("kto", "s"): ["sft"], ("kto", "p"): ["dpo"]}
+
+
+def test_stage_that_reads_a_preference_file_refused_under_sft(tmp_path, write_jsonl):
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                       {"prompt": "q", "completion": "a", "label": True}, [1]])
+    got = read_samples(str(tmp_path / "p.jsonl"))  # stage sft: both preference records refused
+    assert [(p.kind, stage_that_reads(p)) for p in got.problems] == [
+        ("untrainable_layout", "dpo"), ("untrainable_layout", "kto"), (got.problems[2].kind, None)]
+    assert got.problems[2].kind != "untrainable_layout"  # any other problem: no stage reads it
 
 
 # -- pair-aware fitting --------------------------------------------------------------------------------------------
