@@ -73,20 +73,32 @@ def _small_dataset(folder, make_image) -> str:
     return str(path)
 
 
-def test_inspect_runs_without_torch(tiny_ckpt, tmp_path, make_image):
+def _small_pairs(folder, make_image) -> str:
+    """The same prompts as preference pairs (stage dpo): chosen / rejected answers."""
+    rows = [json.loads(x) for x in open(_small_dataset(folder, make_image), encoding="utf-8")]
+    pairs = [{"messages": r["messages"][:-1], "chosen": r["messages"][-1]["content"], "rejected": "No.",
+              "images": r.get("images", [])} for r in rows]
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return str(path)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_inspect_runs_without_torch(tiny_ckpt, tmp_path, make_image, stage):
     """`vlmtune inspect` end to end in a fresh interpreter: the summary is right, torch was never imported,
-    and nothing but the summary is printed (no import notices of optional libraries)."""
-    data = _small_dataset(tmp_path, make_image)
+    and nothing but the summary is printed (no import notices of optional libraries); preference pairs too."""
+    data = (_small_dataset if stage == "sft" else _small_pairs)(tmp_path, make_image)
     code = ("import contextlib, io, sys\nfrom vlmtune.commands.cli import main\nout = io.StringIO()\n"
             "with contextlib.redirect_stdout(out):\n"
-            f"    rc = main(['inspect', '--model', {str(tiny_ckpt('qwen2_vl'))!r}, '--data', {data!r}, '--json'])\n"
+            f"    rc = main(['inspect', '--model', {str(tiny_ckpt('qwen2_vl'))!r}, '--data', {data!r}, '--json', "
+            f"'--stage', {stage!r}])\n"
             "assert rc == 0, rc\nprint('SUMMARY=' + out.getvalue().replace(chr(10), ' '))\n")
     out = subprocess.run([sys.executable, "-c", code + "import json\nprint('HEAVY=' + json.dumps("
                           f"[m for m in {HEAVY!r} if m in sys.modules]))"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.split("SUMMARY=", 1)[1].split("\nHEAVY=")[0])
-    assert (summary["samples"], summary["images"], summary["invalid_samples"]) == (3, 3, 0)
+    assert (summary["samples"], summary["images"], summary["invalid_samples"], summary["stage"]) == (3, 3, 0, stage)
     assert json.loads(out.stdout.rsplit("HEAVY=", 1)[1]) == []
     assert out.stderr == ""
 

@@ -13,6 +13,7 @@ def test_show_marks_trained_spans_and_image_runs(tiny_ckpt, tmp_path, make_image
                                     {"role": "assistant", "content": "red"}], "images": ["a.png"]}
     (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
     model = str(tiny_ckpt("qwen2_vl"))
+    capsys.readouterr()  # building the checkpoint may print (deepspeed's accelerator notice): not inspect's output
     assert main(["inspect", "--model", model, "--data", str(tmp_path / "d.jsonl"), "--show", "q1"]) == 0
     out = capsys.readouterr().out.splitlines()
     src = f"{tmp_path / 'd.jsonl'}:1"

@@ -46,20 +46,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
     from ..models.load import load_spec
-    from .inspect import account, format_summary, inspect_sections, output_problems, plot_lengths, summarize, \
-        write_per_sample
+    from .inspect import account, format_summary, inspect_sections, output_problems, plot_lengths, stage_refusal, \
+        summarize, write_per_sample
 
     problems = output_problems(args.per_sample, args.plot)  # before any work: never over a file of yours
     try:
-        model, read, fit, prep = inspect_sections(args)
+        model, read, fit, prep, pref = inspect_sections(args)
     except ConfigError as e:
         raise ConfigError(e.problems + problems) from None
     if problems:
         raise ConfigError(problems)
     loaded = load_spec(model, fit)
     fitting = bool(args.show) and args.cutoff_len is not None  # the shown sample is fitted by the pipeline
-    acc = account(read, loaded, fit, fitting=fitting, progress=not args.json,
+    acc = account(read, loaded, fit, fitting=fitting, progress=not args.json, preference=pref,
                   keep_ids=[args.show] if args.show else (), workers=prep.preprocessing_num_workers or 1)
+    refusal = stage_refusal(acc)  # a preference file without --stage (or the reverse): one line per file
+    if refusal:
+        raise VlmtuneError(refusal)
     if args.show:
         from .inspect import show_sample
 
@@ -305,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dataset-dir", default=None, help="folder holding dataset_info.json (LLaMA-Factory layout)")
     i.add_argument("--media-dir", default=None, help="folder image paths are relative to")
     i.add_argument("--cutoff-len", type=int, default=None, help="report how many samples exceed this length")
+    i.add_argument("--stage", choices=("sft", "dpo", "kto"), default=None,
+                   help="read the data as this stage's prepare does (the config key `stage`; default sft): dpo "
+                        "counts each pair (ranking / TRL preference data) by its longer side, kto each tagged answer")
     i.add_argument("--image-max-pixels", type=int, default=None)
     i.add_argument("--image-min-pixels", type=int, default=None)
     i.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -4,6 +4,12 @@ Turns the rule of thumb "cutoff_len ≥ 1024 for one image, ≥ 2048 for two" in
 from the user's own data: length percentiles overall and per image (and video) count, and the smallest
 cutoff_len that keeps 95% / 99% / 100% of the samples whole. Videos are counted from their container
 headers (frames, rate, size) with the loaded processor's sampling and resize: no frame is decoded.
+
+`--stage dpo` / `--stage kto` read preference data as those stages' prepare does (data/stages/pairs.py): a pair
+is its prompt with its images once and two answers, and its length is its longer side (prompt + chosen or prompt
++ rejected), since both sides must fit cutoff_len; a KTO record is one sample with its tag. Without --stage
+(stage sft, as a config without `stage`) a preference file is refused in one line per file that names the
+--stage to add: its numbers depend on the stage, and prepare under sft would refuse it too.
 """
 
 from __future__ import annotations
@@ -11,11 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from dataclasses import asdict
 
 from ..config import POLICIES, FitArgs, load_sections
 from ..data.drivers.tally import Accounting, account, summarize  # noqa: F401  (account: re-exported for the cli)
+from ..data.stages.pairs import PrefEncoded, stage_that_reads
 from ..errors import ConfigError, Problem, SampleError, VlmtuneError
 from ..models.load import Loaded
 
@@ -25,17 +33,18 @@ FLAG_KEYS = {
     "dataset_dir": "dataset_dir", "media_dir": "media_dir",
     "allow_paths_outside_media_dir": "allow_paths_outside_media_dir", "allow_remote_images": "allow_remote_images",
     "image_min_pixels": "image_min_pixels", "image_max_pixels": "image_max_pixels",
-    "cutoff_len": "cutoff_len", "preprocessing_num_workers": "preprocessing_num_workers",
+    "cutoff_len": "cutoff_len", "preprocessing_num_workers": "preprocessing_num_workers", "stage": "stage",
 }
 
 
 def inspect_sections(args) -> tuple:
-    """(model, read, fit, prepare) sections from inspect's flags, checked as a config's keys are; the data goes
-    through the same pipeline as prepare's with them. --cutoff-len not given: no fitting (the fit section's
-    default is never shown as the user's)."""
+    """(model, read, fit, prepare, preference) sections from inspect's flags, checked as a config's keys are;
+    the data goes through the same pipeline as prepare's with them. --cutoff-len not given: no fitting (the fit
+    section's default is never shown as the user's); --stage not given: stage sft, a config's default."""
     values = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
-    if values["cutoff_len"] is None:
-        del values["cutoff_len"]
+    for key in ("cutoff_len", "stage"):
+        if values[key] is None:
+            del values[key]
     if args.overflow:
         overflow = [p.strip() for p in args.overflow.split(",")]
         unknown = [p for p in overflow if p not in POLICIES]
@@ -43,21 +52,59 @@ def inspect_sections(args) -> tuple:
             raise VlmtuneError(f"--overflow {args.overflow}: {', '.join(map(repr, unknown))} is not a policy; "
                                f"use policies from {','.join(POLICIES)}")
         values["overflow"] = overflow
-    return load_sections(values, "model", "read", "fit", "prepare")
+    return load_sections(values, "model", "read", "fit", "prepare", "preference")
+
+
+# -- samples of another kind than the stage reads ----------------------------------------------------------------
+_KIND_NAMES = {"dpo": "preference pairs (chosen / rejected)", "kto": "KTO samples (answers tagged desirable or not)",
+               "sft": "SFT samples (no rejected answer, no tag)"}
+
+
+def stage_lines(problems: list[Problem], stage: str) -> list[str]:
+    """One line per data file and kind of sample the stage does not read (a ranking file under sft, an SFT file
+    under dpo, ...), naming the --stage that reads them; the other problems are not among them."""
+    counts: dict[tuple[str, str], int] = {}
+    for p in problems:
+        reads = stage_that_reads(p)
+        if reads is not None:
+            key = (re.sub(r"[:#]\d+$", "", p.source), reads)
+            counts[key] = counts.get(key, 0) + 1
+    return [f"{file}: {n} record(s) are {_KIND_NAMES[reads]}, which stage {stage}"
+            f"{' (the default)' if stage == 'sft' else ''} does not read; inspect them with "
+            f"{'--stage ' + reads if reads != 'sft' else '--stage sft (the default)'}"
+            for (file, reads), n in counts.items()]
+
+
+def stage_refusal(acc: Accounting) -> str | None:
+    """When no sample is valid and every problem is a sample of another kind than the stage reads: the one line
+    per file to stop with, instead of a line per record."""
+    if acc.stats or not acc.problems or any(stage_that_reads(p) is None for p in acc.problems):
+        return None
+    return "\n".join(stage_lines(acc.problems, acc.stage or "sft"))
 
 
 def format_summary(summary: dict) -> str:
     """A human-readable report of a summary."""
     s = summary
+    stage = s.get("stage", "sft")
+    unit = "pair" if stage == "dpo" else "sample"
+    head = (f"{unit}s: {s['samples']} valid of {s['records']} records ({s['invalid_samples']} invalid, "
+            f"{len(s['problems'])} problem(s))")
+    if stage == "dpo":
+        head += "; a pair's length is its longer side (prompt + the longer answer): both must fit cutoff_len"
+    if stage == "kto":
+        head += f"; {s['desirable']} desirable, {s['undesirable']} undesirable"
     lines = [
-        f"samples: {s['samples']} valid of {s['records']} records ({s['invalid_samples']} invalid, "
-        f"{len(s['problems'])} problem(s))",
-        f"images: {s['images']}",
-        f"tokens: {s['tokens']} = {s['text_tokens']} text + {s['image_tokens']} image",
+        head,
+        f"images: {s['images']}" + (" (each pair's prompt images, once)" if stage == "dpo" else ""),
+        f"tokens: {s['tokens']} = {s['text_tokens']} text + {s['image_tokens']} image"
+        + (" (the longer sides)" if stage == "dpo" else ""),
         "",
-        f"{'images/sample':>13} {'samples':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}",
+        f"{'images/' + unit:>13} {unit + 's':>8} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}",
     ]
     rows = list(s["by_image_count"].items()) + [("all", s["lengths"])]
+    if stage == "dpo":
+        rows += [("chosen side", s["chosen_lengths"]), ("rejected side", s["rejected_lengths"])]
     for k, d in rows:
         lines.append(f"{k:>13} {d['samples']:>8} {d['p50']:>7} {d['p95']:>7} {d['p99']:>7} {d['max']:>7}")
     if s.get("videos"):
@@ -69,23 +116,27 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{k:>13} {d['samples']:>8} {d['p50']:>7} {d['p95']:>7} {d['p99']:>7} {d['max']:>7}")
     lines[1:1] = list(s.get("notes") or [])
     r = s["recommended_cutoff_len"]
-    lines += ["", f"recommended cutoff_len: {r['p95']} keeps 95% whole, {r['p99']} keeps 99%, {r['max']} keeps all"]
+    whole = " (both sides)" if stage == "dpo" else ""
+    lines += ["", f"recommended cutoff_len: {r['p95']} keeps 95% whole{whole}, {r['p99']} keeps 99%, "
+              f"{r['max']} keeps all"]
     if s["cutoff_len"] is not None:
-        lines.append(
-            f"cutoff_len={s['cutoff_len']}: {s['over_cutoff']} sample(s) exceed it and will be fitted by the overflow policies"
-        )
-    if s["problems"]:
-        lines += ["", "problems:"]
-        for p in s["problems"][:20]:
-            lines.append(f"  - {Problem(**p)}")
-        if len(s["problems"]) > 20:
-            lines.append(f"  ... and {len(s['problems']) - 20} more (see --json)")
+        over = f"{unit}(s) exceed it" + (" (their longer side)" if stage == "dpo" else "")
+        lines.append(f"cutoff_len={s['cutoff_len']}: {s['over_cutoff']} {over} and will be fitted by the overflow "
+                     "policies")
+    problems = [Problem(**p) for p in s["problems"]]
+    if problems:
+        shown = stage_lines(problems, stage) + [str(p) for p in problems if stage_that_reads(p) is None]
+        lines += ["", "problems:"] + [f"  - {p}" for p in shown[:20]]
+        if len(shown) > 20:
+            lines.append(f"  ... and {len(shown) - 20} more (see --json)")
     return "\n".join(lines)
 
 
 # The files --per-sample and --plot name are new, or ones inspect wrote before: a JSONL whose first line has
 # exactly PER_SAMPLE_KEYS, a PNG whose Software tag is PLOT_SOFTWARE. Anything else is never written over.
 PER_SAMPLE_KEYS = ("id", "tokens", "image_tokens", "text_tokens", "images", "videos", "video_tokens")
+# and per stage: a pair's `tokens` are its longer side's, its sides' lengths follow; a KTO sample's tag
+STAGE_KEYS = {"sft": (), "dpo": ("chosen_tokens", "rejected_tokens"), "kto": ("kto_tag",)}
 PLOT_SOFTWARE = "vlmtune inspect"
 
 
@@ -111,7 +162,7 @@ def _our_jsonl(path: str) -> bool:
     try:
         with open(path, encoding="utf-8") as f:
             first = f.readline(1 << 16)
-        return list(json.loads(first)) == list(PER_SAMPLE_KEYS)
+        return list(json.loads(first)) in [list(PER_SAMPLE_KEYS + extra) for extra in STAGE_KEYS.values()]
     except (OSError, ValueError, TypeError):
         return False
 
@@ -135,10 +186,11 @@ def _check_output(path: str, flag: str) -> None:
 def write_per_sample(acc: Accounting, path: str) -> None:
     _check_output(path, "--per-sample")  # again: something may have appeared there while accounting
     tmp = f"{path}.tmp-{os.getpid()}"
+    keys = PER_SAMPLE_KEYS + STAGE_KEYS[acc.stage or "sft"]
     with open(tmp, "w", encoding="utf-8") as f:
         for s in acc.stats:
             row = asdict(s)
-            f.write(json.dumps({k: row[k] for k in PER_SAMPLE_KEYS}) + "\n")
+            f.write(json.dumps({k: row[k] for k in keys}) + "\n")
     os.replace(tmp, path)
 
 
@@ -161,9 +213,14 @@ def plot_lengths(acc: Accounting, path: str, cutoff_len: int | None = None) -> N
                 label=[f"{k} image(s)" for k in sorted(by_count)])
     if cutoff_len is not None:
         ax.axvline(cutoff_len, color="red", linestyle="--", label=f"cutoff_len={cutoff_len}")
-    ax.set_xlabel("tokens per sample (text + image runs)")
-    ax.set_ylabel("samples")
-    ax.set_title("Sample lengths by number of images")
+    if acc.stage == "dpo":
+        ax.set_xlabel("tokens per pair: its longer side (prompt + the longer answer; text + image runs)")
+        ax.set_ylabel("pairs")
+        ax.set_title("Pair lengths by number of images")
+    else:
+        ax.set_xlabel("tokens per sample (text + image runs)")
+        ax.set_ylabel("samples")
+        ax.set_title("Sample lengths by number of images")
     ax.legend()
     fig.tight_layout()
     _check_output(path, "--plot")
@@ -252,9 +309,7 @@ def video_spans(ids: list[int], grids: list[list[int]], spec) -> dict[int, tuple
 def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, fit: FitArgs | None = None,
                 color: bool = False) -> str:
     """The sample as the model will see it, after fitting (in the pipeline, `account(fitting=True)`) when `fit`
-    is given."""
-    from ..data.stages.encode import emit
-
+    is given; a pair: both sides, each with its trained answer."""
     matches = [e for e in acc.encoded if e.id == sample_id]  # account(keep_ids=[sample_id]) keeps it whole
     if not matches:
         bad = [p for p in acc.problems if p.sample_id == sample_id]
@@ -264,25 +319,59 @@ def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, fit: FitArgs | 
         raise VlmtuneError(f"no sample with id {sample_id!r} in the data; ids look like: {known}; "
                            "pass one of them to --show (`--per-sample FILE` lists every id)")
     enc = matches[0]
-    if enc.videos:
-        head = [f"sample {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + {enc.image_tokens} "
-                f"image + {enc.video_tokens} video, {len(enc.images)} image(s), {len(enc.videos)} video(s)"]
-    else:
-        head = [f"sample {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + "
-                f"{enc.image_tokens} image, {len(enc.images)} image(s)"]
+    what = "pair" if isinstance(enc, PrefEncoded) and enc.rejected is not None else "sample"
+    head = [f"{what} {enc.id} ({enc.source}): {enc.length} tokens = {enc.text_tokens} text + {enc.image_tokens} image"
+            + (f" + {enc.video_tokens} video" if enc.videos else "") + f", {len(enc.images)} image(s)"
+            + (f", {len(enc.videos)} video(s)" if enc.videos else "")]
+    if isinstance(enc, PrefEncoded):
+        head[0] += _pref_facts(enc)
     pieces = [enc]
     if fit is not None:
         out = next(f for f in acc.fitted if (f.sample_id if isinstance(f, SampleError) else f.id) == sample_id)
         if isinstance(out, SampleError):  # the 'error' policy: what prepare would stop with
             raise out
-        head.append(f"fit to cutoff_len={fit.cutoff_len}: {out.fate} ({out.reason}); tokens after: "
-                    f"{out.tokens_after}")
+        after = f"{out.tokens_after}"
+        if what == "pair":
+            c, r = out.sides["chosen_tokens"][1], out.sides["rejected_tokens"][1]
+            after = (f"{after} (chosen {c}, rejected {r}: both <= {fit.cutoff_len})" if out.pieces
+                     else "none (the pair is left out, both sides)")
+        head.append(f"fit to cutoff_len={fit.cutoff_len}: {out.fate} ({out.reason}); tokens after: {after}")
         pieces = out.pieces
-    head.append(f"legend: {TRAIN_OPEN}trained{TRAIN_CLOSE} text is in the loss; the rest is masked"
-                if not color else "legend: green text is in the loss; the rest is masked")
+    if isinstance(enc, PrefEncoded):  # only the final answer is a target, scored by the preference loss
+        head.append(f"legend: {TRAIN_OPEN}scored{TRAIN_CLOSE} text is the answer the preference loss scores; the "
+                    "rest is masked" if not color else "legend: green text is the answer the preference loss "
+                    "scores; the rest is masked")
+    else:
+        head.append(f"legend: {TRAIN_OPEN}trained{TRAIN_CLOSE} text is in the loss; the rest is masked"
+                    if not color else "legend: green text is in the loss; the rest is masked")
     body = []
     for p in pieces:
-        row = emit(p, loaded.spec)
-        body.append(f"--- {row.id}: {len(row.input_ids)} tokens ---\n" + render_row(row, loaded.spec,
-                                                                                    loaded.data_processor.tokenizer, color))
+        for label, side in _sides(p):
+            body.append(_render_side(side, label, loaded, color))
     return "\n".join(head + body)
+
+
+def _pref_facts(enc: PrefEncoded) -> str:
+    if enc.rejected is None:
+        tag = "desirable" if enc.desirable else "undesirable: scored, never an SFT target"
+        return f"; kto_tag: {str(enc.desirable).lower()} ({tag})"
+    longer = "chosen" if enc.longer is enc.chosen else "rejected"
+    return (f" (the longer side, {longer}); prompt + chosen: {enc.chosen.length}, prompt + rejected: "
+            f"{enc.rejected.length}")
+
+
+def _sides(piece) -> list[tuple[str, object]]:
+    """(label, Encoded) of each sequence a piece is: one for SFT and KTO, two for a pair."""
+    if not isinstance(piece, PrefEncoded):
+        return [("", piece)]
+    if piece.rejected is None:
+        return [(f" ({'desirable' if piece.desirable else 'undesirable'})", piece.chosen)]
+    return [(" chosen", piece.chosen), (" rejected", piece.rejected)]
+
+
+def _render_side(side, label: str, loaded: Loaded, color: bool) -> str:
+    from ..data.stages.encode import emit
+
+    row = emit(side, loaded.spec)
+    return (f"--- {row.id}{label}: {len(row.input_ids)} tokens ---\n"
+            + render_row(row, loaded.spec, loaded.data_processor.tokenizer, color))

@@ -933,6 +933,7 @@ def test_inspect_json_summary_is_exact(family, tiny_ckpt, tmp_path, capsys):
             },
         ],
         "notes": ["recognised LLaMA-Factory sharegpt / HF chat (`messages` or `conversations`, `images`): 6 record(s)"],
+        "stage": "sft",
     }
     assert summary == expected
     assert list(summary["by_image_count"]) == ["0", "1", "2"]

@@ -12,7 +12,9 @@ from vlmtune.data.stages.collate import check_row
 from vlmtune.data.stages.encode import IGNORE_INDEX, Encoder
 from vlmtune.data.stages.fit import FitOptions, Fitter
 from vlmtune.data.media.images import ImageHeader
-from vlmtune.data.stages.pairs import PrefEncoded, emit_row, encode_samples, fit_sample, rejected_view, stage_problems
+from vlmtune.data.stages.pairs import (PrefEncoded, emit_row, encode_samples, fit_sample, rejected_view,
+                                       stage_problems, stage_that_reads)
+from vlmtune.config import ReadArgs
 from vlmtune.data.sources.readers import read_samples
 from vlmtune.data.types import Conversation, ImagePart, Message, Origin, Preference, TextPart
 from vlmtune.errors import SampleError
@@ -46,7 +48,7 @@ def test_llama_factory_ranking_sharegpt_and_alpaca(tmp_path, write_image, write_
         "alp": {"file_name": "alp.json", "formatting": "alpaca", "ranking": True,
                 "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
                             "images": "images"}}})
-    got = read_samples("rank,alp", dataset_dir=str(tmp_path), preference=True)
+    got = read_samples(ReadArgs(dataset="rank,alp", dataset_dir=str(tmp_path)), preference=True)
     assert got.problems == []
     rank, alp = got.conversations
     assert _shape(rank) == [("user", ["ImagePart", "TextPart"], "Colour?"), ("assistant", ["TextPart"], "red")]
@@ -84,7 +86,7 @@ def test_trl_preference_explicit_and_implicit_prompt_and_kto_layouts(tmp_path, w
     write_json(tmp_path / "dataset_info.json", {"kto": {"file_name": "kto.json", "formatting": "sharegpt", "columns": {
         "messages": "messages", "kto_tag": "label", "images": "images"}, "tags": {
         "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}})
-    got = read_samples("kto", dataset_dir=str(tmp_path), preference=True)
+    got = read_samples(ReadArgs(dataset="kto", dataset_dir=str(tmp_path)), preference=True)
     assert [c.preference for c in got.conversations] == [Preference("kto", desirable=True)]
     assert [(p.sample_id, p.kind, p.what) for p in got.problems] == [
         ("kto:1", "missing_side", "`label` is 'yes', expected true (desirable) or false (undesirable)")]
@@ -126,6 +128,21 @@ def test_stage_decides_which_samples_are_valid():
     allowed = {(s, c.id) for s in ("sft", "dpo", "kto", None) for c in (sft, pair, kto) if not stage_problems(c, s)}
     assert allowed == {("sft", "s"), ("dpo", "p"), ("kto", "k"), (None, "s"), (None, "p"), (None, "k")}
     assert [p.kind for p in stage_problems(pair, "sft")] == ["wrong_stage"]
+    # the stage that would read each refused sample (inspect names it as the --stage to add)
+    reads = {(s, c.id): [stage_that_reads(p) for p in stage_problems(c, s)] for s in ("sft", "dpo", "kto")
+             for c in (sft, pair, kto)}
+    assert {k: v for k, v in reads.items() if v} == {
+        ("sft", "p"): ["dpo"], ("sft", "k"): ["kto"], ("dpo", "s"): ["sft"], ("dpo", "k"): ["kto"],
+        ("kto", "s"): ["sft"], ("kto", "p"): ["dpo"]}
+
+
+def test_stage_that_reads_a_preference_file_refused_under_sft(tmp_path, write_jsonl):
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                       {"prompt": "q", "completion": "a", "label": True}, [1]])
+    got = read_samples(str(tmp_path / "p.jsonl"))  # stage sft: both preference records refused
+    assert [(p.kind, stage_that_reads(p)) for p in got.problems] == [
+        ("untrainable_layout", "dpo"), ("untrainable_layout", "kto"), (got.problems[2].kind, None)]
+    assert got.problems[2].kind != "untrainable_layout"  # any other problem: no stage reads it
 
 
 # -- pair-aware fitting --------------------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ...config import FitArgs, ReadArgs
+from ...config import FitArgs, PreferenceArgs, ReadArgs
 from ...errors import Problem, SampleError
 from ...models.load import Loaded
 from ..schema import SampleStats
+from ..sources.readers import reading
 from ..stages.encode import Encoded
 from ..stages.fit import FitOutcome
 from .pipeline import ChunkResult, Stages, Stream, run_pipeline, unread_line
@@ -73,6 +74,7 @@ class Accounting:
     split_rows: int = 0
     limited: bool = False  # max_samples left some samples out
     prepared: object = None  # data/drivers/prepare.Prepared: the cache written or found (None when prepare would stop)
+    stage: str | None = None  # the stage the samples were read for (account's); dpo / kto: stats are PrefStats
 
 
 def count_lines(table: dict[str, list[int]], lines: Iterable[dict]) -> None:
@@ -169,18 +171,24 @@ def account(
     progress: bool = True,
     workers: int = 1,
     keep_ids: Iterable[str] = (),
+    preference: PreferenceArgs | None = None,
 ) -> Accounting:
     """Read, validate and encode a dataset with header-only image sizes (a bare path: ReadArgs' defaults
     otherwise, no dataset_dir); `fitting`: the samples in `keep_ids` come back fitted too (inspect --show
-    --cutoff-len)."""
-    read = read if isinstance(read, ReadArgs) else ReadArgs(dataset=os.fspath(read), dataset_dir=None)
-    stages = Stages(fit or FitArgs(), fitting=fitting, keep_ids=frozenset(keep_ids))
+    --cutoff-len). `preference.stage` dpo / kto reads ranking / KTO records as preference samples (a pair is
+    counted as its longer side, data/stages/pairs.PrefStats) and refuses samples of another kind, as prepare
+    does; sft (or None) refuses preference records."""
+    read = reading(read)
+    stage = preference.stage if preference is not None else None
+    stages = Stages(fit or FitArgs(), fitting=fitting, keep_ids=frozenset(keep_ids), stage=stage)
     stream = run_pipeline(read, loaded, stages, workers=workers, progress=progress, desc="accounting")
     tally = Tally()
     for res in stream.chunks:
         tally.add(res)
     tally.add_unread(stream.unread)
-    return tally.accounting(stream, fitted_all=False)
+    acc = tally.accounting(stream, fitted_all=False)
+    acc.stage = stage
+    return acc
 
 
 def nearest_rank(sorted_values: list[int], q: float) -> int:
@@ -230,4 +238,21 @@ def summarize(acc: Accounting, cutoff_len: int | None = None) -> dict:
         "over_cutoff": None if cutoff_len is None else sum(1 for n in lengths if n > cutoff_len),
         "problems": [p.to_dict() for p in acc.problems],
         "notes": list(acc.notes),
+        "stage": acc.stage or "sft",
+        **_preference_summary(acc),
     }
+
+
+def _preference_summary(acc: Accounting) -> dict:
+    """Stage dpo: each side's length distribution (prompt + chosen, prompt + rejected; the pair's `lengths` are
+    its longer side, the one cutoff_len must hold); stage kto: how many answers are desirable."""
+    if acc.stage == "dpo":
+        return {"pairs": len(acc.stats), "chosen_lengths": _dist([s.chosen_tokens for s in acc.stats]),
+                "rejected_lengths": _dist([s.rejected_tokens for s in acc.stats]),
+                "longer_side": {"chosen": sum(s.chosen_tokens > s.rejected_tokens for s in acc.stats),
+                                "rejected": sum(s.rejected_tokens > s.chosen_tokens for s in acc.stats),
+                                "equal": sum(s.rejected_tokens == s.chosen_tokens for s in acc.stats)}}
+    if acc.stage == "kto":
+        return {"desirable": sum(bool(s.kto_tag) for s in acc.stats),
+                "undesirable": sum(not s.kto_tag for s in acc.stats)}
+    return {}

@@ -19,12 +19,14 @@ The collator that guards both sides before the forward is data/stages/pair_colla
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from ...errors import Problem, SampleError
 from ...models.spec import ModelSpec
 from .encode import Encoded, Encoder, emit
 from .fit import FitOutcome, Fitter
+from ..schema import SampleStats
+from ..sources.records import UNTRAINABLE
 from ..types import Conversation
 
 # kto_tag column of a row: 1 desirable, 0 undesirable, -1 not a KTO row
@@ -52,6 +54,32 @@ def stage_problems(conv: Conversation, stage: str | None) -> list[Problem]:
     return problem(f"the sample is {have} but stage={stage!r}", f"stage {stage} trains on {want}")
 
 
+_KINDS = (("the sample is a preference pair", "dpo"), ("the sample is a KTO sample", "kto"),
+          ("the sample is an SFT sample", "sft"))
+
+
+def stage_that_reads(p: Problem) -> str | None:
+    """The stage that reads a sample refused for its kind: a `wrong_stage` problem (above), or a ranking / KTO
+    record refused under sft (`untrainable_layout`, data/sources/records/preference.py); None for other problems.
+    inspect names it as the --stage to add."""
+    if p.kind == UNTRAINABLE:
+        return "kto" if "stage: kto" in p.fix else "dpo"
+    if p.kind == "wrong_stage":
+        return next((stage for prefix, stage in _KINDS if p.what.startswith(prefix)), None)
+    return None
+
+
+@dataclass(frozen=True)
+class PrefStats(SampleStats):
+    """A preference sample's token counts before fitting: SampleStats of the longer side (what must fit
+    cutoff_len) and both sides' lengths (a pair: prompt + chosen, prompt + rejected) or the KTO tag. Only
+    SampleStats' declared columns are stored by prepare; inspect reads the rest."""
+
+    chosen_tokens: int | None = None
+    rejected_tokens: int | None = None
+    kto_tag: bool | None = None
+
+
 # -- encoding ----------------------------------------------------------------------------------------------------
 @dataclass
 class PrefEncoded:
@@ -69,6 +97,11 @@ class PrefEncoded:
     @property
     def longer(self) -> Encoded:
         return max(self.sides, key=lambda e: e.length)
+
+    def stats(self) -> PrefStats:
+        return PrefStats(**asdict(self.longer.stats()), chosen_tokens=self.chosen.length,
+                         rejected_tokens=self.rejected.length if self.rejected is not None else None,
+                         kto_tag=self.desirable)
 
     def __getattr__(self, name: str):  # id, source, length, image_tokens, videos, blocks ...: the longer side's
         if name in ("chosen", "rejected", "desirable"):
