@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -72,8 +73,7 @@ def test_example_dataset_is_shipped(path):
     info = json.loads((dataset_dir / "dataset_info.json").read_text(encoding="utf-8"))
     records = sum(len(json.loads((dataset_dir / info[n]["file_name"]).read_text(encoding="utf-8")))
                   for n in cfg.dataset.split(","))
-    read = read_samples(cfg.dataset, dataset_dir=str(dataset_dir), media_dir=cfg.media_dir,
-                        preference=cfg.stage != "sft")
+    read = read_samples(replace(cfg.read, dataset_dir=str(dataset_dir)), preference=cfg.stage != "sft")
     assert read.problems == []
     assert len(read.conversations) == records > 0
     media = [m for c in read.conversations for m in c.images + c.videos]

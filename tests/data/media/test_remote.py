@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
+from vlmtune.config import ReadArgs
 from vlmtune.data.sources.readers import read_samples
 from vlmtune.data.media.remote import FetchOptions, fetch_remote_images
 from vlmtune.data.sources.records import record_to_conversation
@@ -178,7 +179,7 @@ def test_read_samples_fetches_and_validates(server, tmp_path, monkeypatch):
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
     refused = read_samples(str(data))
     assert [p.kind for c in refused.conversations for p in c.read_problems] == ["remote_image", "remote_image"]
-    res = read_samples(str(data), allow_remote_images=True, remote_options=FetchOptions(allow_private=True))
+    res = read_samples(ReadArgs(dataset=str(data), dataset_dir=None, allow_remote_images=True, allow_private_remote_images=True))
     ok, bad = res.conversations
     assert ok.read_problems == [] and ok.images[0].path.startswith(str(tmp_path / "hfcache"))
     assert [(p.kind, p.what) for p in bad.read_problems] == [

@@ -19,6 +19,7 @@ from PIL import Image
 
 from vlmtune.commands import cli
 from vlmtune.data.sources.formats import embedded_bytes, image_source
+from vlmtune.config import ReadArgs
 from vlmtune.data.sources.readers import read_samples
 from vlmtune.errors import Problem
 from vlmtune.models.load import load_spec
@@ -154,19 +155,20 @@ def test_split_and_single_parquet_and_arrow_and_save_to_disk(tmp_path, write_jso
         "many": {"file_name": "hub", "num_samples": 7},
         "nosplit": {"file_name": "hub", "split": "validation"},
     })
-    test = read_samples("t", dataset_dir=str(tmp_path))
+    test = read_samples(ReadArgs(dataset="t", dataset_dir=str(tmp_path)))
     assert test.records == 1 and [c.source for c in test.conversations] == [
         f"{folder}/data/test-00000-of-00001.parquet#0"]
-    few, many = read_samples("few", dataset_dir=str(tmp_path)), read_samples("many", dataset_dir=str(tmp_path))
+    few = read_samples(ReadArgs(dataset="few", dataset_dir=str(tmp_path)))
+    many = read_samples(ReadArgs(dataset="many", dataset_dir=str(tmp_path)))
     assert few.records == 3 and len({c.source for c in few.conversations}) == 3
     assert many.records == 7 and len({c.source for c in many.conversations}) == 5  # all, then repeats
     assert len({c.id for c in many.conversations}) == 7
-    bad = read_samples("nosplit", dataset_dir=str(tmp_path))
+    bad = read_samples(ReadArgs(dataset="nosplit", dataset_dir=str(tmp_path)))
     assert [(p.kind, p.what) for p in bad.problems] == [
         ("data_not_found", "the folder has no split 'validation' (splits: test, train)")]
     # the mapping applies when the folder is passed as a path, too
-    assert read_samples(str(folder), dataset_dir=str(tmp_path)).records == 5
-    assert read_samples(str(folder), dataset_dir=str(tmp_path / "elsewhere")).records == 5
+    assert read_samples(ReadArgs(dataset=str(folder), dataset_dir=str(tmp_path))).records == 5
+    assert read_samples(ReadArgs(dataset=str(folder), dataset_dir=str(tmp_path / "elsewhere"))).records == 5
 
     one = tmp_path / "one.parquet"
     pq.write_table(pa.Table.from_pylist(records, schema=_TRL_SCHEMA), one)
@@ -195,7 +197,7 @@ def test_hub_ids_load_through_load_dataset(tmp_path, write_json, monkeypatch):
     # `load_dataset` takes a local folder exactly as a downloaded Hub repo (no network here)
     write_json(tmp_path / "dataset_info.json", {"mine": {"hf_hub_url": str(folder), "split": "train"}})
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    res = read_samples("mine", dataset_dir=str(tmp_path))
+    res = read_samples(ReadArgs(dataset="mine", dataset_dir=str(tmp_path)))
     assert res.problems == [] and res.records == 3
     img = res.conversations[1].images[0]
     assert json.loads(img.path[len("embedded:"):])[:5] == ["hub", str(folder), None, "train", 1]
@@ -310,7 +312,7 @@ def test_a_mapping_applies_when_the_file_is_passed_directly(tmp_path, write_json
     write_json(tmp_path / "dataset_info.json", {"d": {
         "file_name": "d.json", "formatting": "sharegpt", "columns": {"messages": "talk", "images": "pics"},
         "tags": {"role_tag": "speaker", "content_tag": "said", "user_tag": "me", "assistant_tag": "bot"}}})
-    named = read_samples("d", dataset_dir=str(tmp_path))
+    named = read_samples(ReadArgs(dataset="d", dataset_dir=str(tmp_path)))
     passed = read_samples(str(tmp_path / "d.json"))  # dataset_info.json next to the file
     assert named.problems == passed.problems == []
     assert [m.role for m in passed.conversations[0].messages] == ["user", "assistant"]

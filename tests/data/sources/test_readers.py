@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vlmtune.config import ReadArgs
 from vlmtune.data.sources.readers import ReadResult, read_samples
 from vlmtune.data.sources.records import AUTO_FORMAT, MAX_TEXT_CHARS, RecordFormat, record_to_conversation
 from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
@@ -148,7 +149,7 @@ def test_llamafactory_mllm_demo_entry(tmp_path, write_json):
             }
         ],
     )
-    res = read_samples("mllm_demo", dataset_dir=str(ds))
+    res = read_samples(ReadArgs(dataset="mllm_demo", dataset_dir=str(ds)))
     assert res.problems == [] and res.records == 1
     src = os.path.join(str(ds), "mllm_demo.json")
     assert res.conversations == [
@@ -203,7 +204,7 @@ def test_dataset_info_columns_tags_defaults_and_comma_names(tmp_path, write_json
         ds / "plain.json",
         [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "id": "p1"}],
     )
-    res = read_samples("custom, plain", dataset_dir=str(ds))
+    res = read_samples(ReadArgs(dataset="custom, plain", dataset_dir=str(ds)))
     assert res.problems == [] and res.records == 2
     assert res.conversations == [
         Conversation(
@@ -230,7 +231,7 @@ def test_media_dir_overrides_dataset_dir(tmp_path, write_json):
     media = tmp_path / "media"
     write_json(ds / "dataset_info.json", {"d": {"file_name": "d.json", "formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}})
     write_json(ds / "d.json", [{"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}], "images": ["i.png"]}])
-    res = read_samples("d", dataset_dir=str(ds), media_dir=str(media))
+    res = read_samples(ReadArgs(dataset="d", dataset_dir=str(ds), media_dir=str(media)))
     assert res.conversations[0].images == [ImagePart("i.png", R(media / "i.png"))]
 
 
@@ -554,7 +555,7 @@ def test_read_samples_passes_security_flags(tmp_path, write_jsonl):
     rec = {"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}], "images": ["../x.png"]}
     data = write_jsonl(base / "t.jsonl", [rec])
     assert read_samples(data).conversations[0].images == [ImagePart("../x.png", None)]
-    res = read_samples(data, allow_paths_outside_media_dir=True)
+    res = read_samples(ReadArgs(dataset=data, dataset_dir=None, allow_paths_outside_media_dir=True))
     assert res.conversations[0].images == [ImagePart("../x.png", R(tmp_path / "x.png"))]
     assert res.conversations[0].read_problems == []
 
@@ -805,7 +806,7 @@ def test_missing_data_and_unknown_dataset_names(tmp_path, write_json):
     assert res.records == 1 and accounted(res)
     write_json(tmp_path / "dataset_info.json", {"a": {"file_name": "a.json", "formatting": "sharegpt"}, "hub": {"script_url": "x/y"}, "alp": {"file_name": "a.json", "formatting": "xml"}})
     write_json(tmp_path / "a.json", [])
-    res = read_samples("a,b,hub,alp", dataset_dir=str(tmp_path))
+    res = read_samples(ReadArgs(dataset="a,b,hub,alp", dataset_dir=str(tmp_path)))
     info = os.path.join(str(tmp_path), "dataset_info.json")
     assert res.problems == [
         Problem(

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from vlmtune.data.sources import records
+from vlmtune.config import ReadArgs
 from vlmtune.data.sources.readers import read_samples
 from vlmtune.errors import DataError
 
@@ -112,7 +113,7 @@ def test_a_loss_flag_that_cannot_be_honoured_is_refused(tmp_path):
 def _info(tmp_path, entry, rows):
     (tmp_path / "d.json").write_text(json.dumps(rows))
     (tmp_path / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json", **entry}}))
-    return read_samples("d", dataset_dir=str(tmp_path))
+    return read_samples(ReadArgs(dataset="d", dataset_dir=str(tmp_path)))
 
 
 KTO_ROWS = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}], "label": False},

@@ -14,6 +14,7 @@ from vlmtune.data.stages.fit import FitOptions, Fitter
 from vlmtune.data.media.images import ImageHeader
 from vlmtune.data.stages.pairs import (PrefEncoded, emit_row, encode_samples, fit_sample, rejected_view,
                                        stage_problems, stage_that_reads)
+from vlmtune.config import ReadArgs
 from vlmtune.data.sources.readers import read_samples
 from vlmtune.data.types import Conversation, ImagePart, Message, Origin, Preference, TextPart
 from vlmtune.errors import SampleError
@@ -47,7 +48,7 @@ def test_llama_factory_ranking_sharegpt_and_alpaca(tmp_path, write_image, write_
         "alp": {"file_name": "alp.json", "formatting": "alpaca", "ranking": True,
                 "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
                             "images": "images"}}})
-    got = read_samples("rank,alp", dataset_dir=str(tmp_path), preference=True)
+    got = read_samples(ReadArgs(dataset="rank,alp", dataset_dir=str(tmp_path)), preference=True)
     assert got.problems == []
     rank, alp = got.conversations
     assert _shape(rank) == [("user", ["ImagePart", "TextPart"], "Colour?"), ("assistant", ["TextPart"], "red")]
@@ -85,7 +86,7 @@ def test_trl_preference_explicit_and_implicit_prompt_and_kto_layouts(tmp_path, w
     write_json(tmp_path / "dataset_info.json", {"kto": {"file_name": "kto.json", "formatting": "sharegpt", "columns": {
         "messages": "messages", "kto_tag": "label", "images": "images"}, "tags": {
         "role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}})
-    got = read_samples("kto", dataset_dir=str(tmp_path), preference=True)
+    got = read_samples(ReadArgs(dataset="kto", dataset_dir=str(tmp_path)), preference=True)
     assert [c.preference for c in got.conversations] == [Preference("kto", desirable=True)]
     assert [(p.sample_id, p.kind, p.what) for p in got.problems] == [
         ("kto:1", "missing_side", "`label` is 'yes', expected true (desirable) or false (undesirable)")]

@@ -183,29 +183,10 @@ def worker_pool(workers: int, loaded: Loaded, stages: Stages) -> ProcessPoolExec
 
 
 # -- the driver --------------------------------------------------------------------------------
-def remote_options(read: ReadArgs):
-    """data/media/remote.FetchOptions from the read section's remote_image_* keys."""
-    from ..media.remote import FetchOptions
-
-    return FetchOptions(max_bytes=read.remote_image_max_bytes, connect_timeout=read.remote_image_timeout,
-                        read_timeout=read.remote_image_timeout, deadline=read.remote_image_deadline,
-                        allow_private=read.allow_private_remote_images)
-
-
-def mix_of(read: ReadArgs, seed: int) -> Mix:
-    """How the read section's datasets mix (mix_strategy, interleave_probs), with the run's seed."""
-    probs = tuple(float(p) for p in read.interleave_probs.split(",")) if read.interleave_probs else None
-    return Mix(read.mix_strategy, probs, seed)
-
-
 def _chunks(read: ReadArgs, stream: Stream, chunk: int, preference: bool) -> Iterator[list[Conversation]]:
     seen: Counter = Counter()
     buf: list[Conversation] = []
-    for item in iter_samples(read.dataset, read.dataset_dir, read.media_dir,
-                             allow_paths_outside_media_dir=read.allow_paths_outside_media_dir,
-                             allow_remote_images=read.allow_remote_images,
-                             remote_options=remote_options(read) if read.allow_remote_images else None,
-                             layouts=stream.layouts, mix=stream.mix, preference=preference):
+    for item in iter_samples(read, layouts=stream.layouts, mix=stream.mix, preference=preference):
         stream.records += 1
         if isinstance(item, Problem):
             stream.unread.append(item)
@@ -243,7 +224,7 @@ def run_pipeline(read: ReadArgs, loaded: Loaded, stages: Stages, *, seed: int = 
     """Stream what the read section names through the stages (`seed`: the run's, for interleaved datasets);
     iterate `.chunks` (to the end) to drive it. A preference stage (dpo, kto) reads ranking / KTO records as
     preference samples."""
-    stream = Stream(iter(()), mix=mix_of(read, seed))
+    stream = Stream(iter(()), mix=Mix.of(read, seed))
     stages = replace(stages, control_tokens_as_text=read.control_tokens_in_text == "text")
     preference = stages.stage not in (None, "sft")
 

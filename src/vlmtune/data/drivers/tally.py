@@ -22,6 +22,7 @@ from ...config import FitArgs, PreferenceArgs, ReadArgs
 from ...errors import Problem, SampleError
 from ...models.load import Loaded
 from ..schema import SampleStats
+from ..sources.readers import reading
 from ..stages.encode import Encoded
 from ..stages.fit import FitOutcome
 from .pipeline import ChunkResult, Stages, Stream, run_pipeline, unread_line
@@ -177,7 +178,7 @@ def account(
     --cutoff-len). `preference.stage` dpo / kto reads ranking / KTO records as preference samples (a pair is
     counted as its longer side, data/stages/pairs.PrefStats) and refuses samples of another kind, as prepare
     does; sft (or None) refuses preference records."""
-    read = read if isinstance(read, ReadArgs) else ReadArgs(dataset=os.fspath(read), dataset_dir=None)
+    read = reading(read)
     stage = preference.stage if preference is not None else None
     stages = Stages(fit or FitArgs(), fitting=fitting, keep_ids=frozenset(keep_ids), stage=stage)
     stream = run_pipeline(read, loaded, stages, workers=workers, progress=progress, desc="accounting")

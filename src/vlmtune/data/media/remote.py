@@ -35,6 +35,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ...config import ReadArgs
 from ...errors import Problem
 from .images import read_header
 from .paths import HTTP_RE as _HTTP_RE, quoted as _q
@@ -63,6 +64,13 @@ class FetchOptions:
     cache_dir: str | None = None  # default: the datasets cache
     deadline: float = DEADLINE  # seconds for the whole fetch of one URL: attempts, redirects, reads
     allow_private: bool = False  # allow_private_remote_images: loopback, private, link-local, multicast addresses
+
+
+def fetch_options(read: ReadArgs) -> FetchOptions:
+    """The fetch options the read section's remote_image_* keys and allow_private_remote_images ask for."""
+    return FetchOptions(max_bytes=read.remote_image_max_bytes, connect_timeout=read.remote_image_timeout,
+                        read_timeout=read.remote_image_timeout, deadline=read.remote_image_deadline,
+                        allow_private=read.allow_private_remote_images)
 
 
 class FetchError(Exception):

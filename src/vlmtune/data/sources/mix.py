@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
+from ...config import ReadArgs
 from ...errors import Problem
 
 if TYPE_CHECKING:  # readers imports this module
@@ -27,6 +28,12 @@ class Mix:
     probs: tuple[float, ...] | None = None
     seed: int = 0
     left_out: Counter = field(default_factory=Counter)
+
+    @classmethod
+    def of(cls, read: ReadArgs, seed: int = 0) -> "Mix":
+        """How the read section's datasets mix (mix_strategy, interleave_probs), drawn with the run's `seed`."""
+        probs = tuple(float(p) for p in read.interleave_probs.split(",")) if read.interleave_probs else None
+        return cls(read.mix_strategy, probs, seed)
 
     def notes(self) -> list[str]:
         return [f"mix_strategy={self.strategy}: {n} record(s) of {name} were not drawn (the first dataset to run "

@@ -1,12 +1,13 @@
 """Read users' datasets as they already have them into normalised `Conversation`s, as a stream.
 
-API: `iter_raw(data, ...)` yields every record as a `RawRecord` (or a `Problem`) in input order, from
+API: each takes the read section (config's `ReadArgs`; a bare path: its defaults, `reading`).
+`iter_raw(read)` yields every record as a `RawRecord` (or a `Problem`) in input order, from
 the per-format generators in `FILE_READERS` (a new format is one more `(path, base_dir, fmt) ->
-Iterator[RawRecord | Problem]` registered by extension); `iter_samples(data, ...)` yields
+Iterator[RawRecord | Problem]` registered by extension); `iter_samples(read)` yields
 `Conversation | Problem` with globally unique ids (`IdPlan`: a first pass counts ids as hashes);
 `read_samples` is its list form.
 
-Supported inputs (`read_samples(data, ...)`):
+Supported inputs (the section's `dataset`):
 
 * a `.jsonl` file (one record per line), a `.json` file (one JSON array of records; a single JSON
   object is one record; a `.json` file that starts with `{` and is not one JSON value is read as
@@ -72,6 +73,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from ...config import ReadArgs
 from ...errors import Problem
 from . import formats
 from .dataset_info import DatasetEntry, dataset_entries, entry_for_path
@@ -370,19 +372,27 @@ def _read_path(path: str, base_dir: str | None, fmt: RecordFormat, split: str | 
     yield from reader(path, folder, fmt, ids_only=ids_only)
 
 
-def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = None, *,
-             ids_only: bool = False, mix: Mix | None = None) -> Iterator[RawRecord | Problem]:
-    """Every record of `data`, in input order (or as `mix` interleaves the datasets), as a RawRecord or the
-    Problem of an unreadable record or input.
+def reading(read: ReadArgs | str | os.PathLike) -> ReadArgs:
+    """The read section; a bare path (or comma-separated paths, Hub ids) is read under ReadArgs' defaults, with
+    no dataset_dir (no dataset_info.json to look names up in), as `vlmtune inspect` reads it."""
+    return read if isinstance(read, ReadArgs) else ReadArgs(dataset=os.fspath(read), dataset_dir=None)
+
+
+def iter_raw(read: ReadArgs | str | os.PathLike, *, ids_only: bool = False,
+             mix: Mix | None = None) -> Iterator[RawRecord | Problem]:
+    """Every record the read section names (`dataset`, found through `dataset_dir`; images under `media_dir`), in
+    input order (or as `mix` interleaves the datasets), as a RawRecord or the Problem of an unreadable record or input.
 
     `ids_only`: the same records, whose values may hold only their own "id" (the id plan's pass)."""
+    read = reading(read)
+    data, dataset_dir, media_dir = read.dataset, read.dataset_dir, read.media_dir
     if os.path.exists(data):
-        yield from _read_given_path(data, dataset_dir, media_dir, ids_only)
+        yield from _read_given_path(data, read, ids_only)
         return
     items = [x.strip() for x in data.split(",") if x.strip()]
     sources: list[tuple[str, Callable[[], Iterator]]] = []
     if items and all(os.path.exists(x) for x in items):
-        sources = [(x, lambda x=x: _read_given_path(x, dataset_dir, media_dir, ids_only)) for x in items]
+        sources = [(x, lambda x=x: _read_given_path(x, read, ids_only)) for x in items]
     elif items and (dataset_dir is not None or all(_looks_like_hub_id(x) for x in items)):
         for name, entry in zip(items, dataset_entries(items, dataset_dir or ".", media_dir, hub_ids=True)):
             if isinstance(entry, Problem):
@@ -399,20 +409,19 @@ def iter_raw(data: str, dataset_dir: str | None = None, media_dir: str | None = 
             "or give dataset names with dataset_dir",
         )
     if mix is None or mix.strategy == "concat" or len(sources) < 2:
-        for _, read in sources:
-            yield from read()
+        for _, records in sources:
+            yield from records()
     else:
         yield from interleave(sources, mix, count_left_out=not ids_only)
 
 
-def _read_given_path(path: str, dataset_dir: str | None, media_dir: str | None,
-                     ids_only: bool = False) -> Iterator[RawRecord | Problem]:
+def _read_given_path(path: str, read: ReadArgs, ids_only: bool = False) -> Iterator[RawRecord | Problem]:
     """A path given directly: a dataset_info.json entry naming it still applies (columns, tags, split)."""
-    entry = entry_for_path(path, dataset_dir)
+    entry = entry_for_path(path, read.dataset_dir)
     if entry is None:
-        yield from _read_path(path, media_dir, AUTO_FORMAT, ids_only=ids_only)
+        yield from _read_path(path, read.media_dir, AUTO_FORMAT, ids_only=ids_only)
     else:
-        yield from _read_entry(DatasetEntry(path, media_dir or "", entry.fmt, entry.split, entry.subset, None,
+        yield from _read_entry(DatasetEntry(path, read.media_dir or "", entry.fmt, entry.split, entry.subset, None,
                                             entry.num_samples), ids_only)
 
 
@@ -461,18 +470,17 @@ REMOTE_CHUNK = 256  # conversations whose http(s) images are fetched together (i
 
 
 def iter_samples(
-    data: str,
-    dataset_dir: str | None = None,
-    media_dir: str | None = None,
+    read: ReadArgs | str | os.PathLike,
     *,
-    allow_paths_outside_media_dir: bool = False,
-    allow_remote_images: bool = False,
-    remote_options=None,
     layouts: Counter | None = None,
     preference: bool = False,
     mix: Mix | None = None,
 ) -> Iterator[Conversation | Problem]:
-    """Every record of `data` in input order, as a `Conversation` or the one `Problem` why it yields none.
+    """Every record the read section names in input order, as a `Conversation` or the one `Problem` why it yields
+    none. A bare path is read under ReadArgs' defaults (`reading`). The section says where the data and its media
+    are, which image paths and URLs are allowed and how remote images are fetched (data/media/remote.py
+    `fetch_options`); `mix` (default: the section's mix_strategy and interleave_probs, seed 0) how datasets mix.
+    max_samples is applied by the driver (data/drivers/pipeline.py), which counts what it leaves out.
 
     `preference` (the dpo and kto stages): ranking and KTO records become preference samples
     (data/sources/preference_records.py); without it they are refused, so that SFT never trains their answers.
@@ -481,8 +489,11 @@ def iter_samples(
     stays bounded by one record (REMOTE_CHUNK records with allow_remote_images) plus 16 bytes per record
     for the id plan. `layouts`, when given, counts the record layouts recognised (for `layout_notes`).
     """
+    read = reading(read)
+    mix = Mix.of(read) if mix is None else mix
+
     def raws(ids_only: bool = False) -> Iterator[RawRecord | Problem]:
-        return iter_raw(data, dataset_dir, media_dir, ids_only=ids_only, mix=mix)
+        return iter_raw(read, ids_only=ids_only, mix=mix)
 
     def ids() -> Iterator[RawRecord | Problem]:
         return raws(ids_only=True)
@@ -504,8 +515,8 @@ def iter_samples(
                 source=item.source,
                 base_dir=item.base_dir,
                 fmt=item.fmt,
-                allow_paths_outside_media_dir=allow_paths_outside_media_dir,
-                allow_remote_images=allow_remote_images,
+                allow_paths_outside_media_dir=read.allow_paths_outside_media_dir,
+                allow_remote_images=read.allow_remote_images,
                 cache=cache,
                 origin=item.origin,
             )
@@ -517,41 +528,28 @@ def iter_samples(
                 conv = replace(conv, file=item.file, index=item.index)
             yield conv
 
-    if not allow_remote_images:
+    if not read.allow_remote_images:
         yield from converted()
         return
-    from ..media.remote import fetch_remote_images
+    from ..media.remote import fetch_options, fetch_remote_images
 
+    options = fetch_options(read)
     chunk: list = []
     for item in converted():
         chunk.append(item)
         if len(chunk) == REMOTE_CHUNK:
-            _fetch(chunk, remote_options, fetch_remote_images)
+            fetch_remote_images([c for c in chunk if isinstance(c, Conversation)], options)
             yield from chunk
             chunk = []
-    _fetch(chunk, remote_options, fetch_remote_images)
+    fetch_remote_images([c for c in chunk if isinstance(c, Conversation)], options)
     yield from chunk
 
 
-def _fetch(chunk: list, options, fetch) -> None:
-    convs = [c for c in chunk if isinstance(c, Conversation)]
-    if convs:
-        fetch(convs, *([options] if options is not None else []))
+def read_samples(read: ReadArgs | str | os.PathLike, *, preference: bool = False) -> ReadResult:
+    """Read every record the read section names into conversations, accounting for each record (a list of
+    `iter_samples`; a bare path: ReadArgs' defaults).
 
-
-def read_samples(
-    data: str,
-    dataset_dir: str | None = None,
-    media_dir: str | None = None,
-    *,
-    allow_paths_outside_media_dir: bool = False,
-    allow_remote_images: bool = False,
-    remote_options=None,
-    preference: bool = False,
-) -> ReadResult:
-    """Read every record of `data` into conversations, accounting for each record (a list of `iter_samples`).
-
-    `data` is a .json/.jsonl file, a folder of them, a `save_to_disk` folder, comma-separated
+    `dataset` is a .json/.jsonl file, a folder of them, a `save_to_disk` folder, comma-separated
     paths, or comma-separated dataset names from `dataset_dir/dataset_info.json`. Image paths are
     resolved against `media_dir`, else the data file's folder (dataset_dir for dataset names).
     Never raises on bad data: see the module docstring for what goes where.
@@ -562,9 +560,7 @@ def read_samples(
     problems: list[Problem] = []
     layouts: Counter = Counter()
     with _gc_paused():
-        for item in iter_samples(data, dataset_dir, media_dir, allow_paths_outside_media_dir=allow_paths_outside_media_dir,
-                                 allow_remote_images=allow_remote_images, remote_options=remote_options,
-                                 layouts=layouts, preference=preference):
+        for item in iter_samples(read, layouts=layouts, preference=preference):
             (problems if isinstance(item, Problem) else conversations).append(item)
     return ReadResult(conversations=conversations, problems=problems, records=len(conversations) + len(problems),
                       notes=layout_notes(layouts))
