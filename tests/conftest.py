@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,6 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+# Where deepspeed is installed (the `deepspeed` extra), the tiny checkpoints built in-process here import it before
+# any command runs: keep its accelerator line off the captured stdout as the CLI does.
+logging.getLogger("DeepSpeed").addFilter(__import__("vlmtune.commands.cli", fromlist=["x"]).DEEPSPEED_DETECTION)
 
 _JPEG_SUFFIXES = {".jpg", ".jpeg"}
 

@@ -139,6 +139,22 @@ def test_video_demo_data_inspects(tiny_ckpt):
     assert [p.name for p in clips] == ["1.mp4", "2.mp4", "3.mp4"] and all(p.stat().st_size < 16_000 for p in clips)
 
 
+def test_dpo_demo_data_inspects_as_pairs(tiny_ckpt):
+    """`vlmtune inspect --data dpo_demo --dataset-dir examples/data --stage dpo` (docs/preference.md): four
+    ranking pairs, one with two pictures; each pair's length is its longer side."""
+    from vlmtune.config import PreferenceArgs
+    from vlmtune.data.drivers.tally import account, summarize
+    from vlmtune.models.load import load_spec
+
+    loaded = load_spec(str(tiny_ckpt("qwen2_vl")))
+    acc = account(ReadArgs(dataset="dpo_demo", dataset_dir=str(DATA)), loaded, progress=False,
+                  preference=PreferenceArgs(stage="dpo"))
+    s = summarize(acc)
+    assert (s["stage"], s["records"], s["pairs"], s["images"], s["problems"]) == ("dpo", 4, 4, 5, [])
+    assert set(s["by_image_count"]) == {"1", "2"}
+    assert [st.tokens for st in acc.stats] == [max(st.chosen_tokens, st.rejected_tokens) for st in acc.stats]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_trains_one_step(path, tiny_ckpt, tmp_path):

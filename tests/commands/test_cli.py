@@ -91,3 +91,37 @@ def test_tiny_model_refuses_a_folder_it_did_not_create(tmp_path, capsys):
     assert main(["tiny-model", str(out)]) == 2
     assert capsys.readouterr().err.startswith(f"error: OUT {out} is a folder with content that vlmtune did not create")
     assert [p.name for p in out.iterdir()] == ["config.json"]
+
+
+def test_deepspeeds_accelerator_detection_stays_out_of_a_commands_output(capsys):
+    import logging
+
+    from vlmtune.commands.cli import DEEPSPEED_DETECTION
+
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])  # main installs the filter before parsing
+    capsys.readouterr()
+    ds = logging.getLogger("DeepSpeed")
+    assert DEEPSPEED_DETECTION in ds.filters
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    ds.addHandler(handler)
+    try:
+        ds.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        ds.info("Setting ds_accelerator to cuda (auto detect)")
+        ds.warning("ZeRO-3 is enabled")
+    finally:
+        ds.removeHandler(handler)
+    assert seen == ["ZeRO-3 is enabled"]
+
+
+def test_tiny_model_prints_one_line_with_deepspeed_installed(tmp_path):
+    pytest.importorskip("deepspeed")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vlmtune.commands.cli", "tiny-model", str(tmp_path / "m")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == [f"wrote a tiny random qwen2_vl checkpoint to {tmp_path / 'm'}"]

@@ -71,20 +71,27 @@ def _inspect(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-@pytest.fixture
-def model(tiny_ckpt, capsys):
-    path = str(tiny_ckpt("qwen2_vl"))
+def _model(tiny_ckpt, capsys, arch: str = "qwen2_vl") -> str:
+    path = str(tiny_ckpt(arch))
     capsys.readouterr()  # building the checkpoint may print (deepspeed's accelerator notice): not inspect's output
     return path
 
 
-def test_pair_tokens_equal_prepare_and_the_real_processor(tmp_path, make_image, model, tiny_processor, capsys):
+@pytest.fixture
+def model(tiny_ckpt, capsys):
+    return _model(tiny_ckpt, capsys)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])  # 28- and 32-pixel patches, two chat templates
+def test_pair_tokens_equal_prepare_and_the_real_processor(tmp_path, make_image, tiny_ckpt, tiny_processor, capsys,
+                                                          arch):
     """The product's promise for pairs: inspect's per-pair numbers are prepare's fit report's (before fitting)
     and len(input_ids) of the real processor for prompt + chosen and prompt + rejected; a pair's length is
     its longer side, and the summary's numbers are those lengths'."""
     from vlmtune.config import load_config
     from vlmtune.data.drivers.prepare import prepare
 
+    model = _model(tiny_ckpt, capsys, arch)
     records = _ranking_dataset(tmp_path, make_image)
     per = tmp_path / "per.jsonl"
     rc, out, _ = _inspect(capsys, "--model", model, "--data", "pairs", "--dataset-dir", str(tmp_path), "--stage", "dpo",
@@ -94,7 +101,7 @@ def test_pair_tokens_equal_prepare_and_the_real_processor(tmp_path, make_image, 
     rows = [json.loads(x) for x in per.read_text().splitlines()]
     assert [r["id"] for r in rows] == [f"pairs:{i}" for i in range(len(records))]
 
-    proc = tiny_processor("qwen2_vl")
+    proc = tiny_processor(arch)
     expected = [(_processor_length(proc, tmp_path, r, r["chosen"]), _processor_length(proc, tmp_path, r, r["rejected"]))
                 for r in records]
     assert [(r["chosen_tokens"], r["rejected_tokens"]) for r in rows] == expected
@@ -132,7 +139,9 @@ def test_cutoff_len_counts_the_pairs_whose_longer_side_is_over(tmp_path, make_im
     rc, out, _ = _inspect(capsys, *args, "--cutoff-len", str(cutoff), "--json")
     over = [r["id"] for r in rows if max(r["chosen_tokens"], r["rejected_tokens"]) > cutoff]
     assert rc == 0 and json.loads(out)["over_cutoff"] == len(over) > 0
-    rc, out, _ = _inspect(capsys, *args, "--cutoff-len", str(cutoff))
+    plot = tmp_path / "pairs.png"
+    rc, out, _ = _inspect(capsys, *args, "--cutoff-len", str(cutoff), "--plot", str(plot))
+    assert rc == 0 and plot.stat().st_size > 0
     lines = out.splitlines()
     assert lines[0].startswith(f"pairs: {len(rows)} valid of {len(rows)} records (0 invalid, 0 problem(s)); a pair's "
                                "length is its longer side")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from ..errors import ConfigError, VlmtuneError, bounded
@@ -335,10 +336,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class DeepSpeedDetection(logging.Filter):
+    """DeepSpeed, once installed, is imported by transformers at every model load and logs on stdout which
+    accelerator it detected ("Setting accelerator to CPU. If you have GPU ..."): a stray line in every command's
+    output, `--json` included. The doctor reports the device; DeepSpeed's other messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Setting accelerator to", "Setting ds_accelerator to"))
+
+
+DEEPSPEED_DETECTION = DeepSpeedDetection()
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..models.quant import quiet_bitsandbytes
 
-    quiet_bitsandbytes()  # a command prints what it was asked for, not an optional library's import notices
+    # A command prints what it was asked for, not an optional library's import notices.
+    quiet_bitsandbytes()
+    logging.getLogger("DeepSpeed").addFilter(DEEPSPEED_DETECTION)  # deepspeed's own logger keeps its filters
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -309,7 +309,7 @@ def video_spans(ids: list[int], grids: list[list[int]], spec) -> dict[int, tuple
 def show_sample(acc: Accounting, loaded: Loaded, sample_id: str, fit: FitArgs | None = None,
                 color: bool = False) -> str:
     """The sample as the model will see it, after fitting (in the pipeline, `account(fitting=True)`) when `fit`
-    is given; a pair: both sides, each with its trained answer."""
+    is given; a pair: both sides, each with the answer it is scored on."""
     matches = [e for e in acc.encoded if e.id == sample_id]  # account(keep_ids=[sample_id]) keeps it whole
     if not matches:
         bad = [p for p in acc.problems if p.sample_id == sample_id]
@@ -355,9 +355,9 @@ def _pref_facts(enc: PrefEncoded) -> str:
     if enc.rejected is None:
         tag = "desirable" if enc.desirable else "undesirable: scored, never an SFT target"
         return f"; kto_tag: {str(enc.desirable).lower()} ({tag})"
-    longer = "chosen" if enc.longer is enc.chosen else "rejected"
-    return (f" (the longer side, {longer}); prompt + chosen: {enc.chosen.length}, prompt + rejected: "
-            f"{enc.rejected.length}")
+    c, r = enc.chosen.length, enc.rejected.length
+    longer = "both sides equal" if c == r else f"the longer side, {'chosen' if c > r else 'rejected'}"
+    return f" ({longer}); prompt + chosen: {c}, prompt + rejected: {r}"
 
 
 def _sides(piece) -> list[tuple[str, object]]:
