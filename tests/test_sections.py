@@ -69,7 +69,7 @@ def test_the_check_finds_a_function_that_takes_the_whole_config():
 
 def test_the_sections_that_models_and_data_use_are_annotated():
     from vlmtune.data.drivers import pipeline, prepare, tally
-    from vlmtune.data.media import remote
+    from vlmtune.data.media import paths, remote
     from vlmtune.data.sources import mix, readers
     from vlmtune.data.stages import pack, validate
     from vlmtune.models import load, quant
@@ -86,3 +86,4 @@ def test_the_sections_that_models_and_data_use_are_annotated():
         assert inspect.signature(fn).parameters["read"].annotation == "ReadArgs | str | os.PathLike", fn
     assert inspect.signature(remote.fetch_options).parameters["read"].annotation == "ReadArgs"
     assert inspect.signature(mix.Mix.of).parameters["read"].annotation == "ReadArgs"
+    assert inspect.signature(paths.MediaRules.of).parameters["read"].annotation == "ReadArgs"

@@ -13,6 +13,7 @@ from PIL import Image
 
 from vlmtune.config import ReadArgs
 from vlmtune.data.sources.readers import read_samples
+from vlmtune.data.media.paths import MediaRules
 from vlmtune.data.media.remote import FetchOptions, fetch_remote_images
 from vlmtune.data.sources.records import record_to_conversation
 from vlmtune.errors import Problem
@@ -115,7 +116,7 @@ def server():
 def _conv(url: str, i: int = 0):
     rec = {"messages": [{"role": "user", "content": "<image>what?"}, {"role": "assistant", "content": "a"}], "images": [url]}
     return record_to_conversation(rec, sample_id=f"s{i}", source=f"d.jsonl:{i + 1}", base_dir="/tmp",
-                                  allow_remote_images=True)
+                                  rules=MediaRules(allow_remote=True))
 
 
 def _opts(tmp_path, **kw) -> FetchOptions:

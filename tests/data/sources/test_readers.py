@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vlmtune.config import ReadArgs
+from vlmtune.data.media.paths import MediaRules
 from vlmtune.data.sources.readers import ReadResult, read_samples
 from vlmtune.data.sources.records import AUTO_FORMAT, MAX_TEXT_CHARS, RecordFormat, record_to_conversation
 from vlmtune.data.types import Conversation, ImagePart, Message, TextPart
@@ -480,7 +481,7 @@ def test_absolute_paths(tmp_path):
     assert [(p.kind, p.what) for p in c.read_problems] == [
         ("path_outside_media_dir", f"image '/etc/passwd' resolves to {R('/etc/passwd')}, outside the media folder {R(base)}")
     ]
-    allowed = _img_conv(base, "/etc/passwd", allow_paths_outside_media_dir=True)
+    allowed = _img_conv(base, "/etc/passwd", rules=MediaRules(allow_outside=True))
     assert allowed.images == [ImagePart("/etc/passwd", R("/etc/passwd"))] and allowed.read_problems == []
 
 
@@ -516,7 +517,7 @@ def test_urls_are_refused(tmp_path, ref):
             kind="remote_image",
         )
     ]
-    allowed = _img_conv(tmp_path, ref, allow_remote_images=True)
+    allowed = _img_conv(tmp_path, ref, rules=MediaRules(allow_remote=True))
     assert allowed.images == [ImagePart(ref, None)]
     if ref.startswith("s3:"):
         assert [(p.kind, p.what) for p in allowed.read_problems] == [

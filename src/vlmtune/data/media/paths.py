@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
+
+from ...config import ReadArgs
 
 
 def shorten(value: str, limit: int = 80) -> str:
@@ -55,6 +58,20 @@ class PathCache:
         return real
 
 
+@dataclass(frozen=True)
+class MediaRules:
+    """Which media references one read accepts: the read section's allow_paths_outside_media_dir and
+    allow_remote_images, made once per read (`of`) with the PathCache all its records share."""
+
+    allow_outside: bool = False
+    allow_remote: bool = False
+    cache: PathCache = field(default_factory=PathCache, compare=False)
+
+    @classmethod
+    def of(cls, read: ReadArgs) -> "MediaRules":
+        return cls(read.allow_paths_outside_media_dir, read.allow_remote_images)
+
+
 def _inside(path: str, root: str) -> bool:
     if path == root:
         return True
@@ -62,35 +79,29 @@ def _inside(path: str, root: str) -> bool:
     return path.startswith(prefix)
 
 
-def resolve_image(
-    ref: str,
-    base_dir: str,
-    *,
-    allow_paths_outside_media_dir: bool = False,
-    allow_remote_images: bool = False,
-    cache: PathCache | None = None,
-    media: str = "image",
-) -> tuple[str | None, tuple[str, str, str] | None]:
-    """The resolved path of one image (or, with media="video", video) reference, or None and (kind, what,
-    fix) saying why not. Videos are local files only: a URL is refused whatever allow_remote_images says."""
+def resolve_image(ref: str, base_dir: str, rules: MediaRules | None = None, *,
+                  media: str = "image") -> tuple[str | None, tuple[str, str, str] | None]:
+    """The resolved path of one image (or, with media="video", video) reference under `rules` (default: the
+    safe ones), or None and (kind, what, fix) saying why not. Videos are local files only: a URL is refused
+    whatever allow_remote_images says."""
+    rules = rules or MediaRules()
     if URL_RE.match(ref):
         if media != "image":
             what = f"{media} {quoted(ref)} is a URL; remote {media}s are not fetched"
             return None, ("remote_image", what, f"download the {media} and reference the local file instead")
-        if allow_remote_images and HTTP_RE.match(ref):
+        if rules.allow_remote and HTTP_RE.match(ref):
             return None, None  # fetched after reading (data/media/remote.py), which sets the path or the problem
-        if allow_remote_images:
+        if rules.allow_remote:
             what = f"image {quoted(ref)} is a URL of a scheme that is not fetched (only http, https and file)"
             return None, ("remote_image", what, "download the image and reference the local file instead")
         what = f"image {quoted(ref)} is a URL; remote images are refused"
         return None, ("remote_image", what,
                       "set allow_remote_images: true to fetch http(s) images, or download the image and "
                       "reference the local file instead")
-    cache = cache or PathCache()
-    real = cache.realpath(os.path.join(base_dir, ref))
-    if allow_paths_outside_media_dir:
+    real = rules.cache.realpath(os.path.join(base_dir, ref))
+    if rules.allow_outside:
         return real, None
-    root = cache.folder(base_dir)
+    root = rules.cache.folder(base_dir)
     if not _inside(real, root):
         return None, (
             "path_outside_media_dir",

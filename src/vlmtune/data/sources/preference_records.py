@@ -53,7 +53,7 @@ def preference_kind(record: Any, fmt: RecordFormat) -> str | None:
 def preference_to_conversation(record: Any, *, sample_id: str, source: str, fmt: RecordFormat,
                                **kwargs) -> Conversation | Problem:
     """One preference record as a Conversation (with `.preference`), or the one Problem why it yields none.
-    `kwargs` are record_to_conversation's (base_dir, path rules, cache, origin)."""
+    `kwargs` are record_to_conversation's (base_dir, the read's media rules, origin)."""
     def problem(what: str, fix: str, kind: str = "bad_record") -> Problem:
         return Problem(source=source, what=what, fix=fix, sample_id=sample_id, kind=kind)
 

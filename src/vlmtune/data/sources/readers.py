@@ -80,7 +80,7 @@ from .dataset_info import DatasetEntry, dataset_entries, entry_for_path
 from .dataset_info import looks_like_hub_id as _looks_like_hub_id
 from .ids import IdPlan
 from .mix import Mix, interleave
-from ..media.paths import PathCache
+from ..media.paths import MediaRules
 from .records import (
     AUTO_FORMAT,
     RecordFormat,
@@ -499,7 +499,7 @@ def iter_samples(
         return raws(ids_only=True)
 
     plan = IdPlan(ids(), ids)
-    cache = PathCache()
+    rules = MediaRules.of(read)
 
     def converted() -> Iterator[Conversation | Problem]:
         for item in raws():
@@ -515,9 +515,7 @@ def iter_samples(
                 source=item.source,
                 base_dir=item.base_dir,
                 fmt=item.fmt,
-                allow_paths_outside_media_dir=read.allow_paths_outside_media_dir,
-                allow_remote_images=read.allow_remote_images,
-                cache=cache,
+                rules=rules,
                 origin=item.origin,
             )
             if isinstance(conv, Conversation):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ....errors import Problem
-from ...media.paths import PathCache
+from ...media.paths import MediaRules
 from ...types import Conversation
 from .common import (
     AUTO_FORMAT,
@@ -42,21 +42,20 @@ def record_to_conversation(
     source: str,
     base_dir: str,
     fmt: RecordFormat = AUTO_FORMAT,
-    allow_paths_outside_media_dir: bool = False,
-    allow_remote_images: bool = False,
-    cache: PathCache | None = None,
+    rules: MediaRules | None = None,
     origin: list | None = None,
 ) -> Conversation | Problem:
     """One record as a `Conversation`, or the one `Problem` why it yields none.
 
     Never raises on bad input. Placeholder/image count mismatches and refused image paths still
     yield a conversation, with the problems in its `read_problems` (refused images have `path=None`).
-    Relative image paths resolve against `base_dir`, which is also the folder they must stay in.
-    Pass one `cache` for all the records of one read to make path resolution cheap. `origin` (a
+    Relative image paths resolve against `base_dir`, which is also the folder they must stay in unless `rules`
+    (the read's `MediaRules`, default: the safe ones) allow otherwise; pass one `rules` for all the records of
+    one read, so that its PathCache makes path resolution cheap. `origin` (a
     JSON list naming the source row, see data/sources/formats.py) is where embedded image bytes are found
     again at training time; without it they are kept inline as a `data:` URI.
     """
-    ctx = Context(base_dir, allow_paths_outside_media_dir, allow_remote_images, cache or PathCache(), origin)
+    ctx = Context(base_dir, rules or MediaRules(), origin)
     try:
         for key in UNSUPPORTED_KEYS if isinstance(record, dict) else ():
             if record.get(key):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ....errors import Problem
-from ...media.paths import URL_RE as _URL_RE, MAX_PATH_CHARS, PathCache, quoted as _q, resolve_image
+from ...media.paths import URL_RE as _URL_RE, MAX_PATH_CHARS, MediaRules, quoted as _q, resolve_image
 from ...types import EMBEDDED_PREFIX, Conversation, ImagePart, Message, Part, TextPart, VideoPart
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -186,9 +186,7 @@ class Context:
     embedded images, the row's locator (`origin`, data/sources/formats.py; without it the bytes stay inline)."""
 
     base_dir: str
-    allow_outside: bool = False
-    allow_remote: bool = False
-    cache: PathCache = field(default_factory=PathCache)
+    rules: MediaRules = field(default_factory=MediaRules)  # the read's, one for all its records
     origin: list | None = None
 
 
@@ -205,12 +203,10 @@ class Builder:
         self.next_video = 0
         self.video_placeholders = 0
         self.origin = ctx.origin
-        self.cache = ctx.cache
         self.next_image = 0
         self.placeholders = 0
         self.base_dir = ctx.base_dir
-        self.allow_outside = ctx.allow_outside
-        self.allow_remote = ctx.allow_remote
+        self.rules = ctx.rules
         self.read_problems: list[tuple[str, str, str]] = []
         self.saw_pathless_part = self.saw_image_url = False
 
@@ -250,8 +246,7 @@ class Builder:
         """The resolved path of an image or video reference (a `file://` URL is a local path), else None and
         the reason recorded."""
         local = urllib.parse.unquote(urllib.parse.urlsplit(ref).path) if ref[:7].lower() == "file://" else ref
-        path, problem = resolve_image(local, self.base_dir, allow_paths_outside_media_dir=self.allow_outside,
-                                      allow_remote_images=self.allow_remote, cache=self.cache, media=media)
+        path, problem = resolve_image(local, self.base_dir, self.rules, media=media)
         if problem is not None:
             self.read_problems.append(problem)
         return path
