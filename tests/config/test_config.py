@@ -24,6 +24,7 @@ DEFAULTS = {
     "model_name_or_path": "Qwen/Qwen2-VL-2B-Instruct",
     "trust_remote_code": False,
     "cache_dir": None,
+    "adapter_name_or_path": None,
     "dataset": "mllm_demo",
     "dataset_dir": "data",
     "media_dir": None,
@@ -117,6 +118,7 @@ DEFAULTS = {
     "worst_case_first": True,
     "run_doctor": True,
     "optim": "adamw_torch",
+    "do_train": True,
     "do_predict": False,
     "predict_with_generate": False,
     "max_new_tokens": 1024,
@@ -213,7 +215,7 @@ def test_defaults_with_only_the_required_keys():
     assert cfg.to_dict() == DEFAULTS
     assert list(cfg.to_dict()) == list(C.KEYS)
     assert cfg.notes == ()
-    assert cfg.derived == {"lora_alpha", "preprocessing_num_workers", "prepared_dir"}
+    assert cfg.derived == {"lora_alpha", "preprocessing_num_workers", "prepared_dir", "do_train"}
 
 
 def test_keys_read_flat_and_by_section():
@@ -245,7 +247,7 @@ def test_config_is_frozen_and_replace_validates_and_rederives():
 
 def test_explicit_values_are_not_rederived():
     cfg = load_config(None, ["lora_alpha=32", "media_dir=images"], base=REQUIRED)
-    assert cfg.derived == {"preprocessing_num_workers", "prepared_dir"}
+    assert cfg.derived == {"preprocessing_num_workers", "prepared_dir", "do_train"}
     new = cfg.replace(lora_rank=64)
     assert (new.lora_alpha, new.media_dir) == (32, "images")
 
@@ -484,8 +486,8 @@ MESSAGES = [
     ("stage=ppo", "stage='ppo' is not one of 'sft', 'dpo', 'kto'; did you mean 'dpo'?"),
     ("pref_beta=0.2", "pref_beta=0.2 applies to the preference stages only, but stage='sft'; set stage: dpo (or kto), "
      "or remove pref_beta"),
-    ("do_train=false", "do_train=False is not supported; `vlmtune train` always trains; remove do_train or set it "
-     "to true"),
+    ("do_train=false", "do_train=false with do_predict=false leaves nothing to do; set do_predict: true (with "
+     "eval_dataset) to only predict, or do_train: true"),
     ("template=llava", "template='llava' is not supported; the chat template comes from the model's processor; "
      "remove template or set it to qwen2_vl or qwen3_vl or qwen3_vl_nothink or qwen3_5 or "
      "qwen3_5_nothink"),
@@ -645,7 +647,6 @@ def test_llama_factory_example_loads(tmp_path):
     }
     assert cfg.to_dict() == expected
     assert cfg.notes == (
-        "ignored do_train=True: `vlmtune train` always trains",
         "ignored template='qwen2_vl': the chat template comes from the model's processor",
         "ignored save_only_model=False: vlmtune saves full checkpoints so that a run can resume",
         "ignored eval_strategy='steps': vlmtune evaluates every eval_steps steps, or at each epoch's end, when "

@@ -124,3 +124,86 @@ def test_batched_greedy_generation_equals_one_row_at_a_time(make_config, make_im
                 together.update(zip([c[0] for c in chunk], generate_batch(model, collate, [c[1] for c in chunk], gen)))
             assert together == alone
     assert all(len(ids) == 6 for ids in alone.values())  # the random model never ends early: six ids each
+
+
+# -- predict without training (do_train: false) ------------------------------------------------------------------
+def _random_adapter(model_dir, out) -> str:
+    """A LoRA adapter with random (non-zero) B matrices, so that it changes what the model generates."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(out)
+    return str(out)
+
+
+def test_predict_only_writes_one_line_per_sample_in_input_order(tiny_ckpt, make_image, tmp_path, capsys):
+    import json
+
+    from vlmtune.commands.cli import main
+
+    model = tiny_ckpt("qwen2_vl")
+    data = _write_eval(tmp_path, make_image)
+    adapter = _random_adapter(model, tmp_path / "adapter")
+    predictions = {}
+    for name, keys in (("with_adapter", f"adapter_name_or_path: {adapter}\nper_device_eval_batch_size: 3\n"),
+                       ("base", "per_device_eval_batch_size: 1\n")):
+        out = tmp_path / name
+        # LLaMA-Factory's predict config: no dataset, no do_train, training keys it does not use
+        (tmp_path / f"{name}.yaml").write_text(
+            f"model_name_or_path: {model}\neval_dataset: {data}\ndataset_dir: null\noutput_dir: {out}\n"
+            "stage: sft\nfinetuning_type: lora\nreport_to: none\ndo_predict: true\npredict_with_generate: true\n"
+            "do_sample: false\nmax_new_tokens: 4\ncutoff_len: 256\n" + keys)
+        assert main(["train", str(tmp_path / f"{name}.yaml")]) == 0
+        printed = capsys.readouterr().out
+        assert "note: do_train=false: only predicting, so these training keys are not used: finetuning_type, " \
+               "report_to" in printed
+        assert "predicted 7 sample(s) (do_train: false, nothing trained)" in printed
+        assert "doctor: warning" not in printed
+        lines = [json.loads(x) for x in (out / "generated_predictions.jsonl").read_text().splitlines()]
+        assert [x["label"] for x in lines] == [f"answer {i}" for i in range(7)]  # one per sample, in input order
+        assert all(x["prompt"].endswith("<|im_start|>assistant\n") for x in lines)
+        results = json.loads((out / "predict_results.json").read_text())
+        assert (results["predict_samples"], results["predict_skipped"]) == (7, 0)
+        assert not (out / "adapter_model.safetensors").exists() and not list(out.glob("checkpoint-*"))
+        assert (out / "eval_fit_report.jsonl").exists() and not (out / "fit_report.jsonl").exists()
+        predictions[name] = [x["predict"] for x in lines]
+    assert predictions["with_adapter"] != predictions["base"]  # the adapter is applied
+
+
+@pytest.mark.parametrize("keys,problem", [
+    ({"do_train": False}, "do_predict=true has nothing to predict on: set eval_dataset (the datasets to generate "
+                          "answers for)"),
+    ({"dataset": "d.jsonl"}, "do_predict=true has nothing to predict on: set eval_dataset (the datasets to generate "
+                             "answers for), or val_size to hold out part of dataset"),
+    ({"do_train": False, "val_size": 0.1, "dataset": "d.jsonl"},
+     "do_predict=true has nothing to predict on: set eval_dataset (the datasets to generate answers for) and "
+     "val_size: 0 (do_train=false holds out nothing)"),
+    ({"dataset": "d.jsonl", "eval_dataset": "e.jsonl", "adapter_name_or_path": "a"},
+     "adapter_name_or_path='a' with training: training on top of an adapter is not supported (a run starts a new "
+     "adapter; resume_from_checkpoint continues one); remove adapter_name_or_path, or set do_train: false to "
+     "predict with it"),
+])
+def test_predict_config_errors_name_the_key(keys, problem):
+    from vlmtune.config import load_config
+    from vlmtune.errors import ConfigError
+
+    base = {"model_name_or_path": "m", "output_dir": "o", "do_predict": True, "predict_with_generate": True, **keys}
+    with pytest.raises(ConfigError) as e:
+        load_config(None, base=base)
+    assert e.value.problems == [problem]
+
+
+def test_do_train_resolves_from_the_config():
+    from vlmtune.config import load_config
+
+    common = {"model_name_or_path": "m", "output_dir": "o", "eval_dataset": "e.jsonl"}
+    predict = {"do_predict": True, "predict_with_generate": True}
+    assert load_config(None, base={**common, **predict}).do_train is False  # LLaMA-Factory's predict config
+    assert load_config(None, base={**common, **predict, "dataset": "d.jsonl"}).do_train is True
+    assert load_config(None, base={**common, "dataset": "d.jsonl", "val_size": 0.5, "eval_dataset": None,
+                                   **predict}).do_train is True  # predicts on the held-out split after training
+    cfg = load_config(None, base={**common, **predict, "do_train": False, "dataset": "d.jsonl", "learning_rate": 1})
+    assert cfg.notes == ("do_train=false: only predicting, so these training keys are not used: learning_rate, "
+                         "dataset",)

@@ -107,7 +107,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for note in cfg.notes:
         print(f"note: {note}")
     result = run(cfg, preflight=train_preflight(cfg))
-    print(f"trained {result.global_step} step(s); model saved to {result.output_dir}")
+    if cfg.do_train:
+        print(f"trained {result.global_step} step(s); model saved to {result.output_dir}")
+    else:
+        m = result.predict_metrics
+        print(f"predicted {m['predict_samples']} sample(s) (do_train: false, nothing trained); predictions in "
+              f"{result.output_dir}")
     return 0
 
 

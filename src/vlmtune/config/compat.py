@@ -86,14 +86,13 @@ CLASSIFIED: dict[str, Compat] = {
                            convert=lambda v: True if v else None),
     "tokenized_path": Compat("alias", "vlmtune keeps its prepared (tokenized and fitted) data there", to="prepared_dir"),
     # -- read by another command ---------------------------------------------------------------------------
-    **_group("command", _EXPORT, "adapter_name_or_path export_dir export_size export_device export_legacy_format"),
+    **_group("command", _EXPORT, "export_dir export_size export_device export_legacy_format"),
 }
 
 # Accepted at LLaMA-Factory's default (or `also`), refused for another value: the behaviour is not in vlmtune.
 _DEFAULT_ONLY: list[tuple[str, str, tuple]] = [
     ("the chat template comes from the model's processor", "template",
      ("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "qwen3_5", "qwen3_5_nothink")),
-    ("`vlmtune train` always trains", "do_train", (True,)),
     ("vlmtune saves full checkpoints so that a run can resume", "save_only_model", ()),
     (_SDPA, "flash_attn", ("auto", "sdpa", "disabled", "eager")),
     (_SDPA, "shift_attn use_unsloth use_unsloth_gc enable_liger_kernel use_liger_kernel liger_kernel_config "

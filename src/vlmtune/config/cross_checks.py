@@ -157,17 +157,42 @@ def _check_preference(v: dict[str, Any]) -> list[str]:
     return problems
 
 
+def trains(v: dict[str, Any]) -> bool:
+    """do_train's effective value: null is true unless do_predict: true comes without a dataset (LLaMA-Factory's
+    predict configs name only eval_dataset)."""
+    if isinstance(v["do_train"], bool):
+        return v["do_train"]
+    return not (v["do_predict"] is True and v["dataset"] is None)
+
+
 def _check_predict(v: dict[str, Any]) -> list[str]:
-    """do_predict generates over eval_dataset (as in LLaMA-Factory), with predict_with_generate."""
-    if not _valid(v["do_predict"], v["predict_with_generate"], v["eval_dataset"]):
+    """do_predict generates over eval_dataset (or the val_size split of a training run), with
+    predict_with_generate; do_train: false only predicts, so it needs do_predict and eval_dataset."""
+    keys = ("do_train", "do_predict", "predict_with_generate", "eval_dataset", "val_size", "stage",
+            "adapter_name_or_path")
+    if not _valid(*(v[k] for k in keys)):
         return []
-    if v["do_predict"] and not v["eval_dataset"]:
-        return ["do_predict=true needs eval_dataset: the datasets to generate answers for; set eval_dataset"]
+    problems, train = [], trains(v)
+    if not train and not v["do_predict"]:
+        problems.append("do_train=false with do_predict=false leaves nothing to do; set do_predict: true (with "
+                        "eval_dataset) to only predict, or do_train: true")
+    if v["do_predict"] and not v["eval_dataset"] and not (train and v["val_size"]):
+        problems.append("do_predict=true has nothing to predict on: set eval_dataset (the datasets to generate "
+                        "answers for)" + (", or val_size to hold out part of dataset" if train else
+                                          " and val_size: 0 (do_train=false holds out nothing)" if v["val_size"]
+                                          else ""))
+    if v["adapter_name_or_path"] and train:
+        problems.append(f"adapter_name_or_path={v['adapter_name_or_path']!r} with training: training on top of an "
+                        "adapter is not supported (a run starts a new adapter; resume_from_checkpoint continues one); "
+                        "remove adapter_name_or_path, or set do_train: false to predict with it")
+    if v["do_predict"] and v["stage"] != "sft":
+        problems.append(f"do_predict=true with stage={v['stage']!r}: predictions are generated for sft rows (a "
+                        "prompt and its answer); set stage: sft (do_train: false) to predict")
     if v["do_predict"] != v["predict_with_generate"]:
-        return [f"do_predict={yaml_text(v['do_predict'])} with predict_with_generate="
-                f"{yaml_text(v['predict_with_generate'])}: vlmtune predicts by generating (eval_dataset already "
-                "reports eval_loss); set both to true, or both to false"]
-    return []
+        problems.append(f"do_predict={yaml_text(v['do_predict'])} with predict_with_generate="
+                        f"{yaml_text(v['predict_with_generate'])}: vlmtune predicts by generating (eval_dataset "
+                        "already reports eval_loss); set both to true, or both to false")
+    return problems
 
 
 def _check_probs(v: dict[str, Any]) -> list[str]:

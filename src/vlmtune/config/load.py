@@ -14,7 +14,7 @@ from .bounded_yaml import parse_overrides, read_mapping
 from .compat import CLASSIFIED, LLAMA_FACTORY_KEYS, accepts, allowed
 from .bundle import Config
 from .bundle import assemble as _assemble
-from .cross_checks import FSDP1_CONFIG_KEYS, check_together, fsdp_settings
+from .cross_checks import FSDP1_CONFIG_KEYS, check_together, fsdp_settings, trains
 from .keys import KEY_TABLE as _KEYS
 from .keys import KEYS, default_of
 from .sections import SECTIONS
@@ -33,6 +33,10 @@ LLAMA_FACTORY_REPLACED: dict[str, str] = {
     "train_mm_proj_only": "set finetuning_type: full with freeze_language_model: true, freeze_vision_tower: true "
     "and freeze_multi_modal_projector: false to train only the projector",
 }
+
+# do_predict's keys (LLaMA-Factory's GeneratingArguments and the switches).
+_GENERATION = ("do_predict", "predict_with_generate", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
+               "num_beams", "repetition_penalty", "length_penalty", "skip_special_tokens")
 
 # A ddp_timeout above this (LLaMA-Factory's examples use 180000000) lets a stuck rank hang the job for days.
 _LONG_DDP_TIMEOUT_S = 24 * 3600
@@ -84,13 +88,39 @@ def _build(raw: dict, origin: dict, problems: list[str]) -> Config:
     for key, value in list(raw.items()):
         if key not in _KEYS:
             _foreign_key(key, value, origin[key], problems, notes, raw)
-    values = {key: _field_value(key, raw.get(key, default_of(key)), problems) for key in KEYS}
+    predicting = _only_predicts(raw)
+    values = {key: None if key == "dataset" and predicting and raw.get(key) is None
+              else _field_value(key, raw.get(key, default_of(key)), problems) for key in KEYS}
     problems.extend(check_together(values))
     if problems:
         raise ConfigError(problems)
     derived = _resolve(values)
     notes.extend(_advice(values))
+    if predicting:
+        notes.extend(_predict_only_notes(raw))
     return _assemble(values, notes, derived)
+
+
+def _only_predicts(raw: dict) -> bool:
+    """Whether the run only predicts (do_train false, given or resolved), so that dataset is not required."""
+    v = {k: _field_value(k, raw.get(k, default_of(k)), []) for k in ("do_train", "do_predict")}
+    return not trains({**v, "dataset": raw.get("dataset")})
+
+
+# Keys that only training reads: given with do_train false, they are listed in a note (not used, said so).
+_TRAINING_ONLY = tuple(
+    f.name for name in ("finetuning", "training", "preference") for f in fields(SECTIONS[name])
+    if not f.name.startswith("quantiz") and f.name not in (
+        "double_quantization", "output_dir", "per_device_eval_batch_size", "bf16", "fp16", "force_cpu_bf16", "seed",
+        "ddp_timeout", "overwrite_output_dir", "run_doctor", "do_train", "stage") and f.name not in _GENERATION
+) + ("dataset", "mix_strategy", "interleave_probs", "packing")
+
+
+def _predict_only_notes(raw: dict) -> list[str]:
+    given = [k for k in _TRAINING_ONLY if k in raw]
+    if not given:
+        return []
+    return ["do_train=false: only predicting, so these training keys are not used: " + ", ".join(given)]
 
 
 def _nothink_template(raw: dict, origin: dict, problems: list[str], notes: list[str]) -> None:
@@ -236,6 +266,7 @@ def _resolve(v: dict[str, Any]) -> frozenset[str]:
         "lora_alpha": lambda: 2 * v["lora_rank"],
         "preprocessing_num_workers": lambda: 1,
         "prepared_dir": lambda: os.path.join(v["output_dir"], "prepared"),
+        "do_train": lambda: trains(v),
     }
     derived = frozenset(k for k in fill if v[k] is None)
     for k in derived:

@@ -48,6 +48,11 @@ class ModelArgs:
         "Where downloaded checkpoints are cached; null: the Hugging Face default (HF_HOME).",
         expect="a folder such as ~/.cache/huggingface, or null",
     )
+    adapter_name_or_path: str | None = _arg(
+        None, "A LoRA adapter folder (what a LoRA run saved) applied to model_name_or_path when only predicting "
+        "(do_train: false); `vlmtune export CONFIG.yaml` merges it. Not for training (unsupported). null: "
+        "model_name_or_path as it is (a base or fully fine-tuned checkpoint).",
+        expect="an adapter folder such as saves/qwen2_vl-2b/lora/sft, or null")
 
 
 @dataclass(frozen=True)
@@ -512,12 +517,15 @@ class TrainArgs:
     run_doctor: bool = _arg(True, "`vlmtune train` runs the doctor's checks before it starts.")
     optim: str = _arg("adamw_torch", "Optimizer (a transformers OptimizerNames value).", choices=OPTIMIZERS,
                       choices_what="a transformers optimizer name")
-    # -- generation over eval_dataset after training (LLaMA-Factory's do_predict), its GeneratingArguments --
+    # -- generation over eval_dataset (LLaMA-Factory's do_train / do_predict), its GeneratingArguments --
+    do_train: bool | None = _arg(
+        None, "Train on dataset. false (with do_predict: true): only predict, on eval_dataset, with model_name_or_path "
+        "and adapter_name_or_path; no dataset needed. null: true, unless do_predict: true comes without a dataset (a "
+        "LLaMA-Factory predict config).", expect="true, false (with do_predict: true) or null")
     do_predict: bool = _arg(
-        False, "After training, generate an answer for every sample of eval_dataset and write "
-        "generated_predictions.jsonl (prompt, predict, label) and predict_results.json (BLEU-4, ROUGE-1/2/L), "
-        "as LLaMA-Factory does. Needs eval_dataset and predict_with_generate: true.",
-    )
+        False, "Generate an answer for every sample of eval_dataset (when training, or of the val_size split) after "
+        "training, or instead of it with do_train: false; write generated_predictions.jsonl (prompt, predict, label; "
+        "input order) and predict_results.json (BLEU-4, ROUGE-1/2/L), as LLaMA-Factory does.")
     predict_with_generate: bool = _arg(False, "With do_predict: generate the answers (LLaMA-Factory's switch).")
     max_new_tokens: int = _arg(1024, "do_predict: most tokens generated per answer.",
                                expect="a positive integer such as 512", check=_positive)

@@ -71,6 +71,7 @@ class TrainResult:
     global_step: int
     worst_case: dict | None = None
     stopped_by_signal: bool = False
+    predict_metrics: dict | None = None  # do_predict's scores and counts (predict_results.json)
 
 
 # Set to 1 to have every rank write rank_{r}_weights.sha256 (one line per parameter) into output_dir
@@ -152,12 +153,13 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     return Run(cfg, loaded, prepared, trainer, trainable, resume)
 
 
-def check_output(cfg) -> str | None:
+def check_output(cfg, data=None) -> str | None:
     """Refuse, all at once and before the processor loads: overlapping output / prepared / data folders, an
     output_dir vlmtune may not write (a user's folder), a checkpoint that cannot resume, and an earlier run's
     checkpoints that are neither resumed nor overwritten; then claim output_dir (created, marked). Returns the
-    checkpoint to resume from."""
-    problems = folder_problems(cfg.for_data())
+    checkpoint to resume from. `data`: the sections read (default: the training data's)."""
+    data = data or cfg.for_data()
+    problems = folder_problems(data)
     resume = None
     try:
         resume = resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
@@ -171,7 +173,7 @@ def check_output(cfg) -> str | None:
     if continues_in(cfg.output_dir, resume) and cfg.overwrite_output_dir:
         say(f"overwrite_output_dir: true with resume_from_checkpoint: resuming {resume}, so output_dir's "
             "checkpoints are kept")
-    claim_output_dir(cfg.for_data())
+    claim_output_dir(data)
     return resume
 
 
@@ -316,7 +318,7 @@ _DISK_FULL_FIX = ("free space there (or lower save_total_limit), then run again 
 
 def train(run: Run) -> TrainResult:
     cfg, trainer = run.cfg, run.trainer
-    worst = None
+    worst = predicted = None
     whole = sharding_of(cfg) == "fsdp" or zero_stage(cfg.deepspeed) == 3
     if cfg.worst_case_first and whole and run.resume is None:
         say("worst-case batch: skipped, since under fsdp or ZeRO-3 the model is only sharded when training starts "
@@ -355,7 +357,7 @@ def train(run: Run) -> TrainResult:
         if cfg.do_predict:  # LLaMA-Factory's predict: answers generated for eval_dataset, with their scores
             from .predict import predict
 
-            predict(trainer.model, trainer.data_collator, run.loaded.processor.tokenizer, trainer.eval_dataset, cfg,
+            predicted = predict(trainer.model, trainer.data_collator, run.loaded.processor.tokenizer, trainer.eval_dataset, cfg,
                     cfg.output_dir, log=say)
         if cfg.plot_loss:
             loss_plot = plot_loss(trainer.state.log_history, cfg.output_dir)
@@ -364,7 +366,7 @@ def train(run: Run) -> TrainResult:
             if rewards_plot:
                 say(f"rewards plot: {rewards_plot}")
     return TrainResult(cfg.output_dir, run.prepared, run.trainable, list(trainer.state.log_history), loss_plot,
-                       trainer.state.global_step, worst, stopped)
+                       trainer.state.global_step, worst, stopped, predicted if cfg.do_predict else None)
 
 
 def no_plot_note(steps: int, logging_steps: int) -> str:
@@ -396,7 +398,55 @@ def cleanup(run: Run) -> None:
         torch.distributed.barrier()
 
 
+# -- predict only (do_train: false) ---------------------------------------------------------------------------
+def predict_only(cfg, *, progress: bool = True, preflight: Callable | None = None) -> TrainResult:
+    """LLaMA-Factory's predict config: eval_dataset prepared as for evaluation, answers generated with
+    model_name_or_path (+ adapter_name_or_path), nothing trained. One process: generation is not sharded."""
+    from transformers import set_seed
+
+    from .predict import predict
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(["do_train=false predicts in one process (generation is not split across ranks); run "
+                           "`vlmtune train CONFIG.yaml` without torchrun / accelerate launch"])
+    data = eval_config(cfg.for_data())
+    check_output(cfg, data)
+    loaded = load_spec(cfg.model, cfg.fit)
+    if preflight is not None:
+        preflight(cfg, log=say, progress=progress, loaded=loaded)
+    cfg = cpu_precision(cfg)
+    set_seed(cfg.seed)
+    prepared = prepare(data, loaded, progress=progress, report_name=EVAL_REPORT_FILE)
+    say("eval_dataset:\n" + format_report_summary(prepared))
+    model = predict_model(cfg)
+    collator = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len, video=getattr(loaded, "video", None))
+    metrics = predict(model, collator, loaded.processor.tokenizer, prepared.dataset(), cfg, cfg.output_dir, log=say)
+    return TrainResult(cfg.output_dir, prepared, {}, [], None, 0, predict_metrics=metrics)
+
+
+def predict_model(cfg):
+    """The model to generate with: model_name_or_path, with adapter_name_or_path applied (PEFT), on this
+    process's device. dtype: bf16 / fp16 as the config says; on a GPU without either, bf16 where it has it, else
+    fp16 (as LLaMA-Factory infers it); float32 on a CPU."""
+    from ..models.load import check_adapter
+
+    gpu = torch.cuda.is_available()
+    half = torch.bfloat16 if cfg.bf16 or (gpu and not cfg.fp16 and torch.cuda.is_bf16_supported()) else torch.float16
+    dtype = half if gpu else torch.float32
+    model = load_model(cfg.model, cfg.finetuning, dtype=dtype)
+    if cfg.adapter_name_or_path:
+        from peft import PeftModel
+
+        check_adapter(cfg.adapter_name_or_path)
+        model = PeftModel.from_pretrained(model, cfg.adapter_name_or_path)
+    if cfg.quantization_bit is None:  # a quantized model is placed on its device as it loads
+        model = model.to("cuda" if gpu else "cpu")
+    return model.eval()
+
+
 def run(cfg, *, progress: bool = True, preflight: Callable | None = None) -> TrainResult:
+    if not cfg.do_train:
+        return predict_only(cfg, progress=progress, preflight=preflight)
     r = setup(cfg, progress=progress, preflight=preflight)
     # No barrier after a failure: this rank exits with its error and the launcher stops the others, instead of
     # every rank waiting ddp_timeout at a barrier that a rank stuck in a collective never reaches.

@@ -8,7 +8,8 @@ stops on any fail.
     checks = run_checks(cfg, device_info=DeviceInfo(kind="cuda", name="Tesla T4", ...))   # another machine
 
 The checks, in order: versions, precision, workers, model, quantization, linear_attention, vision, data, video,
-memory, distributed. Everything that
+memory, distributed (with do_train: false: versions, precision, model, quantization, linear_attention, predict, and
+data and video on eval_dataset). Everything that
 needs the model's module tree uses a copy built on the meta device from its config, so no weight is loaded;
 everything about the data uses the header-only accounting of `inspect` and the real fitting policies.
 All facts about the hardware come from `probe_device()`, so each check can be tested with a made-up device.
@@ -26,8 +27,8 @@ from typing import Callable
 from ...data.drivers.cache import check_folders
 from .context import Context, load_context
 from .environment import check_distributed, check_linear_attention, check_quantization, check_versions, check_workers
-from .model import check_memory, check_model, check_sharding, check_vision, suggest_batch
-from .data import check_data, check_video, read_data
+from .model import check_memory, check_model, check_predict, check_sharding, check_vision, suggest_batch
+from .data import check_data, check_video, data_sections, read_data
 from .precision import check_precision
 from .device import DeviceInfo, probe_device
 from .memory import MemoryEstimate, ModelFacts, estimate_memory, model_facts
@@ -39,10 +40,13 @@ def run_checks(cfg, *, device_info: DeviceInfo | None = None, loaded=None, model
     """Every check of a config. `loaded`: the processor/config/spec (default: loaded from model_name_or_path);
     `model`: the *ForConditionalGeneration, on any device, read only (default: built on the meta device);
     `env`: the environment variables to read (WORLD_SIZE, LOCAL_RANK, ...; default: os.environ)."""
-    check_folders(cfg.for_data())  # overlapping output / prepared / data folders: refused before any work
+    check_folders(data_sections(cfg))  # overlapping output / prepared / data folders: refused before any work
     ctx = Context(cfg, device_info or probe_device(), env=dict(os.environ if env is None else env))
     load_context(ctx, loaded, model)
     read_data(ctx, progress)
+    if not cfg.do_train:  # only predicting: the data read is eval_dataset, and no training check applies
+        return [check_versions(ctx), check_precision(ctx), check_model(ctx), check_quantization(ctx),
+                check_linear_attention(ctx), check_predict(ctx), check_data(ctx), check_video(ctx)]
     return [
         check_versions(ctx),
         check_precision(ctx),

@@ -45,6 +45,17 @@ def video_problems(ctx: Context) -> Counter:
     """The data's video problems by kind: every one the data path reports names the clip first ("video '...' ")."""
     return Counter(p.kind for p in ctx.data.problems if getattr(p, "what", "").startswith("video "))
 
+def data_sections(cfg):
+    """The data a run reads: the training data, or eval_dataset's when it only predicts (do_train: false)."""
+    from ...data.drivers.prepare import eval_config
+
+    return cfg.for_data() if cfg.do_train else eval_config(cfg.for_data())
+
+
+def data_named(cfg) -> str:
+    return f"dataset={cfg.dataset!r}" if cfg.do_train else f"eval_dataset={cfg.eval_dataset!r}"
+
+
 def read_data(ctx: Context, progress: bool) -> None:
     """The data through prepare's driver (or prepare's cache, when it matches): every sample's fate under the
     configured policies, counted. A clean run leaves the cache behind for the `train` that follows."""
@@ -52,10 +63,11 @@ def read_data(ctx: Context, progress: bool) -> None:
         return
     cfg = ctx.cfg
     from ...data.drivers.tally import summarize
-    from ...data.drivers.prepare import prepare_facts
+    from ...data.drivers.prepare import EVAL_REPORT_FILE, REPORT_FILE, prepare_facts
 
     try:
-        acc = prepare_facts(cfg.for_data(), ctx.loaded, progress=progress)
+        acc = prepare_facts(data_sections(cfg), ctx.loaded, progress=progress,
+                            report_name=REPORT_FILE if cfg.do_train else EVAL_REPORT_FILE)
     except (VlmtuneError, OSError, ValueError) as e:
         ctx.data_error = f"{type(e).__name__}: {e}"
         return
@@ -78,14 +90,15 @@ def check_data(ctx: Context) -> Check:
         return Check("data", "ok", "not checked ahead: streaming: true fits each sample as it is read; "
                      "fit_report.jsonl accounts for every sample read (`vlmtune inspect` checks the data first)")
     if ctx.data is None:
-        return Check("data", "fail", f"cannot read dataset={cfg.dataset!r}: {ctx.data_error}",
-                     "fix dataset / dataset_dir / media_dir (try `vlmtune inspect`)")
+        return Check("data", "fail", f"cannot read {data_named(cfg)}: {ctx.data_error}",
+                     f"fix {data_named(cfg).split('=')[0]} / dataset_dir / media_dir (try `vlmtune inspect`)")
     d, s = ctx.data, ctx.data.summary
     n = d.samples
     if n == 0:
         first = f"; first: {d.problems[0]}" if d.problems else ""
-        return Check("data", "fail", f"dataset={cfg.dataset!r} gave no valid sample ({len(d.problems)} "
-                     f"problem(s){first})", "fix dataset / dataset_dir / media_dir (`vlmtune inspect` lists every "
+        return Check("data", "fail", f"{data_named(cfg)} gave no valid sample ({len(d.problems)} "
+                     f"problem(s){first})", f"fix {data_named(cfg).split('=')[0]} / dataset_dir / media_dir "
+                     "(`vlmtune inspect` lists every "
                      "problem)")
     whole = d.fates["kept"]
     not_whole = n - whole

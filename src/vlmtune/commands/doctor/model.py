@@ -37,6 +37,26 @@ def check_model(ctx: Context) -> Check:
                  f"with finetuning_type={cfg.finetuning_type}")
 
 
+def check_predict(ctx: Context) -> Check:
+    """do_train: false: what is predicted with, and that the adapter is there; the training checks (what trains,
+    memory for a training step, sharding, data-loader workers, ranks) do not apply and are not run."""
+    from ...errors import VlmtuneError
+    from ...models.load import check_adapter
+
+    cfg = ctx.cfg
+    adapter = cfg.adapter_name_or_path
+    if adapter:
+        try:
+            check_adapter(adapter)
+        except VlmtuneError as e:
+            return Check("predict", "fail", str(e), "set adapter_name_or_path to the folder a LoRA run saved "
+                         "(adapter_config.json and adapter_model.safetensors), or null for model_name_or_path alone")
+    with_ = f"{cfg.model_name_or_path} with the adapter {adapter}" if adapter else cfg.model_name_or_path
+    return Check("predict", "ok", f"do_train: false: generates for eval_dataset={cfg.eval_dataset!r} with {with_}, "
+                 f"{cfg.per_device_eval_batch_size} sample(s) at a time, at most {cfg.max_new_tokens} new tokens each; "
+                 "the training checks (vision, memory, sharding, workers, distributed) do not apply")
+
+
 def check_vision(ctx: Context) -> Check:
     """Which parts train, and whether that is what the freeze_* keys say.
 

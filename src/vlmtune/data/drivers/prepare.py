@@ -89,11 +89,12 @@ def eval_config(data: DataSections) -> DataSections:
     return dataclasses.replace(data, read=read, prepare=prep)
 
 
-def prepare_facts(data: DataSections, loaded: Loaded, *, progress: bool = True) -> Accounting:
+def prepare_facts(data: DataSections, loaded: Loaded, *, progress: bool = True,
+                  report_name: str = REPORT_FILE) -> Accounting:
     """The doctor's view: a complete, matching cache is read instead of fitting again; else the data goes
     through prepare's driver, every 'error'-policy sample is counted instead of stopping at the first, and
     the cache is written when nothing would stop prepare (so the `train` that follows loads it)."""
-    prep, facts = _prepare(data, loaded, progress, collect=True)
+    prep, facts = _prepare(data, loaded, progress, collect=True, report_name=report_name)
     return facts if facts is not None else _facts_from_cache(prep)
 
 
