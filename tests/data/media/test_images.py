@@ -923,6 +923,8 @@ def test_inspect_json_summary_is_exact(family, tiny_ckpt, tmp_path, capsys):
                 "fix": "check the path, or set media_dir to the folder the image paths are relative to",
                 "sample_id": "gone",
                 "kind": "missing_file",
+                "file": src,
+                "index": 2,
             },
             {
                 "source": f"{src}:5",
@@ -930,6 +932,8 @@ def test_inspect_json_summary_is_exact(family, tiny_ckpt, tmp_path, capsys):
                 "fix": fix_aspect,
                 "sample_id": "thin",
                 "kind": "aspect_ratio",
+                "file": src,
+                "index": 5,
             },
         ],
         "notes": ["recognised LLaMA-Factory sharegpt / HF chat (`messages` or `conversations`, `images`): 6 record(s)"],

@@ -22,6 +22,7 @@ Problem kinds (`Problem.kind`), read-time ones included (see `sources`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -337,6 +338,14 @@ def _order_problem(known: list[tuple[int, str]]) -> tuple[str, str, str] | None:
     return None
 
 
+def _located(found: list[Problem], conv: Conversation) -> list[Problem]:
+    """The sample's problems with its place in the data (file, index), as the readers' own problems carry it."""
+    if conv.origin is None:
+        return found
+    return [p if p.file is not None else dataclasses.replace(p, file=conv.origin.file, index=conv.origin.index)
+            for p in found]
+
+
 def validate(
     conversations: Iterable[Conversation],
     spec: ModelSpec,
@@ -393,7 +402,7 @@ def validate(
                         found.append(bad)
                 _drop_bytes(conv)
             if found:
-                problems.extend(found)
+                problems.extend(_located(found, conv))
             else:
                 valid.append(conv)
                 videos.update((v.path, clips[v.path]) for v in conv.videos if check_images)
