@@ -417,7 +417,8 @@ class TrainArgs:
     )
     per_device_train_batch_size: int = _arg(1, "Training samples per device per step.",
                                             expect="a positive integer such as 1", check=_positive)
-    per_device_eval_batch_size: int = _arg(1, "Validation samples per device per step.",
+    per_device_eval_batch_size: int = _arg(1, "Validation samples per device per step; do_predict generates for this "
+                                           "many samples at a time (left-padded, in input order in the file).",
                                            expect="a positive integer such as 1", check=_positive)
     gradient_accumulation_steps: int = _arg(
         8, "Steps whose gradients add up before each optimiser update.",

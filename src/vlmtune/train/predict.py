@@ -4,7 +4,9 @@ write `generated_predictions.jsonl` ({"prompt", "predict", "label"} per line) an
 
 A row's prompt is its tokens up to its last trained span (the answer), with its images and videos (collated as
 for training, so the accounting is the same); the label is that span's text. A row whose last answer holds an
-image is left out and counted (`predict_skipped`). Rows are generated one at a time (no padding to get wrong).
+image is left out and counted (`predict_skipped`). Rows are generated per_device_eval_batch_size at a time, prompts of
+similar length together and left-padded (the model continues every row from its last position); the answers are
+the same token ids as one row at a time (tests/train/test_predict.py) and are written in input order.
 """
 
 from __future__ import annotations
@@ -36,32 +38,95 @@ def split_row(row: dict, media_ids: tuple[int, ...] = ()) -> tuple[dict, list[in
     return prompt, row["input_ids"][start:end + 1]
 
 
-@torch.inference_mode()
-def predict(model, collator, tokenizer, rows, cfg, output_dir: str, log=print) -> dict:
-    """Generate for every row; write the two files; the metrics."""
-    model.eval()
-    device = next(model.parameters()).device
+def prompts_of(rows, media_ids: tuple[int, ...]) -> tuple[list[tuple[int, dict, list[int]]], int]:
+    """(input position, prompt row, label ids) for every row that can be predicted, and how many cannot."""
+    out, skipped = [], 0
+    for k, row in enumerate(rows):
+        cut = split_row(row, media_ids)
+        if cut is None or not cut[0]["input_ids"]:
+            skipped += 1
+            continue
+        out.append((k, *cut))
+    return out, skipped
+
+
+def batches_of(items: list, size: int) -> list[list]:
+    """Batches of `size` prompts of similar length (longest first, so an out-of-memory shows at once): less
+    compute goes to padding; the caller puts the answers back in input order."""
+    ranked = sorted(items, key=lambda item: -len(item[1]["input_ids"]))
+    return [ranked[i:i + size] for i in range(0, len(ranked), size)]
+
+
+def left_pad(batch: dict, pad_id: int) -> dict:
+    """The collator pads on the right (for training); a decoder-only model generates after the last position of
+    every row, so the prompts are moved to the right end, pads before them."""
+    mask = batch["attention_mask"]
+    lengths = mask.sum(dim=1).tolist()
+    width = mask.shape[1]
+    out = dict(batch)
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        if key not in batch:
+            continue
+        old = batch[key]
+        new = torch.full_like(old, fill)
+        for i, n in enumerate(lengths):
+            new[i, width - n:] = old[i, :n]
+        out[key] = new
+    return out
+
+
+def answer_ids(generated: list[int], eos_ids: set[int]) -> list[int]:
+    """The tokens a row generated, up to and with its first end token: what follows is the batch's padding
+    (a row that ends early waits, padded, for the others)."""
+    for i, t in enumerate(generated):
+        if t in eos_ids:
+            return generated[:i + 1]
+    return generated
+
+
+def generation_kwargs(cfg) -> dict:
     gen = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "num_beams": cfg.num_beams,
            "repetition_penalty": cfg.repetition_penalty, "length_penalty": cfg.length_penalty,
            "use_cache": True}  # training turned the model's cache off
     if cfg.do_sample:
         gen.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-    lines, skipped, start = [], 0, time.perf_counter()
+    return gen
+
+
+def _eos_ids(model) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def generate_batch(model, collator, prompts: list[dict], gen: dict) -> list[list[int]]:
+    """Each prompt's generated ids (up to its end token), from one left-padded batch holding exactly their images
+    and videos."""
+    pad = collator.spec.pad_token_id
+    batch = left_pad(collator(prompts), pad)
+    batch.pop("labels", None)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    out = model.generate(**batch, **gen, pad_token_id=pad)
+    width, eos = batch["input_ids"].shape[1], _eos_ids(model)
+    return [answer_ids(out[i, width:].tolist(), eos) for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def predict(model, collator, tokenizer, rows, cfg, output_dir: str, log=print) -> dict:
+    """Generate for every row, per_device_eval_batch_size rows at a time; write the two files (the predictions in
+    input order); the metrics."""
+    model.eval()
+    gen = generation_kwargs(cfg)
+    start = time.perf_counter()
     spec = collator.spec
-    for row in rows:
-        cut = split_row(row, (spec.image_token_id, spec.video_token_id))
-        if cut is None or not cut[0]["input_ids"]:
-            skipped += 1
-            continue
-        prompt, label = cut
-        batch = collator([prompt])
-        batch.pop("labels", None)
-        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-        out = model.generate(**batch, **gen, pad_token_id=tokenizer.pad_token_id)
-        new = out[0, batch["input_ids"].shape[1]:].tolist()
-        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=cfg.skip_special_tokens)  # noqa: E731
-        lines.append({"prompt": tokenizer.decode(prompt["input_ids"], skip_special_tokens=False),
-                      "predict": decode(new), "label": decode(label)})
+    items, skipped = prompts_of(rows, (spec.image_token_id, spec.video_token_id))
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=cfg.skip_special_tokens)  # noqa: E731
+    found: dict[int, dict] = {}
+    for chunk in batches_of(items, cfg.per_device_eval_batch_size):
+        for (k, prompt, label), new in zip(chunk, generate_batch(model, collator, [c[1] for c in chunk], gen)):
+            found[k] = {"prompt": tokenizer.decode(prompt["input_ids"], skip_special_tokens=False),
+                        "predict": decode(new), "label": decode(label)}
+    lines = [found[k] for k in sorted(found)]
     seconds = time.perf_counter() - start
     metrics = {**scores(lines), "predict_runtime": round(seconds, 4),
                "predict_samples_per_second": round(len(lines) / seconds, 3) if seconds else 0.0,

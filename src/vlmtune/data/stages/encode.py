@@ -28,9 +28,9 @@ from ...models.grid import Grid
 from ...models.spec import ModelSpec
 from ...models.video_grid import VideoGrid, VideoSpec
 from ..media.images import ImageHeader
+from ..media.video import PlannedClip
 from ..schema import Row, SampleStats
 from ..types import Conversation, ImagePart, Origin, VideoPart
-from ..media.video import PlannedClip
 from .template import EMPTY_THINK, THINK_OPEN, template_messages, without_thinking
 
 IGNORE_INDEX = -100
