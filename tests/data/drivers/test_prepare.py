@@ -9,7 +9,7 @@ import pytest
 from vlmtune.commands.cli import main
 from vlmtune.config import load_config
 from vlmtune.data.stages.collate import check_row
-from vlmtune.data.drivers.prepare import prepare
+from vlmtune.data.drivers.prepare import load_prepared, prepare
 from vlmtune.errors import DataError
 from vlmtune.models.load import load_spec
 
@@ -261,3 +261,56 @@ def test_undecodable_pixels_are_skipped_with_a_reason_or_stop_prepare(tiny_ckpt,
     assert [(r["id"], r["fate"]) for r in lines] == [("data:1", "kept"), ("data:2", "invalid"), ("data:3", "invalid")]
     assert "garbage.png' is truncated or corrupt (" in lines[1]["reason"]
     assert "cut.png' is truncated or corrupt (" in lines[2]["reason"]
+
+
+def test_prepare_keeps_tool_exchanges_whole(tiny_ckpt, tmp_path):
+    """LLaMA-Factory tool data through `vlmtune prepare`: split and truncate_text cut only between exchanges (a
+    question, its calls, their results and the answer), and the fit report says which exchanges hold tools."""
+    words = " ".join("red green blue circle square triangle picture image shows the a which is of and what".split() * 3)
+    tools = json.dumps([{"name": "get_weather", "description": "The weather in a city", "parameters": {}}])
+
+    def call(city):
+        return {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": city}})}
+
+    records = [
+        {"conversations": [
+            {"from": "human", "value": "Weather in Paris?"}, call("Paris"), {"from": "observation", "value": words},
+            {"from": "gpt", "value": "It is 21 C in Paris."},
+            {"from": "human", "value": "And Rome, then Oslo?"}, call("Rome"), {"from": "observation", "value": words},
+            call("Oslo"), {"from": "observation", "value": words}, {"from": "gpt", "value": "25 C, then 9 C."},
+            {"from": "human", "value": "Thanks!"}, {"from": "gpt", "value": "You are welcome."}], "tools": tools},
+        {"conversations": [
+            {"from": "human", "value": "Hello " + words}, {"from": "gpt", "value": "Hi."},
+            {"from": "human", "value": "Weather in Oslo?"}, call("Oslo"), {"from": "observation", "value": "9 C"},
+            {"from": "gpt", "value": "9 C."},
+            {"from": "human", "value": "Thanks " + words}, {"from": "gpt", "value": "Welcome."}], "tools": tools},
+    ]
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_ckpt('qwen2_vl')}\ndataset: {data}\noutput_dir: {tmp_path / 'out'}\n"
+                   "cutoff_len: 512\n")
+    tokenizer = load_spec(str(tiny_ckpt("qwen2_vl"))).processor.tokenizer
+    split_reason = "split 3 exchanges into 2 samples at exchange boundaries (never inside tool exchange(s) {}: " \
+                   "a call stays with its results and answer)"
+    expected = {
+        "[split,drop]": [
+            ("split", split_reason.format([1, 2]) + "; exchange(s) [2] could not fit even alone and were left out",
+             [440, 285]),
+            ("split", split_reason.format([2]), [450, 452])],
+        "[truncate_text,drop]": [
+            ("truncated", "dropped 2 oldest text-only exchange(s), 2 with tool calls (each dropped with its results "
+                          "and answer)", 285),
+            ("truncated", "dropped 1 oldest text-only exchange(s)", 452)],
+    }
+    for overflow, lines in expected.items():
+        assert main(["prepare", str(cfg), f"overflow={overflow}"]) == 0
+        report = [json.loads(line) for line in open(tmp_path / "out" / "fit_report.jsonl")]
+        assert [(r["fate"], r["reason"], r["tokens_after"]) for r in report] == lines
+        rows = list(load_prepared(str(tmp_path / "out" / "prepared")))
+        for row in rows:
+            turns = tokenizer.decode(row["input_ids"]).split("<|im_start|>")[1:]
+            assert turns[0].startswith("system\n# Tools")  # every piece has the tool definitions
+            assert not turns[1].startswith("user\n<tool_response>")  # and starts at a question
+            calls = [k for k, t in enumerate(turns) if t.startswith("assistant\n<tool_call>")]
+            assert [k + 1 for k in calls] == [k for k, t in enumerate(turns) if t.startswith("user\n<tool_response>")]

@@ -27,10 +27,14 @@ def env(tiny_ckpt):
     return loaded, Encoder(loaded.processor, loaded.spec)
 
 
-def conv_of(turns, sid="s"):
-    """turns: list of (role, [str | (w, h)]) → Conversation with fake image paths."""
+def conv_of(turns, sid="s", tools=None):
+    """turns: list of (role, [str | (w, h)]) → Conversation with fake image paths. A "function_call" turn's
+    text is its call's argument (LLaMA-Factory's {"name", "arguments"})."""
     msgs, headers, k = [], {}, 0
     for role, parts in turns:
+        if role == "function_call":
+            msgs.append(Message(role, [], tool_calls=[{"name": "lookup", "arguments": {"q": " ".join(parts)}}]))
+            continue
         ps = []
         for p in parts:
             if isinstance(p, tuple):
@@ -41,7 +45,7 @@ def conv_of(turns, sid="s"):
             else:
                 ps.append(TextPart(p))
         msgs.append(Message(role, ps))
-    return Conversation(sid, f"data.jsonl:{sid}", msgs, origin=ORIGIN), headers
+    return Conversation(sid, f"data.jsonl:{sid}", msgs, origin=ORIGIN, tools=tools), headers
 
 
 ORIGIN = Origin("data.jsonl", 7)  # where conv_of's samples are, as the reader records it
@@ -229,26 +233,181 @@ def test_max_image_token_share_leaves_room_for_text(env):
     assert out.reason.endswith("to respect max_image_token_share=0.25 (250 tokens)")
 
 
+# -- tool exchanges: a call, its results and the answer after them are one unit ---------------
+TOOLS = [{"name": "lookup", "description": "looks a word up", "parameters": {"type": "object"}}]
+
+
+def tool_trip():
+    """Three exchanges: one tool round, two tool rounds, none."""
+    return conv_of([
+        ("user", ["weather in Paris?"]), ("function_call", ["Paris"]), ("observation", ["21 C and " + " ".join(WORDS)]),
+        ("assistant", ["It is 21 C."]),
+        ("user", ["and Rome, then Oslo?"]), ("function_call", ["Rome"]), ("observation", ["25 C"]),
+        ("function_call", ["Oslo"]), ("observation", ["9 C " + " ".join(WORDS)]), ("assistant", ["25 C, then 9 C."]),
+        ("user", ["thanks"]), ("assistant", ["You are welcome: " + " ".join(WORDS * 2)]),
+    ], tools=TOOLS)
+
+
+def kinds(blocks):
+    """Each block as (message index, tool kind): what a piece holds of the conversation."""
+    return [(b.message_index, b.tool) for b in blocks]
+
+
+def test_exchanges_keep_tool_calls_with_results_and_answer(env):
+    loaded, enc = env
+    e = enc.encode(*tool_trip())
+    system, ex = exchanges_of(e)
+    assert [b.role for b in system] == ["system"] and system[0].message_index is None  # the tools' system turn
+    assert [kinds(x) for x in ex] == [
+        [(0, None), (1, "call"), (2, "result"), (3, None)],
+        [(4, None), (5, "call"), (6, "result"), (7, "call"), (8, "result"), (9, None)],
+        [(10, None), (11, None)],
+    ]
+    # as rendered, a call is an assistant turn and a result a user turn: the roles alone would cut after each call
+    assert [b.role for b in ex[1]] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_split_cuts_tool_conversations_only_between_exchanges(env, context):
+    loaded, enc = env
+    e = enc.encode(*tool_trip())
+    system, ex = exchanges_of(e)
+    sys_len, lengths = system[0].length, [sum(b.length for b in x) for x in ex]
+    cut = sys_len + lengths[1]  # the longest exchange: each fits alone, no two together
+    assert lengths == [142, 235, 57] and sys_len == 268
+    # the turn before each tool result would have fitted with the exchange before it: only the grouping stops it
+    assert sys_len + lengths[0] + ex[1][0].length + ex[1][1].length <= cut
+    out = Fitter(loaded.spec, FitOptions(cutoff_len=cut, overflow=("split",), split_keep_context=context)).fit(e)
+    assert out.fate == "split"
+    assert [p.id for p in out.pieces] == ["s#1", "s#2", "s#3"]
+    assert out.reason == ("split 3 exchanges into 3 samples at exchange boundaries "
+                          "(never inside tool exchange(s) [1, 2]: a call stays with its results and answer)")
+    assert out.tokens_after == [sys_len + n for n in lengths]  # no earlier exchange fits as context either
+    assert [kinds(p.blocks[1:]) for p in out.pieces] == [kinds(x) for x in ex]
+    for p in out.pieces:
+        assert p.blocks[0].ids == system[0].ids  # every piece carries the tool definitions
+        assert p.blocks[1].tool is None and p.blocks[1].role == "user"  # never starts at a tool result
+        row = emit(p, loaded.spec).to_dict()
+        assert check_row(row, loaded.spec, cut) == []
+    # calls and answers trained, results context
+    assert [[b.trained for b in p.blocks[1:]] for p in out.pieces] == [
+        [False, True, False, True], [False, True, False, True, False, True], [False, True]]
+
+
+def test_split_context_is_whole_tool_exchanges(env):
+    loaded, enc = env
+    e = enc.encode(*tool_trip())
+    system, ex = exchanges_of(e)
+    sys_len, lengths = system[0].length, [sum(b.length for b in x) for x in ex]
+    cut = sys_len + lengths[1] + lengths[2] - 1  # the last exchange can take no whole earlier one
+    out = Fitter(loaded.spec, FitOptions(cutoff_len=cut, overflow=("split",))).fit(e)
+    assert [p.id for p in out.pieces] == ["s#1", "s#2", "s#3"]
+    # piece 3's context would be the tail of exchange 2 if it could be cut: it is none of it
+    assert kinds(out.pieces[2].blocks[1:]) == [(10, None), (11, None)]
+    cut = sys_len + lengths[1] + lengths[2]
+    out = Fitter(loaded.spec, FitOptions(cutoff_len=cut, overflow=("split",))).fit(e)
+    assert [p.id for p in out.pieces] == ["s#1", "s#2-3"]
+    assert out.tokens_after == [sys_len + lengths[0], cut]
+
+
+def test_truncate_drops_a_tool_exchange_whole(env):
+    loaded, enc = env
+    e = enc.encode(*tool_trip())
+    system, ex = exchanges_of(e)
+    sys_len, lengths = system[0].length, [sum(b.length for b in x) for x in ex]
+    # room for all but the first question and its call: the result alone must not stay
+    cut = e.length - ex[0][0].length - ex[0][1].length
+    out = Fitter(loaded.spec, FitOptions(cutoff_len=cut, overflow=("truncate_text",))).fit(e)
+    assert (out.fate, out.tokens_after) == ("truncated", sys_len + lengths[1] + lengths[2])
+    assert out.reason == ("dropped 1 oldest text-only exchange(s), 1 with tool calls "
+                          "(each dropped with its results and answer)")
+    assert kinds(out.pieces[0].blocks[1:]) == kinds(ex[1] + ex[2])
+
+
+def test_truncate_keeps_a_tool_exchange_with_an_image_whole(env):
+    loaded, enc = env
+    conv, headers = conv_of([
+        ("user", ["draw it"]), ("function_call", ["circle"]), ("observation", [(56, 56), "done"]),
+        ("assistant", ["Here it is."]),
+        ("user", [" ".join(WORDS * 2)]), ("assistant", ["ok"]),
+        ("user", ["bye"]), ("assistant", ["bye"]),
+    ])
+    e = enc.encode(conv, headers)
+    system, ex = exchanges_of(e)
+    cut = e.length - sum(b.length for b in ex[1])
+    out = Fitter(loaded.spec, FitOptions(cutoff_len=cut, overflow=("truncate_text",))).fit(e)
+    assert (out.fate, out.tokens_after, out.reason) == ("truncated", cut, "dropped 1 oldest text-only exchange(s)")
+    assert kinds(out.pieces[0].blocks) == [  # the template's default system prompt first
+        (None, None), (0, None), (1, "call"), (2, "result"), (3, None), (6, None), (7, None)]
+
+
+def test_truncate_never_cuts_a_tool_result(env):
+    loaded, enc = env
+    conv, headers = conv_of([
+        ("user", [" ".join(WORDS)]), ("function_call", ["x"]), ("observation", [" ".join(WORDS * 3)]),
+        ("assistant", ["found"]),
+    ])
+    e = enc.encode(conv, headers)
+    out = Fitter(loaded.spec, FitOptions(cutoff_len=e.length - 5, overflow=("truncate_text",))).fit(e)
+    assert (out.fate, out.tokens_after, out.reason) == (
+        "truncated", e.length - 5, "cut 5 token(s) from the end of user text")
+    before, after = e.blocks, out.pieces[0].blocks
+    assert [len(a.ids) - len(b.ids) for a, b in zip(after, before)] == [0, -5, 0, 0, 0]  # the question, not the result
+    assert after[3].ids == before[3].ids
+
+
 # -- invariants over random conversations ----------------------------------------------------
 sizes = st.tuples(st.integers(1, 1500), st.integers(1, 1500)).filter(lambda s: max(s) / min(s) <= 200)
 text = st.lists(st.sampled_from(WORDS), min_size=0, max_size=60).map(" ".join)
 
 
 @st.composite
-def conversations(draw):
+def conversations(draw, tools=st.booleans()):
+    """Exchanges of a question, up to two tool rounds (a call, its results) when `tools`, and an answer; images
+    in questions and tool results; with tools the last exchange may end at a call (the call is the target)."""
+    tools = draw(tools)
     n_ex = draw(st.integers(1, 5))
+    rounds = [draw(st.integers(0, 2)) if tools else 0 for _ in range(n_ex)]
     n_img = draw(st.integers(0, 6))
-    slots = [draw(st.integers(0, n_ex - 1)) for _ in range(n_img)]
-    turns = []
-    for k in range(n_ex):
+    slots = [draw(st.integers(0, n_ex + sum(rounds) - 1)) for _ in range(n_img)]  # which question or result
+    turns, asked = [], 0
+
+    def ask(role):
+        nonlocal asked
         parts = [draw(text)]
-        for _ in range(slots.count(k)):
+        for _ in range(slots.count(asked)):
             parts.insert(draw(st.integers(0, len(parts))), draw(sizes))
-        turns.append(("user", parts))
+        turns.append((role, parts))
+        asked += 1
+
+    for k in range(n_ex):
+        ask("user")
+        for _ in range(rounds[k]):
+            turns.append(("function_call", [draw(text)]))
+            ask("observation")
         turns.append(("assistant", [draw(text)]))
+    if tools and draw(st.booleans()):
+        turns[-1] = ("function_call", turns[-1][1])
     if draw(st.booleans()):
         turns.insert(0, ("system", [draw(text)]))
     return turns
+
+
+def assert_tool_exchanges_whole(piece, whole):
+    """No piece starts at a tool result, and no call is apart from its results nor results from their answer:
+    each tool result sits right after the turn before it in `whole`, and right before the turn after it."""
+    roles = {b.message_index: b.tool for b in whole.blocks}
+    last = max(i for i in roles if i is not None)
+    body = [b for b in piece.blocks if b.role != "system"]
+    assert not body or body[0].tool != "result"
+    at = [b.message_index for b in body]
+    for j, b in enumerate(body):
+        if b.tool == "result":
+            assert j > 0 and at[j - 1] == at[j] - 1 and roles[at[j] - 1] == "call"
+            if at[j] < last:
+                assert j + 1 < len(at) and at[j + 1] == at[j] + 1
+        if b.tool == "call" and roles.get(at[j] + 1) == "result":
+            assert j + 1 < len(at) and at[j + 1] == at[j] + 1
 
 
 policy_lists = st.one_of(
@@ -262,6 +421,20 @@ policy_lists = st.one_of(
 @given(turns=conversations(), cutoff=st.integers(8, 3000), overflow=policy_lists,
        share=st.sampled_from([1.0, 0.5]), context=st.booleans())
 def test_fit_invariants(env, turns, cutoff, overflow, share, context):
+    check_fit(env, turns, cutoff, overflow, share, context)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(turns=conversations(tools=st.just(True)), room=st.floats(0.1, 1.0), overflow=policy_lists,
+       context=st.booleans())
+def test_fit_invariants_with_tool_exchanges(env, turns, room, overflow, context):
+    """Tool conversations with a cutoff_len of a share of their own length, so that most are fitted by a policy."""
+    loaded, enc = env
+    length = enc.encode(*conv_of(turns)).length
+    check_fit(env, turns, max(8, int(room * length)), overflow, 1.0, context)
+
+
+def check_fit(env, turns, cutoff, overflow, share, context):
     loaded, enc = env
     spec = loaded.spec
     conv, headers = conv_of(turns)
@@ -290,6 +463,7 @@ def test_fit_invariants(env, turns, cutoff, overflow, share, context):
     assert pieces == (list(range(1, len(rows) + 1)) if out.fate == "split" else [0] * len(rows))
     assert out.report()["piece"] == (pieces if out.fate == "split" else 0)
     for piece in out.pieces:
+        assert_tool_exchanges_whole(piece, e)
         row = emit(piece, spec).to_dict()
         assert len(row["input_ids"]) <= cutoff
         assert check_row(row, spec, cutoff) == []

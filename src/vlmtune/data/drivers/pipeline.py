@@ -24,14 +24,14 @@ from tqdm.auto import tqdm
 from ...config import FitArgs, ReadArgs
 from ...errors import Problem, SampleError
 from ...models.load import Loaded
+from ..schema import SampleStats, arrow_types, table
+from ..sources.mix import Mix
+from ..sources.readers import iter_samples, layout_notes
 from ..stages.encode import Encoded, Encoder
 from ..stages.fit import FitOutcome, Fitter
-from ..sources.mix import Mix
 from ..stages.pairs import emit_row, encode_samples, fit_sample, stage_problems
-from ..sources.readers import iter_samples, layout_notes
-from ..schema import SampleStats, arrow_types, table
-from ..types import Conversation, Origin
 from ..stages.validate import CONTROL_TOKENS, validate
+from ..types import Conversation, Origin
 
 CHUNK = 256
 

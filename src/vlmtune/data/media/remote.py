@@ -37,9 +37,10 @@ from dataclasses import dataclass
 
 from ...config import ReadArgs
 from ...errors import Problem
-from .images import read_header
-from .paths import HTTP_RE as _HTTP_RE, quoted as _q
 from ..types import Conversation, ImagePart
+from .images import read_header
+from .paths import HTTP_RE as _HTTP_RE
+from .paths import quoted as _q
 
 MAX_BYTES = 50 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0

@@ -12,8 +12,8 @@ from .records import (
     AUTO_FORMAT,
     SHAREGPT_DEFAULTS,
     RecordFormat,
-    type_name,
     file_problem,
+    type_name,
 )
 
 

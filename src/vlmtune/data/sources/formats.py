@@ -24,8 +24,8 @@ from typing import Any, Iterator
 
 from ...errors import Problem
 from ..media.paths import shorten as _short
-from .records import file_problem
 from ..types import EMBEDDED_PREFIX
+from .records import file_problem
 
 BATCH_ROWS = 256
 TABLE_EXTS = (".parquet", ".arrow")

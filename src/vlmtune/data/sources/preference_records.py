@@ -20,14 +20,14 @@ reported as invalid, pair by pair, in the fit report.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ...errors import Problem
-from dataclasses import replace
-
+from ..types import Conversation, Message, Preference
 from .records import RecordFormat, record_to_conversation
 from .records.preference import is_kto, is_ranking
-from ..types import Conversation, Message, Preference
+
 
 class _NotAPair(Exception):
     def __init__(self, what: str, fix: str):

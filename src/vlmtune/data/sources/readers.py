@@ -75,21 +75,21 @@ import numpy as np
 
 from ...config import ReadArgs
 from ...errors import Problem
+from ..media.paths import MediaRules
+from ..types import Conversation, Origin
 from . import formats
 from .dataset_info import DatasetEntry, dataset_entries, entry_for_path
 from .dataset_info import looks_like_hub_id as _looks_like_hub_id
 from .ids import IdPlan
 from .mix import Mix, interleave
-from ..media.paths import MediaRules
+from .preference_records import preference_kind, preference_to_conversation
 from .records import (
     AUTO_FORMAT,
     RecordFormat,
-    type_name,
     file_problem,
     record_to_conversation,
+    type_name,
 )
-from .preference_records import preference_kind, preference_to_conversation
-from ..types import Conversation, Origin
 
 _FIX_FILE = "check the path and its permissions"
 

@@ -16,11 +16,10 @@ import torch
 
 from ...errors import SampleError
 from ...models.spec import ModelSpec
-from .encode import IGNORE_INDEX
-from ..sources.formats import EmbeddedError, image_source
 from ..media.images import open_rgb
 from ..schema import VIDEO_COLUMNS, RowView  # rows without videos may lack the video columns
-
+from ..sources.formats import EmbeddedError, image_source
+from .encode import IGNORE_INDEX
 
 
 def frames_apart(spec) -> bool:

@@ -28,14 +28,16 @@ from ...models.grid import Grid
 from ...models.spec import ModelSpec
 from ...models.video_grid import VideoGrid, VideoSpec
 from ..media.images import ImageHeader
+from ..media.video import PlannedClip
 from ..schema import Row, SampleStats
 from ..types import Conversation, ImagePart, Origin, VideoPart
-from ..media.video import PlannedClip
 from .template import EMPTY_THINK, THINK_OPEN, template_messages, without_thinking
 
 IGNORE_INDEX = -100
 # First of the private-use characters (Unicode plane 15) that stand for control tokens typed as plain text.
 _SENTINEL_BASE = 0xF0100
+# A tool turn's place in its exchange (Block.tool), by the conversation's role for it.
+_TOOL_KIND = {"function_call": "call", "observation": "result"}
 
 
 
@@ -112,7 +114,9 @@ class Block:
     `ids[:header_len]` is the ChatML header (`<|im_start|>role\n`); the last two ids close the turn
     (`<|im_end|>`, `\n`). `ids[label_start:label_end]` are the trained tokens (an empty span for
     untrained blocks). The template's default system prompt is a "system" block with
-    `message_index=None`.
+    `message_index=None`. `tool` marks a tool exchange's turns, whatever role the template renders them
+    with: "call" (a `function_call` message, an assistant turn) or "result" (an `observation`, a user
+    turn); fit keeps a call, its results and the answer after them in one exchange.
     """
 
     role: str
@@ -123,6 +127,7 @@ class Block:
     label_end: int = 0
     message_index: int | None = None
     videos: list[VideoRef] = field(default_factory=list)
+    tool: str | None = None  # "call" | "result" | None
 
     @property
     def trained(self) -> bool:
@@ -434,7 +439,9 @@ class Encoder:
         if ids[: len(header)] != header or ids[-2:-1] != [self.spec.im_end_token_id]:
             raise SampleError(conv.id, conv.source, f"the {role} turn is not a ChatML turn (<|im_start|>{role}\\n…<|im_end|>\\n)",
                               "use a Qwen-VL checkpoint with a ChatML chat template")
-        block = Block(role, ids, images, header_len=len(header), message_index=message_index)
+        kind = conv.messages[message_index].role if message_index is not None else None
+        block = Block(role, ids, images, header_len=len(header), message_index=message_index,
+                      tool=_TOOL_KIND.get(kind))
         trained = role == "assistant" or (self.train_on_prompt and role != "system")
         if message_index is not None and conv.messages[message_index].weight == 0:
             trained = False  # a per-message loss flag (OpenAI `weight`, ms-swift `loss`): context, not a target

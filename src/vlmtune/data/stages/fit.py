@@ -7,11 +7,16 @@ Policies (config `overflow`) are tried in order on a sample longer than cutoff_l
   for all of the sample's images, lowered until the sample fits (largest images shrink first, aspect kept,
   never below image_min_pixels nor min_image_tokens);
 - truncate_text: drop the oldest text-only exchanges, then the tail of the longest user texts;
-  never an image run, never the last assistant target;
+  never an image run, never the last assistant target, never a tool result's text;
 - split: cut the conversation at exchange boundaries into pieces that each fit, each with exactly
   its own images and as much preceding context (masked) as fits; each piece goes through the
   policies listed before `split` on its own;
 - drop: leave the sample out; error: stop and name it.
+
+An exchange (`exchanges_of`) is the turns up to and including an assistant answer. A tool call is an
+assistant turn that does not close its exchange while tool results follow it: the user's question, each call,
+its results and the answer that uses them are one exchange, so split never starts a piece (or its
+context) at a tool result and truncate_text drops a tool exchange whole or not at all.
 
 shrink_images and truncate_text act cumulatively and minimally (each does only what is still
 needed). split starts again from the original sample, so an image is not shrunk for a
@@ -227,18 +232,20 @@ class Fitter:
         system, exchanges = exchanges_of(enc)
         notes = []
         # Oldest text-only exchanges first; the last exchange (the final target) always stays.
-        dropped = 0
+        dropped = tools = 0
         length = enc.length
         for k in range(len(exchanges) - 1):
             if length <= cut:
                 break
             if not any(b.media for b in exchanges[k]):
                 length -= sum(b.length for b in exchanges[k])
+                tools += _has_tools(exchanges[k])
                 exchanges[k] = []
                 dropped += 1
         state = _join(enc, system, [e for e in exchanges if e])
         if dropped:
-            notes.append(f"dropped {dropped} oldest text-only exchange(s)")
+            whole = f", {tools} with tool calls (each dropped with its results and answer)" if tools else ""
+            notes.append(f"dropped {dropped} oldest text-only exchange(s){whole}")
         if state.length > cut:
             state, removed = self._cut_user_tails(state, state.length - cut)
             if removed:
@@ -246,11 +253,13 @@ class Fitter:
         return state, "; ".join(notes) or None
 
     def _cut_user_tails(self, enc: Encoded, over: int) -> tuple[Encoded, int]:
-        """Remove text tokens from the end of user turns, longest text first; runs stay whole."""
+        """Remove text tokens from the end of user turns, longest text first; runs stay whole. A tool result
+        (rendered as a user turn) is never cut: its tail is the template's `</tool_response>`, and a cut result
+        is a different result for the answer that uses it."""
         keep = {self.spec.image_token_id, self.spec.video_token_id, self.spec.vision_start_token_id,
                 self.spec.vision_end_token_id}
         blocks = list(enc.blocks)
-        users = [i for i, b in enumerate(blocks) if b.role == "user"]
+        users = [i for i, b in enumerate(blocks) if b.role == "user" and b.tool is None]
         users.sort(key=lambda i: -sum(1 for t in _body(blocks[i]) if t not in keep))
         removed = 0
         for i in users:
@@ -307,6 +316,9 @@ class Fitter:
             return None
         pieces = [replace(p, piece=n) for n, p in enumerate(pieces, 1)]  # numbered as emitted: 1..n, no gaps
         note = f"split {len(exchanges)} exchanges into {len(pieces)} samples at exchange boundaries"
+        tools = [k + 1 for k, ex in enumerate(exchanges) if _has_tools(ex)]
+        if tools:
+            note += f" (never inside tool exchange(s) {tools}: a call stays with its results and answer)"
         if lost:
             note += f"; exchange(s) {lost} could not fit even alone and were left out"
         return pieces, "; ".join([note] + notes)
@@ -314,15 +326,17 @@ class Fitter:
 
 # -- helpers over blocks ---------------------------------------------------------------------
 def exchanges_of(enc: Encoded) -> tuple[list[Block], list[list[Block]]]:
-    """Leading system blocks, then exchanges: runs of turns each closed by an assistant turn."""
+    """Leading system blocks, then exchanges: runs of turns each closed by an assistant turn that no tool
+    result follows (a tool call and its results stay with the answer that uses them)."""
     blocks = enc.blocks
     i = 0
     while i < len(blocks) and blocks[i].role == "system":
         i += 1
     system, exchanges, cur = blocks[:i], [], []
-    for b in blocks[i:]:
+    rest = blocks[i:]
+    for k, b in enumerate(rest):
         cur.append(b)
-        if b.role == "assistant":
+        if b.role == "assistant" and not (k + 1 < len(rest) and rest[k + 1].tool == "result"):
             exchanges.append(cur)
             cur = []
     if cur:  # trailing turns without an answer belong to the last exchange
@@ -353,6 +367,10 @@ def _with_context(piece: Encoded, n_system: int, earlier: list[list[Block]], cut
     if not context:
         return piece
     return piece.with_blocks(piece.blocks[:n_system] + context + piece.blocks[n_system:])
+
+
+def _has_tools(exchange: list[Block]) -> bool:
+    return any(b.tool is not None for b in exchange)
 
 
 def _body(b: Block) -> list[int]:

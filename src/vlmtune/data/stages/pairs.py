@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, replace
 
 from ...errors import Problem, SampleError
 from ...models.spec import ModelSpec
-from .encode import Encoded, Encoder, emit
-from .fit import FitOutcome, Fitter
 from ..schema import SampleStats
 from ..sources.records import UNTRAINABLE
 from ..types import Conversation
+from .encode import Encoded, Encoder, emit
+from .fit import FitOutcome, Fitter
 
 # kto_tag column of a row: 1 desirable, 0 undesirable, -1 not a KTO row
 NOT_KTO = -1

@@ -37,11 +37,11 @@ from PIL import Image, UnidentifiedImageError
 from ...errors import Problem
 from ...models.grid import MAX_ASPECT_RATIO, ImageSizeError
 from ...models.spec import ModelSpec
+from ...models.video_grid import VideoSampleError, VideoSpec
 from ..media.images import ImageHeader, Source, check_decodes, read_header
 from ..media.images import fileobj as _fileobj
-from ...models.video_grid import VideoSampleError, VideoSpec
-from ..types import ROLES, TOOL_ROLES, Conversation, ImagePart, VideoPart
 from ..media.video import PlannedClip, VideoReadError, plan_clip, read_facts
+from ..types import ROLES, TOOL_ROLES, Conversation, ImagePart, VideoPart
 
 # Pillow refuses to open images above 2 * Image.MAX_IMAGE_PIXELS (89,478,485 by default) with
 # DecompressionBombError; we use the same number so that whatever passes here also opens later.

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ....errors import Problem
-from ...media.paths import URL_RE as _URL_RE, MAX_PATH_CHARS, MediaRules, quoted as _q, resolve_image
+from ...media.paths import MAX_PATH_CHARS, MediaRules, resolve_image
+from ...media.paths import URL_RE as _URL_RE
+from ...media.paths import quoted as _q
 from ...types import EMBEDDED_PREFIX, Conversation, ImagePart, Message, Part, TextPart, VideoPart
 
 IMAGE_PLACEHOLDER = "<image>"
