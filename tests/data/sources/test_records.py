@@ -201,6 +201,10 @@ def test_tool_calls_are_trained_and_tool_results_are_context(own_template, tiny_
     assert trained == call + "It is 21 C.<|im_end|>"  # the call and the answer; never the tool's result
     assert '"name": "get_weather", "description": "the weather"' in text  # the tools are in the prompt
     assert "<tool_response>\n21 C\n</tool_response>" in text
+    # each block knows its tool kind whatever role the template gives it (fit keeps call, result and answer together)
+    blocks = encoder.encode(_conv(rec, tmp_path), {}).blocks
+    assert [(b.role, b.tool) for b in blocks] == [("system", None), ("user", None), ("assistant", "call"),
+                                                  ("user", "result"), ("assistant", None)]
     # mask_history: only the last answer is a target
     masked = Encoder(processor, spec, mask_history=True)
     assert _trained_and_context(masked, _conv(rec, tmp_path), spec, processor.tokenizer)[1] == "It is 21 C.<|im_end|>"
