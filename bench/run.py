@@ -37,6 +37,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("embedded", "bench_embedded"),
     ("moe_memory", "bench_moe_memory"),
     ("torch_free", "bench_torch_free"),
+    ("predict", "bench_predict"),
 ]
 
 
