@@ -126,6 +126,45 @@ def test_batched_greedy_generation_equals_one_row_at_a_time(make_config, make_im
     assert all(len(ids) == 6 for ids in alone.values())  # the random model never ends early: six ids each
 
 
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow)])
+def test_batched_greedy_generation_with_videos_equals_one_row_at_a_time(make_config, make_image, tmp_path, arch):
+    """Clips of different lengths next to images and text (Qwen2.5-VL's second_per_grid_ts, Qwen3-VL's timestamps)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from clips import write_clip
+    from vlmtune.data.drivers.prepare import prepare
+    from vlmtune.data.stages.collate import Collator
+    from vlmtune.models.load import load_spec
+    from vlmtune.train.predict import batches_of, generate_batch, generation_kwargs, prompts_of
+
+    write_clip(tmp_path / "a.mp4", 8, 64, 48)
+    write_clip(tmp_path / "b.mp4", 16, 48, 64, moving=True)
+    make_image(tmp_path / "i.png", 56, 84)
+    records = [({"videos": ["a.mp4"]}, "<video>What moves?"), ({}, "Say hi " * 9),
+               ({"videos": ["b.mp4"], "images": ["i.png"]}, "<image><video>Same colour?"),
+               ({"videos": ["a.mp4", "b.mp4"]}, "<video><video>Which is longer?")]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps({**media, "messages": [
+        {"role": "user", "content": text}, {"role": "assistant", "content": f"answer {i}"}]}) + "\n"
+        for i, (media, text) in enumerate(records)))
+    cfg = make_config(arch, str(tmp_path / "v.jsonl"), tmp_path / "out", do_sample=False, max_new_tokens=5,
+                      cutoff_len=1024, video_fps=4.0, video_maxlen=4)
+    loaded = load_spec(cfg.model, cfg.fit)
+    rows = list(prepare(cfg.for_data(), loaded, progress=False).dataset())
+    model = AutoModelForImageTextToText.from_pretrained(cfg.model_name_or_path).eval()
+    collate = Collator(loaded.processor, loaded.spec, cutoff_len=cfg.cutoff_len, video=loaded.video)
+    items, skipped = prompts_of(rows, (loaded.spec.image_token_id, loaded.spec.video_token_id))
+    assert skipped == 0 and [len(r["videos"]) for r in rows] == [1, 0, 1, 2]
+    gen = generation_kwargs(cfg)
+    with torch.inference_mode():
+        alone = {k: generate_batch(model, collate, [p], gen)[0] for k, p, _ in items}
+        (chunk,) = batches_of(items, 4)
+        together = dict(zip([c[0] for c in chunk], generate_batch(model, collate, [c[1] for c in chunk], gen)))
+    assert together == alone and all(len(ids) == 5 for ids in alone.values())
+
+
 # -- predict without training (do_train: false) ------------------------------------------------------------------
 def _random_adapter(model_dir, out) -> str:
     """A LoRA adapter with random (non-zero) B matrices, so that it changes what the model generates."""
