@@ -169,6 +169,8 @@ def test_example_trains_one_step(path, tiny_ckpt, tmp_path):
         bf16=False,
         fp16=False,
         deepspeed=None,  # not installed in the test environment
+        fsdp=None,  # one process here, which vlmtune refuses to shard; FSDP2 itself runs on 2 ranks in test_sharding
+        fsdp_config=None,
     )
     result = run(cfg, progress=False)
     assert result.global_step == 1

@@ -453,6 +453,10 @@ def test_fsdp_wrap_classes_modalities_and_memory_per_rank(check):
     assert two.message.startswith("FSDP2 full_shard (ZeRO-3-like); shards each Qwen2VLDecoderLayer and each "
                                   "Qwen2VLVisionBlock as one unit (all present in the loaded model); mixed modalities ")
     assert "divided by the 2 ranks (WORLD_SIZE)" in two.message and "set WORLD_SIZE" in one.message
+    assert one.status == "warn" and one.message.endswith(
+        "fsdp: 'full_shard auto_wrap' shards the model across processes, but this run is one process (no "
+        "WORLD_SIZE); launch it on several: `torchrun --nproc_per_node N -m vlmtune train <config>` "
+        "(docs/sharding.md), or set fsdp: null to train on one")
 
     assert re.search(r"memory per rank: weights [0-9.]+ \w+, gradients [0-9.]+ \w+, optimizer [0-9.]+ \w+ ", two.message)
 

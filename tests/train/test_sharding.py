@@ -87,6 +87,26 @@ def test_accelerate_launch_env_gets_the_family_wrap_classes():
         sharding.fill_accelerate_env("qwen2_vl", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
 
 
+def test_fsdp_on_one_process_is_refused_before_any_work(tmp_path, monkeypatch, base_cfg, write_dataset):
+    """Refused with the folders' checks, before prepare and the model load (the Trainer would refuse it after
+    both, and leave ACCELERATE_USE_FSDP set in the environment for the next run in the process)."""
+    import os
+
+    from vlmtune.train.recipe import run
+
+    cfg = load_config(None, base=base_cfg("qwen2_vl", write_dataset(["one"]), tmp_path / "out",
+                                          fsdp="full_shard auto_wrap", finetuning_type="full"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    with pytest.raises(ConfigError) as e:
+        run(cfg, progress=False)
+    assert e.value.problems == [sharding.one_process_fsdp(cfg)]
+    assert e.value.problems[0].startswith("fsdp: 'full_shard auto_wrap' shards the model across processes")
+    assert not (tmp_path / "out").exists() and "ACCELERATE_USE_FSDP" not in os.environ
+    assert sharding.one_process_fsdp(cfg, {"WORLD_SIZE": "2"}) is None
+    assert sharding.one_process_fsdp(_cfg(), {}) is None
+
+
 def test_zero_stage_and_sharding_of(tmp_path):
     z3 = tmp_path / "z3.json"
     z3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))

@@ -47,7 +47,14 @@ from .checkpoints import (
 )
 from .plot import plot_loss, plot_rewards
 from .preference import preference_trainer
-from .sharding import dataset_modalities, fill_accelerate_env, fsdp_arguments, sharding_of, zero_stage
+from .sharding import (
+    dataset_modalities,
+    fill_accelerate_env,
+    fsdp_arguments,
+    one_process_fsdp,
+    sharding_of,
+    zero_stage,
+)
 from .trainer import VlmTrainer
 
 
@@ -154,10 +161,10 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
 
 
 def check_output(cfg, data=None) -> str | None:
-    """Refuse, all at once and before the processor loads: overlapping output / prepared / data folders, an
-    output_dir vlmtune may not write (a user's folder), a checkpoint that cannot resume, and an earlier run's
-    checkpoints that are neither resumed nor overwritten; then claim output_dir (created, marked). Returns the
-    checkpoint to resume from. `data`: the sections read (default: the training data's)."""
+    """Refuse, all at once and before the processor loads: fsdp on one process, overlapping output / prepared /
+    data folders, an output_dir vlmtune may not write (a user's folder), a checkpoint that cannot resume, and an
+    earlier run's checkpoints that are neither resumed nor overwritten; then claim output_dir (created, marked).
+    Returns the checkpoint to resume from. `data`: the sections read (default: the training data's)."""
     data = data or cfg.for_data()
     problems = folder_problems(data)
     resume = None
@@ -167,7 +174,7 @@ def check_output(cfg, data=None) -> str | None:
         problems += e.problems
     if not problems:
         problems.append(earlier_run_problem(cfg.output_dir, resume, cfg.overwrite_output_dir))
-    problems = [p for p in problems if p]
+    problems = [p for p in [one_process_fsdp(cfg), *problems] if p]
     if problems:
         raise ConfigError(problems)
     if continues_in(cfg.output_dir, resume) and cfg.overwrite_output_dir:

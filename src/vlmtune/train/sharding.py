@@ -47,6 +47,17 @@ def sharding_of(cfg) -> str | None:
     return None
 
 
+def one_process_fsdp(cfg, environ=os.environ) -> str | None:
+    """The problem of `fsdp` in a run of one process: FSDP shards the model across processes, and the Trainer
+    refuses it alone only after the data is prepared and the model loaded (and leaves ACCELERATE_USE_FSDP set in
+    the environment for the next run in the process)."""
+    if not cfg.fsdp or int(environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    return (f"fsdp: {cfg.fsdp!r} shards the model across processes, but this run is one process (no WORLD_SIZE); "
+            "launch it on several: `torchrun --nproc_per_node N -m vlmtune train <config>` (docs/sharding.md), or "
+            "set fsdp: null to train on one")
+
+
 def zero_stage(deepspeed: str | dict | None) -> int:
     """The ZeRO stage of a DeepSpeed config (a JSON path or a dict); 0 without one or when it cannot be read
     (the Trainer reports an unreadable file itself)."""

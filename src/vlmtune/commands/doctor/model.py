@@ -279,7 +279,7 @@ def _memory_levers(ctx: Context) -> str:
 def check_sharding(ctx: Context) -> Check:
     """FSDP2 / DeepSpeed: the wrap classes exist in the loaded model, batches without a modality are safe, and
     the memory per rank (weights, gradients, optimizer states divided by the shard count)."""
-    from ...train.sharding import fsdp_reshards, fsdp_wrap_classes, sharding_of
+    from ...train.sharding import fsdp_reshards, fsdp_wrap_classes, one_process_fsdp, sharding_of
 
     cfg = ctx.cfg
     how = sharding_of(cfg) if not ctx.env.get("ACCELERATE_USE_FSDP") else "fsdp"
@@ -301,6 +301,9 @@ def check_sharding(ctx: Context) -> Check:
     if fails:
         return Check("sharding", "fail", message, "set fsdp_config transformer_layer_cls_to_wrap to classes the "
                      "model has (or leave it out for the family's decoder layer and vision block)")
+    alone = one_process_fsdp(cfg, ctx.env)
+    if alone:  # a plan checked without torchrun is fine; `vlmtune train` on one process refuses it
+        return Check("sharding", "warn", f"{message}; {alone}")
     return Check("sharding", "ok", message)
 
 
