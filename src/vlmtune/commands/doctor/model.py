@@ -32,9 +32,10 @@ def check_model(ctx: Context) -> Check:
         return Check("model", "ok", f"{family(ctx)} from {cfg.model_name_or_path}")
     f = ctx.facts
     parts = ", ".join(f"{c} {f.params[c]:,}" for c in f.params)
+    trains = (f"; {f.trainable_params:,} train ({100 * f.trainable_params / f.total_params:.2f}%) with "
+              f"finetuning_type={cfg.finetuning_type}" if cfg.do_train else "")
     return Check("model", "ok", f"{family(ctx)} from {cfg.model_name_or_path}: {f.total_params:,} parameters "
-                 f"({parts}); {f.trainable_params:,} train ({100 * f.trainable_params / f.total_params:.2f}%) "
-                 f"with finetuning_type={cfg.finetuning_type}")
+                 f"({parts}){trains}")
 
 
 def check_predict(ctx: Context) -> Check:
