@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vlmtune.config import load_config
-from vlmtune.config.sections import PREF_LOSSES
+from vlmtune.config.training_sections import PREF_LOSSES
 from vlmtune.data.stages.encode import IGNORE_INDEX
 from vlmtune.train.preference import AVERAGED, PrefOptions, dpo_losses
 

@@ -21,16 +21,8 @@ from .compat import CLASSIFIED, LLAMA_FACTORY_KEYS
 from .bounded_yaml import read_yaml
 from .load import LLAMA_FACTORY_REPLACED, load_config, load_sections
 from .keys import KEYS, PREPARED_KEYS, default_of, prepared_values
-from .sections import (
-    SECTIONS,
-    FinetuningArgs,
-    FitArgs,
-    ModelArgs,
-    PreferenceArgs,
-    PrepareArgs,
-    ReadArgs,
-    TrainArgs,
-)
+from .sections import SECTIONS, FitArgs, ModelArgs, PrepareArgs, ReadArgs
+from .training_sections import FinetuningArgs, PreferenceArgs, TrainArgs
 from .values import DEFAULT_OVERFLOW, LR_SCHEDULERS, OPTIMIZERS, OVERFLOW_POLICIES, POLICIES, TERMINAL_POLICIES
 
 __all__ = [

@@ -8,16 +8,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 from .keys import KEY_TABLE, KEYS, copy_value
-from .sections import (
-    SECTIONS,
-    FinetuningArgs,
-    FitArgs,
-    ModelArgs,
-    PreferenceArgs,
-    PrepareArgs,
-    ReadArgs,
-    TrainArgs,
-)
+from .sections import SECTIONS, FitArgs, ModelArgs, PrepareArgs, ReadArgs
+from .training_sections import FinetuningArgs, PreferenceArgs, TrainArgs
 
 
 # --- the Config object --------------------------------------------------------------------------------------
