@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from _chat import hf_content
 from vlmtune.commands.cli import main
 
 # (width, height) of the prompts' images: odd sizes, landscape and portrait
@@ -42,23 +43,13 @@ def _ranking_dataset(root, make_image, n: int = 9, seed: int = 3) -> list[dict]:
     return records
 
 
-def _hf_content(text: str) -> list[dict]:
-    parts: list[dict] = []
-    for i, piece in enumerate(text.split("<image>")):
-        if i:
-            parts.append({"type": "image"})
-        if piece:
-            parts.append({"type": "text", "text": piece})
-    return parts
-
-
 def _processor_length(processor, root, record: dict, answer: dict) -> int:
     """len(input_ids) of prompt + one answer from the real processor (its chat template, its image processor
     on the decoded images)."""
     from PIL import Image
 
     role = {"human": "user", "gpt": "assistant"}
-    messages = [{"role": role[t["from"]], "content": _hf_content(t["value"])} for t in record["conversations"]]
+    messages = [{"role": role[t["from"]], "content": hf_content(t["value"])} for t in record["conversations"]]
     messages.append({"role": "assistant", "content": [{"type": "text", "text": answer["value"]}]})
     text = processor.apply_chat_template(messages, tokenize=False)
     images = [Image.open(root / p).convert("RGB") for p in record["images"]] or None

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile, features
 
+from _chat import hf_content
 from vlmtune.commands import cli
 from vlmtune.data.media import images as images_mod
 from vlmtune.data.media.images import open_rgb, read_header
@@ -745,17 +746,6 @@ def _words(rnd: random.Random, n: int) -> str:
     return " ".join(rnd.choice(WORDS) for _ in range(n))
 
 
-def _hf_content(text: str) -> list[dict]:
-    """The sharegpt text as HF chat parts: `<image>` placeholders become image parts."""
-    parts: list[dict] = []
-    for i, piece in enumerate(text.split("<image>")):
-        if i:
-            parts.append({"type": "image"})
-        if piece:
-            parts.append({"type": "text", "text": piece})
-    return parts
-
-
 def _random_dataset(root: Path, seed: int, n: int):
     """n sharegpt records with 0-4 images each (PNG/JPEG/WEBP, some EXIF-rotated, some reused)."""
     rnd = random.Random(seed)
@@ -818,7 +808,7 @@ def _processor_lengths(proc, root: Path, records, image_token_id) -> dict[str, t
         msgs = []
         if "system" in rec:
             msgs.append({"role": "system", "content": [{"type": "text", "text": rec["system"]}]})
-        msgs += [{"role": m["role"], "content": _hf_content(m["content"])} for m in rec["messages"]]
+        msgs += [{"role": m["role"], "content": hf_content(m["content"])} for m in rec["messages"]]
         text = proc.apply_chat_template(msgs, tokenize=False)
         images = [load_image(str(root / p)) for p in rec.get("images", [])] or None
         enc = proc(text=[text], images=images, return_tensors="pt")
