@@ -129,7 +129,8 @@ def dropout(v: float) -> str | None:
     return None if 0 <= v < 1 else "is not in [0, 1)"
 
 
-def max_steps(v: int) -> str | None:
+def minus_one_or_positive(v: int) -> str | None:
+    """-1 means "not set" (max_steps: train by epochs; pissa_iter: an exact SVD)."""
     return None if v == -1 or v > 0 else "is neither -1 nor positive"
 
 
