@@ -158,6 +158,10 @@ class Collator:
     def __call__(self, rows: list[dict]) -> dict:
         for row in rows:
             self.guard(row)
+        return self.collate(rows)
+
+    def collate(self, rows: list[dict]) -> dict:
+        """The batch of rows already guarded (`guard`; pair_collate guards both sides of a pair itself)."""
         batch = self._pad(rows)
         if any(RowView(r).segments for r in rows):
             batch = self._packed(rows, batch)
