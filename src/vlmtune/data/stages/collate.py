@@ -17,6 +17,7 @@ import torch
 from ...errors import SampleError
 from ...models.spec import ModelSpec
 from ..media.images import open_rgb
+from ..media.paths import shorten
 from ..schema import VIDEO_COLUMNS, RowView  # rows without videos may lack the video columns
 from ..sources.formats import EmbeddedError, image_source
 from .encode import IGNORE_INDEX
@@ -210,7 +211,7 @@ class Collator:
             )
 
     def _pixels(self, row: RowView, k: int, path: str):
-        shown = path if len(path) <= 300 else path[:297] + "..."
+        shown = shorten(path, 300)
         try:
             im = open_rgb(image_source(path))
         except (OSError, ValueError, EmbeddedError) as e:
@@ -231,7 +232,7 @@ class Collator:
         """Decode exactly the planned frames and hand them to the video processor unsampled (data/media/video.clip_inputs)."""
         from ..media.video import VideoReadError, clip_inputs
 
-        shown = path if len(path) <= 300 else path[:297] + "..."
+        shown = shorten(path, 300)
         sample, source = row.named()
         if self.video_processor is None:
             raise SampleError(sample, source, f"video {k} ({shown}): the processor has no video_processor",
