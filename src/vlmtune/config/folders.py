@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 
 from .. import __version__
 
@@ -49,11 +50,26 @@ def mark(folder: str | os.PathLike, owner: str) -> None:
     folder = os.fspath(folder)
     if is_marked(folder, owner):
         return
-    path = os.path.join(folder, MARKER_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with replacing(os.path.join(folder, MARKER_FILE), "w", encoding="utf-8") as f:
         json.dump({"owner": owner, "version": __version__}, f)
-    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, mode: str = "w", **kw):
+    """Write the file `path` whole or not at all: yields a new file beside it, renamed over `path` when the block
+    ends and removed on an error. The temp file is created exclusively (O_EXCL) under a fresh name, so whatever
+    already lies beside `path` is never opened, truncated or removed."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(fd, mode, **kw) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def is_empty(folder: str | os.PathLike) -> bool:
