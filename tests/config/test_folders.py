@@ -116,3 +116,17 @@ def test_replacing_writes_the_file_whole_and_never_touches_a_file_beside_it(tmp_
         raise RuntimeError("stopped")
     assert path.read_text() == "new\n"  # an error leaves what was there and no temp file
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl", beside.name]
+
+
+def test_check_raises_the_refusal_and_check_and_claim_claims_only_what_it_may(tmp_path):
+    from vlmtune.errors import VlmtuneError
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(VlmtuneError) as err:
+        folders.check_and_claim(user, DEMO, "--out")
+    assert str(err.value) == folders.refusal(user, DEMO, "--out") and str(user) in str(err.value)
+    assert os.listdir(user) == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
+    folders.check_and_claim(tmp_path / "new" / "demo", DEMO, "--out")
+    assert folders.owner_of(tmp_path / "new" / "demo") == DEMO

@@ -17,6 +17,7 @@ import os
 import secrets
 
 from .. import __version__
+from ..errors import VlmtuneError
 
 MARKER_FILE = ".vlmtune-owned"
 
@@ -120,10 +121,24 @@ def refusal(folder: str | os.PathLike, owner: str, key: str) -> str | None:
             f"deletes or overwrites yours: set {key} to a new folder, or empty that one yourself")
 
 
+def check(folder: str | os.PathLike, owner: str, key: str) -> None:
+    """Raise VlmtuneError with what `refusal` says, if anything (a command's one folder; a config's folders are
+    collected with the other problems instead)."""
+    why = refusal(folder, owner, key)
+    if why:
+        raise VlmtuneError(why)
+
+
 def claim(folder: str | os.PathLike, owner: str) -> None:
     """Create `folder` (and its parents) if needed and mark it as `owner`; call it after `refusal` said None."""
     os.makedirs(folder, exist_ok=True)
     mark(folder, owner)
+
+
+def check_and_claim(folder: str | os.PathLike, owner: str, key: str) -> None:
+    """`check`, then `claim`: a command that writes its files into `folder` (named by `key`)."""
+    check(folder, owner, key)
+    claim(folder, owner)
 
 
 def remove_marked(folder: str | os.PathLike, owner: str) -> bool:
