@@ -80,23 +80,34 @@ def _medium_model(path):
     return AutoModelForImageTextToText.from_config(cfg)
 
 
-def _seconds(model, batches, collate) -> float:
+def train_seconds(model, batches, collate, clock=time.perf_counter) -> float:
+    """`clock` seconds of forward + backward + AdamW steps over `batches` (bench_pack_hybrid passes CPU time)."""
     import torch
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    start = time.perf_counter()
+    start = clock()
     for rows in batches:
         model(**collate(rows)).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return clock() - start
+
+
+def train_like_vlmtune(model):
+    """Training mode, no KV cache, and vlmtune's defaults: vision tower and projector frozen."""
+    from vlmtune.models.load import component_of
+
+    model.config.use_cache = False
+    model.train()
+    for name, p in model.named_parameters():
+        p.requires_grad = component_of(name) == "language_model"
+    return model
 
 
 def run(quick: bool) -> dict[str, float | str]:
     import torch
     from vlmtune.data.stages.collate import Collator
     from vlmtune.data.stages.pack import pack_rows
-    from vlmtune.models.load import component_of
 
     torch.manual_seed(0)
     model_path, loaded, rows = _rows(400 if quick else 1200)
@@ -109,20 +120,16 @@ def run(quick: bool) -> dict[str, float | str]:
     fill_padded = real / sum(len(b) * max(len(r["input_ids"]) for r in b) for b in padded)
     fill_packed = real / (len(packed) * CUTOFF)
 
-    model = _medium_model(model_path)
-    model.config.use_cache = False
-    model.train()
-    for name, p in model.named_parameters():  # vlmtune's defaults: vision tower and projector frozen
-        p.requires_grad = component_of(name) == "language_model"
+    model = train_like_vlmtune(_medium_model(model_path))
     collate = Collator(loaded.processor, loaded.spec, cutoff_len=CUTOFF)
     # The same rows both ways, timed in full: padded batches in random order vs best-fit packed rows.
     subset = order[: 48 if quick else 160]
     timed_padded = [subset[i : i + BATCH] for i in range(0, len(subset), BATCH)]
     timed_packed = [[p] for p in pack_rows(subset, CUTOFF)]
-    _seconds(model, timed_padded[:1], collate)  # warm-up
+    train_seconds(model, timed_padded[:1], collate)  # warm-up
     tokens = sum(len(r["input_ids"]) for r in subset)
-    tps_padded = tokens / _seconds(model, timed_padded, collate)
-    tps_packed = tokens / _seconds(model, timed_packed, collate)
+    tps_padded = tokens / train_seconds(model, timed_padded, collate)
+    tps_packed = tokens / train_seconds(model, timed_packed, collate)
     return {
         "packed_vs_padded_tokens_per_s": round(tps_packed / tps_padded, 2),
         "pack_fill_packed": round(fill_packed, 3),

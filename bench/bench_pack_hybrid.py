@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 
-from bench_pack import BATCH, CUTOFF, _rows
+from bench_pack import BATCH, CUTOFF, _rows, train_like_vlmtune, train_seconds
 
 ARCH = "qwen3_5"
 
@@ -38,25 +38,12 @@ def _medium_model(path):
     return AutoModelForImageTextToText.from_config(cfg)
 
 
-def _cpu_seconds(model, batches, collate) -> float:
-    import torch
-
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    start = time.process_time()
-    for rows in batches:
-        model(**collate(rows)).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return time.process_time() - start
-
-
 def run(quick: bool) -> dict[str, float | str]:
     import torch
 
     from vlmtune.data.stages.collate import Collator
     from vlmtune.data.stages.pack import pack_rows
     from vlmtune.models.hybrid import keep_packed_samples_apart
-    from vlmtune.models.load import component_of
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -70,22 +57,18 @@ def run(quick: bool) -> dict[str, float | str]:
 
     def model_for(exact: bool):
         torch.manual_seed(0)
-        model = _medium_model(model_path)
-        model.config.use_cache = False
-        model.train()
-        for name, p in model.named_parameters():
-            p.requires_grad = component_of(name) == "language_model"
+        model = train_like_vlmtune(_medium_model(model_path))
         if exact:
             keep_packed_samples_apart(model)
         return model
 
     tokens = sum(len(r["input_ids"]) for r in subset)
     exact = model_for(True)
-    _cpu_seconds(exact, padded[:1], collate)  # warm-up
-    tps_padded = tokens / _cpu_seconds(exact, padded, collate)
-    tps_packed = tokens / _cpu_seconds(exact, packed, collate)
+    train_seconds(exact, padded[:1], collate, time.process_time)  # warm-up
+    tps_padded = tokens / train_seconds(exact, padded, collate, time.process_time)
+    tps_packed = tokens / train_seconds(exact, packed, collate, time.process_time)
     blind = model_for(False)
-    tps_blind = tokens / _cpu_seconds(blind, packed, collate)
+    tps_blind = tokens / train_seconds(blind, packed, collate, time.process_time)
     return {
         "packed_vs_padded_tokens_per_s": round(tps_packed / tps_padded, 2),
         "packed_exact_vs_boundary_blind": round(tps_packed / tps_blind, 2),

@@ -49,6 +49,17 @@ class Problem:
         return asdict(self)
 
 
+# An error lists at most this many problems (each bounded), then how many more there are.
+MAX_LISTED = 50
+
+
+def _listing(problems: list) -> str:
+    """The problems as the lines of an error: the first MAX_LISTED, each bounded, then "... and N more"."""
+    lines = "\n".join(f"  - {bounded(str(p))}" for p in problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return lines + more
+
+
 class VlmtuneError(Exception):
     """Base class: a user-facing error whose message already says what to do."""
 
@@ -58,10 +69,7 @@ class ConfigError(VlmtuneError):
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        shown = self.problems[:50]
-        lines = "\n".join(f"  - {bounded(p)}" for p in shown)
-        more = f"\n  ... and {len(self.problems) - len(shown)} more" if len(self.problems) > len(shown) else ""
-        super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}{more}")
+        super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{_listing(self.problems)}")
 
     def __reduce__(self):  # survive pickling across worker processes
         return (type(self), (self.problems,))
@@ -72,13 +80,9 @@ class DataError(VlmtuneError):
 
     def __init__(self, problems: list[Problem], header: str | None = None):
         self.problems = list(problems)
-        grouped = _per_file(self.problems)
-        shown = grouped[:50]
-        lines = "\n".join(f"  - {bounded(str(p))}" for p in shown)
-        more = f"\n  ... and {len(grouped) - len(shown)} more" if len(grouped) > len(shown) else ""
         head = header or f"{len(self.problems)} problem(s) in the data"
         self.header = header
-        super().__init__(f"{head}:\n{lines}{more}")
+        super().__init__(f"{head}:\n{_listing(_per_file(self.problems))}")
 
     def __reduce__(self):
         return (type(self), (self.problems, self.header))

@@ -10,6 +10,7 @@ import pytest
 
 from _chat import hf_content
 from vlmtune.commands.cli import main
+from vlmtune.models.families import MODEL_TYPES
 
 # (width, height) of the prompts' images: odd sizes, landscape and portrait
 SIZES = [(300, 200), (120, 400), (57, 91), (448, 448)]
@@ -73,7 +74,7 @@ def model(tiny_ckpt, capsys):
     return _model(tiny_ckpt, capsys)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])  # 28- and 32-pixel patches, two chat templates
+@pytest.mark.parametrize("arch", MODEL_TYPES)  # every family of the table: 28- and 32-pixel patches, their templates
 def test_pair_tokens_equal_prepare_and_the_real_processor(tmp_path, make_image, tiny_ckpt, tiny_processor, capsys,
                                                           arch):
     """The product's promise for pairs: inspect's per-pair numbers are prepare's fit report's (before fitting)

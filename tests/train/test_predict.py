@@ -98,8 +98,9 @@ def _rows_and_model(make_config, make_image, tmp_path, arch="qwen2_vl"):
 
 
 # qwen3_5: linear-attention layers, whose state must not take the left pads in
-@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_5", pytest.param("qwen2_5_vl", marks=pytest.mark.slow),
-                                  pytest.param("qwen3_vl", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_5", *(pytest.param(a, marks=pytest.mark.slow)
+                                                           for a in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
+                                                                     "qwen3_5_moe"))])
 def test_batched_greedy_generation_equals_one_row_at_a_time(make_config, make_image, tmp_path, arch):
     import torch
 

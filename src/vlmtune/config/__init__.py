@@ -4,9 +4,10 @@
     cfg.cutoff_len, cfg.fit.overflow, cfg.read.dataset, cfg.notes
 
 - values.py: the field helper every key is declared with, the value converters and range checks;
-- sections.py: the typed sections (ModelArgs, ReadArgs, FitArgs, PrepareArgs, FinetuningArgs, TrainArgs,
-  PreferenceArgs); a key declared `prepared=True` decides the prepared dataset (PREPARED_KEYS, `prepared_values`);
-- keys.py: the flat key table over the sections, each key's default, PREPARED_KEYS;
+- sections.py: the typed sections of the data side (ModelArgs, ReadArgs, FitArgs, PrepareArgs) and SECTIONS,
+  the table of all; training_sections.py: the training side (FinetuningArgs, TrainArgs, PreferenceArgs); a key
+  declared `prepared=True` decides the prepared dataset;
+- keys.py: the flat key table over the sections, each key's default, PREPARED_KEYS and `prepared_values`;
 - bundle.py: `Config`, which holds one of each section and also reads every key flat, and `DataSections`
   (`cfg.for_data()`), the part the data layer is handed;
 - compat.py: every LLaMA-Factory key vlmtune does not declare, classified (llamafactory_keys.tsv lists them);

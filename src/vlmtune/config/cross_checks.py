@@ -12,18 +12,13 @@ from .values import INVALID, did_you_mean, shown, yaml_text
 def check_together(v: dict[str, Any]) -> list[str]:
     """Rules that involve several keys, each checked only when all its keys are valid on their own."""
     problems = []
-    lo, hi = v["image_min_pixels"], v["image_max_pixels"]
-    if _valid(lo, hi) and lo is not None and hi is not None and lo > hi:
-        problems.append(
-            f"image_min_pixels={lo} is larger than image_max_pixels={hi}; lower image_min_pixels or raise "
-            "image_max_pixels"
-        )
-    vlo, vhi = v["video_min_pixels"], v["video_max_pixels"]
-    if _valid(vlo, vhi) and vlo is not None and vhi is not None and vlo > vhi:
-        problems.append(
-            f"video_min_pixels={vlo} is larger than video_max_pixels={vhi}; lower video_min_pixels or raise "
-            "video_max_pixels"
-        )
+    for media in ("image", "video"):
+        lo, hi = v[f"{media}_min_pixels"], v[f"{media}_max_pixels"]
+        if _valid(lo, hi) and lo is not None and hi is not None and lo > hi:
+            problems.append(
+                f"{media}_min_pixels={lo} is larger than {media}_max_pixels={hi}; lower {media}_min_pixels or "
+                f"raise {media}_max_pixels"
+            )
     if v["streaming"] is True:  # as in LLaMA-Factory: an iterable dataset has no length to count epochs by
         if _valid(v["max_steps"]) and not (isinstance(v["max_steps"], int) and v["max_steps"] > 0):
             problems.append(f"streaming: true needs max_steps (got {v['max_steps']}); set max_steps such as 1000")

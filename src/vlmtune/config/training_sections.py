@@ -15,7 +15,7 @@ from .values import (
     as_fsdp as _as_fsdp,
     as_mapping_or_json as _as_mapping_or_json,
     dropout as _dropout,
-    max_steps as _max_steps,
+    minus_one_or_positive as _minus_one_or_positive,
     non_negative as _non_negative,
     positive as _positive,
     ratio as _ratio,
@@ -111,7 +111,7 @@ class FinetuningArgs:
         16,
         "PiSSA: iterations of the fast randomized SVD; -1: an exact SVD (slow on large layers).",
         expect="-1 or a positive integer such as 16",
-        check=lambda v: None if v == -1 or v > 0 else "is neither -1 nor positive",
+        check=_minus_one_or_positive,
     )
     loraplus_lr_ratio: float | None = _arg(
         None,
@@ -147,7 +147,7 @@ class TrainArgs:
                                    expect="a positive number such as 3.0", check=_positive)
     max_steps: int = _arg(
         -1, "Stop after this many optimiser updates; -1: train for num_train_epochs.",
-        expect="-1 or a positive integer such as 1000", check=_max_steps,
+        expect="-1 or a positive integer such as 1000", check=_minus_one_or_positive,
     )
     lr_scheduler_type: str = _arg(
         "cosine", "Learning-rate schedule after warmup (a transformers SchedulerType).", choices=LR_SCHEDULERS

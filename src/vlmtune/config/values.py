@@ -1,6 +1,6 @@
 """What a config value may be: the field helper that declares a key, its converters and range checks.
 
-Every key of the YAML is declared with `arg` in sections.py; load.py converts and checks a raw value with
+Every key of the YAML is declared with `arg` in sections.py or training_sections.py; load.py converts and checks a raw value with
 the helpers here. Nothing here knows a key by name.
 """
 
@@ -100,7 +100,7 @@ def arg(
 
     `expect` completes "set KEY to ..." in error messages; `check` returns what is wrong with a well-typed value.
     `prepared`: the key changes what `prepare` emits, so it is part of the prepared dataset's fingerprint
-    (sections.prepared_values); a key that does not (learning_rate, the skip thresholds) leaves the cache valid.
+    (keys.prepared_values); a key that does not (learning_rate, the skip thresholds) leaves the cache valid.
     """
     meta = {"help": help, "expect": expect, "check": check, "choices": choices, "choices_what": choices_what,
             "convert": convert, "required": required, "prepared": prepared}
@@ -129,7 +129,8 @@ def dropout(v: float) -> str | None:
     return None if 0 <= v < 1 else "is not in [0, 1)"
 
 
-def max_steps(v: int) -> str | None:
+def minus_one_or_positive(v: int) -> str | None:
+    """-1 means "not set" (max_steps: train by epochs; pissa_iter: an exact SVD)."""
     return None if v == -1 or v > 0 else "is neither -1 nor positive"
 
 

@@ -199,7 +199,7 @@ def _build_config(arch: str, fam: dict, tokenizer):
             tokens_per_second=2,
         )
     elif FAMILIES[arch].linear_attention:
-        return _qwen3_5_config(arch, fam, text, vision_common, token_ids)
+        vision = _qwen3_5_sizes(arch, text, vision_common)
     else:
         # Qwen3-VL interleaves t/h/w over the frequencies; [4, 2, 2] is the real [24, 20, 20] scaled down.
         text["head_dim"] = head_dim
@@ -209,18 +209,11 @@ def _build_config(arch: str, fam: dict, tokenizer):
             "mrope_section": [4, 2, 2],
             "mrope_interleaved": True,
         }
-        vision = dict(
-            vision_common,
-            hidden_size=VISION_DIM,
-            intermediate_size=2 * VISION_DIM,
-            out_hidden_size=TEXT_HIDDEN,
-            hidden_act="gelu_pytorch_tanh",
-            num_position_embeddings=64,  # an 8x8 learned grid, resampled to each image's grid
-            deepstack_visual_indexes=[0],
-        )
+        vision = dict(_qwen3_vision(vision_common), deepstack_visual_indexes=[0])
         if FAMILIES[arch].moe:
             text.update(_moe_sizes(), decoder_sparse_step=1, mlp_only_layers=[])
-    assert sum(text["rope_parameters"]["mrope_section"]) * 2 == head_dim
+    rope = text["rope_parameters"]
+    assert sum(rope["mrope_section"]) * 2 == int(text.get("head_dim", head_dim) * rope.get("partial_rotary_factor", 1))
     cfg_cls = getattr(transformers, FAMILIES[arch].config_class)
     return cfg_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids)
 
@@ -231,16 +224,25 @@ def _moe_sizes() -> dict:
                 moe_intermediate_size=MOE_INTERMEDIATE)
 
 
-def _qwen3_5_config(arch: str, fam: dict, text: dict, vision_common: dict, token_ids: dict):
-    """Qwen3.5 (and Qwen3.5-MoE): hybrid layers, gated attention with partial rotary, Qwen3-VL's vision without
-    deepstack."""
-    import transformers
+def _qwen3_vision(vision_common: dict) -> dict:
+    """Qwen3-VL's vision tower (Qwen3.5 has the same, without deepstack)."""
+    return dict(
+        vision_common,
+        hidden_size=VISION_DIM,
+        intermediate_size=2 * VISION_DIM,
+        out_hidden_size=TEXT_HIDDEN,
+        hidden_act="gelu_pytorch_tanh",
+        num_position_embeddings=64,  # an 8x8 learned grid, resampled to each image's grid
+    )
 
+
+def _qwen3_5_sizes(arch: str, text: dict, vision_common: dict) -> dict:
+    """Qwen3.5 (and Qwen3.5-MoE): hybrid layers, gated attention with partial rotary (set into `text`); returns
+    its vision config, Qwen3-VL's without deepstack."""
     # Full-attention layers rotate a quarter of each 32-dim head (8 dims, 4 frequencies), interleaved t/h/w as
     # [2, 1, 1] (the real [11, 11, 10] over 32 frequencies, scaled down).
-    head_dim = 32
     text.update(
-        head_dim=head_dim,
+        head_dim=32,
         layer_types=list(HYBRID_LAYER_TYPES),
         num_hidden_layers=len(HYBRID_LAYER_TYPES),
         linear_conv_kernel_dim=4,
@@ -256,16 +258,6 @@ def _qwen3_5_config(arch: str, fam: dict, text: dict, vision_common: dict, token
             "mrope_interleaved": True,
         },
     )
-    assert sum(text["rope_parameters"]["mrope_section"]) * 2 == int(head_dim * 0.25)
     if FAMILIES[arch].moe:
         text.update(_moe_sizes(), shared_expert_intermediate_size=MOE_INTERMEDIATE)
-    vision = dict(
-        vision_common,
-        hidden_size=VISION_DIM,
-        intermediate_size=2 * VISION_DIM,
-        out_hidden_size=TEXT_HIDDEN,
-        hidden_act="gelu_pytorch_tanh",
-        num_position_embeddings=64,
-    )
-    cfg_cls = getattr(transformers, FAMILIES[arch].config_class)
-    return cfg_cls(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids)
+    return _qwen3_vision(vision_common)

@@ -169,9 +169,9 @@ def bleu4(hyp: list[str], ref: list[str]) -> float:
         return 0.0
     logs, k = [], 1
     for n in range(1, 5):
-        h = _ngrams(hyp, n)
+        h, r = _ngrams(hyp, n), _ngrams(ref, n)
         total = max(1, sum(h.values()))
-        match = sum(min(c, _ngrams(ref, n)[g]) for g, c in h.items())
+        match = sum(min(c, r[g]) for g, c in h.items())
         if match == 0:
             k *= 2
             logs.append(math.log(1 / (k * total)))

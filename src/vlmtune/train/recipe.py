@@ -109,8 +109,7 @@ def setup(cfg, *, progress: bool = True, preflight: Callable | None = None) -> R
     args = training_arguments(cfg, progress, model_type=loaded.spec.model_type)
     if cfg.streaming:  # no prepared copy: rows are fitted on the fly, the report written as samples are read
         train_ds, eval_ds = streamed_dataset(cfg.for_data(), loaded), None
-        prepared = Prepared("(streaming: no prepared copy)", os.path.join(cfg.output_dir, "fit_report.jsonl"),
-                            0, {}, 0, False)
+        prepared = Prepared("(streaming: no prepared copy)", train_ds.stream.report_path, 0, {}, 0, False)
         say(f"streaming: samples are fitted as they are read; fit report: {prepared.report_path}")
     else:
         prepared = prepare_once(cfg, loaded, args, progress)

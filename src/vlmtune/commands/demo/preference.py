@@ -22,8 +22,7 @@ from .data import COLOUR_PARAPHRASES, COLOUR_QUESTION, COLOURS, IMAGE_TOKENS, SH
     SHAPES, DemoSize
 from .data import pictures as _pictures
 from .data import write_json as _write_json
-from .run import Task, run_lines, run_task, training_keys
-from .run import pct as _pct
+from .run import Task, before_after_lines, run_lines, run_task, training_keys
 
 PREF_DATASET_NAME = "demo_shape_pairs"
 PREF_CUTOFF_LEN = 64  # one picture (16 image tokens) and a question fit; the two-picture pairs do not
@@ -179,17 +178,14 @@ def run_pref_demo(out: str | os.PathLike = "vlmtune-demo-dpo", *, steps: int | N
 
 
 def format_pref_summary(s: dict) -> str:
-    def by_kind(d: dict) -> str:
-        return ", ".join(f"{k} {_pct(v)}" for k, v in d.items())
-
     lines = [
         "",
         f"vlmtune demo --dpo: a tiny random {s['arch']} trained with DPO ({s['config']['pref_loss']}, beta "
         f"{s['config']['pref_beta']}, {s['config']['finetuning_type']}) on right-vs-wrong answers about rendered "
         f"shapes, {s['steps']} steps",
         f"held-out preference accuracy on {s['eval_pairs']} pairs (log p(chosen) > log p(rejected); chance 50%):",
-        f"  before  {_pct(s['preference_accuracy_before']):>6}   ({by_kind(s['by_kind_before'])})",
-        f"  after   {_pct(s['preference_accuracy_after']):>6}   ({by_kind(s['by_kind_after'])})",
+        *before_after_lines(s["preference_accuracy_before"], s["by_kind_before"], s["preference_accuracy_after"],
+                            s["by_kind_after"]),
     ]
     if s["quick"]:
         lines.append("  (--quick: a smoke run; the full run is `vlmtune demo --dpo`)")

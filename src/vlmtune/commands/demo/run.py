@@ -242,19 +242,25 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def format_summary(s: dict) -> str:
-    """The demo's result for a person: accuracy before/after, the fit report, where things are."""
-    def by_kind(d: dict) -> str:
+def before_after_lines(before: float, by_before: dict, after: float, by_after: dict) -> list[str]:
+    """Every demo's two result lines: the held-out score before and after training, and per kind of question."""
+    def per_kind(d: dict) -> str:
         return ", ".join(f"{k} {pct(v)}" for k, v in d.items())
 
+    return [f"  before  {pct(before):>6}   ({per_kind(by_before)})",
+            f"  after   {pct(after):>6}   ({per_kind(by_after)})"]
+
+
+def format_summary(s: dict) -> str:
+    """The demo's result for a person: accuracy before/after, the fit report, where things are."""
     lines = [
         "",
         f"vlmtune demo: a tiny random {s['arch']} fine-tuned ({s['config']['finetuning_type']}) on rendered shapes, "
         f"{s['steps']} steps",
         f"held-out accuracy on {s['eval_questions']} single-image questions (colour and shape; chance "
         f"{pct(s['chance'])}):",
-        f"  before  {pct(s['accuracy_before']):>6}   ({by_kind(s['accuracy_by_kind_before'])})",
-        f"  after   {pct(s['accuracy_after']):>6}   ({by_kind(s['accuracy_by_kind_after'])})",
+        *before_after_lines(s["accuracy_before"], s["accuracy_by_kind_before"], s["accuracy_after"],
+                            s["accuracy_by_kind_after"]),
     ]
     if s["quick"]:
         lines.append("  (--quick: colour is learnt in a few hundred steps; shape needs the full run, `vlmtune demo`)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .run import Task, run_lines, run_task, training_keys
+from .run import Task, before_after_lines, run_lines, run_task, training_keys
 from .run import pct as _pct
 from .video_data import FPS, FRAMES, SIDE_PATCHES, VIDEO_DATASET_NAME, VIDEO_FULL, VIDEO_QUICK, VideoDemoSize, \
     write_video_dataset
@@ -100,9 +100,6 @@ def run_video_demo(out: str | os.PathLike = "vlmtune-demo-video", *, steps: int 
 
 def format_video_summary(s: dict) -> str:
     """The video demo's result for a person: accuracy before/after, the clips, the fit report, where things are."""
-    def by_direction(d: dict) -> str:
-        return ", ".join(f"{k} {_pct(v)}" for k, v in d.items())
-
     c = s["clip"]
     lines = [
         "",
@@ -112,8 +109,8 @@ def format_video_summary(s: dict) -> str:
         f"{c['sampled_frames']} -> grid {c['grid_thw']}, {c['video_tokens']} video tokens",
         f"held-out accuracy on {s['eval_questions']} clips (which way does the shape move; "
         f"chance {_pct(s['chance'])}):",
-        f"  before  {_pct(s['accuracy_before']):>6}   ({by_direction(s['accuracy_by_direction_before'])})",
-        f"  after   {_pct(s['accuracy_after']):>6}   ({by_direction(s['accuracy_by_direction_after'])})",
+        *before_after_lines(s["accuracy_before"], s["accuracy_by_direction_before"], s["accuracy_after"],
+                            s["accuracy_by_direction_after"]),
     ]
     if s["quick"]:
         lines.append("  (--quick: too few steps to learn motion; the full run is `vlmtune demo --video`)")

@@ -12,7 +12,6 @@ from ...models.load import Loaded
 from . import cache
 from .pipeline import run_pipeline, unread_line
 from .prepare import CHUNK, REPORT_FILE, prepare_stages
-from .tally import FATES, count_lines
 
 
 class StreamedRows:
@@ -26,7 +25,6 @@ class StreamedRows:
         self.data, self.loaded = data, loaded
         self.report_path = os.path.join(data.output_dir, REPORT_FILE)
         self.passes = 0
-        self.table = {f: [0, 0, 0, 0] for f in FATES}
 
     def __iter__(self):
         data = self.data
@@ -38,23 +36,25 @@ class StreamedRows:
         cache.claim_output_dir(data)  # checked by check_folders before the run started
         report = open(self.report_path, "w", encoding="utf-8") if first else None
         written = 0
+
+        def write(lines: list[dict]) -> None:  # the unreadable records met so far, then these lines
+            nonlocal written
+            lines = [unread_line(p) for p in stream.unread[written:]] + lines
+            written = len(stream.unread)
+            report.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
+            report.flush()
+
         try:
             with contextlib.closing(stream.chunks) as chunks:  # closed on an error: the workers stop at once
                 for res in chunks:
                     if res.errors:
                         raise res.errors[0]
                     if report is not None:
-                        unread = [unread_line(p) for p in stream.unread[written:]]
-                        written = len(stream.unread)
-                        count_lines(self.table, unread + res.lines)
-                        report.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in unread + res.lines)
-                        report.flush()
+                        write(res.lines)
                     if res.table is not None:
                         yield from res.table.to_pylist()
             if report is not None:
-                unread = [unread_line(p) for p in stream.unread[written:]]
-                count_lines(self.table, unread)
-                report.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in unread)
+                write([])
         finally:
             if report is not None:
                 report.close()
