@@ -70,7 +70,7 @@ def yaml_text(v: Any) -> str:
     if v is True or v is False or v is None:
         return "true" if v else "false" if v is False else "null"
     text = str(v) if isinstance(v, (str, int, float)) else ""
-    return text if text and len(text) <= 120 else shown(v)
+    return text if text and len(text) <= _SHOWN.maxstring else shown(v)
 
 
 # Stands for the value of a key that already has a problem, so that checks across keys skip it.
