@@ -18,6 +18,12 @@ def test_every_llama_factory_key_is_classified():
     assert {c.kind for c in CLASSIFIED.values()} == {"noop", "default", "alias", "command"}
 
 
+def test_no_declared_key_is_also_classified():
+    # load.py reads a declared key before it looks in CLASSIFIED, so a classification of one would never be used
+    # (keys became declared this way: fsdp, stage, do_train, pref_beta, ...; their entries had to go)
+    assert sorted(set(CLASSIFIED) & set(KEYS)) == []
+
+
 @pytest.mark.parametrize("key", sorted(k for k, c in CLASSIFIED.items() if c.kind == "default" and k in LLAMA_FACTORY_KEYS))
 def test_a_key_whose_behaviour_is_missing_is_accepted_at_its_default(key):
     value = allowed(key)[0]

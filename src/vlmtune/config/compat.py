@@ -171,10 +171,6 @@ for _why, _keys, _also in _DEFAULT_ONLY:
     CLASSIFIED.update(_group("default", _why, _keys, also=_also))
 
 
-def default_of_llama_factory(key: str) -> Any:
-    return LLAMA_FACTORY_KEYS.get(key)
-
-
 def allowed(key: str) -> tuple:
     """The values a `default` key accepts: its `also` list, else LLaMA-Factory's default."""
     c = CLASSIFIED[key]

@@ -1,7 +1,7 @@
 """What a config value may be: the field helper that declares a key, its converters and range checks.
 
-Every key of the YAML is declared with `arg` in sections.py or training_sections.py; load.py converts and checks a raw value with
-the helpers here. Nothing here knows a key by name.
+Every key of the YAML is declared with `arg` in sections.py or training_sections.py; load.py converts and checks
+a raw value with the helpers here. Nothing here knows a key by name.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def yaml_text(v: Any) -> str:
     if v is True or v is False or v is None:
         return "true" if v else "false" if v is False else "null"
     text = str(v) if isinstance(v, (str, int, float)) else ""
-    return text if text and len(text) <= 120 else shown(v)
+    return text if text and len(text) <= _SHOWN.maxstring else shown(v)
 
 
 # Stands for the value of a key that already has a problem, so that checks across keys skip it.

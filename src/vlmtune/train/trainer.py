@@ -214,10 +214,11 @@ class VlmTrainer(Trainer):
         order = sorted(range(len(ds)), key=lambda i: (lengths[i], patches[i]), reverse=True)
         rows = [ds[i] for i in order[: self.args.per_device_train_batch_size]]
         batch = self._prepare_inputs(self.data_collator(rows))
+        size = {"tokens": sum(len(r["input_ids"]) for r in rows), "images": sum(len(r["images"]) for r in rows),
+                "videos": sum(len(r.get("videos") or []) for r in rows)}
         if log is not None:
-            log(f"worst-case batch: one forward/backward on the longest batch ({sum(len(r['input_ids']) for r in rows)} "
-                f"tokens, {sum(len(r['images']) for r in rows)} images, {sum(len(r.get('videos') or []) for r in rows)} "
-                f"videos: {', '.join(r['id'] for r in rows)}) before "
+            log(f"worst-case batch: one forward/backward on the longest batch ({size['tokens']} tokens, "
+                f"{size['images']} images, {size['videos']} videos: {', '.join(r['id'] for r in rows)}) before "
                 "training starts, so that running out of memory shows now ...")
         model = self.model
         model.train()
@@ -230,9 +231,7 @@ class VlmTrainer(Trainer):
         seconds = time.perf_counter() - start
         model.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        return {"tokens": sum(len(r["input_ids"]) for r in rows), "images": sum(len(r["images"]) for r in rows),
-                "videos": sum(len(r.get("videos") or []) for r in rows),
-                "seconds": seconds, "peak_gpu_bytes": peak, "ids": [r["id"] for r in rows]}
+        return {**size, "seconds": seconds, "peak_gpu_bytes": peak, "ids": [r["id"] for r in rows]}
 
 
 def _find_language_model(model):

@@ -40,6 +40,7 @@ from ...models.spec import ModelSpec
 from ...models.video_grid import VideoSampleError, VideoSpec
 from ..media.images import ImageHeader, Source, check_decodes, read_header
 from ..media.images import fileobj as _fileobj
+from ..media.paths import quoted as _q
 from ..media.video import PlannedClip, VideoReadError, plan_clip, read_facts
 from ..types import ROLES, TOOL_ROLES, Conversation, ImagePart, VideoPart
 
@@ -56,10 +57,6 @@ class ValidationResult:
     problems: list[Problem]
     headers: dict[str, ImageHeader]
     videos: dict[str, PlannedClip] = field(default_factory=dict)  # the valid videos, read and planned, by path
-
-
-def _q(value: str, limit: int = 80) -> str:
-    return repr(value if len(value) <= limit else value[: limit - 3] + "...")
 
 
 # ----------------------------------------------------------------------------------------------
