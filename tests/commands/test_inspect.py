@@ -66,6 +66,7 @@ def test_inspect_refuses_to_overwrite_files_it_did_not_write_before_any_work(tmp
     data = _one_sample(tmp_path, make_image)
     (tmp_path / "notes.jsonl").write_text('{"mine": 1}\n')
     make_image(tmp_path / "photo.png", 20, 20)
+    photo = (tmp_path / "photo.png").read_bytes()
     (tmp_path / "folder").mkdir()
     monkeypatch.setattr("vlmtune.models.load.load_spec", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
     fix = "; vlmtune never overwrites your files: set {flag} to a new file name, or delete that one yourself"
@@ -77,7 +78,7 @@ def test_inspect_refuses_to_overwrite_files_it_did_not_write_before_any_work(tmp
         err = capsys.readouterr().err
         assert f"  - --per-sample {tmp_path / per} is {what}{fix.format(flag='--per-sample')}\n" in err
         assert f"  - --plot {tmp_path / plot} is {what}{fix.format(flag='--plot')}\n" in err
-    assert (tmp_path / "notes.jsonl").read_text() == '{"mine": 1}\n'
+    assert (tmp_path / "notes.jsonl").read_text() == '{"mine": 1}\n' and (tmp_path / "photo.png").read_bytes() == photo
 
 
 def test_inspect_writes_over_its_own_earlier_files(tiny_ckpt, tmp_path, make_image, capsys):

@@ -102,3 +102,31 @@ def test_named_says_a_flag_or_a_key():
     assert folders.named("--out", "x") == "--out x"
     assert folders.named("OUT", "x") == "OUT x"
     assert folders.named("output_dir", "x") == "output_dir='x'"
+
+
+def test_replacing_writes_the_file_whole_and_never_touches_a_file_beside_it(tmp_path):
+    path = tmp_path / "out.jsonl"
+    beside = tmp_path / f"out.jsonl.tmp-{os.getpid()}"  # a user's file, named as a fixed temp name would be
+    beside.write_text("mine\n")
+    with folders.replacing(path, "w", encoding="utf-8") as f:
+        f.write("new\n")
+    assert path.read_text() == "new\n" and beside.read_text() == "mine\n"
+    with pytest.raises(RuntimeError), folders.replacing(path, "w", encoding="utf-8") as f:
+        f.write("half")
+        raise RuntimeError("stopped")
+    assert path.read_text() == "new\n"  # an error leaves what was there and no temp file
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl", beside.name]
+
+
+def test_check_raises_the_refusal_and_check_and_claim_claims_only_what_it_may(tmp_path):
+    from vlmtune.errors import VlmtuneError
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(VlmtuneError) as err:
+        folders.check_and_claim(user, DEMO, "--out")
+    assert str(err.value) == folders.refusal(user, DEMO, "--out") and str(user) in str(err.value)
+    assert os.listdir(user) == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
+    folders.check_and_claim(tmp_path / "new" / "demo", DEMO, "--out")
+    assert folders.owner_of(tmp_path / "new" / "demo") == DEMO

@@ -247,3 +247,27 @@ def test_do_train_resolves_from_the_config():
     cfg = load_config(None, base={**common, **predict, "do_train": False, "dataset": "d.jsonl", "learning_rate": 1})
     assert cfg.notes == ("do_train=false: only predicting, so these training keys are not used: learning_rate, "
                          "dataset",)
+
+
+def test_predict_only_refuses_a_users_output_dir_and_leaves_its_same_named_files(tiny_ckpt, make_image, tmp_path,
+                                                                                 capsys, monkeypatch):
+    # predict writes generated_predictions.jsonl / predict_results.json / eval_fit_report.jsonl into output_dir by
+    # fixed names: a user's folder (no marker) holding files of those names is refused before the model loads.
+    from vlmtune.commands.cli import main
+    from vlmtune.train import recipe
+
+    data = _write_eval(tmp_path, make_image)
+    out = tmp_path / "mine"
+    out.mkdir()
+    mine = {n: f"my own {n}\n" for n in ("generated_predictions.jsonl", "predict_results.json",
+                                          "eval_fit_report.jsonl")}
+    for n, text in mine.items():
+        (out / n).write_text(text)
+    monkeypatch.setattr(recipe, "load_spec", lambda *a: pytest.fail("the model loaded before the refusal"))
+    (tmp_path / "p.yaml").write_text(
+        f"model_name_or_path: {tiny_ckpt('qwen2_vl')}\neval_dataset: {data}\ndataset_dir: null\noutput_dir: {out}\n"
+        "stage: sft\ndo_predict: true\npredict_with_generate: true\nmax_new_tokens: 4\ncutoff_len: 256\n")
+    assert main(["train", str(tmp_path / "p.yaml")]) == 2
+    assert f"output_dir={str(out)!r} is a folder with content that vlmtune did not create (it has no " \
+           ".vlmtune-owned)" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in out.iterdir()} == mine

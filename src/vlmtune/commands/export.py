@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..config.folders import EXPORT, MARKER_FILE, is_marked, mark, named, refusal, remove_marked
+from ..config.folders import EXPORT, MARKER_FILE, check, is_marked, mark, named, remove_marked
 from ..errors import VlmtuneError
 from ..models.load import check_adapter, check_model, load_processor
 
@@ -57,9 +57,7 @@ def _check_out(out: Path, force: bool, sources: list[str], key: str = "--out") -
                 f"{named(key, out)} is or contains {p}, which would be deleted on overwrite; "
                 f"set {key} to a new directory for the merged checkpoint"
             )
-    why = refusal(out, EXPORT, key)
-    if why:
-        raise VlmtuneError(why)
+    check(out, EXPORT, key)
     if is_marked(out, EXPORT) and not force:
         raise VlmtuneError(f"{named(key, out)} holds an earlier export; set {key} to a new directory, or pass "
                            "--force to replace it (vlmtune made it, so it may)")
@@ -68,9 +66,7 @@ def _check_out(out: Path, force: bool, sources: list[str], key: str = "--out") -
 def _swap_in(tmp: Path, out: Path, key: str) -> None:
     """Put the finished export at `out`: the rename is the commit point; what was there (an earlier export or an
     empty folder, checked again in case something appeared while merging) is removed only after."""
-    why = refusal(out, EXPORT, key)
-    if why:
-        raise VlmtuneError(why)
+    check(out, EXPORT, key)
     old = tmp.with_name(tmp.name + ".old")
     if os.path.lexists(out):
         os.replace(out, old)

@@ -21,7 +21,7 @@ import re
 from collections import defaultdict
 from dataclasses import asdict
 
-from ..config import POLICIES, FitArgs, load_sections
+from ..config import POLICIES, FitArgs, folders, load_sections
 from ..data.drivers.tally import Accounting, account, summarize  # noqa: F401  (account: re-exported for the cli)
 from ..data.stages.pairs import PrefEncoded, stage_that_reads
 from ..errors import ConfigError, Problem, SampleError, VlmtuneError
@@ -185,13 +185,11 @@ def _check_output(path: str, flag: str) -> None:
 
 def write_per_sample(acc: Accounting, path: str) -> None:
     _check_output(path, "--per-sample")  # again: something may have appeared there while accounting
-    tmp = f"{path}.tmp-{os.getpid()}"
     keys = PER_SAMPLE_KEYS + STAGE_KEYS[acc.stage or "sft"]
-    with open(tmp, "w", encoding="utf-8") as f:
+    with folders.replacing(path, "w", encoding="utf-8") as f:
         for s in acc.stats:
             row = asdict(s)
             f.write(json.dumps({k: row[k] for k in keys}) + "\n")
-    os.replace(tmp, path)
 
 
 def plot_lengths(acc: Accounting, path: str, cutoff_len: int | None = None) -> None:
@@ -224,10 +222,9 @@ def plot_lengths(acc: Accounting, path: str, cutoff_len: int | None = None) -> N
     ax.legend()
     fig.tight_layout()
     _check_output(path, "--plot")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fig.savefig(tmp, dpi=100, format="png", metadata={"Software": PLOT_SOFTWARE})  # the tag says inspect wrote it
+    with folders.replacing(path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png", metadata={"Software": PLOT_SOFTWARE})  # the tag says inspect wrote it
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # -- one sample, readable ----------------------------------------------------------------------

@@ -4,9 +4,11 @@ checked only when all its keys are valid on their own, every problem collected."
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from .keys import default_of
+from .sections import SECTIONS
 from .values import INVALID, did_you_mean, shown, yaml_text
 
 def check_together(v: dict[str, Any]) -> list[str]:
@@ -96,9 +98,12 @@ def _check_sharding(v: dict[str, Any]) -> list[str]:
     return problems
 
 
-# Preference keys, each with the stages (and dpo losses) it means something for: set elsewhere it is an error,
-# never ignored.
+# Preference keys are checked against the stages (and dpo losses) they mean something for: set elsewhere, each is
+# an error, never ignored. These dpo losses use no reference model.
 _REFERENCE_FREE = ("orpo", "simpo")
+# Every key of the preference section but stage: with stage sft, each one set is an error (read from the
+# declarations, so that a preference key added there is never silently ignored by an sft run).
+_PREFERENCE_ONLY = tuple(f.name for f in fields(SECTIONS["preference"]) if f.name != "stage")
 
 
 def _check_preference(v: dict[str, Any]) -> list[str]:
@@ -113,8 +118,7 @@ def _check_preference(v: dict[str, Any]) -> list[str]:
             problems.append(f"{key}={v[key]!r} {why}; {fix}")
 
     if stage == "sft":
-        for key in ("pref_beta", "pref_loss", "pref_ftx", "simpo_gamma", "dpo_label_smoothing", "kto_chosen_weight",
-                    "kto_rejected_weight", "ref_model", "ref_model_adapters", "precompute_ref_log_probs"):
+        for key in _PREFERENCE_ONLY:
             unused(key, "applies to the preference stages only, but stage='sft'", f"set stage: dpo (or kto), or "
                    f"remove {key}")
         return problems

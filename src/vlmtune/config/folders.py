@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 
 from .. import __version__
+from ..errors import VlmtuneError
 
 MARKER_FILE = ".vlmtune-owned"
 
@@ -49,11 +51,26 @@ def mark(folder: str | os.PathLike, owner: str) -> None:
     folder = os.fspath(folder)
     if is_marked(folder, owner):
         return
-    path = os.path.join(folder, MARKER_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with replacing(os.path.join(folder, MARKER_FILE), "w", encoding="utf-8") as f:
         json.dump({"owner": owner, "version": __version__}, f)
-    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, mode: str = "w", **kw):
+    """Write the file `path` whole or not at all: yields a new file beside it, renamed over `path` when the block
+    ends and removed on an error. The temp file is created exclusively (O_EXCL) under a fresh name, so whatever
+    already lies beside `path` is never opened, truncated or removed."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(fd, mode, **kw) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def is_empty(folder: str | os.PathLike) -> bool:
@@ -104,10 +121,24 @@ def refusal(folder: str | os.PathLike, owner: str, key: str) -> str | None:
             f"deletes or overwrites yours: set {key} to a new folder, or empty that one yourself")
 
 
+def check(folder: str | os.PathLike, owner: str, key: str) -> None:
+    """Raise VlmtuneError with what `refusal` says, if anything (a command's one folder; a config's folders are
+    collected with the other problems instead)."""
+    why = refusal(folder, owner, key)
+    if why:
+        raise VlmtuneError(why)
+
+
 def claim(folder: str | os.PathLike, owner: str) -> None:
     """Create `folder` (and its parents) if needed and mark it as `owner`; call it after `refusal` said None."""
     os.makedirs(folder, exist_ok=True)
     mark(folder, owner)
+
+
+def check_and_claim(folder: str | os.PathLike, owner: str, key: str) -> None:
+    """`check`, then `claim`: a command that writes its files into `folder` (named by `key`)."""
+    check(folder, owner, key)
+    claim(folder, owner)
 
 
 def remove_marked(folder: str | os.PathLike, owner: str) -> bool:

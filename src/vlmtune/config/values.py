@@ -1,7 +1,7 @@
 """What a config value may be: the field helper that declares a key, its converters and range checks.
 
-Every key of the YAML is declared with `arg` in sections.py or training_sections.py; load.py converts and checks a raw value with
-the helpers here. Nothing here knows a key by name.
+Every key of the YAML is declared with `arg` in sections.py or training_sections.py; load.py converts and checks
+a raw value with the helpers here. Nothing here knows a key by name.
 """
 
 from __future__ import annotations

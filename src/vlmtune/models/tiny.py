@@ -108,11 +108,8 @@ def build_tiny_checkpoint(out_dir, arch: str = "qwen2_vl", seed: int = 0, vocab_
 
 def _claim(out: Path) -> None:
     from ..config import folders
-    from ..errors import VlmtuneError
 
-    why = folders.refusal(out, folders.TINY, "OUT")
-    if why:
-        raise VlmtuneError(why)
+    folders.check(out, folders.TINY, "OUT")
     folders.remove_marked(out, folders.TINY)  # an earlier tiny checkpoint: random weights, rebuilt from the seed
     folders.claim(out, folders.TINY)
 

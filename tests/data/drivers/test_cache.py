@@ -143,6 +143,34 @@ def test_stale_cleanup_removes_only_marked_leftovers_of_dead_processes(tmp_path)
     assert not ours.exists() and (theirs / "x").exists() and alive.exists()
 
 
+def test_stale_cleanup_never_removes_a_file_or_unmarked_folder_named_like_a_temp_report(tmp_path):
+    # The report's temp files live in a marked folder (Target.tmp_files): a name alone never gets a path removed.
+    node = os.uname().nodename
+    out, report = tmp_path / "prepared", tmp_path / "fit_report.jsonl"
+    dead = 2**22 + 12345  # above pid_max's default: no such process
+    mine_file, mine_dir = tmp_path / f"fit_report.jsonl.tmp-{node}-{dead}", tmp_path / f"prepared.tmp-{node}-{dead}"
+    mine_file.write_text("mine\n")
+    mine_dir.mkdir()
+    (mine_dir / "notes.txt").write_text("mine\n")
+    ours = cache.Target(str(out), str(report), "fp")
+    ours = tmp_path / ours.tmp_files.rsplit("/", 1)[1].replace(str(os.getpid()), str(dead + 1))
+    cache.make_temp(str(ours))
+    (ours / "fit_report.jsonl").write_text("{}\n")
+    cache.remove_stale(str(out), str(report))
+    assert not ours.exists()
+    assert mine_file.read_text() == "mine\n" and (mine_dir / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_prepares_temp_report_files_are_in_a_marked_folder_beside_the_report(tmp_path):
+    t = cache.Target(str(tmp_path / "prepared"), str(tmp_path / "fit_report.jsonl"), "fp")
+    assert t.tmp_files == f"{tmp_path}/fit_report.jsonl.tmp-{os.uname().nodename}-{os.getpid()}"
+    assert (t.tmp_report, t.tmp_body) == (f"{t.tmp_files}/fit_report.jsonl", f"{t.tmp_files}/fit_report.jsonl.body")
+    cache.make_temp(t.tmp_dir, t.tmp_files)
+    assert cache.is_ours(t.tmp_dir) and cache.is_ours(t.tmp_files)
+    cache.discard(t.tmp_dir, t.tmp_files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_full_disk_during_prepare_is_a_clear_error_and_leaves_the_old_cache(tiny_ckpt, data, tmp_path, monkeypatch):
     import errno
 

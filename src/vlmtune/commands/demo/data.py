@@ -195,30 +195,42 @@ def eval_questions(pics: list[Picture]) -> list[dict]:
 def write_dataset(data_dir: str | os.PathLike, size: DemoSize, seed: int) -> dict:
     """Render the pictures and write the sharegpt dataset, dataset_info.json and eval.json."""
     data = Path(data_dir)
-    images = data / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    train = pictures(rng, images, "train", size.train_images)
-    big = pictures(rng, images, "big", 12, big=True)
+    rng, train, big, held_out = picture_sets(data, size, seed, n_big=12)
     records = training_records(rng, train, big)
-    # Its own stream, so that the held-out pictures do not change what is trained on.
-    held_out = pictures(random.Random(f"eval-{seed}"), images, "eval", size.eval_images)
     write_sharegpt(data, DATASET_NAME, records, "images")
     questions = eval_questions(held_out)
     write_json(data / "eval.json", questions)
     return {"records": len(records), "eval_questions": questions}
 
 
+def picture_sets(data: Path, size: DemoSize, seed: int, n_big: int) -> tuple[random.Random, list[Picture],
+                                                                             list[Picture], list[Picture]]:
+    """The image demos' pictures, rendered under data/images: (the stream the training records are drawn from
+    next, training pictures, `n_big` large ones, held-out ones)."""
+    images = data / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    train = pictures(rng, images, "train", size.train_images)
+    big = pictures(rng, images, "big", n_big, big=True)
+    # Its own stream, so that the held-out pictures do not change what is trained on.
+    held_out = pictures(random.Random(f"eval-{seed}"), images, "eval", size.eval_images)
+    return rng, train, big, held_out
+
+
 def write_sharegpt(data: Path, name: str, records: list[dict], media: str) -> None:
     """`records` as `name`.json and its dataset_info.json entry (LLaMA-Factory sharegpt; `media`: the
     images or videos column)."""
-    write_json(data / f"{name}.json", records)
-    write_json(data / "dataset_info.json", {name: {
-        "file_name": f"{name}.json",
+    write_dataset_files(data, name, records, {
         "formatting": "sharegpt",
         "columns": {"messages": "messages", media: media},
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
-    }})
+    })
+
+
+def write_dataset_files(data: Path, name: str, records: list[dict], entry: dict) -> None:
+    """`records` as `name`.json and dataset_info.json naming it, with `entry` (formatting, columns, ...)."""
+    write_json(data / f"{name}.json", records)
+    write_json(data / "dataset_info.json", {name: {"file_name": f"{name}.json", **entry}})
 
 
 def write_json(path: Path, obj) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .data import COLOUR_PARAPHRASES, COLOUR_QUESTION, COLOURS, IMAGE_TOKENS, SHAPE_PARAPHRASES, SHAPE_QUESTION, \
     SHAPES, DemoSize
-from .data import pictures as _pictures
+from .data import picture_sets, write_dataset_files
 from .data import write_json as _write_json
 from .run import Task, before_after_lines, run_lines, run_task, training_keys
 
@@ -81,17 +81,11 @@ def eval_pairs(rng: random.Random, pics) -> list[dict]:
 
 def write_pref_dataset(data_dir: str | os.PathLike, size: DemoSize, seed: int) -> dict:
     data = Path(data_dir)
-    images = data / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    train = _pictures(rng, images, "train", size.train_images)
-    big = _pictures(rng, images, "big", 8, big=True)
+    rng, train, big, held = picture_sets(data, size, seed, n_big=8)
     records = pair_records(rng, train, big)
-    held = _pictures(random.Random(f"eval-{seed}"), images, "eval", size.eval_images)
-    _write_json(data / f"{PREF_DATASET_NAME}.json", records)
-    _write_json(data / "dataset_info.json", {PREF_DATASET_NAME: {
-        "file_name": f"{PREF_DATASET_NAME}.json", "formatting": "sharegpt", "ranking": True,
-        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"}}})
+    write_dataset_files(data, PREF_DATASET_NAME, records, {
+        "formatting": "sharegpt", "ranking": True,
+        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"}})
     pairs = eval_pairs(random.Random(f"eval-pairs-{seed}"), held)
     _write_json(data / "eval_pairs.json", pairs)
     return {"records": len(records), "eval_pairs": pairs}

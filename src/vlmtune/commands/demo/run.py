@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...config import folders
-from ...errors import VlmtuneError
 from .data import CUTOFF_LEN, DATASET_NAME, FULL, IMAGE_TOKENS, QUICK, DemoSize, write_dataset
 from .data import write_json as _write_json
 from .evaluation import chance, evaluate
@@ -151,10 +150,7 @@ def one_thread():
 def claim_out(out: Path) -> None:
     """The demo writes its model, data, training output and summary under --out: a new or empty folder, or an
     earlier demo's (config/folders.py); anything else is refused before any work."""
-    why = folders.refusal(out, folders.DEMO, "--out")
-    if why:
-        raise VlmtuneError(why)
-    folders.claim(out, folders.DEMO)
+    folders.check_and_claim(out, folders.DEMO, "--out")
 
 
 # -- the image demo --------------------------------------------------------------------------------------

@@ -208,26 +208,31 @@ class Target:
         return self.out_dir.rstrip("/") + self._tag
 
     @property
-    def tmp_report(self) -> str:
+    def tmp_files(self) -> str:
+        """A folder beside the report, marked like tmp_dir, for the report's temp files: what a killed prepare
+        leaves is then only marked folders, and cleanup never removes a file because of its name."""
         return self.report_path + self._tag
 
     @property
+    def tmp_report(self) -> str:
+        return os.path.join(self.tmp_files, os.path.basename(self.report_path))
+
+    @property
     def tmp_body(self) -> str:
-        return self.report_path + self._tag + ".body"
+        return self.tmp_report + ".body"
 
 
-def make_temp(tmp_dir: str) -> None:
-    os.makedirs(tmp_dir)
-    mark(tmp_dir)
+def make_temp(*tmp_dirs: str) -> None:
+    for d in tmp_dirs:
+        os.makedirs(d)
+        mark(d)
 
 
-def discard(tmp_dir: str, *files: str) -> None:
-    """Remove this process's temp folder (marked by make_temp) and temp files, whatever is left of them."""
-    if is_ours(tmp_dir):
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    for p in files:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(p)
+def discard(*tmp_dirs: str) -> None:
+    """Remove this process's temp folders (marked by make_temp), whatever is left of them."""
+    for d in tmp_dirs:
+        if is_ours(d):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def swap_in(tmp_dir: str, out_dir: str) -> None:
@@ -246,19 +251,13 @@ def swap_in(tmp_dir: str, out_dir: str) -> None:
 
 
 def remove_stale(out_dir: str, report_path: str) -> None:
-    """Leftovers of a killed prepare on this node (its pid is gone): never read, removed here when marked
-    (folders) or named as only a prepare names its temp report files."""
+    """Leftovers of a killed prepare on this node (its pid is gone): never read, removed here when they are
+    folders a prepare marked (make_temp); anything else of a matching name is not vlmtune's and is left alone."""
     node = os.uname().nodename
     for p in glob.glob(glob.escape(out_dir.rstrip("/")) + ".*tmp-*") + glob.glob(glob.escape(report_path) + ".tmp-*"):
-        host_pid = p.rsplit(".tmp-", 1)[1].removesuffix(".body")
-        host, _, pid = host_pid.rpartition("-")
-        if host == node and pid.isdigit() and not _alive(int(pid)):
-            if os.path.isdir(p) and not os.path.islink(p):
-                if is_ours(p):
-                    shutil.rmtree(p, ignore_errors=True)
-            elif os.path.isfile(p) and p.startswith(report_path):
-                with contextlib.suppress(OSError):
-                    os.remove(p)
+        host, _, pid = p.rsplit(".tmp-", 1)[1].rpartition("-")
+        if host == node and pid.isdigit() and not _alive(int(pid)) and is_ours(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -125,7 +125,7 @@ def _prepare(data: DataSections, loaded: Loaded | None, progress: bool, collect:
                                        "or set prepared_dir and output_dir to a disk with room"):
                 return _prepare_into(data, loaded, target, progress, collect)
         finally:  # whatever happened, nothing half-written stays behind
-            cache.discard(target.tmp_dir, target.tmp_report, target.tmp_body)
+            cache.discard(target.tmp_dir, target.tmp_files)
 
 
 def _prepare_into(data: DataSections, loaded: Loaded, target: Target, progress: bool,
@@ -150,7 +150,7 @@ def _write_rows(data: DataSections, loaded: Loaded, target: Target, tally: Tally
     samples file, the conversations' fit report lines to the report's body file."""
     from datasets.arrow_writer import ArrowWriter
 
-    cache.make_temp(target.tmp_dir)
+    cache.make_temp(target.tmp_dir, target.tmp_files)
     stream = run_pipeline(data.read, loaded, prepare_stages(data), seed=data.seed,
                           workers=data.prepare.preprocessing_num_workers or 1, chunk=CHUNK, progress=progress)
     with open(target.tmp_body, "w", encoding="utf-8") as body, \
