@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from ..config.cross_checks import fsdp_settings
+from ..config.cross_checks import FSDP1_CONFIG_KEYS, fsdp_settings
 from ..errors import ConfigError
 from ..models.families import FAMILIES
 
@@ -112,9 +112,7 @@ def fsdp_arguments(cfg, model_type: str) -> dict:
         conf["cpu_offload"] = True
     if "offload_params" in settings:  # accelerate's spelling of cpu_offload
         settings["cpu_offload"] = settings.pop("offload_params")
-    conf.update({k: v for k, v in settings.items() if k not in ("sharding_strategy", "backward_prefetch",
-                                                                 "forward_prefetch", "use_orig_params",
-                                                                 "sync_module_states", "limit_all_gathers")})
+    conf.update({k: v for k, v in settings.items() if k not in FSDP1_CONFIG_KEYS})  # named as notes by the config
     return {"fsdp": True, "fsdp_config": conf}
 
 

@@ -17,6 +17,7 @@ import torch
 from ...errors import SampleError
 from ...models.spec import ModelSpec
 from ..media.images import open_rgb
+from ..media.paths import shorten
 from ..schema import VIDEO_COLUMNS, RowView  # rows without videos may lack the video columns
 from ..sources.formats import EmbeddedError, image_source
 from .encode import IGNORE_INDEX
@@ -158,6 +159,10 @@ class Collator:
     def __call__(self, rows: list[dict]) -> dict:
         for row in rows:
             self.guard(row)
+        return self.collate(rows)
+
+    def collate(self, rows: list[dict]) -> dict:
+        """The batch of rows already guarded (`guard`; pair_collate guards both sides of a pair itself)."""
         batch = self._pad(rows)
         if any(RowView(r).segments for r in rows):
             batch = self._packed(rows, batch)
@@ -206,7 +211,7 @@ class Collator:
             )
 
     def _pixels(self, row: RowView, k: int, path: str):
-        shown = path if len(path) <= 300 else path[:297] + "..."
+        shown = shorten(path, 300)
         try:
             im = open_rgb(image_source(path))
         except (OSError, ValueError, EmbeddedError) as e:
@@ -227,7 +232,7 @@ class Collator:
         """Decode exactly the planned frames and hand them to the video processor unsampled (data/media/video.clip_inputs)."""
         from ..media.video import VideoReadError, clip_inputs
 
-        shown = path if len(path) <= 300 else path[:297] + "..."
+        shown = shorten(path, 300)
         sample, source = row.named()
         if self.video_processor is None:
             raise SampleError(sample, source, f"video {k} ({shown}): the processor has no video_processor",

@@ -37,7 +37,7 @@ class PreferenceCollator:
         self._refuse([r for r in rows if not is_pair(r)], "has no rejected side")
         for row in rows:
             self.guard(row)
-        batch = self.inner([*rows, *(rejected_view(r) for r in rows)])
+        batch = self.inner.collate([*rows, *(rejected_view(r) for r in rows)])  # guarded just above
         if all("ref_chosen_logps" in r for r in rows):  # precompute_ref_log_probs
             batch["ref_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows]
                                               + [r["ref_rejected_logps"] for r in rows], dtype=torch.float64)
