@@ -180,10 +180,10 @@ def _special_tokens(tc: dict) -> tuple[dict[str, str], set[str]]:
     return named, every
 
 
-def read_tokenizer(folder: Path) -> FileTokenizer | None:
-    """The checkpoint's tokenizer from tokenizer.json when transformers would build exactly this pipeline
-    around it; None otherwise (the caller then loads transformers' tokenizer)."""
-    tc = _json(folder, "tokenizer_config.json") or {}
+def read_tokenizer(folder: Path, tc: dict) -> FileTokenizer | None:
+    """The checkpoint's tokenizer from tokenizer.json and `tc` (its tokenizer_config.json, {} when absent) when
+    transformers would build exactly this pipeline around it; None otherwise (the caller then loads transformers'
+    tokenizer)."""
     path = folder / "tokenizer.json"
     regex = TOKENIZER_REGEX.get(tc.get("tokenizer_class"))
     if regex is None or not path.is_file() or tc.get("auto_map"):
@@ -430,9 +430,10 @@ def read_checkpoint(folder: Path) -> tuple[FileProcessor, FileConfig] | None:
         return None  # the vision config class's default applies: transformers knows it
     if "vocab_size" not in text:
         text = {**text, "vocab_size": config["vocab_size"]}
-    tokenizer = read_tokenizer(folder)
+    tokenizer_config = _json(folder, "tokenizer_config.json") or {}  # read once: the tokenizer and the template
+    tokenizer = read_tokenizer(folder, tokenizer_config)
     settings = read_processor_settings(folder, model_type)
-    template = read_chat_template(folder, _json(folder, "tokenizer_config.json") or {})
+    template = read_chat_template(folder, tokenizer_config)
     if tokenizer is None or settings is None or not template:
         return None
     tokenizer.chat_template = template
