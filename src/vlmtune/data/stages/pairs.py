@@ -194,14 +194,13 @@ def emit_row(piece, spec: ModelSpec) -> dict:
     rejected side's ids and labels, the KTO tag). Both sides share the images and their grids."""
     if not isinstance(piece, PrefEncoded):
         return emit(piece, spec).to_dict()
-    row = emit(piece.chosen, spec).to_dict()
+    sides: dict = {}
     if piece.rejected is not None:
         rejected = emit(piece.rejected, spec)
-        row["rejected_input_ids"], row["rejected_labels"] = rejected.input_ids, rejected.labels
+        sides.update(rejected_input_ids=rejected.input_ids, rejected_labels=rejected.labels)
     if piece.desirable is not None:
-        row["kto_tag"] = int(piece.desirable)
-    row["length"] = max(len(row["input_ids"]), len(row["rejected_input_ids"]))
-    return row
+        sides["kto_tag"] = int(piece.desirable)
+    return replace(emit(piece.chosen, spec), **sides).to_dict()  # Row sets `length`: the longer side's
 
 
 def rejected_view(row: dict) -> dict:
