@@ -33,9 +33,9 @@ def wrap_classes(model_type: str) -> list[str]:
     return list(family.wrap_classes)
 
 
-def accelerate_fsdp() -> bool:
+def accelerate_fsdp(environ=os.environ) -> bool:
     """Launched by `accelerate launch` with an FSDP config (it sets ACCELERATE_USE_FSDP for every rank)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in _TRUE
+    return environ.get("ACCELERATE_USE_FSDP", "false").lower() in _TRUE
 
 
 def sharding_of(cfg) -> str | None:
@@ -82,7 +82,7 @@ def fsdp_reshards(cfg, environ=os.environ) -> bool | None:
     if cfg.fsdp:
         settings = fsdp_settings(cfg.fsdp_config)
         return str(settings.get("reshard_after_forward", "full_shard" in cfg.fsdp.split())).lower() in _TRUE
-    if environ.get("ACCELERATE_USE_FSDP", "false").lower() in _TRUE:
+    if accelerate_fsdp(environ):
         return environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in _TRUE
     return None
 
@@ -119,7 +119,7 @@ def fsdp_arguments(cfg, model_type: str) -> dict:
 def fill_accelerate_env(model_type: str, environ=os.environ) -> list[str]:
     """Under `accelerate launch` with FSDP: FSDP2 only, and the family's wrap classes where the accelerate config
     names none. Returns what was filled in, for the log."""
-    if environ.get("ACCELERATE_USE_FSDP", "false").lower() not in _TRUE:
+    if not accelerate_fsdp(environ):
         return []
     version = environ.get("FSDP_VERSION", "1")
     if version != "2":

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import shutil
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +30,7 @@ from ..schema import SampleStats, features, stats_from_columns, stats_table
 from . import cache
 from .cache import FINGERPRINT_FILE, Target, data_files, fingerprint, prepared_dir
 from .pipeline import Stages, Stream, run_pipeline
-from .tally import FATES, Accounting, Tally, Verdict, verdict
+from .tally import FATES, Accounting, Tally, Verdict, sample_fates, verdict
 
 CHUNK = 256
 DATA_FILE = "data.arrow"
@@ -217,7 +216,7 @@ def _facts_from_cache(prep: Prepared) -> Accounting:
             r = json.loads(line)
             if r["fate"] == "invalid":
                 invalid.append(r["id"])
-    fates = Counter({f: prep.table.get(f, [0])[0] - (meta["unread"] if f == "invalid" else 0) for f in FATES})
+    fates = sample_fates(prep.table, meta["unread"])
     fates["error"] = 0
     pieces = np.load(os.path.join(prep.path, PIECES_FILE))
     rows = [(int(n), int(k)) for n, k in pieces]

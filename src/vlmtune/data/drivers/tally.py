@@ -89,6 +89,12 @@ def count_lines(table: dict[str, list[int]], lines: Iterable[dict]) -> None:
         a[3] += sum(pieces)
 
 
+def sample_fates(table: dict[str, list[int]], unread: int) -> Counter:
+    """Conversations per fate from a fit report table: every fate in FATES, 'invalid' without the `unread`
+    records (they yielded no conversation)."""
+    return Counter({f: table.get(f, [0])[0] - (unread if f == "invalid" else 0) for f in FATES})
+
+
 class Tally:
     """Counts a pass as its chunks come. `keep_stats`: keep every valid sample's SampleStats (the doctor,
     inspect; prepare writes them to a file instead); `stop_on_error`: the first sample that reaches the 'error'
@@ -155,7 +161,7 @@ class Tally:
         acc = Accounting(stream.records, self.stats, self.bad, unread_ids + self.invalid, self.encoded, stream.notes,
                          self.fitted)
         if fitted_all:
-            acc.fates = Counter({f: self.table[f][0] - (len(self.unread) if f == "invalid" else 0) for f in FATES})
+            acc.fates = sample_fates(self.table, len(self.unread))
             acc.fates["error"] = len(self.errors)
             acc.rows = list(zip(self.pieces[::2], self.pieces[1::2]))
             acc.errors, acc.split_rows, acc.limited = self.errors, self.split_rows, stream.limited
