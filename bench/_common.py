@@ -53,3 +53,12 @@ def best_of(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[fl
         result = fn()
         times.append(time.perf_counter() - t)
     return min(times), result
+
+
+def proc_status(field: str) -> int:
+    """This process's `field` of /proc/self/status (VmRSS, VmHWM, RssAnon, ...) in bytes (Linux)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")

@@ -105,12 +105,14 @@ def make_batch(case: dict, config) -> dict:
     ids[:, 2 : 2 + n] = config.image_token_id
     ids[:, 2 + n] = config.vision_end_token_id
     patches = 4 * n
+    v = config.vision_config  # one flattened patch: channels x frames x patch x patch
+    patch_dim = getattr(v, "in_channels", 3) * v.temporal_patch_size * v.patch_size ** 2
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "labels": ids.clone(),
         "mm_token_type_ids": (ids == config.image_token_id).to(torch.int32),
-        "pixel_values": torch.randn(b * patches, 3 * 2 * 14 * 14, generator=g),
+        "pixel_values": torch.randn(b * patches, patch_dim, generator=g),
         "image_grid_thw": torch.tensor([[1, 2, 2 * n]] * b),
     }
 

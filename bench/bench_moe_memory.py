@@ -32,6 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from _common import proc_status
+from bench_doctor_memory import make_batch
+
 VOCAB = 8192
 MODEL = dict(hidden=512, layers=4, heads=8, kv_heads=2, head_dim=64, experts=32, top_k=4, expert_width=256,
              vision_dim=256, vision_depth=2, seq=512, image_tokens=128)
@@ -71,34 +74,6 @@ def run_config(case: dict):
         "per_device_train_batch_size=1"])
 
 
-def make_batch(config) -> dict:
-    """One row of `seq` tokens with one image of `image_tokens` tokens (grid 1 × 2 × 2·tokens)."""
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    s, n = MODEL["seq"], MODEL["image_tokens"]
-    ids = torch.randint(2, VOCAB - 8, (1, s), generator=g)
-    ids[:, 1] = config.vision_start_token_id
-    ids[:, 2 : 2 + n] = config.image_token_id
-    ids[:, 2 + n] = config.vision_end_token_id
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": ids.clone(),
-        "mm_token_type_ids": (ids == config.image_token_id).to(torch.int32),
-        "pixel_values": torch.randn(4 * n, 3 * 2 * 16 * 16, generator=g),
-        "image_grid_thw": torch.tensor([[1, 2, 2 * n]]),
-    }
-
-
-def rss(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def child(case: dict) -> dict:
     import warnings
 
@@ -112,17 +87,17 @@ def child(case: dict) -> dict:
     torch.manual_seed(0)
     cfg = run_config(case)
     config = model_config()
-    start = rss("VmRSS")
+    start = proc_status("VmRSS")
     model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    built = rss("VmRSS")
+    built = proc_status("VmRSS")
     model.config.use_cache = False
     model.config.text_config.use_cache = False
     model = apply_finetuning(model, cfg.finetuning)  # as vlmtune.train.recipe.build_model: adapters, then checkpointing
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch = make_batch(config)
+    batch = make_batch({"batch": 1, "seq": MODEL["seq"], "image_tokens": MODEL["image_tokens"]}, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    ready = rss("VmRSS")
+    ready = proc_status("VmRSS")
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
     ga = cfg.gradient_accumulation_steps
@@ -136,7 +111,7 @@ def child(case: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    peak = rss("VmHWM")
+    peak = proc_status("VmHWM")
     return {"peak": peak, "imports": start, "built": built - start, "training": peak - ready,
             "seconds": time.perf_counter() - t, "losses": losses}
 

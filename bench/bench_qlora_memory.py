@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from _common import proc_status
 from bench_doctor_memory import FIXED_MALLOC, make_batch, model_config  # noqa: E402
 
 MODEL = dict(arch="qwen2_vl", hidden=1024, intermediate=4096, layers=8, heads=8, kv_heads=2, vision_dim=256,
@@ -72,14 +73,6 @@ def run_config(keys: dict, ckpt: str):
                                    "lora_target": "all", **keys})
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
 def child(name: str, ckpt: str) -> dict:
     import warnings
 
@@ -95,7 +88,7 @@ def child(name: str, ckpt: str) -> dict:
     torch.manual_seed(0)
     if CASES[name].get("quantization_bit"):
         import bitsandbytes  # noqa: F401
-    start = _status("RssAnon")
+    start = proc_status("RssAnon")
     cfg = run_config(CASES[name], ckpt)
     model = apply_finetuning(load_model(cfg.model, cfg.finetuning, dtype=torch.float32), cfg.finetuning)
     # from_pretrained may leave unquantized weights as views of the mmap-ed checkpoint (file pages, not anonymous
@@ -106,7 +99,7 @@ def child(name: str, ckpt: str) -> dict:
                 t.data = t.data.clone()
     gc.collect()
     mapped = sum(1 for line in open("/proc/self/maps", encoding="ascii", errors="replace") if "safetensors" in line)
-    after_load = {k: _status(k) for k in ("RssAnon", "RssFile")}
+    after_load = {k: proc_status(k) for k in ("RssAnon", "RssFile")}
     batch = make_batch(MODEL, model.config)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -115,7 +108,7 @@ def child(name: str, ckpt: str) -> dict:
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], _status("RssAnon"))
+            peak[0] = max(peak[0], proc_status("RssAnon"))
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample, daemon=True)
