@@ -112,6 +112,27 @@ def test_the_seed_is_in_the_fingerprint_when_it_draws_the_mix(tiny_ckpt, dataset
     assert len(fps) == (2 if changes else 1)
 
 
+def test_a_data_file_is_read_once_per_process_while_it_is_unchanged(tiny_ckpt, dataset, monkeypatch):
+    """`train` fingerprints the data twice (the doctor's data check, then prepare): the bytes are read once, and
+    a change to the file is seen."""
+    import vlmtune.data.drivers.cache as cache_mod
+
+    tmp_path, data = dataset
+    ckpt = tiny_ckpt("qwen2_vl")
+    loaded = load_spec(str(ckpt))
+    opened: list[str] = []
+    monkeypatch.setattr(cache_mod, "open", lambda path, *a, **k: opened.append(path) or open(path, *a, **k),
+                        raising=False)
+    monkeypatch.setattr(cache_mod, "_FINGERPRINTS", {})
+    cfg = config(tmp_path, data, ckpt).for_data()
+    first = cache_mod.fingerprint(cfg, loaded, [str(data)])
+    assert cache_mod.fingerprint(cfg, loaded, [str(data)]) == first and opened == [str(data)]
+    other = cache_mod.fingerprint(config(tmp_path, data, ckpt, "cutoff_len=4096").for_data(), loaded, [str(data)])
+    assert other != first and opened == [str(data)] * 2  # another config: the bytes are hashed under it
+    data.write_text(data.read_text() + "\n")
+    assert cache_mod.fingerprint(cfg, loaded, [str(data)]) != first and len(opened) == 3
+
+
 def test_two_workers_give_the_same_rows(tiny_ckpt, dataset, monkeypatch):
     import vlmtune.data.drivers.prepare as P
 

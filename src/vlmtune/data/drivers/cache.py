@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -299,14 +300,33 @@ def fingerprint(data: DataSections, loaded, files: list[str]) -> str:
     h.update(json.dumps(loaded.spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(loaded.video.to_dict() if loaded.video else None, sort_keys=True).encode())
     h.update(str(getattr(loaded.data_processor, "chat_template", "")).encode())
-    for path in files:
-        h.update(path.encode())
-        if not os.path.isfile(path):  # a FIFO or device named like a data file is never opened
-            continue
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    # `train` asks twice in one process (the doctor's data check, then prepare): the data's bytes are read once
+    # while no file has changed (same size, mtime and inode).
+    key = (h.copy().hexdigest(), tuple(_stamp(path) for path in files))
+    if key not in _FINGERPRINTS:
+        for path in files:
+            h.update(path.encode())
+            if not os.path.isfile(path):  # a FIFO or device named like a data file is never opened
+                continue
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        if len(_FINGERPRINTS) >= 64:
+            _FINGERPRINTS.clear()
+        _FINGERPRINTS[key] = h.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def _stamp(path: str) -> tuple:
+    """What tells that a data file changed since it was hashed: its size, mtime and inode (None: not a file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, None)
+    return (path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) if stat.S_ISREG(st.st_mode) else (path, None)
 
 
 def read_meta(out_dir: str, fp: str) -> dict | None:
